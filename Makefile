@@ -1,0 +1,119 @@
+# tallyd - build, test and serve.
+#
+#   make run     install what is missing, build, serve deploy/models on :8000
+#   make test    install what is missing, build, run every test
+#   make SAN=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
+#   make CUDA=1  also build the CUDA attention kernels (needs nvcc)
+#
+# Sources are found by wildcard: a new daemon/<floor>/*.c or tests/unit/test_*.c
+# needs no edit here. Files named *_avx2.c are compiled for AVX2+FMA only
+# (chosen at run time, never -march=native); *_neon.c hold AArch64 code.
+
+PREFIX ?= /usr/local
+DESTDIR ?=
+SAN ?=
+CUDA ?=
+BUILD ?= build$(if $(SAN),-san)$(if $(CUDA),-cuda)
+PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
+LISTEN ?= 127.0.0.1:8000
+MODELS ?= deploy/models
+SECONDS ?= 10
+
+PKGS := libmicrohttpd jansson libuv openssl
+ARCH := $(shell uname -m)
+VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
+
+CFLAGS ?= -O2 -g
+CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fno-strict-aliasing -pthread -fPIC \
+          -DTALLYD_VERSION='"$(VERSION)"'
+CPPFLAGS += $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LDLIBS += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm -lpthread
+ifneq ($(SAN),)
+CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+LDFLAGS += -fsanitize=address,undefined
+endif
+ifneq ($(WERROR),)
+CFLAGS += -Werror
+endif
+
+LIB_SRC := $(filter-out daemon/server/main.c,$(wildcard daemon/*/*.c))
+LIB_OBJ := $(LIB_SRC:%.c=$(BUILD)/%.o)
+ifneq ($(CUDA),)
+CU_SRC := $(wildcard daemon/*/*.cu)
+LIB_OBJ += $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
+CFLAGS += -DTALLYD_CUDA=1
+CUDA_HOME ?= /usr/local/cuda
+LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart -lstdc++
+NVCC ?= $(CUDA_HOME)/bin/nvcc
+NVCCFLAGS ?= -O3 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+endif
+UNIT_SRC := $(wildcard tests/unit/test_*.c)
+UNIT_BIN := $(UNIT_SRC:tests/unit/%.c=$(BUILD)/tests/%)
+TOOL_SRC := $(wildcard tests/tools/*.c bench/*.c)
+TOOL_BIN := $(patsubst %.c,$(BUILD)/%,$(TOOL_SRC))
+CLIENT_SRC := $(wildcard clients/c/*.c)
+
+.PHONY: all deps run test unit integration bench clean install models fuzz fuzz-run soak memcheck
+
+all: $(BUILD)/tallyd $(TOOL_BIN) models
+
+deps:
+	@bash deploy/deps.sh
+
+$(BUILD)/%.o: %.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -MMD -MP -c $< -o $@
+
+ifeq ($(ARCH),x86_64)
+$(BUILD)/%_avx2.o: CFLAGS += -mavx2 -mfma
+endif
+
+$(BUILD)/%.cu.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Xcompiler -fPIC -c $< -o $@
+
+$(BUILD)/libtallyd.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/tallyd: $(BUILD)/daemon/server/main.o $(BUILD)/libtallyd.a
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+	@ln -sf $(notdir $@) $(BUILD)/tallyd-latest 2>/dev/null || true
+
+$(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtallyd.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDLIBS) -lcmocka
+
+$(BUILD)/tests/tools/%: tests/tools/%.c $(BUILD)/libtallyd.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDLIBS)
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libtallyd.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDLIBS)
+
+# Example models: weights come from a reproducible generator, never blobs.
+models: $(MODELS)/.generated
+$(MODELS)/.generated: deploy/gen_models.py
+	$(PYTHON) deploy/gen_models.py $(MODELS)
+	@touch $@
+
+run: deps all
+	$(BUILD)/tallyd --model-repository $(MODELS) --listen $(LISTEN)
+
+unit: $(UNIT_BIN)
+test: deps all $(UNIT_BIN)
+	@BUILD=$(BUILD) PYTHON=$(PYTHON) bash tests/run.sh
+
+bench: deps all
+	@BUILD=$(BUILD) PYTHON=$(PYTHON) bash bench/run.sh
+
+install: $(BUILD)/tallyd
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tallyd
+	install -m 0755 $(BUILD)/tallyd $(DESTDIR)$(PREFIX)/bin/tallyd
+	cp -r deploy/models $(DESTDIR)$(PREFIX)/share/tallyd/
+
+clean:
+	rm -rf build build-san build-cuda build-san-cuda build-fuzz $(MODELS)/.generated
+
+-include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+-include mk/*.mk

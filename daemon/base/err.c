@@ -1,0 +1,48 @@
+/* err.c - formatting of ts_err values (see err.h). */
+#include "err.h"
+
+#include <stdio.h>
+#include <string.h>
+
+int ts_verrf(ts_err *err, int status, const char *fmt, va_list ap) {
+  if (status < 0) status = -status;
+  if (err) {
+    err->status = status;
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+  }
+  return -status;
+}
+
+int ts_errf(ts_err *err, int status, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int r = ts_verrf(err, status, fmt, ap);
+  va_end(ap);
+  return r;
+}
+
+void ts_err_prefix(ts_err *err, const char *fmt, ...) {
+  if (!err) return;
+  char pre[TS_ERR_MSG], old[TS_ERR_MSG];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(pre, sizeof pre, fmt, ap);
+  va_end(ap);
+  memcpy(old, err->msg, sizeof old);
+  snprintf(err->msg, sizeof err->msg, "%s: %s", pre, old);
+}
+
+void ts_err_clear(ts_err *err) {
+  if (!err) return;
+  err->status = TS_OK;
+  err->msg[0] = '\0';
+}
+
+const char *ts_status_name(int status) {
+  static const char *names[TS_STATUS_COUNT] = {
+      "ok", "invalid", "unauthorized", "forbidden", "not found",
+      "method not allowed", "conflict", "too large", "busy", "internal",
+      "unavailable", "timeout", "out of memory", "i/o error"};
+  if (status < 0) status = -status;
+  return status < TS_STATUS_COUNT ? names[status] : "unknown";
+}

@@ -1,0 +1,36 @@
+/* sgemm.h - single-precision matrix product for every dense layer.
+ *
+ * Row-major. C[M,N] = A[M,K] * op(B) + beta * C, where op(B) = B [K,N] when
+ * trans_b == 0 and B^T with B stored [N,K] when trans_b == 1 (the layout of
+ * a torch Linear weight [out, in]). beta is 0 or 1 in practice; with beta 0
+ * C is overwritten (its old contents, even NaN, are ignored).
+ *
+ * sg_gemm chooses the AVX2+FMA, NEON or scalar path at run time (cpu.h) and
+ * splits large products over the pool (pool.h; NULL = serial).
+ * sg_gemm_ref is the plain scalar reference the tests trust. */
+#ifndef TALLYD_SGEMM_H
+#define TALLYD_SGEMM_H
+
+#include <stdint.h>
+
+#include "../base/pool.h"
+
+void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
+             const float *A, int64_t lda, const float *B, int64_t ldb,
+             float beta, float *C, int64_t ldc);
+
+/* Single-threaded entry points of each path (same contract). */
+void sg_gemm_ref(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                 int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc);
+void sg_gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                  int64_t ldc);
+void sg_gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                  int64_t ldc);
+
+/* Adds bias[N] to every row of C[M,N] (ldc). */
+void sg_add_bias(int64_t M, int64_t N, float *C, int64_t ldc, const float *bias);
+
+#endif
