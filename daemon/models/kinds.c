@@ -1,0 +1,33 @@
+/* kinds.c - the registry of model kinds. A new kind adds one line here. */
+#include <string.h>
+
+#include "model.h"
+
+extern const md_kind md_kind_mlp;
+
+static const md_kind *const kinds[] = {
+    &md_kind_mlp,
+};
+
+const md_kind *md_kind_find(const char *name) {
+  if (!name) return NULL;
+  for (size_t i = 0; i < sizeof kinds / sizeof *kinds; i++)
+    if (strcmp(kinds[i]->name, name) == 0) return kinds[i];
+  return NULL;
+}
+
+const char *md_kind_names(void) {
+  static char buf[256];
+  if (!buf[0]) {
+    size_t o = 0;
+    for (size_t i = 0; i < sizeof kinds / sizeof *kinds && o < sizeof buf; i++) {
+      size_t n = strlen(kinds[i]->name);
+      if (o + n + 2 >= sizeof buf) break;
+      if (i) buf[o++] = ',';
+      memcpy(buf + o, kinds[i]->name, n);
+      o += n;
+      buf[o] = 0;
+    }
+  }
+  return buf;
+}

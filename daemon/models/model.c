@@ -1,0 +1,144 @@
+/* model.c - helpers shared by every model kind (see model.h). */
+#include "model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <time.h>
+
+#include "../base/mem.h"
+
+void md_call_init(md_call *c) {
+  memset(c, 0, sizeof *c);
+  ts_list_init(&c->outputs);
+}
+
+void st_writer_free(st_writer *w);
+
+void md_call_free(md_call *c) {
+  ts_list_free(&c->outputs);
+  if (c->result) json_decref(c->result);
+  if (c->new_version_info) json_decref(c->new_version_info);
+  if (c->new_weights) st_writer_free(c->new_weights);
+  c->result = c->new_version_info = NULL;
+  c->new_weights = NULL;
+}
+
+double md_now(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+int md_check_deadline(const md_call *c, ts_err *err) {
+  if (c->cancelled && *c->cancelled)
+    return ts_errf(err, TS_ETIMEOUT, "the request was abandoned (deadline passed)");
+  if (c->deadline > 0 && md_now() > c->deadline)
+    return ts_errf(err, TS_ETIMEOUT, "the request's deadline passed before its result was ready");
+  return 0;
+}
+
+int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err) {
+  static const char *const common[] = {"kind", "version_policy", "description", "max_batch",
+                                       NULL};
+  if (!json_is_object(config)) return ts_errf(err, TS_EINVAL, "config.json is not a JSON object");
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)config, key, v) {
+    int ok = 0;
+    for (const char *const *a = common; *a && !ok; a++) ok = strcmp(*a, key) == 0;
+    for (const char *const *a = allowed; a && *a && !ok; a++) ok = strcmp(*a, key) == 0;
+    if (!ok) return ts_errf(err, TS_EINVAL, "config.json: unknown key '%s'", key);
+  }
+  return 0;
+}
+
+int md_param_double(const json_t *params, const char *key, double def, double *out, ts_err *err) {
+  json_t *v = params ? json_object_get(params, key) : NULL;
+  if (!v || json_is_null(v)) {
+    *out = def;
+    return 0;
+  }
+  if (!json_is_number(v)) return ts_errf(err, TS_EINVAL, "parameter '%s' must be a number", key);
+  *out = json_number_value(v);
+  if (!isfinite(*out)) return ts_errf(err, TS_EINVAL, "parameter '%s' must be finite", key);
+  return 0;
+}
+
+int md_param_int(const json_t *params, const char *key, int64_t def, int64_t *out, ts_err *err) {
+  json_t *v = params ? json_object_get(params, key) : NULL;
+  if (!v || json_is_null(v)) {
+    *out = def;
+    return 0;
+  }
+  if (json_is_integer(v)) {
+    *out = (int64_t)json_integer_value(v);
+    return 0;
+  }
+  if (json_is_real(v) && floor(json_real_value(v)) == json_real_value(v) &&
+      fabs(json_real_value(v)) < 9e15) {
+    *out = (int64_t)json_real_value(v);
+    return 0;
+  }
+  return ts_errf(err, TS_EINVAL, "parameter '%s' must be an integer", key);
+}
+
+int md_param_string(const json_t *params, const char *key, const char *def, const char **out,
+                    ts_err *err) {
+  json_t *v = params ? json_object_get(params, key) : NULL;
+  if (!v || json_is_null(v)) {
+    *out = def;
+    return 0;
+  }
+  if (!json_is_string(v)) return ts_errf(err, TS_EINVAL, "parameter '%s' must be a string", key);
+  *out = json_string_value(v);
+  return 0;
+}
+
+int md_param_bool(const json_t *params, const char *key, int def, int *out, ts_err *err) {
+  json_t *v = params ? json_object_get(params, key) : NULL;
+  if (!v || json_is_null(v)) {
+    *out = def;
+    return 0;
+  }
+  if (!json_is_boolean(v)) return ts_errf(err, TS_EINVAL, "parameter '%s' must be true or false", key);
+  *out = json_is_true(v);
+  return 0;
+}
+
+int md_input(const md_call *c, const char *name, const ts_tensor **out, ts_err *err) {
+  const ts_tensor *t = c->inputs ? ts_list_find(c->inputs, name) : NULL;
+  if (!t) return ts_errf(err, TS_EINVAL, "missing input '%s'", name);
+  *out = t;
+  return 0;
+}
+
+int md_check_shape(const ts_tensor *t, int ndim, const int64_t *dims, ts_err *err) {
+  int ok = t->ndim == ndim;
+  for (int i = 0; ok && i < ndim; i++) ok = dims[i] < 0 || dims[i] == t->shape[i];
+  if (ok) return 0;
+  char want[128], got[128];
+  size_t o = 0;
+  o += (size_t)snprintf(want, sizeof want, "[");
+  for (int i = 0; i < ndim && o < sizeof want; i++)
+    o += dims[i] < 0 ? (size_t)snprintf(want + o, sizeof want - o, "%s-1", i ? ", " : "")
+                     : (size_t)snprintf(want + o, sizeof want - o, "%s%lld", i ? ", " : "",
+                                        (long long)dims[i]);
+  if (o < sizeof want) snprintf(want + o, sizeof want - o, "]");
+  return ts_errf(err, TS_EINVAL, "input '%s': expected shape %s, got %s", t->name, want,
+                 ts_shape_str(t->shape, t->ndim, got, sizeof got));
+}
+
+void *md_output(md_call *c, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+                ts_err *err) {
+  ts_tensor *t = ts_list_add(&c->outputs);
+  if (!t) {
+    ts_errf(err, TS_ENOMEM, "out of memory for output '%s'", name);
+    return NULL;
+  }
+  if (ts_alloc(t, name, dtype, ndim, shape, err)) {
+    c->outputs.n--;
+    return NULL;
+  }
+  return t->data;
+}

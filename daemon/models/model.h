@@ -1,0 +1,137 @@
+/* model.h - the one interface every model kind implements.
+ *
+ * The server and the repository know models only through md_kind. A kind
+ * is a table of functions over an opaque per-version state: load builds the
+ * state from config.json and the version's weights; infer, fit, evaluate
+ * and calibrate read a md_call and fill its outputs; free releases it.
+ *
+ * Threads: load, infer, fit, evaluate, calibrate and the session functions
+ * run on worker threads, never on the event-loop thread. infer may run
+ * concurrently on one state (it must not mutate it); fit/calibrate never
+ * mutate the state either: they return new weights that the repository
+ * saves and loads as a new version.
+ *
+ * Ownership: the state borrows `weights` (tensors mmap'ed from it stay valid
+ * until the kind's free returns; the repository closes the file after
+ * that). Everything placed in md_call's output fields belongs to the call
+ * and is freed by md_call_free. */
+#ifndef TALLYD_MODEL_H
+#define TALLYD_MODEL_H
+
+#include <jansson.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../base/err.h"
+#include "../base/pool.h"
+#include "../base/tensor.h"
+
+typedef struct st_file st_file;
+typedef struct st_writer st_writer;
+
+#define MD_MAX_IO 8
+
+typedef struct md_io {
+  char name[64];
+  ts_dtype dtype;
+  int ndim;
+  int64_t shape[TS_MAXDIM]; /* -1: variable */
+} md_io;
+
+typedef struct md_sig {
+  md_io inputs[MD_MAX_IO];
+  int n_inputs;
+  md_io outputs[MD_MAX_IO];
+  int n_outputs;
+} md_sig;
+
+/* Services the repository offers to kinds that use other models (ensemble
+ * members, quantile bases): the currently served version of a model. */
+typedef struct md_kind md_kind;
+typedef struct md_host md_host;
+struct md_host {
+  /* On success *handle must be given back with release. */
+  int (*acquire)(md_host *h, const char *model, void **handle, const md_kind **kind,
+                 void **state, ts_err *err);
+  void (*release)(md_host *h, void *handle);
+  void *data;
+};
+
+typedef struct md_load_ctx {
+  const char *model_name;
+  int64_t version;
+  const char *version_dir;  /* <repo>/<model>/<version> */
+  const json_t *config;     /* the parsed config.json */
+  st_file *weights;         /* NULL when the version has no model.safetensors */
+  md_host *host;
+  pool_t *pool;
+} md_load_ctx;
+
+typedef struct md_call {
+  /* in */
+  const ts_list *inputs;   /* decoded request tensors, as sent */
+  const json_t *params;    /* the request's "parameters" object, or NULL */
+  pool_t *pool;            /* may be NULL: run serially */
+  md_host *host;
+  double deadline;         /* md_now() seconds after which to give up; 0: none */
+  const volatile int *cancelled; /* set when the server abandoned the call */
+  const char *model_name;
+  int64_t version;
+  /* out */
+  ts_list outputs;         /* infer: named output tensors */
+  json_t *result;          /* fit/evaluate/calibrate: the answer's fields */
+  st_writer *new_weights;  /* fit/calibrate: weights of the new version */
+  json_t *new_version_info;/* fit/calibrate: extra fields for version.json */
+} md_call;
+
+struct md_kind {
+  const char *name;
+  int (*load)(const md_load_ctx *ctx, void **state, ts_err *err);
+  void (*signature)(void *state, md_sig *sig);
+  int (*infer)(void *state, md_call *call, ts_err *err);
+  int (*fit)(void *state, md_call *call, ts_err *err);       /* optional */
+  int (*evaluate)(void *state, md_call *call, ts_err *err);  /* optional */
+  int (*calibrate)(void *state, md_call *call, ts_err *err); /* optional */
+  /* KV-cache sessions (optional): open a session, feed it, free it. *bytes
+   * reports the session's current memory. */
+  int (*session_open)(void *state, const json_t *params, void **sess, size_t *bytes,
+                      ts_err *err);
+  int (*session_infer)(void *state, void *sess, md_call *call, size_t *bytes, ts_err *err);
+  int64_t (*session_position)(void *sess);
+  void (*session_free)(void *sess);
+  void (*free)(void *state);
+};
+
+/* The registry of kinds (models/kinds.c). */
+const md_kind *md_kind_find(const char *name);
+/* Comma-separated names of every registered kind, for /v2 and metrics. */
+const char *md_kind_names(void);
+
+void md_call_init(md_call *c);
+void md_call_free(md_call *c);
+
+/* Helpers shared by the kinds. */
+double md_now(void); /* monotonic seconds */
+/* -TS_ETIMEOUT once the deadline passed or the call was abandoned. */
+int md_check_deadline(const md_call *c, ts_err *err);
+/* Refuses config keys not in `allowed` (NULL-terminated) by name; the keys
+ * every kind takes ("kind", "version_policy", "description", "max_batch")
+ * are always allowed. */
+int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err);
+/* Reads the request parameter `key` as a number / integer / string, with a
+ * default when absent; refuses wrong types with 400. */
+int md_param_double(const json_t *params, const char *key, double def, double *out, ts_err *err);
+int md_param_int(const json_t *params, const char *key, int64_t def, int64_t *out, ts_err *err);
+int md_param_string(const json_t *params, const char *key, const char *def, const char **out,
+                    ts_err *err);
+int md_param_bool(const json_t *params, const char *key, int def, int *out, ts_err *err);
+
+/* Finds a request input by name; missing: 400 "missing input 'features'". */
+int md_input(const md_call *c, const char *name, const ts_tensor **out, ts_err *err);
+/* Checks rank and dims (-1 = any) and returns a 400 naming the input. */
+int md_check_shape(const ts_tensor *t, int ndim, const int64_t *dims, ts_err *err);
+/* Adds an owned FP32/FP64/INT64 output of the given shape; returns its data. */
+void *md_output(md_call *c, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+                ts_err *err);
+
+#endif

@@ -1,0 +1,832 @@
+/* repo.c - model repository: scanning, loading, reference counting and
+ * atomic new versions (invariants in repo.h). */
+#include "repo.h"
+
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "../base/fsutil.h"
+#include "../base/hash.h"
+#include "../base/log.h"
+#include "../base/mem.h"
+#include "../base/safetensors.h"
+
+#define MAX_CONFIG_BYTES (4u << 20)
+#define MAX_VERSION_JSON_BYTES (16u << 20)
+
+enum { MS_READY, MS_UNAVAILABLE, MS_LOADING, MS_UNLOADING, MS_UNLOADED };
+static const char *state_names[] = {"READY", "UNAVAILABLE", "LOADING", "UNLOADING", "UNAVAILABLE"};
+
+struct repo_ver {
+  char *model_name;
+  int64_t version;
+  const md_kind *kind;
+  void *state;
+  st_file *weights;
+  json_t *config, *version_info;
+  char sha256[65];
+  md_sig sig;
+  atomic_int refs;
+  /* change detection */
+  char stamp[256];
+};
+
+typedef struct failed_ver {
+  int64_t version;
+  char stamp[256];
+  char reason[TS_ERR_MSG];
+} failed_ver;
+
+typedef struct repo_model {
+  char *name;
+  repo_ver **vers; /* served, ascending by version */
+  int nvers;
+  failed_ver *failed;
+  int nfailed;
+  int state;
+  char reason[TS_ERR_MSG];
+  char config_stamp[128];
+  int unloaded; /* explicitly unloaded: sync leaves it alone */
+  int fit_running;
+  int present;  /* seen in the last scan */
+  struct repo_model *next;
+} repo_model;
+
+struct repo {
+  char *root;
+  char **only;
+  pool_t *pool;
+  uv_mutex_t mu;      /* the model table */
+  uv_mutex_t sync_mu; /* one scan/load/unload/commit at a time */
+  repo_model *models;
+  md_host host;
+  repo_event_fn event_fn;
+  void *event_data;
+};
+
+/* ---- versions ---------------------------------------------------------- */
+
+static void ver_free(repo_ver *v) {
+  if (!v) return;
+  if (v->kind && v->state) v->kind->free(v->state);
+  if (v->weights) st_close(v->weights);
+  if (v->config) json_decref(v->config);
+  if (v->version_info) json_decref(v->version_info);
+  tl_free(v->model_name);
+  tl_free(v);
+}
+
+void repo_release(repo_ver *v) {
+  if (v && atomic_fetch_sub(&v->refs, 1) == 1) ver_free(v);
+}
+
+const md_kind *repo_ver_kind(const repo_ver *v) { return v->kind; }
+void *repo_ver_state(const repo_ver *v) { return v->state; }
+int64_t repo_ver_version(const repo_ver *v) { return v->version; }
+const char *repo_ver_model(const repo_ver *v) { return v->model_name; }
+const md_sig *repo_ver_sig(const repo_ver *v) { return &v->sig; }
+const char *repo_root(const repo_t *r) { return r->root; }
+
+static void file_stamp(const char *path, char *out, size_t n) {
+  struct stat st;
+  if (stat(path, &st) != 0) {
+    snprintf(out, n, "-");
+    return;
+  }
+  snprintf(out, n, "%llu:%lld:%lld.%09ld", (unsigned long long)st.st_ino, (long long)st.st_size,
+           (long long)st.st_mtim.tv_sec, st.st_mtim.tv_nsec);
+}
+
+static void version_stamp(const char *vdir, char *out, size_t n) {
+  char p[PATH_MAX], a[120], b[120];
+  snprintf(p, sizeof p, "%s/model.safetensors", vdir);
+  file_stamp(p, a, sizeof a);
+  snprintf(p, sizeof p, "%s/version.json", vdir);
+  file_stamp(p, b, sizeof b);
+  snprintf(out, n, "%s|%s", a, b);
+}
+
+static int read_json_file(const char *path, size_t cap, json_t **out, ts_err *err) {
+  char *buf;
+  size_t len;
+  int r = fs_read_file(path, cap, &buf, &len, err);
+  if (r) return r;
+  json_error_t je;
+  json_t *j = json_loadb(buf, len, JSON_REJECT_DUPLICATES, &je);
+  tl_free(buf);
+  if (!j) return ts_errf(err, TS_EINVAL, "%s: invalid JSON at line %d: %s", path, je.line, je.text);
+  *out = j;
+  return 0;
+}
+
+static int host_acquire(md_host *h, const char *model, void **handle, const md_kind **kind,
+                        void **state, ts_err *err) {
+  repo_ver *v;
+  int r = repo_acquire(h->data, model, 0, &v, err);
+  if (r) return r;
+  *handle = v;
+  *kind = v->kind;
+  *state = v->state;
+  return 0;
+}
+
+static void host_release(md_host *h, void *handle) {
+  (void)h;
+  repo_release(handle);
+}
+
+/* Loads one version completely; nothing is published here. */
+static int ver_load(repo_t *r, const char *model, int64_t version, const json_t *config,
+                    repo_ver **out, ts_err *err) {
+  char vdir[PATH_MAX], path[PATH_MAX];
+  snprintf(vdir, sizeof vdir, "%s/%s/%lld", r->root, model, (long long)version);
+  repo_ver *v = tl_calloc(1, sizeof *v);
+  if (!v) return ts_errf(err, TS_ENOMEM, "out of memory");
+  atomic_init(&v->refs, 1);
+  v->version = version;
+  v->model_name = tl_strdup(model);
+  v->config = json_deep_copy(config);
+  if (!v->model_name || !v->config) {
+    ver_free(v);
+    return ts_errf(err, TS_ENOMEM, "out of memory");
+  }
+  version_stamp(vdir, v->stamp, sizeof v->stamp);
+  const char *kind = json_string_value(json_object_get(config, "kind"));
+  v->kind = md_kind_find(kind);
+  int rc;
+  if (!v->kind) {
+    rc = ts_errf(err, TS_EINVAL, "config.json: unknown kind '%s' (known: %s)",
+                 kind ? kind : "(missing)", md_kind_names());
+    goto fail;
+  }
+  snprintf(path, sizeof path, "%s/version.json", vdir);
+  if (access(path, F_OK) == 0 &&
+      (rc = read_json_file(path, MAX_VERSION_JSON_BYTES, &v->version_info, err)))
+    goto fail;
+  snprintf(path, sizeof path, "%s/model.safetensors", vdir);
+  if (access(path, F_OK) == 0) {
+    if ((rc = hash_sha256_file(path, v->sha256, err))) goto fail;
+    /* A digest recorded at write time catches bit flips in the data. */
+    const char *want =
+        v->version_info ? json_string_value(json_object_get(v->version_info, "sha256")) : NULL;
+    if (want && strcmp(want, v->sha256) != 0) {
+      rc = ts_errf(err, TS_EINVAL,
+                   "model.safetensors: SHA-256 %s does not match %s recorded in version.json "
+                   "(the file is corrupt)",
+                   v->sha256, want);
+      goto fail;
+    }
+    if ((rc = st_open(&v->weights, path, err))) goto fail;
+  }
+  md_load_ctx ctx = {.model_name = model,
+                     .version = version,
+                     .version_dir = vdir,
+                     .config = config,
+                     .weights = v->weights,
+                     .host = &r->host,
+                     .pool = r->pool};
+  if ((rc = v->kind->load(&ctx, &v->state, err))) {
+    v->state = NULL;
+    goto fail;
+  }
+  v->kind->signature(v->state, &v->sig);
+  *out = v;
+  return 0;
+fail:
+  ver_free(v);
+  return rc;
+}
+
+/* ---- the table --------------------------------------------------------- */
+
+static repo_model *find_model(repo_t *r, const char *name) {
+  for (repo_model *m = r->models; m; m = m->next)
+    if (strcmp(m->name, name) == 0) return m;
+  return NULL;
+}
+
+static repo_model *get_model(repo_t *r, const char *name) {
+  repo_model *m = find_model(r, name);
+  if (m) return m;
+  m = tl_calloc(1, sizeof *m);
+  if (!m || !(m->name = tl_strdup(name))) {
+    tl_free(m);
+    return NULL;
+  }
+  m->state = MS_LOADING;
+  m->next = r->models;
+  r->models = m;
+  return m;
+}
+
+static void emit_event(repo_t *r, const char *model, int64_t version, int ready) {
+  if (r->event_fn) r->event_fn(r->event_data, model, version, ready);
+}
+
+static int valid_name(const char *s) {
+  if (!*s || strlen(s) > 200 || s[0] == '.') return 0;
+  for (; *s; s++)
+    if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
+          *s == '_' || *s == '-' || *s == '.'))
+      return 0;
+  return 1;
+}
+
+static int wanted(repo_t *r, const char *name) {
+  if (!r->only) return 1;
+  for (char **o = r->only; *o; o++)
+    if (strcmp(*o, name) == 0) return 1;
+  return 0;
+}
+
+/* Which of the versions on disk the policy serves; fills keep[i]. */
+static int apply_policy(const json_t *config, const int64_t *vs, int n, int *keep, ts_err *err) {
+  json_t *pol = json_object_get(config, "version_policy");
+  for (int i = 0; i < n; i++) keep[i] = 0;
+  if (!pol || json_is_null(pol)) {
+    if (n) keep[n - 1] = 1;
+    return 0;
+  }
+  if (!json_is_object(pol) || json_object_size(pol) != 1)
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: version_policy must be {\"latest\": {\"num_versions\": N}}, "
+                   "{\"all\": {}} or {\"specific\": {\"versions\": [...]}}");
+  json_t *lat = json_object_get(pol, "latest");
+  json_t *spec = json_object_get(pol, "specific");
+  if (json_object_get(pol, "all")) {
+    for (int i = 0; i < n; i++) keep[i] = 1;
+  } else if (lat) {
+    json_t *nv = json_object_get(lat, "num_versions");
+    if (!json_is_integer(nv) || json_integer_value(nv) < 1)
+      return ts_errf(err, TS_EINVAL, "config.json: version_policy.latest.num_versions must be an integer >= 1");
+    for (int i = n - 1, k = 0; i >= 0 && k < json_integer_value(nv); i--, k++) keep[i] = 1;
+  } else if (spec) {
+    json_t *arr = json_object_get(spec, "versions");
+    if (!json_is_array(arr))
+      return ts_errf(err, TS_EINVAL, "config.json: version_policy.specific.versions must be an array");
+    size_t j;
+    json_t *x;
+    json_array_foreach(arr, j, x) {
+      if (!json_is_integer(x))
+        return ts_errf(err, TS_EINVAL, "config.json: version_policy.specific.versions holds a non-integer");
+      for (int i = 0; i < n; i++)
+        if (vs[i] == json_integer_value(x)) keep[i] = 1;
+    }
+  } else {
+    return ts_errf(err, TS_EINVAL, "config.json: unknown version_policy (use latest, all or specific)");
+  }
+  return 0;
+}
+
+static void set_failed(repo_model *m, int64_t version, const char *stamp, const char *reason) {
+  for (int i = 0; i < m->nfailed; i++)
+    if (m->failed[i].version == version) {
+      snprintf(m->failed[i].stamp, sizeof m->failed[i].stamp, "%s", stamp);
+      snprintf(m->failed[i].reason, sizeof m->failed[i].reason, "%s", reason);
+      return;
+    }
+  failed_ver *f = tl_realloc(m->failed, sizeof *f * (size_t)(m->nfailed + 1));
+  if (!f) return;
+  m->failed = f;
+  f[m->nfailed].version = version;
+  snprintf(f[m->nfailed].stamp, sizeof f->stamp, "%s", stamp);
+  snprintf(f[m->nfailed].reason, sizeof f->reason, "%s", reason);
+  m->nfailed++;
+}
+
+static void clear_failed(repo_model *m, int64_t version) {
+  for (int i = 0; i < m->nfailed; i++)
+    if (m->failed[i].version == version) {
+      m->failed[i] = m->failed[--m->nfailed];
+      return;
+    }
+}
+
+static const failed_ver *find_failed(const repo_model *m, int64_t version) {
+  for (int i = 0; i < m->nfailed; i++)
+    if (m->failed[i].version == version) return &m->failed[i];
+  return NULL;
+}
+
+static repo_ver *served(repo_model *m, int64_t version) {
+  for (int i = 0; i < m->nvers; i++)
+    if (m->vers[i]->version == version) return m->vers[i];
+  return NULL;
+}
+
+/* Replaces the served set of m with `next` (n entries, ascending); drops the
+ * table's reference to versions no longer served. Called with r->mu held. */
+static void publish(repo_t *r, repo_model *m, repo_ver **next, int n) {
+  for (int i = 0; i < m->nvers; i++) {
+    int still = 0;
+    for (int j = 0; j < n; j++) still |= next[j] == m->vers[i];
+    if (!still) {
+      emit_event(r, m->name, m->vers[i]->version, 0);
+      repo_release(m->vers[i]);
+    }
+  }
+  tl_free(m->vers);
+  m->vers = next;
+  m->nvers = n;
+  for (int j = 0; j < n; j++) emit_event(r, m->name, next[j]->version, 1);
+}
+
+static int cmp_ver(const void *a, const void *b) {
+  int64_t x = (*(repo_ver *const *)a)->version, y = (*(repo_ver *const *)b)->version;
+  return (x > y) - (x < y);
+}
+
+/* Brings one model in line with the disk. Called with sync_mu held, r->mu
+ * not held (loading is slow). */
+static void sync_model(repo_t *r, const char *name, int force) {
+  char mdir[PATH_MAX], cpath[PATH_MAX], cstamp[128];
+  snprintf(mdir, sizeof mdir, "%s/%s", r->root, name);
+  snprintf(cpath, sizeof cpath, "%s/config.json", mdir);
+  file_stamp(cpath, cstamp, sizeof cstamp);
+  ts_err err = {0};
+  json_t *config = NULL;
+  int64_t *vs = NULL;
+  int nv = 0, *keep = NULL;
+  repo_ver **next = NULL;
+  int nnext = 0;
+
+  uv_mutex_lock(&r->mu);
+  repo_model *m = get_model(r, name);
+  if (!m) {
+    uv_mutex_unlock(&r->mu);
+    return;
+  }
+  m->present = 1;
+  int config_changed = strcmp(cstamp, m->config_stamp) != 0;
+  if (m->unloaded && !force) {
+    uv_mutex_unlock(&r->mu);
+    return;
+  }
+  uv_mutex_unlock(&r->mu);
+
+  fs_clean_tmp(mdir);
+  int rc = read_json_file(cpath, MAX_CONFIG_BYTES, &config, &err);
+  if (!rc && !json_is_object(config)) rc = ts_errf(&err, TS_EINVAL, "config.json is not a JSON object");
+  if (!rc) rc = fs_list_versions(mdir, &vs, &nv, &err);
+  if (!rc && !(keep = tl_calloc((size_t)(nv ? nv : 1), sizeof(int))))
+    rc = ts_errf(&err, TS_ENOMEM, "out of memory");
+  if (!rc) rc = apply_policy(config, vs, nv, keep, &err);
+  if (!rc && !(next = tl_calloc((size_t)(nv ? nv : 1), sizeof *next)))
+    rc = ts_errf(&err, TS_ENOMEM, "out of memory");
+  if (rc) {
+    /* Without a usable config nothing new loads; versions that work stay. */
+    uv_mutex_lock(&r->mu);
+    snprintf(m->reason, sizeof m->reason, "%s", err.msg);
+    if (m->nvers == 0) m->state = MS_UNAVAILABLE;
+    snprintf(m->config_stamp, sizeof m->config_stamp, "%s", cstamp);
+    uv_mutex_unlock(&r->mu);
+    log_error("model '%s': %s", name, err.msg);
+    goto out;
+  }
+
+  for (int i = 0; i < nv; i++) {
+    if (!keep[i]) continue;
+    char vdir[PATH_MAX], stamp[256];
+    snprintf(vdir, sizeof vdir, "%s/%lld", mdir, (long long)vs[i]);
+    version_stamp(vdir, stamp, sizeof stamp);
+    uv_mutex_lock(&r->mu);
+    repo_ver *cur = served(m, vs[i]);
+    const failed_ver *fv = find_failed(m, vs[i]);
+    int same = cur && !config_changed && strcmp(cur->stamp, stamp) == 0;
+    int same_failure = !cur && fv && !config_changed && strcmp(fv->stamp, stamp) == 0;
+    if (same) atomic_fetch_add(&cur->refs, 1);
+    uv_mutex_unlock(&r->mu);
+    if (same) {
+      next[nnext++] = cur;
+      continue;
+    }
+    if (same_failure && !force) continue;
+    repo_ver *v;
+    ts_err lerr = {0};
+    if (ver_load(r, name, vs[i], config, &v, &lerr) == 0) {
+      next[nnext++] = v;
+      uv_mutex_lock(&r->mu);
+      clear_failed(m, vs[i]);
+      uv_mutex_unlock(&r->mu);
+      log_info("model '%s' version %lld: loaded (%s)", name, (long long)vs[i], v->kind->name);
+    } else {
+      log_error("model '%s' version %lld: failed to load: %s", name, (long long)vs[i], lerr.msg);
+      uv_mutex_lock(&r->mu);
+      set_failed(m, vs[i], stamp, lerr.msg);
+      if (cur) { /* a broken replacement never displaces a working version */
+        atomic_fetch_add(&cur->refs, 1);
+        next[nnext++] = cur;
+      }
+      uv_mutex_unlock(&r->mu);
+    }
+  }
+  qsort(next, (size_t)nnext, sizeof *next, cmp_ver);
+
+  uv_mutex_lock(&r->mu);
+  /* Forget failures of versions that left the disk or the policy. */
+  for (int i = 0; i < m->nfailed;) {
+    int on = 0;
+    for (int j = 0; j < nv; j++) on |= keep[j] && vs[j] == m->failed[i].version;
+    if (!on) m->failed[i] = m->failed[--m->nfailed];
+    else i++;
+  }
+  publish(r, m, next, nnext);
+  next = NULL;
+  snprintf(m->config_stamp, sizeof m->config_stamp, "%s", cstamp);
+  m->unloaded = 0;
+  if (m->nvers > 0) {
+    m->state = MS_READY;
+    m->reason[0] = 0;
+  } else {
+    m->state = MS_UNAVAILABLE;
+    if (m->nfailed) snprintf(m->reason, sizeof m->reason, "%s", m->failed[m->nfailed - 1].reason);
+    else if (nv == 0) snprintf(m->reason, sizeof m->reason, "no version directory (1, 2, ...) found");
+    else snprintf(m->reason, sizeof m->reason, "no version matches the version_policy");
+  }
+  uv_mutex_unlock(&r->mu);
+out:
+  if (next) {
+    for (int i = 0; i < nnext; i++) repo_release(next[i]);
+    tl_free(next);
+  }
+  tl_free(keep);
+  tl_free(vs);
+  if (config) json_decref(config);
+}
+
+static void drop_model(repo_t *r, repo_model *m, int state) {
+  /* called with r->mu held */
+  publish(r, m, NULL, 0);
+  m->state = state;
+}
+
+void repo_sync(repo_t *r) {
+  uv_mutex_lock(&r->sync_mu);
+  uv_mutex_lock(&r->mu);
+  for (repo_model *m = r->models; m; m = m->next) m->present = 0;
+  uv_mutex_unlock(&r->mu);
+  DIR *d = opendir(r->root);
+  if (!d) {
+    log_error("model repository '%s': %s", r->root, strerror(errno));
+  } else {
+    struct dirent *e;
+    char **names = NULL;
+    int n = 0;
+    while ((e = readdir(d))) {
+      if (!valid_name(e->d_name) || !wanted(r, e->d_name)) continue;
+      char cpath[PATH_MAX];
+      struct stat st;
+      snprintf(cpath, sizeof cpath, "%s/%s", r->root, e->d_name);
+      if (stat(cpath, &st) != 0 || !S_ISDIR(st.st_mode)) continue;
+      char **nn = tl_realloc(names, sizeof *names * (size_t)(n + 1));
+      if (!nn) break;
+      names = nn;
+      if (!(names[n] = tl_strdup(e->d_name))) break;
+      n++;
+    }
+    closedir(d);
+    for (int i = 0; i < n; i++) {
+      sync_model(r, names[i], 0);
+      tl_free(names[i]);
+    }
+    tl_free(names);
+  }
+  /* Models that left the disk stop being served. */
+  uv_mutex_lock(&r->mu);
+  for (repo_model *m = r->models; m; m = m->next)
+    if (!m->present && !m->unloaded && (m->nvers || m->state != MS_UNLOADED)) {
+      if (m->nvers) log_info("model '%s': removed from the repository", m->name);
+      drop_model(r, m, MS_UNLOADED);
+      snprintf(m->reason, sizeof m->reason, "not in the repository");
+    }
+  uv_mutex_unlock(&r->mu);
+  uv_mutex_unlock(&r->sync_mu);
+}
+
+int repo_load_model(repo_t *r, const char *name, ts_err *err) {
+  char mdir[PATH_MAX];
+  struct stat st;
+  if (!valid_name(name)) return ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
+  snprintf(mdir, sizeof mdir, "%s/%s/config.json", r->root, name);
+  if (stat(mdir, &st) != 0)
+    return ts_errf(err, TS_ENOTFOUND, "model '%s' is not in the repository", name);
+  uv_mutex_lock(&r->sync_mu);
+  sync_model(r, name, 1);
+  uv_mutex_unlock(&r->sync_mu);
+  uv_mutex_lock(&r->mu);
+  repo_model *m = find_model(r, name);
+  int rc = 0;
+  if (!m || m->nvers == 0)
+    rc = ts_errf(err, TS_EUNAVAIL, "model '%s' failed to load: %s", name,
+                 m ? m->reason : "unknown");
+  uv_mutex_unlock(&r->mu);
+  return rc;
+}
+
+int repo_unload_model(repo_t *r, const char *name, ts_err *err) {
+  uv_mutex_lock(&r->sync_mu);
+  uv_mutex_lock(&r->mu);
+  repo_model *m = find_model(r, name);
+  int rc = 0;
+  if (!m) {
+    rc = ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
+  } else {
+    drop_model(r, m, MS_UNLOADED);
+    m->unloaded = 1;
+    snprintf(m->reason, sizeof m->reason, "unloaded");
+    log_info("model '%s': unloaded", name);
+  }
+  uv_mutex_unlock(&r->mu);
+  uv_mutex_unlock(&r->sync_mu);
+  return rc;
+}
+
+int repo_acquire(repo_t *r, const char *name, int64_t version, repo_ver **out, ts_err *err) {
+  uv_mutex_lock(&r->mu);
+  repo_model *m = find_model(r, name);
+  int rc = 0;
+  if (!m || (m->state == MS_UNLOADED && !m->unloaded)) {
+    rc = ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
+  } else if (m->nvers == 0) {
+    rc = ts_errf(err, TS_EUNAVAIL, "model '%s' is not available: %s", name,
+                 m->reason[0] ? m->reason : "loading");
+  } else {
+    repo_ver *v = version ? served(m, version) : m->vers[m->nvers - 1];
+    if (!v) {
+      rc = ts_errf(err, TS_ENOTFOUND, "model '%s' has no version %lld being served", name,
+                   (long long)version);
+    } else {
+      atomic_fetch_add(&v->refs, 1);
+      *out = v;
+    }
+  }
+  uv_mutex_unlock(&r->mu);
+  return rc;
+}
+
+static json_t *io_json(const md_io *io, int n) {
+  json_t *a = json_array();
+  for (int i = 0; i < n; i++) {
+    json_t *shape = json_array();
+    for (int k = 0; k < io[i].ndim; k++) json_array_append_new(shape, json_integer(io[i].shape[k]));
+    json_array_append_new(a, json_pack("{s:s, s:s, s:o}", "name", io[i].name, "datatype",
+                                       ts_dtype_name(io[i].dtype), "shape", shape));
+  }
+  return a;
+}
+
+int repo_metadata(repo_t *r, const char *name, int64_t version, json_t **out, ts_err *err) {
+  repo_ver *v;
+  int rc = repo_acquire(r, name, version, &v, err);
+  if (rc) return rc;
+  json_t *vers = json_array();
+  uv_mutex_lock(&r->mu);
+  repo_model *m = find_model(r, name);
+  for (int i = 0; m && i < m->nvers; i++) {
+    char b[32];
+    snprintf(b, sizeof b, "%lld", (long long)m->vers[i]->version);
+    json_array_append_new(vers, json_string(b));
+  }
+  uv_mutex_unlock(&r->mu);
+  char vb[32];
+  snprintf(vb, sizeof vb, "%lld", (long long)v->version);
+  json_t *j = json_pack("{s:s, s:o, s:s, s:o, s:o}", "name", name, "versions", vers, "platform",
+                        v->kind->name, "inputs", io_json(v->sig.inputs, v->sig.n_inputs),
+                        "outputs", io_json(v->sig.outputs, v->sig.n_outputs));
+  json_t *params = json_object();
+  json_object_set_new(params, "version", json_string(vb));
+  if (v->sha256[0]) json_object_set_new(params, "sha256", json_string(v->sha256));
+  if (v->version_info) json_object_set(params, "version_info", v->version_info);
+  json_object_set_new(j, "parameters", params);
+  repo_release(v);
+  *out = j;
+  return 0;
+}
+
+json_t *repo_index(repo_t *r) {
+  json_t *a = json_array();
+  uv_mutex_lock(&r->mu);
+  for (repo_model *m = r->models; m; m = m->next) {
+    char b[32];
+    for (int i = 0; i < m->nvers; i++) {
+      snprintf(b, sizeof b, "%lld", (long long)m->vers[i]->version);
+      json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:s}", "name", m->name, "version", b,
+                                         "state", "READY", "reason", ""));
+    }
+    for (int i = 0; i < m->nfailed; i++) {
+      snprintf(b, sizeof b, "%lld", (long long)m->failed[i].version);
+      json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:s}", "name", m->name, "version", b,
+                                         "state", "UNAVAILABLE", "reason", m->failed[i].reason));
+    }
+    if (m->nvers == 0 && m->nfailed == 0)
+      json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:s}", "name", m->name, "version", "",
+                                         "state", state_names[m->state], "reason", m->reason));
+  }
+  uv_mutex_unlock(&r->mu);
+  return a;
+}
+
+int repo_all_ready(repo_t *r) {
+  int ok = 1;
+  uv_mutex_lock(&r->mu);
+  for (repo_model *m = r->models; m; m = m->next)
+    if (!m->unloaded && m->state != MS_UNLOADED && m->nvers == 0) ok = 0;
+  uv_mutex_unlock(&r->mu);
+  return ok;
+}
+
+int repo_count_models(repo_t *r, int *ready) {
+  int n = 0, k = 0;
+  uv_mutex_lock(&r->mu);
+  for (repo_model *m = r->models; m; m = m->next) {
+    n++;
+    k += m->nvers > 0;
+  }
+  uv_mutex_unlock(&r->mu);
+  if (ready) *ready = k;
+  return n;
+}
+
+void repo_foreach_version(repo_t *r, void (*fn)(void *, const char *, int64_t, int), void *data) {
+  uv_mutex_lock(&r->mu);
+  for (repo_model *m = r->models; m; m = m->next) {
+    for (int i = 0; i < m->nvers; i++) fn(data, m->name, m->vers[i]->version, 1);
+    for (int i = 0; i < m->nfailed; i++) fn(data, m->name, m->failed[i].version, 0);
+  }
+  uv_mutex_unlock(&r->mu);
+}
+
+void repo_set_event_hook(repo_t *r, repo_event_fn fn, void *data) {
+  r->event_fn = fn;
+  r->event_data = data;
+}
+
+int repo_fit_begin(repo_t *r, const char *name, ts_err *err) {
+  uv_mutex_lock(&r->mu);
+  repo_model *m = find_model(r, name);
+  int rc = 0;
+  if (!m) rc = ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
+  else if (m->fit_running)
+    rc = ts_errf(err, TS_ECONFLICT, "a fit or calibration of model '%s' is already running", name);
+  else m->fit_running = 1;
+  uv_mutex_unlock(&r->mu);
+  return rc;
+}
+
+void repo_fit_end(repo_t *r, const char *name) {
+  uv_mutex_lock(&r->mu);
+  repo_model *m = find_model(r, name);
+  if (m) m->fit_running = 0;
+  uv_mutex_unlock(&r->mu);
+}
+
+int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_t *new_version,
+                        ts_err *err) {
+  char mdir[PATH_MAX], tmp[PATH_MAX], path[PATH_MAX], final[PATH_MAX];
+  const char *name = parent->model_name;
+  if (!call->new_weights) return ts_errf(err, TS_EINTERNAL, "the fit produced no weights");
+  snprintf(mdir, sizeof mdir, "%s/%s", r->root, name);
+  uv_mutex_lock(&r->sync_mu);
+  int64_t *vs = NULL;
+  int nv = 0, rc;
+  if ((rc = fs_list_versions(mdir, &vs, &nv, err))) goto out;
+  int64_t next = nv ? vs[nv - 1] + 1 : 1;
+  tl_free(vs);
+  if ((rc = fs_mkdtemp_in(mdir, ".tmp-", tmp, sizeof tmp, err))) goto out;
+  snprintf(path, sizeof path, "%s/model.safetensors", tmp);
+  if ((rc = st_writer_save(call->new_weights, path, err))) goto fail;
+  char sha[65];
+  if ((rc = hash_sha256_file(path, sha, err))) goto fail;
+  json_t *info = call->new_version_info ? json_deep_copy(call->new_version_info) : json_object();
+  char ts[64];
+  time_t now = time(NULL);
+  struct tm tm;
+  gmtime_r(&now, &tm);
+  strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  json_object_set_new(info, "parent_version", json_integer(parent->version));
+  json_object_set_new(info, "version", json_integer(next));
+  json_object_set_new(info, "created", json_string(ts));
+  json_object_set_new(info, "sha256", json_string(sha));
+  char *text = json_dumps(info, JSON_INDENT(2) | JSON_SORT_KEYS);
+  json_decref(info);
+  if (!text) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    goto fail;
+  }
+  snprintf(path, sizeof path, "%s/version.json", tmp);
+  rc = fs_write_file_sync(path, text, strlen(text), err);
+  free(text);
+  if (rc) goto fail;
+  if ((rc = fs_fsync_dir(tmp, err))) goto fail;
+  snprintf(final, sizeof final, "%s/%lld", mdir, (long long)next);
+  if ((rc = fs_rename_atomic(tmp, final, err))) goto fail;
+  /* Load before publishing; the old version serves until this succeeds. */
+  json_t *config;
+  snprintf(path, sizeof path, "%s/config.json", mdir);
+  if ((rc = read_json_file(path, MAX_CONFIG_BYTES, &config, err))) goto out;
+  repo_ver *v;
+  rc = ver_load(r, name, next, config, &v, err);
+  if (rc) {
+    ts_err_prefix(err, "version %lld was written but failed to load", (long long)next);
+    json_decref(config);
+    goto out;
+  }
+  int64_t *all = NULL;
+  int nall = 0, *keep = NULL;
+  uv_mutex_lock(&r->mu);
+  repo_model *m = find_model(r, name);
+  if (m && fs_list_versions(mdir, &all, &nall, NULL) == 0 &&
+      (keep = tl_calloc((size_t)nall, sizeof(int))) &&
+      apply_policy(config, all, nall, keep, NULL) == 0) {
+    repo_ver **set = tl_calloc((size_t)nall + 1, sizeof *set);
+    int k = 0;
+    for (int i = 0; set && i < nall; i++) {
+      if (!keep[i]) continue;
+      repo_ver *cur = all[i] == next ? v : served(m, all[i]);
+      if (!cur) continue;
+      if (cur != v) atomic_fetch_add(&cur->refs, 1);
+      set[k++] = cur;
+    }
+    if (set) {
+      int has_new = 0;
+      for (int i = 0; i < k; i++) has_new |= set[i] == v;
+      if (!has_new) repo_release(v);
+      publish(r, m, set, k);
+      m->state = MS_READY;
+      m->reason[0] = 0;
+      v = NULL;
+    }
+  }
+  uv_mutex_unlock(&r->mu);
+  if (v) repo_release(v);
+  tl_free(keep);
+  tl_free(all);
+  json_decref(config);
+  *new_version = next;
+  log_info("model '%s': version %lld saved and served", name, (long long)next);
+  rc = 0;
+  goto out;
+fail:
+  fs_rmtree(tmp);
+out:
+  uv_mutex_unlock(&r->sync_mu);
+  return rc;
+}
+
+md_host *repo_host(repo_t *r) { return &r->host; }
+
+int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *pool,
+              ts_err *err) {
+  struct stat st;
+  if (stat(root, &st) != 0 || !S_ISDIR(st.st_mode))
+    return ts_errf(err, TS_EINVAL, "model repository '%s' is not a directory", root);
+  repo_t *r = tl_calloc(1, sizeof *r);
+  if (!r || !(r->root = tl_strdup(root))) {
+    tl_free(r);
+    return ts_errf(err, TS_ENOMEM, "out of memory");
+  }
+  if (only && only[0]) {
+    int n = 0;
+    while (only[n]) n++;
+    r->only = tl_calloc((size_t)n + 1, sizeof(char *));
+    for (int i = 0; r->only && i < n; i++) r->only[i] = tl_strdup(only[i]);
+  }
+  r->pool = pool;
+  uv_mutex_init(&r->mu);
+  uv_mutex_init(&r->sync_mu);
+  r->host.acquire = host_acquire;
+  r->host.release = host_release;
+  r->host.data = r;
+  *out = r;
+  return 0;
+}
+
+void repo_close(repo_t *r) {
+  if (!r) return;
+  repo_model *m = r->models;
+  while (m) {
+    repo_model *n = m->next;
+    for (int i = 0; i < m->nvers; i++) repo_release(m->vers[i]);
+    tl_free(m->vers);
+    tl_free(m->failed);
+    tl_free(m->name);
+    tl_free(m);
+    m = n;
+  }
+  if (r->only)
+    for (char **o = r->only; *o; o++) tl_free(*o);
+  tl_free(r->only);
+  uv_mutex_destroy(&r->mu);
+  uv_mutex_destroy(&r->sync_mu);
+  tl_free(r->root);
+  tl_free(r);
+}

@@ -1,0 +1,84 @@
+/* repo.h - the model repository: which versions of which models are served.
+ *
+ * Layout (api.md): <root>/<model>/config.json, <root>/<model>/<version>/
+ * {model.safetensors, version.json}. Each model's config may carry a Triton-
+ * style "version_policy": {"latest": {"num_versions": N}} (default N = 1),
+ * {"all": {}} or {"specific": {"versions": [..]}}.
+ *
+ * Invariants (under the repository mutex):
+ * - A served version (repo_ver) is fully loaded before it is published in
+ *   its model's table; a version that fails to load never replaces one that
+ *   works (its reason is kept for the index and logged).
+ * - Every repo_acquire is paired with repo_release. The table holds one
+ *   reference to each served version; a retired version is freed when its
+ *   last reference goes, so in-flight requests keep the version they began
+ *   with.
+ * - At most one fit/calibrate per model runs at a time (repo_fit_begin).
+ * New versions are written atomically: temporary directory in the model
+ * directory, fsync of every file and the directory, rename to the next
+ * version number, fsync of the model directory. Leftover temporary
+ * directories from a crash are removed when the repository is opened. */
+#ifndef TALLYD_REPO_H
+#define TALLYD_REPO_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "../base/err.h"
+#include "../base/pool.h"
+#include "../models/model.h"
+
+typedef struct repo repo_t;
+typedef struct repo_ver repo_ver;
+
+/* only: NULL-terminated list of model names to serve (--model), or NULL. */
+int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *pool,
+              ts_err *err);
+void repo_close(repo_t *r);
+
+/* Scans the root and loads what is new, changed or removed (start, SIGHUP,
+ * polling). Never fails as a whole: per-model problems go to the index. */
+void repo_sync(repo_t *r);
+
+int repo_load_model(repo_t *r, const char *name, ts_err *err);
+int repo_unload_model(repo_t *r, const char *name, ts_err *err);
+
+/* version 0: the newest served. 404 unknown model or version, 503 when the
+ * model exists but no version is ready. */
+int repo_acquire(repo_t *r, const char *name, int64_t version, repo_ver **out, ts_err *err);
+void repo_release(repo_ver *v);
+
+const md_kind *repo_ver_kind(const repo_ver *v);
+void *repo_ver_state(const repo_ver *v);
+int64_t repo_ver_version(const repo_ver *v);
+const char *repo_ver_model(const repo_ver *v);
+const md_sig *repo_ver_sig(const repo_ver *v);
+
+/* JSON answers (new references). */
+json_t *repo_index(repo_t *r);
+int repo_metadata(repo_t *r, const char *name, int64_t version, json_t **out, ts_err *err);
+/* 1 when every model meant to be served has a ready version. */
+int repo_all_ready(repo_t *r);
+int repo_count_models(repo_t *r, int *ready);
+
+/* One fit/calibrate per model: -TS_ECONFLICT when one runs. */
+int repo_fit_begin(repo_t *r, const char *name, ts_err *err);
+void repo_fit_end(repo_t *r, const char *name);
+
+/* Saves call->new_weights and version.json (parent, call->new_version_info,
+ * the sha256 of the weights) atomically as the next version of `parent`'s
+ * model, loads it and serves it. *new_version receives its number. */
+int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_t *new_version,
+                        ts_err *err);
+
+md_host *repo_host(repo_t *r);
+const char *repo_root(const repo_t *r);
+
+/* Called for each state change (metrics). */
+typedef void (*repo_event_fn)(void *data, const char *model, int64_t version, int ready);
+void repo_set_event_hook(repo_t *r, repo_event_fn fn, void *data);
+/* Visits each served version (for metrics), under the lock: keep it short. */
+void repo_foreach_version(repo_t *r, void (*fn)(void *data, const char *model, int64_t version,
+                                                int ready), void *data);
+
+#endif

@@ -1,0 +1,237 @@
+/* config.c - flags and config file (see config.h). */
+#include "config.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../base/mem.h"
+
+enum { T_STR, T_INT, T_LIST, T_FLAG };
+
+typedef struct opt {
+  const char *name; /* flag without the leading dashes */
+  int type;
+  size_t off;
+  int64_t min, max;
+  const char *arg, *help;
+} opt;
+
+#define O(f) offsetof(srv_config, f)
+static const opt opts[] = {
+    {"config", T_STR, O(config_file), 0, 0, "FILE", "JSON config file with the same keys as the flags"},
+    {"model-repository", T_STR, O(model_repository), 0, 0, "DIR", "model repository root (required)"},
+    {"model", T_LIST, O(models), 0, 0, "NAME", "serve only this model (repeatable; default: all)"},
+    {"listen", T_STR, O(listen), 0, 0, "HOST:PORT", "address to serve (default 127.0.0.1:8000)"},
+    {"threads", T_INT, O(threads), 0, 1024, "N", "worker threads (default: number of cores)"},
+    {"queue-depth", T_INT, O(queue_depth), 1, 1 << 20, "N", "waiting requests before 429 (default 256)"},
+    {"max-body-bytes", T_INT, O(max_body_bytes), 1, INT64_MAX, "N", "request body cap, 413 above (default 67108864)"},
+    {"drain-timeout", T_INT, O(drain_timeout_ms), 0, INT64_MAX, "MS", "how long in-flight requests may finish at shutdown (default 30000)"},
+    {"request-timeout-ms", T_INT, O(request_timeout_ms), 0, INT64_MAX, "MS", "default deadline of infer requests, 504 after; 0 = none (default 60000); a request's \"timeout_ms\" parameter overrides it"},
+    {"max-request-elements", T_INT, O(max_request_elements), 0, INT64_MAX, "N", "largest element count of one input tensor (default 268435456)"},
+    {"log-level", T_STR, O(log_level), 0, 0, "LEVEL", "debug, info, warn or error (default info)"},
+    {"log-format", T_STR, O(log_format), 0, 0, "FORMAT", "text or json (default text)"},
+    {"help", T_FLAG, O(help), 0, 0, NULL, "print this help"},
+    {"version", T_FLAG, O(version), 0, 0, NULL, "print the version"},
+};
+#undef O
+
+void cfg_defaults(srv_config *c) {
+  memset(c, 0, sizeof *c);
+  c->threads = 0;
+  c->queue_depth = 256;
+  c->max_body_bytes = 64ll << 20;
+  c->drain_timeout_ms = 30000;
+  c->request_timeout_ms = 60000;
+  c->max_request_elements = 1ll << 28;
+}
+
+static const opt *find_opt(const char *name) {
+  char norm[64];
+  size_t n = strlen(name);
+  if (n >= sizeof norm) return NULL;
+  for (size_t i = 0; i <= n; i++) norm[i] = name[i] == '_' ? '-' : name[i];
+  for (size_t i = 0; i < sizeof opts / sizeof *opts; i++)
+    if (strcmp(opts[i].name, norm) == 0) return &opts[i];
+  return NULL;
+}
+
+static int set_str(char **slot, const char *v, ts_err *err) {
+  char *d = tl_strdup(v);
+  if (!d) return ts_errf(err, TS_ENOMEM, "out of memory");
+  tl_free(*slot);
+  *slot = d;
+  return 0;
+}
+
+static int set_value(srv_config *c, const opt *o, const char *v, int from_file, ts_err *err) {
+  void *slot = (char *)c + o->off;
+  switch (o->type) {
+    case T_STR: return set_str(slot, v, err);
+    case T_INT: {
+      char *end;
+      errno = 0;
+      long long x = strtoll(v, &end, 10);
+      if (errno || end == v || *end || x < o->min || x > o->max)
+        return ts_errf(err, TS_EINVAL, "--%s: '%s' is not an integer in [%lld, %lld]", o->name, v,
+                       (long long)o->min, (long long)o->max);
+      *(int64_t *)slot = x;
+      return 0;
+    }
+    case T_LIST: {
+      char **list = slot;
+      int n = 0;
+      while (list[n]) n++;
+      if (from_file) { /* a file's list replaces; flags append */
+        for (int i = 0; i < n; i++) tl_free(list[i]), list[i] = NULL;
+        n = 0;
+      }
+      if (n >= CFG_MAX_LIST) return ts_errf(err, TS_EINVAL, "--%s: more than %d values", o->name, CFG_MAX_LIST);
+      return set_str(&list[n], v, err);
+    }
+    default: *(int *)slot = 1; return 0;
+  }
+}
+
+static int load_file(srv_config *c, const char *path, ts_err *err) {
+  json_error_t je;
+  json_t *j = json_load_file(path, JSON_REJECT_DUPLICATES, &je);
+  if (!j) return ts_errf(err, TS_EINVAL, "config file %s: line %d: %s", path, je.line, je.text);
+  int rc = 0;
+  if (!json_is_object(j)) {
+    rc = ts_errf(err, TS_EINVAL, "config file %s: not a JSON object", path);
+    goto out;
+  }
+  const char *key;
+  json_t *v;
+  json_object_foreach(j, key, v) {
+    const opt *o = find_opt(key);
+    if (!o || o->type == T_FLAG || strcmp(o->name, "config") == 0) {
+      rc = ts_errf(err, TS_EINVAL, "config file %s: unknown key '%s'", path, key);
+      goto out;
+    }
+    char buf[64];
+    if (o->type == T_LIST && json_is_array(v)) {
+      size_t i;
+      json_t *x;
+      int first = 1;
+      json_array_foreach(v, i, x) {
+        if (!json_is_string(x)) {
+          rc = ts_errf(err, TS_EINVAL, "config file %s: '%s' must hold strings", path, key);
+          goto out;
+        }
+        if ((rc = set_value(c, o, json_string_value(x), first, err))) goto out;
+        first = 0;
+      }
+      continue;
+    }
+    const char *s;
+    if (json_is_string(v)) s = json_string_value(v);
+    else if (json_is_integer(v)) snprintf(buf, sizeof buf, "%lld", (long long)json_integer_value(v)), s = buf;
+    else {
+      rc = ts_errf(err, TS_EINVAL, "config file %s: '%s' must be a string or an integer", path, key);
+      goto out;
+    }
+    if ((rc = set_value(c, o, s, 1, err))) goto out;
+  }
+out:
+  json_decref(j);
+  return rc;
+}
+
+static int next_value(int argc, char **argv, int *i, const char *inline_v, const opt *o,
+                      const char **out, ts_err *err) {
+  if (inline_v) {
+    *out = inline_v;
+    return 0;
+  }
+  if (*i + 1 >= argc) return ts_errf(err, TS_EINVAL, "--%s needs a value (%s)", o->name, o->arg);
+  *out = argv[++*i];
+  return 0;
+}
+
+int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
+  /* the file first, so that flags win */
+  for (int i = 1; i < argc; i++) {
+    const char *path = NULL;
+    if (strncmp(argv[i], "--config=", 9) == 0) path = argv[i] + 9;
+    else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) path = argv[i + 1];
+    if (path) {
+      int rc = load_file(c, path, err);
+      if (rc) return rc;
+    }
+  }
+  for (int i = 1; i < argc; i++) {
+    const char *a = argv[i];
+    if (strncmp(a, "--", 2) != 0)
+      return ts_errf(err, TS_EINVAL, "unexpected argument '%s' (see --help)", a);
+    char name[64];
+    const char *eq = strchr(a + 2, '=');
+    size_t n = eq ? (size_t)(eq - a - 2) : strlen(a + 2);
+    if (n >= sizeof name) return ts_errf(err, TS_EINVAL, "unknown flag '%.64s' (see --help)", a);
+    memcpy(name, a + 2, n);
+    name[n] = 0;
+    const opt *o = find_opt(name);
+    if (!o || strchr(name, '_')) return ts_errf(err, TS_EINVAL, "unknown flag '%s' (see --help)", a);
+    if (o->type == T_FLAG) {
+      if (eq) return ts_errf(err, TS_EINVAL, "--%s takes no value", o->name);
+      *(int *)((char *)c + o->off) = 1;
+      continue;
+    }
+    const char *v;
+    int rc = next_value(argc, argv, &i, eq ? eq + 1 : NULL, o, &v, err);
+    if (!rc && strcmp(o->name, "config") == 0) continue; /* already read */
+    if (!rc) rc = set_value(c, o, v, 0, err);
+    if (rc) return rc;
+  }
+  if (!c->listen && set_str(&c->listen, "127.0.0.1:8000", err)) return -TS_ENOMEM;
+  if (!c->log_level && set_str(&c->log_level, "info", err)) return -TS_ENOMEM;
+  if (!c->log_format && set_str(&c->log_format, "text", err)) return -TS_ENOMEM;
+  if (strcmp(c->log_format, "text") != 0 && strcmp(c->log_format, "json") != 0)
+    return ts_errf(err, TS_EINVAL, "--log-format must be text or json, not '%s'", c->log_format);
+  return 0;
+}
+
+void cfg_free(srv_config *c) {
+  for (size_t i = 0; i < sizeof opts / sizeof *opts; i++) {
+    void *slot = (char *)c + opts[i].off;
+    if (opts[i].type == T_STR) tl_free(*(char **)slot);
+    if (opts[i].type == T_LIST)
+      for (char **l = slot; *l; l++) tl_free(*l);
+  }
+  memset(c, 0, sizeof *c);
+}
+
+void cfg_usage(FILE *out) {
+  fprintf(out, "usage: tallyd --model-repository DIR [options]\n\n"
+               "Serves the Open Inference Protocol v2 (KServe/Triton REST) from a model repository.\n\n");
+  for (size_t i = 0; i < sizeof opts / sizeof *opts; i++) {
+    char left[64];
+    snprintf(left, sizeof left, "--%s%s%s", opts[i].name, opts[i].arg ? " " : "",
+             opts[i].arg ? opts[i].arg : "");
+    fprintf(out, "  %-28s %s\n", left, opts[i].help);
+  }
+  fprintf(out, "\nEvery flag is also a key of the --config JSON file (flags win).\n");
+}
+
+int cfg_listen(const srv_config *c, char *host, size_t hostlen, int *port, ts_err *err) {
+  const char *l = c->listen;
+  const char *colon = strrchr(l, ':');
+  if (!colon) return ts_errf(err, TS_EINVAL, "--listen '%s' must be HOST:PORT", l);
+  size_t hn = (size_t)(colon - l);
+  if (l[0] == '[' && hn >= 2 && l[hn - 1] == ']') {
+    l++;
+    hn -= 2;
+  }
+  if (hn == 0 || hn >= hostlen) return ts_errf(err, TS_EINVAL, "--listen '%s': bad host", c->listen);
+  memcpy(host, l, hn);
+  host[hn] = 0;
+  char *end;
+  long p = strtol(colon + 1, &end, 10);
+  if (*end || p < 0 || p > 65535) return ts_errf(err, TS_EINVAL, "--listen '%s': bad port", c->listen);
+  *port = (int)p;
+  return 0;
+}

@@ -1,0 +1,42 @@
+/* config.h - daemon settings: command-line flags and a JSON config file.
+ *
+ * Every flag has a config-file key of the same name without the dashes
+ * ("--max-body-bytes" <-> "max_body_bytes" or "max-body-bytes"). The file
+ * is read first (--config FILE), then flags override it. The table of
+ * options in config.c is the one place a setting is declared. */
+#ifndef TALLYD_CONFIG_H
+#define TALLYD_CONFIG_H
+
+#include <stddef.h>
+#include <stdio.h>
+#include <stdint.h>
+
+#include "../base/err.h"
+
+#define CFG_MAX_LIST 64
+
+typedef struct srv_config {
+  char *config_file;
+  char *model_repository;
+  char *models[CFG_MAX_LIST + 1]; /* --model, repeatable; NULL-terminated */
+  char *listen;                   /* host:port */
+  int64_t threads;
+  int64_t queue_depth;
+  int64_t max_body_bytes;
+  int64_t drain_timeout_ms;
+  int64_t request_timeout_ms;
+  int64_t max_request_elements;
+  char *log_level;
+  char *log_format;
+  int help, version;
+} srv_config;
+
+void cfg_defaults(srv_config *c);
+/* 0, or -TS_EINVAL with a message (unknown flag, bad value, bad file). */
+int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err);
+void cfg_free(srv_config *c);
+void cfg_usage(FILE *out);
+/* Splits c->listen into host and port. */
+int cfg_listen(const srv_config *c, char *host, size_t hostlen, int *port, ts_err *err);
+
+#endif
