@@ -113,13 +113,11 @@ static inline void transpose8(__m256 r[8]) {
  * 8x8 register transposes, with scalar edges. */
 static void pack_b_t(const float *B, int64_t ldb, int64_t kc, int64_t nc, float *Bp) {
   for (int64_t j = 0; j < nc; j += NR) {
-    int64_t nr = min64(NR, nc - j);
-    int64_t k = 0;
     for (int half = 0; half < 2; half++) {
       int64_t j0 = j + half * 8;
       if (j0 + 8 > nc) continue; /* done by the scalar edge below */
       const float *b = B + j0 * ldb;
-      for (k = 0; k + 8 <= kc; k += 8) {
+      for (int64_t k = 0; k + 8 <= kc; k += 8) {
         __m256 r[8];
         for (int t = 0; t < 8; t++) r[t] = _mm256_loadu_ps(b + t * ldb + k);
         transpose8(r);
@@ -127,14 +125,14 @@ static void pack_b_t(const float *B, int64_t ldb, int64_t kc, int64_t nc, float 
       }
     }
     /* What the 8x8 blocks did not cover: k past the last multiple of 8 for
-     * full halves, and every k for a half with fewer than 8 columns. */
+     * a full half, every k for a half with fewer than 8 columns (zero past
+     * the last column). */
     int64_t kfull = kc & ~(int64_t)7;
-    for (int64_t kk = 0; kk < kc; kk++) {
-      for (int jj = 0; jj < NR; jj++) {
-        int64_t col = j + jj;
-        int full_half = j + (jj / 8) * 8 + 8 <= nc;
-        if (full_half && kk < kfull) continue;
-        Bp[kk * NR + jj] = jj < nr ? B[col * ldb + kk] : 0.0f;
+    for (int half = 0; half < 2; half++) {
+      int64_t j0 = j + half * 8;
+      for (int64_t kk = j0 + 8 <= nc ? kfull : 0; kk < kc; kk++) {
+        for (int64_t jj = 0; jj < 8; jj++)
+          Bp[kk * NR + half * 8 + jj] = j0 + jj < nc ? B[(j0 + jj) * ldb + kk] : 0.0f;
       }
     }
     Bp += kc * NR;
