@@ -3,6 +3,7 @@
 #include "repo.h"
 
 #include <dirent.h>
+#include <stdarg.h>
 #include <errno.h>
 #include <limits.h>
 #include <stdatomic.h>
@@ -73,6 +74,17 @@ struct repo {
   void *event_data;
 };
 
+/* Path formatting: vsnprintf, so a too-long path shows up as a truncated
+ * name that fails to open, never as an overflow. */
+static int pathf(char *buf, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static int pathf(char *buf, size_t n, const char *fmt, ...) {
+  va_list ap;
+  va_start(ap, fmt);
+  int r = vsnprintf(buf, n, fmt, ap);
+  va_end(ap);
+  return r < 0 || (size_t)r >= n ? -1 : 0;
+}
+
 /* ---- versions ---------------------------------------------------------- */
 
 static void ver_free(repo_ver *v) {
@@ -108,9 +120,9 @@ static void file_stamp(const char *path, char *out, size_t n) {
 
 static void version_stamp(const char *vdir, char *out, size_t n) {
   char p[PATH_MAX], a[120], b[120];
-  snprintf(p, sizeof p, "%s/model.safetensors", vdir);
+  pathf(p, sizeof p, "%s/model.safetensors", vdir);
   file_stamp(p, a, sizeof a);
-  snprintf(p, sizeof p, "%s/version.json", vdir);
+  pathf(p, sizeof p, "%s/version.json", vdir);
   file_stamp(p, b, sizeof b);
   snprintf(out, n, "%s|%s", a, b);
 }
@@ -148,7 +160,7 @@ static void host_release(md_host *h, void *handle) {
 static int ver_load(repo_t *r, const char *model, int64_t version, const json_t *config,
                     repo_ver **out, ts_err *err) {
   char vdir[PATH_MAX], path[PATH_MAX];
-  snprintf(vdir, sizeof vdir, "%s/%s/%lld", r->root, model, (long long)version);
+  pathf(vdir, sizeof vdir, "%s/%s/%lld", r->root, model, (long long)version);
   repo_ver *v = tl_calloc(1, sizeof *v);
   if (!v) return ts_errf(err, TS_ENOMEM, "out of memory");
   atomic_init(&v->refs, 1);
@@ -168,11 +180,11 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
                  kind ? kind : "(missing)", md_kind_names());
     goto fail;
   }
-  snprintf(path, sizeof path, "%s/version.json", vdir);
+  pathf(path, sizeof path, "%s/version.json", vdir);
   if (access(path, F_OK) == 0 &&
       (rc = read_json_file(path, MAX_VERSION_JSON_BYTES, &v->version_info, err)))
     goto fail;
-  snprintf(path, sizeof path, "%s/model.safetensors", vdir);
+  pathf(path, sizeof path, "%s/model.safetensors", vdir);
   if (access(path, F_OK) == 0) {
     if ((rc = hash_sha256_file(path, v->sha256, err))) goto fail;
     /* A digest recorded at write time catches bit flips in the data. */
@@ -349,8 +361,8 @@ static int cmp_ver(const void *a, const void *b) {
  * not held (loading is slow). */
 static void sync_model(repo_t *r, const char *name, int force) {
   char mdir[PATH_MAX], cpath[PATH_MAX], cstamp[128];
-  snprintf(mdir, sizeof mdir, "%s/%s", r->root, name);
-  snprintf(cpath, sizeof cpath, "%s/config.json", mdir);
+  pathf(mdir, sizeof mdir, "%s/%s", r->root, name);
+  pathf(cpath, sizeof cpath, "%s/config.json", mdir);
   file_stamp(cpath, cstamp, sizeof cstamp);
   ts_err err = {0};
   json_t *config = NULL;
@@ -373,7 +385,7 @@ static void sync_model(repo_t *r, const char *name, int force) {
   }
   uv_mutex_unlock(&r->mu);
 
-  fs_clean_tmp(mdir);
+  fs_clean_tmp(mdir, NULL, NULL);
   int rc = read_json_file(cpath, MAX_CONFIG_BYTES, &config, &err);
   if (!rc && !json_is_object(config)) rc = ts_errf(&err, TS_EINVAL, "config.json is not a JSON object");
   if (!rc) rc = fs_list_versions(mdir, &vs, &nv, &err);
@@ -396,7 +408,7 @@ static void sync_model(repo_t *r, const char *name, int force) {
   for (int i = 0; i < nv; i++) {
     if (!keep[i]) continue;
     char vdir[PATH_MAX], stamp[256];
-    snprintf(vdir, sizeof vdir, "%s/%lld", mdir, (long long)vs[i]);
+    pathf(vdir, sizeof vdir, "%s/%lld", mdir, (long long)vs[i]);
     version_stamp(vdir, stamp, sizeof stamp);
     uv_mutex_lock(&r->mu);
     repo_ver *cur = served(m, vs[i]);
@@ -485,7 +497,7 @@ void repo_sync(repo_t *r) {
       if (!valid_name(e->d_name) || !wanted(r, e->d_name)) continue;
       char cpath[PATH_MAX];
       struct stat st;
-      snprintf(cpath, sizeof cpath, "%s/%s", r->root, e->d_name);
+      pathf(cpath, sizeof cpath, "%s/%s", r->root, e->d_name);
       if (stat(cpath, &st) != 0 || !S_ISDIR(st.st_mode)) continue;
       char **nn = tl_realloc(names, sizeof *names * (size_t)(n + 1));
       if (!nn) break;
@@ -516,7 +528,7 @@ int repo_load_model(repo_t *r, const char *name, ts_err *err) {
   char mdir[PATH_MAX];
   struct stat st;
   if (!valid_name(name)) return ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
-  snprintf(mdir, sizeof mdir, "%s/%s/config.json", r->root, name);
+  pathf(mdir, sizeof mdir, "%s/%s/config.json", r->root, name);
   if (stat(mdir, &st) != 0)
     return ts_errf(err, TS_ENOTFOUND, "model '%s' is not in the repository", name);
   uv_mutex_lock(&r->sync_mu);
@@ -691,18 +703,19 @@ void repo_fit_end(repo_t *r, const char *name) {
 
 int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_t *new_version,
                         ts_err *err) {
-  char mdir[PATH_MAX], tmp[PATH_MAX], path[PATH_MAX], final[PATH_MAX];
+  char mdir[PATH_MAX], path[PATH_MAX], final[PATH_MAX];
+  char *tmp = NULL;
   const char *name = parent->model_name;
   if (!call->new_weights) return ts_errf(err, TS_EINTERNAL, "the fit produced no weights");
-  snprintf(mdir, sizeof mdir, "%s/%s", r->root, name);
+  pathf(mdir, sizeof mdir, "%s/%s", r->root, name);
   uv_mutex_lock(&r->sync_mu);
   int64_t *vs = NULL;
   int nv = 0, rc;
   if ((rc = fs_list_versions(mdir, &vs, &nv, err))) goto out;
   int64_t next = nv ? vs[nv - 1] + 1 : 1;
   tl_free(vs);
-  if ((rc = fs_mkdtemp_in(mdir, ".tmp-", tmp, sizeof tmp, err))) goto out;
-  snprintf(path, sizeof path, "%s/model.safetensors", tmp);
+  if ((rc = fs_mkdtemp_in(mdir, ".tmp-", &tmp, err))) goto out;
+  pathf(path, sizeof path, "%s/model.safetensors", tmp);
   if ((rc = st_writer_save(call->new_weights, path, err))) goto fail;
   char sha[65];
   if ((rc = hash_sha256_file(path, sha, err))) goto fail;
@@ -722,16 +735,16 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
     goto fail;
   }
-  snprintf(path, sizeof path, "%s/version.json", tmp);
+  pathf(path, sizeof path, "%s/version.json", tmp);
   rc = fs_write_file_sync(path, text, strlen(text), err);
   free(text);
   if (rc) goto fail;
   if ((rc = fs_fsync_dir(tmp, err))) goto fail;
-  snprintf(final, sizeof final, "%s/%lld", mdir, (long long)next);
+  pathf(final, sizeof final, "%s/%lld", mdir, (long long)next);
   if ((rc = fs_rename_atomic(tmp, final, err))) goto fail;
   /* Load before publishing; the old version serves until this succeeds. */
   json_t *config;
-  snprintf(path, sizeof path, "%s/config.json", mdir);
+  pathf(path, sizeof path, "%s/config.json", mdir);
   if ((rc = read_json_file(path, MAX_CONFIG_BYTES, &config, err))) goto out;
   repo_ver *v;
   rc = ver_load(r, name, next, config, &v, err);
@@ -776,8 +789,9 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   rc = 0;
   goto out;
 fail:
-  fs_rmtree(tmp);
+  fs_rmtree(tmp, NULL);
 out:
+  tl_free(tmp);
   uv_mutex_unlock(&r->sync_mu);
   return rc;
 }

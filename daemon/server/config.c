@@ -181,7 +181,7 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
       *(int *)((char *)c + o->off) = 1;
       continue;
     }
-    const char *v;
+    const char *v = NULL;
     int rc = next_value(argc, argv, &i, eq ? eq + 1 : NULL, o, &v, err);
     if (!rc && strcmp(o->name, "config") == 0) continue; /* already read */
     if (!rc) rc = set_value(c, o, v, 0, err);

@@ -131,7 +131,7 @@ int route_parse(const char *method, const char *path, route *r, const char **all
   memset(r, 0, sizeof *r);
   *allow = NULL;
   int n = split(path, seg, 8);
-  if (n < 0 || memchr(path, 0, 1) == NULL)
+  if (n < 0)
     return ts_errf(err, TS_ENOTFOUND, "unknown route '%.100s'", path);
   int id = R_NONE, methods = 0, mi = -1, vi = -1, si = -1;
   if (n == 1 && strcmp(seg[0], "metrics") == 0) id = R_METRICS, methods = M_GET;

@@ -15,6 +15,8 @@ int main(int argc, char **argv) {
   ts_err err = {0};
   cfg_defaults(&cfg);
   tl_mem_init_env();
+  /* jansson allocates through tl_malloc too, so fault injection covers it */
+  json_set_alloc_funcs(tl_malloc, tl_free);
   if (cfg_parse(&cfg, argc, argv, &err)) {
     fprintf(stderr, "tallyd: %s\n", err.msg);
     cfg_free(&cfg);
