@@ -157,23 +157,19 @@ static float hmax8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/* Row maximum, NaN if the row holds a NaN. */
+/* Row maximum. A NaN in the row need not show here: its exp is NaN, so the
+ * row's sum, and with it every output of the row, is NaN anyway. */
 static float row_max(const float *x, int64_t cols) {
-  __m256 m = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+  __m256 m = _mm256_set1_ps(-INFINITY);
   int64_t j = 0;
-  for (; j + 8 <= cols; j += 8) {
-    __m256 v = _mm256_loadu_ps(x + j);
-    m = _mm256_max_ps(m, v);
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
+  for (; j + 8 <= cols; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
   if (j < cols) {
     __m256i mk = tail_mask(cols - j);
-    __m256 v = _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(x + j, mk),
-                                _mm256_castsi256_ps(mk));
-    m = _mm256_max_ps(m, v);
-    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    m = _mm256_max_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY),
+                                          _mm256_maskload_ps(x + j, mk),
+                                          _mm256_castsi256_ps(mk)));
   }
-  return _mm256_movemask_ps(nan) ? NAN : hmax8(m);
+  return hmax8(m);
 }
 
 static void softmax_rows_avx2(float *x, int64_t rows, int64_t cols) {
