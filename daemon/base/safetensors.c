@@ -187,7 +187,7 @@ static int check_layout(const st_file *f, ts_err *err) {
 
 static int parse_header(st_file *f, const char *hdr, size_t hlen, ts_err *err) {
   json_error_t je;
-  json_t *root = json_loadb(hdr, hlen, JSON_REJECT_DUPLICATES, &je);
+  json_t *root = json_loadb(hdr, hlen, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
   if (!root) {
     switch (json_error_code(&je)) {
       case json_error_duplicate_key:
@@ -547,7 +547,7 @@ int st_writer_add(st_writer *w, const char *name, ts_dtype dtype, int ndim,
   if (nbytes) memcpy(e->data, data, nbytes);
   e->dtype = dtype;
   e->ndim = ndim;
-  memcpy(e->shape, shape, sizeof(int64_t) * (size_t)ndim);
+  if (ndim > 0) memcpy(e->shape, shape, sizeof(int64_t) * (size_t)ndim);
   e->nbytes = nbytes;
   w->n++;
   return 0;
