@@ -698,6 +698,66 @@ static void test_mutations(void **state) {
   assert_true(accepted > 0); /* flips inside the data keep the file valid */
 }
 
+
+/* The seeds written by tests/fuzz/make_st_seeds.py (an independent writer,
+ * Python standard library) must all be read, and our writer must reproduce
+ * the reference-layout ones byte for byte. Needs the repository root as the
+ * working directory, as tests/run.sh provides. */
+#define SEEDS "tests/fuzz/corpus/safetensors/"
+
+static void test_python_seeds(void **state) {
+  (void)state;
+  struct stat sb;
+  if (stat(SEEDS "mlp.safetensors", &sb) != 0) skip();
+  const char *names[] = {"empty", "metadata_only", "mlp", "dtypes", "zero_size", "misaligned"};
+  ts_err err = {0};
+  for (size_t k = 0; k < sizeof names / sizeof *names; k++) {
+    char src[256], out[PATH_MAX + 64];
+    snprintf(src, sizeof src, SEEDS "%s.safetensors", names[k]);
+    st_file *f;
+    if (st_open(&f, src, &err) != 0) fail_msg("%s", err.msg);
+    st_writer *w = st_writer_new();
+    for (int i = 0; i < st_count(f); i++) {
+      ts_tensor t;
+      assert_int_equal(st_get(f, st_name(f, i), &t, &err), 0);
+      assert_int_equal(st_writer_add(w, t.name, t.dtype, t.ndim, t.shape, t.data, &err), 0);
+      ts_free(&t);
+    }
+    for (int i = 0; i < st_meta_count(f); i++)
+      assert_int_equal(st_writer_meta(w, st_meta_key(f, i), st_meta_value(f, i), &err), 0);
+    st_close(f);
+    snprintf(out, sizeof out, "%s/seed.safetensors", dir);
+    assert_int_equal(st_writer_save(w, out, &err), 0);
+    st_writer_free(w);
+    if (strcmp(names[k], "misaligned") == 0 || strcmp(names[k], "metadata_only") == 0)
+      continue; /* a layout we would not write; "\u00e9" escaped by Python */
+    char *a, *b;
+    size_t la, lb;
+    assert_int_equal(fs_read_file(src, 1 << 20, &a, &la, &err), 0);
+    assert_int_equal(fs_read_file(out, 1 << 20, &b, &lb, &err), 0);
+    if (la != lb || memcmp(a, b, la) != 0) fail_msg("writer output differs from seed %s", src);
+    tl_free(a);
+    tl_free(b);
+  }
+  st_file *f;
+  ts_tensor t;
+  assert_int_equal(st_open(&f, SEEDS "mlp.safetensors", &err), 0);
+  assert_int_equal(st_get_f32(f, "layers.0.weight", 2, (const int64_t[]){3, 2}, &t, &err), 0);
+  assert_true(((const float *)t.data)[5] == 1.5f);
+  ts_free(&t);
+  assert_string_equal(st_meta_get(f, "format"), "pt");
+  st_close(f);
+  assert_int_equal(st_open(&f, SEEDS "dtypes.safetensors", &err), 0);
+  assert_int_equal(st_count(f), 12);
+  assert_int_equal(st_get(f, "u64", &t, &err), 0);
+  assert_true(*(const uint64_t *)t.data == (uint64_t)1 << 63);
+  ts_free(&t);
+  assert_int_equal(st_get_f32(f, "bf16", 1, NULL, &t, &err), 0);
+  assert_true(((const float *)t.data)[1] == 3.140625f);
+  ts_free(&t);
+  st_close(f);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_short_file),
@@ -716,6 +776,7 @@ int main(void) {
       cmocka_unit_test(test_writer_round_trip),
       cmocka_unit_test(test_allocation_failures),
       cmocka_unit_test(test_mutations),
+      cmocka_unit_test(test_python_seeds),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
