@@ -661,10 +661,12 @@ int st_writer_save(st_writer *w, const char *path, ts_err *err) {
     goto out;
   }
   r = fs_write_all(fd, hdr, 8 + hlen, path, err);
-  for (int i = 0; !r && i < w->n; i++) r = fs_write_all(fd, order[i]->data, order[i]->nbytes, path, err);
+  for (int i = 0; !r && i < w->n; i++)
+    r = fs_write_all(fd, order[i]->data, order[i]->nbytes, path, err);
   if (!r && fsync(fd) != 0)
     r = ts_errf(err, TS_EIO, "cannot fsync '%s': %s", path, strerror(errno));
-  if (close(fd) != 0 && !r) r = ts_errf(err, TS_EIO, "cannot close '%s': %s", path, strerror(errno));
+  if (close(fd) != 0 && !r)
+    r = ts_errf(err, TS_EIO, "cannot close '%s': %s", path, strerror(errno));
   if (r) unlink(path);
 out:
   tl_free(hdr);
