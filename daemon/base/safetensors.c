@@ -170,12 +170,17 @@ static int check_layout(const st_file *f, ts_err *err) {
                      "tensors '%s' [%llu, %llu] and '%s' [%llu, %llu] overlap", prev->name,
                      (unsigned long long)prev->begin, (unsigned long long)prev->end, e->name,
                      (unsigned long long)e->begin, (unsigned long long)e->end);
+    if (e->begin > at && !prev)
+      return ts_errf(err, TS_EINVAL,
+                     "gap of %llu bytes before tensor '%s' (the first tensor must start at "
+                     "offset 0, it starts at %llu)",
+                     (unsigned long long)e->begin, e->name, (unsigned long long)e->begin);
     if (e->begin > at)
       return ts_errf(err, TS_EINVAL,
                      "gap of %llu bytes before tensor '%s' (tensors must be contiguous: it "
-                     "starts at %llu, the previous one ends at %llu)",
+                     "starts at %llu, '%s' ends at %llu)",
                      (unsigned long long)(e->begin - at), e->name,
-                     (unsigned long long)e->begin, (unsigned long long)at);
+                     (unsigned long long)e->begin, prev->name, (unsigned long long)at);
     if (e->end > e->begin || !prev) prev = e;
     at = e->end;
   }

@@ -198,10 +198,10 @@ static void test_bad_layout(void **state) {
   /* a gap between tensors */
   refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
          "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
-         zeros, 12, "gap of 4 bytes before tensor 'b'", NULL);
+         zeros, 12, "gap of 4 bytes before tensor 'b'", "'a' ends at 4");
   /* the buffer does not start at 0 */
   refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", zeros, 8,
-         "gap of 4 bytes before tensor 'a'", NULL);
+         "gap of 4 bytes before tensor 'a'", "must start at offset 0");
   /* trailing bytes after the last tensor, and bytes with no tensors at all */
   refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", zeros, 7,
          "3 trailing bytes after the last tensor", NULL);
