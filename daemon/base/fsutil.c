@@ -200,7 +200,7 @@ int fs_list_versions(const char *model_dir, int64_t **versions, int *n, ts_err *
     tl_free(v);
     return r;
   }
-  qsort(v, (size_t)cnt, sizeof *v, cmp_i64);
+  if (cnt > 1) qsort(v, (size_t)cnt, sizeof *v, cmp_i64);
   *versions = v;
   *n = cnt;
   return 0;

@@ -170,12 +170,17 @@ static int check_layout(const st_file *f, ts_err *err) {
                      "tensors '%s' [%llu, %llu] and '%s' [%llu, %llu] overlap", prev->name,
                      (unsigned long long)prev->begin, (unsigned long long)prev->end, e->name,
                      (unsigned long long)e->begin, (unsigned long long)e->end);
+    if (e->begin > at && !prev)
+      return ts_errf(err, TS_EINVAL,
+                     "gap of %llu bytes before tensor '%s' (the first tensor must start at "
+                     "offset 0, it starts at %llu)",
+                     (unsigned long long)e->begin, e->name, (unsigned long long)e->begin);
     if (e->begin > at)
       return ts_errf(err, TS_EINVAL,
                      "gap of %llu bytes before tensor '%s' (tensors must be contiguous: it "
-                     "starts at %llu, the previous one ends at %llu)",
+                     "starts at %llu, '%s' ends at %llu)",
                      (unsigned long long)(e->begin - at), e->name,
-                     (unsigned long long)e->begin, (unsigned long long)at);
+                     (unsigned long long)e->begin, prev->name, (unsigned long long)at);
     if (e->end > e->begin || !prev) prev = e;
     at = e->end;
   }
@@ -187,7 +192,7 @@ static int check_layout(const st_file *f, ts_err *err) {
 
 static int parse_header(st_file *f, const char *hdr, size_t hlen, ts_err *err) {
   json_error_t je;
-  json_t *root = json_loadb(hdr, hlen, JSON_REJECT_DUPLICATES, &je);
+  json_t *root = json_loadb(hdr, hlen, JSON_REJECT_DUPLICATES | JSON_DECODE_ANY, &je);
   if (!root) {
     switch (json_error_code(&je)) {
       case json_error_duplicate_key:
@@ -547,7 +552,7 @@ int st_writer_add(st_writer *w, const char *name, ts_dtype dtype, int ndim,
   if (nbytes) memcpy(e->data, data, nbytes);
   e->dtype = dtype;
   e->ndim = ndim;
-  memcpy(e->shape, shape, sizeof(int64_t) * (size_t)ndim);
+  if (ndim > 0) memcpy(e->shape, shape, sizeof(int64_t) * (size_t)ndim);
   e->nbytes = nbytes;
   w->n++;
   return 0;
@@ -661,10 +666,12 @@ int st_writer_save(st_writer *w, const char *path, ts_err *err) {
     goto out;
   }
   r = fs_write_all(fd, hdr, 8 + hlen, path, err);
-  for (int i = 0; !r && i < w->n; i++) r = fs_write_all(fd, order[i]->data, order[i]->nbytes, path, err);
+  for (int i = 0; !r && i < w->n; i++)
+    r = fs_write_all(fd, order[i]->data, order[i]->nbytes, path, err);
   if (!r && fsync(fd) != 0)
     r = ts_errf(err, TS_EIO, "cannot fsync '%s': %s", path, strerror(errno));
-  if (close(fd) != 0 && !r) r = ts_errf(err, TS_EIO, "cannot close '%s': %s", path, strerror(errno));
+  if (close(fd) != 0 && !r)
+    r = ts_errf(err, TS_EIO, "cannot close '%s': %s", path, strerror(errno));
   if (r) unlink(path);
 out:
   tl_free(hdr);
