@@ -44,7 +44,7 @@ for t in "$BUILD"/tests/test_*; do
   fi
 done
 
-for t in tests/integration/test_*.py; do
+for t in tests/integration/test_*.py tests/reference/test_*.py; do
   [ -f "$t" ] || continue
   name=$(basename "$t" .py)
   [ -n "$pattern" ] && [[ "$name" != *$pattern* ]] && continue

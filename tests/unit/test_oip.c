@@ -1,0 +1,218 @@
+/* test_oip.c - the OIP v2 tensor codec: every datatype, flat and nested
+ * data, binary parts, shape mismatches, and the response encoder. */
+#include <math.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmocka.h>
+
+#include "../../daemon/base/mem.h"
+#include "../../daemon/server/oip.h"
+
+static int decode(const char *body, oip_request *req, ts_err *err) {
+  return oip_decode(body, strlen(body), 0, 0, req, err);
+}
+
+static void expect_fail(const char *body, int status, const char *needle) {
+  oip_request req;
+  ts_err err = {0};
+  int rc = decode(body, &req, &err);
+  if (rc != -status || !strstr(err.msg, needle))
+    fail_msg("body %s: rc %d msg '%s' (wanted %d, '%s')", body, rc, err.msg, -status, needle);
+  oip_request_free(&req);
+}
+
+static void test_every_datatype(void **s) {
+  (void)s;
+  static const char *dts[] = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
+                              "INT32", "INT64", "FP16",   "BF16",   "FP32",  "FP64"};
+  for (size_t i = 0; i < sizeof dts / sizeof *dts; i++) {
+    char body[256];
+    snprintf(body, sizeof body,
+             "{\"inputs\":[{\"name\":\"x\",\"shape\":[2,2],\"datatype\":\"%s\","
+             "\"data\":[[1,2],[3,100]]}]}", dts[i]);
+    oip_request req;
+    ts_err err = {0};
+    assert_int_equal(decode(body, &req, &err), 0);
+    assert_int_equal(req.inputs.n, 1);
+    ts_tensor *t = &req.inputs.items[0];
+    assert_string_equal(ts_dtype_name(t->dtype), dts[i]);
+    assert_int_equal(t->ndim, 2);
+    double *d;
+    assert_int_equal(ts_to_f64(t, 0, &d, &err), 0);
+    assert_true(d[0] == 1 && d[1] == 2 && d[2] == 3 && d[3] == 100);
+    tl_free(d);
+    oip_request_free(&req);
+  }
+  oip_request req;
+  ts_err err = {0};
+  assert_int_equal(decode("{\"inputs\":[{\"name\":\"b\",\"shape\":[3],\"datatype\":\"BOOL\","
+                          "\"data\":[true,false,1]}]}", &req, &err), 0);
+  assert_memory_equal(req.inputs.items[0].data, "\1\0\1", 3);
+  oip_request_free(&req);
+  assert_int_equal(decode("{\"inputs\":[{\"name\":\"s\",\"shape\":[2],\"datatype\":\"BYTES\","
+                          "\"data\":[\"ab\",\"\"]}]}", &req, &err), 0);
+  assert_int_equal(req.inputs.items[0].nbytes, 4 + 2 + 4);
+  float *f;
+  assert_int_equal(ts_to_f32(&req.inputs.items[0], 0, &f, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "BYTES"));
+  oip_request_free(&req);
+}
+
+static void test_flat_and_nested_agree(void **s) {
+  (void)s;
+  oip_request a, b;
+  ts_err err = {0};
+  assert_int_equal(decode("{\"inputs\":[{\"name\":\"x\",\"shape\":[2,3],\"datatype\":\"FP32\","
+                          "\"data\":[1,2,3,4,5,6]}]}", &a, &err), 0);
+  assert_int_equal(decode("{\"inputs\":[{\"name\":\"x\",\"shape\":[2,3],\"datatype\":\"FP32\","
+                          "\"data\":[[1,2,3],[4,5,6]]}]}", &b, &err), 0);
+  assert_memory_equal(a.inputs.items[0].data, b.inputs.items[0].data, 24);
+  assert_int_equal(((float *)a.inputs.items[0].data)[5], 6);
+  oip_request_free(&a);
+  oip_request_free(&b);
+}
+
+static void test_limits_and_values(void **s) {
+  (void)s;
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[2],\"datatype\":\"INT8\",\"data\":[1,200]}]}",
+              TS_EINVAL, "out of range");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"INT32\",\"data\":[1.5]}]}",
+              TS_EINVAL, "not an integer");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"UINT32\",\"data\":[-1]}]}",
+              TS_EINVAL, "out of range");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP16\",\"data\":[70000]}]}",
+              TS_EINVAL, "overflows FP16");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[\"a\"]}]}",
+              TS_EINVAL, "not a number");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"BOOL\",\"data\":[2]}]}",
+              TS_EINVAL, "BOOL");
+}
+
+static void test_shape_mismatches(void **s) {
+  (void)s;
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[2,2],\"datatype\":\"FP32\",\"data\":[1,2,3]}]}",
+              TS_EINVAL, "has 3 elements");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1,2]}]}",
+              TS_EINVAL, "more elements");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[-2],\"datatype\":\"FP32\",\"data\":[]}]}",
+              TS_EINVAL, "non-negative");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[4294967296,4294967296,4294967296],"
+              "\"datatype\":\"FP32\",\"data\":[]}]}", TS_EINVAL, "overflow");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1,1,1,1,1,1,1,1,1],\"datatype\":\"FP32\","
+              "\"data\":[1]}]}", TS_EINVAL, "rank");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":2,\"datatype\":\"FP32\",\"data\":[1]}]}",
+              TS_EINVAL, "shape");
+  /* zero-sized tensors are legal */
+  oip_request r;
+  ts_err err = {0};
+  assert_int_equal(decode("{\"inputs\":[{\"name\":\"x\",\"shape\":[0,3],\"datatype\":\"FP32\","
+                          "\"data\":[]}]}", &r, &err), 0);
+  oip_request_free(&r);
+}
+
+static void test_structure_errors(void **s) {
+  (void)s;
+  expect_fail("", TS_EINVAL, "empty");
+  expect_fail("{", TS_EINVAL, "malformed JSON");
+  expect_fail("[]", TS_EINVAL, "JSON object");
+  expect_fail("{\"inputs\":{}}", TS_EINVAL, "'inputs' must be an array");
+  expect_fail("{\"inputs\":[],\"inputs\":[]}", TS_EINVAL, "duplicate");
+  expect_fail("{\"id\":5,\"inputs\":[]}", TS_EINVAL, "'id'");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1]},"
+              "{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1]}]}",
+              TS_EINVAL, "twice");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":"
+              "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]}",
+              TS_EINVAL, "nested");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\"}]}", TS_EINVAL,
+              "no 'data'");
+  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1e999]}]}",
+              TS_EINVAL, "malformed JSON");
+}
+
+static void test_binary_part(void **s) {
+  (void)s;
+  const char *js = "{\"inputs\":[{\"name\":\"x\",\"shape\":[2],\"datatype\":\"FP32\","
+                   "\"parameters\":{\"binary_data_size\":8}},"
+                   "{\"name\":\"y\",\"shape\":[1],\"datatype\":\"INT64\","
+                   "\"parameters\":{\"binary_data_size\":8}}]}";
+  char body[512];
+  size_t n = strlen(js);
+  memcpy(body, js, n);
+  float x[2] = {1.5f, -2.0f};
+  int64_t y = 42;
+  memcpy(body + n, x, 8);
+  memcpy(body + n + 8, &y, 8);
+  oip_request r;
+  ts_err err = {0};
+  assert_int_equal(oip_decode(body, n + 16, n, 0, &r, &err), 0);
+  assert_true(((float *)r.inputs.items[0].data)[1] == -2.0f);
+  assert_true(((int64_t *)r.inputs.items[1].data)[0] == 42);
+  oip_request_free(&r);
+  assert_int_equal(oip_decode(body, n + 12, n, 0, &r, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "binary bytes left"));
+  oip_request_free(&r);
+  assert_int_equal(oip_decode(body, n + 20, n, 0, &r, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "not claimed"));
+  oip_request_free(&r);
+  assert_int_equal(oip_decode(body, n + 16, n, 1, &r, &err), -TS_ETOOBIG);
+  oip_request_free(&r);
+}
+
+static void test_encode(void **s) {
+  (void)s;
+  ts_list outs;
+  ts_list_init(&outs);
+  ts_err err = {0};
+  int64_t sh[2] = {1, 3};
+  ts_tensor *t = ts_list_add(&outs);
+  assert_int_equal(ts_alloc(t, "p", TS_FP32, 2, sh, &err), 0);
+  float *p = t->data;
+  p[0] = 0.1f;
+  p[1] = -2.5f;
+  p[2] = 3e-8f;
+  int64_t one = 1;
+  t = ts_list_add(&outs);
+  assert_int_equal(ts_alloc(t, "n", TS_INT64, 1, &one, &err), 0);
+  ((int64_t *)t->data)[0] = -7;
+  oip_request req;
+  assert_int_equal(decode("{\"id\":\"q\\\"1\",\"inputs\":[],\"outputs\":[{\"name\":\"n\"}]}", &req,
+                          &err), 0);
+  sbuf b;
+  sbuf_init(&b);
+  size_t jl;
+  assert_int_equal(oip_encode("m", 3, &req, &outs, NULL, &b, &jl, &err), 0);
+  assert_string_equal(b.data, "{\"model_name\":\"m\",\"model_version\":\"3\",\"id\":\"q\\\"1\","
+                              "\"outputs\":[{\"name\":\"n\",\"datatype\":\"INT64\",\"shape\":[1],"
+                              "\"data\":[-7]}]}");
+  assert_int_equal(jl, 0);
+  sbuf_free(&b);
+  oip_request_free(&req);
+  /* all outputs; floats round-trip */
+  sbuf_init(&b);
+  assert_int_equal(oip_encode("m", 1, NULL, &outs, NULL, &b, &jl, &err), 0);
+  assert_non_null(strstr(b.data, "\"data\":[0.1,-2.5,3e-08]"));
+  sbuf_free(&b);
+  /* unknown output */
+  assert_int_equal(decode("{\"inputs\":[],\"outputs\":[{\"name\":\"zz\"}]}", &req, &err), 0);
+  sbuf_init(&b);
+  assert_int_equal(oip_encode("m", 1, &req, &outs, NULL, &b, &jl, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "this model has: p, n"));
+  sbuf_free(&b);
+  oip_request_free(&req);
+  ts_list_free(&outs);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_every_datatype),  cmocka_unit_test(test_flat_and_nested_agree),
+      cmocka_unit_test(test_limits_and_values), cmocka_unit_test(test_shape_mismatches),
+      cmocka_unit_test(test_structure_errors), cmocka_unit_test(test_binary_part),
+      cmocka_unit_test(test_encode),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
