@@ -19,6 +19,7 @@
 #include "optim.h"
 
 #define AW_PROB_SUM_TOL 1e-3
+#define AW__SOFTMAX_STACK 64
 
 int aw_cc(const aw_spec *s) { return s->C < 2 ? 1 : s->C; }
 
@@ -71,9 +72,10 @@ static int aw__bad(const aw_spec *s, int64_t row, int member, ts_err *err,
   return ts_errf(err, TS_EINVAL, "row %lld, %s: %s", (long long)row, who, what);
 }
 
-/* One member's output z [C or 1] of one row. */
-static int aw__check_member(const aw_spec *s, int64_t row, int member, const float *z,
-                            ts_err *err) {
+/* Describes what is wrong with one member's output z [Cc] of one row. Only
+ * called once aw__member_ok has said no, so formatting stays off the hot path. */
+static int aw__member_err(const aw_spec *s, int64_t row, int member, const float *z,
+                          ts_err *err) {
   const char *kind = s->input_logits ? "logit" : "probability";
   int Cc = aw_cc(s);
   double sum = 0.0;
@@ -88,11 +90,30 @@ static int aw__check_member(const aw_spec *s, int64_t row, int member, const flo
                      (double)v);
     sum += v;
   }
-  if (!s->input_logits && Cc > 1 && fabs(sum - 1.0) > AW_PROB_SUM_TOL)
-    return aw__bad(s, row, member, err,
-                   "class probabilities sum to %.6g, not 1 (tolerance %g)", sum,
-                   AW_PROB_SUM_TOL);
-  return 0;
+  return aw__bad(s, row, member, err,
+                 "class probabilities sum to %.6g, not 1 (tolerance %g)", sum,
+                 AW_PROB_SUM_TOL);
+}
+
+/* Finite; probabilities in [0, 1], class rows summing to 1 within the tolerance. */
+static inline int aw__member_ok(int Cc, int logits, const float *z) {
+  if (logits) {
+    for (int c = 0; c < Cc; c++)
+      if (!isfinite(z[c])) return 0;
+    return 1;
+  }
+  double sum = 0.0;
+  for (int c = 0; c < Cc; c++) {
+    if (!(z[c] >= 0.0f && z[c] <= 1.0f)) return 0; /* also false for NaN */
+    sum += z[c];
+  }
+  return Cc == 1 || fabs(sum - 1.0) <= AW_PROB_SUM_TOL;
+}
+
+static int aw__check_member(const aw_spec *s, int64_t row, int member, const float *z,
+                            ts_err *err) {
+  return aw__member_ok(aw_cc(s), s->input_logits, z) ? 0
+                                                     : aw__member_err(s, row, member, z, err);
 }
 
 int aw_validate(const aw_spec *s, int64_t B, const float *member_out, ts_err *err) {
@@ -107,26 +128,34 @@ int aw_validate(const aw_spec *s, int64_t B, const float *member_out, ts_err *er
   return 0;
 }
 
+/* Stable for any finite z; written without a branch on the sign because
+ * member logits are close to random in sign and a mispredicted branch costs
+ * as much as the exp. */
 static double aw__sigmoid(double z) {
-  if (z >= 0) return 1.0 / (1.0 + exp(-z));
-  double e = exp(z);
-  return e / (1.0 + e);
+  double e = exp(-fabs(z)), r = 1.0 / (1.0 + e);
+  return z >= 0 ? r : e * r;
 }
 
 /* Adds the member's class probabilities (scaled by w) into acc [Cc]. */
-static void aw__add_member(const aw_spec *s, const float *z, double w, double *acc) {
-  int Cc = aw_cc(s);
-  if (!s->input_logits) {
+static inline void aw__add_member(int Cc, int logits, const float *z, double w,
+                                  double *acc) {
+  if (!logits) {
     for (int c = 0; c < Cc; c++) acc[c] += w * z[c];
   } else if (Cc == 1) {
     acc[0] += w * aw__sigmoid(z[0]);
   } else {
-    double mx = z[0], sum = 0.0;
+    double mx = z[0], sum = 0.0, ex[AW__SOFTMAX_STACK];
     for (int c = 1; c < Cc; c++)
       if (z[c] > mx) mx = z[c];
-    for (int c = 0; c < Cc; c++) sum += exp(z[c] - mx);
-    double k = w / sum;
-    for (int c = 0; c < Cc; c++) acc[c] += k * exp(z[c] - mx);
+    if (Cc <= AW__SOFTMAX_STACK) {
+      for (int c = 0; c < Cc; c++) sum += ex[c] = exp(z[c] - mx);
+      double k = w / sum;
+      for (int c = 0; c < Cc; c++) acc[c] += k * ex[c];
+    } else { /* many classes: recompute the exponentials rather than allocate */
+      for (int c = 0; c < Cc; c++) sum += exp(z[c] - mx);
+      double k = w / sum;
+      for (int c = 0; c < Cc; c++) acc[c] += k * exp(z[c] - mx);
+    }
   }
 }
 
@@ -134,9 +163,9 @@ int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double
                     ts_err *err) {
   int rc = aw_spec_check(s, err);
   if (rc) return rc;
-  int Cc = aw_cc(s), F = s->F;
+  const int Cc = aw_cc(s), F = s->F, n = s->n, logits = s->input_logits;
   for (int64_t b = 0; b < B; b++) {
-    const float *zrow = member_out + b * s->n * Cc;
+    const float *zrow = member_out + b * n * Cc;
     double *prow = P + b * F * Cc;
     int m = 0;
     for (int f = 0; f < F; f++) {
@@ -144,9 +173,8 @@ int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double
       for (int c = 0; c < Cc; c++) acc[c] = 0.0;
       for (int i = 0; i < s->family_size[f]; i++, m++) {
         const float *z = zrow + m * Cc;
-        rc = aw__check_member(s, b, m, z, err);
-        if (rc) return rc;
-        aw__add_member(s, z, w, acc);
+        if (!aw__member_ok(Cc, logits, z)) return aw__member_err(s, b, m, z, err);
+        aw__add_member(Cc, logits, z, w, acc);
       }
     }
   }
@@ -165,8 +193,14 @@ void aw_alpha(int F, const double *theta, double *alpha) {
   for (int f = 0; f < F; f++) alpha[f] /= sum;
 }
 
-static void aw__combine_row(int F, int Cc, const double *prow, const double *alpha,
-                            double *y) {
+static inline void aw__combine_row(int F, int Cc, const double *prow, const double *alpha,
+                                   double *y) {
+  if (Cc == 1) {
+    double v = 0.0;
+    for (int f = 0; f < F; f++) v += alpha[f] * prow[f];
+    *y = v;
+    return;
+  }
   for (int c = 0; c < Cc; c++) y[c] = 0.0;
   for (int f = 0; f < F; f++)
     for (int c = 0; c < Cc; c++) y[c] += alpha[f] * prow[f * Cc + c];

@@ -1,21 +1,16 @@
 /* metrics.c - log loss, ROC AUC, accuracy and F1 (see metrics.h).
  *
- * AUC: sort (score, is_positive) pairs by score, walk the groups of equal
- * scores, and count for each group the positive/negative pairs it wins
- * (negatives strictly below) and ties (negatives in the same group, counted
- * half). This is the average-rank Mann-Whitney formula written with integer
+ * AUC: sort the positives' and the negatives' scores apart (radix sort on
+ * order-preserving integer keys, O(N)), then merge: each positive wins over
+ * the negatives strictly below it and ties, counted half, with the equal
+ * ones. This is the average-rank Mann-Whitney formula written with integer
  * counts, so it is exact and needs no rank array. */
 #include "metrics.h"
 
 #include <math.h>
-#include <stdlib.h>
+#include <string.h>
 
 #include "../base/mem.h"
-
-typedef struct met__pair {
-  double s;
-  int32_t pos;
-} met__pair;
 
 int met_check_labels(int64_t N, int C, const int32_t *labels, ts_err *err) {
   int hi = C < 2 ? 2 : C;
@@ -49,52 +44,85 @@ double met_log_loss(int64_t N, int C, const double *y, const int32_t *labels) {
   return s / (double)N;
 }
 
-static int met__cmp(const void *a, const void *b) {
-  double x = ((const met__pair *)a)->s, y = ((const met__pair *)b)->s;
-  return (x > y) - (x < y);
+/* Orders like the doubles it encodes (finite values; -0 is folded into +0
+ * first so that equal scores give equal keys). */
+static inline uint64_t met__key(double v) {
+  v += 0.0; /* -0.0 + 0.0 = +0.0 */
+  uint64_t u;
+  memcpy(&u, &v, sizeof u);
+  return (u >> 63) ? ~u : (u | 0x8000000000000000ull);
 }
 
-/* AUC of column `col` of y [N, stride] for "label == cls" against the rest;
- * buf holds N pairs. NaN when one side is empty. */
+/* LSD radix sort, one byte per pass; passes where every key has the same
+ * byte (the sign and exponent bytes of probabilities, mostly) are skipped. */
+static void met__radix(uint64_t *a, uint64_t *tmp, int64_t n) {
+  int64_t cnt[8][256];
+  memset(cnt, 0, sizeof cnt);
+  for (int64_t i = 0; i < n; i++)
+    for (int d = 0; d < 8; d++) cnt[d][(a[i] >> (8 * d)) & 255]++;
+  uint64_t *src = a, *dst = tmp;
+  for (int d = 0; d < 8; d++) {
+    if (n == 0 || cnt[d][(src[0] >> (8 * d)) & 255] == n) continue;
+    int64_t pos = 0;
+    for (int k = 0; k < 256; k++) {
+      int64_t c = cnt[d][k];
+      cnt[d][k] = pos;
+      pos += c;
+    }
+    for (int64_t i = 0; i < n; i++) dst[cnt[d][(src[i] >> (8 * d)) & 255]++] = src[i];
+    uint64_t *t = src;
+    src = dst;
+    dst = t;
+  }
+  if (src != a) memcpy(a, src, (size_t)n * sizeof *a);
+}
+
+/* AUC of column `col` of y [N, stride] for "label == cls" against the rest:
+ * positive and negative keys are sorted apart (buf, tmp: N keys each), then
+ * one merge counts for each positive the negatives below it and those tied
+ * with it. NaN when one side is empty. */
 static double met__auc_col(int64_t N, const double *y, int stride, int col,
-                           const int32_t *labels, int32_t cls, met__pair *buf) {
-  double npos = 0.0;
+                           const int32_t *labels, int32_t cls, uint64_t *buf,
+                           uint64_t *tmp) {
+  int64_t np = 0, nn = 0;
   for (int64_t i = 0; i < N; i++) {
-    buf[i].s = y[i * stride + col];
-    buf[i].pos = labels[i] == cls;
-    npos += buf[i].pos;
+    uint64_t k = met__key(y[i * stride + col]);
+    if (labels[i] == cls) buf[np++] = k;
+    else buf[N - 1 - nn++] = k;
   }
-  double nneg = (double)N - npos;
-  if (npos == 0.0 || nneg == 0.0) return NAN;
-  qsort(buf, (size_t)N, sizeof *buf, met__cmp);
-  double wins = 0.0, neg_below = 0.0;
-  for (int64_t i = 0; i < N;) {
-    int64_t j = i;
-    double pg = 0.0;
-    while (j < N && buf[j].s == buf[i].s) pg += buf[j++].pos;
-    double ng = (double)(j - i) - pg;
-    wins += pg * neg_below + 0.5 * pg * ng;
-    neg_below += ng;
-    i = j;
+  if (np == 0 || nn == 0) return NAN;
+  uint64_t *pk = buf, *nk = buf + np;
+  met__radix(pk, tmp, np);
+  met__radix(nk, tmp, nn);
+  double wins = 0.0;
+  int64_t j = 0;
+  for (int64_t i = 0; i < np;) {
+    uint64_t v = pk[i];
+    int64_t gp = 0;
+    while (i < np && pk[i] == v) i++, gp++;
+    while (j < nn && nk[j] < v) j++;
+    int64_t k = j;
+    while (k < nn && nk[k] == v) k++;
+    wins += (double)gp * ((double)j + 0.5 * (double)(k - j));
   }
-  return wins / (npos * nneg);
+  return wins / ((double)np * (double)nn);
 }
 
 int met_auc(int64_t N, int C, const double *y, const int32_t *labels, double *out,
             ts_err *err) {
   *out = NAN;
   if (N <= 0) return 0;
-  met__pair *buf = tl_malloc((size_t)N * sizeof *buf);
+  uint64_t *buf = tl_malloc((size_t)N * 2 * sizeof *buf);
   if (!buf)
     return ts_errf(err, TS_ENOMEM, "out of memory for the AUC sort buffer (%lld rows)",
                    (long long)N);
   if (C < 2) {
-    *out = met__auc_col(N, y, 1, 0, labels, 1, buf);
+    *out = met__auc_col(N, y, 1, 0, labels, 1, buf, buf + N);
   } else {
     double sum = 0.0;
     int used = 0;
     for (int c = 0; c < C; c++) {
-      double a = met__auc_col(N, y, C, c, labels, c, buf);
+      double a = met__auc_col(N, y, C, c, labels, c, buf, buf + N);
       if (!isnan(a)) {
         sum += a;
         used++;

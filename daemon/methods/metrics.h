@@ -10,7 +10,7 @@
  *  - log loss clamps the probability of the true class to [MET_EPS, 1 - MET_EPS]
  *    (the same clamp the ensemble fit trains with), no renormalisation;
  *  - AUC is the Mann-Whitney statistic P(s+ > s-) + 0.5 P(s+ = s-), computed
- *    in O(N log N) by sorting (exactly the average-rank formula); multi-class
+ *    by sorting (a radix sort, so O(N); exactly the average-rank formula); multi-class
  *    AUC is the one-vs-rest macro average over the classes that have both
  *    positives and negatives. Undefined (one class only): NaN, which the
  *    caller reports as null;
@@ -19,8 +19,8 @@
  *    classes present in the labels or the predictions; an F1 with no true
  *    and no predicted positives is 0 (scikit-learn's zero_division=0).
  *
- * Ownership: every array is borrowed; the only allocation is a sort buffer
- * of N (score, label) pairs inside met_auc / met_all and C counters in
+ * Ownership: every array is borrowed; the only allocations are a sort buffer
+ * of 2N keys inside met_auc / met_all and C counters in
  * met_accuracy_f1, freed before return. */
 #ifndef TALLYD_METRICS_H
 #define TALLYD_METRICS_H
@@ -43,7 +43,8 @@ int met_check_labels(int64_t N, int C, const int32_t *labels, ts_err *err);
 double met_log_loss(int64_t N, int C, const double *y, const int32_t *labels);
 
 /* ROC AUC (binary) or one-vs-rest macro AUC; *out = NaN when undefined.
- * -TS_ENOMEM when the sort buffer cannot be had. Labels are assumed checked. */
+ * Scores must be finite (met_all checks). -TS_ENOMEM when the sort buffer
+ * (2N keys) cannot be had. Labels are assumed checked. */
 int met_auc(int64_t N, int C, const double *y, const int32_t *labels, double *out,
             ts_err *err);
 

@@ -111,6 +111,7 @@ static void test_auc_vs_bruteforce_ties(void **state) {
       for (int c = 0; c < C; c++) {
         /* few distinct values -> many ties; slightly informative */
         double v = floor((urand() + 0.3 * (lab[i] == c)) / 1.3 * levels) / levels;
+        if (round & 1) v = 4.0 * v - 2.0; /* scores of either sign (logits) */
         s[i * C + c] = v;
       }
     }
@@ -134,6 +135,22 @@ static void test_auc_vs_bruteforce_ties(void **state) {
   }
   free(s);
   free(lab);
+}
+
+static void test_auc_signed_zero_and_negatives(void **state) {
+  (void)state;
+  /* -0.0 and +0.0 are the same score (a tie); negative scores order below.
+   * positives {0.0, -1.5, 2.0}, negatives {-0.0, -1.5, -3.0}:
+   *   0.0 : ties -0.0 (.5), beats -1.5, -3.0       -> 2.5
+   *   -1.5: ties -1.5 (.5), beats -3.0             -> 1.5
+   *   2.0 : beats all three                        -> 3
+   *   AUC = 7/9 */
+  double y[] = {0.0, -0.0, -1.5, 2.0, -1.5, -3.0};
+  int32_t t[] = {1, 0, 1, 1, 0, 0};
+  double a;
+  assert_int_equal(met_auc(6, 1, y, t, &a, NULL), 0);
+  NEAR(a, 7.0 / 9.0, 1e-15);
+  NEAR(a, brute_auc(6, y, 1, 0, t, 1), 1e-15);
 }
 
 static void test_auc_undefined_is_nan(void **state) {
@@ -204,6 +221,7 @@ int main(void) {
       cmocka_unit_test(test_binary_ties_threshold_inclusive),
       cmocka_unit_test(test_multiclass_hand),
       cmocka_unit_test(test_auc_vs_bruteforce_ties),
+      cmocka_unit_test(test_auc_signed_zero_and_negatives),
       cmocka_unit_test(test_auc_undefined_is_nan),
       cmocka_unit_test(test_log_loss_clamp),
       cmocka_unit_test(test_bad_inputs),
