@@ -159,12 +159,11 @@ static inline void aw__add_member(int Cc, int logits, const float *z, double w,
   }
 }
 
-int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double *P,
-                    ts_err *err) {
-  int rc = aw_spec_check(s, err);
-  if (rc) return rc;
+/* Rows [b0, b1): computes P; returns the first bad row, or -1. */
+static int64_t aw__family_rows(const aw_spec *s, int64_t b0, int64_t b1,
+                               const float *member_out, double *P) {
   const int Cc = aw_cc(s), F = s->F, n = s->n, logits = s->input_logits;
-  for (int64_t b = 0; b < B; b++) {
+  for (int64_t b = b0; b < b1; b++) {
     const float *zrow = member_out + b * n * Cc;
     double *prow = P + b * F * Cc;
     int m = 0;
@@ -173,12 +172,49 @@ int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double
       for (int c = 0; c < Cc; c++) acc[c] = 0.0;
       for (int i = 0; i < s->family_size[f]; i++, m++) {
         const float *z = zrow + m * Cc;
-        if (!aw__member_ok(Cc, logits, z)) return aw__member_err(s, b, m, z, err);
+        if (!aw__member_ok(Cc, logits, z)) return b;
         aw__add_member(Cc, logits, z, w, acc);
       }
     }
   }
-  return 0;
+  return -1;
+}
+
+typedef struct aw__fp_job {
+  const aw_spec *s;
+  const float *member_out;
+  double *P;
+  int64_t bad; /* lowest bad row seen, INT64_MAX when none; updated atomically */
+} aw__fp_job;
+
+static void aw__fp_range(void *arg, int64_t b0, int64_t b1) {
+  aw__fp_job *j = arg;
+  int64_t bad = aw__family_rows(j->s, b0, b1, j->member_out, j->P);
+  if (bad < 0) return;
+  int64_t cur = __atomic_load_n(&j->bad, __ATOMIC_RELAXED);
+  while (bad < cur &&
+         !__atomic_compare_exchange_n(&j->bad, &cur, bad, 1, __ATOMIC_RELAXED,
+                                      __ATOMIC_RELAXED)) {
+  }
+}
+
+int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double *P,
+                    pool_t *pool, ts_err *err) {
+  int rc = aw_spec_check(s, err);
+  if (rc) return rc;
+  aw__fp_job j = {s, member_out, P, INT64_MAX};
+  /* rows are independent; a chunk of 2048 rows is ~0.3 ms of work */
+  pool_parallel_for(pool, B, 2048, aw__fp_range, &j);
+  if (j.bad == INT64_MAX) return 0;
+  /* Every chunk stops at its first bad row, so j.bad is the lowest one;
+   * name its first bad member. */
+  const int Cc = aw_cc(s);
+  const float *zrow = member_out + j.bad * s->n * Cc;
+  for (int m = 0; m < s->n; m++)
+    if (!aw__member_ok(Cc, s->input_logits, zrow + m * Cc))
+      return aw__member_err(s, j.bad, m, zrow + m * Cc, err);
+  return ts_errf(err, TS_EINTERNAL, "ensemble: row %lld reported bad but is not",
+                 (long long)j.bad);
 }
 
 void aw_alpha(int F, const double *theta, double *alpha) {

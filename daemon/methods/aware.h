@@ -35,6 +35,7 @@
 #include <stdint.h>
 
 #include "../base/err.h"
+#include "../base/pool.h"
 #include "metrics.h"
 
 /* Families are few (three in the paper); the cap lets per-family scratch
@@ -64,10 +65,12 @@ int aw_cc(const aw_spec *s);
  * "row 7, member 4 ('xc2', family 'xception'): logit is NaN". */
 int aw_validate(const aw_spec *s, int64_t B, const float *member_out, ts_err *err);
 
-/* Tier 1: P [B, F, Cc] from member outputs; validates as it goes (same
- * errors as aw_validate; P is then partly written). */
+/* Tier 1: P [B, F, Cc] from member outputs, rows spread over pool (NULL:
+ * serial in the caller; the result is the same). Validates as it goes: the
+ * error names the lowest bad row as aw_validate would (P is then partly
+ * written). */
 int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double *P,
-                    ts_err *err);
+                    pool_t *pool, ts_err *err);
 
 /* alpha [F] = softmax(theta). */
 void aw_alpha(int F, const double *theta, double *alpha);
@@ -92,9 +95,11 @@ typedef struct aw_fit_opts {
   int patience;               /* stop after this many epochs without a better
                                  validation loss (default 10; 0: never stop early) */
   double min_delta;           /* improvement that counts (default 1e-6) */
-  /* Called after every epoch (may be NULL). Return 0 to go on, > 0 to stop
-   * and keep the best theta (aw_fit returns 0), < 0 to abandon the fit
-   * (aw_fit returns that status, theta is left as the best so far). */
+  /* Called after every epoch (may be NULL) with the epoch's mean batch loss
+   * and the validation log loss (NaN without validation rows), e.g. to log
+   * progress or to cancel a fit when the daemon drains. Return 0 to go on,
+   * > 0 to stop and keep the best theta (aw_fit returns 0), < 0 to abandon
+   * the fit (aw_fit returns that status, theta is left as the best so far). */
   int (*on_epoch)(void *arg, int epoch, double train_loss, double val_loss);
   void *on_epoch_arg;
 } aw_fit_opts;

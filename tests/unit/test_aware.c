@@ -52,7 +52,7 @@ static void test_forward_binary_hand(void **state) {
   float z[] = {logf(4), logf(3), 0, -logf(3), logf(9), -logf(4)};
   double P[3], y, theta[] = {log(2.0), 0, 0}, g[3];
   ts_err e;
-  assert_int_equal(aw_family_probs(&s, 1, z, P, &e), 0);
+  assert_int_equal(aw_family_probs(&s, 1, z, P, NULL, &e), 0);
   NEAR(P[0], 0.8, 1e-7);
   NEAR(P[1], 0.5, 1e-7);
   NEAR(P[2], 0.55, 1e-7);
@@ -69,7 +69,7 @@ static void test_forward_binary_hand(void **state) {
   /* The same members given as probabilities give the same P. */
   s.input_logits = 0;
   float p[] = {0.8f, 0.75f, 0.5f, 0.25f, 0.9f, 0.2f};
-  assert_int_equal(aw_family_probs(&s, 1, p, P, &e), 0);
+  assert_int_equal(aw_family_probs(&s, 1, p, P, NULL, &e), 0);
   NEAR(P[0], 0.8, 1e-7);
   NEAR(P[1], 0.5, 1e-7);
   NEAR(P[2], 0.55, 1e-7);
@@ -96,7 +96,7 @@ static void test_forward_3class_hand(void **state) {
   float z[18] = {0, 0, 0, l2, 0, 0, 0, l3, l6};
   for (int k = 0; k < 9; k++) z[9 + k] = z[k] + 50.0f;
   double P[12], y[6], theta[] = {0, log(3.0)};
-  assert_int_equal(aw_family_probs(&s, 2, z, P, NULL), 0);
+  assert_int_equal(aw_family_probs(&s, 2, z, P, NULL, NULL), 0);
   double want_P[6] = {5.0 / 12, 7.0 / 24, 7.0 / 24, .1, .3, .6};
   double want_y[3] = {0.1791667, 0.2979167, 0.5229167};
   for (int k = 0; k < 6; k++) {
@@ -124,7 +124,7 @@ static void gradcheck(int C, const int *sizes, int F, int B, double l2) {
   int32_t *t = malloc(sizeof(int32_t) * B);
   for (int k = 0; k < B * n * Cc; k++) z[k] = (float)(6.0 * urand() - 3.0);
   for (int b = 0; b < B; b++) t[b] = (int32_t)(urand() * (C < 2 ? 2 : C));
-  assert_int_equal(aw_family_probs(&s, B, z, P, NULL), 0);
+  assert_int_equal(aw_family_probs(&s, B, z, P, NULL, NULL), 0);
   double theta[8], g[8], h = 1e-5;
   for (int f = 0; f < F; f++) theta[f] = 2.0 * urand() - 1.0;
   aw_loss_grad(&s, B, P, t, theta, l2, g);
@@ -194,7 +194,7 @@ static void test_validation_messages(void **state) {
   assert_non_null(strstr(e.msg, "row 2"));
   assert_non_null(strstr(e.msg, "member 4"));
   assert_non_null(strstr(e.msg, "NaN"));
-  assert_int_equal(aw_family_probs(&s, 3, z, P, &e),
+  assert_int_equal(aw_family_probs(&s, 3, z, P, NULL, &e),
                    -TS_EINVAL);
   assert_non_null(strstr(e.msg, "row 2, member 4 (family 1, its member 2)"));
 
@@ -213,7 +213,7 @@ static void test_validation_messages(void **state) {
   assert_non_null(strstr(e.msg, "row 1, member 1 ('xc2'"));
   assert_non_null(strstr(e.msg, "outside [0, 1]"));
   z[1 * 5 + 1] = -0.01f;
-  assert_int_equal(aw_family_probs(&s, 3, z, P, &e), -TS_EINVAL);
+  assert_int_equal(aw_family_probs(&s, 3, z, P, NULL, &e), -TS_EINVAL);
   assert_non_null(strstr(e.msg, "outside [0, 1]"));
 }
 
@@ -233,6 +233,33 @@ static void test_validation_class_rows(void **state) {
   assert_int_equal(aw_validate(&s, 2, p, &e), -TS_EINVAL);
   assert_non_null(strstr(e.msg, "row 0, member 1"));
   assert_non_null(strstr(e.msg, "class 0 probability is NaN"));
+}
+
+static void test_pool_matches_serial(void **state) {
+  (void)state;
+  /* 3-class logits, 20000 rows over a 2-thread pool: P bit-identical to the
+   * serial pass; with bad values in two chunks the lowest row is named. */
+  enum { B = 20000 };
+  int sizes[] = {2, 3};
+  aw_spec s = {.F = 2, .family_size = sizes, .n = 5, .C = 3, .input_logits = 1};
+  float *z = malloc(sizeof(float) * B * 5 * 3);
+  double *P1 = malloc(sizeof(double) * B * 2 * 3), *P2 = malloc(sizeof(double) * B * 2 * 3);
+  for (int k = 0; k < B * 15; k++) z[k] = (float)(8.0 * urand() - 4.0);
+  pool_t *pool;
+  assert_int_equal(pool_create(&pool, 2, 0), 0);
+  assert_int_equal(aw_family_probs(&s, B, z, P1, NULL, NULL), 0);
+  assert_int_equal(aw_family_probs(&s, B, z, P2, pool, NULL), 0);
+  assert_memory_equal(P1, P2, sizeof(double) * B * 2 * 3);
+  z[(17000 * 5 + 1) * 3 + 2] = NAN;
+  z[(5000 * 5 + 3) * 3 + 0] = INFINITY;
+  ts_err e;
+  assert_int_equal(aw_family_probs(&s, B, z, P2, pool, &e), -TS_EINVAL);
+  assert_string_equal(e.msg,
+                      "row 5000, member 3 (family 1, its member 1): class 0 logit is infinite");
+  pool_destroy(pool);
+  free(z);
+  free(P1);
+  free(P2);
 }
 
 static void test_spec_check(void **state) {
@@ -284,7 +311,7 @@ static void synth_make(synth *d, int C, int64_t N, int inf) {
         z[(b * 9 + m) * Cc + c] = (float)(signal + 1.5 * nrand());
       }
   }
-  assert_int_equal(aw_family_probs(&d->s, N, z, d->P, NULL), 0);
+  assert_int_equal(aw_family_probs(&d->s, N, z, d->P, NULL, NULL), 0);
   free(z);
 }
 
@@ -474,6 +501,7 @@ int main(void) {
       cmocka_unit_test(test_clamp_flat),
       cmocka_unit_test(test_validation_messages),
       cmocka_unit_test(test_validation_class_rows),
+      cmocka_unit_test(test_pool_matches_serial),
       cmocka_unit_test(test_spec_check),
       cmocka_unit_test(test_fit_binary_informative),
       cmocka_unit_test(test_fit_3class_informative),
