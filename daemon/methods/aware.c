@@ -27,13 +27,13 @@ int aw_spec_check(const aw_spec *s, ts_err *err) {
   if (s->F < 1 || s->F > AW_MAX_FAMILIES)
     return ts_errf(err, TS_EINVAL, "ensemble: %d families; expected 1 to %d", s->F,
                    AW_MAX_FAMILIES);
-  if (!s->family_size)
-    return ts_errf(err, TS_EINVAL, "ensemble: family sizes missing");
+  if (!s->family_size) return ts_errf(err, TS_EINVAL, "ensemble: family sizes missing");
   int64_t sum = 0;
   for (int f = 0; f < s->F; f++) {
     if (s->family_size[f] < 1)
-      return ts_errf(err, TS_EINVAL, "ensemble: family %d has %d members; needs at least 1",
-                     f, s->family_size[f]);
+      return ts_errf(err, TS_EINVAL,
+                     "ensemble: family %d has %d members; needs at least 1", f,
+                     s->family_size[f]);
     sum += s->family_size[f];
   }
   if (sum != s->n)
@@ -49,14 +49,17 @@ int aw_spec_check(const aw_spec *s, ts_err *err) {
 /* "member 4 ('xc2', family 'xception')" or "member 4 (family 1, its member 2)". */
 static void aw__who(const aw_spec *s, int member, char *buf, size_t len) {
   int f = 0, first = 0;
-  while (f < s->F - 1 && member >= first + s->family_size[f]) first += s->family_size[f++];
+  while (f < s->F - 1 && member >= first + s->family_size[f])
+    first += s->family_size[f++];
   const char *mn = s->member_names ? s->member_names[member] : NULL;
   const char *fn = s->family_names ? s->family_names[f] : NULL;
   if (mn && fn) snprintf(buf, len, "member %d ('%s', family '%s')", member, mn, fn);
   else if (mn) snprintf(buf, len, "member %d ('%s', family %d)", member, mn, f);
-  else if (fn) snprintf(buf, len, "member %d (family '%s', its member %d)", member, fn,
-                        member - first);
-  else snprintf(buf, len, "member %d (family %d, its member %d)", member, f, member - first);
+  else if (fn)
+    snprintf(buf, len, "member %d (family '%s', its member %d)", member, fn,
+             member - first);
+  else
+    snprintf(buf, len, "member %d (family %d, its member %d)", member, f, member - first);
 }
 
 static int aw__bad(const aw_spec *s, int64_t row, int member, ts_err *err,
@@ -112,8 +115,9 @@ static inline int aw__member_ok(int Cc, int logits, const float *z) {
 
 static int aw__check_member(const aw_spec *s, int64_t row, int member, const float *z,
                             ts_err *err) {
-  return aw__member_ok(aw_cc(s), s->input_logits, z) ? 0
-                                                     : aw__member_err(s, row, member, z, err);
+  return aw__member_ok(aw_cc(s), s->input_logits, z)
+             ? 0
+             : aw__member_err(s, row, member, z, err);
 }
 
 int aw_validate(const aw_spec *s, int64_t B, const float *member_out, ts_err *err) {
@@ -192,9 +196,8 @@ static void aw__fp_range(void *arg, int64_t b0, int64_t b1) {
   int64_t bad = aw__family_rows(j->s, b0, b1, j->member_out, j->P);
   if (bad < 0) return;
   int64_t cur = __atomic_load_n(&j->bad, __ATOMIC_RELAXED);
-  while (bad < cur &&
-         !__atomic_compare_exchange_n(&j->bad, &cur, bad, 1, __ATOMIC_RELAXED,
-                                      __ATOMIC_RELAXED)) {
+  while (bad < cur && !__atomic_compare_exchange_n(&j->bad, &cur, bad, 1,
+                                                   __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
 }
 
@@ -247,7 +250,8 @@ void aw_combine(const aw_spec *s, int64_t B, const double *P, const double *thet
   int F = s->F, Cc = aw_cc(s);
   double alpha[AW_MAX_FAMILIES];
   aw_alpha(F, theta, alpha);
-  for (int64_t b = 0; b < B; b++) aw__combine_row(F, Cc, P + b * F * Cc, alpha, y + b * Cc);
+  for (int64_t b = 0; b < B; b++)
+    aw__combine_row(F, Cc, P + b * F * Cc, alpha, y + b * Cc);
 }
 
 /* Sum over rows idx[0..m) (idx NULL: 0..m-1) of the clamped per-row loss;
@@ -291,8 +295,8 @@ double aw_loss_grad(const aw_spec *s, int64_t B, const double *P, const int32_t 
   aw_alpha(F, theta, alpha);
   if (grad)
     for (int f = 0; f < F; f++) grad[f] = 0.0;
-  double L = B > 0 ? aw__rows_loss_grad(F, aw_cc(s), P, labels, NULL, B, alpha, grad) / B
-                   : 0.0;
+  double L =
+      B > 0 ? aw__rows_loss_grad(F, aw_cc(s), P, labels, NULL, B, alpha, grad) / B : 0.0;
   double r = 0.0;
   for (int f = 0; f < F; f++) {
     double th = theta ? theta[f] : 0.0;
@@ -356,12 +360,15 @@ static int aw__check_opts(const aw_fit_opts *o, ts_err *err) {
   if (!(o->l2 >= 0) || !isfinite(o->l2))
     return ts_errf(err, TS_EINVAL, "parameter 'l2': %g; expected >= 0", o->l2);
   if (!(o->validation_fraction >= 0 && o->validation_fraction < 1))
-    return ts_errf(err, TS_EINVAL, "parameter 'validation_fraction': %g; expected in [0, 1)",
+    return ts_errf(err, TS_EINVAL,
+                   "parameter 'validation_fraction': %g; expected in [0, 1)",
                    o->validation_fraction);
   if (o->patience < 0)
-    return ts_errf(err, TS_EINVAL, "parameter 'patience': %d; expected >= 0", o->patience);
+    return ts_errf(err, TS_EINVAL, "parameter 'patience': %d; expected >= 0",
+                   o->patience);
   if (!(o->min_delta >= 0) || !isfinite(o->min_delta))
-    return ts_errf(err, TS_EINVAL, "parameter 'min_delta': %g; expected >= 0", o->min_delta);
+    return ts_errf(err, TS_EINVAL, "parameter 'min_delta': %g; expected >= 0",
+                   o->min_delta);
   return 0;
 }
 
@@ -390,7 +397,8 @@ int aw_fit(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
 
   int64_t *perm = tl_malloc((size_t)N * sizeof *perm);
   if (!perm)
-    return ts_errf(err, TS_ENOMEM, "fit: out of memory for the row permutation (%lld rows)",
+    return ts_errf(err, TS_ENOMEM,
+                   "fit: out of memory for the row permutation (%lld rows)",
                    (long long)N);
   opt_adam adam;
   rc = opt_adam_init(&adam, F, o->learning_rate, o->weight_decay, 0, 1, err);
@@ -465,7 +473,8 @@ static int aw__eval(const aw_spec *s, const double *P, const int32_t *labels,
   if (!y || !lab) {
     tl_free(y);
     tl_free(lab);
-    return ts_errf(err, TS_ENOMEM, "evaluate: out of memory for %lld scores", (long long)m);
+    return ts_errf(err, TS_ENOMEM, "evaluate: out of memory for %lld scores",
+                   (long long)m);
   }
   double alpha[AW_MAX_FAMILIES];
   aw_alpha(F, theta, alpha);
@@ -516,7 +525,8 @@ int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P,
   int64_t n_cmp = n_val > 0 ? n_val : n_train;
   rc = aw_eval(s, P, labels, train, n_train, NULL, threshold, &out->before, err);
   if (!rc) rc = aw_eval(s, P, labels, train, n_train, theta, threshold, &out->after, err);
-  if (!rc) rc = aw_eval(s, P, labels, perm, n_val, theta, threshold, &out->validation, err);
+  if (!rc)
+    rc = aw_eval(s, P, labels, perm, n_val, theta, threshold, &out->validation, err);
   if (!rc) rc = aw_eval(s, P, labels, cmp, n_cmp, NULL, threshold, &out->uniform, err);
   for (int f = 0; f < s->F && !rc; f++)
     rc = aw_eval_family(s, P, labels, cmp, n_cmp, f, threshold, &out->families[f], err);

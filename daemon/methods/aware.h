@@ -43,11 +43,11 @@
 #define AW_MAX_FAMILIES 256
 
 typedef struct aw_spec {
-  int F;                   /* families, 1..AW_MAX_FAMILIES */
-  const int *family_size;  /* [F] n_f >= 1, members in family order */
-  int n;                   /* members in all, = sum n_f */
-  int C;                   /* 1 = binary, >= 2 classes */
-  int input_logits;        /* 1: member outputs are logits, 0: probabilities */
+  int F;                  /* families, 1..AW_MAX_FAMILIES */
+  const int *family_size; /* [F] n_f >= 1, members in family order */
+  int n;                  /* members in all, = sum n_f */
+  int C;                  /* 1 = binary, >= 2 classes */
+  int input_logits;       /* 1: member outputs are logits, 0: probabilities */
   /* Optional (may be NULL): names used in error messages. */
   const char *const *family_names; /* [F] */
   const char *const *member_names; /* [n] */
@@ -108,11 +108,11 @@ void aw_fit_opts_default(aw_fit_opts *o);
 
 typedef struct aw_fit_report {
   int64_t n_train, n_val;
-  int epochs_run;       /* epochs completed */
-  int best_epoch;       /* 0 = the initial theta was never beaten */
-  double initial_loss;  /* monitored loss of the initial theta */
-  double best_loss;     /* monitored loss of the returned theta */
-  double train_loss;    /* mean batch loss of the last epoch */
+  int epochs_run;           /* epochs completed */
+  int best_epoch;           /* 0 = the initial theta was never beaten */
+  double initial_loss;      /* monitored loss of the initial theta */
+  double best_loss;         /* monitored loss of the returned theta */
+  double train_loss;        /* mean batch loss of the last epoch */
   int monitored_validation; /* 1: losses above are validation log loss,
                                0: no validation rows, training log loss */
 } aw_fit_report;

@@ -17,8 +17,9 @@ int met_check_labels(int64_t N, int C, const int32_t *labels, ts_err *err) {
   for (int64_t i = 0; i < N; i++) {
     if (labels[i] < 0 || labels[i] >= hi) {
       if (C < 2)
-        return ts_errf(err, TS_EINVAL, "labels row %lld: %d is not a binary label (0 or 1)",
-                       (long long)i, labels[i]);
+        return ts_errf(err, TS_EINVAL,
+                       "labels row %lld: %d is not a binary label (0 or 1)", (long long)i,
+                       labels[i]);
       return ts_errf(err, TS_EINVAL, "labels row %lld: class %d is outside [0, %d)",
                      (long long)i, labels[i], C);
     }
@@ -204,8 +205,9 @@ int met_all(int64_t N, int C, const double *y, const int32_t *labels, double thr
   for (int64_t i = 0; i < N; i++)
     for (int c = 0; c < Cc; c++)
       if (!isfinite(y[i * Cc + c]))
-        return ts_errf(err, TS_EINVAL, "prediction row %lld, class %d: not a finite number",
-                       (long long)i, c);
+        return ts_errf(err, TS_EINVAL,
+                       "prediction row %lld, class %d: not a finite number", (long long)i,
+                       c);
   out->log_loss = met_log_loss(N, C, y, labels);
   rc = met_accuracy_f1(N, C, y, labels, threshold, &out->accuracy, &out->f1, err);
   if (rc) return rc;

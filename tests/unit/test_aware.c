@@ -2,6 +2,7 @@
  * hand-worked values, gradient against central finite differences, input
  * validation messages, the fit on a synthetic problem with one informative
  * family, early stopping and allocation failures. */
+#include <cmocka.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -9,8 +10,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <cmocka.h>
 
 #include "../../daemon/base/mem.h"
 #include "../../daemon/methods/aware.h"
@@ -137,7 +136,8 @@ static void gradcheck(int C, const int *sizes, int F, int B, double l2) {
     theta[f] = keep;
     double fd = (lp - lm) / (2 * h);
     double rel = fabs(fd - g[f]) / fmax(fabs(fd) + fabs(g[f]), 1e-8);
-    if (rel >= 1e-4) print_error("C=%d f=%d grad %.10g fd %.10g rel %.3g\n", C, f, g[f], fd, rel);
+    if (rel >= 1e-4)
+      print_error("C=%d f=%d grad %.10g fd %.10g rel %.3g\n", C, f, g[f], fd, rel);
     assert_true(rel < 1e-4);
   }
   free(z);
@@ -194,8 +194,7 @@ static void test_validation_messages(void **state) {
   assert_non_null(strstr(e.msg, "row 2"));
   assert_non_null(strstr(e.msg, "member 4"));
   assert_non_null(strstr(e.msg, "NaN"));
-  assert_int_equal(aw_family_probs(&s, 3, z, P, NULL, &e),
-                   -TS_EINVAL);
+  assert_int_equal(aw_family_probs(&s, 3, z, P, NULL, &e), -TS_EINVAL);
   assert_non_null(strstr(e.msg, "row 2, member 4 (family 1, its member 2)"));
 
   z[2 * 5 + 4] = 0.25f;
@@ -203,7 +202,8 @@ static void test_validation_messages(void **state) {
   s.family_names = fam;
   s.member_names = mem;
   assert_int_equal(aw_validate(&s, 3, z, &e), -TS_EINVAL);
-  assert_string_equal(e.msg, "row 1, member 1 ('xc2', family 'xception'): logit is infinite");
+  assert_string_equal(e.msg,
+                      "row 1, member 1 ('xc2', family 'xception'): logit is infinite");
 
   /* probabilities: out of range, then a finite logit that is fine as a logit */
   z[1 * 5 + 1] = 1.5f;
@@ -243,7 +243,8 @@ static void test_pool_matches_serial(void **state) {
   int sizes[] = {2, 3};
   aw_spec s = {.F = 2, .family_size = sizes, .n = 5, .C = 3, .input_logits = 1};
   float *z = malloc(sizeof(float) * B * 5 * 3);
-  double *P1 = malloc(sizeof(double) * B * 2 * 3), *P2 = malloc(sizeof(double) * B * 2 * 3);
+  double *P1 = malloc(sizeof(double) * B * 2 * 3),
+         *P2 = malloc(sizeof(double) * B * 2 * 3);
   for (int k = 0; k < B * 15; k++) z[k] = (float)(8.0 * urand() - 4.0);
   pool_t *pool;
   assert_int_equal(pool_create(&pool, 2, 0), 0);
@@ -254,8 +255,8 @@ static void test_pool_matches_serial(void **state) {
   z[(5000 * 5 + 3) * 3 + 0] = INFINITY;
   ts_err e;
   assert_int_equal(aw_family_probs(&s, B, z, P2, pool, &e), -TS_EINVAL);
-  assert_string_equal(e.msg,
-                      "row 5000, member 3 (family 1, its member 1): class 0 logit is infinite");
+  assert_string_equal(
+      e.msg, "row 5000, member 3 (family 1, its member 1): class 0 logit is infinite");
   pool_destroy(pool);
   free(z);
   free(P1);
@@ -342,7 +343,8 @@ static void fit_informative(int C, int inf) {
 
   met_scores fam[3];
   aw_fit_metrics m = {.families = fam};
-  assert_int_equal(aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, theta, 0.5, &m, &e), 0);
+  assert_int_equal(aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, theta, 0.5, &m, &e),
+                   0);
   assert_int_equal(m.validation.n, 2400);
   assert_int_equal(m.uniform.n, 2400);
   assert_int_equal(m.after.n, 9600);

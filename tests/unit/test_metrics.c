@@ -1,5 +1,6 @@
 /* test_metrics.c - metrics.h against hand-worked values and a brute-force
  * pairwise AUC (the definition itself, O(N^2)), with many ties. */
+#include <cmocka.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -7,8 +8,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-
-#include <cmocka.h>
 
 #include "../../daemon/base/mem.h"
 #include "../../daemon/methods/metrics.h"
