@@ -2,7 +2,6 @@
  * hand-worked values, gradient against central finite differences, input
  * validation messages, the fit on a synthetic problem with one informative
  * family, early stopping and allocation failures. */
-#include <cmocka.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -10,6 +9,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* cmocka needs the headers above included first */
+#include <cmocka.h>
 
 #include "../../daemon/base/mem.h"
 #include "../../daemon/methods/aware.h"

@@ -1,6 +1,5 @@
 /* test_metrics.c - metrics.h against hand-worked values and a brute-force
  * pairwise AUC (the definition itself, O(N^2)), with many ties. */
-#include <cmocka.h>
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -8,6 +7,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* cmocka needs the headers above included first */
+#include <cmocka.h>
 
 #include "../../daemon/base/mem.h"
 #include "../../daemon/methods/metrics.h"
