@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include "../daemon/methods/aware.h"
@@ -117,6 +118,11 @@ static int run(int C, int64_t N, int epochs, int64_t batch, pool_t *pool) {
       "  epochs %d, alpha %.3f %.3f %.3f, val log loss %.4f (uniform %.4f), auc %.4f\n",
       r.epochs_run, alpha[0], alpha[1], alpha[2], m.validation.log_loss,
       m.uniform.log_loss, m.validation.auc);
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  printf("  peak RSS so far %.0f MiB (member logits %.0f MiB, P %.0f MiB, y %.0f MiB)\n",
+         ru.ru_maxrss / 1024.0, N * 9.0 * Cc * 4 / 1048576.0, N * 3.0 * Cc * 8 / 1048576.0,
+         N * 1.0 * Cc * 8 / 1048576.0);
   free(z);
   free(P);
   free(y);
