@@ -94,7 +94,7 @@ static int run(int C, int64_t N, int epochs, int64_t batch, pool_t *pool) {
   met_scores fam[3];
   aw_fit_metrics m = {.families = fam};
   t0 = now();
-  if (aw_fit_metrics_compute(&s, N, P, t, &o, theta, 0.5, &m, &e)) {
+  if (aw_fit_metrics_compute(&s, N, P, t, &o, NULL, theta, 0.5, &m, &e)) {
     fprintf(stderr, "%s\n", e.msg);
     return 1;
   }
@@ -121,8 +121,8 @@ static int run(int C, int64_t N, int epochs, int64_t batch, pool_t *pool) {
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
   printf("  peak RSS so far %.0f MiB (member logits %.0f MiB, P %.0f MiB, y %.0f MiB)\n",
-         ru.ru_maxrss / 1024.0, N * 9.0 * Cc * 4 / 1048576.0, N * 3.0 * Cc * 8 / 1048576.0,
-         N * 1.0 * Cc * 8 / 1048576.0);
+         ru.ru_maxrss / 1024.0, N * 9.0 * Cc * 4 / 1048576.0,
+         N * 3.0 * Cc * 8 / 1048576.0, N * 1.0 * Cc * 8 / 1048576.0);
   free(z);
   free(P);
   free(y);

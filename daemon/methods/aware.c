@@ -508,8 +508,8 @@ int aw_eval_family(const aw_spec *s, const double *P, const int32_t *labels,
 
 int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P,
                            const int32_t *labels, const aw_fit_opts *o,
-                           const double *theta, double threshold, aw_fit_metrics *out,
-                           ts_err *err) {
+                           const double *theta_before, const double *theta,
+                           double threshold, aw_fit_metrics *out, ts_err *err) {
   int rc = aw_spec_check(s, err);
   if (rc) return rc;
   if (N < 1) return ts_errf(err, TS_EINVAL, "fit metrics: no labelled rows");
@@ -523,7 +523,7 @@ int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P,
   int64_t n_train = N - n_val;
   const int64_t *cmp = n_val > 0 ? perm : train;
   int64_t n_cmp = n_val > 0 ? n_val : n_train;
-  rc = aw_eval(s, P, labels, train, n_train, NULL, threshold, &out->before, err);
+  rc = aw_eval(s, P, labels, train, n_train, theta_before, threshold, &out->before, err);
   if (!rc) rc = aw_eval(s, P, labels, train, n_train, theta, threshold, &out->after, err);
   if (!rc)
     rc = aw_eval(s, P, labels, perm, n_val, theta, threshold, &out->validation, err);

@@ -134,7 +134,9 @@ int aw_fit(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
            const aw_fit_opts *o, double *theta, aw_fit_report *report, ts_err *err);
 
 /* Metrics of the ensemble with theta (NULL = uniform) on the rows idx[0..m)
- * of P (idx NULL: rows 0..m-1). Allocates an [m, Cc] score buffer. */
+ * of P (idx NULL: rows 0..m-1), P as aw_family_probs made it; labels are
+ * checked (-TS_EINVAL naming the row). Allocates scores [m, Cc], labels [m]
+ * and the AUC sort buffer, all freed before return. */
 int aw_eval(const aw_spec *s, const double *P, const int32_t *labels, const int64_t *idx,
             int64_t m, const double *theta, double threshold, met_scores *out,
             ts_err *err);
@@ -145,7 +147,8 @@ int aw_eval_family(const aw_spec *s, const double *P, const int32_t *labels,
                    met_scores *out, ts_err *err);
 
 /* Everything a fit answer shows, on aw_fit's split (same N, fraction, seed):
- *   before     uniform theta, training rows
+ *   before     theta_before (NULL: uniform, the spec's "before"; or the
+ *              served version's theta when a fit refines it), training rows
  *   after      theta, training rows
  *   validation theta, validation rows (n = 0 and NaN when there are none)
  *   uniform    uniform theta, and families[f] family f alone, on the
@@ -159,7 +162,7 @@ typedef struct aw_fit_metrics {
 
 int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P,
                            const int32_t *labels, const aw_fit_opts *o,
-                           const double *theta, double threshold, aw_fit_metrics *out,
-                           ts_err *err);
+                           const double *theta_before, const double *theta,
+                           double threshold, aw_fit_metrics *out, ts_err *err);
 
 #endif

@@ -345,8 +345,8 @@ static void fit_informative(int C, int inf) {
 
   met_scores fam[3];
   aw_fit_metrics m = {.families = fam};
-  assert_int_equal(aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, theta, 0.5, &m, &e),
-                   0);
+  assert_int_equal(
+      aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, NULL, theta, 0.5, &m, &e), 0);
   assert_int_equal(m.validation.n, 2400);
   assert_int_equal(m.uniform.n, 2400);
   assert_int_equal(m.after.n, 9600);
@@ -357,6 +357,13 @@ static void fit_informative(int C, int inf) {
   assert_true(best_auc == fam[inf].auc);
   assert_true(m.validation.auc >= best_auc - 0.005);
   assert_true(m.validation.accuracy > m.uniform.accuracy);
+  /* "before" may be a served theta instead of the uniform one */
+  aw_fit_metrics m2 = {.families = fam};
+  assert_int_equal(
+      aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, theta, theta, 0.5, &m2, &e), 0);
+  assert_true(m2.before.log_loss == m2.after.log_loss && m2.before.auc == m2.after.auc);
+  assert_int_equal(aw_eval_family(&d.s, d.P, d.t, NULL, 10, 3, 0.5, &m2.before, &e),
+                   -TS_EINVAL);
   synth_free(&d);
 }
 
@@ -486,7 +493,8 @@ static void test_alloc_failures(void **state) {
     ts_err e;
     tl_mem_fail_after(k);
     int rc = aw_fit(&d.s, d.N, d.P, d.t, &o, theta, NULL, &e);
-    if (!rc) rc = aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, theta, 0.5, &m, &e);
+    if (!rc)
+      rc = aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, NULL, theta, 0.5, &m, &e);
     tl_mem_fail_reset();
     if (rc == 0) break;
     assert_int_equal(rc, -TS_ENOMEM);
