@@ -44,9 +44,9 @@ const char *attn_variant_name(attn_variant v) {
 
 /* ---- argument checks ---------------------------------------------------- */
 
-static int attn_check(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
-                      int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
-                      ts_err *err) {
+int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
+                    int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                    ts_err *err) {
   if (!prm) return ts_errf(err, TS_EINVAL, "attention: no parameters given");
   if (prm->variant != ATTN_SOFTMAX && prm->variant != ATTN_LSSA && prm->variant != ATTN_LSSAR)
     return ts_errf(err, TS_EINVAL, "attention: unknown variant %d", (int)prm->variant);
@@ -189,7 +189,7 @@ static void ref_row(const attn_params *prm, int64_t Lk, int d, int dv, const flo
 int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
                    int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
                    ts_err *err) {
-  int rc = attn_check(prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
+  int rc = attn_check_args(prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
   if (rc) return rc;
   if (Lq == 0) return 0;
   double *acc = tl_malloc(sizeof(double) * (size_t)dv);
@@ -476,7 +476,7 @@ static int attn_kern_for(cpu_path path, const attn_kern **out, ts_err *err) {
 int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H, int Hkv,
                       int64_t Lq, int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k,
                       attn_tensor v, attn_out out, ts_err *err) {
-  int rc = attn_check(prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
+  int rc = attn_check_args(prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
   if (rc) return rc;
   attn_job J;
   memset(&J, 0, sizeof J);

@@ -83,6 +83,12 @@ int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H
                       int64_t Lq, int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k,
                       attn_tensor v, attn_out out, ts_err *err);
 
+/* The argument checks every entry point applies (attn_cuda_forward too):
+ * 0 or -TS_EINVAL with a message naming what is wrong. */
+int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
+                    int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                    ts_err *err);
+
 /* The plain scalar reference the tests trust: one query row at a time,
  * streaming over the keys in double precision (online max for softmax, one
  * pass for LSSA, two for LSSAR). Slow; never used for serving. */
