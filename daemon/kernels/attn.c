@@ -1,0 +1,532 @@
+/* attn.c - attention: argument checks, the scalar reference, and the tiled
+ * driver shared by every SIMD path (see attn.h for the contract).
+ *
+ * The tiled driver is written once; a path supplies only the tile kernels
+ * (attn_kern: q.k GEMM, p.v GEMM, and the row transforms exp / softplus /
+ * LSSAR weight). Per call it packs K and V once (K transposed per key tile
+ * and, for LSSA/LSSAR, QK-normalised), then splits (head, query tile) items
+ * over the pool, heaviest causal tiles first. Each item streams over the key
+ * tiles its mask leaves visible:
+ *   softmax  one pass, running row max m and sum l, O rescaled by exp(m - m')
+ *   LSSA     one pass, no max needed (|s| <= ln d ln N): O += a v, Z += a
+ *   LSSAR    pass 1: Z and the row's largest score; pass 2: the guarded
+ *            weights y^p (y = x / x_max) and O += w v.
+ * Invariant kept by every row transform: S columns [nv, ncols) are written 0,
+ * so the p.v kernel may read up to the tile's widest row without a mask. */
+#include "attn.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../base/mem.h"
+
+attn_params attn_params_default(attn_variant v) {
+  attn_params p;
+  memset(&p, 0, sizeof p);
+  p.variant = v;
+  p.causal = 1;
+  p.query_offset = 0;
+  p.p = 15.0;
+  p.offset_rows = 3;
+  p.scale = 0.0f;
+  return p;
+}
+
+const char *attn_variant_name(attn_variant v) {
+  switch (v) {
+    case ATTN_SOFTMAX: return "softmax";
+    case ATTN_LSSA: return "lssa";
+    case ATTN_LSSAR: return "lssar";
+  }
+  return "unknown";
+}
+
+/* ---- argument checks ---------------------------------------------------- */
+
+int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
+                    int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                    ts_err *err) {
+  if (!prm) return ts_errf(err, TS_EINVAL, "attention: no parameters given");
+  if (prm->variant != ATTN_SOFTMAX && prm->variant != ATTN_LSSA && prm->variant != ATTN_LSSAR)
+    return ts_errf(err, TS_EINVAL, "attention: unknown variant %d", (int)prm->variant);
+  if (H < 1 || Hkv < 1 || H % Hkv != 0)
+    return ts_errf(err, TS_EINVAL,
+                   "attention: %d query heads cannot share %d key/value heads "
+                   "(need both >= 1 and heads %% kv_heads == 0)",
+                   H, Hkv);
+  if (d < 1 || dv < 1)
+    return ts_errf(err, TS_EINVAL, "attention: head dimensions must be >= 1, got d=%d dv=%d",
+                   d, dv);
+  if (Lq < 0 || Lk < 0)
+    return ts_errf(err, TS_EINVAL, "attention: negative length (queries %lld, keys %lld)",
+                   (long long)Lq, (long long)Lk);
+  if (prm->query_offset < 0)
+    return ts_errf(err, TS_EINVAL, "attention: query_offset must be >= 0, got %lld",
+                   (long long)prm->query_offset);
+  if (prm->causal && prm->query_offset > INT64_MAX - Lq)
+    return ts_errf(err, TS_EINVAL, "attention: query_offset %lld is out of range",
+                   (long long)prm->query_offset);
+  if (prm->causal && prm->query_offset + Lq > Lk)
+    return ts_errf(err, TS_EINVAL,
+                   "attention: causal queries at positions %lld..%lld need %lld keys, got %lld",
+                   (long long)prm->query_offset, (long long)(prm->query_offset + Lq - 1),
+                   (long long)(prm->query_offset + Lq), (long long)Lk);
+  if (prm->variant == ATTN_LSSAR) {
+    if (!(prm->p > 0.0) || !isfinite(prm->p))
+      return ts_errf(err, TS_EINVAL, "attention: LSSAR power p must be finite and > 0, got %g",
+                     prm->p);
+    if (prm->offset_rows < 0)
+      return ts_errf(err, TS_EINVAL, "attention: LSSAR offset_rows must be >= 0, got %d",
+                     prm->offset_rows);
+  }
+  if (prm->variant == ATTN_SOFTMAX && !isfinite(prm->scale))
+    return ts_errf(err, TS_EINVAL, "attention: softmax scale must be finite");
+  if (Lq > 0 && (!q.data || !out.data))
+    return ts_errf(err, TS_EINVAL, "attention: query or output pointer is NULL");
+  if (Lq > 0 && Lk > 0 && (!k.data || !v.data))
+    return ts_errf(err, TS_EINVAL, "attention: key or value pointer is NULL");
+  return 0;
+}
+
+/* ---- shared row quantities ---------------------------------------------- */
+
+static double attn_row_n(const attn_params *prm, int64_t Lk, int64_t t) {
+  return prm->causal ? (double)(t + 1) : (double)Lk;
+}
+
+static double attn_row_o(const attn_params *prm, int64_t t) {
+  return t < (int64_t)prm->offset_rows ? 0.0 : 1.0;
+}
+
+static double softplus_d(double x) { return fmax(x, 0.0) + log1p(exp(-fabs(x))); }
+
+static double norm_d(const float *x, int n) {
+  double s = 0;
+  for (int c = 0; c < n; c++) s += (double)x[c] * x[c];
+  return sqrt(s);
+}
+
+static double dot_d(const float *a, const float *b, int n) {
+  double s = 0;
+  for (int c = 0; c < n; c++) s += (double)a[c] * b[c];
+  return s;
+}
+
+/* LSSAR: from Z and the row's largest score, the guarded normalisation.
+ * Returns 0 when the row's weights are all zero (x_max = 0, or eps * x_max^-p
+ * so large that W underflows); else fills x_max and c_eps = eps x_max^-p. */
+static int lssar_row_consts(double n, double o, double z, double smax, double p,
+                            double *xmax, double *ceps) {
+  double x = n * softplus_d(smax) / (z + ATTN_EPS) - o;
+  if (!(x > 0.0)) return 0;
+  double c = exp(log(ATTN_EPS) - p * log(x));
+  if (!isfinite(c) || c > 1e300) return 0;
+  *xmax = x;
+  *ceps = c;
+  return 1;
+}
+
+/* ---- the scalar reference ------------------------------------------------ */
+
+static void ref_row(const attn_params *prm, int64_t Lk, int d, int dv, const float *qi,
+                    const float *kh, int64_t ks, const float *vh, int64_t vs, int64_t t,
+                    double *acc, float *o) {
+  int64_t n = prm->causal ? t + 1 : Lk;
+  double N = attn_row_n(prm, Lk, t);
+  double norm = 0.0; /* the divisor of acc */
+  for (int c = 0; c < dv; c++) acc[c] = 0.0;
+  if (prm->variant == ATTN_SOFTMAX) {
+    double scale = prm->scale != 0.0f ? (double)prm->scale : 1.0 / sqrt((double)d);
+    double m = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+      double s = scale * dot_d(qi, kh + j * ks, d);
+      if (s > m) { /* the online max: rescale what was summed so far */
+        double a = exp(m - s);
+        norm *= a;
+        for (int c = 0; c < dv; c++) acc[c] *= a;
+        m = s;
+      }
+      double w = exp(s - m);
+      norm += w;
+      for (int c = 0; c < dv; c++) acc[c] += w * vh[j * vs + c];
+    }
+  } else {
+    double f = log((double)d) * log(N) / fmax(norm_d(qi, d), ATTN_NORM_FLOOR);
+    double z = 0.0, smax = -INFINITY;
+    for (int64_t j = 0; j < n; j++) {
+      const float *kj = kh + j * ks;
+      double s = f * dot_d(qi, kj, d) / fmax(norm_d(kj, d), ATTN_NORM_FLOOR);
+      double a = softplus_d(s);
+      z += a;
+      if (s > smax) smax = s;
+      if (prm->variant == ATTN_LSSA)
+        for (int c = 0; c < dv; c++) acc[c] += a * vh[j * vs + c];
+    }
+    if (prm->variant == ATTN_LSSA) {
+      norm = z + ATTN_EPS;
+    } else {
+      double O = attn_row_o(prm, t), xmax, ceps;
+      if (n == 0 || !lssar_row_consts(N, O, z, smax, prm->p, &xmax, &ceps)) {
+        for (int c = 0; c < dv; c++) o[c] = 0.0f;
+        return;
+      }
+      double sw = 0.0;
+      for (int64_t j = 0; j < n; j++) {
+        const float *kj = kh + j * ks;
+        double s = f * dot_d(qi, kj, d) / fmax(norm_d(kj, d), ATTN_NORM_FLOOR);
+        double x = fmax(N * softplus_d(s) / (z + ATTN_EPS) - O, 0.0);
+        double w = pow(x / xmax, prm->p);
+        sw += w;
+        for (int c = 0; c < dv; c++) acc[c] += w * vh[j * vs + c];
+      }
+      norm = sw + ceps;
+    }
+  }
+  for (int c = 0; c < dv; c++) o[c] = norm > 0.0 ? (float)(acc[c] / norm) : 0.0f;
+}
+
+int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
+                   int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                   ts_err *err) {
+  int rc = attn_check_args(prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
+  if (rc) return rc;
+  if (Lq == 0) return 0;
+  double *acc = tl_malloc(sizeof(double) * (size_t)dv);
+  if (!acc) return ts_errf(err, TS_ENOMEM, "attention: out of memory for %d accumulators", dv);
+  int g = H / Hkv;
+  for (int h = 0; h < H; h++) {
+    const float *kh = k.data ? k.data + (int64_t)(h / g) * k.head_stride : NULL;
+    const float *vh = v.data ? v.data + (int64_t)(h / g) * v.head_stride : NULL;
+    for (int64_t i = 0; i < Lq; i++)
+      ref_row(prm, Lk, d, dv, q.data + h * q.head_stride + i * q.row_stride, kh, k.row_stride,
+              vh, v.row_stride, prm->query_offset + i, acc,
+              out.data + h * out.head_stride + i * out.row_stride);
+  }
+  tl_free(acc);
+  return 0;
+}
+
+/* ---- scalar tile kernels (the CPU_SCALAR path of the tiled driver) ------- */
+
+static void sc_qk(const float *q, int rows, int d, const float *kt, int ncols, float *s) {
+  for (int r = 0; r < rows; r++) {
+    float *sr = s + (int64_t)r * ATTN_BK;
+    for (int j = 0; j < ncols; j++) sr[j] = 0.0f;
+    for (int c = 0; c < d; c++) {
+      float qv = q[(int64_t)r * d + c];
+      const float *kc = kt + (int64_t)c * ATTN_BK;
+      for (int j = 0; j < ncols; j++) sr[j] += qv * kc[j];
+    }
+  }
+}
+
+static void sc_pv(const float *p, int rows, int nk, const float *v, int dvp, float *o) {
+  for (int r = 0; r < rows; r++) {
+    float *orow = o + (int64_t)r * dvp;
+    for (int j = 0; j < nk; j++) {
+      float pj = p[(int64_t)r * ATTN_BK + j];
+      const float *vj = v + (int64_t)j * dvp;
+      for (int c = 0; c < dvp; c++) orow[c] += pj * vj[c];
+    }
+  }
+}
+
+static float sc_rowmax(const float *s, int nv) {
+  float m = -INFINITY;
+  for (int j = 0; j < nv; j++) m = s[j] > m ? s[j] : m;
+  return m;
+}
+
+static float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
+
+static double sc_row_exp(float *s, int nv, int ncols, float m) {
+  double sum = 0;
+  for (int j = 0; j < nv; j++) sum += s[j] = expf(s[j] - m);
+  for (int j = nv; j < ncols; j++) s[j] = 0.0f;
+  return sum;
+}
+
+static double sc_row_softplus(float *s, int nv, int ncols) {
+  double sum = 0;
+  for (int j = 0; j < nv; j++) sum += s[j] = softplus_f(s[j]);
+  for (int j = nv; j < ncols; j++) s[j] = 0.0f;
+  return sum;
+}
+
+static double sc_row_lssar(float *s, int nv, int ncols, const attn_rowc *c) {
+  double sum = 0;
+  for (int j = 0; j < nv; j++) {
+    float y = (softplus_f(s[j]) * c->c1 - c->o) * c->inv_xmax;
+    sum += s[j] = y >= c->ythr ? powf(y, c->p) : 0.0f;
+  }
+  for (int j = nv; j < ncols; j++) s[j] = 0.0f;
+  return sum;
+}
+
+const attn_kern attn_kern_scalar = {sc_qk, sc_pv, sc_rowmax,
+                                    sc_row_exp, sc_row_softplus, sc_row_lssar};
+
+/* ---- the tiled driver ---------------------------------------------------- */
+
+typedef struct attn_job {
+  const attn_params *prm;
+  const attn_kern *kern;
+  int H, Hkv, g, d, dv, dvp;
+  int64_t Lq, Lk, ntq, ntk, Lkp;
+  attn_tensor q, k, v;
+  attn_out out;
+  float *kp; /* [Hkv][ntk][d][ATTN_BK] */
+  float *vp; /* [Hkv][Lkp][dvp] */
+  float qscale;
+  double lnd;
+  int fail; /* a worker could not get its scratch */
+} attn_job;
+
+static void attn_pack_range(void *arg, int64_t b, int64_t e) {
+  attn_job *J = arg;
+  int d = J->d, dv = J->dv, dvp = J->dvp, norm = J->prm->variant != ATTN_SOFTMAX;
+  for (int64_t it = b; it < e; it++) {
+    int64_t kvh = it / J->ntk, kt = it % J->ntk, k0 = kt * ATTN_BK;
+    float *kd = J->kp + (kvh * J->ntk + kt) * (int64_t)d * ATTN_BK;
+    for (int jj = 0; jj < ATTN_BK; jj++) {
+      int64_t j = k0 + jj;
+      float *vd = J->vp + (kvh * J->Lkp + j) * dvp;
+      if (j >= J->Lk) {
+        for (int c = 0; c < d; c++) kd[(int64_t)c * ATTN_BK + jj] = 0.0f;
+        memset(vd, 0, sizeof(float) * (size_t)dvp);
+        continue;
+      }
+      const float *ks = J->k.data + kvh * J->k.head_stride + j * J->k.row_stride;
+      const float *vs = J->v.data + kvh * J->v.head_stride + j * J->v.row_stride;
+      float inv = norm ? (float)(1.0 / fmax(norm_d(ks, d), ATTN_NORM_FLOOR)) : 1.0f;
+      for (int c = 0; c < d; c++) kd[(int64_t)c * ATTN_BK + jj] = ks[c] * inv;
+      memcpy(vd, vs, sizeof(float) * (size_t)dv);
+      for (int c = dv; c < dvp; c++) vd[c] = 0.0f;
+    }
+  }
+}
+
+typedef struct attn_scratch {
+  float *q, *s, *o;
+  double m[ATTN_BQ], l[ATTN_BQ], z[ATTN_BQ], ceps[ATTN_BQ];
+  float smax[ATTN_BQ];
+  int nv[ATTN_BQ], dead[ATTN_BQ];
+  attn_rowc rc[ATTN_BQ];
+} attn_scratch;
+
+/* One (head, query tile) item. */
+static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
+  const attn_params *prm = J->prm;
+  const attn_kern *K = J->kern;
+  int d = J->d, dvp = J->dvp, variant = prm->variant;
+  int64_t q0 = qt * ATTN_BQ, t0 = prm->query_offset + q0;
+  int rows = (int)(J->Lq - q0 < ATTN_BQ ? J->Lq - q0 : ATTN_BQ);
+  int64_t kvh = h / J->g;
+
+  for (int r = 0; r < rows; r++) {
+    const float *src = J->q.data + h * J->q.head_stride + (q0 + r) * J->q.row_stride;
+    float f = J->qscale;
+    if (variant != ATTN_SOFTMAX)
+      f = (float)(J->lnd * log(attn_row_n(prm, J->Lk, t0 + r)) /
+                  fmax(norm_d(src, d), ATTN_NORM_FLOOR));
+    for (int c = 0; c < d; c++) W->q[(int64_t)r * d + c] = src[c] * f;
+    W->m[r] = -INFINITY;
+    W->l[r] = 0.0;
+    W->z[r] = 0.0;
+    W->smax[r] = -INFINITY;
+    W->dead[r] = 0;
+  }
+  memset(W->o, 0, sizeof(float) * (size_t)rows * dvp);
+
+  int64_t kt_end = J->ntk;
+  if (prm->causal) { /* tiles wholly past the last row's position are hidden */
+    int64_t last = (t0 + rows - 1) / ATTN_BK + 1;
+    if (last < kt_end) kt_end = last;
+  }
+  int npass = variant == ATTN_LSSAR ? 2 : 1;
+  for (int pass = 0; pass < npass; pass++) {
+    int values = pass == npass - 1;
+    if (variant == ATTN_LSSAR && pass == 1) {
+      for (int r = 0; r < rows; r++) {
+        int64_t t = t0 + r;
+        double N = attn_row_n(prm, J->Lk, t), O = attn_row_o(prm, t), xmax, ceps;
+        if (!lssar_row_consts(N, O, W->z[r], W->smax[r], prm->p, &xmax, &ceps)) {
+          W->dead[r] = 1;
+          continue;
+        }
+        attn_rowc *c = &W->rc[r];
+        c->c1 = (float)(N / (W->z[r] + ATTN_EPS));
+        c->o = (float)O;
+        c->inv_xmax = (float)(1.0 / xmax);
+        c->ythr = (float)exp(log(1e-30) / prm->p);
+        c->p = (float)prm->p;
+        c->ip = (prm->p == floor(prm->p) && prm->p <= 64) ? (int)prm->p : 0;
+        W->ceps[r] = ceps;
+      }
+    }
+    for (int64_t kt = 0; kt < kt_end; kt++) {
+      int64_t k0 = kt * ATTN_BK;
+      int kvalid = (int)(J->Lk - k0 < ATTN_BK ? J->Lk - k0 : ATTN_BK), maxnv = 0;
+      for (int r = 0; r < rows; r++) {
+        int64_t nv = kvalid;
+        if (prm->causal) {
+          nv = t0 + r + 1 - k0;
+          nv = nv < 0 ? 0 : nv > kvalid ? kvalid : nv;
+        }
+        if (W->dead[r]) nv = 0;
+        W->nv[r] = (int)nv;
+        if (nv > maxnv) maxnv = (int)nv;
+      }
+      if (maxnv == 0) continue;
+      int ncols = (maxnv + 15) & ~15;
+      K->qk(W->q, rows, d, J->kp + (kvh * J->ntk + kt) * (int64_t)d * ATTN_BK, ncols, W->s);
+      for (int r = 0; r < rows; r++) {
+        float *sr = W->s + (int64_t)r * ATTN_BK;
+        int nv = W->nv[r];
+        if (variant == ATTN_SOFTMAX) {
+          if (nv == 0) {
+            K->row_exp(sr, 0, ncols, 0.0f);
+            continue;
+          }
+          float mt = K->rowmax(sr, nv);
+          double mnew = W->m[r] > mt ? W->m[r] : mt;
+          double alpha = exp(W->m[r] - mnew);
+          double sum = K->row_exp(sr, nv, ncols, (float)mnew);
+          if (alpha != 1.0) {
+            float *orow = W->o + (int64_t)r * dvp;
+            for (int c = 0; c < dvp; c++) orow[c] *= (float)alpha;
+          }
+          W->l[r] = W->l[r] * alpha + sum;
+          W->m[r] = mnew;
+        } else if (variant == ATTN_LSSA) {
+          W->l[r] += K->row_softplus(sr, nv, ncols);
+        } else if (pass == 0) {
+          if (nv > 0) {
+            float mt = K->rowmax(sr, nv);
+            if (mt > W->smax[r]) W->smax[r] = mt;
+          }
+          W->z[r] += K->row_softplus(sr, nv, ncols);
+        } else {
+          W->l[r] += K->row_lssar(sr, nv, ncols, &W->rc[r]);
+        }
+      }
+      if (values)
+        K->pv(W->s, rows, maxnv, J->vp + (kvh * J->Lkp + k0) * dvp, dvp, W->o);
+    }
+  }
+
+  for (int r = 0; r < rows; r++) {
+    double norm;
+    if (variant == ATTN_SOFTMAX) norm = W->l[r];
+    else if (variant == ATTN_LSSA) norm = W->l[r] + ATTN_EPS;
+    else norm = W->dead[r] ? 0.0 : W->l[r] + W->ceps[r];
+    float inv = norm > 0.0 ? (float)(1.0 / norm) : 0.0f;
+    float *dst = J->out.data + h * J->out.head_stride + (q0 + r) * J->out.row_stride;
+    const float *orow = W->o + (int64_t)r * dvp;
+    for (int c = 0; c < J->dv; c++) dst[c] = orow[c] * inv;
+  }
+}
+
+static void attn_tiles_range(void *arg, int64_t b, int64_t e) {
+  attn_job *J = arg;
+  attn_scratch *W = tl_malloc(sizeof *W);
+  float *buf = tl_malloc(sizeof(float) * (size_t)ATTN_BQ * (J->d + ATTN_BK + J->dvp));
+  if (!W || !buf) {
+    __atomic_store_n(&J->fail, 1, __ATOMIC_RELAXED);
+    tl_free(W);
+    tl_free(buf);
+    return;
+  }
+  W->q = buf;
+  W->s = W->q + (int64_t)ATTN_BQ * J->d;
+  W->o = W->s + (int64_t)ATTN_BQ * ATTN_BK;
+  for (int64_t it = b; it < e; it++) {
+    /* Last query tiles first: under a causal mask they are the heaviest,
+     * and handing them out early evens the workers' loads. */
+    int64_t qt = J->ntq - 1 - it / J->H;
+    attn_item(J, W, (int)(it % J->H), qt);
+  }
+  tl_free(buf);
+  tl_free(W);
+}
+
+static int attn_kern_for(cpu_path path, const attn_kern **out, ts_err *err) {
+  switch (path) {
+    case CPU_SCALAR: *out = &attn_kern_scalar; return 0;
+    case CPU_AVX2:
+#if defined(__x86_64__)
+      if (cpu_has_avx2_fma()) {
+        *out = &attn_kern_avx2;
+        return 0;
+      }
+#endif
+      break;
+    case CPU_NEON:
+#if defined(__aarch64__)
+      *out = &attn_kern_neon;
+      return 0;
+#endif
+      break;
+  }
+  return ts_errf(err, TS_EINVAL, "attention: this CPU cannot run the %s path",
+                 cpu_path_name(path));
+}
+
+int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H, int Hkv,
+                      int64_t Lq, int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k,
+                      attn_tensor v, attn_out out, ts_err *err) {
+  int rc = attn_check_args(prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
+  if (rc) return rc;
+  attn_job J;
+  memset(&J, 0, sizeof J);
+  rc = attn_kern_for(path, &J.kern, err);
+  if (rc) return rc;
+  if (Lq == 0) return 0;
+  J.prm = prm;
+  J.H = H;
+  J.Hkv = Hkv;
+  J.g = H / Hkv;
+  J.d = d;
+  J.dv = dv;
+  J.dvp = (dv + 15) & ~15;
+  J.Lq = Lq;
+  J.Lk = Lk;
+  J.ntq = (Lq + ATTN_BQ - 1) / ATTN_BQ;
+  J.ntk = (Lk + ATTN_BK - 1) / ATTN_BK;
+  J.Lkp = J.ntk * ATTN_BK;
+  J.q = q;
+  J.k = k;
+  J.v = v;
+  J.out = out;
+  J.qscale = prm->scale != 0.0f ? prm->scale : (float)(1.0 / sqrt((double)d));
+  J.lnd = log((double)d);
+
+  /* The packed K and V: Hkv * Lkp * (d + dvp) floats, refused past 2^60 bytes. */
+  int64_t nfl = 0;
+  if (J.ntk > 0) {
+    int64_t per = (int64_t)d + J.dvp;
+    if (J.Lkp > ((int64_t)1 << 58) / per / Hkv)
+      return ts_errf(err, TS_EINVAL, "attention: %lld keys of width %d are too many",
+                     (long long)Lk, d + dv);
+    nfl = (int64_t)Hkv * J.Lkp * per;
+    float *buf = tl_malloc(sizeof(float) * (size_t)nfl);
+    if (!buf)
+      return ts_errf(err, TS_ENOMEM, "attention: out of memory packing %lld keys (%lld MiB)",
+                     (long long)Lk, (long long)(nfl * 4 >> 20));
+    J.kp = buf;
+    J.vp = buf + (int64_t)Hkv * J.Lkp * d;
+    pool_parallel_for(pool, (int64_t)Hkv * J.ntk, 1, attn_pack_range, &J);
+  }
+  pool_parallel_for(pool, (int64_t)H * J.ntq, 1, attn_tiles_range, &J);
+  tl_free(J.kp);
+  if (J.fail) return ts_errf(err, TS_ENOMEM, "attention: out of memory for worker scratch");
+  return 0;
+}
+
+int attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk,
+                 int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                 ts_err *err) {
+  return attn_forward_path(cpu_best_path(), pool, prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out,
+                           err);
+}

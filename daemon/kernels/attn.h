@@ -1,0 +1,138 @@
+/* attn.h - streaming attention kernels: softmax, LSSA and LSSAR.
+ *
+ * The exact math is /work/shared/spec/attention.md (Gao & Spratling, softplus
+ * attention with re-weighting). Three variants over one interface:
+ *   ATTN_SOFTMAX  scaled dot-product attention, online max (flash style)
+ *   ATTN_LSSA     length-scaled softplus attention, one pass over the keys
+ *   ATTN_LSSAR    LSSA re-weighted by ReLU(N*A - O)^p, two passes
+ *
+ * Shapes: H query heads, Hkv key/value heads (H % Hkv == 0; query head h
+ * reads kv head h / (H / Hkv)), Lq queries, Lk keys, head dimension d for q
+ * and k, dv for v and out. Every tensor is a [heads, rows, dim] view with
+ * explicit strides in floats and a contiguous last dimension, so callers can
+ * pass [L, H, d] (a fused qkv projection), [H, L, d], or a KV cache whose
+ * capacity exceeds Lk.
+ *
+ * Masks. Query i sits at absolute 0-based position t = query_offset + i.
+ *   causal: key j is visible iff j <= t, and N_i = t + 1. Every visible key
+ *           must exist, so query_offset + Lq > Lk is refused (-TS_EINVAL);
+ *           query_offset + Lq < Lk is allowed (later keys are just masked).
+ *   full:   every key is visible and N_i = Lk; query_offset only sets the
+ *           LSSAR offset rows. With Lk == 0 the output is zero.
+ * LSSAR: O_i = 0 for t < offset_rows, else 1.
+ *
+ * Memory. The tiled kernels never hold an Lq x Lk matrix. Per call they pack
+ * K (normalised for LSSA/LSSAR, transposed per key tile) and V (rows padded
+ * to a multiple of 16 floats) into one buffer of about Hkv * Lk * (d + dv)
+ * floats: the size of the K and V inputs themselves. Per worker they use
+ * O(ATTN_BQ * (d + dv + ATTN_BK)) floats of scratch.
+ *
+ * Inputs must be finite for the result to be defined; values of masked keys
+ * never enter the sums (even a masked key's huge V leaves the output alone).
+ *
+ * Ownership: every pointer is borrowed for the duration of the call; out is
+ * written, nothing is retained. The functions are reentrant. */
+#ifndef TALLYD_ATTN_H
+#define TALLYD_ATTN_H
+
+#include <stdint.h>
+
+#include "../base/cpu.h"
+#include "../base/err.h"
+#include "../base/pool.h"
+
+typedef enum attn_variant { ATTN_SOFTMAX = 0, ATTN_LSSA = 1, ATTN_LSSAR = 2 } attn_variant;
+
+typedef struct attn_params {
+  attn_variant variant;
+  int causal;           /* 1: key j visible to query i iff j <= query_offset + i */
+  int64_t query_offset; /* absolute 0-based position of query 0 (>= 0) */
+  double p;             /* LSSAR power (> 0), default 15 */
+  int offset_rows;      /* LSSAR: O_i = 0 for absolute positions t < offset_rows (default 3) */
+  float scale;          /* softmax only: 0 means 1/sqrt(d) */
+} attn_params;
+
+/* A [heads, rows, dim] view; element (h, r, c) is data[h*head_stride + r*row_stride + c]. */
+typedef struct attn_tensor {
+  const float *data;
+  int64_t head_stride, row_stride;
+} attn_tensor;
+
+typedef struct attn_out {
+  float *data;
+  int64_t head_stride, row_stride;
+} attn_out;
+
+#define ATTN_EPS 1e-8         /* the eps of A = a / (Z + eps) and W = b / (sum b + eps) */
+#define ATTN_NORM_FLOOR 1e-12 /* QK-norm: x / max(||x||, 1e-12) */
+
+/* Defaults: softmax, causal, offset 0, p 15, offset_rows 3, scale 1/sqrt(d). */
+attn_params attn_params_default(attn_variant v);
+const char *attn_variant_name(attn_variant v);
+
+/* The tiled kernel on the best path for this CPU (cpu_best_path), its work
+ * split over (head, query tile) on pool (NULL: serial). 0 or a negative
+ * ts_status (-TS_EINVAL on bad arguments, -TS_ENOMEM). */
+int attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq,
+                 int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v,
+                 attn_out out, ts_err *err);
+
+/* The same on a chosen path (tests compare paths). A path this CPU cannot run
+ * (AVX2 without the feature, NEON off AArch64) is refused with -TS_EINVAL. */
+int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H, int Hkv,
+                      int64_t Lq, int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k,
+                      attn_tensor v, attn_out out, ts_err *err);
+
+/* The argument checks every entry point applies (attn_cuda_forward too):
+ * 0 or -TS_EINVAL with a message naming what is wrong. */
+int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
+                    int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                    ts_err *err);
+
+/* The plain scalar reference the tests trust: one query row at a time,
+ * streaming over the keys in double precision (online max for softmax, one
+ * pass for LSSA, two for LSSAR). Slow; never used for serving. */
+int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
+                   int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                   ts_err *err);
+
+/* ---- Internal: the per-path tile kernels (attn.c, attn_avx2.c, attn_neon.c).
+ * Tiles: ATTN_BQ query rows by ATTN_BK keys. Q tile [rows][d] (row stride d),
+ * packed K tile [d][ATTN_BK], scores/weights S [rows][ATTN_BK], packed V
+ * [keys][dvp] with dvp % 16 == 0, accumulator O [rows][dvp]. */
+#define ATTN_BQ 48
+#define ATTN_BK 64
+
+typedef struct attn_rowc { /* per-row constants of the LSSAR weight pass */
+  float c1;       /* N_i / (Z_i + eps) */
+  float o;        /* O_i */
+  float inv_xmax; /* 1 / x_max */
+  float ythr;     /* y below this has y^p < 1e-30 relative to the row max: weight 0 */
+  float p;        /* the power */
+  int ip;         /* p as an integer when p is one in [1, 64], else 0 */
+} attn_rowc;
+
+typedef struct attn_kern {
+  /* S[r][0..ncols) = Q[r] . Kt[:, 0..ncols) for r < rows; ncols % 16 == 0. */
+  void (*qk)(const float *q, int rows, int d, const float *kt, int ncols, float *s);
+  /* O[r][0..dvp) += sum_{j < nk} P[r][j] V[j][0..dvp) for r < rows. */
+  void (*pv)(const float *p, int rows, int nk, const float *v, int dvp, float *o);
+  /* Largest of s[0..nv); -INFINITY when nv == 0. */
+  float (*rowmax)(const float *s, int nv);
+  /* In place over s[0..nv): exp(s - m), softplus(s), or the LSSAR weight
+   * (y = (softplus(s) c1 - o) inv_xmax; y >= ythr ? y^p : 0); then zeros
+   * s[nv..ncols). Returns the sum of what it wrote. */
+  double (*row_exp)(float *s, int nv, int ncols, float m);
+  double (*row_softplus)(float *s, int nv, int ncols);
+  double (*row_lssar)(float *s, int nv, int ncols, const attn_rowc *c);
+} attn_kern;
+
+extern const attn_kern attn_kern_scalar;
+#if defined(__x86_64__)
+extern const attn_kern attn_kern_avx2;
+#endif
+#if defined(__aarch64__)
+extern const attn_kern attn_kern_neon;
+#endif
+
+#endif

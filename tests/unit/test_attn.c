@@ -1,0 +1,590 @@
+/* test_attn.c - the attention kernels (daemon/kernels/attn.h).
+ *
+ * Three layers of trust: (1) attn_reference against an independent double
+ * implementation in this file that materialises the whole score matrix and
+ * applies the spec's formulas naively (plain pow, no guards); (2) every tiled
+ * path (scalar, AVX2 where the CPU has it) against attn_reference; (3) cases
+ * worked out by hand: one visible key, uniform LSSAR rows, masked keys with
+ * huge values, an LSSAR row whose float power would overflow. Shapes cover
+ * odd lengths, d in {32, 64, 80, 128}, dv != d, GQA, both masks, query
+ * offsets, both memory layouts and KV caches with spare capacity. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../../daemon/base/mem.h"
+#include "../../daemon/kernels/attn.h"
+
+/* ---- problems ------------------------------------------------------------ */
+
+typedef struct prob {
+  int H, Hkv, d, dv, interleaved;
+  int64_t Lq, Lk, cap; /* cap >= Lk: KV cache capacity */
+  float *q, *k, *v, *out;
+  attn_tensor tq, tk, tv;
+  attn_out to;
+} prob;
+
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+static double urand(void) { /* splitmix64 -> [-1, 1) */
+  uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return (double)(z >> 11) / (double)(1ull << 52) - 1.0;
+}
+
+/* Views over [heads, rows, dim] (interleaved = 0) or [rows, heads, dim]. */
+static void view(int interleaved, int heads, int64_t rows, int dim, int64_t *hs, int64_t *rs) {
+  if (interleaved) {
+    *hs = dim;
+    *rs = (int64_t)heads * dim;
+  } else {
+    *hs = rows * dim;
+    *rs = dim;
+  }
+}
+
+static void prob_init(prob *P, int H, int Hkv, int64_t Lq, int64_t Lk, int d, int dv,
+                      int interleaved, int64_t cap, float qscale) {
+  memset(P, 0, sizeof *P);
+  P->H = H, P->Hkv = Hkv, P->Lq = Lq, P->Lk = Lk, P->d = d, P->dv = dv;
+  P->interleaved = interleaved;
+  P->cap = cap < Lk ? Lk : cap;
+  size_t nq = (size_t)H * Lq * d, nk = (size_t)Hkv * P->cap * d, nv = (size_t)Hkv * P->cap * dv;
+  P->q = malloc(sizeof(float) * (nq + 1));
+  P->k = malloc(sizeof(float) * (nk + 1));
+  P->v = malloc(sizeof(float) * (nv + 1));
+  P->out = malloc(sizeof(float) * ((size_t)H * Lq * dv + 1));
+  assert_non_null(P->q);
+  assert_non_null(P->k);
+  assert_non_null(P->v);
+  assert_non_null(P->out);
+  for (size_t i = 0; i < nq; i++) P->q[i] = (float)(qscale * urand());
+  for (size_t i = 0; i < nk; i++) P->k[i] = (float)urand();
+  for (size_t i = 0; i < nv; i++) P->v[i] = (float)urand();
+  P->tq.data = P->q;
+  view(interleaved, H, Lq, d, &P->tq.head_stride, &P->tq.row_stride);
+  P->tk.data = P->k;
+  view(interleaved, Hkv, P->cap, d, &P->tk.head_stride, &P->tk.row_stride);
+  P->tv.data = P->v;
+  view(interleaved, Hkv, P->cap, dv, &P->tv.head_stride, &P->tv.row_stride);
+  P->to.data = P->out;
+  view(interleaved, H, Lq, dv, &P->to.head_stride, &P->to.row_stride);
+}
+
+static void prob_free(prob *P) {
+  free(P->q);
+  free(P->k);
+  free(P->v);
+  free(P->out);
+}
+
+static float *qat(prob *P, int h, int64_t i) { return P->q + h * P->tq.head_stride + i * P->tq.row_stride; }
+static float *kat(prob *P, int h, int64_t j) { return P->k + h * P->tk.head_stride + j * P->tk.row_stride; }
+static float *vat(prob *P, int h, int64_t j) { return P->v + h * P->tv.head_stride + j * P->tv.row_stride; }
+static float *oat(const prob *P, const float *out, int h, int64_t i) {
+  return (float *)out + h * P->to.head_stride + i * P->to.row_stride;
+}
+
+/* ---- the independent double implementation: the whole matrix -------------- */
+
+static void naive(const attn_params *prm, prob *P, double *res /* [H][Lq][dv] */) {
+  int64_t Lq = P->Lq, Lk = P->Lk;
+  int d = P->d, dv = P->dv, g = P->H / P->Hkv;
+  double *S = malloc(sizeof(double) * (size_t)(Lq * Lk + 1));
+  assert_non_null(S);
+  for (int h = 0; h < P->H; h++) {
+    int kh = h / g;
+    for (int64_t i = 0; i < Lq; i++) {
+      int64_t t = prm->query_offset + i;
+      double N = prm->causal ? (double)(t + 1) : (double)Lk;
+      double nq = 0;
+      for (int c = 0; c < d; c++) nq += (double)qat(P, h, i)[c] * qat(P, h, i)[c];
+      nq = fmax(sqrt(nq), 1e-12);
+      for (int64_t j = 0; j < Lk; j++) {
+        double dot = 0, nk = 0;
+        for (int c = 0; c < d; c++) {
+          dot += (double)qat(P, h, i)[c] * kat(P, kh, j)[c];
+          nk += (double)kat(P, kh, j)[c] * kat(P, kh, j)[c];
+        }
+        nk = fmax(sqrt(nk), 1e-12);
+        int vis = !prm->causal || j <= t;
+        double s;
+        if (prm->variant == ATTN_SOFTMAX)
+          s = dot * (prm->scale != 0 ? prm->scale : 1.0 / sqrt((double)d));
+        else
+          s = log((double)d) * log(N) * dot / (nq * nk);
+        S[i * Lk + j] = vis ? s : NAN;
+      }
+      /* weights in place */
+      double *row = S + i * Lk;
+      if (prm->variant == ATTN_SOFTMAX) {
+        double m = -INFINITY, sum = 0;
+        for (int64_t j = 0; j < Lk; j++)
+          if (!isnan(row[j]) && row[j] > m) m = row[j];
+        for (int64_t j = 0; j < Lk; j++) sum += row[j] = isnan(row[j]) ? 0 : exp(row[j] - m);
+        for (int64_t j = 0; j < Lk; j++) row[j] = sum > 0 ? row[j] / sum : 0;
+      } else {
+        double Z = 0;
+        for (int64_t j = 0; j < Lk; j++) Z += row[j] = isnan(row[j]) ? 0 : log1p(exp(row[j]));
+        for (int64_t j = 0; j < Lk; j++) row[j] /= Z + 1e-8;
+        if (prm->variant == ATTN_LSSAR) {
+          double O = t < prm->offset_rows ? 0 : 1, sb = 0;
+          for (int64_t j = 0; j < Lk; j++) {
+            int vis = !prm->causal || j <= t;
+            sb += row[j] = vis ? pow(fmax(N * row[j] - O, 0), prm->p) : 0;
+          }
+          for (int64_t j = 0; j < Lk; j++) row[j] /= sb + 1e-8;
+        }
+      }
+      for (int c = 0; c < dv; c++) {
+        double acc = 0;
+        for (int64_t j = 0; j < Lk; j++) acc += row[j] * vat(P, kh, j)[c];
+        res[((int64_t)h * Lq + i) * dv + c] = acc;
+      }
+    }
+  }
+  free(S);
+}
+
+/* ---- comparison ---------------------------------------------------------- */
+
+/* max over elements of |a - b| / (atol + rtol |b|); <= 1 passes. */
+static double worst_f(const prob *P, const float *a, const float *b, double atol, double rtol) {
+  double w = 0;
+  for (int h = 0; h < P->H; h++)
+    for (int64_t i = 0; i < P->Lq; i++)
+      for (int c = 0; c < P->dv; c++) {
+        double x = oat(P, a, h, i)[c], y = oat(P, b, h, i)[c];
+        double e = fabs(x - y) / (atol + rtol * fabs(y));
+        if (!(e <= w)) w = isnan(e) ? INFINITY : e;
+      }
+  return w;
+}
+
+static double worst_d(const prob *P, const float *a, const double *ref, double atol, double rtol) {
+  double w = 0;
+  for (int h = 0; h < P->H; h++)
+    for (int64_t i = 0; i < P->Lq; i++)
+      for (int c = 0; c < P->dv; c++) {
+        double x = oat(P, a, h, i)[c], y = ref[((int64_t)h * P->Lq + i) * P->dv + c];
+        double e = fabs(x - y) / (atol + rtol * fabs(y));
+        if (!(e <= w)) w = isnan(e) ? INFINITY : e;
+      }
+  return w;
+}
+
+static int paths(cpu_path *out) {
+  int n = 0;
+  out[n++] = CPU_SCALAR;
+  if (cpu_has_avx2_fma()) out[n++] = CPU_AVX2;
+  if (cpu_has_neon()) out[n++] = CPU_NEON;
+  return n;
+}
+
+/* Paths against the reference: |x - ref| <= 1e-4 + 1e-4 |ref|. Observed worst
+ * on these shapes: ~1e-6 for softmax and LSSA, ~6e-6 for LSSAR, whose y^p
+ * multiplies float32 score errors by p. */
+static double path_tol(const attn_params *prm) {
+  (void)prm;
+  return 1e-4;
+}
+
+typedef struct shape {
+  int H, Hkv;
+  int64_t Lq, Lk;
+  int d, dv, causal;
+  int64_t qoff, cap;
+  int interleaved;
+  float qscale;
+} shape;
+
+static const shape shapes[] = {
+    /* H Hkv  Lq    Lk    d    dv  causal qoff  cap  inter qscale */
+    {2, 1, 1, 1, 64, 64, 1, 0, 0, 0, 1},
+    {3, 3, 7, 7, 32, 32, 1, 0, 0, 1, 2},
+    {4, 2, 63, 63, 64, 48, 1, 0, 70, 0, 3},
+    {4, 1, 65, 65, 80, 80, 1, 0, 0, 1, 1},
+    {2, 2, 65, 130, 128, 128, 1, 65, 0, 0, 2},
+    {6, 3, 7, 200, 64, 72, 1, 193, 256, 1, 1},
+    {2, 1, 1, 1000, 64, 64, 1, 999, 0, 0, 3},
+    {1, 1, 1000, 1000, 64, 64, 1, 0, 0, 0, 2},
+    {2, 1, 63, 65, 32, 40, 0, 0, 0, 0, 2},
+    {4, 4, 65, 7, 80, 64, 0, 5, 0, 1, 1},
+    {2, 1, 1, 1000, 128, 64, 0, 3000, 0, 0, 1},
+    {1, 1, 200, 1000, 64, 16, 0, 0, 1024, 1, 3},
+    {3, 1, 50, 97, 17, 5, 1, 47, 0, 0, 1},
+};
+
+static attn_params variant_params(int variant, int causal, int64_t qoff, int which) {
+  attn_params prm = attn_params_default((attn_variant)variant);
+  prm.causal = causal;
+  prm.query_offset = qoff;
+  if (variant == ATTN_LSSAR && which % 2) prm.p = 3; /* also the paper's p = 3 */
+  if (variant == ATTN_SOFTMAX && which % 3 == 2) prm.scale = 0.3f;
+  return prm;
+}
+
+/* attn_reference against the naive double matrix implementation. */
+static void test_reference_vs_naive(void **state) {
+  (void)state;
+  for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+    const shape *S = &shapes[si];
+    for (int var = 0; var < 3; var++) {
+      prob P;
+      prob_init(&P, S->H, S->Hkv, S->Lq, S->Lk, S->d, S->dv, S->interleaved, S->cap, S->qscale);
+      attn_params prm = variant_params(var, S->causal, S->qoff, (int)si);
+      double *res = malloc(sizeof(double) * (size_t)(P.H * P.Lq * P.dv));
+      naive(&prm, &P, res);
+      ts_err err;
+      assert_int_equal(attn_reference(&prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq, P.tk,
+                                      P.tv, P.to, &err), 0);
+      double w = worst_d(&P, P.out, res, 1e-6, 1e-5);
+      if (w > 1) {
+        fprintf(stderr, "shape %zu %s: reference vs naive error ratio %g\n", si,
+                attn_variant_name(prm.variant), w);
+      }
+      assert_true(w <= 1);
+      free(res);
+      prob_free(&P);
+    }
+  }
+}
+
+/* Every tiled path against attn_reference, serially and on a pool. */
+static void test_paths_vs_reference(void **state) {
+  (void)state;
+  pool_t *pool = NULL;
+  assert_int_equal(pool_create(&pool, 2, 0), 0);
+  cpu_path ps[3];
+  int np = paths(ps);
+  for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+    const shape *S = &shapes[si];
+    for (int var = 0; var < 3; var++) {
+      prob P;
+      prob_init(&P, S->H, S->Hkv, S->Lq, S->Lk, S->d, S->dv, S->interleaved, S->cap, S->qscale);
+      attn_params prm = variant_params(var, S->causal, S->qoff, (int)si);
+      size_t no = (size_t)P.H * P.Lq * P.dv;
+      float *ref = malloc(sizeof(float) * no), *ser = malloc(sizeof(float) * no);
+      ts_err err;
+      attn_out oref = P.to, oser = P.to;
+      oref.data = ref;
+      oser.data = ser;
+      assert_int_equal(attn_reference(&prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq, P.tk,
+                                      P.tv, oref, &err), 0);
+      for (int pi = 0; pi < np; pi++) {
+        int rc = attn_forward_path(ps[pi], NULL, &prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq,
+                                   P.tk, P.tv, oser, &err);
+        assert_int_equal(rc, 0);
+        double tol = path_tol(&prm), w = worst_f(&P, ser, ref, tol, tol);
+        if (w > 1)
+          fprintf(stderr, "shape %zu %s path %s: error ratio %g (tol %g)\n", si,
+                  attn_variant_name(prm.variant), cpu_path_name(ps[pi]), w, tol);
+        assert_true(w <= 1);
+        /* the pool splits work, never changes a result */
+        rc = attn_forward_path(ps[pi], pool, &prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq,
+                               P.tk, P.tv, P.to, &err);
+        assert_int_equal(rc, 0);
+        for (int h = 0; h < P.H; h++)
+          for (int64_t i = 0; i < P.Lq; i++)
+            assert_memory_equal(oat(&P, P.out, h, i), oat(&P, ser, h, i),
+                                sizeof(float) * (size_t)P.dv);
+      }
+      free(ref);
+      free(ser);
+      prob_free(&P);
+    }
+  }
+  pool_destroy(pool);
+}
+
+/* The two layouts hold the same numbers: same results, bit for bit. */
+static void test_layouts_agree(void **state) {
+  (void)state;
+  prob A, B;
+  uint64_t seed = rng_state;
+  prob_init(&A, 4, 2, 37, 37, 64, 64, 0, 0, 1);
+  rng_state = seed;
+  prob_init(&B, 4, 2, 37, 37, 64, 64, 1, 50, 1);
+  /* copy A's logical contents into B's layout */
+  for (int h = 0; h < 4; h++)
+    for (int64_t i = 0; i < 37; i++) memcpy(qat(&B, h, i), qat(&A, h, i), sizeof(float) * 64);
+  for (int h = 0; h < 2; h++)
+    for (int64_t j = 0; j < 37; j++) {
+      memcpy(kat(&B, h, j), kat(&A, h, j), sizeof(float) * 64);
+      memcpy(vat(&B, h, j), vat(&A, h, j), sizeof(float) * 64);
+    }
+  ts_err err;
+  for (int var = 0; var < 3; var++) {
+    attn_params prm = variant_params(var, 1, 0, 0);
+    assert_int_equal(attn_forward(NULL, &prm, 4, 2, 37, 37, 64, 64, A.tq, A.tk, A.tv, A.to, &err), 0);
+    assert_int_equal(attn_forward(NULL, &prm, 4, 2, 37, 37, 64, 64, B.tq, B.tk, B.tv, B.to, &err), 0);
+    for (int h = 0; h < 4; h++)
+      for (int64_t i = 0; i < 37; i++)
+        assert_memory_equal(oat(&A, A.out, h, i), oat(&B, B.out, h, i), sizeof(float) * 64);
+  }
+  prob_free(&A);
+  prob_free(&B);
+}
+
+/* Runs the reference and every path; calls check(out) on each. */
+typedef void (*out_check)(const prob *P, const float *out, const char *who, void *ctx);
+static void each_impl(const attn_params *prm, prob *P, out_check check, void *ctx) {
+  ts_err err;
+  assert_int_equal(attn_reference(prm, P->H, P->Hkv, P->Lq, P->Lk, P->d, P->dv, P->tq, P->tk,
+                                  P->tv, P->to, &err), 0);
+  check(P, P->out, "reference", ctx);
+  cpu_path ps[3];
+  int np = paths(ps);
+  for (int pi = 0; pi < np; pi++) {
+    memset(P->out, 0xff, sizeof(float) * (size_t)P->H * P->Lq * P->dv); /* NaN poison */
+    assert_int_equal(attn_forward_path(ps[pi], NULL, prm, P->H, P->Hkv, P->Lq, P->Lk, P->d,
+                                       P->dv, P->tq, P->tk, P->tv, P->to, &err), 0);
+    check(P, P->out, cpu_path_name(ps[pi]), ctx);
+  }
+}
+
+/* Query 0 under a causal mask sees key 0 alone: softmax gives v_0 exactly;
+ * LSSA gives v_0 a / (a + eps) with a = ln 2; LSSAR (row 0 < offset rows)
+ * v_0 / (1 + eps x^-p) with x = a / (a + eps): both v_0 to ~1e-8. */
+static void check_first_row(const prob *P, const float *out, const char *who, void *ctx) {
+  int variant = *(int *)ctx;
+  for (int h = 0; h < P->H; h++) {
+    const float *v0 = P->v + (h / (P->H / P->Hkv)) * P->tv.head_stride;
+    for (int c = 0; c < P->dv; c++) {
+      float o = oat(P, out, h, 0)[c];
+      if (variant == ATTN_SOFTMAX) {
+        if (o != v0[c]) fail_msg("%s: softmax row 0 col %d: %g != %g", who, c, o, v0[c]);
+      } else {
+        assert_true(fabs(o - v0[c]) <= 3e-7 * fabs(v0[c]) + 1e-30);
+      }
+    }
+  }
+}
+
+static void test_single_visible_key(void **state) {
+  (void)state;
+  for (int var = 0; var < 3; var++) {
+    prob P;
+    prob_init(&P, 4, 2, 9, 9, 80, 24, 0, 0, 2);
+    attn_params prm = variant_params(var, 1, 0, 0);
+    each_impl(&prm, &P, check_first_row, &var);
+    prob_free(&P);
+  }
+}
+
+/* Identical keys make every row uniform: N A_ij = N a / (N a + eps) < 1, so
+ * past the offset rows ReLU(N A - 1) = 0 and the output is 0 exactly; the
+ * first three rows (O = 0) give the mean of their visible values. */
+static void check_uniform(const prob *P, const float *out, const char *who, void *ctx) {
+  (void)ctx;
+  for (int64_t i = 0; i < P->Lq; i++)
+    for (int c = 0; c < P->dv; c++) {
+      float o = oat(P, out, 0, i)[c];
+      if (i >= 3) {
+        if (o != 0.0f) fail_msg("%s: uniform LSSAR row %lld col %d = %g, not 0", who, (long long)i, c, o);
+      } else {
+        double mean = 0;
+        for (int64_t j = 0; j <= i; j++) mean += P->v[j * P->tv.row_stride + c];
+        mean /= (double)(i + 1);
+        assert_true(fabs(o - mean) <= 1e-5);
+      }
+    }
+}
+
+static void test_lssar_uniform_rows_zero(void **state) {
+  (void)state;
+  prob P;
+  prob_init(&P, 1, 1, 150, 150, 64, 32, 0, 0, 1);
+  for (int64_t j = 1; j < P.Lk; j++) memcpy(kat(&P, 0, j), kat(&P, 0, 0), sizeof(float) * 64);
+  attn_params prm = attn_params_default(ATTN_LSSAR);
+  each_impl(&prm, &P, check_uniform, NULL);
+  prob_free(&P);
+}
+
+/* Keys a causal row cannot see carry enormous K and V: nothing changes. */
+static void test_masked_keys_never_contribute(void **state) {
+  (void)state;
+  for (int var = 0; var < 3; var++) {
+    prob P;
+    prob_init(&P, 2, 1, 70, 140, 64, 64, 0, 0, 1);
+    attn_params prm = variant_params(var, 1, 5, 0);
+    size_t no = (size_t)P.H * P.Lq * P.dv;
+    float *clean = malloc(sizeof(float) * no), *dirty = malloc(sizeof(float) * no);
+    size_t nkv = (size_t)P.Hkv * P.cap * 64;
+    float *k0 = malloc(sizeof(float) * nkv), *v0 = malloc(sizeof(float) * nkv);
+    memcpy(k0, P.k, sizeof(float) * nkv);
+    memcpy(v0, P.v, sizeof(float) * nkv);
+    cpu_path ps[3];
+    int np = paths(ps);
+    ts_err err;
+    for (int pi = -1; pi < np; pi++) {
+      for (int pass = 0; pass < 2; pass++) {
+        if (pass == 0) {
+          memcpy(P.k, k0, sizeof(float) * nkv);
+          memcpy(P.v, v0, sizeof(float) * nkv);
+        } else /* keys past the last query's position 74, and inside tiles */
+          for (int64_t j = 75; j < P.Lk; j++)
+            for (int c = 0; c < 64; c++) {
+              kat(&P, 0, j)[c] = c % 2 ? 1e6f : -1e6f;
+              vat(&P, 0, j)[c] = 1e30f;
+            }
+        attn_out o = P.to;
+        o.data = pass ? dirty : clean;
+        int rc = pi < 0 ? attn_reference(&prm, 2, 1, 70, 140, 64, 64, P.tq, P.tk, P.tv, o, &err)
+                        : attn_forward_path(ps[pi], NULL, &prm, 2, 1, 70, 140, 64, 64, P.tq,
+                                            P.tk, P.tv, o, &err);
+        assert_int_equal(rc, 0);
+      }
+      assert_memory_equal(clean, dirty, sizeof(float) * no);
+      for (size_t i = 0; i < no; i++) assert_true(isfinite(clean[i]));
+    }
+    free(clean);
+    free(dirty);
+    free(k0);
+    free(v0);
+    prob_free(&P);
+  }
+}
+
+/* One key aligned with the query, one at cosine 0.9, 998 opposed: N A - 1 is
+ * about 999 for the first, whose 15th power (1e45) overflows float32. The
+ * guarded kernels stay finite and match the double naive result. */
+static void test_lssar_overflow_row(void **state) {
+  (void)state;
+  prob P;
+  prob_init(&P, 1, 1, 1, 1000, 64, 16, 0, 0, 1);
+  memset(P.q, 0, sizeof(float) * 64);
+  memset(P.k, 0, sizeof(float) * 64 * 1000);
+  P.q[0] = 2.0f;
+  for (int64_t j = 0; j < 1000; j++) kat(&P, 0, j)[0] = -1.0f;
+  int64_t ja = 417, jb = 903;
+  kat(&P, 0, ja)[0] = 3.0f;
+  kat(&P, 0, jb)[0] = 0.9f;
+  kat(&P, 0, jb)[1] = (float)sqrt(1 - 0.81);
+  attn_params prm = attn_params_default(ATTN_LSSAR);
+  prm.query_offset = 999;
+  double res[16];
+  naive(&prm, &P, res);
+  double xa = 1000.0 * log1p(exp(log(64.0) * log(1000.0))) /
+              (log1p(exp(log(64.0) * log(1000.0))) + 998 * log1p(exp(-log(64.0) * log(1000.0))) +
+               log1p(exp(0.9 * log(64.0) * log(1000.0))));
+  assert_true(pow(xa - 1, 15) > 3.4e38); /* the naive float power would overflow */
+  ts_err err;
+  assert_int_equal(attn_reference(&prm, 1, 1, 1, 1000, 64, 16, P.tq, P.tk, P.tv, P.to, &err), 0);
+  for (int c = 0; c < 16; c++) assert_true(fabs(P.out[c] - res[c]) <= 1e-6 + 1e-6 * fabs(res[c]));
+  cpu_path ps[3];
+  int np = paths(ps);
+  for (int pi = 0; pi < np; pi++) {
+    assert_int_equal(attn_forward_path(ps[pi], NULL, &prm, 1, 1, 1, 1000, 64, 16, P.tq, P.tk,
+                                       P.tv, P.to, &err), 0);
+    for (int c = 0; c < 16; c++) {
+      assert_true(isfinite(P.out[c]));
+      assert_true(fabs(P.out[c] - res[c]) <= 1e-4 + 1e-4 * fabs(res[c]));
+    }
+  }
+  prob_free(&P);
+}
+
+/* Full mask with no keys: zeros, never NaN. Lq = 0: nothing to do. */
+static void test_empty(void **state) {
+  (void)state;
+  float q[64], o[64];
+  for (int i = 0; i < 64; i++) q[i] = 1.0f, o[i] = NAN;
+  attn_tensor tq = {q, 64, 64}, tk = {NULL, 0, 64};
+  attn_out to = {o, 64, 64};
+  ts_err err;
+  for (int var = 0; var < 3; var++) {
+    attn_params prm = variant_params(var, 0, 0, 0);
+    assert_int_equal(attn_forward(NULL, &prm, 1, 1, 1, 0, 64, 64, tq, tk, tk, to, &err), 0);
+    for (int i = 0; i < 64; i++) assert_true(o[i] == 0.0f);
+    for (int i = 0; i < 64; i++) o[i] = NAN;
+    assert_int_equal(attn_reference(&prm, 1, 1, 1, 0, 64, 64, tq, tk, tk, to, &err), 0);
+    for (int i = 0; i < 64; i++) assert_true(o[i] == 0.0f);
+    assert_int_equal(attn_forward(NULL, &prm, 1, 1, 0, 0, 64, 64, tq, tk, tk, to, &err), 0);
+  }
+}
+
+static void test_bad_arguments(void **state) {
+  (void)state;
+  float buf[64 * 8] = {0};
+  attn_tensor t = {buf, 64, 64};
+  attn_out o = {buf, 64, 64};
+  attn_params prm = attn_params_default(ATTN_SOFTMAX);
+  ts_err err;
+  assert_int_equal(attn_forward(NULL, &prm, 3, 2, 1, 1, 64, 64, t, t, t, o, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "3 query heads"));
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 1, 1, 0, 64, t, t, t, o, &err), -TS_EINVAL);
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 1, 1, 64, 0, t, t, t, o, &err), -TS_EINVAL);
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, -1, 1, 64, 64, t, t, t, o, &err), -TS_EINVAL);
+  prm.query_offset = 4; /* causal positions 4..5 need 6 keys */
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 2, 5, 64, 64, t, t, t, o, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "need 6 keys"));
+  assert_int_equal(attn_reference(&prm, 1, 1, 2, 5, 64, 64, t, t, t, o, &err), -TS_EINVAL);
+  prm.causal = 0; /* the same shape unmasked is fine */
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 2, 5, 64, 64, t, t, t, o, &err), 0);
+  prm.query_offset = -1;
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 2, 5, 64, 64, t, t, t, o, &err), -TS_EINVAL);
+  prm = attn_params_default(ATTN_LSSAR);
+  prm.p = 0;
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 1, 1, 64, 64, t, t, t, o, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "power"));
+  prm.p = 15;
+  prm.offset_rows = -1;
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 1, 1, 64, 64, t, t, t, o, &err), -TS_EINVAL);
+  prm = attn_params_default((attn_variant)7);
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 1, 1, 64, 64, t, t, t, o, &err), -TS_EINVAL);
+  prm = attn_params_default(ATTN_LSSA);
+  attn_tensor nul = {NULL, 0, 0};
+  assert_int_equal(attn_forward(NULL, &prm, 1, 1, 1, 1, 64, 64, t, nul, t, o, &err), -TS_EINVAL);
+  if (!cpu_has_neon())
+    assert_int_equal(attn_forward_path(CPU_NEON, NULL, &prm, 1, 1, 1, 1, 64, 64, t, t, t, o, &err),
+                     -TS_EINVAL);
+}
+
+/* Every allocation failure becomes -TS_ENOMEM, never a crash or a leak. */
+static void test_out_of_memory(void **state) {
+  (void)state;
+  prob P;
+  prob_init(&P, 2, 1, 100, 100, 64, 64, 0, 0, 1);
+  ts_err err;
+  for (int var = 0; var < 3; var++) {
+    attn_params prm = variant_params(var, 1, 0, 0);
+    for (long n = 0; n < 3; n++) {
+      tl_mem_fail_after(n);
+      int rc = attn_forward(NULL, &prm, 2, 1, 100, 100, 64, 64, P.tq, P.tk, P.tv, P.to, &err);
+      tl_mem_fail_reset();
+      /* the packed K/V, then the worker's two scratch blocks */
+      assert_int_equal(rc, -TS_ENOMEM);
+      assert_non_null(strstr(err.msg, "out of memory"));
+    }
+    tl_mem_fail_after(0);
+    assert_int_equal(attn_reference(&prm, 2, 1, 100, 100, 64, 64, P.tq, P.tk, P.tv, P.to, &err),
+                     -TS_ENOMEM);
+    tl_mem_fail_reset();
+  }
+  prob_free(&P);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_reference_vs_naive),
+      cmocka_unit_test(test_paths_vs_reference),
+      cmocka_unit_test(test_layouts_agree),
+      cmocka_unit_test(test_single_visible_key),
+      cmocka_unit_test(test_lssar_uniform_rows_zero),
+      cmocka_unit_test(test_masked_keys_never_contribute),
+      cmocka_unit_test(test_lssar_overflow_row),
+      cmocka_unit_test(test_empty),
+      cmocka_unit_test(test_bad_arguments),
+      cmocka_unit_test(test_out_of_memory),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
