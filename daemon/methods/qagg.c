@@ -247,6 +247,22 @@ static void softmax_backward(const qa_spec *s, const double *w, const double *dw
   }
 }
 
+/* y[0..n) += a * x[0..n). Four loads of each array before the four stores
+ * let GCC's -O2 basic-block vectoriser pack them (the -O2 loop vectoriser
+ * declines loops whose trip count is not a multiple of the vector width). */
+static inline void axpy(int64_t n, double a, const double *restrict x, double *restrict y) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    double x0 = x[i], x1 = x[i + 1], x2 = x[i + 2], x3 = x[i + 3];
+    double y0 = y[i], y1 = y[i + 1], y2 = y[i + 2], y3 = y[i + 3];
+    y[i] = y0 + a * x0;
+    y[i + 1] = y1 + a * x1;
+    y[i + 2] = y2 + a * x2;
+    y[i + 3] = y3 + a * x3;
+  }
+  for (; i < n; i++) y[i] += a * x[i];
+}
+
 /* ------------------------------------------------- aggregation of one row */
 
 static void agg_row_f64(const qa_spec *s, const double *w, const float *z, double *q) {
@@ -259,11 +275,7 @@ static void agg_row_f64(const qa_spec *s, const double *w, const float *z, doubl
     for (int j = 0; j < M; j++)
       for (int k = 0; k < K; k++) q[k] += w[j * K + k] * z[j * K + k];
   } else {
-    for (int64_t r = 0; r < (int64_t)M * K; r++) {
-      double zr = z[r];
-      const double *wr = w + r * K;
-      for (int k = 0; k < K; k++) q[k] += wr[k] * zr;
-    }
+    for (int64_t r = 0; r < (int64_t)M * K; r++) axpy(K, z[r], w + r * K, q);
   }
 }
 
@@ -277,13 +289,10 @@ static void agg_dw_accum(const qa_spec *s, const float *z, const double *g, doub
       dw[j] += a;
     }
   } else if (s->gran == QA_MEDIUM) {
-    for (int64_t i = 0; i < (int64_t)M * K; i++) dw[i] += g[i % K] * z[i];
+    for (int j = 0; j < M; j++)
+      for (int k = 0; k < K; k++) dw[j * K + k] += g[k] * z[j * K + k];
   } else {
-    for (int64_t r = 0; r < (int64_t)M * K; r++) {
-      double zr = z[r];
-      double *d = dw + r * K;
-      for (int k = 0; k < K; k++) d[k] += zr * g[k];
-    }
+    for (int64_t r = 0; r < (int64_t)M * K; r++) axpy(K, z[r], g, dw + r * K);
   }
 }
 
@@ -315,127 +324,232 @@ static void row_loss(int K, const double *tau, double y, const double *q, double
   *pen = pe;
 }
 
-/* ------------------------------------------------- local network (double) */
+/* ------------------------------------------------------ row tiles (double)
+ *
+ * Training works on tiles of up to QA_TILE rows so that each weight row is
+ * read once per tile rather than once per row: the local network's Linear
+ * layers and the global fine product stream their weights through the cache
+ * QA_TILE times less often. Products are written in axpy form (vectorisable
+ * without reassociation) except the forward dot products, which use four
+ * partial sums. */
 
-typedef struct net_ws {
-  double *pre[QA_MAX_DEPTH], *act[QA_MAX_DEPTH];
-  double *inp[QA_MAX_DEPTH + 1]; /* input of Linear i; inp[0] = x */
-  double *scale[QA_MAX_DEPTH + 1]; /* dropout factor applied to inp[i], NULL = none */
-  double *sv, *w, *dw, *ds, *da, *db, *q, *g;
+#define QA_TILE 32
+
+typedef struct tile_ws {
+  int64_t R;                        /* rows per tile */
+  double *inp[QA_MAX_DEPTH + 1];    /* [R, in_i], input of Linear i; inp[0] = x */
+  double *pre[QA_MAX_DEPTH];        /* [R, H] before ELU */
+  double *scale[QA_MAX_DEPTH + 1];  /* [R, H] dropout factor on inp[i]; NULL = none */
+  double *S, *W, *DS;               /* [R, L] logits, weights, d loss / d logits */
+  double *da, *db;                  /* [R, max(H, D)] */
+  double *q, *g;                    /* [R, K] */
   double *mem;
-} net_ws;
+} tile_ws;
 
-static int net_ws_alloc(net_ws *ws, const qa_spec *s, int dropout) {
-  int64_t H = s->hidden, D = s->D, L = qa_logit_count(s), K = s->K, depth = s->depth;
-  int64_t need = D + 3 * depth * H + (dropout ? depth * H : 0) + 4 * L + 2 * (H > D ? H : D) + 2 * K;
+static int64_t tile_rows(const qa_spec *s) {
+  if (s->scope == QA_GLOBAL) return QA_TILE;
+  int64_t R = ((int64_t)1 << 17) / qa_logit_count(s);
+  return R < 1 ? 1 : R > QA_TILE ? QA_TILE : R;
+}
+
+static int tile_ws_alloc(tile_ws *ws, const qa_spec *s, int dropout) {
   memset(ws, 0, sizeof *ws);
+  int64_t R = tile_rows(s), K = s->K, need = 2 * R * K;
+  int local = s->scope == QA_LOCAL;
+  int64_t H = s->hidden, D = s->D, L = qa_logit_count(s), wide = H > D ? H : D;
+  if (local) need += R * (D + 2 * s->depth * H + (dropout ? (s->depth - 1) * H : 0) + 3 * L + 2 * wide);
   ws->mem = tl_malloc((size_t)need * sizeof(double));
   if (!ws->mem) return -1;
+  ws->R = R;
   double *m = ws->mem;
-  ws->inp[0] = m, m += D;
-  for (int i = 0; i < depth; i++) {
-    ws->pre[i] = m, m += H;
-    ws->act[i] = m, m += H;
-    ws->inp[i + 1] = m, m += H;
-    if (dropout && i + 1 < depth) ws->scale[i + 1] = m, m += H;
+  ws->q = m, m += R * K;
+  ws->g = m, m += R * K;
+  if (!local) return 0;
+  ws->inp[0] = m, m += R * D;
+  for (int i = 0; i < s->depth; i++) {
+    ws->pre[i] = m, m += R * H;
+    ws->inp[i + 1] = m, m += R * H;
+    if (dropout && i + 1 < s->depth) ws->scale[i + 1] = m, m += R * H;
   }
-  if (dropout) m += H; /* the unused last mask slot keeps `need` simple */
-  ws->sv = m, m += L;
-  ws->w = m, m += L;
-  ws->dw = m, m += L;
-  ws->ds = m, m += L;
-  ws->da = m, m += (H > D ? H : D);
-  ws->db = m, m += (H > D ? H : D);
-  ws->q = m, m += K;
-  ws->g = m, m += K;
+  ws->S = m, m += R * L;
+  ws->W = m, m += R * L;
+  ws->DS = m, m += R * L;
+  ws->da = m, m += R * wide;
+  ws->db = m;
   return 0;
 }
 
 static double elu(double x) { return x > 0 ? x : expm1(x); }
 
+/* O[R, out] = A[R, in] W[out, in]^T + b */
+static void d_linear(int64_t R, int64_t out, int64_t in, const double *A, const double *W,
+                     const double *b, double *O) {
+  for (int64_t r = 0; r < out; r++) {
+    const double *wr = W + r * in;
+    for (int64_t t = 0; t < R; t++) {
+      const double *a = A + t * in;
+      double s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      int64_t c = 0;
+      for (; c + 4 <= in; c += 4) {
+        s0 += wr[c] * a[c];
+        s1 += wr[c + 1] * a[c + 1];
+        s2 += wr[c + 2] * a[c + 2];
+        s3 += wr[c + 3] * a[c + 3];
+      }
+      for (; c < in; c++) s0 += wr[c] * a[c];
+      O[t * out + r] = b[r] + ((s0 + s1) + (s2 + s3));
+    }
+  }
+}
+
+/* GW[out, in] += G[R, out]^T A[R, in]; GB[out] += column sums of G */
+static void d_linear_grad(int64_t R, int64_t out, int64_t in, const double *G, const double *A,
+                          double *GW, double *GB) {
+  for (int64_t r = 0; r < out; r++) {
+    double *gw = GW + r * in, gb = 0;
+    for (int64_t t = 0; t < R; t++) {
+      double gr = G[t * out + r];
+      if (gr == 0.0) continue;
+      axpy(in, gr, A + t * in, gw);
+      gb += gr;
+    }
+    GB[r] += gb;
+  }
+}
+
+/* DA[R, in] = G[R, out] W[out, in] */
+static void d_linear_back(int64_t R, int64_t out, int64_t in, const double *G, const double *W,
+                          double *DA) {
+  for (int64_t e = 0; e < R * in; e++) DA[e] = 0.0;
+  for (int64_t r = 0; r < out; r++) {
+    const double *wr = W + r * in;
+    for (int64_t t = 0; t < R; t++) {
+      double gr = G[t * out + r];
+      if (gr == 0.0) continue;
+      axpy(in, gr, wr, DA + t * in);
+    }
+  }
+}
+
 /* Pointers to layer i's weight and bias inside theta. */
 static const double *lw(const qa_spec *s, const double *theta, int i, int bias) {
-  int64_t off = 0;
+  int64_t off = 0, in, out;
   for (int l = 0; l < i; l++) {
-    int64_t in, out;
     layer_dims(s, l, &in, &out);
     off += out * in + out;
   }
-  int64_t in, out;
   layer_dims(s, i, &in, &out);
   return theta + off + (bias ? out * in : 0);
 }
 
-/* Forward of one row through the network into ws->sv (logits) and ws->w
- * (weights). row_id and seed fix the dropout mask. */
-static void net_forward_row(const qa_spec *s, const double *const *W, const double *const *Bv,
-                            const float *x, double dropout, uint64_t seed, int64_t row_id,
-                            net_ws *ws) {
-  int64_t H = s->hidden, L = qa_logit_count(s);
-  for (int d = 0; d < s->D; d++) ws->inp[0][d] = x[d];
-  uint64_t st = seed ^ ((uint64_t)row_id * 0xD1B54A32D192ED03ull);
+/* The network on a tile of R rows into ws->S (logits) and ws->W (weights).
+ * The dropout mask of a row depends on (seed, ids[t]) only. */
+static void tile_net_forward(const qa_spec *s, const double *const *Wl, const double *const *Bl,
+                             int64_t R, const float *const *x, double dropout, uint64_t seed,
+                             const int64_t *ids, tile_ws *ws) {
+  int64_t H = s->hidden, L = qa_logit_count(s), D = s->D;
+  uint64_t st[QA_TILE];
+  for (int64_t t = 0; t < R; t++) {
+    for (int64_t d = 0; d < D; d++) ws->inp[0][t * D + d] = x[t][d];
+    st[t] = seed ^ ((uint64_t)ids[t] * 0xD1B54A32D192ED03ull);
+  }
   for (int i = 0; i <= s->depth; i++) {
     int64_t in, out;
     layer_dims(s, i, &in, &out);
-    const double *a = ws->inp[i];
-    double *o = i == s->depth ? ws->sv : ws->pre[i];
-    for (int64_t r = 0; r < out; r++) {
-      const double *wr = W[i] + r * in;
-      double acc = Bv[i][r];
-      for (int64_t c = 0; c < in; c++) acc += wr[c] * a[c];
-      o[r] = acc;
-    }
+    d_linear(R, out, in, ws->inp[i], Wl[i], Bl[i], i == s->depth ? ws->S : ws->pre[i]);
     if (i == s->depth) break;
-    for (int64_t r = 0; r < H; r++) ws->act[i][r] = elu(ws->pre[i][r]);
-    double *nx = ws->inp[i + 1];
-    if (ws->scale[i + 1]) {
-      double keep = 1.0 / (1.0 - dropout);
+    double *nx = ws->inp[i + 1], *sc = ws->scale[i + 1], keep = 1.0 / (1.0 - dropout);
+    for (int64_t t = 0; t < R; t++)
       for (int64_t r = 0; r < H; r++) {
-        ws->scale[i + 1][r] = unif01(&st) < dropout ? 0.0 : keep;
-        nx[r] = ws->act[i][r] * ws->scale[i + 1][r];
+        int64_t e = t * H + r;
+        nx[e] = elu(ws->pre[i][e]);
+        if (sc) {
+          sc[e] = unif01(&st[t]) < dropout ? 0.0 : keep;
+          nx[e] *= sc[e];
+        }
       }
-    } else {
-      memcpy(nx, ws->act[i], (size_t)H * sizeof(double));
-    }
   }
-  if (s->simplex) softmax_f64(s, ws->sv, ws->w);
-  else memcpy(ws->w, ws->sv, (size_t)L * sizeof(double));
+  for (int64_t t = 0; t < R; t++) {
+    if (s->simplex) softmax_f64(s, ws->S + t * L, ws->W + t * L);
+    else memcpy(ws->W + t * L, ws->S + t * L, (size_t)L * sizeof(double));
+  }
 }
 
-/* Backward of one row from ws->ds (d loss / d logits) into grad. */
-static void net_backward_row(const qa_spec *s, const double *const *W, double *const *GW,
-                             double *const *GB, net_ws *ws) {
+/* Backward of a tile from ws->DS (d loss / d logits) into GW, GB. */
+static void tile_net_backward(const qa_spec *s, const double *const *Wl, double *const *GW,
+                              double *const *GB, int64_t R, tile_ws *ws) {
   int64_t H = s->hidden;
-  const double *up = ws->ds; /* gradient w.r.t. the output of layer i */
+  const double *up = ws->DS; /* d loss / d output of layer i, [R, out] */
   for (int i = s->depth; i >= 0; i--) {
     int64_t in, out;
     layer_dims(s, i, &in, &out);
-    const double *a = ws->inp[i];
-    for (int64_t r = 0; r < out; r++) {
-      double gr = up[r];
-      if (gr == 0.0) continue;
-      double *gw = GW[i] + r * in;
-      for (int64_t c = 0; c < in; c++) gw[c] += gr * a[c];
-      GB[i][r] += gr;
-    }
+    d_linear_grad(R, out, in, up, ws->inp[i], GW[i], GB[i]);
     if (i == 0) break;
-    /* d loss / d inp[i] = W_i^T up, then in place through the dropout of
-     * inp[i] and the ELU of layer i-1; da and db alternate as `up`. */
+    /* through the dropout of inp[i] and the ELU of layer i-1, in place;
+     * da and db alternate as `up` */
     double *da = up == ws->da ? ws->db : ws->da;
-    for (int64_t c = 0; c < in; c++) da[c] = 0.0;
-    for (int64_t r = 0; r < out; r++) {
-      double gr = up[r];
-      if (gr == 0.0) continue;
-      const double *wr = W[i] + r * in;
-      for (int64_t c = 0; c < in; c++) da[c] += gr * wr[c];
-    }
-    for (int64_t c = 0; c < H; c++) {
-      double v = da[c];
-      if (ws->scale[i]) v *= ws->scale[i][c];
-      double p = ws->pre[i - 1][c];
-      da[c] = v * (p > 0 ? 1.0 : exp(p));
+    d_linear_back(R, out, in, up, Wl[i], da);
+    for (int64_t e = 0; e < R * H; e++) {
+      double v = da[e], p = ws->pre[i - 1][e];
+      if (ws->scale[i]) v *= ws->scale[i][e];
+      da[e] = v * (p > 0 ? 1.0 : exp(p));
     }
     up = da;
+  }
+}
+
+/* Global fine on a tile: q[t, :] = sum_r z[t][r] W[r, :]. */
+static void tile_agg_fine(const qa_spec *s, int64_t R, const double *W, const float *const *z,
+                          double *q) {
+  int64_t K = s->K, MK = (int64_t)s->M * K;
+  for (int64_t e = 0; e < R * K; e++) q[e] = 0.0;
+  for (int64_t r = 0; r < MK; r++) {
+    const double *wr = W + r * K;
+    for (int64_t t = 0; t < R; t++) axpy(K, z[t][r], wr, q + t * K);
+  }
+}
+
+/* Global fine on a tile: dW[r, :] += sum_t z[t][r] g[t, :]. */
+static void tile_dw_fine(const qa_spec *s, int64_t R, const float *const *z, const double *g,
+                         double *dW) {
+  int64_t K = s->K, MK = (int64_t)s->M * K;
+  for (int64_t r = 0; r < MK; r++) {
+    double *d = dW + r * K;
+    for (int64_t t = 0; t < R; t++) axpy(K, z[t][r], g + t * K, d);
+  }
+}
+
+/* The layer pointers of theta (and of a gradient with the same layout). */
+static void layer_ptrs(const qa_spec *s, const double *theta, double *grad, const double **W,
+                       const double **Bv, double **GW, double **GB) {
+  for (int i = 0; i <= s->depth; i++) {
+    W[i] = lw(s, theta, i, 0);
+    Bv[i] = lw(s, theta, i, 1);
+    if (grad) {
+      GW[i] = grad + (W[i] - theta);
+      GB[i] = grad + (Bv[i] - theta);
+    }
+  }
+}
+
+/* Forward of a tile of rows ids[0..R) into ws->q; global weights in gw. */
+static void tile_forward(const qa_spec *s, const double *gw, const double *const *Wl,
+                         const double *const *Bl, int64_t R, const int64_t *ids, const float *Z,
+                         const float *X, double dropout, uint64_t seed, const float **z,
+                         tile_ws *ws) {
+  int64_t MK = (int64_t)s->M * s->K, L = qa_logit_count(s);
+  const float *x[QA_TILE];
+  for (int64_t t = 0; t < R; t++) {
+    z[t] = Z + ids[t] * MK;
+    if (s->scope == QA_LOCAL) x[t] = X + ids[t] * (int64_t)s->D;
+  }
+  if (s->scope == QA_LOCAL) {
+    tile_net_forward(s, Wl, Bl, R, x, dropout, seed, ids, ws);
+    for (int64_t t = 0; t < R; t++) agg_row_f64(s, ws->W + t * L, z[t], ws->q + t * s->K);
+  } else if (s->gran == QA_FINE) {
+    tile_agg_fine(s, R, gw, z, ws->q);
+  } else {
+    for (int64_t t = 0; t < R; t++) agg_row_f64(s, gw, z[t], ws->q + t * s->K);
   }
 }
 
@@ -460,57 +574,52 @@ typedef struct lg_ctx {
 static void lg_block(void *arg, int64_t b0, int64_t b1) {
   lg_ctx *c = arg;
   const qa_spec *s = c->s;
-  int M = s->M, K = s->K;
+  int K = s->K;
+  int64_t L = qa_logit_count(s);
+  int local = s->scope == QA_LOCAL, drop = local && c->o->dropout > 0.0;
+  tile_ws ws;
+  if (tile_ws_alloc(&ws, s, drop)) {
+    __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
+    return;
+  }
   for (int64_t b = b0; b < b1; b++) {
     int64_t r0 = c->n * b / c->nblocks, r1 = c->n * (b + 1) / c->nblocks;
     double *acc = c->want_grad ? c->acc + b * c->P : NULL;
     double pin = 0.0, pen = 0.0, rp, re;
-    net_ws ws;
-    int drop = s->scope == QA_LOCAL && c->o->dropout > 0.0;
-    if (net_ws_alloc(&ws, s, drop)) {
-      __atomic_store_n(&c->failed, 1, __ATOMIC_RELAXED);
-      return;
-    }
     const double *W[QA_MAX_DEPTH + 1], *Bv[QA_MAX_DEPTH + 1];
     double *GW[QA_MAX_DEPTH + 1], *GB[QA_MAX_DEPTH + 1];
-    if (s->scope == QA_LOCAL)
-      for (int i = 0; i <= s->depth; i++) {
-        W[i] = lw(s, c->theta, i, 0);
-        Bv[i] = lw(s, c->theta, i, 1);
-        if (acc) {
-          GW[i] = acc + (W[i] - c->theta);
-          GB[i] = acc + (Bv[i] - c->theta);
-        }
+    if (local) layer_ptrs(s, c->theta, acc, W, Bv, GW, GB);
+    for (int64_t i0 = r0; i0 < r1; i0 += ws.R) {
+      int64_t R = r1 - i0 < ws.R ? r1 - i0 : ws.R, ids[QA_TILE];
+      const float *z[QA_TILE];
+      for (int64_t t = 0; t < R; t++) ids[t] = c->rows ? c->rows[i0 + t] : i0 + t;
+      tile_forward(s, c->gw, W, Bv, R, ids, c->Z, c->X, drop ? c->o->dropout : 0.0,
+                   c->o->dropout_seed, z, &ws);
+      for (int64_t t = 0; t < R; t++) {
+        row_loss(K, s->levels, c->y[ids[t]], ws.q + t * K, c->cp, c->cn, c->o->margin, &rp, &re,
+                 ws.g + t * K);
+        pin += rp;
+        pen += re;
       }
-    int64_t L = qa_logit_count(s);
-    for (int64_t i = r0; i < r1; i++) {
-      int64_t r = c->rows ? c->rows[i] : i;
-      const float *z = c->Z + r * (int64_t)M * K;
-      const double *w = c->gw;
-      if (s->scope == QA_LOCAL) {
-        net_forward_row(s, W, Bv, c->X + r * (int64_t)s->D, drop ? c->o->dropout : 0.0,
-                        c->o->dropout_seed, r, &ws);
-        w = ws.w;
-      }
-      agg_row_f64(s, w, z, ws.q);
-      row_loss(K, s->levels, c->y[r], ws.q, c->cp, c->cn, c->o->margin, &rp, &re, ws.g);
-      pin += rp;
-      pen += re;
       if (!acc) continue;
-      if (s->scope == QA_GLOBAL) {
-        agg_dw_accum(s, z, ws.g, acc);
+      if (!local && s->gran == QA_FINE) {
+        tile_dw_fine(s, R, z, ws.g, acc);
+      } else if (!local) {
+        for (int64_t t = 0; t < R; t++) agg_dw_accum(s, z[t], ws.g + t * K, acc);
       } else {
-        memset(ws.dw, 0, (size_t)L * sizeof(double));
-        agg_dw_accum(s, z, ws.g, ws.dw);
-        if (s->simplex) softmax_backward(s, ws.w, ws.dw, ws.ds);
-        else memcpy(ws.ds, ws.dw, (size_t)L * sizeof(double));
-        net_backward_row(s, W, GW, GB, &ws);
+        for (int64_t t = 0; t < R; t++) {
+          double *ds = ws.DS + t * L;
+          memset(ds, 0, (size_t)L * sizeof(double));
+          agg_dw_accum(s, z[t], ws.g + t * K, ds);
+          if (s->simplex) softmax_backward(s, ws.W + t * L, ds, ds); /* in place */
+        }
+        tile_net_backward(s, W, GW, GB, R, &ws);
       }
     }
     c->pin[b] = pin;
     c->pen[b] = pen;
-    tl_free(ws.mem);
   }
+  tl_free(ws.mem);
 }
 
 static int global_weights_f64(const qa_spec *s, const double *theta, double *w) {
@@ -600,10 +709,11 @@ int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n, const float
                    const float *X, double *Q, ts_err *err) {
   int rc = qa_spec_check(s, err);
   if (rc) return rc;
-  if (s->scope == QA_LOCAL && !X) return ts_errf(err, TS_EINVAL, "local aggregator: features X missing");
+  if (!Z || (s->scope == QA_LOCAL && !X))
+    return ts_errf(err, TS_EINVAL, "aggregator: %s missing", !Z ? "base predictions Z" : "features X");
   int64_t L = qa_logit_count(s);
-  net_ws ws;
-  if (net_ws_alloc(&ws, s, 0)) return ts_errf(err, TS_ENOMEM, "aggregator: out of memory");
+  tile_ws ws;
+  if (tile_ws_alloc(&ws, s, 0)) return ts_errf(err, TS_ENOMEM, "aggregator: out of memory");
   double *gw = NULL;
   const double *W[QA_MAX_DEPTH + 1], *Bv[QA_MAX_DEPTH + 1];
   if (s->scope == QA_GLOBAL) {
@@ -614,15 +724,14 @@ int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n, const float
     }
     global_weights_f64(s, theta, gw);
   } else {
-    for (int i = 0; i <= s->depth; i++) W[i] = lw(s, theta, i, 0), Bv[i] = lw(s, theta, i, 1);
+    layer_ptrs(s, theta, NULL, W, Bv, NULL, NULL);
   }
-  for (int64_t r = 0; r < n; r++) {
-    const double *w = gw;
-    if (s->scope == QA_LOCAL) {
-      net_forward_row(s, W, Bv, X + r * (int64_t)s->D, 0.0, 0, r, &ws);
-      w = ws.w;
-    }
-    agg_row_f64(s, w, Z + r * (int64_t)s->M * s->K, Q + r * s->K);
+  for (int64_t i0 = 0; i0 < n; i0 += ws.R) {
+    int64_t R = n - i0 < ws.R ? n - i0 : ws.R, ids[QA_TILE];
+    const float *z[QA_TILE];
+    for (int64_t t = 0; t < R; t++) ids[t] = i0 + t;
+    tile_forward(s, gw, W, Bv, R, ids, Z, X, 0.0, 0, z, &ws);
+    memcpy(Q + i0 * s->K, ws.q, (size_t)(R * s->K) * sizeof(double));
   }
   tl_free(gw);
   tl_free(ws.mem);
@@ -715,53 +824,77 @@ static void fw_local_chunks(void *arg, int64_t c0, int64_t c1) {
   tl_free(buf);
 }
 
-int qa_forward(pool_t *pool, const qa_spec *s, const qa_params *p, int64_t B, const float *Z,
-               const float *X, float *Q, ts_err *err) {
+void qa_infer_free(qa_infer *f) {
+  if (!f) return;
+  tl_free(f->wg);
+  memset(f, 0, sizeof *f);
+}
+
+int qa_infer_init(qa_infer *f, const qa_spec *s, const qa_params *p, ts_err *err) {
+  memset(f, 0, sizeof *f);
   int rc = qa_spec_check(s, err);
   if (rc) return rc;
+  int64_t L = qa_logit_count(s);
+  if (s->scope == QA_GLOBAL) {
+    if (p->n != L || p->ntensors != 1)
+      return ts_errf(err, TS_EINVAL, "aggregator: parameters (%lld values) do not match the spec (%lld)",
+                     (long long)p->n, (long long)L);
+    f->wg = tl_malloc((size_t)L * sizeof(float));
+    if (!f->wg) return ts_errf(err, TS_ENOMEM, "aggregator: out of memory for %lld weights", (long long)L);
+    memcpy(f->wg, p->data, (size_t)L * sizeof(float));
+    if (s->simplex) softmax_f32(s, f->wg);
+  } else {
+    if (p->ntensors != 2 * (s->depth + 1))
+      return ts_errf(err, TS_EINVAL, "local aggregator: %d parameter tensors, spec needs %d", p->ntensors,
+                     2 * (s->depth + 1));
+    for (int i = 0; i <= s->depth; i++) {
+      int64_t in, out;
+      layer_dims(s, i, &in, &out);
+      const qa_tensor *w = &p->t[2 * i], *b = &p->t[2 * i + 1];
+      if (w->shape[0] != out || w->shape[1] != in || b->numel != out)
+        return ts_errf(err, TS_EINVAL, "local aggregator: '%s' is [%lld, %lld], spec needs [%lld, %lld]",
+                       w->name, (long long)w->shape[0], (long long)w->shape[1], (long long)out,
+                       (long long)in);
+    }
+  }
+  f->spec = *s;
+  f->params = p;
+  return 0;
+}
+
+int qa_infer_run(pool_t *pool, const qa_infer *f, int64_t B, const float *Z, const float *X, float *Q,
+                 ts_err *err) {
+  const qa_spec *s = &f->spec;
+  if (!f->params) return ts_errf(err, TS_EINVAL, "aggregator: inference state not initialised");
   if (B < 0) return ts_errf(err, TS_EINVAL, "aggregator: negative batch %lld", (long long)B);
   if (B == 0) return 0;
   if (!Z || !Q) return ts_errf(err, TS_EINVAL, "aggregator: base predictions or output missing");
   if (s->scope == QA_LOCAL && !X) return ts_errf(err, TS_EINVAL, "local aggregator: features X missing");
   int64_t L = qa_logit_count(s), MK = (int64_t)s->M * s->K;
-  fw_ctx c = {.s = s, .p = p, .B = B, .Z = Z, .X = X, .Q = Q};
+  fw_ctx c = {.s = s, .p = f->params, .B = B, .Z = Z, .X = X, .Q = Q, .Wg = f->wg};
   if (s->scope == QA_GLOBAL) {
-    if (p->n != L || p->ntensors != 1)
-      return ts_errf(err, TS_EINVAL, "aggregator: parameters (%lld values) do not match the spec (%lld)",
-                     (long long)p->n, (long long)L);
-    float *wf = tl_malloc((size_t)L * sizeof(float));
-    if (!wf) return ts_errf(err, TS_ENOMEM, "aggregator: out of memory");
-    memcpy(wf, p->data, (size_t)L * sizeof(float));
-    if (s->simplex) softmax_f32(s, wf);
-    if (s->gran == QA_FINE) {
-      /* one [B, M*K] x [M*K, K] product */
-      sg_gemm(pool, 0, B, s->K, MK, Z, MK, wf, s->K, 0.0f, Q, s->K);
-    } else {
-      c.Wg = wf;
+    if (s->gran == QA_FINE) /* one [B, M*K] x [M*K, K] product */
+      sg_gemm(pool, 0, B, s->K, MK, Z, MK, f->wg, s->K, 0.0f, Q, s->K);
+    else
       pool_parallel_for(pool, B, 256, fw_global_rows, &c);
-    }
-    tl_free(wf);
     return 0;
-  }
-  if (p->ntensors != 2 * (s->depth + 1))
-    return ts_errf(err, TS_EINVAL, "local aggregator: %d parameter tensors, spec needs %d", p->ntensors,
-                   2 * (s->depth + 1));
-  for (int i = 0; i <= s->depth; i++) {
-    int64_t in, out;
-    layer_dims(s, i, &in, &out);
-    const qa_tensor *w = &p->t[2 * i];
-    if (w->shape[0] != out || w->shape[1] != in)
-      return ts_errf(err, TS_EINVAL, "local aggregator: '%s' is [%lld, %lld], spec needs [%lld, %lld]",
-                     w->name, (long long)w->shape[0], (long long)w->shape[1], (long long)out,
-                     (long long)in);
   }
   /* Rows per chunk: the head output of a chunk stays near 4 MiB. */
   int64_t C = ((int64_t)1 << 20) / (L > s->hidden ? L : s->hidden);
-  if (C > 128) C = 128;
-  if (C < 1) C = 1;
-  c.chunk = C;
-  pool_parallel_for(pool, (B + C - 1) / C, 1, fw_local_chunks, &c);
-  if (c.failed) return ts_errf(err, TS_ENOMEM, "local aggregator: out of memory for a chunk of %lld rows",
-                               (long long)C);
+  c.chunk = C > 128 ? 128 : C < 1 ? 1 : C;
+  pool_parallel_for(pool, (B + c.chunk - 1) / c.chunk, 1, fw_local_chunks, &c);
+  if (c.failed)
+    return ts_errf(err, TS_ENOMEM, "local aggregator: out of memory for a chunk of %lld rows",
+                   (long long)c.chunk);
   return 0;
+}
+
+int qa_forward(pool_t *pool, const qa_spec *s, const qa_params *p, int64_t B, const float *Z,
+               const float *X, float *Q, ts_err *err) {
+  qa_infer f;
+  int rc = qa_infer_init(&f, s, p, err);
+  if (rc) return rc;
+  rc = qa_infer_run(pool, &f, B, Z, X, Q, err);
+  qa_infer_free(&f);
+  return rc;
 }

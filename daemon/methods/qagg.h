@@ -109,9 +109,26 @@ void qa_params_from_f64(qa_params *p, const double *theta);
 
 /* Q[B, K] = aggregate of Z[B, M, K] (row b, model j, level l at
  * b*M*K + j*K + l) with features X[B, D] (local; NULL allowed for global).
- * Float, no dropout. Parallel over pool (NULL: serial). */
+ * Float, no dropout. Parallel over pool (NULL: serial). One-shot: prepares
+ * a qa_infer, runs it and frees it. */
 int qa_forward(pool_t *pool, const qa_spec *s, const qa_params *p, int64_t B,
                const float *Z, const float *X, float *Q, ts_err *err);
+/* Prepared inference: checks the parameters against the spec once and,
+ * for a global aggregator, computes the effective weights once (the fine
+ * softmax has M*K*K entries), so that the model kind pays neither per
+ * request. Borrows p and s->levels for its life; owns wg. */
+typedef struct qa_infer {
+  qa_spec spec;
+  const qa_params *params; /* borrowed */
+  float *wg;               /* global: effective weights, logit layout (owned) */
+} qa_infer;
+
+int qa_infer_init(qa_infer *f, const qa_spec *s, const qa_params *p, ts_err *err);
+/* Same contract as qa_forward; safe to call from several threads at once. */
+int qa_infer_run(pool_t *pool, const qa_infer *f, int64_t B, const float *Z, const float *X,
+                 float *Q, ts_err *err);
+void qa_infer_free(qa_infer *f);
+
 /* Global aggregators only: the effective weights W (after softmax when
  * simplex), laid out like the logits ([M], [M, K] or [M*K, K]). */
 int qa_global_weights(const qa_spec *s, const qa_params *p, double *W, ts_err *err);

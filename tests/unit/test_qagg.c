@@ -217,6 +217,13 @@ static void test_forward_float_matches_double(void **st) {
         assert_int_equal(qa_forward(NULL, &s, &p, B, Z, X, Q, NULL), 0);
         assert_int_equal(qa_forward(pool, &s, &p, B, Z, X, Q2, NULL), 0);
         assert_int_equal(qa_predict_f64(&s, theta, B, Z, X, Qd, NULL), 0);
+        qa_infer f;
+        float *Q3 = tl_malloc(sizeof(float) * B * K);
+        assert_int_equal(qa_infer_init(&f, &s, &p, NULL), 0);
+        assert_int_equal(qa_infer_run(pool, &f, B, Z, X, Q3, NULL), 0);
+        assert_memory_equal(Q2, Q3, sizeof(float) * B * K);
+        qa_infer_free(&f);
+        tl_free(Q3);
         for (int i = 0; i < B * K; i++) {
           if (fabs(Q[i] - Qd[i]) > 1e-4 * (1.0 + fabs(Qd[i])))
             fail_msg("%s %s simplex=%d elem %d: float %.7g double %.7g",
@@ -351,6 +358,12 @@ static void test_spec_errors(void **st) {
   assert_int_equal(qa_params_init(&p, &s, 1, NULL), 0);
   float q[3];
   assert_int_equal(qa_forward(NULL, &s, &p, 1, Z1, NULL, q, &err), -TS_EINVAL);
+  /* parameters of another spec are refused by name */
+  qa_spec other = s;
+  other.hidden = 5;
+  qa_infer f;
+  assert_int_equal(qa_infer_init(&f, &other, &p, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "aggregator.layers.0.weight"));
   qa_params_free(&p);
   /* Allocation failure is an error value, not a crash. */
   tl_mem_fail_after(0);
