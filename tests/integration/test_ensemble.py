@@ -516,5 +516,13 @@ def test_concurrent_fit_conflict(c):
     check_status(r, 200)
 
 
+def test_clean_exit(c):
+    """Last: the daemon drains and exits 0 (under ASan a leaked version or
+    member handle would make the exit status non-zero)."""
+    rc = c.d.stop()
+    check(rc == 0, "tallyd exited with %r:\n%s" % (rc, c.d.logs()[-3000:]))
+    check("ERROR: " not in c.d.logs(), c.d.logs()[-3000:])
+
+
 if __name__ == "__main__":
     run_tests(collect(globals()), setup, teardown)
