@@ -65,6 +65,7 @@ def member_name(fam, i):
 def ensemble_config():
     return {"kind": "ensemble", "member_output": "logit", "classes": 1,
             "description": "AWARE-NET two-tier ensemble of 3 families x 3 hosted mlp members",
+            "version_policy": {"latest": {"num_versions": 2}},
             "families": [{"name": f, "members": [{"model": member_name(f, i)} for i in (1, 2, 3)]}
                          for f in FAMILIES]}
 

@@ -81,6 +81,7 @@ TRI_MEMBERS = {
     "t3": ([[-1, 0, 0.5, 0], [0, 0, 0, 0.7], [0.3, 0.3, 0.3, 0]], [0.0, 0.0, 0.5]),
 }
 BIN_SIZES = [2, 3]
+BROKEN = ("badcfg", "badkey", "selfish")
 
 
 def bin_config(policy=None):
@@ -154,6 +155,12 @@ class Ctx:
         write_model(self.repo, "ghostly", {
             "kind": "ensemble", "member_output": "logit",
             "families": [{"name": "f", "members": [{"model": "a1"}, {"model": "ghost"}]}]}, None)
+        write_model(self.repo, "nested", {
+            "kind": "ensemble", "member_output": "probability",
+            "families": [{"name": "f", "members": [{"model": "bin"}, {"model": "a1"}]}]}, None)
+        write_model(self.repo, "selfish", {
+            "kind": "ensemble", "member_output": "logit",
+            "families": [{"name": "f", "members": [{"model": "selfish"}]}]}, None)
         write_model(self.repo, "badcfg", {"kind": "ensemble", "member_output": "logits",
                                           "families": [{"name": "f", "members": [{"model": "a1"}]}]},
                     None)
@@ -163,7 +170,7 @@ class Ctx:
         deadline = time.time() + 20
         while time.time() < deadline:  # the good models are READY
             idx = self.d.post("/v2/repository/index").json()
-            if all(e["state"] == "READY" for e in idx if e["name"] not in ("badcfg", "badkey")):
+            if all(e["state"] == "READY" for e in idx if e["name"] not in BROKEN):
                 break
             time.sleep(0.05)
 
@@ -373,6 +380,13 @@ def test_bad_configs(c):
     by = {e["name"]: e for e in idx}
     check(by["badcfg"]["state"] == "UNAVAILABLE" and "member_output" in by["badcfg"]["reason"], by)
     check(by["badkey"]["state"] == "UNAVAILABLE" and "memebers" in by["badkey"]["reason"], by)
+    check(by["selfish"]["state"] == "UNAVAILABLE" and "its own member" in by["selfish"]["reason"],
+          by)
+
+
+def test_nested_ensemble_refused(c):
+    check_status(c.d.infer("nested", [tensor("features", [[0.0] * D])]), 400,
+                 "itself an ensemble")
 
 
 # ---- fit and evaluate --------------------------------------------------------------------
