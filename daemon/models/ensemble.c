@@ -103,6 +103,7 @@ static int parse_families(ens_state *s, const json_t *fams, const char *self, ts
   s->hosted = tl_calloc((size_t)(n ? n : 1), 1);
   if (!s->family_size || !s->family_names || !s->member_names || !s->hosted)
     return ts_errf(err, TS_ENOMEM, "out of memory");
+  s->spec.n = n; /* free_state frees the names set so far when parsing fails */
   int m = 0, rc;
   for (int f = 0; f < F; f++) {
     const json_t *fo = json_array_get(fams, (size_t)f);
@@ -149,7 +150,6 @@ static int parse_families(ens_state *s, const json_t *fams, const char *self, ts
       s->n_hosted += model != NULL;
     }
   }
-  s->spec.n = n;
   return 0;
 }
 
