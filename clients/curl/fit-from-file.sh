@@ -23,12 +23,18 @@ if [ $# -ne 2 ]; then
 fi
 model=$1 file=$2
 [ -r "$file" ] || { echo "fit-from-file.sh: cannot read $file" >&2; exit 1; }
-auth=()
-[ -n "${TALLY_API_KEY:-}" ] && auth=(-H @<(printf 'Authorization: Bearer %s\n' "$TALLY_API_KEY"))
+# The key goes in a header read from a pipe, so it never shows in `ps`.
+tally_curl() {
+  if [ -n "${TALLY_API_KEY:-}" ]; then
+    curl -H @<(printf 'Authorization: Bearer %s\n' "$TALLY_API_KEY") "$@"
+  else
+    curl "$@"
+  fi
+}
 body=$(mktemp)
 trap 'rm -f "$body"' EXIT
-code=$(curl -sS -o "$body" -w '%{http_code}' -X POST -H 'Content-Type: application/json' -H 'Expect:' \
-  "${auth[@]}" --data-binary @"$file" "$url/v2/models/$model/$verb")
+code=$(tally_curl -sS -o "$body" -w '%{http_code}' -X POST -H 'Content-Type: application/json' -H 'Expect:' \
+  --data-binary @"$file" "$url/v2/models/$model/$verb")
 rc=$?
 if [ $rc -ne 0 ]; then
   echo "fit-from-file.sh: no answer from $url (curl exit $rc)" >&2

@@ -18,11 +18,17 @@ if [ $# -ne 1 ]; then
   echo "usage: metrics-grep.sh [--all] PATTERN" >&2
   exit 1
 fi
-auth=()
-[ -n "${TALLY_API_KEY:-}" ] && auth=(-H @<(printf 'Authorization: Bearer %s\n' "$TALLY_API_KEY"))
+# The key goes in a header read from a pipe, so it never shows in `ps`.
+tally_curl() {
+  if [ -n "${TALLY_API_KEY:-}" ]; then
+    curl -H @<(printf 'Authorization: Bearer %s\n' "$TALLY_API_KEY") "$@"
+  else
+    curl "$@"
+  fi
+}
 body=$(mktemp)
 trap 'rm -f "$body"' EXIT
-code=$(curl -sS -o "$body" -w '%{http_code}' "${auth[@]}" "$url/metrics")
+code=$(tally_curl -sS -o "$body" -w '%{http_code}' "$url/metrics")
 rc=$?
 [ $rc -ne 0 ] && { echo "metrics-grep.sh: no answer from $url (curl exit $rc)" >&2; exit 2; }
 case $code in

@@ -24,12 +24,18 @@ done
 case $timeout in ''|*[!0-9.]*) echo "wait-ready.sh: --timeout wants seconds" >&2; exit 1 ;; esac
 path=/v2/health/ready
 [ -n "$model" ] && path="/v2/models/$model/ready"
-auth=()
-[ -n "${TALLY_API_KEY:-}" ] && auth=(-H @<(printf 'Authorization: Bearer %s\n' "$TALLY_API_KEY"))
+# The key goes in a header read from a pipe, so it never shows in `ps`.
+tally_curl() {
+  if [ -n "${TALLY_API_KEY:-}" ]; then
+    curl -H @<(printf 'Authorization: Bearer %s\n' "$TALLY_API_KEY") "$@"
+  else
+    curl "$@"
+  fi
+}
 deadline=$(awk -v t="$timeout" 'BEGIN { srand(); print srand() + t }')
 code=000
 while :; do
-  code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "${auth[@]}" "$url$path") || true
+  code=$(tally_curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$url$path") || true
   [ "$code" = 200 ] && { echo "ready: $url$path"; exit 0; }
   case $code in 4??) echo "wait-ready.sh: HTTP $code on $url$path" >&2; exit 3 ;; esac
   now=$(awk 'BEGIN { srand(); print srand() }')
