@@ -21,3 +21,12 @@ $(BUILD)/libtally.a: $(BUILD)/clients/c/tally.o
 
 $(BUILD)/tallyctl: $(BUILD)/clients/c/tallyctl.o $(BUILD)/libtally.a
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $^ $(CLIENT_LIBS)
+
+# `make install` also installs the client: the tool, the library and its header.
+.PHONY: install-clients
+install: install-clients
+install-clients: $(BUILD)/tallyctl $(BUILD)/libtally.a
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/lib $(DESTDIR)$(PREFIX)/include
+	install -m 0755 $(BUILD)/tallyctl $(DESTDIR)$(PREFIX)/bin/tallyctl
+	install -m 0644 $(BUILD)/libtally.a $(DESTDIR)$(PREFIX)/lib/libtally.a
+	install -m 0644 clients/c/tally.h $(DESTDIR)$(PREFIX)/include/tally.h
