@@ -115,8 +115,11 @@ class TallyClient:
             headers["Content-Type"] = "application/json"
         if self.api_key:
             headers["Authorization"] = "Bearer " + self.api_key
-        # one retry on a fresh connection: the server may have closed an idle one
+        # One retry, on a fresh connection, only when a reused keep-alive
+        # connection failed: the server may have closed it while idle. A new
+        # connection that fails is not retried (a fit must not run twice).
         for attempt in (0, 1):
+            reused = self._conn is not None
             try:
                 c = self._connection()
                 c.request(method, self._prefix + path, body=payload, headers=headers)
@@ -125,7 +128,7 @@ class TallyClient:
                 break
             except (ConnectionError, http.client.HTTPException, OSError) as e:
                 self.close()
-                if attempt == 1 or isinstance(e, (ConnectionRefusedError, TimeoutError)):
+                if attempt == 1 or not reused or isinstance(e, (ConnectionRefusedError, TimeoutError)):
                     raise TallyError(0, "%s%s: %s" % (self.url, path, e)) from None
         if r.status >= 400:
             msg = None
