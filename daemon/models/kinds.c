@@ -4,9 +4,11 @@
 #include "model.h"
 
 extern const md_kind md_kind_mlp;
+extern const md_kind md_kind_quantile_ensemble;
 
 static const md_kind *const kinds[] = {
     &md_kind_mlp,
+    &md_kind_quantile_ensemble,
 };
 
 const md_kind *md_kind_find(const char *name) {
