@@ -83,7 +83,7 @@ typedef struct qk_state {
   qa_params params; /* owned copy of the aggregator weights */
   qa_infer inf;
   qa_monotone mono;
-  int median;       /* index of level 0.5 or -1 */
+  int median; /* index of level 0.5 or -1 */
   int has_conf;
   double *conf_lo, *conf_hi; /* [K] each (one allocation), when has_conf */
   char conf_method[32];      /* the version's calibration method, "" if none */
@@ -119,7 +119,9 @@ static int cqr_from_http(const char *s, qa_cqr_mode *out) {
   return -TS_EINVAL;
 }
 
-static const char *scope_name(qa_scope s) { return s == QA_LOCAL ? "local" : "global"; }
+static const char *scope_name(qa_scope s) {
+  return s == QA_LOCAL ? "local" : "global";
+}
 
 static int agg_equal(const qk_agg *a, const qk_agg *b) {
   if (a->gran != b->gran || a->scope != b->scope || !a->simplex != !b->simplex) return 0;
@@ -131,7 +133,8 @@ static int agg_equal(const qk_agg *a, const qk_agg *b) {
  * allow_features, "features", returned through *features) are refused. */
 static int agg_parse(const json_t *obj, qk_agg *a, const char *where, int allow_features,
                      int *features, ts_err *err) {
-  if (!json_is_object(obj)) return ts_errf(err, TS_EINVAL, "%s: 'aggregator' must be an object", where);
+  if (!json_is_object(obj))
+    return ts_errf(err, TS_EINVAL, "%s: 'aggregator' must be an object", where);
   const char *key;
   json_t *v;
   json_object_foreach((json_t *)obj, key, v) {
@@ -141,9 +144,12 @@ static int agg_parse(const json_t *obj, qk_agg *a, const char *where, int allow_
                        where);
     } else if (strcmp(key, "scope") == 0) {
       const char *s = json_string_value(v);
-      if (s && strcmp(s, "global") == 0) a->scope = QA_GLOBAL;
-      else if (s && strcmp(s, "local") == 0) a->scope = QA_LOCAL;
-      else return ts_errf(err, TS_EINVAL, "%s: aggregator scope must be global or local", where);
+      if (s && strcmp(s, "global") == 0)
+        a->scope = QA_GLOBAL;
+      else if (s && strcmp(s, "local") == 0)
+        a->scope = QA_LOCAL;
+      else
+        return ts_errf(err, TS_EINVAL, "%s: aggregator scope must be global or local", where);
     } else if (strcmp(key, "simplex") == 0) {
       if (!json_is_boolean(v))
         return ts_errf(err, TS_EINVAL, "%s: aggregator simplex must be true or false", where);
@@ -152,8 +158,8 @@ static int agg_parse(const json_t *obj, qk_agg *a, const char *where, int allow_
       int is_h = key[0] == 'h';
       json_int_t n = json_is_integer(v) ? json_integer_value(v) : -1;
       if (is_h ? (n < 1 || n > 65536) : (n < 1 || n > QA_MAX_DEPTH))
-        return ts_errf(err, TS_EINVAL, "%s: aggregator %s must be an integer in [1, %d]", where, key,
-                       is_h ? 65536 : QA_MAX_DEPTH);
+        return ts_errf(err, TS_EINVAL, "%s: aggregator %s must be an integer in [1, %d]", where,
+                       key, is_h ? 65536 : QA_MAX_DEPTH);
       *(is_h ? &a->hidden : &a->depth) = (int)n;
     } else if (allow_features && strcmp(key, "features") == 0) {
       json_int_t n = json_is_integer(v) ? json_integer_value(v) : -1;
@@ -211,8 +217,8 @@ static void state_free(qk_state *s) {
 
 static int parse_levels(qk_state *s, const json_t *lv, ts_err *err) {
   if (!json_is_array(lv) || json_array_size(lv) < 1 || json_array_size(lv) > QA_MAX_K)
-    return ts_errf(err, TS_EINVAL, "config.json: 'levels' must be a list of 1 to %d numbers in (0, 1)",
-                   QA_MAX_K);
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: 'levels' must be a list of 1 to %d numbers in (0, 1)", QA_MAX_K);
   s->K = (int)json_array_size(lv);
   if (!(s->levels = tl_calloc((size_t)s->K, sizeof(double))))
     return ts_errf(err, TS_ENOMEM, "out of memory");
@@ -242,7 +248,8 @@ static int parse_bases(qk_state *s, const json_t *bs, ts_err *err) {
     if (!json_is_object(b) || json_object_size(b) != 1)
       return ts_errf(err, TS_EINVAL,
                      "config.json: bases[%d] must be one of {\"model\": name}, {\"linear\": name}, "
-                     "{\"external\": name}", j);
+                     "{\"external\": name}",
+                     j);
     const char *key = json_object_iter_key(json_object_iter((json_t *)b));
     json_t *v = json_object_iter_value(json_object_iter((json_t *)b));
     int kind = -1;
@@ -252,14 +259,17 @@ static int parse_bases(qk_state *s, const json_t *bs, ts_err *err) {
     if (kind < 0 || !name || !name[0] || strlen(name) >= QK_NAME_MAX || strchr(name, '"'))
       return ts_errf(err, TS_EINVAL,
                      "config.json: bases[%d] must be one of {\"model\": name}, {\"linear\": name}, "
-                     "{\"external\": name} with a non-empty name", j);
+                     "{\"external\": name} with a non-empty name",
+                     j);
     for (int i = 0; i < j; i++)
       if (strcmp(s->bases[i].name, name) == 0)
         return ts_errf(err, TS_EINVAL, "config.json: base name '%s' appears twice", name);
     s->bases[j].kind = (qk_base_kind)kind;
     snprintf(s->bases[j].name, sizeof s->bases[j].name, "%s", name);
-    if (kind == QB_EXTERNAL) s->M_ext++;
-    else s->n_hosted++;
+    if (kind == QB_EXTERNAL)
+      s->M_ext++;
+    else
+      s->n_hosted++;
   }
   return 0;
 }
@@ -281,8 +291,8 @@ static int check_known_tensors(const qk_state *s, st_file *w, ts_err *err) {
     }
     if (!ok)
       return ts_errf(err, TS_EINVAL,
-                     "weights: tensor '%s' is not used by this model (a %s %s aggregator uses %s)", n,
-                     qa_granularity_name(s->agg.gran), scope_name(s->agg.scope),
+                     "weights: tensor '%s' is not used by this model (a %s %s aggregator uses %s)",
+                     n, qa_granularity_name(s->agg.gran), scope_name(s->agg.scope),
                      s->agg.scope == QA_GLOBAL ? "'aggregator.logits'"
                                                : "'aggregator.layers.{i}.weight/bias'");
   }
@@ -339,8 +349,10 @@ static int load_bases_linear(qk_state *s, st_file *w, ts_err *err) {
     qk_base *b = &s->bases[j];
     if (b->kind != QB_LINEAR) continue;
     if (!w)
-      return ts_errf(err, TS_EINVAL, "linear base '%s' needs weights, and the version has no "
-                     "model.safetensors", b->name);
+      return ts_errf(err, TS_EINVAL,
+                     "linear base '%s' needs weights, and the version has no "
+                     "model.safetensors",
+                     b->name);
     char n[QK_NAME_MAX + 32];
     int64_t ws[2] = {s->K, s->D}, bs[1] = {s->K};
     snprintf(n, sizeof n, "bases.%s.weight", b->name);
@@ -353,8 +365,8 @@ static int load_bases_linear(qk_state *s, st_file *w, ts_err *err) {
 }
 
 static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
-  static const char *const keys[] = {"levels", "bases", "features", "aggregator", "monotone",
-                                     "conformal", NULL};
+  static const char *const keys[] = {"levels",   "bases",     "features", "aggregator",
+                                     "monotone", "conformal", NULL};
   int rc = md_config_check_keys(ctx->config, keys, err);
   if (rc) return rc;
   qk_state *s = tl_calloc(1, sizeof *s);
@@ -381,13 +393,16 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
     json_error_t je;
     json_t *mj = json_loads(meta, 0, &je);
     int mD = 0;
-    rc = mj ? agg_parse(mj, &s->agg, "weights __metadata__", 1, &mD, err)
-            : ts_errf(err, TS_EINVAL, "weights __metadata__: 'aggregator' is not JSON: %s", je.text);
+    rc =
+        mj ? agg_parse(mj, &s->agg, "weights __metadata__", 1, &mD, err)
+           : ts_errf(err, TS_EINVAL, "weights __metadata__: 'aggregator' is not JSON: %s", je.text);
     json_decref(mj);
     if (rc) goto fail;
     if (mD && s->D && mD != s->D) {
-      rc = ts_errf(err, TS_EINVAL, "weights __metadata__: aggregator features %d differ from "
-                   "config.json's features %d", mD, s->D);
+      rc = ts_errf(err, TS_EINVAL,
+                   "weights __metadata__: aggregator features %d differ from "
+                   "config.json's features %d",
+                   mD, s->D);
       goto fail;
     }
     if (mD) s->D = mD;
@@ -408,14 +423,16 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
     int half = s->K / 2 + 1, n_int;
     int *lo = tl_calloc((size_t)half * 2, sizeof(int));
     double *al = tl_calloc((size_t)half, sizeof(double));
-    rc = lo && al ? qa_central_intervals(s->K, s->levels, lo, lo + half, al, &n_int, &s->median, err)
-                  : ts_errf(err, TS_ENOMEM, "out of memory");
+    rc = lo && al
+             ? qa_central_intervals(s->K, s->levels, lo, lo + half, al, &n_int, &s->median, err)
+             : ts_errf(err, TS_ENOMEM, "out of memory");
     tl_free(lo);
     tl_free(al);
     if (rc) goto fail;
   }
   if (s->mono == QA_MONO_MEDIAN && s->median < 0) {
-    rc = ts_errf(err, TS_EINVAL, "config.json: monotone 'median' needs the level 0.5 among 'levels'");
+    rc = ts_errf(err, TS_EINVAL,
+                 "config.json: monotone 'median' needs the level 0.5 among 'levels'");
     goto fail;
   }
   json_t *cv = json_object_get(cfg, "conformal");
@@ -424,12 +441,15 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
     json_t *ai = json_object_get(cv, "allow_infinite");
     const char *k2;
     json_t *v2;
-    int bad = !json_is_object(cv) || (json_object_get(cv, "method") && cqr_from_http(m, &s->cqr_default)) ||
+    int bad = !json_is_object(cv) ||
+              (json_object_get(cv, "method") && cqr_from_http(m, &s->cqr_default)) ||
               (ai && !json_is_boolean(ai));
     if (json_is_object(cv))
-      json_object_foreach((json_t *)cv, k2, v2) bad |= strcmp(k2, "method") && strcmp(k2, "allow_infinite");
+      json_object_foreach((json_t *)cv, k2, v2) bad |=
+          strcmp(k2, "method") && strcmp(k2, "allow_infinite");
     if (bad) {
-      rc = ts_errf(err, TS_EINVAL, "config.json: 'conformal' must be {\"method\": \"cqr\" | "
+      rc = ts_errf(err, TS_EINVAL,
+                   "config.json: 'conformal' must be {\"method\": \"cqr\" | "
                    "\"cqr_asymmetric\" | \"per_quantile\", \"allow_infinite\": false}");
       goto fail;
     }
@@ -442,8 +462,9 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
     if ((rc = load_aggregator(s, w, err))) goto fail;
     int hl = st_find(w, "conformal.lower") >= 0, hu = st_find(w, "conformal.upper") >= 0;
     if (hl != hu) {
-      rc = ts_errf(err, TS_EINVAL, "weights: '%s' without '%s' (conformal corrections come in pairs)",
-                   hl ? "conformal.lower" : "conformal.upper", hl ? "conformal.upper" : "conformal.lower");
+      rc = ts_errf(
+          err, TS_EINVAL, "weights: '%s' without '%s' (conformal corrections come in pairs)",
+          hl ? "conformal.lower" : "conformal.upper", hl ? "conformal.upper" : "conformal.lower");
       goto fail;
     }
     if (hl) {
@@ -507,8 +528,10 @@ static int run_hosted(const qk_state *s, int j, const md_call *c, int64_t B, con
   const qk_base *b = &s->bases[j];
   if (!c->host) return ts_errf(err, TS_EINTERNAL, "base '%s': no model host", b->name);
   if (qk_nesting >= QK_MAX_NESTING)
-    return ts_errf(err, TS_EINVAL, "base '%s': hosted bases nest more than %d deep (a cycle in "
-                   "the configuration?)", b->name, QK_MAX_NESTING);
+    return ts_errf(err, TS_EINVAL,
+                   "base '%s': hosted bases nest more than %d deep (a cycle in "
+                   "the configuration?)",
+                   b->name, QK_MAX_NESTING);
   void *handle, *bstate;
   const md_kind *kind;
   int rc = c->host->acquire(c->host, b->name, &handle, &kind, &bstate, err);
@@ -541,11 +564,14 @@ static int run_hosted(const qk_state *s, int j, const md_call *c, int64_t B, con
     float *q = NULL;
     char sh[64];
     if (!o)
-      rc = ts_errf(err, TS_EINVAL, "base '%s' (kind %s) gave no single output", b->name, kind->name);
+      rc =
+          ts_errf(err, TS_EINVAL, "base '%s' (kind %s) gave no single output", b->name, kind->name);
     else if (o->ndim != 2 || o->shape[0] != B || o->shape[1] != s->K)
-      rc = ts_errf(err, TS_EINVAL, "base '%s': output '%s' is %s, expected [%lld, %d] (its K "
-                   "quantiles)", b->name, o->name, ts_shape_str(o->shape, o->ndim, sh, sizeof sh),
-                   (long long)B, s->K);
+      rc = ts_errf(err, TS_EINVAL,
+                   "base '%s': output '%s' is %s, expected [%lld, %d] (its K "
+                   "quantiles)",
+                   b->name, o->name, ts_shape_str(o->shape, o->ndim, sh, sizeof sh), (long long)B,
+                   s->K);
     else if ((rc = ts_to_f32(o, 0, &q, err)) == 0) {
       int64_t MK = (int64_t)s->M * s->K;
       for (int64_t r = 0; r < B; r++)
@@ -553,7 +579,8 @@ static int run_hosted(const qk_state *s, int j, const md_call *c, int64_t B, con
       tl_free(q);
     }
   }
-  if (rc && err->msg[0] && strncmp(err->msg, "base ", 5) != 0) ts_err_prefix(err, "base '%s'", b->name);
+  if (rc && err->msg[0] && strncmp(err->msg, "base ", 5) != 0)
+    ts_err_prefix(err, "base '%s'", b->name);
   ts_free(&t);
   md_call_free(&sub);
   c->host->release(c->host, handle);
@@ -565,7 +592,8 @@ static int input_2d_or_1d_targets(const md_call *c, int64_t B, float **y, ts_err
   int rc = md_input(c, "targets", &t, err);
   if (rc) return rc;
   int64_t d1[1] = {B};
-  if (!(t->ndim == 2 && t->shape[0] == B && t->shape[1] == 1) && (rc = md_check_shape(t, 1, d1, err)))
+  if (!(t->ndim == 2 && t->shape[0] == B && t->shape[1] == 1) &&
+      (rc = md_check_shape(t, 1, d1, err)))
     return rc;
   if (t->dtype != TS_FP32 && t->dtype != TS_FP64)
     return ts_errf(err, TS_EINVAL, "input 'targets': datatype must be FP32 or FP64, got %s",
@@ -590,7 +618,8 @@ static int check_levels_param(const qk_state *s, const json_t *params, ts_err *e
   if (o + 24 >= sizeof want) snprintf(want + o, sizeof want - o, ", ...");
   return ts_errf(err, TS_EINVAL,
                  "levels mismatch: parameter 'levels' (%zu values) differs from the model's %d "
-                 "levels [%s]", json_is_array(lv) ? json_array_size(lv) : 0, s->K, want);
+                 "levels [%s]",
+                 json_is_array(lv) ? json_array_size(lv) : 0, s->K, want);
 }
 
 /* Decodes and assembles Z (and X, y) for a call. need_local_D: the D the
@@ -607,18 +636,23 @@ static int gather(const qk_state *s, const md_call *c, int want_y, int need_loca
   float *zext = NULL;
   if (s->M_ext) {
     if (!bq)
-      return ts_errf(err, TS_EINVAL, "missing input 'base_quantiles' [B, %d, %d] (the external "
-                     "bases' quantiles, in config order)", s->M_ext, s->K);
+      return ts_errf(err, TS_EINVAL,
+                     "missing input 'base_quantiles' [B, %d, %d] (the external "
+                     "bases' quantiles, in config order)",
+                     s->M_ext, s->K);
     char sh[64];
     if (bq->ndim != 3 || bq->shape[1] != s->M_ext || bq->shape[2] != s->K)
       return ts_errf(err, TS_EINVAL,
                      "input 'base_quantiles': expected [B, %d, %d] (M=%d external bases, K=%d "
-                     "levels), got %s", s->M_ext, s->K, s->M_ext, s->K,
+                     "levels), got %s",
+                     s->M_ext, s->K, s->M_ext, s->K,
                      ts_shape_str(bq->shape, bq->ndim, sh, sizeof sh));
     B = bq->shape[0];
   } else if (bq) {
-    return ts_errf(err, TS_EINVAL, "input 'base_quantiles' is not accepted: every base of this "
-                   "model is hosted (send 'features' [B, %d])", s->D);
+    return ts_errf(err, TS_EINVAL,
+                   "input 'base_quantiles' is not accepted: every base of this "
+                   "model is hosted (send 'features' [B, %d])",
+                   s->D);
   }
   int needD = s->n_hosted ? s->D : need_local_D;
   if (needD) {
@@ -686,7 +720,9 @@ static int predict(const qk_state *s, pool_t *pool, const qk_rows *r, int with_c
   return qa_monotone_rows(pool, s->mono, r->B, s->K, s->median, Q, err);
 }
 
-static json_t *jnum(double x) { return isfinite(x) ? json_real(x) : json_null(); }
+static json_t *jnum(double x) {
+  return isfinite(x) ? json_real(x) : json_null();
+}
 
 static void nominal_key(double nominal, char *buf, size_t n) {
   snprintf(buf, n, "%.6g", nominal);
@@ -734,7 +770,8 @@ static int bases_json(const qk_state *s, const qk_rows *r, json_t *metrics, qk_s
     qk_score sc;
     if ((rc = metrics_json(s, r->B, q, r->y, &mj, &sc, err))) break;
     json_object_set_new(bj, s->bases[j].name, mj);
-    double key = s->median >= 0 ? sc.wis : sc.pinball, bk = s->median >= 0 ? best->wis : best->pinball;
+    double key = s->median >= 0 ? sc.wis : sc.pinball,
+           bk = s->median >= 0 ? best->wis : best->pinball;
     if (key < bk) {
       *best = sc;
       *best_name = s->bases[j].name;
@@ -750,8 +787,8 @@ static void gain_json(json_t *metrics, const char *best_name, const qk_score *be
                       const qk_score *model) {
   if (!best_name) return;
   json_object_set_new(metrics, "best_base",
-                      json_pack("{s:s, s:o, s:o}", "name", best_name, "pinball", jnum(best->pinball),
-                                "wis", jnum(best->wis)));
+                      json_pack("{s:s, s:o, s:o}", "name", best_name, "pinball",
+                                jnum(best->pinball), "wis", jnum(best->wis)));
   json_object_set_new(metrics, "gain_over_best_base",
                       json_pack("{s:o, s:o}", "pinball", jnum(1.0 - model->pinball / best->pinball),
                                 "wis", jnum(1.0 - model->wis / best->wis)));
@@ -815,7 +852,8 @@ static int new_writer(const qk_state *s, const qa_params *p, const qk_agg *a, in
   json_t *aj = agg_json(a, a->scope == QA_LOCAL ? D : 0);
   char *txt = aj ? json_dumps(aj, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
   json_decref(aj);
-  if (!rc) rc = txt ? st_writer_meta(w, "aggregator", txt, err) : ts_errf(err, TS_ENOMEM, "out of memory");
+  if (!rc)
+    rc = txt ? st_writer_meta(w, "aggregator", txt, err) : ts_errf(err, TS_ENOMEM, "out of memory");
   free(txt); /* jansson's allocator is tl_malloc's, whose free is free(3) */
   if (rc) {
     st_writer_free(w);
@@ -832,20 +870,23 @@ static json_t *array_json(const float *v, int ndim, const int64_t *shape) {
     for (int64_t i = 0; i < shape[0]; i++) json_array_append_new(a, jnum(v[i]));
     return a;
   }
-  for (int64_t i = 0; i < shape[0]; i++) json_array_append_new(a, array_json(v + i * shape[1], 1, shape + 1));
+  for (int64_t i = 0; i < shape[0]; i++)
+    json_array_append_new(a, array_json(v + i * shape[1], 1, shape + 1));
   return a;
 }
 
 /* "weights" of a fit answer: the learned arrays when small, always the
  * share of each base (global) or the tensor shapes (local). */
 static json_t *weights_json(const qk_state *s, const qa_spec *sp, const qa_params *p) {
-  json_t *o = json_pack("{s:s, s:s, s:b, s:I}", "granularity", qa_granularity_name(sp->gran), "scope",
-                        scope_name(sp->scope), "simplex", sp->simplex, "parameters", (json_int_t)p->n);
+  json_t *o =
+      json_pack("{s:s, s:s, s:b, s:I}", "granularity", qa_granularity_name(sp->gran), "scope",
+                scope_name(sp->scope), "simplex", sp->simplex, "parameters", (json_int_t)p->n);
   if (sp->scope == QA_LOCAL) {
     json_t *t = json_object();
     for (int i = 0; i < p->ntensors; i++) {
       json_t *sh = json_array();
-      for (int d = 0; d < p->t[i].ndim; d++) json_array_append_new(sh, json_integer(p->t[i].shape[d]));
+      for (int d = 0; d < p->t[i].ndim; d++)
+        json_array_append_new(sh, json_integer(p->t[i].shape[d]));
       json_object_set_new(t, p->t[i].name, sh);
     }
     json_object_set_new(o, "tensors", t);
@@ -857,7 +898,8 @@ static json_t *weights_json(const qk_state *s, const qa_spec *sp, const qa_param
     json_t *share = json_object();
     for (int j = 0; j < s->M; j++) {
       double acc = 0.0;
-      if (sp->gran == QA_COARSE) acc = W[j];
+      if (sp->gran == QA_COARSE)
+        acc = W[j];
       else if (sp->gran == QA_MEDIUM)
         for (int64_t k = 0; k < K; k++) acc += W[j * K + k] / (double)K;
       else
@@ -969,8 +1011,10 @@ static int fit_opts(const json_t *p, qa_fit_opts *o, int *warm, ts_err *err) {
                             &o->validation_fraction, err)) ||
       (rc = md_param_bool(p, "warm_start", 0, warm, err)))
     return rc;
-  if (ep < 1 || ep > 1000000) return ts_errf(err, TS_EINVAL, "parameter 'epochs' must be in [1, 1000000]");
-  if (bs < 1 || bs > (1 << 30)) return ts_errf(err, TS_EINVAL, "parameter 'batch_size' must be in [1, 2^30]");
+  if (ep < 1 || ep > 1000000)
+    return ts_errf(err, TS_EINVAL, "parameter 'epochs' must be in [1, 1000000]");
+  if (bs < 1 || bs > (1 << 30))
+    return ts_errf(err, TS_EINVAL, "parameter 'batch_size' must be in [1, 2^30]");
   if (seed < 0) return ts_errf(err, TS_EINVAL, "parameter 'seed' must be >= 0");
   if (pat > 1000000) pat = 1000000;
   o->epochs = (int)ep;
@@ -1013,7 +1057,8 @@ static int fit(void *state, md_call *c, ts_err *err) {
   }
   if ((rc = qa_params_init(&p, &sp, o.seed, err))) goto out;
   if (warm && agg_equal(&a, &s->agg)) memcpy(p.data, s->params.data, (size_t)p.n * sizeof(float));
-  if ((rc = predict(s, c->pool, &r, 1, Q, err)) || (rc = metrics_json(s, r.B, Q, r.y, &mb, &sb, err)))
+  if ((rc = predict(s, c->pool, &r, 1, Q, err)) ||
+      (rc = metrics_json(s, r.B, Q, r.y, &mb, &sb, err)))
     goto out;
   json_object_set_new(metrics, "before", mb);
   if ((rc = bases_json(s, &r, metrics, &best, &bn, err))) goto out;
@@ -1023,33 +1068,36 @@ static int fit(void *state, md_call *c, ts_err *err) {
   if ((rc = qa_fit(c->pool, &sp, &p, r.B, r.Z, r.X, r.y, &o, &rep, err))) goto out;
   if ((rc = md_check_deadline(c, err))) goto out;
   /* after: the new version's output (no conformal: a fit drops it) */
-  if ((rc = qa_infer_init(&nf, &sp, &p, err)) || (rc = qa_infer_run(c->pool, &nf, r.B, r.Z, r.X, Q, err)) ||
+  if ((rc = qa_infer_init(&nf, &sp, &p, err)) ||
+      (rc = qa_infer_run(c->pool, &nf, r.B, r.Z, r.X, Q, err)) ||
       (rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, Q, err)) ||
       (rc = metrics_json(s, r.B, Q, r.y, &ma, &sa, err)))
     goto out;
   json_object_set_new(metrics, "after", ma);
   json_object_set_new(metrics, "validation",
-                      rep.n_val ? json_pack("{s:o, s:I, s:i, s:b}", "pinball", jnum(rep.best_val_loss),
-                                            "rows", (json_int_t)rep.n_val, "best_epoch", rep.best_epoch,
-                                            "stopped_early", rep.stopped_early)
-                                : json_null());
+                      rep.n_val
+                          ? json_pack("{s:o, s:I, s:i, s:b}", "pinball", jnum(rep.best_val_loss),
+                                      "rows", (json_int_t)rep.n_val, "best_epoch", rep.best_epoch,
+                                      "stopped_early", rep.stopped_early)
+                          : json_null());
   gain_json(metrics, bn, &best, &sa);
   if ((rc = new_writer(s, &p, &a, D, NULL, NULL, NULL, &c->new_weights, err))) goto out;
   char hex[HASH_HEX_LEN + 1];
   hash_inputs(c, hex);
-  json_t *fp = json_pack("{s:o, s:i, s:f, s:f, s:i, s:f, s:f, s:f, s:f, s:i, s:I, s:b}", "aggregator",
-                         agg_json(&a, D), "epochs", o.epochs, "learning_rate", o.learning_rate,
-                         "weight_decay", o.weight_decay, "batch_size", o.batch_size, "dropout",
-                         o.dropout, "lambda", o.lambda, "margin", o.margin, "validation_fraction",
-                         o.validation_fraction, "patience", o.patience, "seed", (json_int_t)o.seed,
-                         "warm_start", warm);
+  json_t *fp = json_pack("{s:o, s:i, s:f, s:f, s:i, s:f, s:f, s:f, s:f, s:i, s:I, s:b}",
+                         "aggregator", agg_json(&a, D), "epochs", o.epochs, "learning_rate",
+                         o.learning_rate, "weight_decay", o.weight_decay, "batch_size",
+                         o.batch_size, "dropout", o.dropout, "lambda", o.lambda, "margin", o.margin,
+                         "validation_fraction", o.validation_fraction, "patience", o.patience,
+                         "seed", (json_int_t)o.seed, "warm_start", warm);
   json_t *rows = json_pack("{s:I, s:I}", "train", (json_int_t)rep.n_train, "validation",
                            (json_int_t)rep.n_val);
   c->new_version_info = json_pack("{s:O, s:O, s:I, s:s}", "fit", fp, "metrics", metrics, "rows",
                                   (json_int_t)r.B, "sha256_training_data", hex);
-  c->result = json_pack("{s:O, s:o, s:o, s:i, s:i, s:b, s:o}", "metrics", metrics, "weights",
-                        weights_json(s, &sp, &p), "rows", rows, "epochs_run", rep.epochs_run,
-                        "best_epoch", rep.best_epoch, "stopped_early", rep.stopped_early, "fit", fp);
+  c->result =
+      json_pack("{s:O, s:o, s:o, s:i, s:i, s:b, s:o}", "metrics", metrics, "weights",
+                weights_json(s, &sp, &p), "rows", rows, "epochs_run", rep.epochs_run, "best_epoch",
+                rep.best_epoch, "stopped_early", rep.stopped_early, "fit", fp);
   if (!c->result || !c->new_version_info) rc = ts_errf(err, TS_ENOMEM, "out of memory");
 out:
   json_decref(metrics);
@@ -1072,8 +1120,10 @@ static int calibrate(void *state, md_call *c, ts_err *err) {
   if (!rc) rc = md_param_bool(c->params, "allow_infinite", s->allow_inf_default, &allow_inf, err);
   if (rc) return rc;
   if (cqr_from_http(mname, &mode))
-    return ts_errf(err, TS_EINVAL, "parameter 'method' must be cqr, cqr_asymmetric or per_quantile, "
-                   "got '%s'", mname);
+    return ts_errf(err, TS_EINVAL,
+                   "parameter 'method' must be cqr, cqr_asymmetric or per_quantile, "
+                   "got '%s'",
+                   mname);
   qk_rows r;
   if ((rc = gather(s, c, 1, s->agg.scope == QA_LOCAL ? s->D : 0, &r, err))) return rc;
   float *Q = tl_malloc((size_t)(r.B * s->K) * 2 * sizeof(float));
@@ -1086,7 +1136,8 @@ static int calibrate(void *state, md_call *c, ts_err *err) {
   double *hi = lo + s->K;
   float *raw = Q + r.B * s->K;
   qk_score sb, sa;
-  if ((rc = predict(s, c->pool, &r, 1, Q, err)) || (rc = metrics_json(s, r.B, Q, r.y, &mb, &sb, err)))
+  if ((rc = predict(s, c->pool, &r, 1, Q, err)) ||
+      (rc = metrics_json(s, r.B, Q, r.y, &mb, &sb, err)))
     goto out;
   json_object_set_new(metrics, "before", mb);
   /* corrections are fitted to the raw aggregate, the quantity they are
@@ -1098,7 +1149,8 @@ static int calibrate(void *state, md_call *c, ts_err *err) {
       (rc = metrics_json(s, r.B, raw, r.y, &ma, &sa, err)))
     goto out;
   json_object_set_new(metrics, "after", ma);
-  if ((rc = new_writer(s, &s->params, &s->agg, s->D, lo, hi, mname, &c->new_weights, err))) goto out;
+  if ((rc = new_writer(s, &s->params, &s->agg, s->D, lo, hi, mname, &c->new_weights, err)))
+    goto out;
   json_t *jl = json_array(), *ju = json_array();
   for (int k = 0; k < s->K; k++) {
     json_array_append_new(jl, jnum(lo[k]));
@@ -1122,7 +1174,9 @@ out:
   return rc;
 }
 
-static void free_state(void *state) { state_free(state); }
+static void free_state(void *state) {
+  state_free(state);
+}
 
 const md_kind md_kind_quantile_ensemble = {.name = "quantile_ensemble",
                                            .load = load,
