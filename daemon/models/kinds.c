@@ -5,10 +5,12 @@
 
 extern const md_kind md_kind_mlp;
 extern const md_kind md_kind_ensemble;
+extern const md_kind md_kind_quantile_ensemble;
 
 static const md_kind *const kinds[] = {
     &md_kind_mlp,
     &md_kind_ensemble,
+    &md_kind_quantile_ensemble,
 };
 
 const md_kind *md_kind_find(const char *name) {
