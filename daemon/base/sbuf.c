@@ -2,6 +2,7 @@
 #include "sbuf.h"
 
 #include <math.h>
+#include <stdint.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,23 +88,78 @@ void sbuf_json_str(sbuf *b, const char *s) {
   sbuf_add(b, "\"", 1);
 }
 
+/* Writes p significant digits of `digits` (an integer with exactly p
+ * digits) times 10^e10 (e10: the decimal exponent of the first digit) in the
+ * style of printf's %g, trailing zeros removed. */
+static void put_digits(sbuf *b, int neg, uint64_t digits, int p, int e10) {
+  char d[24], out[40];
+  for (int i = p - 1; i >= 0; i--) {
+    d[i] = (char)('0' + digits % 10);
+    digits /= 10;
+  }
+  while (p > 1 && d[p - 1] == '0') p--;
+  int o = 0;
+  if (neg) out[o++] = '-';
+  if (e10 < -4 || e10 >= 9) { /* d.ddde±XX */
+    out[o++] = d[0];
+    if (p > 1) {
+      out[o++] = '.';
+      for (int i = 1; i < p; i++) out[o++] = d[i];
+    }
+    o += snprintf(out + o, sizeof out - (size_t)o, "e%c%02d", e10 < 0 ? '-' : '+', abs(e10));
+  } else if (e10 < 0) { /* 0.000ddd */
+    out[o++] = '0';
+    out[o++] = '.';
+    for (int i = -1; i > e10; i--) out[o++] = '0';
+    for (int i = 0; i < p; i++) out[o++] = d[i];
+  } else { /* ddd.ddd */
+    for (int i = 0; i <= e10; i++) out[o++] = i < p ? d[i] : '0';
+    if (p > e10 + 1) {
+      out[o++] = '.';
+      for (int i = e10 + 1; i < p; i++) out[o++] = d[i];
+    }
+  }
+  sbuf_add(b, out, (size_t)o);
+}
+
+/* Shortest text (6 to 9 significant digits) that reads back to the same
+ * float. Candidates are checked in double arithmetic, which is exact enough
+ * for 9 digits; 9 digits always round-trip, and that last case goes through
+ * snprintf so it is exact. Response bodies of large float tensors spend
+ * most of their time here, so it avoids snprintf/strtof per candidate. */
 void sbuf_f32(sbuf *b, float v) {
   if (!isfinite(v)) {
     sbuf_add(b, "null", 4);
     return;
   }
-  char t[32];
-  int n = snprintf(t, sizeof t, "%.9g", (double)v);
-  /* prefer the shortest text that reads back to the same float */
-  for (int p = 6; p < 9; p++) {
-    char s[32];
-    int m = snprintf(s, sizeof s, "%.*g", p, (double)v);
-    if (strtof(s, NULL) == v) {
-      memcpy(t, s, (size_t)m + 1);
-      n = m;
-      break;
+  if (v == 0.0f) {
+    sbuf_add(b, signbit(v) ? "-0" : "0", signbit(v) ? 2 : 1);
+    return;
+  }
+  static double pow10[700];
+  static int init;
+  if (!init) { /* benign race: every thread writes the same values */
+    for (int i = 0; i < 700; i++) pow10[i] = pow(10.0, i - 350);
+    init = 1;
+  }
+  double a = fabs((double)v);
+  int e10 = (int)floor(log10(a));
+  for (int p = 6; p <= 8; p++) {
+    int sh = p - 1 - e10;
+    if (sh < -300 || sh > 300) break;
+    double scaled = nearbyint(a * pow10[sh + 350]);
+    int e = e10;
+    if (scaled >= pow10[p + 350]) { /* rounding carried into a new digit */
+      scaled /= 10;
+      e++;
+    }
+    if ((float)(scaled * pow10[350 - (p - 1 - e)]) == (float)a) {
+      put_digits(b, v < 0, (uint64_t)scaled, p, e);
+      return;
     }
   }
+  char t[32];
+  int n = snprintf(t, sizeof t, "%.9g", (double)v);
   sbuf_add(b, t, (size_t)n);
 }
 

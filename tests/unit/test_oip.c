@@ -5,6 +5,8 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include <cmocka.h>
@@ -207,12 +209,47 @@ static void test_encode(void **s) {
   ts_list_free(&outs);
 }
 
+/* Every float prints as text that reads back to the same float, no longer
+ * than %.9g, and as short as %g where 6 digits suffice. */
+static void test_float_text_round_trips(void **s) {
+  (void)s;
+  uint32_t x = 12345;
+  for (int i = 0; i < 300000; i++) {
+    x = x * 1664525u + 1013904223u;
+    uint32_t bits = x;
+    if (i % 3 == 0) bits = (bits & 0x807fffffu) | ((uint32_t)(100 + (x >> 27)) << 23);
+    float v;
+    memcpy(&v, &bits, 4);
+    if (!isfinite(v)) continue;
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_f32(&b, v);
+    float back = strtof(b.data, NULL);
+    if (back != v) fail_msg("%.9g printed as %s reads back as %.9g", (double)v, b.data, (double)back);
+    char ref[40];
+    snprintf(ref, sizeof ref, "%.9g", (double)v);
+    assert_true(b.len <= strlen(ref) + 1);
+    sbuf_free(&b);
+  }
+  const struct { float v; const char *s; } hand[] = {
+      {0.1f, "0.1"}, {-2.5f, "-2.5"}, {3e-8f, "3e-08"}, {1.0f, "1"}, {100.0f, "100"},
+      {123456.0f, "123456"}, {1e9f, "1e+09"}, {0.0001f, "0.0001"}, {1e-5f, "1e-05"},
+      {16777216.0f, "16777216"}, {0.33333334f, "0.33333334"}, {-0.0f, "-0"}};
+  for (size_t i = 0; i < sizeof hand / sizeof *hand; i++) {
+    sbuf b;
+    sbuf_init(&b);
+    sbuf_f32(&b, hand[i].v);
+    assert_string_equal(b.data, hand[i].s);
+    sbuf_free(&b);
+  }
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_every_datatype),  cmocka_unit_test(test_flat_and_nested_agree),
       cmocka_unit_test(test_limits_and_values), cmocka_unit_test(test_shape_mismatches),
       cmocka_unit_test(test_structure_errors), cmocka_unit_test(test_binary_part),
-      cmocka_unit_test(test_encode),
+      cmocka_unit_test(test_encode),      cmocka_unit_test(test_float_text_round_trips),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
