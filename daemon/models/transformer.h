@@ -33,7 +33,7 @@
 #include "model.h"
 
 #define TF_MLP_ROWS 2048
-#define TF_SCORE_ROWS 64
+#define TF_SCORE_ROWS 512
 
 typedef struct tf_model tf_model;
 typedef struct st_file st_file;
