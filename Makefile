@@ -93,7 +93,7 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libtallyd.a
 
 # Example models: weights come from a reproducible generator, never blobs.
 models: $(MODELS)/.generated
-$(MODELS)/.generated: deploy/gen_models.py
+$(MODELS)/.generated: deploy/gen_models.py $(wildcard deploy/gen/*.py) tests/reference/st.py tests/reference/make_tiny_gpt2.py
 	$(PYTHON) deploy/gen_models.py $(MODELS)
 	@touch $@
 

@@ -11,10 +11,11 @@
  *
  *   build/bench/bench_attn [--max-len N] [--min-len N] [--threads T] [--heads H]
  *                          [--dim D] [--variants softmax,lssa,lssar] [--masks causal,full]
- *                          [--no-naive] [--naive-gib G] [--cuda]
+ *                          [--no-naive] [--naive-gib G] [--cuda] [--no-cpu]
  *
  * --cuda (builds with make CUDA=1 only) times attn_cuda_forward, copies to
- * and from the GPU included, and checks it against the CPU kernel. */
+ * and from the GPU included, and checks it against the CPU kernel; --no-cpu
+ * leaves the CPU runs out (long lengths on the GPU alone). */
 #include <malloc.h>
 #include <math.h>
 #include <stdio.h>
@@ -126,13 +127,13 @@ static void usage(void) {
   fprintf(stderr,
           "usage: bench_attn [--max-len N] [--min-len N] [--threads T] [--heads H] [--dim D]\n"
           "                  [--variants softmax,lssa,lssar] [--masks causal,full]\n"
-          "                  [--no-naive] [--naive-gib G] [--cuda]\n");
+          "                  [--no-naive] [--naive-gib G] [--cuda] [--no-cpu]\n");
   exit(2);
 }
 
 int main(int argc, char **argv) {
   int64_t max_len = 16384, min_len = 1024;
-  int threads = (int)sysconf(_SC_NPROCESSORS_ONLN), H = 12, d = 64, naive = 1, cuda = 0;
+  int threads = (int)sysconf(_SC_NPROCESSORS_ONLN), H = 12, d = 64, naive = 1, cuda = 0, cpu = 1;
   double naive_gib = 4.0;
   const char *variants = "softmax,lssa,lssar", *masks = "causal,full";
   for (int i = 1; i < argc; i++) {
@@ -147,6 +148,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--naive-gib") && nx) naive_gib = atof(argv[++i]);
     else if (!strcmp(a, "--no-naive")) naive = 0;
     else if (!strcmp(a, "--cuda")) cuda = 1;
+    else if (!strcmp(a, "--no-cpu")) cpu = 0, naive = 0;
     else usage();
   }
 #ifndef TALLYD_CUDA
@@ -209,7 +211,7 @@ int main(int argc, char **argv) {
         /* repeat short runs to at least 0.3 s; keep the best */
         double best = INFINITY, spent = 0;
         long peak = 0;
-        for (int rep = 0; rep < 20 && (rep == 0 || spent < 0.3); rep++) {
+        for (int rep = 0; cpu && rep < 20 && (rep == 0 || spent < 0.3); rep++) {
           long base = status_kib("VmRSS:");
           if (can_peak) reset_peak();
           double t0 = now();
@@ -223,7 +225,8 @@ int main(int argc, char **argv) {
           long hwm = status_kib("VmHWM:");
           if (can_peak && hwm - base > peak) peak = hwm - base;
         }
-        printf("  %-8s %-6s %6lld  %-8s %9.4f %9.1f %10.1f\n", vnames[var],
+        if (cpu)
+          printf("  %-8s %-6s %6lld  %-8s %9.4f %9.1f %10.1f\n", vnames[var],
                causal ? "causal" : "full", (long long)L, "tiled", best, flop / best * 1e-9,
                can_peak ? peak / 1024.0 : -1.0);
         fflush(stdout);
@@ -261,8 +264,8 @@ int main(int argc, char **argv) {
             double dt = now() - t0;
             if (dt < cb) cb = dt;
           }
-          double md = 0;
-          for (size_t i = 0; i < n; i++) md = fmax(md, fabs(o[i] - o2[i]));
+          double md = cpu ? 0 : NAN;
+          for (size_t i = 0; cpu && i < n; i++) md = fmax(md, fabs(o[i] - o2[i]));
           printf("  %-8s %-6s %6lld  %-8s %9.4f %9.1f %10s %.2g\n", vnames[var],
                  causal ? "causal" : "full", (long long)L, "cuda", cb, flop / cb * 1e-9, "-", md);
           fflush(stdout);

@@ -434,10 +434,9 @@ static void sync_model(repo_t *r, const char *name, int force) {
       log_error("model '%s' version %lld: failed to load: %s", name, (long long)vs[i], lerr.msg);
       uv_mutex_lock(&r->mu);
       set_failed(m, vs[i], stamp, lerr.msg);
-      if (cur) { /* a broken replacement never displaces a working version */
-        atomic_fetch_add(&cur->refs, 1);
-        next[nnext++] = cur;
-      }
+      /* a broken replacement never displaces a working version; the table's
+       * reference carries over (publish keeps what stays) */
+      if (cur) next[nnext++] = cur;
       uv_mutex_unlock(&r->mu);
     }
   }
@@ -766,7 +765,6 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
       if (!keep[i]) continue;
       repo_ver *cur = all[i] == next ? v : served(m, all[i]);
       if (!cur) continue;
-      if (cur != v) atomic_fetch_add(&cur->refs, 1);
       set[k++] = cur;
     }
     if (set) {

@@ -284,6 +284,49 @@ def test_429_and_504(c):
         check(d.stop() == 0, "exit code")
 
 
+def test_config_file_and_only_models(c):
+    """--config holds the same keys as the flags; flags win; --model limits loading."""
+    import tempfile
+    cfg = tempfile.mktemp(suffix=".json")
+    with open(cfg, "w") as f:
+        json.dump({"max_body_bytes": 300, "model": ["hand"], "log-format": "json",
+                   "queue_depth": 8}, f)
+    d = Daemon(c.repo, ["--config", cfg]).start()
+    try:
+        idx = check_status(d.post("/v2/repository/index"), 200).json()
+        check(sorted({e["name"] for e in idx}) == ["hand"], idx)
+        check_status(d.infer("hand", [tensor("features", [[1.0, 2.0, 3.0]] * 20)]), 413)
+        check('"level":"info"' in d.logs(), d.logs()[-500:])
+    finally:
+        d.stop()
+    d = Daemon(c.repo, ["--config", cfg, "--max-body-bytes", "100000"]).start()
+    try:
+        check_status(d.infer("hand", [tensor("features", [[1.0, 2.0, 3.0]] * 20)]), 200)
+    finally:
+        d.stop()
+    with open(cfg, "w") as f:
+        json.dump({"no_such_key": 1}, f)
+    import subprocess
+    from harness import BIN
+    r = subprocess.run([BIN, "--model-repository", c.repo, "--config", cfg], capture_output=True)
+    check(r.returncode == 2 and b"unknown key 'no_such_key'" in r.stderr, r)
+    r = subprocess.run([BIN, "--threads", "x"], capture_output=True)
+    check(r.returncode == 2 and b"--threads" in r.stderr, r)
+    r = subprocess.run([BIN, "--help"], capture_output=True)
+    check(r.returncode == 0 and b"--model-repository" in r.stdout and b"--drain-timeout" in r.stdout, r)
+    r = subprocess.run([BIN, "--version"], capture_output=True)
+    check(r.returncode == 0 and r.stdout.startswith(b"tallyd "), r)
+    os.unlink(cfg)
+
+
+def test_request_log_line(c):
+    r = c.d.get("/v2/health/live", headers={"X-Request-Id": "log-check-1"})
+    check(r.status == 200)
+    time.sleep(0.05)
+    line = [l for l in c.d.logs().splitlines() if "log-check-1" in l]
+    check(line and "GET /v2/health/live 200" in line[-1] and "ms" in line[-1], line)
+
+
 def test_drain_on_sigterm(c):
     d = Daemon(c.repo, ["--threads", "1", "--model", "heavy"]).start()
     out = []
