@@ -34,6 +34,9 @@ static const opt opts[] = {
     {"max-request-elements", T_INT, O(max_request_elements), 0, INT64_MAX, "N", "largest element count of one input tensor (default 268435456)"},
     {"log-level", T_STR, O(log_level), 0, 0, "LEVEL", "debug, info, warn or error (default info)"},
     {"log-format", T_STR, O(log_format), 0, 0, "FORMAT", "text or json (default text)"},
+    {"session-ttl-secs", T_INT, O(session_ttl_secs), 1, INT64_C(1) << 40, "S", "KV-cache sessions idle this long expire (default 600)"},
+    {"kv-cache-bytes", T_INT, O(kv_cache_bytes), 1, INT64_MAX, "N", "cap on all sessions' KV-cache memory; least recently used sessions are evicted above it (default 4294967296)"},
+    {"device", T_STR, O(device), 0, 0, "DEV", "attention on auto, cpu or cuda (default auto: the GPU when the build has CUDA and one is present)"},
     {"help", T_FLAG, O(help), 0, 0, NULL, "print this help"},
     {"version", T_FLAG, O(version), 0, 0, NULL, "print the version"},
 };
@@ -47,6 +50,8 @@ void cfg_defaults(srv_config *c) {
   c->drain_timeout_ms = 30000;
   c->request_timeout_ms = 60000;
   c->max_request_elements = 1ll << 28;
+  c->session_ttl_secs = 600;
+  c->kv_cache_bytes = 4ll << 30;
 }
 
 static const opt *find_opt(const char *name) {

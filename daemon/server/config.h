@@ -28,6 +28,9 @@ typedef struct srv_config {
   int64_t max_request_elements;
   char *log_level;
   char *log_format;
+  int64_t session_ttl_secs; /* KV-cache sessions (server/sessions.h) */
+  int64_t kv_cache_bytes;
+  char *device;             /* attention device: auto, cpu, cuda (models/attention.h) */
   int help, version;
 } srv_config;
 

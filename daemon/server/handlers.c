@@ -12,6 +12,7 @@
 #include "../models/model.h"
 #include "oip.h"
 #include "server.h"
+#include "sessions.h"
 
 /* ---- statuses ----------------------------------------------------------- */
 
@@ -234,6 +235,7 @@ int handle_inline(server *s, const route *rt, const char *method, resp *out) {
       break;
     }
     case R_REPO_INDEX: j = repo_index(s->repo); break;
+    case R_SESSION: return sessions_inline(s, rt, method, out); /* GET; DELETE: a worker */
     default: return 0; /* goes to a worker */
   }
   if (!j) {
@@ -354,6 +356,9 @@ void handle_job(job *j) {
     case R_CALIBRATE: run_model(j); break;
     case R_REPO_LOAD:
     case R_REPO_UNLOAD: run_repo(j); break;
+    case R_SESSIONS:
+    case R_SESSION:
+    case R_SESSION_INFER: sessions_job(j); break;
     default: {
       ts_err err;
       ts_errf(&err, TS_ENOTFOUND, "route %s is not served by this build", route_name(j->rt.id));

@@ -1,0 +1,608 @@
+/* transformer.c - model kind `transformer`: a GPT-2-layout decoder that
+ * scores token sequences, statelessly (infer) or through KV-cache sessions.
+ *
+ * See transformer.h for the model and its memory. Infer: input_ids [B, L]
+ * (INT32, INT64, or any numeric dtype holding integers) -> token_logprobs
+ * [B, L-1], nll [B], next_token_logits [B, V], FP32. Request parameters
+ * "attention", "p", "offset_rows" override config.json.
+ *
+ * One forward pass (tf_run) serves both paths. Without a session the keys
+ * and values are read in place from the fused [L, 3E] projection; with one,
+ * the new rows are appended to the session's per-layer cache and the kernel
+ * reads keys 0..pos+n-1 with query_offset = pos. A session's visible state
+ * (position, cache contents up to it, last hidden row) changes only after a
+ * chunk has been computed completely, so a chunk that fails (a deadline, a
+ * bad token, memory) leaves the session as it was. */
+#include "transformer.h"
+
+#include <limits.h>
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "../base/mem.h"
+#include "../base/safetensors.h"
+#include "../kernels/sgemm.h"
+#include "../kernels/vmath.h"
+#include "attention.h"
+
+typedef struct tf_layer {
+  ts_tensor ln1_w, ln1_b, attn_w, attn_b, proj_w, proj_b;
+  ts_tensor ln2_w, ln2_b, fc_w, fc_b, fcp_w, fcp_b;
+} tf_layer;
+
+struct tf_model {
+  int n_layer, H, E, d, F;
+  int64_t V, P;
+  float eps;
+  int rope;
+  double theta;
+  double *inv_freq; /* [d/2]: theta^(-2m/d), RoPE only */
+  attn_params attn; /* config.json's variant, p and offset rows */
+  ts_tensor wte, wpe, lnf_w, lnf_b;
+  tf_layer *layers;
+};
+
+/* A session's state. n_layer is kept because session_free has no model. */
+typedef struct tf_seq {
+  int n_layer;
+  int64_t pos, cap;
+  float **k, **v; /* n_layer arrays of [cap, E] */
+  float *last;    /* [E] final hidden state of token pos-1 */
+  attn_params attn;
+} tf_seq;
+
+/* ---- loading ------------------------------------------------------------- */
+
+static int cfg_int(const json_t *cfg, const char *key, int64_t lo, int64_t hi, int64_t *out,
+                   ts_err *err) {
+  json_t *v = json_object_get(cfg, key);
+  if (!v) return ts_errf(err, TS_EINVAL, "config.json: missing '%s'", key);
+  if (md_param_int(cfg, key, 0, out, err) || *out < lo || *out > hi)
+    return ts_errf(err, TS_EINVAL, "config.json: '%s' must be an integer in [%lld, %lld]", key,
+                   (long long)lo, (long long)hi);
+  return 0;
+}
+
+static int get_w(st_file *w, const char *prefix, const char *name, int ndim, int64_t d0,
+                 int64_t d1, ts_tensor *out, ts_err *err) {
+  char full[160];
+  snprintf(full, sizeof full, "%s%s", prefix, name);
+  int64_t shape[2] = {d0, d1};
+  return st_get_f32(w, full, ndim, shape, out, err);
+}
+
+static void free_weights(tf_model *m) {
+  if (m->layers)
+    for (int i = 0; i < m->n_layer; i++) {
+      ts_tensor *t = &m->layers[i].ln1_w;
+      for (int j = 0; j < 12; j++) ts_free(&t[j]);
+    }
+  ts_free(&m->wte);
+  ts_free(&m->wpe);
+  ts_free(&m->lnf_w);
+  ts_free(&m->lnf_b);
+}
+
+void tf_free(tf_model *m) {
+  if (!m) return;
+  free_weights(m);
+  tl_free(m->layers);
+  tl_free(m->inv_freq);
+  tl_free(m);
+}
+
+static int read_config(tf_model *m, const json_t *cfg, ts_err *err) {
+  int64_t v;
+  int rc;
+  if (!json_is_object(cfg)) return ts_errf(err, TS_EINVAL, "config.json is not a JSON object");
+  if ((rc = cfg_int(cfg, "n_layer", 1, 4096, &v, err))) return rc;
+  m->n_layer = (int)v;
+  if ((rc = cfg_int(cfg, "n_head", 1, 4096, &v, err))) return rc;
+  m->H = (int)v;
+  if ((rc = cfg_int(cfg, "n_embd", 1, 1 << 20, &v, err))) return rc;
+  m->E = (int)v;
+  if ((rc = cfg_int(cfg, "vocab_size", 1, INT_MAX, &m->V, err))) return rc;
+  if ((rc = cfg_int(cfg, "n_positions", 1, INT64_C(1) << 40, &m->P, err))) return rc;
+  if (m->E % m->H)
+    return ts_errf(err, TS_EINVAL, "config.json: n_embd %d is not a multiple of n_head %d", m->E,
+                   m->H);
+  m->d = m->E / m->H;
+  double eps;
+  if (md_param_double(cfg, "layer_norm_epsilon", 1e-5, &eps, err) || !(eps > 0) || eps > 1)
+    return ts_errf(err, TS_EINVAL, "config.json: 'layer_norm_epsilon' must be a number in (0, 1]");
+  m->eps = (float)eps;
+  const char *pos;
+  if (md_param_string(cfg, "positions", "learned", &pos, err) ||
+      (strcmp(pos, "learned") != 0 && strcmp(pos, "rope") != 0))
+    return ts_errf(err, TS_EINVAL, "config.json: 'positions' must be \"learned\" or \"rope\"");
+  m->rope = strcmp(pos, "rope") == 0;
+  if (md_param_double(cfg, "rope_theta", 10000.0, &m->theta, err) || !(m->theta > 1.0))
+    return ts_errf(err, TS_EINVAL, "config.json: 'rope_theta' must be a number > 1");
+  if (m->rope && m->d % 2)
+    return ts_errf(err, TS_EINVAL, "config.json: RoPE needs an even head dimension, got %d", m->d);
+  /* HF keys that would change the computation and that this kind does not do */
+  const char *act;
+  if (md_param_string(cfg, "activation_function", "gelu_new", &act, err) ||
+      (strcmp(act, "gelu_new") != 0 && strcmp(act, "gelu_pytorch_tanh") != 0 &&
+       strcmp(act, "gelu_fast") != 0))
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: activation_function must be the tanh GELU (gelu_new, "
+                   "gelu_pytorch_tanh or gelu_fast)");
+  json_t *sc = json_object_get(cfg, "scale_attn_by_inverse_layer_idx");
+  if (sc && json_is_true(sc))
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: scale_attn_by_inverse_layer_idx is not supported");
+  m->attn = attn_params_default(ATTN_SOFTMAX);
+  return md_attn_params_read(cfg, "config.json", &m->attn, err);
+}
+
+int tf_load(const json_t *cfg, st_file *w, tf_model **out, ts_err *err) {
+  *out = NULL;
+  tf_model *m = tl_calloc(1, sizeof *m);
+  if (!m) return ts_errf(err, TS_ENOMEM, "out of memory");
+  int rc = read_config(m, cfg, err);
+  if (rc) goto fail;
+  if (!w) {
+    rc = ts_errf(err, TS_EINVAL, "the version has no model.safetensors");
+    goto fail;
+  }
+  const char *pre = st_find(w, "transformer.wte.weight") >= 0 ? "transformer." : "";
+  int64_t E = m->E;
+  if ((rc = get_w(w, pre, "wte.weight", 2, m->V, E, &m->wte, err))) goto fail;
+  if (m->rope) {
+    m->inv_freq = tl_malloc(sizeof(double) * (size_t)(m->d / 2));
+    if (!m->inv_freq) {
+      rc = ts_errf(err, TS_ENOMEM, "out of memory");
+      goto fail;
+    }
+    for (int i = 0; i < m->d / 2; i++)
+      m->inv_freq[i] = pow(m->theta, -2.0 * (double)i / (double)m->d);
+  } else if ((rc = get_w(w, pre, "wpe.weight", 2, -1, E, &m->wpe, err))) {
+    goto fail;
+  } else if (m->wpe.shape[0] < m->P) {
+    rc = ts_errf(err, TS_EINVAL, "weights: wpe.weight has %lld rows, n_positions is %lld",
+                 (long long)m->wpe.shape[0], (long long)m->P);
+    goto fail;
+  }
+  if ((rc = get_w(w, pre, "ln_f.weight", 1, E, 0, &m->lnf_w, err)) ||
+      (rc = get_w(w, pre, "ln_f.bias", 1, E, 0, &m->lnf_b, err)))
+    goto fail;
+  m->layers = tl_calloc((size_t)m->n_layer, sizeof *m->layers);
+  if (!m->layers) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    goto fail;
+  }
+  for (int i = 0; i < m->n_layer && !rc; i++) {
+    tf_layer *l = &m->layers[i];
+    char p[64];
+    snprintf(p, sizeof p, "%sh.%d.", pre, i);
+    if ((rc = get_w(w, p, "ln_1.weight", 1, E, 0, &l->ln1_w, err)) ||
+        (rc = get_w(w, p, "ln_1.bias", 1, E, 0, &l->ln1_b, err)) ||
+        (rc = get_w(w, p, "attn.c_attn.weight", 2, E, 3 * E, &l->attn_w, err)) ||
+        (rc = get_w(w, p, "attn.c_attn.bias", 1, 3 * E, 0, &l->attn_b, err)) ||
+        (rc = get_w(w, p, "attn.c_proj.weight", 2, E, E, &l->proj_w, err)) ||
+        (rc = get_w(w, p, "attn.c_proj.bias", 1, E, 0, &l->proj_b, err)) ||
+        (rc = get_w(w, p, "ln_2.weight", 1, E, 0, &l->ln2_w, err)) ||
+        (rc = get_w(w, p, "ln_2.bias", 1, E, 0, &l->ln2_b, err)) ||
+        (rc = get_w(w, p, "mlp.c_fc.weight", 2, E, -1, &l->fc_w, err)))
+      break;
+    int64_t F = l->fc_w.shape[1];
+    if (i == 0) m->F = (int)F;
+    if (F < 1 || F != m->F || F > (1 << 24)) {
+      rc = ts_errf(err, TS_EINVAL, "weights: %smlp.c_fc.weight has width %lld, layer 0 has %d", p,
+                   (long long)F, m->F);
+      break;
+    }
+    if ((rc = get_w(w, p, "mlp.c_fc.bias", 1, F, 0, &l->fc_b, err)) ||
+        (rc = get_w(w, p, "mlp.c_proj.weight", 2, F, E, &l->fcp_w, err)) ||
+        (rc = get_w(w, p, "mlp.c_proj.bias", 1, E, 0, &l->fcp_b, err)))
+      break;
+  }
+  if (rc) goto fail;
+  *out = m;
+  return 0;
+fail:
+  tf_free(m);
+  return rc;
+}
+
+int64_t tf_vocab(const tf_model *m) { return m->V; }
+attn_params tf_attn_defaults(const tf_model *m) { return m->attn; }
+
+/* ---- row-parallel helpers ------------------------------------------------ */
+
+typedef struct rows_arg {
+  const float *x;
+  float *y;
+  int64_t cols;
+  const float *g, *b;
+  float eps;
+} rows_arg;
+
+static void ln_range(void *arg, int64_t b, int64_t e) {
+  rows_arg *a = arg;
+  vm_layernorm_rows(a->x + b * a->cols, a->y + b * a->cols, e - b, a->cols, a->g, a->b, a->eps);
+}
+
+static void layernorm(pool_t *pool, const float *x, float *y, int64_t rows, int64_t cols,
+                      const ts_tensor *g, const ts_tensor *b, float eps) {
+  rows_arg a = {x, y, cols, g->data, b->data, eps};
+  pool_parallel_for(pool, rows, 64, ln_range, &a);
+}
+
+static void gelu_range(void *arg, int64_t b, int64_t e) {
+  rows_arg *a = arg;
+  vm_gelu_tanh(a->y + b * a->cols, (e - b) * a->cols);
+}
+
+static void bias_gelu(pool_t *pool, float *h, int64_t rows, int64_t cols, const float *bias) {
+  sg_add_bias(rows, cols, h, cols, bias);
+  rows_arg a = {NULL, h, cols, NULL, NULL, 0};
+  pool_parallel_for(pool, rows, 16, gelu_range, &a);
+}
+
+/* RoPE on the q and k thirds of qkv rows [n, 3E], token t at position pos0+t:
+ * pairs (m, m + d/2) of each head rotated by pos * inv_freq[m], the angle and
+ * its sine and cosine in double (positions reach 10^5 and beyond). */
+typedef struct rope_arg {
+  const tf_model *m;
+  float *qkv;
+  int64_t pos0;
+} rope_arg;
+
+static void rope_range(void *arg, int64_t b, int64_t e) {
+  rope_arg *a = arg;
+  const tf_model *m = a->m;
+  int half = m->d / 2;
+  for (int64_t t = b; t < e; t++) {
+    double p = (double)(a->pos0 + t);
+    float *row = a->qkv + t * 3 * (int64_t)m->E;
+    for (int i = 0; i < half; i++) {
+      double ang = p * m->inv_freq[i];
+      float c = (float)cos(ang), s = (float)sin(ang);
+      for (int part = 0; part < 2; part++) /* q, then k */
+        for (int h = 0; h < m->H; h++) {
+          float *x = row + part * m->E + h * m->d;
+          float x1 = x[i], x2 = x[i + half];
+          x[i] = x1 * c - x2 * s;
+          x[i + half] = x2 * c + x1 * s;
+        }
+    }
+  }
+}
+
+/* Log-probabilities of targets from hidden rows: logits of a chunk of rows
+ * (rows x wte^T), each row's log-softmax, the target's entry. */
+typedef struct score_arg {
+  float *logits;
+  int64_t V;
+  const int64_t *targets;
+  float *lp;
+} score_arg;
+
+static void score_range(void *arg, int64_t b, int64_t e) {
+  score_arg *a = arg;
+  for (int64_t r = b; r < e; r++) {
+    float *row = a->logits + r * a->V;
+    vm_log_softmax_rows(row, 1, a->V);
+    a->lp[r] = row[a->targets[r]];
+  }
+}
+
+static void score_rows(const tf_model *m, pool_t *pool, const float *x, int64_t rows,
+                       const int64_t *targets, float *lp, float *buf) {
+  for (int64_t r0 = 0; r0 < rows; r0 += TF_SCORE_ROWS) {
+    int64_t n = rows - r0 < TF_SCORE_ROWS ? rows - r0 : TF_SCORE_ROWS;
+    sg_gemm(pool, 1, n, m->V, m->E, x + r0 * m->E, m->E, m->wte.data, m->E, 0.0f, buf, m->V);
+    score_arg a = {buf, m->V, targets + r0, lp + r0};
+    pool_parallel_for(pool, n, 1, score_range, &a);
+  }
+}
+
+/* ---- the forward pass ---------------------------------------------------- */
+
+static int check_ids(const tf_model *m, const int64_t *ids, int64_t n, int64_t pos0, ts_err *err) {
+  for (int64_t t = 0; t < n; t++)
+    if (ids[t] < 0 || ids[t] >= m->V)
+      return ts_errf(err, TS_EINVAL,
+                     "input 'input_ids': token %lld at position %lld is outside the "
+                     "vocabulary [0, %lld)",
+                     (long long)ids[t], (long long)(pos0 + t), (long long)m->V);
+  if (!m->rope && pos0 + n > m->P)
+    return ts_errf(err, TS_EINVAL,
+                   "input 'input_ids': %lld tokens, but this model's learned positions stop at "
+                   "n_positions %lld",
+                   (long long)(pos0 + n), (long long)m->P);
+  return 0;
+}
+
+static int seq_reserve(const tf_model *m, tf_seq *s, int64_t need, ts_err *err) {
+  if (need <= s->cap) return 0;
+  int64_t cap = s->cap ? s->cap : 64;
+  while (cap < need) cap *= 2;
+  size_t bytes = sizeof(float) * (size_t)cap * (size_t)m->E;
+  /* Layers already grown when a later one fails just hold spare room; the
+   * cache is valid up to s->cap in every layer either way. */
+  for (int l = 0; l < m->n_layer; l++) {
+    float *k = tl_realloc(s->k[l], bytes);
+    if (!k) goto nomem;
+    s->k[l] = k;
+    float *v = tl_realloc(s->v[l], bytes);
+    if (!v) goto nomem;
+    s->v[l] = v;
+  }
+  s->cap = cap;
+  return 0;
+nomem:
+  return ts_errf(err, TS_ENOMEM, "out of memory growing the KV cache to %lld tokens",
+                 (long long)cap);
+}
+
+/* Runs n new tokens at positions pos0..pos0+n-1 (pos0 = seq ? seq->pos : 0).
+ * lp receives the log-probability of each new token that has a token before
+ * it (n entries when seq->pos > 0, else n - 1); next_logits [V] the logits
+ * after the last one. */
+static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
+                  int64_t n, tf_seq *seq, float *lp, float *next_logits, const md_call *c,
+                  tf_prof *prof, ts_err *err) {
+  const int64_t E = m->E, E3 = 3 * E, pos0 = seq ? seq->pos : 0;
+  int rc = check_ids(m, ids, n, pos0, err);
+  if (rc) return rc;
+  if (n < 1) return ts_errf(err, TS_EINVAL, "input 'input_ids': at least one token is needed");
+  if (seq && (rc = seq_reserve(m, seq, pos0 + n, err))) return rc;
+  int64_t mrows = n < TF_MLP_ROWS ? n : TF_MLP_ROWS;
+  int64_t srows = n < TF_SCORE_ROWS ? n : TF_SCORE_ROWS;
+  float *x = tl_malloc(sizeof(float) * (size_t)(n * E));
+  float *a = tl_malloc(sizeof(float) * (size_t)(n * E));
+  float *qkv = tl_malloc(sizeof(float) * (size_t)(n * E3));
+  float *ao = tl_malloc(sizeof(float) * (size_t)(n * E));
+  float *h = tl_malloc(sizeof(float) * (size_t)(mrows * m->F));
+  float *lg = tl_malloc(sizeof(float) * (size_t)(srows * m->V));
+  if (!x || !a || !qkv || !ao || !h || !lg) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory for %lld tokens", (long long)n);
+    goto out;
+  }
+  for (int64_t t = 0; t < n; t++) {
+    const float *te = (const float *)m->wte.data + ids[t] * E;
+    float *xr = x + t * E;
+    if (m->rope) {
+      memcpy(xr, te, sizeof(float) * (size_t)E);
+    } else {
+      const float *pe = (const float *)m->wpe.data + (pos0 + t) * E;
+      for (int64_t i = 0; i < E; i++) xr[i] = te[i] + pe[i];
+    }
+  }
+  attn_params ap = *prm;
+  ap.causal = 1;
+  ap.query_offset = pos0;
+  for (int li = 0; li < m->n_layer; li++) {
+    const tf_layer *L = &m->layers[li];
+    layernorm(pool, x, a, n, E, &L->ln1_w, &L->ln1_b, m->eps);
+    sg_gemm(pool, 0, n, E3, E, a, E, L->attn_w.data, E3, 0.0f, qkv, E3);
+    sg_add_bias(n, E3, qkv, E3, L->attn_b.data);
+    if (m->rope) {
+      rope_arg ra = {m, qkv, pos0};
+      pool_parallel_for(pool, n, 32, rope_range, &ra);
+    }
+    attn_tensor q = {qkv, m->d, E3}, k, v;
+    int64_t Lk;
+    if (seq) {
+      for (int64_t t = 0; t < n; t++) {
+        memcpy(seq->k[li] + (pos0 + t) * E, qkv + t * E3 + E, sizeof(float) * (size_t)E);
+        memcpy(seq->v[li] + (pos0 + t) * E, qkv + t * E3 + 2 * E, sizeof(float) * (size_t)E);
+      }
+      k = (attn_tensor){seq->k[li], m->d, E};
+      v = (attn_tensor){seq->v[li], m->d, E};
+      Lk = pos0 + n;
+    } else {
+      k = (attn_tensor){qkv + E, m->d, E3};
+      v = (attn_tensor){qkv + 2 * E, m->d, E3};
+      Lk = n;
+    }
+    attn_out o = {ao, m->d, E};
+    double t0 = prof ? md_now() : 0;
+    rc = md_attn_forward(pool, &ap, m->H, m->H, n, Lk, m->d, m->d, q, k, v, o, err);
+    if (prof) prof->attn_s += md_now() - t0;
+    if (rc) goto out;
+    sg_gemm(pool, 0, n, E, E, ao, E, L->proj_w.data, E, 1.0f, x, E);
+    sg_add_bias(n, E, x, E, L->proj_b.data);
+    layernorm(pool, x, a, n, E, &L->ln2_w, &L->ln2_b, m->eps);
+    for (int64_t r0 = 0; r0 < n; r0 += mrows) {
+      int64_t r = n - r0 < mrows ? n - r0 : mrows;
+      sg_gemm(pool, 0, r, m->F, E, a + r0 * E, E, L->fc_w.data, m->F, 0.0f, h, m->F);
+      bias_gelu(pool, h, r, m->F, L->fc_b.data);
+      sg_gemm(pool, 0, r, E, m->F, h, m->F, L->fcp_w.data, E, 1.0f, x + r0 * E, E);
+      sg_add_bias(r, E, x + r0 * E, E, L->fcp_b.data);
+    }
+    if (c && (rc = md_check_deadline(c, err))) goto out;
+  }
+  layernorm(pool, x, a, n, E, &m->lnf_w, &m->lnf_b, m->eps);
+  double t0 = prof ? md_now() : 0;
+  int64_t k0 = 0;
+  if (seq && pos0 > 0) { /* the first new token, predicted from the cached last row */
+    score_rows(m, pool, seq->last, 1, ids, lp, lg);
+    k0 = 1;
+  }
+  score_rows(m, pool, a, n - 1, ids + 1, lp + k0, lg);
+  sg_gemm(pool, 1, 1, m->V, E, a + (n - 1) * E, E, m->wte.data, E, 0.0f, next_logits, m->V);
+  if (prof) prof->head_s += md_now() - t0;
+  if (seq) { /* commit: only now does the session move */
+    memcpy(seq->last, a + (n - 1) * E, sizeof(float) * (size_t)E);
+    seq->pos += n;
+  }
+out:
+  tl_free(x);
+  tl_free(a);
+  tl_free(qkv);
+  tl_free(ao);
+  tl_free(h);
+  tl_free(lg);
+  return rc;
+}
+
+int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
+             int64_t L, float *lp, double *nll, float *next_logits, const md_call *c,
+             tf_prof *prof, ts_err *err) {
+  int rc = tf_run(m, pool, prm, ids, L, NULL, lp, next_logits, c, prof, err);
+  if (rc) return rc;
+  double s = 0;
+  for (int64_t t = 0; t + 1 < L; t++) s -= lp[t];
+  *nll = L > 1 ? s / (double)(L - 1) : 0.0;
+  return 0;
+}
+
+/* ---- the kind ------------------------------------------------------------ */
+
+static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
+  /* An HF GPT-2 config.json is taken as it is: no key check here. */
+  tf_model *m;
+  int rc = tf_load(ctx->config, ctx->weights, &m, err);
+  if (rc) return rc;
+  *state = m;
+  return 0;
+}
+
+static void set_io(md_io *io, const char *name, ts_dtype dt, int ndim, int64_t d0, int64_t d1) {
+  snprintf(io->name, sizeof io->name, "%s", name);
+  io->dtype = dt;
+  io->ndim = ndim;
+  io->shape[0] = d0;
+  io->shape[1] = d1;
+}
+
+static void signature(void *state, md_sig *sig) {
+  tf_model *m = state;
+  memset(sig, 0, sizeof *sig);
+  sig->n_inputs = 1;
+  set_io(&sig->inputs[0], "input_ids", TS_INT64, 2, -1, -1);
+  sig->n_outputs = 3;
+  set_io(&sig->outputs[0], "token_logprobs", TS_FP32, 2, -1, -1);
+  set_io(&sig->outputs[1], "nll", TS_FP32, 1, -1, 0);
+  set_io(&sig->outputs[2], "next_token_logits", TS_FP32, 2, -1, m->V);
+}
+
+/* input_ids [B, L] as int64; 400 for any other rank or a non-integer. */
+static int read_ids(const md_call *c, int64_t **ids, int64_t *B, int64_t *L, ts_err *err) {
+  const ts_tensor *t;
+  int rc = md_input(c, "input_ids", &t, err);
+  if (rc) return rc;
+  char s[96];
+  if (t->ndim != 2)
+    return ts_errf(err, TS_EINVAL, "input 'input_ids': expected shape [B, L], got %s",
+                   ts_shape_str(t->shape, t->ndim, s, sizeof s));
+  if (t->shape[1] < 1)
+    return ts_errf(err, TS_EINVAL, "input 'input_ids': at least one token is needed");
+  *B = t->shape[0];
+  *L = t->shape[1];
+  return ts_to_i64(t, ids, err);
+}
+
+static int infer(void *state, md_call *c, ts_err *err) {
+  tf_model *m = state;
+  attn_params prm = m->attn;
+  int rc = md_attn_params_read(c->params, "parameters", &prm, err);
+  if (rc) return rc;
+  int64_t *ids = NULL, B, L;
+  if ((rc = read_ids(c, &ids, &B, &L, err))) return rc;
+  for (int64_t b = 0; b < B && !rc; b++) rc = check_ids(m, ids + b * L, L, 0, err);
+  int64_t s_lp[2] = {B, L - 1}, s_nll[1] = {B}, s_lg[2] = {B, m->V};
+  float *lp = rc ? NULL : md_output(c, "token_logprobs", TS_FP32, 2, s_lp, err);
+  float *nll = lp ? md_output(c, "nll", TS_FP32, 1, s_nll, err) : NULL;
+  float *lg = nll ? md_output(c, "next_token_logits", TS_FP32, 2, s_lg, err) : NULL;
+  if (!rc && !lg) rc = -TS_ENOMEM;
+  for (int64_t b = 0; b < B && !rc; b++) {
+    double v;
+    rc = tf_score(m, c->pool, &prm, ids + b * L, L, lp + b * (L - 1), &v, lg + b * m->V, c,
+                  NULL, err);
+    nll[b] = (float)v;
+  }
+  tl_free(ids);
+  return rc;
+}
+
+/* ---- sessions ------------------------------------------------------------ */
+
+static size_t seq_bytes(const tf_model *m, const tf_seq *s) {
+  return sizeof *s + 2 * sizeof(float *) * (size_t)m->n_layer +
+         sizeof(float) * (size_t)m->E * (1 + 2 * (size_t)m->n_layer * (size_t)s->cap);
+}
+
+static void seq_free(void *p);
+
+static int session_open(void *state, const json_t *params, void **out, size_t *bytes,
+                        ts_err *err) {
+  tf_model *m = state;
+  attn_params prm = m->attn;
+  int rc = md_attn_params_read(params, "parameters", &prm, err);
+  if (rc) return rc;
+  tf_seq *s = tl_calloc(1, sizeof *s);
+  if (!s) return ts_errf(err, TS_ENOMEM, "out of memory");
+  s->n_layer = m->n_layer;
+  s->attn = prm;
+  s->k = tl_calloc((size_t)m->n_layer, sizeof *s->k);
+  s->v = tl_calloc((size_t)m->n_layer, sizeof *s->v);
+  s->last = tl_malloc(sizeof(float) * (size_t)m->E);
+  if (!s->k || !s->v || !s->last) {
+    seq_free(s);
+    return ts_errf(err, TS_ENOMEM, "out of memory");
+  }
+  *out = s;
+  *bytes = seq_bytes(m, s);
+  return 0;
+}
+
+static int session_infer(void *state, void *sess, md_call *c, size_t *bytes, ts_err *err) {
+  tf_model *m = state;
+  tf_seq *s = sess;
+  int64_t *ids = NULL, B, n;
+  int rc = read_ids(c, &ids, &B, &n, err);
+  if (rc) return rc;
+  if (B != 1) {
+    tl_free(ids);
+    return ts_errf(err, TS_EINVAL, "input 'input_ids': a session takes one sequence, shape [1, n]; "
+                   "got %lld rows", (long long)B);
+  }
+  int64_t k = s->pos > 0 ? n : n - 1;
+  int64_t s_lp[2] = {1, k}, s_nll[1] = {1}, s_lg[2] = {1, m->V};
+  float *lp = md_output(c, "token_logprobs", TS_FP32, 2, s_lp, err);
+  float *nll = lp ? md_output(c, "nll", TS_FP32, 1, s_nll, err) : NULL;
+  float *lg = nll ? md_output(c, "next_token_logits", TS_FP32, 2, s_lg, err) : NULL;
+  if (!lg) rc = -TS_ENOMEM;
+  if (!rc) rc = tf_run(m, c->pool, &s->attn, ids, n, s, lp, lg, c, NULL, err);
+  if (!rc) {
+    double sum = 0;
+    for (int64_t i = 0; i < k; i++) sum -= lp[i];
+    nll[0] = k > 0 ? (float)(sum / (double)k) : 0.0f;
+  }
+  *bytes = seq_bytes(m, s);
+  tl_free(ids);
+  return rc;
+}
+
+static int64_t session_position(void *sess) { return ((tf_seq *)sess)->pos; }
+
+static void seq_free(void *p) {
+  tf_seq *s = p;
+  if (!s) return;
+  for (int l = 0; l < s->n_layer; l++) {
+    if (s->k) tl_free(s->k[l]);
+    if (s->v) tl_free(s->v[l]);
+  }
+  tl_free(s->k);
+  tl_free(s->v);
+  tl_free(s->last);
+  tl_free(s);
+}
+
+static void free_state(void *state) { tf_free(state); }
+
+const md_kind md_kind_transformer = {.name = "transformer",
+                                     .load = load,
+                                     .signature = signature,
+                                     .infer = infer,
+                                     .session_open = session_open,
+                                     .session_infer = session_infer,
+                                     .session_position = session_position,
+                                     .session_free = seq_free,
+                                     .free = free_state};

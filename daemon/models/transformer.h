@@ -1,0 +1,64 @@
+/* transformer.h - a GPT-2-layout decoder that scores token sequences: the
+ * `transformer` model kind, and the entry points the prefill benchmark uses.
+ *
+ * The model (attention.md section 4): token embeddings wte [V, E], learned
+ * positions wpe [P, E] or RoPE, n_layer pre-LayerNorm blocks
+ * x += c_proj(Attn(LN1(x))); x += c_proj(gelu_tanh(c_fc(LN2(x)))), a final
+ * LayerNorm and the LM head tied to wte (logits = x wte^T). Weights use the
+ * HF GPT-2 safetensors names (an HF "transformer." prefix is accepted);
+ * Conv1D weights are stored [in, out].
+ *
+ * Memory per sequence of L tokens: activations of a few [L, E] and one
+ * [L, 3E] (the fused q, k, v projection), MLP hidden rows in chunks of
+ * TF_MLP_ROWS, and the attention kernel's packed K and V ([L, 2E]); never an
+ * L x L matrix (the attention kernels are tiled) and never [L, V] logits
+ * (each chunk of TF_SCORE_ROWS rows is projected, reduced to the next token's
+ * log-probability and dropped).
+ *
+ * Sessions keep each layer's K and V ([cap, E] per layer, grown by doubling)
+ * and the final hidden state of the last token, so that a later chunk is
+ * scored from every token before it at the cost of the new tokens only.
+ *
+ * Ownership: a tf_model borrows its weights from the st_file given to
+ * tf_load (or owns converted copies); it must stay open until tf_free. */
+#ifndef TALLYD_TRANSFORMER_H
+#define TALLYD_TRANSFORMER_H
+
+#include <jansson.h>
+#include <stdint.h>
+
+#include "../base/err.h"
+#include "../base/pool.h"
+#include "../kernels/attn.h"
+#include "model.h"
+
+#define TF_MLP_ROWS 2048
+#define TF_SCORE_ROWS 512
+
+typedef struct tf_model tf_model;
+typedef struct st_file st_file;
+
+/* Reads an HF GPT-2 config.json (plus kind, positions, rope_theta,
+ * attention, p, offset_rows) and the weights; 400 naming what is wrong. */
+int tf_load(const json_t *config, st_file *weights, tf_model **out, ts_err *err);
+void tf_free(tf_model *m);
+
+int64_t tf_vocab(const tf_model *m);
+/* The attention settings from config.json (requests may override them). */
+attn_params tf_attn_defaults(const tf_model *m);
+
+/* Where time goes (for the benchmark): seconds inside attention calls and
+ * in the LM head's scoring, added to what is there. */
+typedef struct tf_prof {
+  double attn_s, head_s;
+} tf_prof;
+
+/* Scores one sequence ids[0..L) from scratch: lp[0..L-1) receives
+ * log p(ids[t+1] | ids[0..t]), *nll their negated mean (0 when L == 1),
+ * next_logits[0..V) the logits after the last token. c (may be NULL) gives
+ * the deadline; prof may be NULL. */
+int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
+             int64_t L, float *lp, double *nll, float *next_logits, const md_call *c,
+             tf_prof *prof, ts_err *err);
+
+#endif
