@@ -163,7 +163,7 @@ static int fill_bytes(ts_tensor *t, json_t *data, int64_t numel, const char *nam
 }
 
 static int decode_input(json_t *in, int idx, const char *bin, size_t bin_len, size_t *bin_off,
-                        int64_t max_elements, int64_t *budget, ts_tensor *t, ts_err *err) {
+                        int64_t max_elements, ts_tensor *t, ts_err *err) {
   if (!json_is_object(in)) return ts_errf(err, TS_EINVAL, "inputs[%d] is not an object", idx);
   json_t *jn = json_object_get(in, "name"), *js = json_object_get(in, "shape"),
          *jd = json_object_get(in, "datatype"), *data = json_object_get(in, "data"),
@@ -199,15 +199,6 @@ static int decode_input(json_t *in, int idx, const char *bin, size_t bin_len, si
   if (max_elements > 0 && numel > max_elements)
     return ts_errf(err, TS_ETOOBIG, "input '%s': %lld elements exceed the limit of %lld", name,
                    (long long)numel, (long long)max_elements);
-  /* --max-request-memory: charged before anything is allocated (BYTES
-   * elements at their 4-byte length prefix, the rest is bounded by the body) */
-  if (budget) {
-    int64_t esz = (int64_t)(dt == TS_BYTES ? 4 : ts_dtype_size(dt));
-    if (numel > *budget / esz) /* divides: numel x esz may overflow */
-      return ts_errf(err, TS_ETOOBIG, "input '%s': %lld elements of %lld bytes take the request "
-                     "over --max-request-memory", name, (long long)numel, (long long)esz);
-    *budget -= numel * esz;
-  }
   json_t *bsz = params ? json_object_get(params, "binary_data_size") : NULL;
   if (bsz) {
     if (!json_is_integer(bsz) || json_integer_value(bsz) < 0)
@@ -257,6 +248,37 @@ static int decode_input(json_t *in, int idx, const char *bin, size_t bin_len, si
   return 0;
 }
 
+/* --max-request-memory: the declared size of every input (element count x
+ * dtype size; BYTES at its 4-byte length prefixes), summed over the request
+ * before any input is allocated. Malformed entries are left to decode_input. */
+static int check_request_memory(json_t *inputs, int64_t max_bytes, ts_err *err) {
+  int64_t total = 0;
+  size_t i;
+  json_t *in;
+  json_array_foreach(inputs, i, in) {
+    json_t *js = json_object_get(in, "shape");
+    ts_dtype dt;
+    if (!json_is_array(js) || json_array_size(js) > TS_MAXDIM ||
+        ts_dtype_from_name(json_string_value(json_object_get(in, "datatype")), &dt))
+      continue;
+    int64_t shape[TS_MAXDIM], numel;
+    int nd = (int)json_array_size(js), ok = 1;
+    for (int k = 0; k < nd; k++) {
+      json_t *x = json_array_get(js, (size_t)k);
+      ok &= json_is_integer(x) && json_integer_value(x) >= 0;
+      shape[k] = ok ? json_integer_value(x) : 0;
+    }
+    ts_err ignored;
+    if (!ok || ts_numel(shape, nd, &numel, &ignored)) continue;
+    int64_t esz = (int64_t)(dt == TS_BYTES ? 4 : ts_dtype_size(dt));
+    if (numel > (max_bytes - total) / esz) /* divides: numel x esz may overflow */
+      return ts_errf(err, TS_ETOOBIG, "inputs[%zu]: the request's tensors need more than "
+                     "--max-request-memory (%lld bytes)", i, (long long)max_bytes);
+    total += numel * esz;
+  }
+  return 0;
+}
+
 int oip_decode(const char *body, size_t len, size_t json_len, int64_t max_elements,
                oip_request *req, ts_err *err) {
   return oip_decode_capped(body, len, json_len, max_elements, 0, req, err);
@@ -264,7 +286,6 @@ int oip_decode(const char *body, size_t len, size_t json_len, int64_t max_elemen
 
 int oip_decode_capped(const char *body, size_t len, size_t json_len, int64_t max_elements,
                       int64_t max_bytes, oip_request *req, ts_err *err) {
-  int64_t budget = max_bytes;
   memset(req, 0, sizeof *req);
   ts_list_init(&req->inputs);
   if (json_len == 0 || json_len > len) {
@@ -297,6 +318,8 @@ int oip_decode_capped(const char *body, size_t len, size_t json_len, int64_t max
   }
   json_t *inputs = json_object_get(req->root, "inputs");
   if (!json_is_array(inputs)) return ts_errf(err, TS_EINVAL, "'inputs' must be an array");
+  int mr = max_bytes > 0 ? check_request_memory(inputs, max_bytes, err) : 0;
+  if (mr) return mr;
   size_t bin_off = 0, bin_len = len - json_len;
   const char *bin = body + json_len;
   size_t i;
@@ -304,8 +327,7 @@ int oip_decode_capped(const char *body, size_t len, size_t json_len, int64_t max
   json_array_foreach(inputs, i, in) {
     ts_tensor *t = ts_list_add(&req->inputs);
     if (!t) return ts_errf(err, TS_ENOMEM, "out of memory");
-    int r = decode_input(in, (int)i, bin, bin_len, &bin_off, max_elements,
-                         max_bytes > 0 ? &budget : NULL, t, err);
+    int r = decode_input(in, (int)i, bin, bin_len, &bin_off, max_elements, t, err);
     if (r) {
       ts_free(t);
       req->inputs.n--;
