@@ -298,8 +298,8 @@ int oip_decode_capped(const char *body, size_t len, size_t json_len, int64_t max
   json_error_t je;
   req->root = json_loadb(body, json_len, JSON_REJECT_DUPLICATES, &je);
   if (!req->root)
-    return ts_errf(err, TS_EINVAL, "malformed JSON at line %d column %d: %s", je.line, je.column,
-                   je.text);
+    return ts_errf(err, json_error_code(&je) == json_error_out_of_memory ? TS_ENOMEM : TS_EINVAL,
+                   "malformed JSON at line %d column %d: %s", je.line, je.column, je.text);
   if (!json_is_object(req->root))
     return ts_errf(err, TS_EINVAL, "the request body must be a JSON object");
   json_t *id = json_object_get(req->root, "id");
