@@ -458,7 +458,7 @@ def test_sigkill_during_fit():
         raise SkipTest("no model kind with fit in this build (tallyd --version lists the kinds)")
     repo = fit_repo()
     mdir = os.path.join(repo, "fitk")
-    blob, h = fit_body()
+    blob, h = fit_body(epochs=800)
     d = Daemon(repo, ["--threads", "2"]).start()
     t0 = time.time()
     r = d.request("POST", "/v2/models/fitk/fit", body=blob, headers=h, timeout=120)
@@ -481,7 +481,9 @@ def test_sigkill_during_fit():
                     res["e"] = e
             th = threading.Thread(target=fit)
             th.start()
-            time.sleep(rng.uniform(0, fit_s * 1.3))
+            # half the kills anywhere in the fit, half around its end, where
+            # the new version is written, fsynced and renamed
+            time.sleep(rng.uniform(0, fit_s * 1.3) if i % 2 else fit_s * rng.uniform(0.6, 1.0))
             d.proc.kill()
             d.proc.wait()
             th.join()
