@@ -338,13 +338,13 @@ static repo_ver *served(repo_model *m, int64_t version) {
 /* Replaces the served set of m with `next` (n entries, ascending); drops the
  * table's reference to versions no longer served. Called with r->mu held. */
 static void publish(repo_t *r, repo_model *m, repo_ver **next, int n) {
+  /* next holds a reference of its own to every version it keeps, so the old
+   * table's reference goes in every case (else each rescan leaked one) */
   for (int i = 0; i < m->nvers; i++) {
     int still = 0;
     for (int j = 0; j < n; j++) still |= next[j] == m->vers[i];
-    if (!still) {
-      emit_event(r, m->name, m->vers[i]->version, 0);
-      repo_release(m->vers[i]);
-    }
+    if (!still) emit_event(r, m->name, m->vers[i]->version, 0);
+    repo_release(m->vers[i]);
   }
   tl_free(m->vers);
   m->vers = next;
@@ -369,7 +369,7 @@ static void sync_model(repo_t *r, const char *name, int force) {
   int64_t *vs = NULL;
   int nv = 0, *keep = NULL;
   repo_ver **next = NULL;
-  int nnext = 0;
+  int nnext = 0, failed_now = 0;
 
   uv_mutex_lock(&r->mu);
   repo_model *m = get_model(r, name);
@@ -421,7 +421,10 @@ static void sync_model(repo_t *r, const char *name, int force) {
       next[nnext++] = cur;
       continue;
     }
-    if (same_failure && !force) continue;
+    if (same_failure && !force) {
+      failed_now = 1; /* still broken: counts as failing for the rule below */
+      continue;
+    }
     repo_ver *v;
     ts_err lerr = {0};
     if (ver_load(r, name, vs[i], config, &v, &lerr) == 0) {
@@ -434,9 +437,11 @@ static void sync_model(repo_t *r, const char *name, int force) {
       log_error("model '%s' version %lld: failed to load: %s", name, (long long)vs[i], lerr.msg);
       uv_mutex_lock(&r->mu);
       set_failed(m, vs[i], stamp, lerr.msg);
-      /* a broken replacement never displaces a working version; the table's
-       * reference carries over (publish keeps what stays) */
-      if (cur) next[nnext++] = cur;
+      failed_now = 1;
+      if (cur) { /* a broken replacement never displaces a working version */
+        atomic_fetch_add(&cur->refs, 1);
+        next[nnext++] = cur;
+      }
       uv_mutex_unlock(&r->mu);
     }
   }
@@ -450,6 +455,17 @@ static void sync_model(repo_t *r, const char *name, int force) {
     if (!on) m->failed[i] = m->failed[--m->nfailed];
     else i++;
   }
+  /* A newer version that fails to load never displaces the versions that
+   * work: when none of the policy's choice loaded, the served ones that are
+   * still on disk stay. */
+  if (nnext == 0 && failed_now)
+    for (int i = 0; i < m->nvers; i++)
+      for (int j = 0; j < nv; j++)
+        if (vs[j] == m->vers[i]->version) {
+          atomic_fetch_add(&m->vers[i]->refs, 1);
+          next[nnext++] = m->vers[i];
+          break;
+        }
   publish(r, m, next, nnext);
   next = NULL;
   snprintf(m->config_stamp, sizeof m->config_stamp, "%s", cstamp);
@@ -765,6 +781,7 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
       if (!keep[i]) continue;
       repo_ver *cur = all[i] == next ? v : served(m, all[i]);
       if (!cur) continue;
+      if (cur != v) atomic_fetch_add(&cur->refs, 1);
       set[k++] = cur;
     }
     if (set) {

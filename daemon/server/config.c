@@ -32,6 +32,7 @@ static const opt opts[] = {
     {"drain-timeout", T_INT, O(drain_timeout_ms), 0, INT64_MAX, "MS", "how long in-flight requests may finish at shutdown (default 30000)"},
     {"request-timeout-ms", T_INT, O(request_timeout_ms), 0, INT64_MAX, "MS", "default deadline of infer requests, 504 after; 0 = none (default 60000); a request's \"timeout_ms\" parameter overrides it"},
     {"max-request-elements", T_INT, O(max_request_elements), 0, INT64_MAX, "N", "largest element count of one input tensor (default 268435456)"},
+    {"max-request-memory", T_INT, O(max_request_memory), 0, INT64_MAX, "BYTES", "largest decoded size of a request's input tensors together, 413 above; 0 = none (default 1073741824)"},
     {"log-level", T_STR, O(log_level), 0, 0, "LEVEL", "debug, info, warn or error (default info)"},
     {"log-format", T_STR, O(log_format), 0, 0, "FORMAT", "text or json (default text)"},
     {"session-ttl-secs", T_INT, O(session_ttl_secs), 1, INT64_C(1) << 40, "S", "KV-cache sessions idle this long expire (default 600)"},
@@ -52,6 +53,7 @@ void cfg_defaults(srv_config *c) {
   c->max_request_elements = 1ll << 28;
   c->session_ttl_secs = 600;
   c->kv_cache_bytes = 4ll << 30;
+  c->max_request_memory = 1ll << 30;
 }
 
 static const opt *find_opt(const char *name) {

@@ -26,6 +26,7 @@ typedef struct srv_config {
   int64_t drain_timeout_ms;
   int64_t request_timeout_ms;
   int64_t max_request_elements;
+  int64_t max_request_memory;
   char *log_level;
   char *log_format;
   int64_t session_ttl_secs; /* KV-cache sessions (server/sessions.h) */

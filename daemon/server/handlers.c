@@ -262,7 +262,8 @@ static void run_model(job *j) {
   oip_request req;
   md_call call;
   md_call_init(&call);
-  int rc = oip_decode(j->body, j->len, j->json_len, s->cfg->max_request_elements, &req, &err);
+  int rc = oip_decode_capped(j->body, j->len, j->json_len, s->cfg->max_request_elements,
+                             s->cfg->max_request_memory, &req, &err);
   tl_free(j->body);
   j->body = NULL;
   if (rc) goto fail;

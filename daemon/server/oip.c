@@ -248,8 +248,44 @@ static int decode_input(json_t *in, int idx, const char *bin, size_t bin_len, si
   return 0;
 }
 
+/* --max-request-memory: the declared size of every input (element count x
+ * dtype size; BYTES at its 4-byte length prefixes), summed over the request
+ * before any input is allocated. Malformed entries are left to decode_input. */
+static int check_request_memory(json_t *inputs, int64_t max_bytes, ts_err *err) {
+  int64_t total = 0;
+  size_t i;
+  json_t *in;
+  json_array_foreach(inputs, i, in) {
+    json_t *js = json_object_get(in, "shape");
+    ts_dtype dt;
+    if (!json_is_array(js) || json_array_size(js) > TS_MAXDIM ||
+        ts_dtype_from_name(json_string_value(json_object_get(in, "datatype")), &dt))
+      continue;
+    int64_t shape[TS_MAXDIM], numel;
+    int nd = (int)json_array_size(js), ok = 1;
+    for (int k = 0; k < nd; k++) {
+      json_t *x = json_array_get(js, (size_t)k);
+      ok &= json_is_integer(x) && json_integer_value(x) >= 0;
+      shape[k] = ok ? json_integer_value(x) : 0;
+    }
+    ts_err ignored;
+    if (!ok || ts_numel(shape, nd, &numel, &ignored)) continue;
+    int64_t esz = (int64_t)(dt == TS_BYTES ? 4 : ts_dtype_size(dt));
+    if (numel > (max_bytes - total) / esz) /* divides: numel x esz may overflow */
+      return ts_errf(err, TS_ETOOBIG, "inputs[%zu]: the request's tensors need more than "
+                     "--max-request-memory (%lld bytes)", i, (long long)max_bytes);
+    total += numel * esz;
+  }
+  return 0;
+}
+
 int oip_decode(const char *body, size_t len, size_t json_len, int64_t max_elements,
                oip_request *req, ts_err *err) {
+  return oip_decode_capped(body, len, json_len, max_elements, 0, req, err);
+}
+
+int oip_decode_capped(const char *body, size_t len, size_t json_len, int64_t max_elements,
+                      int64_t max_bytes, oip_request *req, ts_err *err) {
   memset(req, 0, sizeof *req);
   ts_list_init(&req->inputs);
   if (json_len == 0 || json_len > len) {
@@ -262,8 +298,8 @@ int oip_decode(const char *body, size_t len, size_t json_len, int64_t max_elemen
   json_error_t je;
   req->root = json_loadb(body, json_len, JSON_REJECT_DUPLICATES, &je);
   if (!req->root)
-    return ts_errf(err, TS_EINVAL, "malformed JSON at line %d column %d: %s", je.line, je.column,
-                   je.text);
+    return ts_errf(err, json_error_code(&je) == json_error_out_of_memory ? TS_ENOMEM : TS_EINVAL,
+                   "malformed JSON at line %d column %d: %s", je.line, je.column, je.text);
   if (!json_is_object(req->root))
     return ts_errf(err, TS_EINVAL, "the request body must be a JSON object");
   json_t *id = json_object_get(req->root, "id");
@@ -282,6 +318,8 @@ int oip_decode(const char *body, size_t len, size_t json_len, int64_t max_elemen
   }
   json_t *inputs = json_object_get(req->root, "inputs");
   if (!json_is_array(inputs)) return ts_errf(err, TS_EINVAL, "'inputs' must be an array");
+  int mr = max_bytes > 0 ? check_request_memory(inputs, max_bytes, err) : 0;
+  if (mr) return mr;
   size_t bin_off = 0, bin_len = len - json_len;
   const char *bin = body + json_len;
   size_t i;

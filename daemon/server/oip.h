@@ -41,6 +41,11 @@ typedef struct oip_request {
  * element count of any one tensor (0: none). */
 int oip_decode(const char *body, size_t len, size_t json_len, int64_t max_elements,
                oip_request *req, ts_err *err);
+/* The same with a budget: when the decoded inputs' element count x dtype
+ * size, summed, would exceed max_bytes (> 0), -TS_ETOOBIG (413) before the
+ * input that crosses it is allocated (--max-request-memory). */
+int oip_decode_capped(const char *body, size_t len, size_t json_len, int64_t max_elements,
+                      int64_t max_bytes, oip_request *req, ts_err *err);
 void oip_request_free(oip_request *req);
 
 /* Encodes {"model_name", "model_version", "id"?, "outputs": [...]} into

@@ -7,6 +7,7 @@ skipped" that tests/run.sh counts."""
 import http.client
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -57,6 +58,8 @@ class Daemon:
     def start(self, wait_ready=True, timeout=30):
         cmd = [BIN, "--model-repository", self.repo, "--listen", "127.0.0.1:%d" % self.port]
         cmd += self.args
+        # TALLYD_WRAPPER (e.g. "valgrind --leak-check=full"): run tallyd under it
+        cmd = shlex.split(self.env.get("TALLYD_WRAPPER", "")) + cmd
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.time() + timeout

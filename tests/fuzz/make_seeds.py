@@ -1,0 +1,136 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora of the OIP, binary-extension, config and HTTP
+fuzz targets (tests/fuzz/corpus/<target>/) from real requests: the shapes,
+datatypes and encodings the integration tests send. Standard library only;
+the safetensors seeds come from make_st_seeds.py.
+
+    python3 tests/fuzz/make_seeds.py
+"""
+import json
+import os
+import struct
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(HERE, "corpus")
+
+
+def put(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data if isinstance(data, bytes) else data.encode())
+
+
+def j(o):
+    return json.dumps(o, separators=(",", ":")).encode()
+
+
+def feat(rows, d=4, dt="FP32", nested=False):
+    flat = [float((i * 3) % 7) - 3 for i in range(rows * d)]
+    data = [flat[r * d:(r + 1) * d] for r in range(rows)] if nested else flat
+    if dt.startswith("INT") or dt.startswith("UINT"):
+        data = [int(abs(x)) for x in flat]
+    return {"name": "features", "shape": [rows, d], "datatype": dt, "data": data}
+
+
+OIP = {
+    "flat": {"inputs": [feat(2)]},
+    "nested": {"id": "req-1", "inputs": [feat(2, nested=True)]},
+    "fp64": {"inputs": [feat(1, dt="FP64")], "outputs": [{"name": "output"}]},
+    "int32": {"inputs": [feat(3, dt="INT32")]},
+    "fp16": {"inputs": [feat(1, dt="FP16")], "parameters": {"timeout_ms": 100}},
+    "bool": {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "BOOL",
+                         "data": [True, False, 1, 0]}]},
+    "bytes": {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": ["ab", "c"]}]},
+    "wrong_shape": {"inputs": [feat(2, d=3)]},
+    "unknown_output": {"inputs": [feat(1)], "outputs": [{"name": "nope"}]},
+    "binary_out": {"inputs": [feat(1)], "parameters": {"binary_data_output": True}},
+    "empty_batch": {"inputs": [{"name": "features", "shape": [0, 4], "datatype": "FP32", "data": []}]},
+    "two_inputs": {"inputs": [feat(1), {"name": "extra", "shape": [1], "datatype": "INT64", "data": [7]}]},
+}
+for name, body in OIP.items():
+    put("oip", name + ".json", j(body))
+put("oip", "nan.json", b'{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32",'
+    b'"data":[NaN,1,2,3]}]}')
+put("oip", "huge_number.json", b'{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32",'
+    b'"data":[1e999,123456789012345678901234567890,2,3]}]}')
+
+
+def binary(inputs_meta, blobs, extra=None):
+    body = {"inputs": inputs_meta}
+    body.update(extra or {})
+    head = j(body)
+    return head, b"".join(blobs)
+
+
+def bin_seed(name, head, blob):
+    put("oip_binary", name, struct.pack("<H", len(head) & 0xFFFF) + head + blob)
+
+
+rows = 2
+vals = struct.pack("<%df" % (rows * 4), *[float(i) / 4 for i in range(rows * 4)])
+h, b = binary([{"name": "features", "shape": [rows, 4], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(vals)}}], [vals])
+bin_seed("fp32", h, b)
+nan = struct.pack("<4f", float("nan"), 1.0, 2.0, 3.0)
+h, b = binary([{"name": "features", "shape": [1, 4], "datatype": "FP32",
+                "parameters": {"binary_data_size": 16}}], [nan])
+bin_seed("nan", h, b)
+i64 = struct.pack("<4q", 1, 2, 3, 4)
+h, b = binary([{"name": "features", "shape": [1, 4], "datatype": "INT64",
+                "parameters": {"binary_data_size": 32}}], [i64],
+              {"outputs": [{"name": "output", "parameters": {"binary_data": True}}]})
+bin_seed("int64_binary_out", h, b)
+byt = struct.pack("<I", 3) + b"abc"
+h, b = binary([{"name": "text", "shape": [1], "datatype": "BYTES",
+                "parameters": {"binary_data_size": len(byt)}},
+               feat(1)], [byt])
+bin_seed("bytes_mixed", h, b)
+h, b = binary([{"name": "features", "shape": [1, 4], "datatype": "FP32",
+                "parameters": {"binary_data_size": 16}}], [vals[:12]])
+bin_seed("short", h, b)
+
+CONFIGS = {
+    "full": {"model_repository": "/tmp/x", "listen": "127.0.0.1:8000", "threads": 2,
+             "queue_depth": 16, "max_body_bytes": 1048576, "drain_timeout": 100,
+             "request_timeout_ms": 0, "max_request_elements": 1000, "log_level": "debug",
+             "log_format": "json", "model": ["a", "b"]},
+    "dashes": {"max-body-bytes": "4096", "listen": "[::1]:0"},
+    "bad_key": {"no_such": 1},
+    "bad_value": {"threads": -1},
+}
+for name, c in CONFIGS.items():
+    put("config", name, b"\x00" + j(c))
+put("config", "argv", b"\x01" + b"\x00".join([b"--model-repository", b"/tmp/x", b"--listen=0.0.0.0:1",
+                                              b"--threads", b"3", b"--model", b"m", b"--version"]))
+
+INFER = j({"inputs": [feat(1)]})
+
+
+def http(method, path, body=b"", headers=()):
+    h = ["%s %s HTTP/1.1" % (method, path), "Host: fuzz"] + list(headers)
+    if body or method == "POST":
+        h.append("Content-Length: %d" % len(body))
+    return ("\r\n".join(h) + "\r\n\r\n").encode() + body
+
+
+put("http", "live", b"\x00" + http("GET", "/v2/health/live"))
+put("http", "ready_meta", b"\x00" + http("GET", "/v2/health/ready") + http("GET", "/v2/models/m")
+    + http("GET", "/v2"))
+put("http", "infer", b"\x00" + http("POST", "/v2/models/m/infer", INFER,
+                                    ["Content-Type: application/json"]))
+put("http", "infer_version", b"\x00" + http("POST", "/v2/models/m/versions/1/infer", INFER))
+head, blob = binary([{"name": "features", "shape": [1, 4], "datatype": "FP32",
+                      "parameters": {"binary_data_size": 16}}], [nan[:0] + vals[:16]])
+put("http", "infer_binary", b"\x00" + http("POST", "/v2/models/m/infer", head + blob,
+                                           ["Inference-Header-Content-Length: %d" % len(head)]))
+chunk = b"%x\r\n%s\r\n0\r\n\r\n" % (len(INFER), INFER)
+put("http", "chunked", b"\x00" + ("POST /v2/models/m/infer HTTP/1.1\r\nHost: fuzz\r\n"
+                                  "Transfer-Encoding: chunked\r\n\r\n").encode() + chunk)
+put("http", "index_load", b"\x00" + http("POST", "/v2/repository/index", b"{}")
+    + http("POST", "/v2/repository/models/m/load", b"{}"))
+put("http", "abort_infer", b"\x01" + http("POST", "/v2/models/m/infer", INFER))
+put("http", "bad_method", b"\x00" + http("DELETE", "/v2/models/m/infer"))
+put("http", "truncated", b"\x00" + http("POST", "/v2/models/m/infer", INFER)[:-10])
+put("http", "metrics_close", b"\x00" + http("GET", "/metrics", headers=["Connection: close"]))
+print("seeds written to %s" % CORPUS)
