@@ -51,14 +51,14 @@ def post(d, path, body, hl):
 
 def main():
     repo = sys.argv[1]
-    gpu = Daemon(repo, ["--device", "cuda", "--log-level", "warn"])
+    gpu = Daemon(repo, ["--device", "cuda", "--log-level", "warn", "--max-body-bytes", "1000000000"])
     try:
         gpu.start()
     except RuntimeError as e:
         print("skip: tallyd --device cuda did not start: %s" % str(e)[-300:])
         print("tally: 0 passed, 0 failed, 1 skipped")
         sys.exit(77)
-    cpu = Daemon(repo, ["--device", "cpu", "--log-level", "warn"]).start()
+    cpu = Daemon(repo, ["--device", "cpu", "--log-level", "warn", "--max-body-bytes", "1000000000"]).start()
     passed = failed = 0
     rng = random.Random(3)
     cases = []
