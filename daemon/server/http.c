@@ -510,11 +510,16 @@ static void run_mhd(server *s) {
   if (!s->mhd) return;
   MHD_run(s->mhd);
   MHD_UNSIGNED_LONG_LONG to;
-  if (MHD_get_timeout(s->mhd, &to) == MHD_YES) {
-    uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);
-  } else {
-    uv_timer_stop(&s->mhd_timer);
+  int have = MHD_get_timeout(s->mhd, &to) == MHD_YES;
+  /* At --max-connections libmicrohttpd takes the listening socket out of
+   * its epoll set and puts it back only inside a later MHD_run, which no
+   * event would cause: poll every 100 ms while a limit is set. */
+  if (s->cfg->max_connections > 0 && (!have || to > 100)) {
+    have = 1;
+    to = 100;
   }
+  if (have) uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);
+  else uv_timer_stop(&s->mhd_timer);
 }
 
 static void on_mhd_poll(uv_poll_t *p, int status, int events) {
@@ -721,9 +726,6 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   }
   if (cfg->max_connections > 0)
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)cfg->max_connections, NULL};
-  if (cfg->per_ip_connections > 0)
-    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_PER_IP_CONNECTION_LIMIT,
-                                        (intptr_t)cfg->per_ip_connections, NULL};
   if (cfg->connection_timeout > 0)
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT,
                                         (intptr_t)cfg->connection_timeout, NULL};
@@ -733,6 +735,8 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(256 * 1024),
                             MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
+                            /* 0 is libmicrohttpd's own "no limit" */
+                            MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->per_ip_connections,
                             MHD_OPTION_ARRAY, ops,
                             MHD_OPTION_END);
   if (!s->mhd)
