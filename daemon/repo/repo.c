@@ -441,6 +441,25 @@ static void sync_model(repo_t *r, const char *name, int force) {
       uv_mutex_unlock(&r->mu);
     }
   }
+  /* A version the policy keeps but that failed to load must not shrink what
+   * is served (the newest of "latest: 1" failing would leave nothing): the
+   * served versions it would have displaced stay, newest first, while their
+   * directories are still on disk. */
+  int nkeep = 0;
+  for (int i = 0; i < nv; i++) nkeep += keep[i];
+  if (nnext < nkeep) {
+    uv_mutex_lock(&r->mu);
+    for (int i = m->nvers - 1; i >= 0 && nnext < nkeep; i--) {
+      repo_ver *old = m->vers[i];
+      int in_next = 0, on_disk = 0;
+      for (int j = 0; j < nnext; j++) in_next |= next[j] == old;
+      for (int j = 0; j < nv; j++) on_disk |= vs[j] == old->version;
+      if (in_next || !on_disk) continue;
+      atomic_fetch_add(&old->refs, 1);
+      next[nnext++] = old;
+    }
+    uv_mutex_unlock(&r->mu);
+  }
   qsort(next, (size_t)nnext, sizeof *next, cmp_ver);
 
   uv_mutex_lock(&r->mu);
