@@ -335,16 +335,16 @@ static repo_ver *served(repo_model *m, int64_t version) {
   return NULL;
 }
 
-/* Replaces the served set of m with `next` (n entries, ascending); drops the
- * table's reference to versions no longer served. Called with r->mu held. */
+/* Replaces the served set of m with `next` (n entries, ascending), which
+ * holds its own reference to each entry (callers take one even for versions
+ * that stay); the old table's references are all dropped, so a version no
+ * longer served goes with its last request. Called with r->mu held. */
 static void publish(repo_t *r, repo_model *m, repo_ver **next, int n) {
   for (int i = 0; i < m->nvers; i++) {
     int still = 0;
     for (int j = 0; j < n; j++) still |= next[j] == m->vers[i];
-    if (!still) {
-      emit_event(r, m->name, m->vers[i]->version, 0);
-      repo_release(m->vers[i]);
-    }
+    if (!still) emit_event(r, m->name, m->vers[i]->version, 0);
+    repo_release(m->vers[i]);
   }
   tl_free(m->vers);
   m->vers = next;

@@ -195,6 +195,8 @@ def test_reload_on_sighup(c):
         scenario(d, repo, lambda: d.proc.send_signal(signal.SIGHUP))
         with open(d.log_path, "rb") as f:
             check(f.read().count(b"SIGHUP: rescanning") == 4)
+        # a clean exit: under the sanitizers, a leaked version would fail it
+        check(d.stop() == 0, "exit status")
     finally:
         d.stop()
 
@@ -208,6 +210,7 @@ def test_reload_by_polling(c):
         scenario(d, repo, lambda: None)  # no signal: the poll timer finds each change
         with open(d.log_path, "rb") as f:
             check(b"SIGHUP" not in f.read())
+        check(d.stop() == 0, "exit status")
     finally:
         d.stop()
 
@@ -233,6 +236,7 @@ def test_sighup_storm(c):
             time.sleep(0.05)
         check(r.json()["outputs"][0]["data"] == [-2.5], r)
         check(d.proc.poll() is None)
+        check(d.stop() == 0, "exit status")
     finally:
         d.stop()
 
