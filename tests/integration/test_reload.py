@@ -194,7 +194,8 @@ def test_reload_on_sighup(c):
     try:
         scenario(d, repo, lambda: d.proc.send_signal(signal.SIGHUP))
         with open(d.log_path, "rb") as f:
-            check(f.read().count(b"SIGHUP: rescanning") == 4)
+            # two signals sent back to back may arrive as one (POSIX)
+            check(3 <= f.read().count(b"SIGHUP: rescanning") <= 4)
         # a clean exit: under the sanitizers, a leaked version would fail it
         check(d.stop() == 0, "exit status")
     finally:
