@@ -8,13 +8,13 @@
 # Method (wrk 4.1 has no rate control, unlike wrk2):
 #  1. max: wrk -t2 -c32 for 5 s against the same mix; its requests/s is the
 #     measured maximum.
-#  2. sustained: wrk -t2 -c16 for $SECONDS s where each connection waits
-#     after every answer (wrk's Lua delay()) so that the offered rate is
-#     50% of the maximum: 16 connections x 1/(latency + delay) requests/s.
-#     The delay is fixed per connection, so the rate achieved is a little
-#     under 50% (each cycle also holds the latency) and the load is closed-
-#     loop: like wrk, not wrk2, it does not correct for coordinated
-#     omission. The achieved rate is printed beside the target.
+#  2. sustained: wrk -t2 for $SECONDS s where each connection waits 10 ms
+#     after every answer (wrk's Lua delay()), with target x 10.5 ms
+#     connections, so that the offered rate is about 50% of the maximum:
+#     C connections x 1/(latency + 10 ms) requests/s. The load stays
+#     closed-loop: like wrk, not wrk2, it does not correct for coordinated
+#     omission, and when latency grows the rate falls below the target. The
+#     achieved rate is printed beside the target.
 # The mix: every ready model of the example repository whose input is one
 # FP32 tensor [-1, D] gets a one-row request; requests alternate between
 # them. Runs on loopback only; the daemon is stopped at the end.
@@ -109,17 +109,18 @@ run() { # $1 label, $2 flags, $3 scheme
   url="$3://127.0.0.1:$port"
   max=$(WAIT_MS=0 wrk -t2 -c32 -d5s -s "$work/mix.lua" "$url" | sed -n 's/^RESULT requests=\([0-9]*\) secs=\([0-9.]*\).*/\1 \2/p' |
         awk '{printf "%.0f", $1 / $2}')
-  conns=16
   target=$((max / 2))
-  # each connection: one request per (latency + wait); latency is small next to the wait
-  wait_ms=$(awk -v c=$conns -v t=$target 'BEGIN { w = 1000 * c / t; if (w < 1) w = 1; printf "%d", w }')
+  # each connection sends one request per (latency + 10 ms wait): with a
+  # sub-millisecond latency, target x 10.5 ms connections offer the target
+  wait_ms=10
+  conns=$(awk -v t=$target 'BEGIN { c = int(t * 0.0105 + 0.5); if (c < 1) c = 1; print c }')
   line=$(WAIT_MS=$wait_ms wrk -t2 -c$conns -d${SECS}s -s "$work/mix.lua" "$url" | grep '^RESULT')
   hwm=$(awk '/VmHWM/ {print $2 " " $3}' /proc/$pid/status)
   stop
-  echo "$line" | awk -v l="$1" -v m="$max" -v t="$target" -v w="$wait_ms" -v h="$hwm" '{
+  echo "$line" | awk -v l="$1" -v m="$max" -v t="$target" -v c="$conns" -v w="$wait_ms" -v h="$hwm" '{
     split($2, a, "="); split($3, b, "=");
-    printf "%-8s max %6d req/s | target %6d req/s (16 conns, %d ms wait) achieved %6.0f req/s | %s %s %s %s | VmHWM %s\n",
-      l, m, t, w, a[2] / b[2], $4, $5, $6, $7, h }'
+    printf "%-8s max %6d req/s | target %6d req/s (%d conns, %d ms wait) achieved %6.0f req/s | %s %s %s %s | VmHWM %s\n",
+      l, m, t, c, w, a[2] / b[2], $4, $5, $6, $7, h }'
 }
 
 echo "tallyd sustained load: ${SECS} s per run, $(nproc) cores, wrk $(wrk -v 2>&1 | head -1 | awk '{print $2}')"
