@@ -3,12 +3,12 @@
 # maximum throughput, with TLS off and on. Prints p50/p99/p99.9 latency,
 # the rate achieved and the daemon's peak resident memory (VmHWM).
 #
-#   bash bench/sustained.sh            (SECONDS=30 per run; BUILD=build)
+#   bash bench/sustained.sh            (SECONDS_PER_RUN=30; BUILD=build)
 #
 # Method (wrk 4.1 has no rate control, unlike wrk2):
 #  1. max: wrk -t2 -c32 for 5 s against the same mix; its requests/s is the
 #     measured maximum.
-#  2. sustained: wrk -t2 for $SECONDS s where each connection waits 10 ms
+#  2. sustained: wrk -t2 for $SECONDS_PER_RUN s where each connection waits 10 ms
 #     after every answer (wrk's Lua delay()), with target x 10.5 ms
 #     connections, so that the offered rate is about 50% of the maximum:
 #     C connections x 1/(latency + 10 ms) requests/s. The load stays
@@ -21,7 +21,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 BUILD=${BUILD:-build}
-SECS=${SECONDS_PER_RUN:-${SECONDS:-30}}
+SECS=${SECONDS_PER_RUN:-30}   # not $SECONDS: bash counts seconds in it
 [ "$SECS" -gt 600 ] 2>/dev/null && SECS=30
 MODELS=${MODELS:-deploy/models}
 PY=${PYTHON:-python3}
