@@ -8,7 +8,7 @@
 set -eu
 PKGS="build-essential pkg-config clang libmicrohttpd-dev libjansson-dev libuv1-dev
 libssl-dev libcmocka-dev libcurl4-openssl-dev python3 python3-numpy python3-yaml
-curl openssl"
+curl openssl prometheus"
 [ "${1:-}" = "--bench" ] && PKGS="$PKGS wrk"
 [ "${1:-}" = "--ops" ] && PKGS="$PKGS prometheus"
 missing=""

@@ -335,8 +335,10 @@ static repo_ver *served(repo_model *m, int64_t version) {
   return NULL;
 }
 
-/* Replaces the served set of m with `next` (n entries, ascending); drops the
- * table's reference to versions no longer served. Called with r->mu held. */
+/* Replaces the served set of m with `next` (n entries, ascending), which
+ * holds its own reference to each entry (callers take one even for versions
+ * that stay); the old table's references are all dropped, so a version no
+ * longer served goes with its last request. Called with r->mu held. */
 static void publish(repo_t *r, repo_model *m, repo_ver **next, int n) {
   /* next holds a reference of its own to every version it keeps, so the old
    * table's reference goes in every case (else each rescan leaked one) */
@@ -444,6 +446,25 @@ static void sync_model(repo_t *r, const char *name, int force) {
       }
       uv_mutex_unlock(&r->mu);
     }
+  }
+  /* A version the policy keeps but that failed to load must not shrink what
+   * is served (the newest of "latest: 1" failing would leave nothing): the
+   * served versions it would have displaced stay, newest first, while their
+   * directories are still on disk. */
+  int nkeep = 0;
+  for (int i = 0; i < nv; i++) nkeep += keep[i];
+  if (nnext < nkeep) {
+    uv_mutex_lock(&r->mu);
+    for (int i = m->nvers - 1; i >= 0 && nnext < nkeep; i--) {
+      repo_ver *old = m->vers[i];
+      int in_next = 0, on_disk = 0;
+      for (int j = 0; j < nnext; j++) in_next |= next[j] == old;
+      for (int j = 0; j < nv; j++) on_disk |= vs[j] == old->version;
+      if (in_next || !on_disk) continue;
+      atomic_fetch_add(&old->refs, 1);
+      next[nnext++] = old;
+    }
+    uv_mutex_unlock(&r->mu);
   }
   qsort(next, (size_t)nnext, sizeof *next, cmp_ver);
 

@@ -38,6 +38,18 @@ static const opt opts[] = {
     {"session-ttl-secs", T_INT, O(session_ttl_secs), 1, INT64_C(1) << 40, "S", "KV-cache sessions idle this long expire (default 600)"},
     {"kv-cache-bytes", T_INT, O(kv_cache_bytes), 1, INT64_MAX, "N", "cap on all sessions' KV-cache memory; least recently used sessions are evicted above it (default 4294967296)"},
     {"device", T_STR, O(device), 0, 0, "DEV", "attention on auto, cpu or cuda (default auto: the GPU when the build has CUDA and one is present)"},
+    {"api-key-file", T_STR, O(api_key_file), 0, 0, "FILE", "credentials: lines '<sha256 hex of a key> <infer|admin>'; reread at SIGHUP (default: none, every endpoint open)"},
+    {"tls-cert", T_STR, O(tls_cert), 0, 0, "FILE", "serve HTTPS with this PEM certificate (chain) (needs --tls-key)"},
+    {"tls-key", T_STR, O(tls_key), 0, 0, "FILE", "PEM private key of --tls-cert"},
+    {"cors-origin", T_STR, O(cors_origin), 0, 0, "ORIGINS", "allow browsers from these origins (comma list, or *); answers OPTIONS preflights (default: none)"},
+    {"max-connections", T_INT, O(max_connections), 0, 1 << 20, "N", "open connections at most (default 0: libmicrohttpd's limit, about the descriptor limit)"},
+    {"per-ip-connections", T_INT, O(per_ip_connections), 0, 1 << 20, "N", "open connections per client address at most (default 0: no limit)"},
+    {"connection-timeout", T_INT, O(connection_timeout), 0, 86400, "SECONDS", "close a connection idle or stalled this long; a request being computed is exempt (default 0: never)"},
+    {"max-batch", T_INT, O(max_batch), 0, INT64_MAX, "N", "largest leading dimension of any input tensor, 400 above (default 0: no limit)"},
+    {"max-sequence-length", T_INT, O(max_sequence_length), 0, INT64_MAX, "N", "largest sequence length (input_ids' last, query/key/value's second-to-last dimension), 400 above (default 0: no limit)"},
+    {"repository-poll-secs", T_INT, O(repository_poll_secs), 0, 86400, "N", "rescan the model repository every N seconds, as at SIGHUP (default 0: only at SIGHUP)"},
+    {"keygen", T_FLAG, O(keygen), 0, 0, NULL, "print a new random API key and its key-file line, then exit"},
+    {"scope", T_STR, O(scope), 0, 0, "SCOPE", "scope of the key --keygen makes: infer or admin (default infer)"},
     {"help", T_FLAG, O(help), 0, 0, NULL, "print this help"},
     {"version", T_FLAG, O(version), 0, 0, NULL, "print the version"},
 };
@@ -197,6 +209,10 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
   if (!c->listen && set_str(&c->listen, "127.0.0.1:8000", err)) return -TS_ENOMEM;
   if (!c->log_level && set_str(&c->log_level, "info", err)) return -TS_ENOMEM;
   if (!c->log_format && set_str(&c->log_format, "text", err)) return -TS_ENOMEM;
+  if (!c->tls_cert != !c->tls_key)
+    return ts_errf(err, TS_EINVAL, "--tls-cert and --tls-key go together (one of them is missing)");
+  if (c->scope && strcmp(c->scope, "infer") != 0 && strcmp(c->scope, "admin") != 0)
+    return ts_errf(err, TS_EINVAL, "--scope must be infer or admin, not '%s'", c->scope);
   if (strcmp(c->log_format, "text") != 0 && strcmp(c->log_format, "json") != 0)
     return ts_errf(err, TS_EINVAL, "--log-format must be text or json, not '%s'", c->log_format);
   return 0;
@@ -219,7 +235,7 @@ void cfg_usage(FILE *out) {
     char left[64];
     snprintf(left, sizeof left, "--%s%s%s", opts[i].name, opts[i].arg ? " " : "",
              opts[i].arg ? opts[i].arg : "");
-    fprintf(out, "  %-28s %s\n", left, opts[i].help);
+    fprintf(out, "  %-30s %s\n", left, opts[i].help);
   }
   fprintf(out, "\nEvery flag is also a key of the --config JSON file (flags win).\n");
 }

@@ -32,6 +32,18 @@ typedef struct srv_config {
   int64_t session_ttl_secs; /* KV-cache sessions (server/sessions.h) */
   int64_t kv_cache_bytes;
   char *device;             /* attention device: auto, cpu, cuda (models/attention.h) */
+  /* production operation (docs/operations.md) */
+  char *api_key_file;         /* "<sha256 hex> <scope>" lines; NULL: no credentials */
+  char *tls_cert, *tls_key;   /* PEM files; both or neither */
+  char *cors_origin;          /* comma list of origins or "*"; NULL: no CORS */
+  int64_t max_connections;    /* 0: libmicrohttpd's default */
+  int64_t per_ip_connections; /* 0: no per-address limit */
+  int64_t connection_timeout; /* seconds of client silence before a cut; 0: none */
+  int64_t max_batch;          /* largest leading dimension of an input; 0: none */
+  int64_t max_sequence_length;/* largest token/query/key length; 0: none */
+  int64_t repository_poll_secs; /* rescan period; 0: only at SIGHUP */
+  char *scope;                /* --keygen: the new key's scope */
+  int keygen;
   int help, version;
 } srv_config;
 

@@ -1,7 +1,8 @@
 /* handlers.c - routes and endpoint logic of the OIP v2 server.
  *
- * Cheap endpoints (health, server and model metadata, readiness, index)
- * answer on the loop thread from the repository's table. Everything that
+ * Cheap endpoints (health, server and model metadata, readiness, index,
+ * metrics) answer on the loop thread from the repository's table and the
+ * metrics' counters. Everything that
  * decodes tensors, computes, loads or writes runs in handle_job on a worker. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/model.h"
+#include "metrics.h"
 #include "oip.h"
 #include "server.h"
 #include "sessions.h"
@@ -236,6 +238,22 @@ int handle_inline(server *s, const route *rt, const char *method, resp *out) {
     }
     case R_REPO_INDEX: j = repo_index(s->repo); break;
     case R_SESSION: return sessions_inline(s, rt, method, out); /* GET; DELETE: a worker */
+    case R_METRICS: {
+      sbuf b;
+      sbuf_init(&b);
+      metrics_render(&b, s->repo, pool_queued(s->pool), s->inflight);
+      if (sbuf_failed(&b)) {
+        sbuf_free(&b);
+        ts_errf(&err, TS_ENOMEM, "out of memory");
+        resp_error(out, &err);
+        return 1;
+      }
+      resp_free(out);
+      out->status = 200;
+      out->content_type = "text/plain; version=0.0.4; charset=utf-8";
+      out->body = sbuf_take(&b, &out->len);
+      return 1;
+    }
     default: return 0; /* goes to a worker */
   }
   if (!j) {
@@ -249,6 +267,30 @@ int handle_inline(server *s, const route *rt, const char *method, resp *out) {
 }
 
 /* ---- worker endpoints --------------------------------------------------- */
+
+/* Limits are checked here, before any kind sees the tensors, so that every
+ * kind (and every future one) is held to them the same way. The sequence
+ * length is read from the inputs' conventional names: input_ids [B, L]
+ * (transformer) and query/key/value [.., L, d] (attention). */
+int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *err) {
+  for (int i = 0; i < inputs->n; i++) {
+    const ts_tensor *t = &inputs->items[i];
+    if (cfg->max_batch > 0 && t->ndim >= 1 && t->shape[0] > cfg->max_batch)
+      return ts_errf(err, TS_EINVAL, "input '%s': batch of %lld rows is over the limit of %lld "
+                     "(--max-batch)", t->name, (long long)t->shape[0], (long long)cfg->max_batch);
+    if (cfg->max_sequence_length <= 0) continue;
+    int dim = -1;
+    if (strcmp(t->name, "input_ids") == 0 && t->ndim >= 1) dim = t->ndim - 1;
+    else if ((strcmp(t->name, "query") == 0 || strcmp(t->name, "key") == 0 ||
+              strcmp(t->name, "value") == 0) && t->ndim >= 2)
+      dim = t->ndim - 2;
+    if (dim >= 0 && t->shape[dim] > cfg->max_sequence_length)
+      return ts_errf(err, TS_EINVAL, "input '%s': sequence length %lld is over the limit of %lld "
+                     "(--max-sequence-length)", t->name, (long long)t->shape[dim],
+                     (long long)cfg->max_sequence_length);
+  }
+  return 0;
+}
 
 static void set_deadline(job *j, const oip_request *req) {
   json_t *t = req->params ? json_object_get(req->params, "timeout_ms") : NULL;
@@ -267,6 +309,9 @@ static void run_model(job *j) {
   tl_free(j->body);
   j->body = NULL;
   if (rc) goto fail;
+  /* fit, evaluate and calibrate take many labelled rows by design: their
+   * size is bounded by --max-body-bytes and --max-request-elements */
+  if (j->rt.id == R_INFER && (rc = server_check_limits(s->cfg, &req.inputs, &err))) goto fail;
   set_deadline(j, &req);
   const md_kind *k = repo_ver_kind(j->ver);
   call.inputs = &req.inputs;

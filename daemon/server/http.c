@@ -9,21 +9,33 @@
  * The response to a request is never queued on the first call unless it is
  * an early 413: per libmicrohttpd, that would close keep-alive connections.
  * A sweep timer (10 ms) answers 504 for jobs past their deadline and drives
- * the drain at shutdown. */
+ * the drain at shutdown.
+ *
+ * Operation (docs/operations.md): credentials are checked on the first call,
+ * from the route alone, and a refusal is answered before the body is read;
+ * CORS preflights (OPTIONS, when --cors-origin is set) are answered once the
+ * request is complete; every answered request feeds metrics.c; TLS and the
+ * connection limits are libmicrohttpd options; rescans run on a worker, one
+ * at a time; the systemd notify protocol is spoken from here and main.c. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "../base/fsutil.h"
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/model.h"
+#include "metrics.h"
+#include "notify.h"
 #include "server.h"
 
 enum { H_NEW, H_BODY, H_WAITING, H_DONE };
@@ -43,6 +55,9 @@ typedef struct hreq {
   job *job;
   resp out;
   int suspended;
+  int preflight;              /* a CORS preflight (OPTIONS) */
+  int64_t served_version;     /* the version a job ran on (metrics) */
+  char cors_origin[256];      /* Access-Control-Allow-Origin to send; "" none */
   struct hreq *wprev, *wnext; /* list of hreqs waiting on jobs */
 } hreq;
 
@@ -161,8 +176,13 @@ static void on_done(uv_async_t *a) {
     job *j = list;
     list = j->next;
     s->inflight--;
+    const char *ep = route_name(j->rt.id);
+    const char *model = j->ver ? repo_ver_model(j->ver) : j->rt.model;
+    if (j->t_start > 0) metrics_job(model, ep, j->t_start - j->t_submit, j->t_end - j->t_start);
+    if (j->rt.id == R_FIT || j->rt.id == R_CALIBRATE) metrics_fit(j->rt.model, j->out.status == 200);
     hreq *h = j->conn_req;
     if (h) {
+      h->served_version = j->ver ? repo_ver_version(j->ver) : 0;
       h->job = NULL;
       waiting_del(s, h);
       finish_with(h, &j->out);
@@ -252,6 +272,24 @@ static enum MHD_Result queue(hreq *h) {
     MHD_add_response_header(m, MHD_HTTP_HEADER_RETRY_AFTER, b);
   }
   if (r->allow) MHD_add_response_header(m, MHD_HTTP_HEADER_ALLOW, r->allow);
+  if (r->status == 401)
+    MHD_add_response_header(m, MHD_HTTP_HEADER_WWW_AUTHENTICATE, "Bearer realm=\"tallyd\"");
+  if (h->srv->cfg->cors_origin) {
+    /* the answer depends on Origin: caches must keep one per origin */
+    MHD_add_response_header(m, MHD_HTTP_HEADER_VARY, "Origin");
+    if (h->cors_origin[0]) {
+      MHD_add_response_header(m, MHD_HTTP_HEADER_ACCESS_CONTROL_ALLOW_ORIGIN, h->cors_origin);
+      MHD_add_response_header(m, "Access-Control-Expose-Headers",
+                              "X-Request-Id, Inference-Header-Content-Length, Retry-After");
+    }
+    if (h->preflight && h->cors_origin[0]) {
+      MHD_add_response_header(m, "Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE, OPTIONS");
+      MHD_add_response_header(m, "Access-Control-Allow-Headers",
+                              "Authorization, X-Api-Key, Content-Type, X-Request-Id, "
+                              "Inference-Header-Content-Length");
+      MHD_add_response_header(m, "Access-Control-Max-Age", "600");
+    }
+  }
   if (r->json_len) {
     char b[32];
     snprintf(b, sizeof b, "%zu", r->json_len);
@@ -261,6 +299,69 @@ static enum MHD_Result queue(hreq *h) {
   enum MHD_Result ret = MHD_queue_response(h->conn, (unsigned)r->status, m);
   MHD_destroy_response(m);
   return ret;
+}
+
+/* Sets h->cors_origin when the request's Origin is among --cors-origin. */
+static void cors_match(server *s, hreq *h) {
+  const char *list = s->cfg->cors_origin;
+  const char *origin = MHD_lookup_connection_value(h->conn, MHD_HEADER_KIND, "Origin");
+  if (!list || !origin || !*origin || strlen(origin) >= sizeof h->cors_origin) return;
+  for (const char *p = list; *p;) {
+    while (*p == ' ' || *p == ',') p++;
+    const char *e = p;
+    while (*e && *e != ',') e++;
+    size_t n = (size_t)(e - p);
+    while (n && p[n - 1] == ' ') n--;
+    if ((n == 1 && *p == '*') || (n == strlen(origin) && strncmp(p, origin, n) == 0)) {
+      /* "*" answers "*": credentials then go in headers, never cookies */
+      snprintf(h->cors_origin, sizeof h->cors_origin, "%s", n == 1 && *p == '*' ? "*" : origin);
+      return;
+    }
+    p = e;
+  }
+}
+
+/* The key the client presented: "Authorization: Bearer <key>" or
+ * "X-Api-Key: <key>". NULL when neither. */
+static const char *presented_key(struct MHD_Connection *conn, size_t *len) {
+  const char *a = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+  const char *k = NULL;
+  if (a && strncasecmp(a, "Bearer ", 7) == 0) {
+    k = a + 7;
+    while (*k == ' ') k++;
+  } else {
+    k = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Api-Key");
+  }
+  if (!k) return NULL;
+  size_t n = strlen(k);
+  while (n && (k[n - 1] == ' ' || k[n - 1] == '\t')) n--;
+  *len = n;
+  return n ? k : NULL;
+}
+
+/* 1 when h may go on; else fills h->out with 401/403 and returns 0. Decided
+ * from the route alone, before any model is looked up. */
+static int authorize(server *s, hreq *h, const char *method, const char *url) {
+  if (!s->keys) return 1;
+  route rt;
+  const char *allow;
+  ts_err err = {0};
+  auth_scope need = route_parse(method, url, &rt, &allow, &err) ? AUTH_INFER : auth_required(rt.id);
+  if (need == AUTH_NONE) return 1;
+  size_t n = 0;
+  const char *key = presented_key(h->conn, &n);
+  auth_scope got = key ? auth_lookup(s->keys, key, n) : AUTH_NONE;
+  if (got >= need) return 1;
+  h->rt.id = rt.id; /* for the request metrics; no model name before access */
+  if (!key)
+    error_resp(&h->out, TS_EAUTH, "credentials required: send 'Authorization: Bearer <key>' or "
+                                  "'X-Api-Key: <key>'");
+  else if (got == AUTH_NONE)
+    error_resp(&h->out, TS_EAUTH, "the API key is not valid");
+  else
+    error_resp(&h->out, TS_EFORBIDDEN, "this key's scope (%s) does not allow %s %s (needs %s)",
+               auth_scope_name(got), method, route_name(rt.id), auth_scope_name(need));
+  return 0;
 }
 
 static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const char *url,
@@ -282,6 +383,17 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     const char *rid = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
     if (header_ok(rid)) snprintf(h->request_id, sizeof h->request_id, "%s", rid);
     else new_request_id(h->request_id, sizeof h->request_id);
+    metrics_inflight_add(1);
+    cors_match(s, h);
+    if (s->cfg->cors_origin && strcmp(method, "OPTIONS") == 0) {
+      h->preflight = 1; /* answered once complete: browsers send no credentials here */
+      h->phase = H_BODY;
+      return MHD_YES;
+    }
+    if (!authorize(s, h, method, url)) {
+      h->phase = H_DONE;
+      return queue(h); /* refused before the body is read; MHD closes */
+    }
     const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                  MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl) {
@@ -332,6 +444,14 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     } else if (h->reject_status) {
       error_resp(&h->out, TS_ENOMEM, "out of memory reading the body");
       h->phase = H_DONE;
+    } else if (h->preflight) {
+      if (h->cors_origin[0]) {
+        resp_free(&h->out);
+        h->out.status = 204;
+      } else {
+        error_resp(&h->out, TS_EFORBIDDEN, "origin not allowed (see --cors-origin)");
+      }
+      h->phase = H_DONE;
     } else {
       const char *allow = NULL;
       ts_err err = {0};
@@ -370,8 +490,13 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   *con_cls = NULL;
   if (h->job) abandon(s, h);
   int status = h->out.status ? h->out.status : 500;
-  log_request(h->method, h->path, status, (unsigned long long)h->out.len,
-              (md_now() - h->t0) * 1000.0, h->request_id, h->rt.model[0] ? h->rt.model : NULL);
+  double secs = md_now() - h->t0;
+  /* model labels only for models that exist (bounded cardinality) */
+  int named = h->rt.model[0] && status != 401 && status != 403 && status != 404;
+  int64_t ver = h->served_version ? h->served_version : (status < 400 ? h->rt.version : 0);
+  metrics_request(named ? h->rt.model : "", named ? ver : 0, route_name(h->rt.id), status, secs);
+  metrics_inflight_add(-1);
+  log_request(h->method, h->path, status, (unsigned long long)h->out.len, secs * 1000.0, h->request_id, h->rt.model[0] ? h->rt.model : NULL);
   resp_free(&h->out);
   tl_free(h->body);
   tl_free(h);
@@ -385,11 +510,16 @@ static void run_mhd(server *s) {
   if (!s->mhd) return;
   MHD_run(s->mhd);
   MHD_UNSIGNED_LONG_LONG to;
-  if (MHD_get_timeout(s->mhd, &to) == MHD_YES) {
-    uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);
-  } else {
-    uv_timer_stop(&s->mhd_timer);
+  int have = MHD_get_timeout(s->mhd, &to) == MHD_YES;
+  /* At --max-connections libmicrohttpd takes the listening socket out of
+   * its epoll set and puts it back only inside a later MHD_run, which no
+   * event would cause: poll every 100 ms while a limit is set. */
+  if (s->cfg->max_connections > 0 && (!have || to > 100)) {
+    have = 1;
+    to = 100;
   }
+  if (have) uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);
+  else uv_timer_stop(&s->mhd_timer);
 }
 
 static void on_mhd_poll(uv_poll_t *p, int status, int events) {
@@ -443,20 +573,84 @@ static void on_sweep(uv_timer_t *t) {
   }
 }
 
+/* ---- rescans, key reloads, systemd ------------------------------------- */
+
 static void sync_job(void *arg) {
   server *s = arg;
-  repo_sync(s->repo);
+  for (;;) {
+    repo_sync(s->repo);
+    uv_mutex_lock(&s->sync_mu);
+    int again = s->sync_again;
+    s->sync_again = 0;
+    if (!again) s->sync_busy = 0;
+    uv_mutex_unlock(&s->sync_mu);
+    if (!again) break;
+  }
+  int ready, n = repo_count_models(s->repo, &ready);
+  if (atomic_exchange(&s->reloading, 0))
+    notify_sendf("READY=1\nSTATUS=serving %d of %d models (reloaded)", ready, n);
+  else
+    notify_sendf("STATUS=serving %d of %d models", ready, n);
+}
+
+void server_schedule_sync(server *s, const char *why) {
+  uv_mutex_lock(&s->sync_mu);
+  int busy = s->sync_busy;
+  if (busy) s->sync_again = 1; /* the running rescan goes round once more */
+  else s->sync_busy = 1;
+  uv_mutex_unlock(&s->sync_mu);
+  if (busy) return;
+  log_debug("%s: rescanning the model repository", why);
+  /* loading is slow: it runs on a worker, never on the loop thread */
+  if (pool_submit(s->pool, sync_job, s) != 0) {
+    uv_mutex_lock(&s->sync_mu);
+    s->sync_busy = 0;
+    uv_mutex_unlock(&s->sync_mu);
+    log_warn("%s: the work queue is full; rescan skipped", why);
+    if (atomic_exchange(&s->reloading, 0)) notify_send("READY=1\nSTATUS=reload skipped (queue full)");
+  }
+}
+
+static void on_poll_timer(uv_timer_t *t) { server_schedule_sync(t->data, "repository poll"); }
+
+static void on_watchdog(uv_timer_t *t) {
+  (void)t;
+  notify_send("WATCHDOG=1"); /* sent by the loop thread: proves it is not stuck */
+}
+
+static void reload_keys(server *s) {
+  if (!s->cfg->api_key_file) return;
+  auth_keys *k = NULL;
+  ts_err err = {0};
+  if (auth_load(s->cfg->api_key_file, &k, &err)) {
+    log_error("SIGHUP: %s; keeping the %d keys in force", err.msg, auth_count(s->keys));
+    return;
+  }
+  auth_free(s->keys);
+  s->keys = k;
+  log_info("SIGHUP: %d API keys from %s", auth_count(k), s->cfg->api_key_file);
+}
+
+static unsigned long long monotonic_usec(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000u;
 }
 
 static void on_signal(uv_signal_t *sig, int signum) {
   server *s = sig->data;
   if (signum == SIGHUP) {
+    if (atomic_load(&s->draining)) return;
     log_info("SIGHUP: rescanning the model repository");
-    /* loading is slow: it runs on a worker, never on the loop thread */
-    if (pool_submit(s->pool, sync_job, s) != 0) log_warn("SIGHUP: the queue is full; rescan skipped");
+    notify_sendf("RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading", monotonic_usec());
+    atomic_store(&s->reloading, 1);
+    reload_keys(s);
+    server_schedule_sync(s, "SIGHUP");
     return;
   }
   if (atomic_load(&s->draining)) return;
+  notify_sendf("STOPPING=1\nSTATUS=draining %d requests", s->inflight);
+  uv_timer_stop(&s->poll_timer);
   log_info("%s: draining (%d requests in flight, up to %lld ms)",
            signum == SIGTERM ? "SIGTERM" : "SIGINT", s->inflight,
            (long long)s->cfg->drain_timeout_ms);
@@ -466,10 +660,22 @@ static void on_signal(uv_signal_t *sig, int signum) {
   if (ls != MHD_INVALID_SOCKET) close(ls);
 }
 
+static int is_loopback(const struct sockaddr_storage *sa) {
+  if (sa->ss_family == AF_INET)
+    return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
+  if (sa->ss_family == AF_INET6) {
+    const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
+    if (IN6_IS_ADDR_LOOPBACK(a)) return 1;
+    if (IN6_IS_ADDR_V4MAPPED(a)) return a->s6_addr[12] == 127;
+  }
+  return 0;
+}
+
 int server_init(server *s, srv_config *cfg, ts_err *err) {
   memset(s, 0, sizeof *s);
   s->cfg = cfg;
   s->loop = uv_default_loop();
+  uv_mutex_init(&s->sync_mu);
   char host[256];
   int port;
   int rc = cfg_listen(cfg, host, sizeof host, &port, err);
@@ -494,8 +700,36 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
                       err)))
     return rc;
 
+  if (cfg->api_key_file) {
+    if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) return rc;
+    log_info("%d API keys from %s", auth_count(s->keys), cfg->api_key_file);
+  } else if (!is_loopback(&sa)) {
+    log_warn("*** serving %s WITHOUT credentials: anyone who can reach this address may infer, "
+             "fit, load and unload models. Set --api-key-file (keys from tallyd --keygen). ***",
+             cfg->listen);
+  }
+
   unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG |
                    (v6 ? MHD_USE_IPv6 : 0);
+  struct MHD_OptionItem ops[8];
+  int no = 0;
+  if (cfg->tls_cert) {
+    if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES)
+      return ts_errf(err, TS_EINVAL, "--tls-cert: this libmicrohttpd was built without TLS");
+    size_t n;
+    if ((rc = fs_read_file(cfg->tls_cert, 1 << 20, &s->tls_cert_pem, &n, err)) ||
+        (rc = fs_read_file(cfg->tls_key, 1 << 20, &s->tls_key_pem, &n, err)))
+      return rc;
+    flags |= MHD_USE_TLS;
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert_pem};
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key_pem};
+  }
+  if (cfg->max_connections > 0)
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)cfg->max_connections, NULL};
+  if (cfg->connection_timeout > 0)
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT,
+                                        (intptr_t)cfg->connection_timeout, NULL};
+  ops[no++] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
   s->mhd = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_access, s,
                             MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
                             MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
@@ -504,6 +738,9 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
                              * bench/run.sh, 32 KiB (its default) about 10%. */
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024),
                             MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
+                            /* 0 is libmicrohttpd's own "no limit" */
+                            MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->per_ip_connections,
+                            MHD_OPTION_ARRAY, ops,
                             MHD_OPTION_END);
   if (!s->mhd)
     return ts_errf(err, TS_EINVAL, "cannot listen on %s: %s", cfg->listen, strerror(errno));
@@ -529,6 +766,20 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   uv_signal_start(&s->sig_term, on_signal, SIGTERM);
   uv_signal_start(&s->sig_int, on_signal, SIGINT);
   uv_signal_start(&s->sig_hup, on_signal, SIGHUP);
+  uv_timer_init(s->loop, &s->poll_timer);
+  s->poll_timer.data = s;
+  if (cfg->repository_poll_secs > 0) {
+    uint64_t ms = (uint64_t)cfg->repository_poll_secs * 1000;
+    uv_timer_start(&s->poll_timer, on_poll_timer, ms, ms);
+  }
+  uv_timer_init(s->loop, &s->watchdog_timer);
+  s->watchdog_timer.data = s;
+  uint64_t wd = notify_watchdog_usec();
+  if (wd) {
+    uint64_t ms = wd / 2000 ? wd / 2000 : 1;
+    uv_timer_start(&s->watchdog_timer, on_watchdog, ms, ms);
+    log_info("systemd watchdog: WATCHDOG=1 every %llu ms", (unsigned long long)ms);
+  }
   return 0;
 }
 
@@ -547,7 +798,8 @@ void server_free(server *s) {
   uv_handle_t *hs[] = {(uv_handle_t *)&s->mhd_poll,  (uv_handle_t *)&s->mhd_timer,
                        (uv_handle_t *)&s->sweep_timer, (uv_handle_t *)&s->done_async,
                        (uv_handle_t *)&s->sig_term,   (uv_handle_t *)&s->sig_int,
-                       (uv_handle_t *)&s->sig_hup};
+                       (uv_handle_t *)&s->sig_hup,    (uv_handle_t *)&s->poll_timer,
+                       (uv_handle_t *)&s->watchdog_timer};
   for (size_t i = 0; i < sizeof hs / sizeof *hs; i++)
     if (hs[i]->loop && !uv_is_closing(hs[i])) uv_close(hs[i], close_cb);
   uv_run(s->loop, UV_RUN_NOWAIT);
@@ -563,6 +815,13 @@ void server_free(server *s) {
   s->done_head = NULL;
   repo_close(s->repo);
   s->repo = NULL;
+  auth_free(s->keys);
+  s->keys = NULL;
+  if (s->tls_key_pem) OPENSSL_cleanse(s->tls_key_pem, strlen(s->tls_key_pem));
+  tl_free(s->tls_key_pem);
+  tl_free(s->tls_cert_pem);
+  s->tls_key_pem = s->tls_cert_pem = NULL;
+  uv_mutex_destroy(&s->sync_mu);
   uv_mutex_destroy(&s->done_mu);
   uv_loop_close(s->loop);
 }

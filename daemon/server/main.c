@@ -1,16 +1,37 @@
-/* main.c - tallyd's entry point: flags, logging, the repository, the loop. */
+/* main.c - tallyd's entry point: flags, logging, the repository, the loop;
+ * also `tallyd --keygen`, and the first systemd READY=1 (after the
+ * repository is loaded and the server listens). */
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../base/cpu.h"
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/attention.h"
 #include "../models/model.h"
+#include "auth.h"
+#include "notify.h"
 #include "server.h"
 #include "sessions.h"
+
+/* tallyd --keygen [--scope infer|admin]: the key on the first line, the
+ * line for the key file on the second; only the digest is ever stored. */
+static int keygen(const srv_config *cfg) {
+  auth_scope sc = cfg->scope && strcmp(cfg->scope, "admin") == 0 ? AUTH_ADMIN : AUTH_INFER;
+  char key[64], line[128];
+  ts_err err = {0};
+  if (auth_keygen(sc, key, sizeof key, line, sizeof line, &err)) {
+    fprintf(stderr, "tallyd: %s\n", err.msg);
+    return 1;
+  }
+  printf("%s\n%s\n", key, line);
+  fprintf(stderr, "tallyd: give the first line (the key) to the client; add the second line to "
+                  "the --api-key-file and send the daemon SIGHUP\n");
+  return 0;
+}
 
 int main(int argc, char **argv) {
   srv_config cfg;
@@ -35,6 +56,11 @@ int main(int argc, char **argv) {
     cfg_free(&cfg);
     return 0;
   }
+  if (cfg.keygen) {
+    int krc = keygen(&cfg);
+    cfg_free(&cfg);
+    return krc;
+  }
   if (!cfg.model_repository) {
     fprintf(stderr, "tallyd: --model-repository DIR is required (see --help)\n");
     cfg_free(&cfg);
@@ -55,6 +81,7 @@ int main(int argc, char **argv) {
   log_set_level(lvl);
   log_set_json(strcmp(cfg.log_format, "json") == 0);
   signal(SIGPIPE, SIG_IGN);
+  notify_init();
 
   server s;
   if (server_init(&s, &cfg, &err)) {
@@ -71,9 +98,12 @@ int main(int argc, char **argv) {
   int ready;
   int n = repo_count_models(s.repo, &ready);
   log_info("model repository %s: %d of %d models ready", cfg.model_repository, ready, n);
+  notify_sendf("READY=1\nMAINPID=%d\nSTATUS=serving %d of %d models on %s", (int)getpid(), ready,
+               n, cfg.listen);
   int rc = server_run(&s);
   server_free(&s);
   sessions_shutdown(); /* after the workers: releases the versions sessions pin */
+  notify_close();
   log_info("tallyd stopped");
   cfg_free(&cfg);
   return rc;

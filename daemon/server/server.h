@@ -19,6 +19,7 @@
 #include "../base/pool.h"
 #include "../base/sbuf.h"
 #include "../repo/repo.h"
+#include "auth.h"
 #include "config.h"
 
 enum route_id {
@@ -108,12 +109,27 @@ struct server {
   void *waiting;         /* list of hreqs with a job (loop thread) */
   int exit_code;
   int port;              /* bound port (useful with --listen :0) */
+  /* production operation (docs/operations.md) */
+  auth_keys *keys;       /* NULL: no credentials asked (loop thread; swapped at SIGHUP) */
+  char *tls_cert_pem, *tls_key_pem; /* kept for MHD's lifetime */
+  uv_timer_t poll_timer, watchdog_timer;
+  uv_mutex_t sync_mu;    /* guards sync_busy/sync_again: one rescan at a time */
+  int sync_busy, sync_again;
+  atomic_int reloading;  /* a SIGHUP's rescan is pending: READY=1 follows it */
 };
 
 int server_init(server *s, srv_config *cfg, ts_err *err);
 int server_run(server *s);     /* until SIGTERM/SIGINT drain completes */
 void server_free(server *s);
 
+/* Schedules a repository rescan on a worker; while one runs, another is
+ * run right after it instead of in parallel (SIGHUP, --repository-poll-secs). */
+void server_schedule_sync(server *s, const char *why);
+
+/* handlers.c: the server-level input limits (--max-batch, largest leading
+ * dimension of any input; --max-sequence-length, the last dimension of
+ * input_ids and the second-to-last of query/key/value). 0 or -TS_EINVAL. */
+int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *err);
 /* handlers.c: answers on the loop thread (cheap endpoints) */
 int handle_inline(server *s, const route *rt, const char *method, resp *out);
 /* handlers.c: the worker side of a job */
