@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -511,10 +512,12 @@ static void run_mhd(server *s) {
   MHD_run(s->mhd);
   MHD_UNSIGNED_LONG_LONG to;
   int have = MHD_get_timeout(s->mhd, &to) == MHD_YES;
-  /* At --max-connections libmicrohttpd takes the listening socket out of
-   * its epoll set and puts it back only inside a later MHD_run, which no
-   * event would cause: poll every 100 ms while a limit is set. */
-  if (s->cfg->max_connections > 0 && (!have || to > 100)) {
+  /* At its connection limit (--max-connections, or its own one derived
+   * from the descriptor limit) libmicrohttpd takes the listening socket out
+   * of its epoll set and puts it back only inside a later MHD_run, which no
+   * event would cause once the connections are gone: run at least every
+   * 100 ms (one epoll_wait(0) each, nothing measurable). */
+  if (!have || to > 100) {
     have = 1;
     to = 100;
   }
@@ -724,8 +727,26 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert_pem};
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key_pem};
   }
-  if (cfg->max_connections > 0)
-    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)cfg->max_connections, NULL};
+  /* Without --max-connections libmicrohttpd stops near FD_SETSIZE (1020),
+   * which epoll does not need: raise the soft descriptor limit to the hard
+   * one and allow connections up to it, keeping room for weights, logs and
+   * the repository scan. */
+  int64_t conn_limit = cfg->max_connections;
+  if (conn_limit <= 0) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+      rlim_t want = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > (1u << 20) ? (1u << 20) : rl.rlim_max;
+      if (rl.rlim_cur < want) {
+        rl.rlim_cur = want;
+        setrlimit(RLIMIT_NOFILE, &rl);
+        getrlimit(RLIMIT_NOFILE, &rl);
+      }
+      if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur > 1024 + 256)
+        conn_limit = (int64_t)rl.rlim_cur - 256;
+    }
+  }
+  if (conn_limit > 0)
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)conn_limit, NULL};
   if (cfg->connection_timeout > 0)
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT,
                                         (intptr_t)cfg->connection_timeout, NULL};
