@@ -415,7 +415,8 @@ static void sync_model(repo_t *r, const char *name, int force) {
     const failed_ver *fv = find_failed(m, vs[i]);
     int same = cur && !config_changed && strcmp(cur->stamp, stamp) == 0;
     int same_failure = !cur && fv && !config_changed && strcmp(fv->stamp, stamp) == 0;
-    if (same) atomic_fetch_add(&cur->refs, 1);
+    /* no new reference: the table's one carries over (publish keeps what
+     * stays), as in the failure path below */
     uv_mutex_unlock(&r->mu);
     if (same) {
       next[nnext++] = cur;
