@@ -1067,10 +1067,27 @@ static int fit(void *state, md_call *c, ts_err *err) {
   if ((rc = md_check_deadline(c, err))) goto out;
   if ((rc = qa_fit(c->pool, &sp, &p, r.B, r.Z, r.X, r.y, &o, &rep, err))) goto out;
   if ((rc = md_check_deadline(c, err))) goto out;
+  /* A fit that diverged (a learning rate far too large) leaves weights or
+   * outputs that are not finite: refuse it here, before a version is
+   * written that would fail to load or, worse, load and serve NaN. */
+  for (int64_t i = 0; i < p.n; i++)
+    if (!isfinite(p.data[i])) {
+      rc = ts_errf(err, TS_EINVAL, "fit diverged: weight %lld is not finite; lower "
+                   "'learning_rate' (%g)", (long long)i, o.learning_rate);
+      goto out;
+    }
   /* after: the new version's output (no conformal: a fit drops it) */
   if ((rc = qa_infer_init(&nf, &sp, &p, err)) ||
-      (rc = qa_infer_run(c->pool, &nf, r.B, r.Z, r.X, Q, err)) ||
-      (rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, Q, err)) ||
+      (rc = qa_infer_run(c->pool, &nf, r.B, r.Z, r.X, Q, err)))
+    goto out;
+  for (int64_t i = 0; i < r.B * s->K; i++)
+    if (!isfinite(Q[i])) {
+      rc = ts_errf(err, TS_EINVAL, "fit diverged: the fitted aggregator's quantile %lld of row "
+                   "%lld is not finite; lower 'learning_rate' (%g)", (long long)(i % s->K),
+                   (long long)(i / s->K), o.learning_rate);
+      goto out;
+    }
+  if ((rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, Q, err)) ||
       (rc = metrics_json(s, r.B, Q, r.y, &ma, &sa, err)))
     goto out;
   json_object_set_new(metrics, "after", ma);

@@ -1,0 +1,109 @@
+"""Regression tests for defects found in review, over real HTTP: fits that
+diverge (a learning rate far too large) must be refused with a 400 before any
+version is written, and the served version must keep answering with finite
+numbers. Standard library only."""
+import math
+import os
+import random
+
+from harness import (Daemon, check, check_status, collect, make_repo, output, run_tests, tensor,
+                     write_model)
+
+L3 = [0.25, 0.5, 0.75]
+
+
+class Ctx:
+    pass
+
+
+def setup():
+    c = Ctx()
+    c.repo = make_repo()
+    # two external quantile bases, a local aggregator over 2 features
+    write_model(c.repo, "q_local", {
+        "kind": "quantile_ensemble", "levels": L3,
+        "bases": [{"external": "e0"}, {"external": "e1"}], "features": 2,
+        "aggregator": {"granularity": "coarse", "scope": "local", "simplex": True,
+                       "hidden": 4, "depth": 2},
+        "monotone": "sort"}, {})
+    write_model(c.repo, "q_global", {
+        "kind": "quantile_ensemble", "levels": L3,
+        "bases": [{"external": "e0"}, {"external": "e1"}],
+        "aggregator": {"granularity": "medium", "scope": "global", "simplex": False},
+        "monotone": "none"}, {})
+    write_model(c.repo, "ens", {
+        "kind": "ensemble", "member_output": "logit",
+        "families": [{"name": "a", "members": [{"external": "a1"}]},
+                     {"name": "b", "members": [{"external": "b1"}]}]}, None)
+    c.d = Daemon(c.repo).start()
+    c.daemon_logs = c.d.logs
+    return c
+
+
+def teardown(c):
+    c.d.stop()
+
+
+def qdata(rng, B=40):
+    z, x, y = [], [], []
+    for _ in range(B):
+        f = [rng.uniform(-1, 1), rng.uniform(-1, 1)]
+        mu = f[0] + 0.5 * f[1]
+        z.append([sorted(mu + rng.gauss(0, 0.3) for _ in L3) for _ in range(2)])
+        x.append(f)
+        y.append(mu + rng.gauss(0, 0.3))
+    return [tensor("base_quantiles", [v for r in z for b in r for v in b], [B, 2, 3]),
+            tensor("features", [v for r in x for v in r], [B, 2]),
+            tensor("targets", y, [B])]
+
+
+def versions(c, model):
+    return sorted(int(n) for n in os.listdir(os.path.join(c.repo, model)) if n.isdigit())
+
+
+def assert_serves_finite(c, model, inputs):
+    r = check_status(c.d.post("/v2/models/%s/infer" % model, {"inputs": inputs}), 200)
+    q = output(r, "quantiles")["data"]
+    check(all(isinstance(v, float) and math.isfinite(v) for v in q), "non-finite output %r" % q)
+
+
+def test_quantile_diverged_fit_is_refused(c):
+    rng = random.Random(1)
+    data = qdata(rng)
+    for model in ("q_local", "q_global"):
+        refused = 0
+        for lr in (1e30, 1e300):
+            before = versions(c, model)
+            r = c.d.post("/v2/models/%s/fit" % model,
+                         {"parameters": {"epochs": 3, "learning_rate": lr}, "inputs": data})
+            # early stopping may keep the initial weights (200); otherwise the
+            # fit diverged and must be refused before a version is written
+            if r.status == 200:
+                check(math.isfinite(r.json()["metrics"]["after"]["pinball"]), r.json()["metrics"])
+            else:
+                check_status(r, 400, "diverged")
+                refused += 1
+                check(versions(c, model) == before,
+                      "%s lr=%g: a version was written: %r" % (model, lr, versions(c, model)))
+            assert_serves_finite(c, model, data[:2] if model == "q_local" else data[:1])
+        check(refused >= 1, "%s: no fit was refused as diverged" % model)
+        # a sane fit still works and is served
+        r = check_status(c.d.post("/v2/models/%s/fit" % model,
+                                  {"parameters": {"epochs": 3}, "inputs": data}), 200)
+        check(math.isfinite(r.json()["metrics"]["after"]["pinball"]), r.json()["metrics"])
+        assert_serves_finite(c, model, data[:2] if model == "q_local" else data[:1])
+
+
+def test_ensemble_diverged_fit_is_refused(c):
+    rng = random.Random(2)
+    B = 100
+    lab = [rng.randint(0, 1) for _ in range(B)]
+    mo = [[(2 * l - 1) * 2 + rng.gauss(0, 1), rng.gauss(0, 1)] for l in lab]
+    body = {"parameters": {"epochs": 5, "learning_rate": 1e300, "validation_fraction": 0},
+            "inputs": [tensor("member_outputs", mo, [B, 2]), tensor("labels", lab, [B], "INT32")]}
+    check_status(c.d.post("/v2/models/ens/fit", body), 400, "diverged")
+    check(versions(c, "ens") == [1], versions(c, "ens"))
+
+
+if __name__ == "__main__":
+    run_tests(collect(globals()), setup, teardown)
