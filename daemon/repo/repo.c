@@ -757,6 +757,13 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   int nall = 0, *keep = NULL;
   uv_mutex_lock(&r->mu);
   repo_model *m = find_model(r, name);
+  /* A model unloaded while its fit ran stays unloaded: the version is on
+   * disk and serves at the next load, but the fit does not undo the unload. */
+  if (m && m->unloaded) {
+    log_info("model '%s': version %lld saved; not served because the model was unloaded",
+             name, (long long)next);
+    m = NULL;
+  }
   if (m && fs_list_versions(mdir, &all, &nall, NULL) == 0 &&
       (keep = tl_calloc((size_t)nall, sizeof(int))) &&
       apply_policy(config, all, nall, keep, NULL) == 0) {

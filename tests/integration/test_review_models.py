@@ -5,6 +5,8 @@ numbers. Standard library only."""
 import math
 import os
 import random
+import threading
+import time
 
 from harness import (Daemon, check, check_status, collect, make_repo, output, run_tests, tensor,
                      write_model)
@@ -31,6 +33,10 @@ def setup():
         "bases": [{"external": "e0"}, {"external": "e1"}],
         "aggregator": {"granularity": "medium", "scope": "global", "simplex": False},
         "monotone": "none"}, {})
+    write_model(c.repo, "ens_unload", {
+        "kind": "ensemble", "member_output": "logit",
+        "families": [{"name": "a", "members": [{"external": "a1"}]},
+                     {"name": "b", "members": [{"external": "b1"}]}]}, None)
     write_model(c.repo, "ens", {
         "kind": "ensemble", "member_output": "logit",
         "families": [{"name": "a", "members": [{"external": "a1"}]},
@@ -103,6 +109,49 @@ def test_ensemble_diverged_fit_is_refused(c):
             "inputs": [tensor("member_outputs", mo, [B, 2]), tensor("labels", lab, [B], "INT32")]}
     check_status(c.d.post("/v2/models/ens/fit", body), 400, "diverged")
     check(versions(c, "ens") == [1], versions(c, "ens"))
+
+
+def test_unload_during_fit_stays_unloaded(c):
+    """A model unloaded while its fit runs must not come back when the fit
+    commits its version: the version is saved and serves at the next load."""
+    rng = random.Random(3)
+    B = 20000
+    lab = [rng.randint(0, 1) for _ in range(B)]
+    mo = [[(2 * l - 1) + rng.gauss(0, 1), rng.gauss(0, 1)] for l in lab]
+    body = {"parameters": {"epochs": 3000, "patience": 0, "batch_size": 16},
+            "inputs": [tensor("member_outputs", mo, [B, 2]), tensor("labels", lab, [B], "INT32")]}
+    res = {}
+
+    def long_fit():
+        for _ in range(100):  # the probe below may hold the fit claim for a moment
+            r = c.d.post("/v2/models/ens_unload/fit", body, timeout=120)
+            if r.status != 409:
+                break
+            time.sleep(0.01)
+        res["fit"] = r
+
+    t = threading.Thread(target=long_fit)
+    t.start()
+    running = False
+    for _ in range(2000):  # 409 to an empty fit: the long fit holds the claim
+        r = c.d.post("/v2/models/ens_unload/fit", {})
+        if r.status == 409:
+            running = True
+            break
+        time.sleep(0.002)
+    check(running, "never saw the long fit running")
+    check_status(c.d.post("/v2/repository/models/ens_unload/unload", {}), 200)
+    t.join()
+    check_status(res["fit"], 200)
+    check(versions(c, "ens_unload") == [1, 2], versions(c, "ens_unload"))
+    r = c.d.get("/v2/models/ens_unload/ready")
+    check(r.status == 503, "unloaded model answers ready %d: %s" % (r.status, r.body))
+    check_status(c.d.post("/v2/models/ens_unload/infer",
+                          {"inputs": [tensor("member_outputs", [[0.1, 0.2]], [1, 2])]}), 503)
+    check_status(c.d.post("/v2/repository/models/ens_unload/load", {}), 200)
+    r = check_status(c.d.post("/v2/models/ens_unload/infer",
+                              {"inputs": [tensor("member_outputs", [[0.1, 0.2]], [1, 2])]}), 200)
+    check(r.json()["model_version"] == "2", r.json())
 
 
 if __name__ == "__main__":
