@@ -100,6 +100,19 @@ def test_quantile_diverged_fit_is_refused(c):
         assert_serves_finite(c, model, data[:2] if model == "q_local" else data[:1])
 
 
+def test_quantile_oversized_local_network_is_400(c):
+    """hidden and depth within their own bounds can still ask for billions of
+    parameters: refused by name, never attempted (a fit touches them all)."""
+    data = qdata(random.Random(4), B=4)
+    before = versions(c, "q_local")
+    # (only a size no machine can allocate: a regression must not eat the CI's memory)
+    for agg in ({"granularity": "coarse", "scope": "local", "hidden": 65536, "depth": 8},):
+        r = c.d.post("/v2/models/q_local/fit",
+                     {"parameters": {"epochs": 1, "aggregator": agg}, "inputs": data})
+        check_status(r, 400, "parameters")
+    check(versions(c, "q_local") == before, versions(c, "q_local"))
+
+
 def test_ensemble_diverged_fit_is_refused(c):
     rng = random.Random(2)
     B = 100
