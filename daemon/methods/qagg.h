@@ -169,6 +169,11 @@ typedef struct qa_fit_opts {
   double validation_fraction; /* in [0, 1): rows held out for early stopping */
   int patience;               /* epochs without improvement; <= 0: never stop early */
   uint64_t seed;              /* split, shuffling, dropout */
+  /* Called after each epoch (may be NULL): a negative return stops the fit,
+   * which then fails with that status and the message the callback set in
+   * err (a request's deadline, say). */
+  int (*on_epoch)(void *arg, int epoch, ts_err *err);
+  void *on_epoch_arg;
 } qa_fit_opts;
 
 /* 200 epochs, lr 1e-3, wd 1e-7, batch 64, lambda 0, margin 0, dropout 0,

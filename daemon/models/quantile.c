@@ -1024,6 +1024,11 @@ static int fit_opts(const json_t *p, qa_fit_opts *o, int *warm, ts_err *err) {
   return 0;
 }
 
+static int fit_on_epoch(void *arg, int epoch, ts_err *err) {
+  (void)epoch;
+  return md_check_deadline(arg, err);
+}
+
 static int fit(void *state, md_call *c, ts_err *err) {
   qk_state *s = state;
   qk_agg a;
@@ -1062,9 +1067,11 @@ static int fit(void *state, md_call *c, ts_err *err) {
     goto out;
   json_object_set_new(metrics, "before", mb);
   if ((rc = bases_json(s, &r, metrics, &best, &bn, err))) goto out;
-  /* qa_fit offers no per-epoch callback: the deadline is checked before
-   * and after the whole fit, not between epochs. */
+  /* the deadline (or an abandoned request) stops the fit between epochs, so
+   * a worker and the model's fit claim are not held long after the 504 */
   if ((rc = md_check_deadline(c, err))) goto out;
+  o.on_epoch = fit_on_epoch;
+  o.on_epoch_arg = c;
   if ((rc = qa_fit(c->pool, &sp, &p, r.B, r.Z, r.X, r.y, &o, &rep, err))) goto out;
   if ((rc = md_check_deadline(c, err))) goto out;
   /* A fit that diverged (a learning rate far too large) leaves weights or

@@ -113,6 +113,26 @@ def test_quantile_oversized_local_network_is_400(c):
     check(versions(c, "q_local") == before, versions(c, "q_local"))
 
 
+def test_quantile_fit_stops_at_its_deadline(c):
+    """A fit past its deadline is answered 504 by the server; the worker must
+    stop too (between epochs), releasing the model's fit claim, instead of
+    running all its epochs while every later fit gets 409."""
+    data = qdata(random.Random(5), B=400)
+    r = c.d.post("/v2/models/q_global/fit",
+                 {"parameters": {"epochs": 1000000, "batch_size": 1, "patience": 0,
+                                 "timeout_ms": 300},
+                  "inputs": data})
+    check_status(r, 504)
+    t0 = time.time()
+    while True:
+        r = c.d.post("/v2/models/q_global/fit", {"parameters": {"epochs": 1}, "inputs": data})
+        if r.status != 409:
+            break
+        check(time.time() - t0 < 10, "the abandoned fit still holds the model after 10 s")
+        time.sleep(0.05)
+    check_status(r, 200)
+
+
 def test_ensemble_diverged_fit_is_refused(c):
     rng = random.Random(2)
     B = 100
