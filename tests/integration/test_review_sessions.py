@@ -61,7 +61,7 @@ def maxdiff(a, b):
 
 
 def test_chunk_parameters_are_honoured(c):
-    for params in ({"attention": "softmax"}, {"attention": "lssa"}, {"p": 3, "offset_rows": 0}):
+    for params in ({}, {"attention": "softmax"}, {"attention": "lssa"}, {"p": 3, "offset_rows": 0}):
         want = one_shot(c, params)
         got = chunked(c, params, [5, 1, 10, 8])
         check(maxdiff(got, want) < 2e-4, "%r: chunked differs from one request by %g"
