@@ -88,6 +88,15 @@ int qa_spec_check(const qa_spec *s, ts_err *err) {
     if (qa_logit_count(s) * s->hidden > ((int64_t)1 << 31))
       return ts_errf(err, TS_EINVAL, "local aggregator: head of %lld x %d weights is too large",
                      (long long)qa_logit_count(s), s->hidden);
+    /* in double: hidden is only bounded by the head check above here */
+    double H = s->hidden;
+    double n = (double)s->D * H + H + (double)(s->depth - 1) * (H * H + H) +
+               (double)qa_logit_count(s) * (H + 1);
+    if (n > (double)QA_MAX_PARAMS)
+      return ts_errf(err, TS_EINVAL,
+                     "local aggregator: %.0f parameters (D=%d, hidden=%d, depth=%d) is more than "
+                     "the %lld allowed; use a smaller hidden size or depth",
+                     n, s->D, s->hidden, s->depth, (long long)QA_MAX_PARAMS);
   }
   return 0;
 }

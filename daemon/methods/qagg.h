@@ -52,6 +52,10 @@
 #define QA_MAX_DEPTH 8      /* hidden layers of the local network */
 #define QA_MAX_TENSORS (2 * (QA_MAX_DEPTH + 1))
 #define QA_LEVEL_TOL 1e-9   /* matching tau with 1 - tau' */
+/* Parameters of one aggregator (134M floats: 512 MiB, 2 GiB with Adam's
+ * state). A fit allocates and touches all of them, so a request asking for
+ * a network larger than this is refused instead of exhausting memory. */
+#define QA_MAX_PARAMS (INT64_C(1) << 27)
 
 typedef enum { QA_COARSE = 0, QA_MEDIUM = 1, QA_FINE = 2 } qa_granularity;
 typedef enum { QA_GLOBAL = 0, QA_LOCAL = 1 } qa_scope;
@@ -165,6 +169,11 @@ typedef struct qa_fit_opts {
   double validation_fraction; /* in [0, 1): rows held out for early stopping */
   int patience;               /* epochs without improvement; <= 0: never stop early */
   uint64_t seed;              /* split, shuffling, dropout */
+  /* Called after each epoch (may be NULL): a negative return stops the fit,
+   * which then fails with that status and the message the callback set in
+   * err (a request's deadline, say). */
+  int (*on_epoch)(void *arg, int epoch, ts_err *err);
+  void *on_epoch_arg;
 } qa_fit_opts;
 
 /* 200 epochs, lr 1e-3, wd 1e-7, batch 64, lambda 0, margin 0, dropout 0,

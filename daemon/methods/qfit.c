@@ -116,6 +116,8 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
     }
     rep->train_loss[e] = tl / (double)n_tr;
     rep->epochs_run = e + 1;
+    if (o->on_epoch && (rc = o->on_epoch(o->on_epoch_arg, e + 1, err)) < 0) goto out;
+    rc = 0;
     if (n_val == 0) {
       rep->val_loss[e] = NAN;
       rep->best_epoch = e + 1;

@@ -756,6 +756,14 @@ static int fit(void *state, md_call *c, ts_err *err) {
   /* the version stores theta as FP32: report and score what will be served */
   float th32[AW_MAX_FAMILIES];
   for (int f = 0; f < F; f++) theta[f] = th32[f] = (float)theta[f];
+  /* a learning rate far too large can push theta past FP32's range: refuse
+   * that by name instead of failing later on "not a finite number" */
+  for (int f = 0; f < F; f++)
+    if (!isfinite(theta[f])) {
+      rc = ts_errf(err, TS_EINVAL, "fit diverged: theta of family '%s' does not fit in FP32; "
+                   "lower 'learning_rate' (%g)", s->family_names[f], o.learning_rate);
+      goto out;
+    }
   aw_alpha(F, theta, alpha);
   if (!(fm = tl_calloc((size_t)F, sizeof *fm))) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");

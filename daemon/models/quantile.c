@@ -1024,6 +1024,11 @@ static int fit_opts(const json_t *p, qa_fit_opts *o, int *warm, ts_err *err) {
   return 0;
 }
 
+static int fit_on_epoch(void *arg, int epoch, ts_err *err) {
+  (void)epoch;
+  return md_check_deadline(arg, err);
+}
+
 static int fit(void *state, md_call *c, ts_err *err) {
   qk_state *s = state;
   qk_agg a;
@@ -1062,15 +1067,34 @@ static int fit(void *state, md_call *c, ts_err *err) {
     goto out;
   json_object_set_new(metrics, "before", mb);
   if ((rc = bases_json(s, &r, metrics, &best, &bn, err))) goto out;
-  /* qa_fit offers no per-epoch callback: the deadline is checked before
-   * and after the whole fit, not between epochs. */
+  /* the deadline (or an abandoned request) stops the fit between epochs, so
+   * a worker and the model's fit claim are not held long after the 504 */
   if ((rc = md_check_deadline(c, err))) goto out;
+  o.on_epoch = fit_on_epoch;
+  o.on_epoch_arg = c;
   if ((rc = qa_fit(c->pool, &sp, &p, r.B, r.Z, r.X, r.y, &o, &rep, err))) goto out;
   if ((rc = md_check_deadline(c, err))) goto out;
+  /* A fit that diverged (a learning rate far too large) leaves weights or
+   * outputs that are not finite: refuse it here, before a version is
+   * written that would fail to load or, worse, load and serve NaN. */
+  for (int64_t i = 0; i < p.n; i++)
+    if (!isfinite(p.data[i])) {
+      rc = ts_errf(err, TS_EINVAL, "fit diverged: weight %lld is not finite; lower "
+                   "'learning_rate' (%g)", (long long)i, o.learning_rate);
+      goto out;
+    }
   /* after: the new version's output (no conformal: a fit drops it) */
   if ((rc = qa_infer_init(&nf, &sp, &p, err)) ||
-      (rc = qa_infer_run(c->pool, &nf, r.B, r.Z, r.X, Q, err)) ||
-      (rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, Q, err)) ||
+      (rc = qa_infer_run(c->pool, &nf, r.B, r.Z, r.X, Q, err)))
+    goto out;
+  for (int64_t i = 0; i < r.B * s->K; i++)
+    if (!isfinite(Q[i])) {
+      rc = ts_errf(err, TS_EINVAL, "fit diverged: the fitted aggregator's quantile %lld of row "
+                   "%lld is not finite; lower 'learning_rate' (%g)", (long long)(i % s->K),
+                   (long long)(i / s->K), o.learning_rate);
+      goto out;
+    }
+  if ((rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, Q, err)) ||
       (rc = metrics_json(s, r.B, Q, r.y, &ma, &sa, err)))
     goto out;
   json_object_set_new(metrics, "after", ma);

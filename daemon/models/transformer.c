@@ -555,8 +555,14 @@ static int session_open(void *state, const json_t *params, void **out, size_t *b
 static int session_infer(void *state, void *sess, md_call *c, size_t *bytes, ts_err *err) {
   tf_model *m = state;
   tf_seq *s = sess;
+  /* A chunk's "attention", "p" and "offset_rows" override the session's for
+   * that chunk (as they override the model's in infer): the cache holds keys
+   * and values, which do not depend on them. */
+  attn_params prm = s->attn;
+  int rc = md_attn_params_read(c->params, "parameters", &prm, err);
+  if (rc) return rc;
   int64_t *ids = NULL, B, n;
-  int rc = read_ids(c, &ids, &B, &n, err);
+  rc = read_ids(c, &ids, &B, &n, err);
   if (rc) return rc;
   if (B != 1) {
     tl_free(ids);
@@ -569,7 +575,7 @@ static int session_infer(void *state, void *sess, md_call *c, size_t *bytes, ts_
   float *nll = lp ? md_output(c, "nll", TS_FP32, 1, s_nll, err) : NULL;
   float *lg = nll ? md_output(c, "next_token_logits", TS_FP32, 2, s_lg, err) : NULL;
   if (!lg) rc = -TS_ENOMEM;
-  if (!rc) rc = tf_run(m, c->pool, &s->attn, ids, n, s, lp, lg, c, NULL, err);
+  if (!rc) rc = tf_run(m, c->pool, &prm, ids, n, s, lp, lg, c, NULL, err);
   if (!rc) {
     double sum = 0;
     for (int64_t i = 0; i < k; i++) sum -= lp[i];

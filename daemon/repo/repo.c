@@ -417,7 +417,8 @@ static void sync_model(repo_t *r, const char *name, int force) {
     const failed_ver *fv = find_failed(m, vs[i]);
     int same = cur && !config_changed && strcmp(cur->stamp, stamp) == 0;
     int same_failure = !cur && fv && !config_changed && strcmp(fv->stamp, stamp) == 0;
-    if (same) atomic_fetch_add(&cur->refs, 1);
+    /* no new reference: the table's one carries over (publish keeps what
+     * stays), as in the failure path below */
     uv_mutex_unlock(&r->mu);
     if (same) {
       next[nnext++] = cur;
@@ -793,6 +794,13 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   int nall = 0, *keep = NULL;
   uv_mutex_lock(&r->mu);
   repo_model *m = find_model(r, name);
+  /* A model unloaded while its fit ran stays unloaded: the version is on
+   * disk and serves at the next load, but the fit does not undo the unload. */
+  if (m && m->unloaded) {
+    log_info("model '%s': version %lld saved; not served because the model was unloaded",
+             name, (long long)next);
+    m = NULL;
+  }
   if (m && fs_list_versions(mdir, &all, &nall, NULL) == 0 &&
       (keep = tl_calloc((size_t)nall, sizeof(int))) &&
       apply_policy(config, all, nall, keep, NULL) == 0) {
