@@ -371,7 +371,7 @@ static void sync_model(repo_t *r, const char *name, int force) {
   int64_t *vs = NULL;
   int nv = 0, *keep = NULL;
   repo_ver **next = NULL;
-  int nnext = 0, failed_now = 0;
+  int nnext = 0;
 
   uv_mutex_lock(&r->mu);
   repo_model *m = get_model(r, name);
@@ -417,17 +417,15 @@ static void sync_model(repo_t *r, const char *name, int force) {
     const failed_ver *fv = find_failed(m, vs[i]);
     int same = cur && !config_changed && strcmp(cur->stamp, stamp) == 0;
     int same_failure = !cur && fv && !config_changed && strcmp(fv->stamp, stamp) == 0;
-    /* no new reference: the table's one carries over (publish keeps what
-     * stays), as in the failure path below */
+    /* `next` owns one reference to each version it holds; publish then drops
+     * the old table's (every path that adds to next takes one) */
+    if (same) atomic_fetch_add(&cur->refs, 1);
     uv_mutex_unlock(&r->mu);
     if (same) {
       next[nnext++] = cur;
       continue;
     }
-    if (same_failure && !force) {
-      failed_now = 1; /* still broken: counts as failing for the rule below */
-      continue;
-    }
+    if (same_failure && !force) continue;
     repo_ver *v;
     ts_err lerr = {0};
     if (ver_load(r, name, vs[i], config, &v, &lerr) == 0) {
@@ -440,7 +438,6 @@ static void sync_model(repo_t *r, const char *name, int force) {
       log_error("model '%s' version %lld: failed to load: %s", name, (long long)vs[i], lerr.msg);
       uv_mutex_lock(&r->mu);
       set_failed(m, vs[i], stamp, lerr.msg);
-      failed_now = 1;
       if (cur) { /* a broken replacement never displaces a working version */
         atomic_fetch_add(&cur->refs, 1);
         next[nnext++] = cur;
@@ -477,17 +474,6 @@ static void sync_model(repo_t *r, const char *name, int force) {
     if (!on) m->failed[i] = m->failed[--m->nfailed];
     else i++;
   }
-  /* A newer version that fails to load never displaces the versions that
-   * work: when none of the policy's choice loaded, the served ones that are
-   * still on disk stay. */
-  if (nnext == 0 && failed_now)
-    for (int i = 0; i < m->nvers; i++)
-      for (int j = 0; j < nv; j++)
-        if (vs[j] == m->vers[i]->version) {
-          atomic_fetch_add(&m->vers[i]->refs, 1);
-          next[nnext++] = m->vers[i];
-          break;
-        }
   publish(r, m, next, nnext);
   next = NULL;
   snprintf(m->config_stamp, sizeof m->config_stamp, "%s", cstamp);
