@@ -19,6 +19,7 @@
  * at a time; the systemd notify protocol is spoken from here and main.c. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <malloc.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <openssl/crypto.h>
@@ -550,10 +551,26 @@ static void shutdown_now(server *s) {
   uv_stop(s->loop);
 }
 
+/* After a burst of connections closes, the memory of their buffers sits in
+ * malloc's free lists; hand it back to the system so resident memory returns
+ * to where it was (checked once a second, trimmed only after a real drop). */
+static void trim_after_burst(server *s) {
+  if (++s->trim_ticks < 100 || !s->mhd) return;
+  s->trim_ticks = 0;
+  const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
+  unsigned now = di ? di->num_connections : 0;
+  if (now > s->conn_peak) s->conn_peak = now;
+  if (s->conn_peak - now >= 256) {
+    malloc_trim(0);
+    s->conn_peak = now;
+  }
+}
+
 static void on_sweep(uv_timer_t *t) {
   server *s = t->data;
   double now = md_now();
   int expired = 0;
+  trim_after_burst(s);
   for (hreq *h = s->waiting; h;) {
     hreq *n = h->wnext;
     double dl = h->job ? atomic_load(&h->job->deadline) : 0;

@@ -109,6 +109,8 @@ struct server {
   void *waiting;         /* list of hreqs with a job (loop thread) */
   int exit_code;
   int port;              /* bound port (useful with --listen :0) */
+  unsigned conn_peak;    /* connections at the last check (memory trim) */
+  int trim_ticks;
   /* production operation (docs/operations.md) */
   auth_keys *keys;       /* NULL: no credentials asked (loop thread; swapped at SIGHUP) */
   char *tls_cert_pem, *tls_key_pem; /* kept for MHD's lifetime */
