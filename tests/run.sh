@@ -8,6 +8,7 @@ set -u
 BUILD=${BUILD:-build}
 PYTHON=${PYTHON:-python3}
 export TALLYD_BIN="$PWD/$BUILD/tallyd" TALLYD_BUILD="$PWD/$BUILD" PYTHONUNBUFFERED=1
+case "$BUILD" in *san*) export TALLYD_SANITIZED=1 ;; esac
 pattern=${TESTS:-}
 passed=0 failed=0 skipped=0
 failed_names=()

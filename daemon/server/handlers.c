@@ -356,6 +356,14 @@ static void run_model(job *j) {
   json_object_set_new(ans, "model_name", json_string(call.model_name));
   if (j->rt.id == R_FIT || j->rt.id == R_CALIBRATE) {
     int64_t nv;
+    /* a client already answered 504 (or gone) must not find a new version */
+    int running = 0;
+    if (!atomic_compare_exchange_strong(&j->claim, &running, 1)) {
+      json_decref(ans);
+      rc = ts_errf(&err, TS_ETIMEOUT, "the deadline passed before the new version was saved; "
+                                      "nothing was saved");
+      goto fail;
+    }
     if ((rc = repo_commit_version(s->repo, j->ver, &call, &nv, &err))) {
       json_decref(ans);
       goto fail;

@@ -114,6 +114,8 @@ static void resume(hreq *h) {
 /* Detaches h from its job: the worker's result will be dropped. */
 static void abandon(server *s, hreq *h) {
   if (!h->job) return;
+  int running = 0;
+  atomic_compare_exchange_strong(&h->job->claim, &running, 2);
   h->job->cancelled = 1;
   h->job->conn_req = NULL;
   h->job = NULL;
@@ -574,7 +576,8 @@ static void on_sweep(uv_timer_t *t) {
   for (hreq *h = s->waiting; h;) {
     hreq *n = h->wnext;
     double dl = h->job ? atomic_load(&h->job->deadline) : 0;
-    if (dl > 0 && now > dl) {
+    int running = 0;
+    if (dl > 0 && now > dl && atomic_compare_exchange_strong(&h->job->claim, &running, 2)) {
       abandon(s, h);
       error_resp(&h->out, TS_ETIMEOUT, "the request's deadline passed before its result was ready");
       h->phase = H_DONE;

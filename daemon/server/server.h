@@ -84,6 +84,10 @@ typedef struct job {
   double t_submit, t_start, t_end;
   _Atomic double deadline; /* md_now() seconds; 0: none; set by the worker once known */
   volatile int cancelled;
+  /* 0 running; 1 the worker is publishing a new version (no 504 may be sent
+   * any more: the client gets the outcome); 2 the loop gave up on it (the
+   * worker must not publish). Moved from 0 by compare-and-swap only. */
+  atomic_int claim;
   int fit_claimed;      /* repo_fit_begin succeeded */
   resp out;
   void *conn_req;       /* the hreq waiting for it (loop thread only) */

@@ -36,7 +36,7 @@ def has_flag(flag):
 # Under ASan (make test SAN=1) freed memory waits in a 256 MB quarantine and
 # would read as growth of the RSS: keep it small where RSS is measured.
 SMALL_QUARANTINE = {"ASAN_OPTIONS": ":".join(
-    o for o in [os.environ.get("ASAN_OPTIONS", ""), "quarantine_size_mb=8"] if o)}
+    o for o in [os.environ.get("ASAN_OPTIONS", ""), "quarantine_size_mb=8", "allocator_release_to_os_interval_ms=100"] if o)}
 
 def rss_kb(pid):
     with open("/proc/%d/status" % pid) as f:
@@ -457,7 +457,13 @@ def test_memory_and_endpoints_after(c):
     alive(c)
     rss1 = rss_kb(c.d.proc.pid)
     record("daemon RSS before -> after all cases", "%.1f MB -> %.1f MB" % (c.rss0 / 1024, rss1 / 1024))
-    check(rss1 < 1.5 * c.rss0 + 20 * 1024, "RSS grew from %d kB to %d kB" % (c.rss0, rss1))
+    if os.environ.get("TALLYD_SANITIZED"):
+        # ASan keeps shadow memory for every address the 10,000 connections'
+        # buffers used (about 1/8 of 320 MB) and never returns it; the plain
+        # build is the one whose resident memory is checked tightly.
+        check(rss1 < 2 * c.rss0 + 100 * 1024, "RSS grew from %d kB to %d kB" % (c.rss0, rss1))
+    else:
+        check(rss1 < 1.5 * c.rss0 + 20 * 1024, "RSS grew from %d kB to %d kB" % (c.rss0, rss1))
 
 
 if __name__ == "__main__":
