@@ -164,7 +164,7 @@ typedef struct qa_fit_opts {
   double learning_rate;       /* Adam with AMSGrad */
   double weight_decay;        /* L2, added to the gradient (torch Adam) */
   int batch_size;             /* > 0 */
-  double lambda, margin;      /* non-crossing penalty */
+  double lambda, margin;      /* non-crossing penalty, both >= 0 */
   double dropout;             /* local: in [0, 1) */
   double validation_fraction; /* in [0, 1): rows held out for early stopping */
   int patience;               /* epochs without improvement; <= 0: never stop early */
@@ -187,6 +187,11 @@ typedef struct qa_fit_report {
   double best_val_loss;        /* NaN without validation rows */
   double *train_loss;          /* [epochs_run] mean minibatch objective (owned) */
   double *val_loss;            /* [epochs_run] validation mean pinball, NaN if none */
+  /* [n_train + n_val] the split (owned): rows[0..n_train) are the training
+   * rows (in the last epoch's order), rows[n_train..) the validation rows
+   * early stopping measured, so that a caller can score the same held-out
+   * rows without a split of its own that could drift from this one. */
+  int64_t *rows;
 } qa_fit_report;
 
 /* Fits params (in: the start, out: the best epoch's values) on B rows of
@@ -194,7 +199,8 @@ typedef struct qa_fit_report {
  * permutation into train and validation; each epoch shuffles the training
  * index list and steps over minibatches. Validation loss is the mean
  * pinball with dropout off, measured after each epoch; without validation
- * rows the last epoch is kept. report may be NULL. */
+ * rows the last epoch is kept. report may be NULL; on success it holds the
+ * split (report->rows) until qa_fit_report_free. */
 int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B,
            const float *Z, const float *X, const float *y,
            const qa_fit_opts *o, qa_fit_report *report, ts_err *err);

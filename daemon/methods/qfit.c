@@ -40,6 +40,7 @@ void qa_fit_opts_default(qa_fit_opts *o) {
 void qa_fit_report_free(qa_fit_report *r) {
   if (!r) return;
   tl_free(r->train_loss);
+  tl_free(r->rows);
   memset(r, 0, sizeof *r);
 }
 
@@ -50,6 +51,10 @@ static int check_opts(const qa_fit_opts *o, int64_t B, ts_err *err) {
     return ts_errf(err, TS_EINVAL, "fit: learning_rate must be > 0, got %g", o->learning_rate);
   if (!(o->weight_decay >= 0.0)) return ts_errf(err, TS_EINVAL, "fit: weight_decay must be >= 0, got %g", o->weight_decay);
   if (!(o->lambda >= 0.0)) return ts_errf(err, TS_EINVAL, "fit: lambda must be >= 0, got %g", o->lambda);
+  /* with a negative margin the penalty ReLU(q_k - q_k' + margin) would let
+   * levels cross by up to |margin| for free: the opposite of its purpose */
+  if (!(o->margin >= 0.0) || !isfinite(o->margin))
+    return ts_errf(err, TS_EINVAL, "fit: margin must be >= 0, got %g", o->margin);
   if (!(o->dropout >= 0.0 && o->dropout < 1.0))
     return ts_errf(err, TS_EINVAL, "fit: dropout must be in [0, 1), got %g", o->dropout);
   if (!(o->validation_fraction >= 0.0 && o->validation_fraction < 1.0))
@@ -139,6 +144,10 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
     }
   }
   qa_params_from_f64(p, n_val == 0 ? theta : best);
+  if (report) { /* the split goes to the caller */
+    rep->rows = perm;
+    perm = NULL;
+  }
 
 out:
   opt_adam_free(&opt);

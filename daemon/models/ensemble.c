@@ -723,6 +723,18 @@ static json_t *fit_params_json(const aw_fit_opts *o, int warm, double thr) {
                    "min_delta", o->min_delta, "warm_start", warm, "threshold", thr);
 }
 
+/* The parent version's theta on the training rows of the fit's split (the
+ * same rows as `before` and `after`): what the fit replaces. */
+static int eval_served(const ens_state *s, const ens_data *d, const aw_fit_opts *o, double thr,
+                       met_scores *out, ts_err *err) {
+  int64_t *perm = tl_malloc(sizeof *perm * (size_t)d->N), n_val;
+  if (!perm) return ts_errf(err, TS_ENOMEM, "out of memory for %lld row indices", (long long)d->N);
+  aw_split(d->N, o->validation_fraction, o->seed, perm, &n_val);
+  int rc = aw_eval(&s->spec, d->P, d->labels, perm + n_val, d->N - n_val, s->theta, thr, out, err);
+  tl_free(perm);
+  return rc;
+}
+
 static int fit(void *state, md_call *c, ts_err *err) {
   ens_state *s = state;
   aw_fit_opts o;
@@ -769,13 +781,18 @@ static int fit(void *state, md_call *c, ts_err *err) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
     goto out;
   }
+  /* before: the uniform theta, as the fit contract defines it, whatever the
+   * parent version serves; the parent's own theta is the extra "served" */
   aw_fit_metrics m = {.families = fm};
-  if ((rc = aw_fit_metrics_compute(&s->spec, d.N, d.P, d.labels, &o, s->theta, theta, thr, &m,
-                                   err)))
+  met_scores served;
+  if ((rc = aw_fit_metrics_compute(&s->spec, d.N, d.P, d.labels, &o, NULL, theta, thr, &m,
+                                   err)) ||
+      (rc = eval_served(s, &d, &o, thr, &served, err)))
     goto out;
-  metrics = json_pack("{s:o, s:o, s:o, s:o, s:o}", "before", scores_json(&m.before), "after",
-                      scores_json(&m.after), "validation", scores_json(&m.validation),
-                      "families", families_json(s, fm), "uniform", scores_json(&m.uniform));
+  metrics = json_pack("{s:o, s:o, s:o, s:o, s:o, s:o}", "before", scores_json(&m.before),
+                      "after", scores_json(&m.after), "validation", scores_json(&m.validation),
+                      "served", scores_json(&served), "families", families_json(s, fm),
+                      "uniform", scores_json(&m.uniform));
   json_t *names = json_array();
   for (int f = 0; names && f < F; f++) json_array_append_new(names, json_string(s->family_names[f]));
   c->result = json_pack(

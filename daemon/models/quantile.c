@@ -752,23 +752,45 @@ static int metrics_json(const qk_state *s, int64_t N, const float *Q, const floa
   return *out ? 0 : ts_errf(err, TS_ENOMEM, "out of memory");
 }
 
-/* "bases": each base's own quantiles scored alone, plus the best of them
- * (by WIS when the levels have a median, else by pinball). */
-static int bases_json(const qk_state *s, const qk_rows *r, json_t *metrics, qk_score *best,
-                      const char **best_name, ts_err *err) {
-  float *q = tl_malloc((size_t)(r->B * s->K) * sizeof(float));
+/* metrics_json over the rows idx[0..n) of Q [*, K] and y (idx NULL: the
+ * first n rows), gathered into a scratch copy. */
+static int metrics_rows(const qk_state *s, const int64_t *idx, int64_t n, const float *Q,
+                        const float *y, json_t **out, qk_score *sc, ts_err *err) {
+  if (!idx) return metrics_json(s, n, Q, y, out, sc, err);
+  float *q = tl_malloc((size_t)(n * (s->K + 1)) * sizeof(float));
+  if (!q) return ts_errf(err, TS_ENOMEM, "out of memory for the metrics of %lld rows",
+                         (long long)n);
+  float *yy = q + n * s->K;
+  for (int64_t i = 0; i < n; i++) {
+    memcpy(q + i * s->K, Q + idx[i] * s->K, (size_t)s->K * sizeof(float));
+    yy[i] = y[idx[i]];
+  }
+  int rc = metrics_json(s, n, q, yy, out, sc, err);
+  tl_free(q);
+  return rc;
+}
+
+/* "bases": each base's own quantiles scored alone on the rows idx[0..n)
+ * (idx NULL: the first n), plus the best of them (by WIS when the levels
+ * have a median, else by pinball). */
+static int bases_json(const qk_state *s, const qk_rows *r, const int64_t *idx, int64_t n,
+                      json_t *metrics, qk_score *best, const char **best_name, ts_err *err) {
+  float *q = tl_malloc((size_t)(n * (s->K + 1)) * sizeof(float));
   if (!q) return ts_errf(err, TS_ENOMEM, "out of memory");
+  float *yy = q + n * s->K;
+  for (int64_t i = 0; i < n; i++) yy[i] = r->y[idx ? idx[i] : i];
   json_t *bj = json_object();
   int rc = 0;
   int64_t MK = (int64_t)s->M * s->K;
   best->pinball = best->wis = INFINITY;
   *best_name = NULL;
   for (int j = 0; j < s->M && !rc; j++) {
-    for (int64_t i = 0; i < r->B; i++)
-      memcpy(q + i * s->K, r->Z + i * MK + (int64_t)j * s->K, (size_t)s->K * sizeof(float));
+    for (int64_t i = 0; i < n; i++)
+      memcpy(q + i * s->K, r->Z + (idx ? idx[i] : i) * MK + (int64_t)j * s->K,
+             (size_t)s->K * sizeof(float));
     json_t *mj;
     qk_score sc;
-    if ((rc = metrics_json(s, r->B, q, r->y, &mj, &sc, err))) break;
+    if ((rc = metrics_json(s, n, q, yy, &mj, &sc, err))) break;
     json_object_set_new(bj, s->bases[j].name, mj);
     double key = s->median >= 0 ? sc.wis : sc.pinball,
            bk = s->median >= 0 ? best->wis : best->pinball;
@@ -953,7 +975,7 @@ static int evaluate(void *state, md_call *c, ts_err *err) {
   if (!rc) rc = metrics_json(s, r.B, Q, r.y, &mm, &sc, err);
   if (!rc) {
     json_object_set_new(metrics, "model", mm);
-    rc = bases_json(s, &r, metrics, &best, &bn, err);
+    rc = bases_json(s, &r, NULL, r.B, metrics, &best, &bn, err);
   }
   if (!rc) {
     gain_json(metrics, bn, &best, &sc);
@@ -968,6 +990,22 @@ static int evaluate(void *state, md_call *c, ts_err *err) {
 }
 
 /* ---- fit ---------------------------------------------------------------- */
+
+/* The uniform blend Q [B, K]: at each level the plain mean of the bases'
+ * values (what zero logits give a global simplex coarse or medium
+ * aggregator), then the model's monotone step, as a version with those
+ * weights would serve it. The yardstick a learned aggregator must beat. */
+static int uniform_predict(const qk_state *s, pool_t *pool, const qk_rows *r, float *Q,
+                           ts_err *err) {
+  int64_t MK = (int64_t)s->M * s->K;
+  for (int64_t i = 0; i < r->B; i++)
+    for (int k = 0; k < s->K; k++) {
+      double acc = 0.0;
+      for (int j = 0; j < s->M; j++) acc += r->Z[i * MK + (int64_t)j * s->K + k];
+      Q[i * s->K + k] = (float)(acc / s->M);
+    }
+  return qa_monotone_rows(pool, s->mono, r->B, s->K, s->median, Q, err);
+}
 
 /* Aggregator settings of a fit: the version's, overridden by
  * parameters.aggregator {...} and by the flat keys (one way per key). */
@@ -1016,6 +1054,11 @@ static int fit_opts(const json_t *p, qa_fit_opts *o, int *warm, ts_err *err) {
   if (bs < 1 || bs > (1 << 30))
     return ts_errf(err, TS_EINVAL, "parameter 'batch_size' must be in [1, 2^30]");
   if (seed < 0) return ts_errf(err, TS_EINVAL, "parameter 'seed' must be >= 0");
+  /* ReLU(q_k - q_k' + margin) with margin < 0 would let levels cross by up
+   * to |margin| unpenalised: the opposite of a non-crossing penalty */
+  if (!(o->margin >= 0.0))
+    return ts_errf(err, TS_EINVAL, "parameter 'margin' must be >= 0 (the gap the non-crossing "
+                   "penalty asks between neighbouring levels), got %g", o->margin);
   if (pat > 1000000) pat = 1000000;
   o->epochs = (int)ep;
   o->batch_size = (int)bs;
@@ -1052,9 +1095,9 @@ static int fit(void *state, md_call *c, ts_err *err) {
   memset(&rep, 0, sizeof rep);
   qa_infer nf;
   memset(&nf, 0, sizeof nf);
-  json_t *metrics = json_object(), *mb = NULL, *ma = NULL;
+  json_t *metrics = json_object(), *mj = NULL;
   float *Q = tl_malloc((size_t)(r.B * s->K) * sizeof(float));
-  qk_score sb, sa, best;
+  qk_score s_after, s_val, best;
   const char *bn;
   if (!Q || !metrics) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
@@ -1062,11 +1105,6 @@ static int fit(void *state, md_call *c, ts_err *err) {
   }
   if ((rc = qa_params_init(&p, &sp, o.seed, err))) goto out;
   if (warm && agg_equal(&a, &s->agg)) memcpy(p.data, s->params.data, (size_t)p.n * sizeof(float));
-  if ((rc = predict(s, c->pool, &r, 1, Q, err)) ||
-      (rc = metrics_json(s, r.B, Q, r.y, &mb, &sb, err)))
-    goto out;
-  json_object_set_new(metrics, "before", mb);
-  if ((rc = bases_json(s, &r, metrics, &best, &bn, err))) goto out;
   /* the deadline (or an abandoned request) stops the fit between epochs, so
    * a worker and the model's fit claim are not held long after the 504 */
   if ((rc = md_check_deadline(c, err))) goto out;
@@ -1083,6 +1121,25 @@ static int fit(void *state, md_call *c, ts_err *err) {
                    "'learning_rate' (%g)", (long long)i, o.learning_rate);
       goto out;
     }
+  /* Every block is scored on qa_fit's own split (rep.rows: the training
+   * rows, then the validation rows early stopping measured): before and
+   * after on the training rows, validation on the held-out ones, and the
+   * yardsticks (uniform, each base) on the held-out rows too, or on the
+   * training rows when none were held out, so that they compare with
+   * `validation` (or with `after`). */
+  const int64_t *tr = rep.rows, *va = rep.rows + rep.n_train;
+  const int64_t *cmp = rep.n_val ? va : tr;
+  int64_t n_cmp = rep.n_val ? rep.n_val : rep.n_train;
+  /* before: this version as it serves (corrections included) */
+  if ((rc = predict(s, c->pool, &r, 1, Q, err)) ||
+      (rc = metrics_rows(s, tr, rep.n_train, Q, r.y, &mj, NULL, err)))
+    goto out;
+  json_object_set_new(metrics, "before", mj);
+  if ((rc = uniform_predict(s, c->pool, &r, Q, err)) ||
+      (rc = metrics_rows(s, cmp, n_cmp, Q, r.y, &mj, NULL, err)))
+    goto out;
+  json_object_set_new(metrics, "uniform", mj);
+  if ((rc = bases_json(s, &r, cmp, n_cmp, metrics, &best, &bn, err))) goto out;
   /* after: the new version's output (no conformal: a fit drops it) */
   if ((rc = qa_infer_init(&nf, &sp, &p, err)) ||
       (rc = qa_infer_run(c->pool, &nf, r.B, r.Z, r.X, Q, err)))
@@ -1095,16 +1152,17 @@ static int fit(void *state, md_call *c, ts_err *err) {
       goto out;
     }
   if ((rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, Q, err)) ||
-      (rc = metrics_json(s, r.B, Q, r.y, &ma, &sa, err)))
+      (rc = metrics_rows(s, tr, rep.n_train, Q, r.y, &mj, &s_after, err)))
     goto out;
-  json_object_set_new(metrics, "after", ma);
-  json_object_set_new(metrics, "validation",
-                      rep.n_val
-                          ? json_pack("{s:o, s:I, s:i, s:b}", "pinball", jnum(rep.best_val_loss),
-                                      "rows", (json_int_t)rep.n_val, "best_epoch", rep.best_epoch,
-                                      "stopped_early", rep.stopped_early)
-                          : json_null());
-  gain_json(metrics, bn, &best, &sa);
+  json_object_set_new(metrics, "after", mj);
+  s_val = s_after;
+  if (!rep.n_val)
+    json_object_set_new(metrics, "validation", json_null());
+  else if ((rc = metrics_rows(s, va, rep.n_val, Q, r.y, &mj, &s_val, err)))
+    goto out;
+  else
+    json_object_set_new(metrics, "validation", mj);
+  gain_json(metrics, bn, &best, &s_val);
   if ((rc = new_writer(s, &p, &a, D, NULL, NULL, NULL, &c->new_weights, err))) goto out;
   char hex[HASH_HEX_LEN + 1];
   hash_inputs(c, hex);

@@ -4,7 +4,8 @@
  * See transformer.h for the model and its memory. Infer: input_ids [B, L]
  * (INT32, INT64, or any numeric dtype holding integers) -> token_logprobs
  * [B, L-1], nll [B], next_token_logits [B, V], FP32. Request parameters
- * "attention", "p", "offset_rows" override config.json.
+ * "attention", "p", "offset_rows" override config.json; "query_offset" is
+ * checked (read_query_offset says why only 0, or a session's position).
  *
  * One forward pass (tf_run) serves both paths. Without a session the keys
  * and values are read in place from the fused [L, 3E] projection; with one,
@@ -498,10 +499,47 @@ static int read_ids(const md_call *c, int64_t **ids, int64_t *B, int64_t *L, ts_
   return ts_to_i64(t, ids, err);
 }
 
+/* "query_offset" (api.md: the absolute position of the first query). Every
+ * position-dependent part of the model reads absolute positions: the wpe
+ * row, the RoPE angle, LSSA's N_i (the number of keys visible, = position
+ * + 1) and LSSAR's offset rows. A position t > 0 therefore means "t tokens
+ * came before", and their keys and values must be there: the kernels index
+ * keys by absolute position and refuse query_offset + Lq > Lk, as the
+ * attention kind does. A whole-sequence request holds no tokens before its
+ * own (Lk = Lq = L), so its only sound offset is 0 (api.md's default Lk -
+ * Lq). Honouring a larger one in part (shifting wpe rows or RoPE angles but
+ * not N_i, or counting keys that are not there in N_i) would compute
+ * something no sequence produces, so it is refused, pointing to sessions,
+ * which hold the earlier tokens. A new session starts at 0 for the same
+ * reason. In a session the offset is its position: a chunk may state it (a
+ * guard against a lost or repeated chunk), and a mismatch is a conflict
+ * with the session's state.
+ * pos: the position the next token takes; chunk: a session's chunk. */
+static int read_query_offset(const json_t *params, int64_t pos, int chunk, ts_err *err) {
+  int64_t off;
+  int rc = md_param_int(params, "query_offset", pos, &off, err);
+  if (rc) return rc;
+  if (off == pos) return 0;
+  if (chunk)
+    return ts_errf(err, TS_ECONFLICT,
+                   "parameter 'query_offset' is %lld, but this session is at position %lld: its "
+                   "next token goes there (a chunk lost or sent twice?); a session's positions "
+                   "follow from the tokens fed to it",
+                   (long long)off, (long long)pos);
+  if (off < 0) return ts_errf(err, TS_EINVAL, "parameter 'query_offset' must be >= 0");
+  return ts_errf(err, TS_EINVAL,
+                 "parameter 'query_offset' %lld: a request without a session (and a new "
+                 "session) holds no tokens before its own, so its first token is at position 0, "
+                 "the only offset it accepts; to score tokens at position %lld, open a session "
+                 "(POST /v2/models/{m}/sessions) and feed it the %lld tokens before them first",
+                 (long long)off, (long long)off, (long long)off);
+}
+
 static int infer(void *state, md_call *c, ts_err *err) {
   tf_model *m = state;
   attn_params prm = m->attn;
   int rc = md_attn_params_read(c->params, "parameters", &prm, err);
+  if (!rc) rc = read_query_offset(c->params, 0, 0, err);
   if (rc) return rc;
   int64_t *ids = NULL, B, L;
   if ((rc = read_ids(c, &ids, &B, &L, err))) return rc;
@@ -535,6 +573,7 @@ static int session_open(void *state, const json_t *params, void **out, size_t *b
   tf_model *m = state;
   attn_params prm = m->attn;
   int rc = md_attn_params_read(params, "parameters", &prm, err);
+  if (!rc) rc = read_query_offset(params, 0, 0, err);
   if (rc) return rc;
   tf_seq *s = tl_calloc(1, sizeof *s);
   if (!s) return ts_errf(err, TS_ENOMEM, "out of memory");
@@ -560,6 +599,7 @@ static int session_infer(void *state, void *sess, md_call *c, size_t *bytes, ts_
    * and values, which do not depend on them. */
   attn_params prm = s->attn;
   int rc = md_attn_params_read(c->params, "parameters", &prm, err);
+  if (!rc) rc = read_query_offset(c->params, s->pos, 1, err);
   if (rc) return rc;
   int64_t *ids = NULL, B, n;
   rc = read_ids(c, &ids, &B, &n, err);

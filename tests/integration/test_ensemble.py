@@ -421,8 +421,11 @@ def test_fit_new_version_served(c):
     check(alpha[0] > 0.7, "the informative family should gain weight: %r" % alpha)
     check_close_list(alpha, softmax(theta), "alpha = softmax(theta)")
     m = r["metrics"]
-    check(set(m) == {"before", "after", "validation", "families", "uniform"}, m)
+    check(set(m) == {"before", "after", "validation", "served", "families", "uniform"}, m)
     check(m["after"]["log_loss"] < m["before"]["log_loss"], m)
+    # version 1 is uniform: what it serves is the uniform "before"
+    for k in ("log_loss", "auc", "accuracy", "f1"):
+        check(close(m["served"][k], m["before"][k], 1e-9, 1e-12), (k, m))
     check(m["validation"]["log_loss"] < m["uniform"]["log_loss"], m)
     check(1 <= r["epochs_run"] <= 200, r)
 
@@ -453,6 +456,16 @@ def test_fit_new_version_served(c):
         info3 = json.load(f)
     check(info3["sha256_training_data"] == info["sha256_training_data"], info3)
     check_close_list(r2["weights"]["theta"], theta, "a fit from uniform is reproducible", 1e-6)
+    # "before" is the uniform theta on the training rows, not the parent's:
+    # the same rows and split as the first fit give the same numbers, while
+    # "served" scores version 2's learned theta on those rows, which is the
+    # first fit's "after"
+    m2 = r2["metrics"]
+    for k in ("log_loss", "auc", "accuracy", "f1"):
+        check(close(m2["before"][k], m["before"][k], 1e-9, 1e-12), (k, m2["before"], m["before"]))
+        check(close(m2["served"][k], m["after"][k], 1e-9, 1e-12), (k, m2["served"], m["after"]))
+    check(m2["served"]["log_loss"] < m2["before"]["log_loss"] - 0.01, m2)
+    check(info3["metrics"]["before"] == m2["before"] and "served" in info3["metrics"], info3)
     meta = check_status(c.d.get("/v2/models/fitme"), 200).json()
     check(meta["versions"] == ["2", "3"], meta)  # latest 2: version 1 retired
 

@@ -297,9 +297,10 @@ def test_fit_each_of_the_six(c):
             check_status(r, 200)
             j = r.json()
             m = j["metrics"]
-            # e1 is the true quantile function: a fit must get close to it,
-            # far from the uniform blend (which the wide and shifted bases spoil)
-            check(m["after"]["pinball"] < 1.06 * m["best_base"]["pinball"], (gran, scope, m))
+            # e1 is the true quantile function: a fit must get close to it on
+            # the held-out rows, where the bases are scored too
+            check(m["validation"]["rows"] == m["bases"]["e1"]["rows"] == 40, m)
+            check(m["validation"]["pinball"] < 1.06 * m["best_base"]["pinball"], (gran, scope, m))
             check(j["weights"]["granularity"] == gran and j["weights"]["scope"] == scope, j)
             v = j["model_version"]
             check(v != last, v)
@@ -323,6 +324,66 @@ def test_fit_each_of_the_six(c):
     check_status(c.d.post("/v2/models/q_six/fit", {"inputs": inputs, "parameters": {
         "aggregator": {"granularity": "huge"}}}), 400, "granularity")
     check_status(c.d.post("/v2/models/q_six/fit", {"inputs": inputs[:2]}), 400, "targets")
+
+
+def pooled(a, b, get):
+    """A mean metric over the rows of two blocks scored on disjoint rows."""
+    return (get(a) * a["rows"] + get(b) * b["rows"]) / (a["rows"] + b["rows"])
+
+
+def test_fit_validation_block_on_heldout_rows(c):
+    z, x, y = six_data(300, 21)
+    write_model(c.repo, "q_split", ext_config(L5, 3, "medium", monotone="sort"), {})
+    check_status(c.d.post("/v2/repository/models/q_split/load"), 200)
+    inputs = [bq(z), tensor("targets", y)]
+    ev1 = check_status(c.d.post("/v2/models/q_split/evaluate", {"inputs": inputs}), 200).json()
+    r = c.d.post("/v2/models/q_split/fit", {"inputs": inputs, "parameters": {
+        "epochs": 20, "learning_rate": 0.05, "validation_fraction": 0.3, "seed": 4}})
+    check_status(r, 200)
+    j = r.json()
+    m = j["metrics"]
+    check(j["rows"] == {"train": 210, "validation": 90}, j["rows"])
+    check(set(m) == {"before", "after", "validation", "uniform", "bases", "best_base",
+                     "gain_over_best_base"}, sorted(m))
+    v = m["validation"]
+    # the whole metric set, on the held-out rows
+    check(set(v) == {"pinball", "wis", "interval_score", "coverage", "rows"}, v)
+    check(v["rows"] == 90 and set(v["coverage"]) == set(v["interval_score"]) == {"0.8", "0.4"}, v)
+    check(m["before"]["rows"] == m["after"]["rows"] == 210, m)
+    check(m["uniform"]["rows"] == 90 and all(b["rows"] == 90 for b in m["bases"].values()), m)
+    # after (training rows) and validation (held-out rows) split the rows the
+    # fit was sent: pooled, they are what the new version scores on all of them
+    ev2 = check_status(c.d.post("/v2/models/q_split/evaluate", {"inputs": inputs}), 200).json()
+    check(ev2["model_version"] == j["model_version"] == "2", ev2)
+    getters = [("pinball", lambda b: b["pinball"]), ("wis", lambda b: b["wis"])]
+    for nom in ("0.8", "0.4"):
+        getters.append(("coverage " + nom, lambda b, n=nom: b["coverage"][n]))
+        getters.append(("interval_score " + nom, lambda b, n=nom: b["interval_score"][n]))
+    for name, get in getters:
+        check(close(pooled(m["after"], v, get), get(ev2["metrics"]["model"]), 1e-9, 1e-12),
+              (name, m["after"], v, ev2["metrics"]["model"]))
+    # version 1 has no weights: it serves the uniform blend, so "before" (it,
+    # on the training rows) and "uniform" (held-out rows) pool to its score
+    for name, get in getters:
+        check(close(pooled(m["before"], m["uniform"], get), get(ev1["metrics"]["model"]), 1e-5,
+                    1e-6), (name, m["before"], m["uniform"], ev1["metrics"]["model"]))
+    best = m["best_base"]
+    check(best["wis"] == m["bases"][best["name"]]["wis"], m)
+    check(close(m["gain_over_best_base"]["wis"], 1 - v["wis"] / best["wis"], 1e-12, 1e-12), m)
+    # nothing held out: no validation block; the yardsticks use the training rows
+    r = c.d.post("/v2/models/q_split/fit", {"inputs": inputs, "parameters": {
+        "epochs": 5, "learning_rate": 0.05, "validation_fraction": 0}})
+    check_status(r, 200)
+    m0 = r.json()["metrics"]
+    check(m0["validation"] is None and m0["uniform"]["rows"] == 300, m0)
+    for name in ("e0", "e1", "e2"):
+        for key in ("pinball", "wis"):
+            check(close(m0["bases"][name][key], ev1["metrics"]["bases"][name][key], 1e-9, 1e-12),
+                  (name, key, m0["bases"][name], ev1["metrics"]["bases"][name]))
+    # a negative margin would let levels cross unpenalised: refused, no version
+    check_status(c.d.post("/v2/models/q_split/fit", {"inputs": inputs, "parameters": {
+        "lambda": 1.0, "margin": -0.1}}), 400, "margin")
+    check(not os.path.exists(os.path.join(c.repo, "q_split", "4")), "no version after a 400")
 
 
 # ---- calibrate and evaluate ---------------------------------------------------

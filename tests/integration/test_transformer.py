@@ -168,6 +168,58 @@ def test_refusals(c):
     check_status(r, 400, "input_ids")
 
 
+def test_query_offset(c):
+    """query_offset is the absolute position of the first token. An infer
+    request has no tokens before its own, so 0 is the only offset it can
+    honour (nothing changes with it); any other is refused, pointing to a
+    session, where the offset is the session's position and is checked."""
+    ids = ids_batch(9, 2, 20)
+    names = ("softmax_rope", "lssar_learned", "lssa_rope")
+    for name in names:
+        a = check_status(infer_ids(c, name, ids), 200).json()["outputs"]
+        b = check_status(infer_ids(c, name, ids, params={"query_offset": 0}), 200)
+        check(b.json()["outputs"] == a, "%s: query_offset 0 changed the answer" % name)
+        for off in (1, 5):
+            check_status(infer_ids(c, name, ids, params={"query_offset": off}), 400, "session")
+    check_status(infer_ids(c, "softmax_rope", ids, params={"query_offset": -1}), 400,
+                 "query_offset")
+    check_status(infer_ids(c, "softmax_rope", ids, params={"query_offset": 2.5}), 400,
+                 "query_offset")
+    check_status(infer_ids(c, "softmax_rope", ids, params={"query_offset": "0"}), 400,
+                 "query_offset")
+    # sessions: a new one starts at 0; a chunk may state the session's
+    # position, and gets what it would get without it
+    name, seq = "lssar_learned", ids[0]
+    check_status(c.d.post("/v2/models/%s/sessions" % name,
+                          {"parameters": {"query_offset": 3}}), 400, "session")
+
+    def feed(sid, chunk, params=None):
+        body = {"inputs": [tensor("input_ids", [chunk], datatype="INT64")]}
+        if params is not None:
+            body["parameters"] = params
+        return c.d.post("/v2/models/%s/sessions/%s/infer" % (name, sid), body)
+
+    sids = [check_status(c.d.post("/v2/models/%s/sessions" % name,
+                                  {"parameters": {"query_offset": 0}}), 201).json()["session_id"]
+            for _ in range(2)]
+    plain = [check_status(feed(sids[0], seq[:8]), 200).json()["outputs"],
+             check_status(feed(sids[0], seq[8:]), 200).json()["outputs"]]
+    stated = [check_status(feed(sids[1], seq[:8], {"query_offset": 0}), 200).json()["outputs"]]
+    # a stale offset (the first chunk sent again) conflicts, and moves nothing
+    check_status(feed(sids[1], seq[:8], {"query_offset": 0}), 409, "position 8")
+    check_status(feed(sids[1], seq[8:], {"query_offset": 9}), 409, "position 8")
+    info = check_status(c.d.get("/v2/models/%s/sessions/%s" % (name, sids[1])), 200).json()
+    check(info["position"] == 8, info)
+    stated.append(check_status(feed(sids[1], seq[8:], {"query_offset": 8}), 200).json()["outputs"])
+    check(stated == plain, "a stated session position changed the answer")
+    # and the session over the whole sequence matches one request over it
+    whole = check_status(infer_ids(c, name, [seq]), 200)
+    lp = plain[0][0]["data"] + plain[1][0]["data"]
+    close_rel(lp, output(whole, "token_logprobs")["data"])
+    for sid in sids:
+        check_status(c.d.request("DELETE", "/v2/models/%s/sessions/%s" % (name, sid)), 200)
+
+
 def test_bad_configs(c):
     """A config the kind cannot serve leaves the model unavailable, with the reason."""
     repo = make_repo()

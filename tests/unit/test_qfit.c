@@ -159,6 +159,29 @@ static void test_early_stopping_keeps_best(void **st) {
   assert_int_equal(ra.n_val, N / 2);
   for (int e = 0; e < ra.epochs_run; e++) assert_true(ra.val_loss[e] >= ra.best_val_loss);
   assert_true(ra.val_loss[ra.best_epoch - 1] == ra.best_val_loss);
+  /* the report's split: a permutation of the rows whose validation part is
+   * the one early stopping measured (the kept parameters score best_val_loss
+   * on it, up to their rounding to float) */
+  {
+    assert_non_null(ra.rows);
+    assert_int_equal(ra.n_train + ra.n_val, N);
+    unsigned char seen[N] = {0};
+    for (int i = 0; i < N; i++) {
+      assert_true(ra.rows[i] >= 0 && ra.rows[i] < N && !seen[ra.rows[i]]);
+      seen[ra.rows[i]] = 1;
+    }
+    double *th = tl_malloc(sizeof(double) * (size_t)a.n), v, t;
+    qa_params_to_f64(&a, th);
+    qa_loss_opts lo0 = {0};
+    assert_int_equal(qa_loss_grad(NULL, &s, th, ra.n_val, ra.rows + ra.n_train, Z, X, y, &lo0,
+                                  NULL, &v, NULL, &err), 0);
+    assert_true(fabs(v - ra.best_val_loss) <= 1e-5 * ra.best_val_loss);
+    /* and the training part is not: its loss differs */
+    assert_int_equal(qa_loss_grad(NULL, &s, th, ra.n_train, ra.rows, Z, X, y, &lo0, NULL, &t,
+                                  NULL, &err), 0);
+    assert_true(fabs(t - ra.best_val_loss) > 1e-3 * ra.best_val_loss);
+    tl_free(th);
+  }
   o.epochs = ra.best_epoch;
   assert_int_equal(qa_fit(NULL, &s, &b, N, Z, X, y, &o, &rb, &err), 0);
   assert_int_equal(rb.best_epoch, ra.best_epoch);
@@ -237,6 +260,10 @@ static void test_fit_errors_and_alloc_failures(void **st) {
   assert_int_equal(qa_fit(NULL, &s, &p, N, Z, X, y, &o, NULL, &err), -TS_EINVAL);
   assert_non_null(strstr(err.msg, "dropout"));
   o.dropout = 0.1;
+  o.margin = -0.5; /* would let levels cross by up to 0.5 unpenalised */
+  assert_int_equal(qa_fit(NULL, &s, &p, N, Z, X, y, &o, NULL, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "margin"));
+  o.margin = 0.0;
   assert_int_equal(qa_fit(NULL, &s, &p, N, Z, NULL, y, &o, NULL, &err), -TS_EINVAL);
   /* Every allocation in turn fails: an error value, never a crash or leak. */
   int failures = 0;
