@@ -51,9 +51,10 @@ static const char usage_text[] =
     "  --params JSON|@FILE  request parameters as one JSON object\n"
     "  --scope infer|admin  keygen: the key's scope (default infer)\n"
     "\n"
-    "files: FILE.json holds {\"inputs\": [OIP tensors], \"parameters\"?: {...}} or\n"
-    "{\"NAME\": nested list, ...} (an OIP file's \"outputs\" are asked for too); FILE.csv has a header row naming each column\n"
-    "(each column a tensor [rows]) unless --input NAME makes it one [rows, cols].\n"
+    "files: FILE.json holds {\"inputs\": [OIP tensors], \"parameters\"?: {...},\n"
+    "\"outputs\"?: [{\"name\"}...]} (a curl body as it is) or {\"NAME\": nested list, ...};\n"
+    "FILE.csv has a header row naming each column (each column a tensor [rows])\n"
+    "unless --input NAME makes it one [rows, cols].\n"
     "\n"
     "exit codes: 0 ok, 1 usage or bad local input, 2 no connection,\n"
     "3 HTTP 4xx (bad request, unknown model, ...), 4 HTTP 5xx or an unusable answer.\n";
