@@ -133,22 +133,25 @@ static void error_message(tally_error *err, long status, const buf *b) {
   json_decref(j);
 }
 
-int tally_request(tally_client *c, const char *method, const char *path, json_t *body,
-                  json_t **answer, tally_error *err) {
-  if (answer) *answer = NULL;
+/* One exchange: the answer's body in *b (the caller frees b->p) and its
+ * status; a status >= 400 is an error with the server's message. */
+static int perform(tally_client *c, const char *method, const char *path, json_t *body, const char *accept,
+                   buf *b, long *status, tally_error *err) {
+  *status = 0;
   if (!c || !method || !path || path[0] != '/') return fail(err, TALLY_EUSAGE, 0, "bad request arguments");
   size_t ulen = strlen(c->url) + strlen(path) + 1;
   char *url = malloc(ulen);
   char *payload = body ? json_dumps(body, JSON_COMPACT) : NULL;
   struct curl_slist *hdr = NULL, *h;
-  buf b = {0};
   int rc = 0;
+  char accept_hdr[128];
+  snprintf(accept_hdr, sizeof accept_hdr, "Accept: %s", accept);
   if (!url || (body && !payload)) {
     rc = fail(err, TALLY_ENOMEM, 0, "out of memory");
     goto out;
   }
   snprintf(url, ulen, "%s%s", c->url, path);
-  if ((h = curl_slist_append(hdr, "Accept: application/json"))) hdr = h;
+  if ((h = curl_slist_append(hdr, accept_hdr))) hdr = h;
   if (payload && (h = curl_slist_append(hdr, "Content-Type: application/json"))) hdr = h;
   /* without this, curl waits a second for "100 Continue" before a large body */
   if ((h = curl_slist_append(hdr, "Expect:"))) hdr = h;
@@ -162,7 +165,7 @@ int tally_request(tally_client *c, const char *method, const char *path, json_t 
   curl_easy_setopt(k, CURLOPT_URL, url);
   curl_easy_setopt(k, CURLOPT_HTTPHEADER, hdr);
   curl_easy_setopt(k, CURLOPT_WRITEFUNCTION, on_body);
-  curl_easy_setopt(k, CURLOPT_WRITEDATA, &b);
+  curl_easy_setopt(k, CURLOPT_WRITEDATA, b);
   curl_easy_setopt(k, CURLOPT_NOSIGNAL, 1L);
   curl_easy_setopt(k, CURLOPT_TIMEOUT_MS, c->timeout_ms);
   curl_easy_setopt(k, CURLOPT_CONNECTTIMEOUT_MS, c->timeout_ms ? c->timeout_ms : 10000L);
@@ -180,28 +183,55 @@ int tally_request(tally_client *c, const char *method, const char *path, json_t 
   }
   CURLcode cc = curl_easy_perform(k);
   if (cc != CURLE_OK) {
-    if (b.too_big) rc = fail(err, TALLY_EPROTO, 0, "the answer is larger than %zu bytes", TALLY_MAX_ANSWER);
+    if (b->too_big) rc = fail(err, TALLY_EPROTO, 0, "the answer is larger than %zu bytes", TALLY_MAX_ANSWER);
     else rc = fail(err, TALLY_ECONNECT, 0, "%s: %s", url, curl_easy_strerror(cc));
     goto out;
   }
-  long status = 0;
-  curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, &status);
-  if (status >= 400) {
-    error_message(err, status, &b);
+  curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, status);
+  if (*status >= 400) {
+    error_message(err, *status, b);
     rc = -TALLY_EHTTP;
-    goto out;
-  }
-  if (answer) {
-    json_error_t je;
-    *answer = b.n ? json_loadb(b.p, b.n, 0, &je) : json_object();
-    if (!*answer) rc = fail(err, TALLY_EPROTO, (int)status, "the answer is not JSON: %s", je.text);
   }
 out:
   curl_slist_free_all(hdr);
   free(url);
   free(payload);
+  return rc;
+}
+
+int tally_request(tally_client *c, const char *method, const char *path, json_t *body,
+                  json_t **answer, tally_error *err) {
+  if (answer) *answer = NULL;
+  buf b = {0};
+  long status;
+  int rc = perform(c, method, path, body, "application/json", &b, &status, err);
+  if (!rc && answer) {
+    json_error_t je;
+    *answer = b.n ? json_loadb(b.p, b.n, 0, &je) : json_object();
+    if (!*answer) rc = fail(err, TALLY_EPROTO, (int)status, "the answer is not JSON: %s", je.text);
+  }
   free(b.p);
   return rc;
+}
+
+int tally_metrics(tally_client *c, char **text, size_t *len, tally_error *err) {
+  *text = NULL;
+  if (len) *len = 0;
+  buf b = {0};
+  long status;
+  int rc = perform(c, "GET", "/metrics", NULL, "text/plain", &b, &status, err);
+  if (rc) {
+    free(b.p);
+    return rc;
+  }
+  if (!b.p && !(b.p = calloc(1, 1))) return fail(err, TALLY_ENOMEM, 0, "out of memory");
+  if (memchr(b.p, 0, b.n)) {
+    free(b.p);
+    return fail(err, TALLY_EPROTO, (int)status, "the metrics hold a NUL byte: not the text format");
+  }
+  *text = b.p;
+  if (len) *len = b.n;
+  return 0;
 }
 
 /* A path from printf-style pieces where every %s is a path segment, escaped. */
@@ -298,12 +328,15 @@ int tally_unload(tally_client *c, const char *model, tally_error *err) {
   return repo_action(c, model, "/v2/repository/models/%s/unload", err);
 }
 
-/* {"parameters"?: params, "inputs": [...]} */
-static int request_body(const tally_tensor *inputs, size_t n, json_t *params, json_t **out,
-                        tally_error *err) {
+/* {"parameters"?: params, "inputs": [...], "outputs"?: [{"name"}...]} */
+static int request_body(const tally_tensor *inputs, size_t n, json_t *params, const char *const *outputs,
+                        size_t n_outputs, json_t **out, tally_error *err) {
   *out = NULL;
   if (params && !json_is_object(params)) return fail(err, TALLY_EUSAGE, 0, "parameters must be a JSON object");
   if (n > 0 && !inputs) return fail(err, TALLY_EUSAGE, 0, "no input tensors");
+  if (n_outputs > 0 && !outputs) return fail(err, TALLY_EUSAGE, 0, "no output names");
+  for (size_t i = 0; i < n_outputs; i++)
+    if (!outputs[i] || !*outputs[i]) return fail(err, TALLY_EUSAGE, 0, "an empty output name");
   json_t *body = json_object(), *arr = json_array();
   if (!body || !arr || json_object_set_new(body, "inputs", arr) ||
       (params && json_object_set(body, "parameters", params))) {
@@ -320,33 +353,52 @@ static int request_body(const tally_tensor *inputs, size_t n, json_t *params, js
       return -terr.code;
     }
   }
+  if (n_outputs) {
+    json_t *outs = json_array();
+    if (!outs || json_object_set_new(body, "outputs", outs)) {
+      json_decref(body);
+      return fail(err, TALLY_ENOMEM, 0, "out of memory");
+    }
+    for (size_t i = 0; i < n_outputs; i++)
+      if (json_array_append_new(outs, json_pack("{s:s}", "name", outputs[i]))) {
+        json_decref(body);
+        return fail(err, TALLY_ENOMEM, 0, "out of memory");
+      }
+  }
   *out = body;
   return 0;
 }
 
 static int post_tensors(tally_client *c, const char *path, const tally_tensor *inputs, size_t n,
-                        json_t *params, json_t **answer, tally_error *err) {
+                        json_t *params, const char *const *outputs, size_t n_outputs, json_t **answer,
+                        tally_error *err) {
   if (answer) *answer = NULL;
   json_t *body;
-  int rc = request_body(inputs, n, params, &body, err);
+  int rc = request_body(inputs, n, params, outputs, n_outputs, &body, err);
   if (rc) return rc;
   rc = tally_request(c, "POST", path, body, answer, err);
   json_decref(body);
   return rc;
 }
 
-int tally_infer(tally_client *c, const char *model, const char *version, const tally_tensor *inputs,
-                size_t n, json_t *params, json_t **answer, tally_error *err) {
+int tally_infer_outputs(tally_client *c, const char *model, const char *version, const tally_tensor *inputs,
+                        size_t n, json_t *params, const char *const *outputs, size_t n_outputs,
+                        json_t **answer, tally_error *err) {
   char p[PATH_CAP];
   int rc = model_path(c, p, model, version, "/infer", err);
-  return rc ? rc : post_tensors(c, p, inputs, n, params, answer, err);
+  return rc ? rc : post_tensors(c, p, inputs, n, params, outputs, n_outputs, answer, err);
+}
+
+int tally_infer(tally_client *c, const char *model, const char *version, const tally_tensor *inputs,
+                size_t n, json_t *params, json_t **answer, tally_error *err) {
+  return tally_infer_outputs(c, model, version, inputs, n, params, NULL, 0, answer, err);
 }
 
 int tally_fit(tally_client *c, const char *model, const tally_tensor *inputs, size_t n,
               json_t *params, json_t **answer, tally_error *err) {
   char p[PATH_CAP];
   int rc = model_path(c, p, model, NULL, "/fit", err);
-  return rc ? rc : post_tensors(c, p, inputs, n, params, answer, err);
+  return rc ? rc : post_tensors(c, p, inputs, n, params, NULL, 0, answer, err);
 }
 
 int tally_evaluate(tally_client *c, const char *model, const char *version,
@@ -354,14 +406,14 @@ int tally_evaluate(tally_client *c, const char *model, const char *version,
                    tally_error *err) {
   char p[PATH_CAP];
   int rc = model_path(c, p, model, version, "/evaluate", err);
-  return rc ? rc : post_tensors(c, p, inputs, n, params, answer, err);
+  return rc ? rc : post_tensors(c, p, inputs, n, params, NULL, 0, answer, err);
 }
 
 int tally_calibrate(tally_client *c, const char *model, const tally_tensor *inputs, size_t n,
                     json_t *params, json_t **answer, tally_error *err) {
   char p[PATH_CAP];
   int rc = model_path(c, p, model, NULL, "/calibrate", err);
-  return rc ? rc : post_tensors(c, p, inputs, n, params, answer, err);
+  return rc ? rc : post_tensors(c, p, inputs, n, params, NULL, 0, answer, err);
 }
 
 int tally_session_create(tally_client *c, const char *model, json_t *params, json_t **answer,
@@ -380,12 +432,19 @@ int tally_session_create(tally_client *c, const char *model, json_t *params, jso
   return rc;
 }
 
+int tally_session_infer_outputs(tally_client *c, const char *model, const char *session,
+                                const tally_tensor *inputs, size_t n, json_t *params,
+                                const char *const *outputs, size_t n_outputs, json_t **answer,
+                                tally_error *err) {
+  char p[PATH_CAP];
+  int rc = build_path(c, p, sizeof p, err, "/v2/models/%s/sessions/%s/infer", 2, model, session);
+  return rc ? rc : post_tensors(c, p, inputs, n, params, outputs, n_outputs, answer, err);
+}
+
 int tally_session_infer(tally_client *c, const char *model, const char *session,
                         const tally_tensor *inputs, size_t n, json_t *params, json_t **answer,
                         tally_error *err) {
-  char p[PATH_CAP];
-  int rc = build_path(c, p, sizeof p, err, "/v2/models/%s/sessions/%s/infer", 2, model, session);
-  return rc ? rc : post_tensors(c, p, inputs, n, params, answer, err);
+  return tally_session_infer_outputs(c, model, session, inputs, n, params, NULL, 0, answer, err);
 }
 
 int tally_session_get(tally_client *c, const char *model, const char *session, json_t **answer,

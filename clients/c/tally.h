@@ -87,6 +87,10 @@ int tally_unload(tally_client *c, const char *model, tally_error *err);
  * the newest (fit and calibrate always act on the newest). */
 int tally_infer(tally_client *c, const char *model, const char *version, const tally_tensor *inputs,
                 size_t n, json_t *params, json_t **answer, tally_error *err);
+/* The same, asking for only the outputs named (n_outputs names; 0: all). */
+int tally_infer_outputs(tally_client *c, const char *model, const char *version, const tally_tensor *inputs,
+                        size_t n, json_t *params, const char *const *outputs, size_t n_outputs,
+                        json_t **answer, tally_error *err);
 int tally_fit(tally_client *c, const char *model, const tally_tensor *inputs, size_t n,
               json_t *params, json_t **answer, tally_error *err);
 int tally_evaluate(tally_client *c, const char *model, const char *version,
@@ -101,6 +105,10 @@ int tally_session_create(tally_client *c, const char *model, json_t *params, jso
 int tally_session_infer(tally_client *c, const char *model, const char *session,
                         const tally_tensor *inputs, size_t n, json_t *params, json_t **answer,
                         tally_error *err);
+int tally_session_infer_outputs(tally_client *c, const char *model, const char *session,
+                                const tally_tensor *inputs, size_t n, json_t *params,
+                                const char *const *outputs, size_t n_outputs, json_t **answer,
+                                tally_error *err);
 int tally_session_get(tally_client *c, const char *model, const char *session, json_t **answer,
                       tally_error *err);
 int tally_session_delete(tally_client *c, const char *model, const char *session,
@@ -110,6 +118,10 @@ int tally_session_delete(tally_client *c, const char *model, const char *session
  * body: sent as JSON when not NULL (borrowed). answer: NULL to discard it. */
 int tally_request(tally_client *c, const char *method, const char *path, json_t *body,
                   json_t **answer, tally_error *err);
+
+/* GET /metrics: the Prometheus text in *text (NUL-terminated, free() it),
+ * its length in *len when len is not NULL. */
+int tally_metrics(tally_client *c, char **text, size_t *len, tally_error *err);
 
 /* Tensor helpers. */
 const char *tally_dtype_name(tally_dtype t);

@@ -35,6 +35,7 @@ static const char usage_text[] =
     "  session create MODEL             start a KV-cache session\n"
     "  session infer MODEL ID FILE...   feed the next tokens\n"
     "  session get MODEL ID | session delete MODEL ID\n"
+    "  metrics [NAME...]                the Prometheus metrics (only the families NAME)\n"
     "  keygen [--scope infer|admin]     a random API key and its key-file line\n"
     "\n"
     "options:\n"
@@ -44,14 +45,16 @@ static const char usage_text[] =
     "  --format json|table  how answers are printed (default json)\n"
     "  --model-version V    a specific model version (metadata, infer, evaluate)\n"
     "  --input NAME         the next CSV file is one matrix named NAME\n"
+    "  --output NAME        infer: answer only this output (repeatable; default all)\n"
     "  --datatype [NAME=]DT datatype of tensors read without one (FP32, INT64, ...)\n"
     "  --param KEY=VALUE    a request parameter (VALUE is JSON if it parses, else a string)\n"
     "  --params JSON|@FILE  request parameters as one JSON object\n"
     "  --scope infer|admin  keygen: the key's scope (default infer)\n"
     "\n"
-    "files: FILE.json holds {\"inputs\": [OIP tensors], \"parameters\"?: {...}} or\n"
-    "{\"NAME\": nested list, ...}; FILE.csv has a header row naming each column\n"
-    "(each column a tensor [rows]) unless --input NAME makes it one [rows, cols].\n"
+    "files: FILE.json holds {\"inputs\": [OIP tensors], \"parameters\"?: {...},\n"
+    "\"outputs\"?: [{\"name\"}...]} (a curl body as it is) or {\"NAME\": nested list, ...};\n"
+    "FILE.csv has a header row naming each column (each column a tensor [rows])\n"
+    "unless --input NAME makes it one [rows, cols].\n"
     "\n"
     "exit codes: 0 ok, 1 usage or bad local input, 2 no connection,\n"
     "3 HTTP 4xx (bad request, unknown model, ...), 4 HTTP 5xx or an unusable answer.\n";
@@ -71,6 +74,9 @@ typedef struct opts {
   int nfiles;
   const char *dtypes[32]; /* "NAME=DT" or "DT" */
   int ndtypes;
+  const char *outputs[64]; /* --output NAME, then the names in an OIP file's "outputs" */
+  size_t noutputs;
+  json_t *file_outputs;    /* owns the strings taken from files */
   json_t *params; /* from --param and --params */
 } opts;
 
@@ -192,6 +198,26 @@ static int read_json_file(const char *path, json_t *staged, opts *o) {
     json_t *v;
     json_object_foreach(json_object_get(j, "parameters"), key, v) {
       if (!json_object_get(o->params, key)) json_object_set(o->params, key, v); /* flags win */
+    }
+    /* the outputs a curl body asks for: a file sent as it is must get the
+     * same answer from tallyctl */
+    json_t *outs = json_object_get(j, "outputs");
+    if (outs && !json_is_array(outs)) {
+      rc = usage_error("%s: \"outputs\" must be an array", path);
+      goto out;
+    }
+    json_array_foreach(outs, i, v) {
+      json_t *name = json_object_get(v, "name");
+      if (!json_is_string(name)) {
+        rc = usage_error("%s: outputs[%zu] needs a name", path, i);
+        goto out;
+      }
+      if (o->noutputs == sizeof o->outputs / sizeof *o->outputs) {
+        rc = usage_error("%s: too many outputs", path);
+        goto out;
+      }
+      json_array_append(o->file_outputs, name);
+      o->outputs[o->noutputs++] = json_string_value(name);
     }
   } else {
     const char *key;
@@ -536,18 +562,28 @@ static int cmd_health(tally_client *c, opts *o) {
   return finish(o, rc, answer, &e);
 }
 
-typedef int (*tensor_fn)(tally_client *, const char *model, const char *version, const tally_tensor *,
-                         size_t, json_t *, json_t **, tally_error *);
+typedef int (*tensor_fn)(tally_client *, const opts *, const char *model, const tally_tensor *, size_t,
+                         json_t *, json_t **, tally_error *);
 
-static int fit_fn(tally_client *c, const char *m, const char *v, const tally_tensor *t, size_t n, json_t *p,
+static int infer_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n, json_t *p,
+                    json_t **a, tally_error *e) {
+  return tally_infer_outputs(c, m, o->model_version, t, n, p, o->outputs, o->noutputs, a, e);
+}
+
+static int fit_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n, json_t *p,
                   json_t **a, tally_error *e) {
-  (void)v; /* a fit always builds on the newest version */
+  (void)o; /* a fit always builds on the newest version */
   return tally_fit(c, m, t, n, p, a, e);
 }
 
-static int calibrate_fn(tally_client *c, const char *m, const char *v, const tally_tensor *t, size_t n,
+static int evaluate_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n,
+                       json_t *p, json_t **a, tally_error *e) {
+  return tally_evaluate(c, m, o->model_version, t, n, p, a, e);
+}
+
+static int calibrate_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n,
                         json_t *p, json_t **a, tally_error *e) {
-  (void)v;
+  (void)o;
   return tally_calibrate(c, m, t, n, p, a, e);
 }
 
@@ -558,7 +594,7 @@ static int cmd_tensors(tally_client *c, opts *o, tensor_fn fn) {
   if (rc) return tensors_free(&ts), rc;
   json_t *answer = NULL;
   tally_error e = {0};
-  rc = fn(c, o->pos[1], o->model_version, ts.t, ts.n, json_object_size(o->params) ? o->params : NULL, &answer, &e);
+  rc = fn(c, o, o->pos[1], ts.t, ts.n, json_object_size(o->params) ? o->params : NULL, &answer, &e);
   tensors_free(&ts);
   return finish(o, rc, answer, &e);
 }
@@ -599,8 +635,9 @@ static int cmd_session(tally_client *c, opts *o) {
   } else if (strcmp(sub, "infer") == 0 && o->npos == 4) {
     tensors ts;
     if ((rc = load_tensors(c, o, o->pos[2], &ts))) return tensors_free(&ts), rc;
-    rc = tally_session_infer(c, o->pos[2], o->pos[3], ts.t, ts.n,
-                             json_object_size(o->params) ? o->params : NULL, &answer, &e);
+    rc = tally_session_infer_outputs(c, o->pos[2], o->pos[3], ts.t, ts.n,
+                                     json_object_size(o->params) ? o->params : NULL, o->outputs, o->noutputs,
+                                     &answer, &e);
     tensors_free(&ts);
   } else if (strcmp(sub, "get") == 0 && o->npos == 4) {
     rc = tally_session_get(c, o->pos[2], o->pos[3], &answer, &e);
@@ -611,6 +648,48 @@ static int cmd_session(tally_client *c, opts *o) {
     return usage_error("session create MODEL | infer MODEL ID FILE... | get MODEL ID | delete MODEL ID");
   }
   return finish(o, rc, answer, &e);
+}
+
+/* The metric name of an exposition line: a sample's name up to its labels
+ * or value, a "# HELP NAME ..." or "# TYPE NAME ..." comment's NAME. */
+static size_t metric_name(const char *line, const char **name) {
+  if (line[0] == '#') {
+    if (strncmp(line, "# HELP ", 7) != 0 && strncmp(line, "# TYPE ", 7) != 0) return *name = line, 0;
+    line += 7;
+  }
+  *name = line;
+  return strcspn(line, "{ \t");
+}
+
+/* Whether a line belongs to the family `family`: its name, or a histogram's
+ * or summary's NAME_bucket / NAME_sum / NAME_count. */
+static int in_family(const char *name, size_t n, const char *family) {
+  size_t k = strlen(family);
+  if (n < k || strncmp(name, family, k) != 0) return 0;
+  if (n == k) return 1;
+  const char *rest = name + k;
+  size_t r = n - k;
+  return (r == 7 && !strncmp(rest, "_bucket", 7)) || (r == 4 && !strncmp(rest, "_sum", 4)) ||
+         (r == 6 && !strncmp(rest, "_count", 6));
+}
+
+static int cmd_metrics(tally_client *c, opts *o) {
+  char *text;
+  tally_error e = {0};
+  if (tally_metrics(c, &text, NULL, &e)) return report(&e);
+  if (o->npos == 1) {
+    fputs(text, stdout);
+  } else {
+    for (char *p = text, *line; (line = strsep(&p, "\n"));) {
+      const char *name;
+      size_t n = metric_name(line, &name);
+      int keep = 0;
+      for (int i = 1; i < o->npos && n && !keep; i++) keep = in_family(name, n, o->pos[i]);
+      if (keep) puts(line);
+    }
+  }
+  free(text);
+  return EXIT_OK;
 }
 
 /* A key of 32 random bytes, hex with a recognisable prefix; the key file
@@ -655,8 +734,8 @@ static int parse_args(int argc, char **argv, opts *o) {
       exit(EXIT_OK);
     }
     if (strncmp(a, "--", 2) == 0) {
-      static const char *with_value[] = {"url", "api-key", "timeout", "format", "model-version", "input",
-                                         "datatype", "param", "params", "scope"};
+      static const char *with_value[] = {"url",      "api-key", "timeout", "format", "model-version", "input",
+                                         "datatype", "param",   "params",  "scope",  "output"};
       const char *name = a + 2, *val = NULL;
       char nbuf[32];
       const char *eq = strchr(name, '=');
@@ -683,6 +762,10 @@ static int parse_args(int argc, char **argv, opts *o) {
         o->format = val, o->format_given = 1;
       } else if (strcmp(name, "model-version") == 0) o->model_version = val;
       else if (strcmp(name, "input") == 0) pending_input = val;
+      else if (strcmp(name, "output") == 0) {
+        if (o->noutputs == sizeof o->outputs / sizeof *o->outputs) return usage_error("too many --output");
+        o->outputs[o->noutputs++] = val;
+      }
       else if (strcmp(name, "datatype") == 0) {
         tally_dtype dt;
         const char *e = strchr(val, '=');
@@ -729,6 +812,7 @@ static int parse_args(int argc, char **argv, opts *o) {
 int main(int argc, char **argv) {
   opts o = {.format = "json", .scope = "infer", .timeout_s = 60};
   o.params = json_object();
+  o.file_outputs = json_array();
   int rc = parse_args(argc, argv, &o);
   if (rc) goto out;
   if (o.npos == 0) {
@@ -747,6 +831,11 @@ int main(int argc, char **argv) {
     rc = usage_error("%s takes no files", cmd);
     goto out;
   }
+  int infers = !strcmp(cmd, "infer") || (!strcmp(cmd, "session") && o.npos > 1 && !strcmp(o.pos[1], "infer"));
+  if (o.noutputs && !infers) {
+    rc = usage_error("--output is for infer and session infer");
+    goto out;
+  }
   tally_client *c = NULL;
   tally_error e = {0};
   if (tally_client_new(&c, o.url, o.api_key, (long)(o.timeout_s * 1000), &e)) {
@@ -756,16 +845,18 @@ int main(int argc, char **argv) {
   if (!strcmp(cmd, "health")) rc = cmd_health(c, &o);
   else if (!strcmp(cmd, "models")) rc = cmd_models(c, &o);
   else if (!strcmp(cmd, "metadata")) rc = cmd_metadata(c, &o);
-  else if (!strcmp(cmd, "infer")) rc = cmd_tensors(c, &o, tally_infer);
+  else if (!strcmp(cmd, "infer")) rc = cmd_tensors(c, &o, infer_fn);
   else if (!strcmp(cmd, "fit")) rc = cmd_tensors(c, &o, fit_fn);
-  else if (!strcmp(cmd, "evaluate")) rc = cmd_tensors(c, &o, tally_evaluate);
+  else if (!strcmp(cmd, "evaluate")) rc = cmd_tensors(c, &o, evaluate_fn);
   else if (!strcmp(cmd, "calibrate")) rc = cmd_tensors(c, &o, calibrate_fn);
   else if (!strcmp(cmd, "load")) rc = cmd_load(c, &o, 1);
   else if (!strcmp(cmd, "unload")) rc = cmd_load(c, &o, 0);
   else if (!strcmp(cmd, "session")) rc = cmd_session(c, &o);
+  else if (!strcmp(cmd, "metrics")) rc = cmd_metrics(c, &o);
   else rc = usage_error("unknown command '%s'", cmd);
   tally_client_free(c);
 out:
   json_decref(o.params);
+  json_decref(o.file_outputs);
   return rc;
 }

@@ -108,7 +108,17 @@ class TallyClient:
 
     def request(self, method, path, body=None):
         """Any request; returns the decoded JSON answer or raises TallyError."""
-        headers = {"Accept": "application/json"}
+        status, raw = self._exchange(method, path, body, "application/json")
+        if not raw:
+            return {}
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise TallyError(status, "the answer is not JSON: %s" % e) from None
+
+    def _exchange(self, method, path, body, accept):
+        """One request: (status, body bytes) of a 2xx/3xx answer, else TallyError."""
+        headers = {"Accept": accept}
         payload = None
         if body is not None:
             payload = json.dumps(body).encode()
@@ -137,12 +147,7 @@ class TallyClient:
             except (ValueError, AttributeError):
                 pass
             raise TallyError(r.status, msg or raw[:300].decode("utf-8", "replace") or r.reason)
-        if not raw:
-            return {}
-        try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise TallyError(r.status, "the answer is not JSON: %s" % e) from None
+        return r.status, raw
 
     @staticmethod
     def _q(s):
@@ -219,15 +224,28 @@ class TallyClient:
         return self.request("POST", self._model(model) + "/sessions",
                             {"parameters": parameters} if parameters else {})
 
-    def session_infer(self, model, session, inputs, parameters=None):
-        return self.request("POST", "%s/sessions/%s/infer" % (self._model(model), self._q(session)),
-                            self._body(inputs, parameters))
+    def session_infer(self, model, session, inputs, parameters=None, outputs=None):
+        """The next tokens of a session: inputs as for infer (input_ids)."""
+        body = self._body(inputs, parameters)
+        if outputs:
+            body["outputs"] = [{"name": n} for n in outputs]
+        return self.request("POST", "%s/sessions/%s/infer" % (self._model(model), self._q(session)), body)
 
     def session_get(self, model, session):
         return self.request("GET", "%s/sessions/%s" % (self._model(model), self._q(session)))
 
     def session_delete(self, model, session):
         return self.request("DELETE", "%s/sessions/%s" % (self._model(model), self._q(session)))
+
+    def metrics(self, families=None):
+        """GET /metrics: the Prometheus text; with families (names), only the
+        lines of those metric families (HELP/TYPE, samples, a histogram's
+        _bucket/_sum/_count)."""
+        status, raw = self._exchange("GET", "/metrics", None, "text/plain")
+        text = raw.decode("utf-8", "replace")
+        if not families:
+            return text
+        return "".join(l + "\n" for l in text.splitlines() if _metric_family(l, families))
 
     @staticmethod
     def output(answer, name):
@@ -239,6 +257,18 @@ class TallyClient:
                     data = [data[i:i + dim] for i in range(0, len(data), dim)] if dim else []
                 return data
         raise KeyError(name)
+
+
+def _metric_family(line, families):
+    if line.startswith("# HELP ") or line.startswith("# TYPE "):
+        line = line[7:]
+    elif line.startswith("#"):
+        return False
+    name = line.split("{", 1)[0].split(None, 1)[0] if line.strip() else ""
+    for f in families:
+        if name == f or (name.startswith(f) and name[len(f):] in ("_bucket", "_sum", "_count")):
+            return True
+    return False
 
 
 def keygen(scope="infer"):
@@ -286,10 +316,10 @@ def read_csv(path, input_name):
     return [(h, [r[i] for r in rows], None, None) for i, h in enumerate(header)]
 
 
-def read_inputs(files, params):
+def read_inputs(files, params, outputs=None):
     """files: [(path, input_name)] -> [(name, data, datatype, shape)] (None where
-    not given); a JSON
-    file's "parameters" fill params where a flag has not."""
+    not given); a JSON file's "parameters" fill params where a flag has not,
+    and the names in its "outputs" are appended to outputs (a list)."""
     staged = []
     for path, input_name in files:
         if path.lower().endswith(".csv"):
@@ -307,6 +337,12 @@ def read_inputs(files, params):
                 staged.append((t["name"], t["data"], t.get("datatype"), t.get("shape")))
             for k, v in (j.get("parameters") or {}).items():
                 params.setdefault(k, v)
+            outs = j.get("outputs") or []
+            if not isinstance(outs, list) or not all(isinstance(o, dict) and isinstance(o.get("name"), str)
+                                                     for o in outs):
+                raise UsageError("%s: \"outputs\" must be a list of {\"name\": ...}" % path)
+            if outputs is not None:
+                outputs += [o["name"] for o in outs]
         else:
             staged += [(k, v, None, None) for k, v in j.items()]
     return staged
@@ -325,6 +361,20 @@ def typed_inputs(client, model, staged, dtypes, version=None):
     return out
 
 
+def _print_flat(v, prefix):
+    """Nested objects as "a.b.c<TAB>value" lines; arrays of scalars joined by commas."""
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _print_flat(x, "%s.%s" % (prefix, k) if prefix else k)
+    elif isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
+        for i, x in enumerate(v):
+            _print_flat(x, "%s[%d]" % (prefix, i))
+    elif isinstance(v, list):
+        print("%s\t%s" % (prefix, ",".join(_fmt(x) for x in v)))
+    else:
+        print("%s\t%s" % (prefix, _fmt(v)))
+
+
 def _print_table(ans):
     if isinstance(ans, list) and (not ans or "state" in ans[0]):
         cols = ["name", "version", "state", "reason"]
@@ -341,20 +391,10 @@ def _print_table(ans):
             width = o["shape"][-1] if len(o["shape"]) >= 2 and o["shape"][-1] else 1
             for i in range(0, len(flat), width):
                 print("\t".join(_fmt(x) for x in flat[i:i + width]))
+        if ans.get("parameters"):  # a session's id and position, say
+            _print_flat(ans["parameters"], "parameters")
         return
-
-    def walk(v, prefix):
-        if isinstance(v, dict):
-            for k, x in v.items():
-                walk(x, "%s.%s" % (prefix, k) if prefix else k)
-        elif isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v):
-            for i, x in enumerate(v):
-                walk(x, "%s[%d]" % (prefix, i))
-        elif isinstance(v, list):
-            print("%s\t%s" % (prefix, ",".join(_fmt(x) for x in v)))
-        else:
-            print("%s\t%s" % (prefix, _fmt(v)))
-    walk(ans, "")
+    _print_flat(ans, "")
 
 
 def _fmt(x):
@@ -378,6 +418,8 @@ def _parse_args(argv):
     p.add_argument("--scope", default="infer", choices=("infer", "admin"))
     p.add_argument("--input", action="append", default=[],
                    help="NAME: CSV files are one matrix each, named in order")
+    p.add_argument("--output", action="append", default=[],
+                   help="NAME: infer answers only this output (repeatable)")
     p.add_argument("command")
     p.add_argument("args", nargs="*")
     return p.parse_intermixed_args(argv)
@@ -449,6 +491,9 @@ def _run(a):
         return EXIT_OK
     c = TallyClient(a.url, a.api_key, a.timeout)
     params = _params(a)
+    outputs = list(a.output)
+    if outputs and not (cmd == "infer" or (cmd == "session" and args[:1] == ["infer"])):
+        raise UsageError("--output is for infer and session infer")
 
     def files(start):
         paths = args[start:]
@@ -475,9 +520,9 @@ def _run(a):
         if len(args) < 2:
             raise UsageError("%s MODEL FILE..." % cmd)
         model = args[0]
-        inputs = typed_inputs(c, model, read_inputs(files(1), params), _dtypes(a), a.model_version)
+        inputs = typed_inputs(c, model, read_inputs(files(1), params, outputs), _dtypes(a), a.model_version)
         if cmd == "infer":
-            ans = c.infer(model, inputs, params, a.model_version)
+            ans = c.infer(model, inputs, params, a.model_version, outputs)
         elif cmd == "evaluate":
             ans = c.evaluate(model, inputs, params, a.model_version)
         else:
@@ -492,8 +537,8 @@ def _run(a):
         if sub == "create" and len(args) == 2:
             ans = c.session_create(args[1], params)
         elif sub == "infer" and len(args) >= 4:
-            inputs = typed_inputs(c, args[1], read_inputs(files(3), params), _dtypes(a))
-            ans = c.session_infer(args[1], args[2], inputs, params)
+            inputs = typed_inputs(c, args[1], read_inputs(files(3), params, outputs), _dtypes(a))
+            ans = c.session_infer(args[1], args[2], inputs, params, outputs)
         elif sub == "get" and len(args) == 3:
             ans = c.session_get(args[1], args[2])
         elif sub == "delete" and len(args) == 3:
@@ -501,6 +546,10 @@ def _run(a):
             ans = {"session_id": args[2], "deleted": True}
         else:
             raise UsageError("session create MODEL | infer MODEL ID FILE... | get MODEL ID | delete MODEL ID")
+    elif cmd == "metrics":
+        # the Prometheus text as it is: --format does not apply
+        sys.stdout.write(c.metrics(args))
+        return EXIT_OK
     else:
         raise UsageError("unknown command %r" % cmd)
     if fmt == "json":
