@@ -36,8 +36,7 @@ void resp_free(resp *r) {
 void resp_json(resp *r, int status, const json_t *j) {
   resp_free(r);
   r->status = status;
-  /* 10 significant digits: metrics and weights, not 17-digit noise */
-  r->body = json_dumps(j, JSON_COMPACT | JSON_REAL_PRECISION(10));
+  r->body = json_dumps(j, JSON_COMPACT);
   if (!r->body) {
     r->status = 503;
     r->body = tl_strdup("{\"error\":\"out of memory\"}");

@@ -557,15 +557,14 @@ static void shutdown_now(server *s) {
  * malloc's free lists; hand it back to the system so resident memory returns
  * to where it was (checked once a second, trimmed only after a real drop). */
 static void trim_after_burst(server *s) {
-  if (++s->trim_ticks < 100 || !s->mhd) return;
-  s->trim_ticks = 0;
+  if (!s->mhd) return;
   const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
   unsigned now = di ? di->num_connections : 0;
-  if (now > s->conn_peak) s->conn_peak = now;
-  if (s->conn_peak - now >= 256) {
-    malloc_trim(0);
-    s->conn_peak = now;
-  }
+  if (now > s->conn_peak) s->conn_peak = now; /* sampled every tick (10 ms) */
+  if (++s->trim_ticks < 100) return;
+  s->trim_ticks = 0;
+  if (s->conn_peak - now >= 256) malloc_trim(0);
+  s->conn_peak = now;
 }
 
 static void on_sweep(uv_timer_t *t) {
