@@ -2,7 +2,7 @@
 libtally under it), clients/python/tallyclient.py (CLI and library) and the
 curl scripts in clients/curl. Checks answers against direct HTTP, the exit
 codes scripts depend on (0 ok, 1 usage, 2 no connection, 3 HTTP 4xx, 4 HTTP
-5xx), and, through a small stub server, what goes over the wire (API key
+5xx), and, through a small fake server, what goes over the wire (API key
 header, CSV columns, 5xx answers)."""
 import hashlib
 import http.server
@@ -28,13 +28,13 @@ ROW1 = [0.1 * i for i in range(16)]
 ROW2 = [1.0 - 0.05 * i for i in range(16)]
 
 
-class Stub:
+class FakeServer:
     """A fake server that records each request and answers by path: it shows
     what the clients send and lets 5xx and 503 answers be tested."""
 
     def __init__(self):
         self.requests = []
-        stub = self
+        fake = self
 
         class H(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -53,7 +53,7 @@ class Stub:
             def handle_any(self):
                 n = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(n) if n else b""
-                stub.requests.append({"method": self.command, "path": self.path,
+                fake.requests.append({"method": self.command, "path": self.path,
                                       "headers": dict(self.headers), "body": body})
                 p = self.path
                 if p == "/v2/health/ready":
@@ -61,9 +61,9 @@ class Stub:
                 if p == "/v2/health/live":
                     return self.answer(200, {"live": True})
                 if p == "/metrics":
-                    return self.answer(200, b"# HELP stub_requests_total requests\n"
-                                            b"# TYPE stub_requests_total counter\n"
-                                            b"stub_requests_total{route=\"infer\"} 7\n", "text/plain")
+                    return self.answer(200, b"# HELP fake_requests_total requests\n"
+                                            b"# TYPE fake_requests_total counter\n"
+                                            b"fake_requests_total{route=\"infer\"} 7\n", "text/plain")
                 if p.startswith("/v2/models/boom"):
                     return self.answer(500, {"error": "boom: an internal failure"})
                 if p == "/v2/models/echo":
@@ -71,7 +71,7 @@ class Stub:
                                                                           "shape": [-1]}]})
                 if p.startswith("/v2/models/echo/"):
                     return self.answer(200, {"model_name": "echo", "model_version": "1", "outputs": []})
-                return self.answer(404, {"error": "stub: unknown route '%s'" % p})
+                return self.answer(404, {"error": "fake: unknown route '%s'" % p})
 
             do_GET = do_POST = do_DELETE = handle_any
 
@@ -98,7 +98,7 @@ class Ctx:
                        check=True, stdout=subprocess.DEVNULL)
         self.d = Daemon(self.repo).start()
         self.url = "http://127.0.0.1:%d" % self.d.port
-        self.stub = Stub()
+        self.fake = FakeServer()
         # nothing listens here: the port was free a moment ago
         self.dead_url = "http://127.0.0.1:%d" % free_port()
 
@@ -117,7 +117,7 @@ def setup():
 
 
 def teardown(c):
-    c.stub.stop()
+    c.fake.stop()
     c.d.stop()
     shutil.rmtree(c.tmp, ignore_errors=True)
 
@@ -172,7 +172,7 @@ def test_health(c):
         check(json.loads(expect(tool(c, "health"), 0)) == {"ready": True}, name)
         check(json.loads(expect(tool(c, "health", "live"), 0)) == {"live": True}, name)
         # 503 while not ready: a 5xx, exit 4
-        expect(tool(c, "health", "ready", url=c.stub.url), 4, "HTTP 503")
+        expect(tool(c, "health", "ready", url=c.fake.url), 4, "HTTP 503")
         expect(tool(c, "health", "sideways"), 1)
 
 
@@ -231,29 +231,29 @@ def test_infer_csv_and_table(c):
 def test_csv_header_columns_and_datatypes(c):
     """A CSV with a header: one tensor per column, [rows]; integer columns go
     as INT64, others FP32 unless the model's metadata says otherwise (the
-    stub's "x" is FP64)."""
+    fake's "x" is FP64)."""
     f = c.file("cols.csv", "x,labels,weight\n1.5,0,2\n2.5,1,3.25\n")
     for name, tool in TOOLS:
-        expect(tool(c, "evaluate", "echo", f, url=c.stub.url), 0)
-        body = json.loads(c.stub.last()["body"])
+        expect(tool(c, "evaluate", "echo", f, url=c.fake.url), 0)
+        body = json.loads(c.fake.last()["body"])
         got = {t["name"]: (t["datatype"], t["shape"], tallyclient._flatten(t["data"], []))
                for t in body["inputs"]}
         check(got == {"x": ("FP64", [2], [1.5, 2.5]), "labels": ("INT64", [2], [0, 1]),
                       "weight": ("FP32", [2], [2, 3.25])}, "%s: %r" % (name, got))
-        expect(tool(c, "evaluate", "echo", f, "--datatype", "labels=INT32", url=c.stub.url), 0)
-        body = json.loads(c.stub.last()["body"])
+        expect(tool(c, "evaluate", "echo", f, "--datatype", "labels=INT32", url=c.fake.url), 0)
+        body = json.loads(c.fake.last()["body"])
         check([t["datatype"] for t in body["inputs"]] == ["FP32", "INT32", "FP32"], repr(body))
-        check(c.stub.last()["path"] == "/v2/models/echo/evaluate", c.stub.last()["path"])
+        check(c.fake.last()["path"] == "/v2/models/echo/evaluate", c.fake.last()["path"])
 
 
 def test_params_reach_the_server(c):
     f = c.file("p.json", {"x": [1.0, 2.0]})
     for name, tool in TOOLS:
         expect(tool(c, "fit", "echo", f, "--param", "epochs=3", "--param", "aggregator=medium",
-                    "--params", '{"seed": 7, "epochs": 1}', url=c.stub.url), 0)
-        body = json.loads(c.stub.last()["body"])
+                    "--params", '{"seed": 7, "epochs": 1}', url=c.fake.url), 0)
+        body = json.loads(c.fake.last()["body"])
         check(body["parameters"] == {"epochs": 3, "aggregator": "medium", "seed": 7}, repr(body))
-        check(c.stub.last()["path"] == "/v2/models/echo/fit", c.stub.last()["path"])
+        check(c.fake.last()["path"] == "/v2/models/echo/fit", c.fake.last()["path"])
 
 
 def test_not_found_exit_3(c):
@@ -273,7 +273,7 @@ def test_bad_input_is_400_exit_3(c):
 def test_server_error_exit_4(c):
     f = c.file("boom.json", {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})
     for name, tool in TOOLS:
-        expect(tool(c, "infer", "boom", f, url=c.stub.url), 4, "boom: an internal failure")
+        expect(tool(c, "infer", "boom", f, url=c.fake.url), 4, "boom: an internal failure")
 
 
 def test_usage_errors_exit_1(c):
@@ -305,15 +305,15 @@ def test_session_verbs_reach_the_server(c):
         expect(tool(c, "session", "create", "demo_mlp"), 3)
         expect(tool(c, "session", "get", "demo_mlp", "nosuchsession"), 3)
         expect(tool(c, "session", "delete", "demo_mlp", "nosuchsession"), 3)
-        expect(tool(c, "session", "create", "echo", url=c.stub.url), 0)
-        check(c.stub.last()["method"] == "POST" and c.stub.last()["path"] == "/v2/models/echo/sessions", "")
-        expect(tool(c, "session", "delete", "echo", "s1", url=c.stub.url), 0)
-        check(c.stub.last()["method"] == "DELETE" and
-              c.stub.last()["path"] == "/v2/models/echo/sessions/s1", repr(c.stub.last()))
+        expect(tool(c, "session", "create", "echo", url=c.fake.url), 0)
+        check(c.fake.last()["method"] == "POST" and c.fake.last()["path"] == "/v2/models/echo/sessions", "")
+        expect(tool(c, "session", "delete", "echo", "s1", url=c.fake.url), 0)
+        check(c.fake.last()["method"] == "DELETE" and
+              c.fake.last()["path"] == "/v2/models/echo/sessions/s1", repr(c.fake.last()))
         f = c.file("tok.json", {"input_ids": [[1, 2, 3]]})
-        expect(tool(c, "session", "infer", "echo", "s1", f, "--datatype", "INT32", url=c.stub.url), 0)
-        body = json.loads(c.stub.last()["body"])
-        check(c.stub.last()["path"] == "/v2/models/echo/sessions/s1/infer", c.stub.last()["path"])
+        expect(tool(c, "session", "infer", "echo", "s1", f, "--datatype", "INT32", url=c.fake.url), 0)
+        body = json.loads(c.fake.last()["body"])
+        check(c.fake.last()["path"] == "/v2/models/echo/sessions/s1/infer", c.fake.last()["path"])
         check(body["inputs"][0]["datatype"] == "INT32" and body["inputs"][0]["shape"] == [1, 3], repr(body))
 
 
@@ -343,13 +343,13 @@ def test_keygen(c):
 
 def test_api_key_header(c):
     for name, tool in TOOLS:
-        expect(tool(c, "health", "live", url=c.stub.url, env={"TALLY_API_KEY": "k-env"}), 0)
-        check(c.stub.last()["headers"].get("Authorization") == "Bearer k-env", repr(c.stub.last()))
-        expect(tool(c, "health", "live", "--api-key", "k-flag", url=c.stub.url,
+        expect(tool(c, "health", "live", url=c.fake.url, env={"TALLY_API_KEY": "k-env"}), 0)
+        check(c.fake.last()["headers"].get("Authorization") == "Bearer k-env", repr(c.fake.last()))
+        expect(tool(c, "health", "live", "--api-key", "k-flag", url=c.fake.url,
                     env={"TALLY_API_KEY": "k-env"}), 0)
-        check(c.stub.last()["headers"].get("Authorization") == "Bearer k-flag", repr(c.stub.last()))
-        expect(tool(c, "health", "live", url=c.stub.url), 0)
-        check("Authorization" not in c.stub.last()["headers"], repr(c.stub.last()))
+        check(c.fake.last()["headers"].get("Authorization") == "Bearer k-flag", repr(c.fake.last()))
+        expect(tool(c, "health", "live", url=c.fake.url), 0)
+        check("Authorization" not in c.fake.last()["headers"], repr(c.fake.last()))
 
 
 def test_url_flag_beats_env(c):
@@ -386,7 +386,7 @@ def test_python_library(c):
         check(False, "no error")
     except tallyclient.TallyError as e:
         check(e.status == 0 and e.exit_code == 2, repr(e))
-    check(not tallyclient.TallyClient(c.stub.url).ready(), "stub answers 503")
+    check(not tallyclient.TallyClient(c.fake.url).ready(), "fake answers 503")
 
 
 # ---- the curl scripts ----
@@ -400,10 +400,10 @@ def test_wait_ready(c):
     expect(sh(c, "wait-ready.sh", "--model", "demo_mlp"), 0)
     expect(sh(c, "wait-ready.sh", "--model", "no_such_model"), 3)
     expect(sh(c, "wait-ready.sh", "--timeout", "1", url=c.dead_url), 2, "not reachable")
-    expect(sh(c, "wait-ready.sh", "--timeout", "1", url=c.stub.url), 4, "503")
+    expect(sh(c, "wait-ready.sh", "--timeout", "1", url=c.fake.url), 4, "503")
     expect(sh(c, "wait-ready.sh", "--bogus"), 1)
-    sh(c, "wait-ready.sh", "--timeout", "0", url=c.stub.url, env={"TALLY_API_KEY": "k-sh"})
-    check(c.stub.last()["headers"].get("Authorization") == "Bearer k-sh", repr(c.stub.last()))
+    sh(c, "wait-ready.sh", "--timeout", "0", url=c.fake.url, env={"TALLY_API_KEY": "k-sh"})
+    check(c.fake.last()["headers"].get("Authorization") == "Bearer k-sh", repr(c.fake.last()))
 
 
 def test_reload_picks_up_a_new_model(c):
@@ -422,23 +422,23 @@ def test_fit_from_file(c):
     expect(sh(c, "fit-from-file.sh", "demo_mlp", f), 3, "does not support fit")
     expect(sh(c, "fit-from-file.sh", "--evaluate", "demo_mlp", f), 3, "does not support evaluate")
     expect(sh(c, "fit-from-file.sh", "--calibrate", "demo_mlp", f), 3, "does not support calibrate")
-    out = expect(sh(c, "fit-from-file.sh", "echo", f, url=c.stub.url, env={"TALLY_API_KEY": "adm"}), 0)
+    out = expect(sh(c, "fit-from-file.sh", "echo", f, url=c.fake.url, env={"TALLY_API_KEY": "adm"}), 0)
     check(json.loads(out)["model_name"] == "echo", out)
-    last = c.stub.last()
+    last = c.fake.last()
     with open(f, "rb") as fh:
         check(last["body"] == fh.read(), "the file was not sent verbatim")
     check(last["path"] == "/v2/models/echo/fit" and last["headers"].get("Authorization") == "Bearer adm",
           repr(last))
-    expect(sh(c, "fit-from-file.sh", "boom", f, url=c.stub.url), 4)
+    expect(sh(c, "fit-from-file.sh", "boom", f, url=c.fake.url), 4)
     expect(sh(c, "fit-from-file.sh", "demo_mlp", f, url=c.dead_url), 2)
     expect(sh(c, "fit-from-file.sh", "demo_mlp"), 1)
 
 
 def test_metrics_grep(c):
-    out = expect(sh(c, "metrics-grep.sh", 'stub_requests_total\\{route="infer"\\}', url=c.stub.url), 0)
-    check(out.strip() == 'stub_requests_total{route="infer"} 7', out)
-    expect(sh(c, "metrics-grep.sh", "no_such_metric", url=c.stub.url), 5)
-    check("# HELP" in expect(sh(c, "metrics-grep.sh", "--all", "HELP", url=c.stub.url), 0), "")
+    out = expect(sh(c, "metrics-grep.sh", 'fake_requests_total\\{route="infer"\\}', url=c.fake.url), 0)
+    check(out.strip() == 'fake_requests_total{route="infer"} 7', out)
+    expect(sh(c, "metrics-grep.sh", "no_such_metric", url=c.fake.url), 5)
+    check("# HELP" in expect(sh(c, "metrics-grep.sh", "--all", "HELP", url=c.fake.url), 0), "")
     expect(sh(c, "metrics-grep.sh", "x", url=c.dead_url), 2)
     # against the daemon the exit code follows its /metrics answer
     status = c.d.get("/metrics").status
