@@ -37,6 +37,9 @@
 #define FUZZ_ENTRY fuzz_http_one
 #include "../fuzz/fuzz_http.c"
 #undef FUZZ_ENTRY
+#define FUZZ_ENTRY fuzz_keyfile_one
+#include "../fuzz/fuzz_keyfile.c"
+#undef FUZZ_ENTRY
 
 typedef int (*fuzz_fn)(const uint8_t *, size_t);
 
@@ -111,11 +114,16 @@ static void test_http(void **state) {
   fuzz_http_alive(); /* and the in-process daemon still answers */
 }
 
+static void test_keyfile(void **state) {
+  (void)state;
+  replay("keyfile", fuzz_keyfile_one);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_safetensors), cmocka_unit_test(test_oip),
       cmocka_unit_test(test_oip_binary),  cmocka_unit_test(test_config),
-      cmocka_unit_test(test_http),
+      cmocka_unit_test(test_http),        cmocka_unit_test(test_keyfile),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
