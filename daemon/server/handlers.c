@@ -298,30 +298,38 @@ static void set_deadline(job *j, const oip_request *req) {
     atomic_store(&j->deadline, j->t_submit + json_number_value(t) / 1000.0);
 }
 
+int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, md_call *call,
+               ts_err *err) {
+  server *s = j->srv;
+  int rc = oip_decode_capped(j->body, j->len, j->json_len, s->cfg->max_request_elements,
+                             s->cfg->max_request_memory, req, err);
+  tl_free(j->body);
+  j->body = NULL;
+  if (rc) return rc;
+  if (check_limits && (rc = server_check_limits(s->cfg, &req->inputs, err))) return rc;
+  set_deadline(j, req);
+  call->inputs = &req->inputs;
+  call->params = req->params;
+  call->pool = s->pool;
+  call->host = repo_host(s->repo);
+  call->deadline = atomic_load(&j->deadline);
+  call->cancelled = &j->cancelled;
+  call->model_name = repo_ver_model(ver);
+  call->version = repo_ver_version(ver);
+  return 0;
+}
+
 static void run_model(job *j) {
   server *s = j->srv;
   ts_err err = {0};
   oip_request req;
   md_call call;
   md_call_init(&call);
-  int rc = oip_decode_capped(j->body, j->len, j->json_len, s->cfg->max_request_elements,
-                             s->cfg->max_request_memory, &req, &err);
-  tl_free(j->body);
-  j->body = NULL;
-  if (rc) goto fail;
   /* fit, evaluate and calibrate take many labelled rows by design: their
    * size is bounded by --max-body-bytes and --max-request-elements */
-  if (j->rt.id == R_INFER && (rc = server_check_limits(s->cfg, &req.inputs, &err))) goto fail;
-  set_deadline(j, &req);
+  int rc = job_decode(j, j->ver, j->rt.id == R_INFER, &req, &call, &err);
+  if (rc) goto fail;
   const md_kind *k = repo_ver_kind(j->ver);
-  call.inputs = &req.inputs;
-  call.params = req.params;
-  call.pool = s->pool;
-  call.host = repo_host(s->repo);
-  call.deadline = atomic_load(&j->deadline);
-  call.cancelled = &j->cancelled;
-  call.model_name = repo_ver_model(j->ver);
-  call.version = repo_ver_version(j->ver);
   int (*fn)(void *, md_call *, ts_err *) = NULL;
   const char *what = route_name(j->rt.id);
   switch (j->rt.id) {

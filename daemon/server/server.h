@@ -138,6 +138,13 @@ void server_schedule_sync(server *s, const char *why);
 int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *err);
 /* handlers.c: answers on the loop thread (cheap endpoints) */
 int handle_inline(server *s, const route *rt, const char *method, resp *out);
+/* handlers.c: decodes a job's body (with --max-request-memory), checks
+ * --max-batch/--max-sequence-length when check_limits, takes the request's
+ * "timeout_ms", and fills call's inputs and context for `ver`. The body is
+ * freed; req must be freed by the caller even on failure. */
+typedef struct oip_request oip_request;
+int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, md_call *call,
+               ts_err *err);
 /* handlers.c: the worker side of a job */
 void handle_job(job *j);
 

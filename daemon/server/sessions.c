@@ -388,7 +388,6 @@ static void delete(job *j) {
 }
 
 static void feed(job *j) {
-  server *s = j->srv;
   ts_err err = {0};
   oip_request req;
   md_call call;
@@ -413,21 +412,8 @@ static void feed(job *j) {
     resp_error(&j->out, &err);
     return;
   }
-  rc = oip_decode(j->body, j->len, j->json_len, s->cfg->max_request_elements, &req, &err);
-  tl_free(j->body);
-  j->body = NULL;
+  rc = job_decode(j, e->ver, 1, &req, &call, &err);
   if (!rc) {
-    json_t *t = req.params ? json_object_get(req.params, "timeout_ms") : NULL;
-    if (t && json_is_number(t) && json_number_value(t) > 0)
-      atomic_store(&j->deadline, j->t_submit + json_number_value(t) / 1000.0);
-    call.inputs = &req.inputs;
-    call.params = req.params;
-    call.pool = s->pool;
-    call.host = repo_host(s->repo);
-    call.deadline = atomic_load(&j->deadline);
-    call.cancelled = &j->cancelled;
-    call.model_name = repo_ver_model(e->ver);
-    call.version = repo_ver_version(e->ver);
     size_t bytes = e->bytes;
     rc = e->kind->session_infer(repo_ver_state(e->ver), e->sess, &call, &bytes, &err);
     uv_mutex_lock(&S.mu);

@@ -187,6 +187,22 @@ def test_ttl_expiry(c):
         d.stop()
 
 
+def test_session_chunks_obey_request_limits(c):
+    """Session chunks go through the same decoding as infer: --max-sequence-length
+    and --max-request-memory apply, and a refused chunk leaves the session where
+    it was."""
+    d = Daemon(c.repo, ["--max-sequence-length", "4", "--max-request-memory", "4096"]).start()
+    try:
+        sid = open_session(d, "learned")
+        check_status(feed(d, "learned", sid, [1, 2, 3]), 200)
+        check_status(feed(d, "learned", sid, [1, 2, 3, 4, 5]), 400, "sequence")
+        big = {"inputs": [tensor("input_ids", [[1] * 4] * 200, datatype="INT64")]}
+        check_status(d.post("/v2/models/learned/sessions/%s/infer" % sid, big), 413)
+        check(d.get("/v2/models/learned/sessions/" + sid).json()["position"] == 3)
+    finally:
+        d.stop()
+
+
 def test_eviction(c):
     # measure one session's memory at 60 tokens, then cap at 2.5 of them
     sid = open_session(c.d, "rope")
