@@ -16,6 +16,7 @@
 #include <string.h>
 
 #include "../base/mem.h"
+#include "../base/rng.h"
 #include "optim.h"
 
 #define AW_PROB_SUM_TOL 1e-3
@@ -306,28 +307,11 @@ double aw_loss_grad(const aw_spec *s, int64_t B, const double *P, const int32_t 
   return L + 0.5 * l2 * r;
 }
 
-/* splitmix64: a small, well-mixed generator; the fit only needs shuffles. */
-static uint64_t aw__next(uint64_t *st) {
-  uint64_t z = (*st += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-static void aw__shuffle(int64_t *a, int64_t n, uint64_t *st) {
-  for (int64_t i = n - 1; i > 0; i--) {
-    int64_t j = (int64_t)(((unsigned __int128)aw__next(st) * (uint64_t)(i + 1)) >> 64);
-    int64_t tmp = a[i];
-    a[i] = a[j];
-    a[j] = tmp;
-  }
-}
-
 void aw_split(int64_t N, double validation_fraction, uint64_t seed, int64_t *perm,
               int64_t *n_val) {
   for (int64_t i = 0; i < N; i++) perm[i] = i;
   uint64_t st = seed ^ 0x5EEDCAFEF00Dull;
-  aw__shuffle(perm, N, &st);
+  rng_shuffle(perm, N, &st);
   int64_t v = (int64_t)floor(validation_fraction * (double)N);
   if (validation_fraction > 0 && v < 1 && N >= 2) v = 1;
   if (v > N - 1) v = N > 0 ? N - 1 : 0;
@@ -423,7 +407,7 @@ int aw_fit(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
   rep->train_loss = NAN;
   int since = 0;
   for (int epoch = 1; epoch <= o->epochs; epoch++) {
-    aw__shuffle(train, n_train, &st);
+    rng_shuffle(train, n_train, &st);
     double sum = 0.0;
     for (int64_t k = 0; k < n_train; k += bs) {
       int64_t nb = n_train - k < bs ? n_train - k : bs;

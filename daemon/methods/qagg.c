@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "../base/mem.h"
+#include "../base/rng.h"
 #include "../kernels/sgemm.h"
 
 /* ---------------------------------------------------------------- names */
@@ -103,15 +104,6 @@ int qa_spec_check(const qa_spec *s, ts_err *err) {
 
 /* --------------------------------------------------------------- params */
 
-static uint64_t splitmix64(uint64_t *x) {
-  uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-static double unif01(uint64_t *x) { return (double)(splitmix64(x) >> 11) * 0x1.0p-53; }
-
 static void add_tensor(qa_params *p, const char *name, int ndim, int64_t d0, int64_t d1) {
   qa_tensor *t = &p->t[p->ntensors++];
   snprintf(t->name, sizeof t->name, "%s", name);
@@ -171,8 +163,8 @@ int qa_params_init(qa_params *p, const qa_spec *s, uint64_t seed, ts_err *err) {
     for (int i = 0; i < p->ntensors; i += 2) {
       qa_tensor *w = &p->t[i], *b = &p->t[i + 1];
       double bound = 1.0 / sqrt((double)w->shape[1]);
-      for (int64_t e = 0; e < w->numel; e++) w->data[e] = (float)((2.0 * unif01(&st) - 1.0) * bound);
-      for (int64_t e = 0; e < b->numel; e++) b->data[e] = (float)((2.0 * unif01(&st) - 1.0) * bound);
+      for (int64_t e = 0; e < w->numel; e++) w->data[e] = (float)((2.0 * rng_unif01(&st) - 1.0) * bound);
+      for (int64_t e = 0; e < b->numel; e++) b->data[e] = (float)((2.0 * rng_unif01(&st) - 1.0) * bound);
     }
   }
   return 0;
@@ -473,7 +465,7 @@ static void tile_net_forward(const qa_spec *s, const double *const *Wl, const do
         int64_t e = t * H + r;
         nx[e] = elu(ws->pre[i][e]);
         if (sc) {
-          sc[e] = unif01(&st[t]) < dropout ? 0.0 : keep;
+          sc[e] = rng_unif01(&st[t]) < dropout ? 0.0 : keep;
           nx[e] *= sc[e];
         }
       }

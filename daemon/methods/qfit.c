@@ -8,24 +8,9 @@
 #include <string.h>
 
 #include "../base/mem.h"
+#include "../base/rng.h"
 #include "optim.h"
 #include "qagg.h"
-
-static uint64_t fit_rand(uint64_t *x) {
-  uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
-static void shuffle(int64_t *a, int64_t n, uint64_t *st) {
-  for (int64_t i = n - 1; i > 0; i--) {
-    int64_t j = (int64_t)(fit_rand(st) % (uint64_t)(i + 1));
-    int64_t t = a[i];
-    a[i] = a[j];
-    a[j] = t;
-  }
-}
 
 void qa_fit_opts_default(qa_fit_opts *o) {
   memset(o, 0, sizeof *o);
@@ -98,7 +83,7 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
 
   uint64_t st = o->seed ^ 0xF17C0FFEEull;
   for (int64_t i = 0; i < B; i++) perm[i] = i;
-  shuffle(perm, B, &st);
+  rng_shuffle(perm, B, &st);
   int64_t *tr = perm, *va = perm + n_tr;
   rep->n_train = n_tr;
   rep->n_val = n_val;
@@ -109,7 +94,7 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
   qa_loss_opts lo = {.lambda = o->lambda, .margin = o->margin, .dropout = o->dropout};
 
   for (int e = 0; e < o->epochs; e++) {
-    shuffle(tr, n_tr, &st);
+    rng_shuffle(tr, n_tr, &st);
     double tl = 0.0;
     for (int64_t b0 = 0; b0 < n_tr; b0 += o->batch_size) {
       int64_t nb = n_tr - b0 < o->batch_size ? n_tr - b0 : o->batch_size;
