@@ -44,6 +44,14 @@ void resp_json(resp *r, int status, const json_t *j) {
   r->len = r->body ? strlen(r->body) : 0;
 }
 
+static int resp_text(resp *r, int status, const char *json) {
+  resp_free(r);
+  r->body = tl_strdup(json);
+  r->status = r->body ? status : 503;
+  r->len = r->body ? strlen(r->body) : 0;
+  return 1;
+}
+
 void resp_error(resp *r, const ts_err *err) {
   resp_free(r);
   sbuf b;
@@ -205,12 +213,11 @@ int handle_inline(server *s, const route *rt, const char *method, resp *out) {
   ts_err err = {0};
   int status = 200;
   switch (rt->id) {
-    case R_LIVE: j = json_pack("{s:b}", "live", 1); break;
+    case R_LIVE: /* probes are hit often: a fixed body, no JSON building */
+      return resp_text(out, 200, "{\"live\":true}");
     case R_READY: {
       int ready = !atomic_load(&s->draining) && repo_all_ready(s->repo);
-      j = json_pack("{s:b}", "ready", ready);
-      status = ready ? 200 : 503;
-      break;
+      return resp_text(out, ready ? 200 : 503, ready ? "{\"ready\":true}" : "{\"ready\":false}");
     }
     case R_SERVER: {
       json_t *ext = json_pack("[s,s,s,s,s,s]", "model_repository", "binary_tensor_data", "fit",

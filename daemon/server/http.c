@@ -65,10 +65,21 @@ typedef struct hreq {
 
 /* ---- small helpers ------------------------------------------------------ */
 
+/* Request ids are 12 random bytes from OpenSSL. RAND_bytes costs about as
+ * much as the rest of a health check, so the loop thread (the only caller)
+ * draws them 4 KiB at a time; every id is still fresh random bytes. */
 static void new_request_id(char *out, size_t n) {
+  static unsigned char pool[4096];
+  static size_t used = sizeof pool;
   unsigned char b[12];
-  if (RAND_bytes(b, sizeof b) != 1)
-    for (size_t i = 0; i < sizeof b; i++) b[i] = (unsigned char)rand();
+  if (used + sizeof b > sizeof pool) {
+    if (RAND_bytes(pool, sizeof pool) != 1)
+      for (size_t i = 0; i < sizeof pool; i++) pool[i] = (unsigned char)rand();
+    used = 0;
+  }
+  memcpy(b, pool + used, sizeof b);
+  memset(pool + used, 0, sizeof b); /* an id is never handed out twice */
+  used += sizeof b;
   static const char hex[] = "0123456789abcdef";
   size_t k = 0;
   for (size_t i = 0; i < sizeof b && k + 2 < n; i++) {
