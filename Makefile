@@ -42,9 +42,15 @@ ifneq ($(CUDA),)
 CU_SRC := $(wildcard daemon/*/*.cu)
 LIB_OBJ += $(CU_SRC:%.cu=$(BUILD)/%.cu.o)
 CFLAGS += -DTALLYD_CUDA=1
-CUDA_HOME ?= /usr/local/cuda
-LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart -lstdc++
-NVCC ?= $(CUDA_HOME)/bin/nvcc
+# The toolkit root and libcudart's folder come from deploy/cuda_home.sh (asks
+# nvcc itself, so a wrapper on PATH works); both can be given by hand.
+CUDA_FOUND := $(if $(CUDA_HOME),,$(shell deploy/cuda_home.sh))
+CUDA_HOME ?= $(or $(word 1,$(CUDA_FOUND)),/usr/local/cuda)
+CUDA_LIBDIR ?= $(or $(word 2,$(CUDA_FOUND)),$(firstword $(patsubst %/,%,$(dir $(wildcard \
+  $(CUDA_HOME)/lib64/libcudart.so $(CUDA_HOME)/lib/libcudart.so \
+  $(CUDA_HOME)/targets/*/lib/libcudart.so)))),$(CUDA_HOME)/lib64)
+LDLIBS += -L$(CUDA_LIBDIR) -Wl,-rpath,$(CUDA_LIBDIR) -lcudart -lstdc++
+NVCC := $(CUDA_HOME)/bin/nvcc
 NVCCFLAGS ?= -O3 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 endif
 UNIT_SRC := $(wildcard tests/unit/test_*.c)
