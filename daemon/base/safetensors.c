@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "fsutil.h"
+#include "hash.h"
 #include "mem.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -270,8 +271,53 @@ int st_open_mem(st_file **out, const void *buf, size_t len, const char *label, t
   return finish_open(out, f, buf, len, label, err);
 }
 
-int st_open(st_file **out, const char *path, ts_err *err) {
+/* Reads the whole file into a private anonymous mapping (page-aligned, given
+ * back to the system at st_close), hashing as it goes. A file that ends
+ * early or whose size, inode or modification time differ after the read was
+ * changed while being read: refused, the caller keeps what it had. */
+static int read_image(int fd, const struct stat *before, const char *path, void **image,
+                      hash_ctx *h, ts_err *err) {
+  size_t len = (size_t)before->st_size;
+  void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (m == MAP_FAILED)
+    return ts_errf(err, TS_ENOMEM, "cannot allocate %zu bytes for weights '%s'", len, path);
+  size_t got = 0;
+  while (got < len) {
+    size_t want = len - got < (8u << 20) ? len - got : (8u << 20);
+    ssize_t n = pread(fd, (char *)m + got, want, (off_t)got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      int e = errno;
+      munmap(m, len);
+      if (n == 0)
+        return ts_errf(err, TS_EIO,
+                       "weights '%s' shrank while being read (%zu of %zu bytes); "
+                       "write new versions by rename, not in place",
+                       path, got, len);
+      return ts_errf(err, TS_EIO, "cannot read weights '%s': %s", path, strerror(e));
+    }
+    if (h) hash_update(h, (char *)m + got, (size_t)n);
+    got += (size_t)n;
+  }
+  struct stat after;
+  if (fstat(fd, &after) != 0 || after.st_size != before->st_size ||
+      after.st_ino != before->st_ino || after.st_mtim.tv_sec != before->st_mtim.tv_sec ||
+      after.st_mtim.tv_nsec != before->st_mtim.tv_nsec) {
+    munmap(m, len);
+    return ts_errf(err, TS_EIO,
+                   "weights '%s' changed while being read; write new versions by rename, "
+                   "not in place",
+                   path);
+  }
+  mprotect(m, len, PROT_READ);
+  *image = m;
+  return 0;
+}
+
+int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[HASH_HEX_LEN + 1],
+                 ts_err *err) {
   *out = NULL;
+  if (sha256_hex) sha256_hex[0] = 0;
   int fd = open(path, O_RDONLY | O_CLOEXEC);
   if (fd < 0)
     return ts_errf(err, errno == ENOENT ? TS_ENOTFOUND : TS_EIO,
@@ -279,6 +325,7 @@ int st_open(st_file **out, const char *path, ts_err *err) {
   struct stat st;
   int r = 0;
   st_file *f = NULL;
+  hash_ctx *h = NULL;
   if (fstat(fd, &st) != 0) {
     r = ts_errf(err, TS_EIO, "cannot stat weights '%s': %s", path, strerror(errno));
     goto fail;
@@ -291,12 +338,15 @@ int st_open(st_file **out, const char *path, ts_err *err) {
     r = ts_errf(err, TS_ETOOBIG, "weights '%s' are too large to map", path);
     goto fail;
   }
-  if (!(f = tl_calloc(1, sizeof *f))) {
+  if (!(f = tl_calloc(1, sizeof *f)) || (sha256_hex && !(h = hash_sha256_new()))) {
     r = oom(err);
     goto fail;
   }
   size_t len = (size_t)st.st_size;
-  if (len >= 8) { /* shorter files fail validation without a mapping */
+  if (len > 0 && how == ST_READ) {
+    if ((r = read_image(fd, &st, path, &f->map, h, err))) goto fail;
+    f->map_len = len;
+  } else if (len > 0) {
     void *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) {
       r = ts_errf(err, errno == ENOMEM ? TS_ENOMEM : TS_EIO, "cannot map weights '%s': %s",
@@ -305,14 +355,25 @@ int st_open(st_file **out, const char *path, ts_err *err) {
     }
     f->map = m;
     f->map_len = len;
+    if (h) hash_update(h, m, len);
   }
   close(fd);
+  if (h) {
+    hash_final_hex(h, sha256_hex);
+    hash_free(h);
+  }
   static const unsigned char none[1];
   return finish_open(out, f, f->map ? f->map : none, len, path, err);
 fail:
+  hash_free(h);
+  if (f && f->map) munmap(f->map, f->map_len);
   tl_free(f);
   close(fd);
   return r;
+}
+
+int st_open(st_file **out, const char *path, ts_err *err) {
+  return st_open_file(out, path, ST_MMAP, NULL, err);
 }
 
 void st_close(st_file *f) {

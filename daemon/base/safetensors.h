@@ -16,13 +16,15 @@
  * Keys of an entry other than the three above are ignored, as the reference
  * implementation does. A file with no tensors ("{}") is valid.
  *
- * Ownership: an st_file owns its mapping (st_open: a read-only MAP_PRIVATE
- * mmap of the whole file) or borrows the caller's buffer (st_open_mem; it must
+ * Ownership: an st_file owns its image of the file (st_open_file with
+ * ST_READ: a private copy read into anonymous memory; ST_MMAP and st_open: a
+ * read-only MAP_PRIVATE mmap of the whole file) or borrows the caller's buffer (st_open_mem; it must
  * outlive the st_file). Tensors that st_get / st_get_f32 BORROW point into it,
  * are read-only, and are valid until st_close; tensors they had to copy or
  * convert own their data. Either way the caller calls ts_free on the tensor
- * (which frees only what is owned). The mapped file must not be truncated or
- * rewritten while open (model versions are immutable once published).
+ * (which frees only what is owned). A mapped (ST_MMAP) file must not be
+ * truncated or rewritten in place while open: the mapping would show the new
+ * bytes, or raise SIGBUS past a new end of file. A copy (ST_READ) is immune.
  *
  * An st_file is immutable after st_open: st_count, st_name, st_find,
  * st_meta_*, st_get and st_get_f32 may be called from several threads at once.
@@ -34,6 +36,7 @@
 #include <stdint.h>
 
 #include "err.h"
+#include "hash.h"
 #include "tensor.h"
 
 /* The largest JSON header accepted (the reference implementation's limit). */
@@ -41,7 +44,20 @@
 
 typedef struct st_file st_file;
 
-/* Opens, maps and validates path. On failure *out is NULL. */
+/* How st_open_file brings a file into memory. */
+typedef enum {
+  ST_READ = 0, /* a private copy: writes to the file after the read never reach it */
+  ST_MMAP = 1, /* a mapping: no copy, pages shared with the page cache */
+} st_load;
+
+/* Opens path (read or mapped as `how` says) and validates it. With sha256_hex
+ * non-NULL it also receives the SHA-256 of exactly the bytes that were read
+ * or mapped, so a digest check covers what is served. ST_READ refuses, with
+ * -TS_EIO, a file whose size, inode or modification time changed while it
+ * was being read. On failure *out is NULL. */
+int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[HASH_HEX_LEN + 1],
+                 ts_err *err);
+/* st_open_file(out, path, ST_MMAP, NULL, err). */
 int st_open(st_file **out, const char *path, ts_err *err);
 /* Validates a file image held in memory (borrowed, see above); `label` names
  * it in messages (may be NULL). */

@@ -70,6 +70,7 @@ struct repo {
   uv_mutex_t sync_mu; /* one scan/load/unload/commit at a time */
   repo_model *models;
   md_host host;
+  st_load weights_load; /* how model.safetensors is read */
   repo_event_fn event_fn;
   void *event_data;
 };
@@ -186,18 +187,21 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
     goto fail;
   pathf(path, sizeof path, "%s/model.safetensors", vdir);
   if (access(path, F_OK) == 0) {
-    if ((rc = hash_sha256_file(path, v->sha256, err))) goto fail;
-    /* A digest recorded at write time catches bit flips in the data. */
+    /* The digest is of exactly the bytes read (or mapped), so a check
+     * against the one recorded at write time covers what is served. */
+    rc = st_open_file(&v->weights, path, r->weights_load, v->sha256, err);
     const char *want =
         v->version_info ? json_string_value(json_object_get(v->version_info, "sha256")) : NULL;
-    if (want && strcmp(want, v->sha256) != 0) {
+    if (want && v->sha256[0] && strcmp(want, v->sha256) != 0) {
+      st_close(v->weights);
+      v->weights = NULL;
       rc = ts_errf(err, TS_EINVAL,
                    "model.safetensors: SHA-256 %s does not match %s recorded in version.json "
                    "(the file is corrupt)",
                    v->sha256, want);
       goto fail;
     }
-    if ((rc = st_open(&v->weights, path, err))) goto fail;
+    if (rc) goto fail;
   }
   md_load_ctx ctx = {.model_name = model,
                      .version = version,
@@ -853,6 +857,8 @@ int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *p
   *out = r;
   return 0;
 }
+
+void repo_set_weights_load(repo_t *r, st_load how) { r->weights_load = how; }
 
 void repo_close(repo_t *r) {
   if (!r) return;

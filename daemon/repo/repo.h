@@ -26,6 +26,7 @@
 
 #include "../base/err.h"
 #include "../base/pool.h"
+#include "../base/safetensors.h"
 #include "../models/model.h"
 
 typedef struct repo repo_t;
@@ -35,6 +36,10 @@ typedef struct repo_ver repo_ver;
 int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *pool,
               ts_err *err);
 void repo_close(repo_t *r);
+
+/* How versions loaded from now on read model.safetensors (default ST_READ,
+ * a private copy; ST_MMAP maps the file: --weights-load). */
+void repo_set_weights_load(repo_t *r, st_load how);
 
 /* Scans the root and loads what is new, changed or removed (start, SIGHUP,
  * polling). Never fails as a whole: per-model problems go to the index. */

@@ -268,15 +268,54 @@ def test_replaced_while_read():
 
 def test_inplace_rewrite():
     """A served file rewritten in place (not by rename) is outside the
-    repository contract: weights are memory-mapped, so the mapping sees the
-    new bytes (or, past the new end of file, SIGBUS). Runs only with
-    TALLYD_TEST_INPLACE=1 because it documents a known limitation."""
+    repository contract, but it happens (cp over a file, a bad deploy
+    script). With the default --weights-load read the daemon serves its own
+    copy, read and hashed at load: the data overwritten in place, then the
+    file truncated, and then a SIGHUP that tries the broken file: version 1's
+    exact answers throughout, never a crash."""
+    repo = make_repo()
+    vdir = write_model(repo, "m", MLP_CONFIG, mlp_weights(1.0, width=4096))
+    wpath = os.path.join(vdir, "model.safetensors")
+    d = Daemon(repo).start()
+    try:
+        want = expected(1.0, X, 4096)
+        size = os.path.getsize(wpath)
+        with open(wpath, "r+b") as f:  # every weight and bias to 7.0, in place
+            f.seek(size - 4 * 4096 * (D + 1))
+            f.write(struct.pack("<f", 7.0) * (4096 * (D + 1)))
+        for _ in range(3):
+            st, v, out = served(d, "m")
+            check(st == 200 and v == "1", "after the in-place rewrite: %s %s" % (st, v))
+            check(all(abs(a - b) < 1e-4 for a, b in zip(out, want)),
+                  "the in-place rewrite reached the served weights")
+        open(wpath, "r+b").truncate(100)
+        st, v, out = served(d, "m")
+        check(d.proc.poll() is None, "the daemon died after the truncation")
+        check(st == 200 and all(abs(a - b) < 1e-4 for a, b in zip(out, want)),
+              "after the truncation: %s" % st)
+        d.proc.send_signal(signal.SIGHUP)  # rescan: the broken file is refused
+        time.sleep(0.5)
+        st, v, out = served(d, "m")
+        check(d.proc.poll() is None, "the daemon died at SIGHUP")
+        check(st == 200 and all(abs(a - b) < 1e-4 for a, b in zip(out, want)),
+              "after SIGHUP: %s" % st)
+        print("  rewritten in place, truncated, rescanned: version 1's answers throughout")
+    finally:
+        d.stop()
+        shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_inplace_rewrite_mmap():
+    """--weights-load mmap maps the file instead of copying it: a file
+    rewritten in place then shows the new bytes to the running version, and a
+    truncation reads zeros or raises SIGBUS. Runs only with
+    TALLYD_TEST_INPLACE=1 because it shows that mode's documented limit."""
     if os.environ.get("TALLYD_TEST_INPLACE") != "1":
-        raise SkipTest("known limitation (mmap'ed weights rewritten in place); "
+        raise SkipTest("documented limit of --weights-load mmap (weights rewritten in place); "
                        "TALLYD_TEST_INPLACE=1 runs it")
     repo = make_repo()
     vdir = write_model(repo, "m", MLP_CONFIG, mlp_weights(1.0, width=4096))
-    d = Daemon(repo).start()
+    d = Daemon(repo, ["--weights-load", "mmap"]).start()
     try:
         open(os.path.join(vdir, "model.safetensors"), "r+b").truncate(100)
         st, v, out = served(d, "m")

@@ -759,6 +759,71 @@ static void test_python_seeds(void **state) {
   st_close(f);
 }
 
+/* ------------------------------------------------------------ load modes */
+
+/* ST_READ keeps a private copy: the file truncated and rewritten in place
+ * afterwards leaves the open tensors as they were read. ST_MMAP shows the
+ * new bytes (the documented reason for ST_READ being the default). Both give
+ * the SHA-256 of the bytes they loaded, the file's own digest. */
+static void test_load_modes(void **state) {
+  (void)state;
+  float data[4] = {1.5f, -2.0f, 3.25f, 4.0f};
+  /* 56 bytes of JSON: the data starts at 64, aligned, so the tensors borrow */
+  const char *json = "{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}} ";
+  size_t len;
+  unsigned char *b = image(json, data, sizeof data, &len);
+  write_bytes("modes.safetensors", b, len);
+  char want[HASH_HEX_LEN + 1], got[HASH_HEX_LEN + 1];
+  hash_sha256_buf(b, len, want);
+  ts_err err = {0};
+  st_file *rf, *mf;
+  assert_int_equal(st_open_file(&rf, path, ST_READ, got, &err), 0);
+  assert_string_equal(got, want);
+  assert_int_equal(st_open_file(&mf, path, ST_MMAP, got, &err), 0);
+  assert_string_equal(got, want);
+  ts_tensor rt, mt;
+  assert_int_equal(st_get_f32(rf, "w", 1, (const int64_t[]){4}, &rt, &err), 0);
+  assert_int_equal(st_get_f32(mf, "w", 1, (const int64_t[]){4}, &mt, &err), 0);
+  assert_memory_equal(rt.data, data, sizeof data);
+  assert_memory_equal(mt.data, data, sizeof data);
+
+  /* rewrite the data in place (same inode, same length) */
+  FILE *fp = fopen(path, "r+b");
+  assert_non_null(fp);
+  float other[4] = {9, 9, 9, 9};
+  assert_int_equal(fseek(fp, (long)(len - sizeof other), SEEK_SET), 0);
+  assert_int_equal(fwrite(other, sizeof other, 1, fp), 1);
+  assert_int_equal(fclose(fp), 0);
+  assert_memory_equal(rt.data, data, sizeof data);  /* the copy: unchanged */
+  assert_memory_equal(mt.data, other, sizeof other); /* the mapping: new bytes */
+  ts_free(&mt);
+  st_close(mf);
+  /* truncate it: the copy still reads (a mapping would fault past the end) */
+  assert_int_equal(truncate(path, 10), 0);
+  assert_memory_equal(rt.data, data, sizeof data);
+  ts_free(&rt);
+  st_close(rf);
+
+  /* what is read now is the truncated file, refused by validation; the
+   * digest is still of the bytes read */
+  st_file *f = (st_file *)1;
+  assert_int_equal(st_open_file(&f, path, ST_READ, got, &err), -TS_EINVAL);
+  assert_null(f);
+  hash_sha256_buf(b, 10, want);
+  assert_string_equal(got, want);
+  /* an empty file: no image at all, refused as short */
+  assert_int_equal(truncate(path, 0), 0);
+  assert_int_equal(st_open_file(&f, path, ST_READ, got, &err), -TS_EINVAL);
+  hash_sha256_buf("", 0, want);
+  assert_string_equal(got, want);
+  /* not a regular file, and missing */
+  assert_int_equal(st_open_file(&f, dir, ST_READ, NULL, &err), -TS_EINVAL);
+  snprintf(path, sizeof path, "%s/none.safetensors", dir);
+  assert_int_equal(st_open_file(&f, path, ST_READ, got, &err), -TS_ENOTFOUND);
+  assert_string_equal(got, "");
+  free(b);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_short_file),
@@ -778,6 +843,7 @@ int main(void) {
       cmocka_unit_test(test_allocation_failures),
       cmocka_unit_test(test_mutations),
       cmocka_unit_test(test_python_seeds),
+      cmocka_unit_test(test_load_modes),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
