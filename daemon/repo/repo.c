@@ -849,6 +849,7 @@ int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *p
     for (int i = 0; r->only && i < n; i++) r->only[i] = tl_strdup(only[i]);
   }
   r->pool = pool;
+  r->weights_load = ST_MMAP;
   uv_mutex_init(&r->mu);
   uv_mutex_init(&r->sync_mu);
   r->host.acquire = host_acquire;

@@ -37,8 +37,8 @@ int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *p
               ts_err *err);
 void repo_close(repo_t *r);
 
-/* How versions loaded from now on read model.safetensors (default ST_READ,
- * a private copy; ST_MMAP maps the file: --weights-load). */
+/* How versions loaded from now on bring in model.safetensors (default
+ * ST_MMAP, the file mapped; ST_READ, a private copy: --weights-load). */
 void repo_set_weights_load(repo_t *r, st_load how);
 
 /* Scans the root and loads what is new, changed or removed (start, SIGHUP,

@@ -47,7 +47,7 @@ static const opt opts[] = {
     {"connection-timeout", T_INT, O(connection_timeout), 0, 86400, "SECONDS", "close a connection idle or stalled this long; a request being computed is exempt (default 0: never)"},
     {"max-batch", T_INT, O(max_batch), 0, INT64_MAX, "N", "largest leading dimension of any input tensor, 400 above (default 0: no limit)"},
     {"max-sequence-length", T_INT, O(max_sequence_length), 0, INT64_MAX, "N", "largest sequence length (input_ids' last, query/key/value's second-to-last dimension), 400 above (default 0: no limit)"},
-    {"weights-load", T_STR, O(weights_load), 0, 0, "HOW", "read: copy model.safetensors into memory, immune to later writes to the file; mmap: map it, no copy, the file must never change in place (default read)"},
+    {"weights-load", T_STR, O(weights_load), 0, 0, "HOW", "mmap: map model.safetensors, no copy, the file must never change in place; read: copy it into memory, immune to later writes to the file (default mmap)"},
     {"repository-poll-secs", T_INT, O(repository_poll_secs), 0, 86400, "N", "rescan the model repository every N seconds, as at SIGHUP (default 0: only at SIGHUP)"},
     {"keygen", T_FLAG, O(keygen), 0, 0, NULL, "print a new random API key and its key-file line, then exit"},
     {"scope", T_STR, O(scope), 0, 0, "SCOPE", "scope of the key --keygen makes: infer or admin (default infer)"},
@@ -214,7 +214,7 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
     return ts_errf(err, TS_EINVAL, "--tls-cert and --tls-key go together (one of them is missing)");
   if (c->scope && strcmp(c->scope, "infer") != 0 && strcmp(c->scope, "admin") != 0)
     return ts_errf(err, TS_EINVAL, "--scope must be infer or admin, not '%s'", c->scope);
-  if (!c->weights_load && set_str(&c->weights_load, "read", err)) return -TS_ENOMEM;
+  if (!c->weights_load && set_str(&c->weights_load, "mmap", err)) return -TS_ENOMEM;
   if (strcmp(c->weights_load, "read") != 0 && strcmp(c->weights_load, "mmap") != 0)
     return ts_errf(err, TS_EINVAL, "--weights-load must be read or mmap, not '%s'", c->weights_load);
   if (strcmp(c->log_format, "text") != 0 && strcmp(c->log_format, "json") != 0)

@@ -42,7 +42,7 @@ typedef struct srv_config {
   int64_t max_batch;          /* largest leading dimension of an input; 0: none */
   int64_t max_sequence_length;/* largest token/query/key length; 0: none */
   int64_t repository_poll_secs; /* rescan period; 0: only at SIGHUP */
-  char *weights_load;         /* "read" (a private copy) or "mmap" */
+  char *weights_load;         /* "mmap" (default) or "read" (a private copy) */
   char *scope;                /* --keygen: the new key's scope */
   int keygen;
   int help, version;

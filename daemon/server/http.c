@@ -732,9 +732,9 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   if ((rc = repo_open(&s->repo, cfg->model_repository, (const char *const *)cfg->models, s->pool,
                       err)))
     return rc;
-  repo_set_weights_load(s->repo, cfg->weights_load && strcmp(cfg->weights_load, "mmap") == 0
-                                     ? ST_MMAP
-                                     : ST_READ);
+  repo_set_weights_load(s->repo, cfg->weights_load && strcmp(cfg->weights_load, "read") == 0
+                                     ? ST_READ
+                                     : ST_MMAP);
 
   if (cfg->api_key_file) {
     if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) return rc;

@@ -23,6 +23,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
 import st  # noqa: E402
 
 BIN = os.environ.get("TALLYD_BIN", os.path.join(ROOT, "build", "tallyd"))
+# Under a wrapper (make memcheck runs tallyd under valgrind, ~20-50x slower)
+# waits that bound the daemon's own speed are multiplied by SLOW.
+SLOW = 25 if os.environ.get("TALLYD_WRAPPER") else 1
 
 
 def free_port():
@@ -56,6 +59,7 @@ class Daemon:
         self.log_path = tempfile.mktemp(prefix="tallyd-log-")
 
     def start(self, wait_ready=True, timeout=30):
+        timeout *= SLOW
         cmd = [BIN, "--model-repository", self.repo, "--listen", "127.0.0.1:%d" % self.port]
         cmd += self.args
         # TALLYD_WRAPPER (e.g. "valgrind --leak-check=full"): run tallyd under it
@@ -87,6 +91,7 @@ class Daemon:
             return ""
 
     def stop(self, sig=signal.SIGTERM, timeout=30):
+        timeout *= SLOW
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
@@ -100,7 +105,7 @@ class Daemon:
         return rc
 
     def request(self, method, path, body=None, headers=None, timeout=60):
-        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout * SLOW)
         h = dict(headers or {})
         if body is not None and not isinstance(body, (bytes, bytearray)):
             body = json.dumps(body).encode()
@@ -188,7 +193,14 @@ def close(a, b, rel=1e-5, abs_=1e-6):
 
 
 def run_tests(tests, setup=None, teardown=None):
-    """tests: list of (name, fn). Prints per-test lines and the tally line."""
+    """tests: list of (name, fn). Prints per-test lines and the tally line.
+    Names given on the command line run only those tests."""
+    only = [a for a in sys.argv[1:] if not a.startswith("-")]
+    if only:
+        unknown = sorted(set(only) - {n for n, _ in tests})
+        if unknown:
+            sys.exit("no such test: %s" % ", ".join(unknown))
+        tests = [(n, f) for n, f in tests if n in only]
     passed = failed = skipped = 0
     ctx = setup() if setup else None
     try:

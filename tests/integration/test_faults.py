@@ -269,14 +269,14 @@ def test_replaced_while_read():
 def test_inplace_rewrite():
     """A served file rewritten in place (not by rename) is outside the
     repository contract, but it happens (cp over a file, a bad deploy
-    script). With the default --weights-load read the daemon serves its own
-    copy, read and hashed at load: the data overwritten in place, then the
-    file truncated, and then a SIGHUP that tries the broken file: version 1's
+    script). With --weights-load read the daemon serves its own copy, read
+    and hashed at load: the data overwritten in place, then the file
+    truncated, and then a SIGHUP that tries the broken file: version 1's
     exact answers throughout, never a crash."""
     repo = make_repo()
     vdir = write_model(repo, "m", MLP_CONFIG, mlp_weights(1.0, width=4096))
     wpath = os.path.join(vdir, "model.safetensors")
-    d = Daemon(repo).start()
+    d = Daemon(repo, ["--weights-load", "read"]).start()
     try:
         want = expected(1.0, X, 4096)
         size = os.path.getsize(wpath)
@@ -306,12 +306,14 @@ def test_inplace_rewrite():
 
 
 def test_inplace_rewrite_mmap():
-    """--weights-load mmap maps the file instead of copying it: a file
-    rewritten in place then shows the new bytes to the running version, and a
-    truncation reads zeros or raises SIGBUS. Runs only with
-    TALLYD_TEST_INPLACE=1 because it shows that mode's documented limit."""
+    """--weights-load mmap (the default, as llama.cpp's server) maps the file
+    instead of copying it: a file rewritten in place then shows the new bytes
+    to the running version, and a truncation reads zeros or raises SIGBUS.
+    Runs only with TALLYD_TEST_INPLACE=1 because it shows that mode's
+    documented limit (write versions by rename, or use --weights-load read)."""
     if os.environ.get("TALLYD_TEST_INPLACE") != "1":
-        raise SkipTest("documented limit of --weights-load mmap (weights rewritten in place); "
+        raise SkipTest("documented limit of the default --weights-load mmap (weights rewritten "
+                       "in place); "
                        "TALLYD_TEST_INPLACE=1 runs it")
     repo = make_repo()
     vdir = write_model(repo, "m", MLP_CONFIG, mlp_weights(1.0, width=4096))

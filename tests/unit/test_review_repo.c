@@ -1,7 +1,7 @@
 /* test_review_repo.c - reference counting of served versions in the model
  * repository (repo.c), found in review.
  *
- * A served version (loaded with ST_MMAP here) holds its weights file mmap'ed until its last reference
+ * A served version (ST_MMAP, the default) holds its weights file mmap'ed until its last reference
  * is released, so /proc/self/maps tells from outside whether a version was
  * freed: after a model is unloaded and the last request released it, its
  * model.safetensors must be unmapped. A rescan (SIGHUP, polling) that finds
@@ -75,7 +75,7 @@ static void test_rescan_then_unload_frees(void **st) {
   repo_t *r;
   ts_err err = {0};
   assert_int_equal(repo_open(&r, root, NULL, NULL, &err), 0);
-  repo_set_weights_load(r, ST_MMAP); /* so /proc/self/maps shows the version */
+  repo_set_weights_load(r, ST_MMAP); /* the default; /proc/self/maps shows it */
   repo_sync(r);
   assert_true(weights_mapped());
   repo_sync(r); /* SIGHUP: nothing changed */
@@ -95,7 +95,7 @@ static void test_inflight_keeps_version(void **st) {
   repo_t *r;
   ts_err err = {0};
   assert_int_equal(repo_open(&r, root, NULL, NULL, &err), 0);
-  repo_set_weights_load(r, ST_MMAP); /* so /proc/self/maps shows the version */
+  repo_set_weights_load(r, ST_MMAP); /* the default; /proc/self/maps shows it */
   repo_sync(r);
   repo_ver *v;
   assert_int_equal(repo_acquire(r, "m", 0, &v, &err), 0);
