@@ -314,6 +314,28 @@ static int read_image(int fd, const struct stat *before, const char *path, void 
   return 0;
 }
 
+/* Hashes the first len bytes of fd with pread, 1 MiB at a time. */
+static int hash_fd(int fd, size_t len, const char *path, hash_ctx *h, ts_err *err) {
+  unsigned char *buf = tl_malloc(1u << 20);
+  if (!buf) return oom(err);
+  size_t got = 0;
+  int r = 0;
+  while (got < len) {
+    size_t want = len - got < (1u << 20) ? len - got : (1u << 20);
+    ssize_t n = pread(fd, buf, want, (off_t)got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      r = n == 0 ? ts_errf(err, TS_EIO, "weights '%s' shrank while being read", path)
+                 : ts_errf(err, TS_EIO, "cannot read weights '%s': %s", path, strerror(errno));
+      break;
+    }
+    hash_update(h, buf, (size_t)n);
+    got += (size_t)n;
+  }
+  tl_free(buf);
+  return r;
+}
+
 int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[HASH_HEX_LEN + 1],
                  ts_err *err) {
   *out = NULL;
@@ -355,7 +377,9 @@ int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[H
     }
     f->map = m;
     f->map_len = len;
-    if (h) hash_update(h, m, len);
+    /* hashed through the descriptor, not the mapping: a file truncated now
+     * gives a wrong digest or a short read, never SIGBUS in the loader */
+    if (h && (r = hash_fd(fd, len, path, h, err))) goto fail;
   }
   close(fd);
   if (h) {

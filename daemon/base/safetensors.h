@@ -18,8 +18,8 @@
  *
  * Ownership: an st_file owns its image of the file (st_open_file with
  * ST_READ: a private copy read into anonymous memory; ST_MMAP and st_open: a
- * read-only MAP_PRIVATE mmap of the whole file) or borrows the caller's buffer (st_open_mem; it must
- * outlive the st_file). Tensors that st_get / st_get_f32 BORROW point into it,
+ * read-only MAP_PRIVATE mmap of the whole file) or borrows the caller's
+ * buffer (st_open_mem; it must outlive the st_file). Tensors that st_get / st_get_f32 BORROW point into it,
  * are read-only, and are valid until st_close; tensors they had to copy or
  * convert own their data. Either way the caller calls ts_free on the tensor
  * (which frees only what is owned). A mapped (ST_MMAP) file must not be
@@ -51,8 +51,10 @@ typedef enum {
 } st_load;
 
 /* Opens path (read or mapped as `how` says) and validates it. With sha256_hex
- * non-NULL it also receives the SHA-256 of exactly the bytes that were read
- * or mapped, so a digest check covers what is served. ST_READ refuses, with
+ * non-NULL it also receives the SHA-256 of the file through the same
+ * descriptor (for ST_READ, of exactly the bytes read, so a digest check
+ * covers what is served; ST_MMAP hashes with pread, so a file truncated
+ * during the load is an error, not SIGBUS). ST_READ refuses, with
  * -TS_EIO, a file whose size, inode or modification time changed while it
  * was being read. On failure *out is NULL. */
 int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[HASH_HEX_LEN + 1],
