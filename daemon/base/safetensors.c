@@ -271,69 +271,62 @@ int st_open_mem(st_file **out, const void *buf, size_t len, const char *label, t
   return finish_open(out, f, buf, len, label, err);
 }
 
+/* Reads the first len bytes of fd with pread into dst, or through a 1 MiB
+ * scratch buffer when dst is NULL, and hashes them into h (if any). A file
+ * that ends early shrank while being read. */
+static int read_all(int fd, size_t len, const char *path, unsigned char *dst, hash_ctx *h,
+                    ts_err *err) {
+  const size_t chunk = dst ? (8u << 20) : (1u << 20);
+  unsigned char *scratch = dst ? NULL : tl_malloc(chunk);
+  if (!dst && !scratch) return oom(err);
+  size_t got = 0;
+  int r = 0;
+  while (got < len) {
+    size_t want = len - got < chunk ? len - got : chunk;
+    unsigned char *to = dst ? dst + got : scratch;
+    ssize_t n = pread(fd, to, want, (off_t)got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      r = n == 0 ? ts_errf(err, TS_EIO,
+                           "weights '%s' shrank while being read (%zu of %zu bytes); "
+                           "write new versions by rename, not in place",
+                           path, got, len)
+                 : ts_errf(err, TS_EIO, "cannot read weights '%s': %s", path, strerror(errno));
+      break;
+    }
+    if (h) hash_update(h, to, (size_t)n);
+    got += (size_t)n;
+  }
+  tl_free(scratch);
+  return r;
+}
+
 /* Reads the whole file into a private anonymous mapping (page-aligned, given
- * back to the system at st_close), hashing as it goes. A file that ends
- * early or whose size, inode or modification time differ after the read was
- * changed while being read: refused, the caller keeps what it had. */
+ * back to the system at st_close), hashing as it goes. A file whose size,
+ * inode or modification time differ after the read was changed while being
+ * read: refused, the caller keeps what it had. */
 static int read_image(int fd, const struct stat *before, const char *path, void **image,
                       hash_ctx *h, ts_err *err) {
   size_t len = (size_t)before->st_size;
   void *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (m == MAP_FAILED)
     return ts_errf(err, TS_ENOMEM, "cannot allocate %zu bytes for weights '%s'", len, path);
-  size_t got = 0;
-  while (got < len) {
-    size_t want = len - got < (8u << 20) ? len - got : (8u << 20);
-    ssize_t n = pread(fd, (char *)m + got, want, (off_t)got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      int e = errno;
-      munmap(m, len);
-      if (n == 0)
-        return ts_errf(err, TS_EIO,
-                       "weights '%s' shrank while being read (%zu of %zu bytes); "
-                       "write new versions by rename, not in place",
-                       path, got, len);
-      return ts_errf(err, TS_EIO, "cannot read weights '%s': %s", path, strerror(e));
-    }
-    if (h) hash_update(h, (char *)m + got, (size_t)n);
-    got += (size_t)n;
-  }
+  int r = read_all(fd, len, path, m, h, err);
   struct stat after;
-  if (fstat(fd, &after) != 0 || after.st_size != before->st_size ||
-      after.st_ino != before->st_ino || after.st_mtim.tv_sec != before->st_mtim.tv_sec ||
-      after.st_mtim.tv_nsec != before->st_mtim.tv_nsec) {
+  if (!r && (fstat(fd, &after) != 0 || after.st_size != before->st_size ||
+             after.st_ino != before->st_ino || after.st_mtim.tv_sec != before->st_mtim.tv_sec ||
+             after.st_mtim.tv_nsec != before->st_mtim.tv_nsec))
+    r = ts_errf(err, TS_EIO,
+                "weights '%s' changed while being read; write new versions by rename, "
+                "not in place",
+                path);
+  if (r) {
     munmap(m, len);
-    return ts_errf(err, TS_EIO,
-                   "weights '%s' changed while being read; write new versions by rename, "
-                   "not in place",
-                   path);
+    return r;
   }
   mprotect(m, len, PROT_READ);
   *image = m;
   return 0;
-}
-
-/* Hashes the first len bytes of fd with pread, 1 MiB at a time. */
-static int hash_fd(int fd, size_t len, const char *path, hash_ctx *h, ts_err *err) {
-  unsigned char *buf = tl_malloc(1u << 20);
-  if (!buf) return oom(err);
-  size_t got = 0;
-  int r = 0;
-  while (got < len) {
-    size_t want = len - got < (1u << 20) ? len - got : (1u << 20);
-    ssize_t n = pread(fd, buf, want, (off_t)got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      r = n == 0 ? ts_errf(err, TS_EIO, "weights '%s' shrank while being read", path)
-                 : ts_errf(err, TS_EIO, "cannot read weights '%s': %s", path, strerror(errno));
-      break;
-    }
-    hash_update(h, buf, (size_t)n);
-    got += (size_t)n;
-  }
-  tl_free(buf);
-  return r;
 }
 
 int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[HASH_HEX_LEN + 1],
@@ -379,7 +372,7 @@ int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[H
     f->map_len = len;
     /* hashed through the descriptor, not the mapping: a file truncated now
      * gives a wrong digest or a short read, never SIGBUS in the loader */
-    if (h && (r = hash_fd(fd, len, path, h, err))) goto fail;
+    if (h && (r = read_all(fd, len, path, NULL, h, err))) goto fail;
   }
   close(fd);
   if (h) {
