@@ -10,6 +10,7 @@
  * Compiled with -mavx2 -mfma (the Makefile's *_avx2.c rule) and chosen at run
  * time by cpu_best_path(); the scalar kernels in attn.c are the reference. */
 #include "attn.h"
+#include "vmath_avx2_inl.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -17,24 +18,11 @@
 
 #define AI static inline __attribute__((always_inline))
 
-/* exp(x); exactly 0 below -87.3 (where float would go subnormal). */
+/* exp(x) (vmath's exp256_ps), exactly 0 below -87.3 where float would go
+ * subnormal: the attention sums then never carry subnormal operands. */
 AI __m256 v_exp(__m256 x) {
-  const __m256 lo = _mm256_set1_ps(-87.33654f);
-  __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), lo);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  __m256 y = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+  __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-87.33654f), _CMP_LT_OQ);
+  return _mm256_andnot_ps(under, exp256_ps(x));
 }
 
 /* log(x) for normal x > 0. */
