@@ -44,7 +44,7 @@ static const opt opts[] = {
     {"cors-origin", T_STR, O(cors_origin), 0, 0, "ORIGINS", "allow browsers from these origins (comma list, or *); answers OPTIONS preflights (default: none)"},
     {"max-connections", T_INT, O(max_connections), 0, 1 << 20, "N", "open connections at most (default 0: libmicrohttpd's limit, about the descriptor limit)"},
     {"per-ip-connections", T_INT, O(per_ip_connections), 0, 1 << 20, "N", "open connections per client address at most (default 0: no limit)"},
-    {"connection-timeout", T_INT, O(connection_timeout), 0, 86400, "SECONDS", "close a connection idle or stalled this long; a request being computed is exempt (default 0: never)"},
+    {"connection-timeout", T_INT, O(connection_timeout), 0, 86400, "SECONDS", "close a connection idle or stalled this long; a request being computed is exempt; 0 = never (default 60)"},
     {"max-batch", T_INT, O(max_batch), 0, INT64_MAX, "N", "largest leading dimension of any input tensor, 400 above (default 0: no limit)"},
     {"max-sequence-length", T_INT, O(max_sequence_length), 0, INT64_MAX, "N", "largest sequence length (input_ids' last, query/key/value's second-to-last dimension), 400 above (default 0: no limit)"},
     {"weights-load", T_STR, O(weights_load), 0, 0, "HOW", "mmap: map model.safetensors, no copy, the file must never change in place; read: copy it into memory, immune to later writes to the file (default mmap)"},
@@ -67,6 +67,7 @@ void cfg_defaults(srv_config *c) {
   c->session_ttl_secs = 600;
   c->kv_cache_bytes = 4ll << 30;
   c->max_request_memory = 1ll << 30;
+  c->connection_timeout = 60; /* nginx's client_header/body_timeout */
 }
 
 static const opt *find_opt(const char *name) {

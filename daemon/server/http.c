@@ -22,6 +22,7 @@
 #include <malloc.h>
 #include <microhttpd.h>
 #include <netdb.h>
+#include <poll.h>
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <stdio.h>
@@ -42,6 +43,10 @@
 
 enum { H_NEW, H_BODY, H_WAITING, H_DONE };
 
+/* GnuTLS priority string (libmicrohttpd's TLS): its defaults, less every
+ * protocol version below TLS 1.2. */
+#define TLS_PRIORITIES "NORMAL:-VERS-ALL:+VERS-TLS1.3:+VERS-TLS1.2"
+
 typedef struct hreq {
   server *srv;
   struct MHD_Connection *conn;
@@ -57,6 +62,13 @@ typedef struct hreq {
   job *job;
   resp out;
   int suspended;
+  int suspend_next;           /* suspend at the next call (see on_access) */
+  int fd;                     /* the connection's socket (hang-up checks) */
+  int tls, http11;            /* how a hang-up can be told from a half-close */
+  double rdhup_at;            /* when the peer's FIN was first seen; 0 never */
+  int probed;                 /* the 102 probe was sent */
+  int must_close;             /* answer with "Connection: close" */
+  int bad_target;             /* the raw request target holds NUL or a control */
   int preflight;              /* a CORS preflight (OPTIONS) */
   int64_t served_version;     /* the version a job ran on (metrics) */
   char cors_origin[256];      /* Access-Control-Allow-Origin to send; "" none */
@@ -96,6 +108,81 @@ static int header_ok(const char *v) {
           *v == '-' || *v == '_' || *v == '.' || *v == ':'))
       return 0;
   return 1;
+}
+
+/* 1 when the peer has shut down its sending side (a FIN is queued). */
+static int peer_half_closed(int fd) {
+  if (fd < 0) return 0;
+  struct pollfd p = {.fd = fd, .events = POLLRDHUP};
+  return poll(&p, 1, 0) == 1 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR));
+}
+
+/* RFC 9110 5.1: a field name is a token. */
+static int is_token(const char *k) {
+  if (!*k) return 0;
+  for (; *k; k++) {
+    unsigned char c = (unsigned char)*k;
+    if (c <= 32 || c >= 127 || strchr("\"(),/:;<=>?@[\\]{}", c)) return 0;
+  }
+  return 1;
+}
+
+typedef struct framing {
+  int n_cl, n_te, bad_name, bad_te;
+  char name[64];
+} framing;
+
+static enum MHD_Result framing_seen(void *cls, enum MHD_ValueKind kind, const char *key,
+                                    const char *value) {
+  (void)kind;
+  framing *f = cls;
+  if (!is_token(key)) {
+    if (!f->bad_name) snprintf(f->name, sizeof f->name, "%s", key);
+    f->bad_name = 1;
+  } else if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
+    f->n_cl++;
+  } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
+    f->n_te++;
+    if (!value || strcasecmp(value, "chunked") != 0) f->bad_te = 1;
+  }
+  return MHD_YES;
+}
+
+/* Request smuggling (RFC 9112 5.1, 6.1, 6.3): a body framed two ways, or by
+ * a header this daemon and a proxy in front of it could read differently,
+ * is refused and the connection closed. libmicrohttpd keeps the first
+ * Content-Length, takes "Content-Length : N" as some other header and
+ * applies chunked over Content-Length; only the raw header list shows it.
+ * 0 when the framing is unambiguous, else fills err. */
+static int check_framing(struct MHD_Connection *conn, ts_err *err) {
+  framing f = {0};
+  MHD_get_connection_values(conn, MHD_HEADER_KIND, framing_seen, &f);
+  if (f.bad_name)
+    return ts_errf(err, TS_EINVAL, "header name '%.40s' is not a token (whitespace before the "
+                                   "colon?)", f.name);
+  if (f.n_cl > 1) return ts_errf(err, TS_EINVAL, "more than one Content-Length header");
+  if (f.n_te && f.n_cl)
+    return ts_errf(err, TS_EINVAL, "both Transfer-Encoding and Content-Length");
+  if (f.n_te > 1 || f.bad_te)
+    return ts_errf(err, TS_EINVAL, "Transfer-Encoding other than a single 'chunked'");
+  return 0;
+}
+
+/* 1 when the raw request path (before any %-decoding) holds a NUL or a
+ * control character, raw or %-encoded: libmicrohttpd decodes the URL before
+ * on_access, where "m1%00" has become "m1". The query is not looked at. */
+static int target_has_control(const char *uri) {
+  for (const char *p = uri; *p && *p != '?' && *p != '#'; p++) {
+    unsigned char c = (unsigned char)*p;
+    if (c < 32 || c == 127) return 1;
+    if (c == '%' && p[1] && p[2]) {
+      int hi = p[1] >= '0' && p[1] <= '9' ? p[1] - '0' : -1;
+      char lo = (char)(p[2] | 32);
+      if ((hi == 0 || hi == 1) && ((lo >= '0' && lo <= '9') || (lo >= 'a' && lo <= 'f'))) return 1;
+      if (hi == 7 && (lo == 'f')) return 1;
+    }
+  }
+  return 0;
 }
 
 static void waiting_add(server *s, hreq *h) {
@@ -310,7 +397,13 @@ static enum MHD_Result queue(hreq *h) {
     snprintf(b, sizeof b, "%zu", r->json_len);
     MHD_add_response_header(m, "Inference-Header-Content-Length", b);
   }
-  if (atomic_load(&h->srv->draining)) MHD_add_response_header(m, MHD_HTTP_HEADER_CONNECTION, "close");
+  /* A client that has half-closed sends nothing more: closing now frees the
+   * descriptor (libmicrohttpd reads the FIN only on a later readiness edge,
+   * which never comes when the FIN arrived with the request). Requests it
+   * pipelined behind this one are not answered; RFC 9112 9.3.2 has such
+   * clients retry them. */
+  if (h->must_close || atomic_load(&h->srv->draining) || peer_half_closed(h->fd))
+    MHD_add_response_header(m, MHD_HTTP_HEADER_CONNECTION, "close");
   enum MHD_Result ret = MHD_queue_response(h->conn, (unsigned)r->status, m);
   MHD_destroy_response(m);
   return ret;
@@ -379,20 +472,43 @@ static int authorize(server *s, hreq *h, const char *method, const char *url) {
   return 0;
 }
 
+/* libmicrohttpd's URI log callback: the first sight of a request, with the
+ * target as the client sent it (on_access gets it %-decoded). The hreq is
+ * made here; on_access completes it on its first call. */
+static void *on_uri(void *cls, const char *uri, struct MHD_Connection *conn) {
+  (void)cls;
+  (void)conn;
+  hreq *h = tl_calloc(1, sizeof *h);
+  if (h) h->bad_target = target_has_control(uri);
+  return h; /* NULL: on_access makes one and skips the raw check */
+}
+
+/* Answers on the first call, before the body is read; the connection is
+ * closed after it (libmicrohttpd discards the unread body). */
+static enum MHD_Result refuse_early(hreq *h) {
+  h->phase = H_DONE;
+  h->must_close = 1;
+  return queue(h);
+}
+
 static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const char *url,
                                  const char *method, const char *version,
                                  const char *upload_data, size_t *upload_data_size,
                                  void **con_cls) {
-  (void)version;
   server *s = cls;
   hreq *h = *con_cls;
-  if (!h) {
-    h = tl_calloc(1, sizeof *h);
-    if (!h) return MHD_NO;
+  if (!h || h->phase == H_NEW) {
+    if (!h && !(h = tl_calloc(1, sizeof *h))) return MHD_NO;
     *con_cls = h;
     h->srv = s;
     h->conn = conn;
     h->t0 = md_now();
+    h->phase = H_BODY;
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
+    h->fd = ci ? ci->connect_fd : -1;
+    h->tls = s->cfg->tls_cert != NULL;
+    h->http11 = version && strcmp(version, MHD_HTTP_VERSION_1_1) == 0;
     snprintf(h->method, sizeof h->method, "%s", method);
     snprintf(h->path, sizeof h->path, "%s", url);
     const char *rid = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
@@ -400,15 +516,20 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     else new_request_id(h->request_id, sizeof h->request_id);
     metrics_inflight_add(1);
     cors_match(s, h);
+    ts_err ferr = {0};
+    if (check_framing(conn, &ferr)) {
+      resp_error(&h->out, &ferr);
+      return refuse_early(h);
+    }
+    if (h->bad_target) {
+      error_resp(&h->out, TS_EINVAL, "the request path holds a NUL or control character");
+      return refuse_early(h);
+    }
     if (s->cfg->cors_origin && strcmp(method, "OPTIONS") == 0) {
       h->preflight = 1; /* answered once complete: browsers send no credentials here */
-      h->phase = H_BODY;
       return MHD_YES;
     }
-    if (!authorize(s, h, method, url)) {
-      h->phase = H_DONE;
-      return queue(h); /* refused before the body is read; MHD closes */
-    }
+    if (!authorize(s, h, method, url)) return refuse_early(h);
     const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
                                                  MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl) {
@@ -417,11 +538,9 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
       if (*end == 0 && n > (unsigned long long)s->cfg->max_body_bytes) {
         error_resp(&h->out, TS_ETOOBIG, "the body (%llu bytes) is larger than the limit of %lld bytes",
                    n, (long long)s->cfg->max_body_bytes);
-        h->phase = H_DONE;
-        return queue(h); /* answered before the body is read; MHD closes */
+        return refuse_early(h);
       }
     }
-    h->phase = H_BODY;
     return MHD_YES;
   }
   if (h->phase == H_BODY && *upload_data_size) {
@@ -485,11 +604,26 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         submit(s, h);
       }
     }
+    /* Suspend at the next call, not this one: libmicrohttpd keeps a
+     * suspended connection's event state as it was before this call
+     * (reading), and on resume reads first; a client that half-closed after
+     * sending then has its connection closed on the read of the FIN, before
+     * its answer is queued. After this call returns without an answer the
+     * state is "blocked", which is kept through the suspension and never
+     * reads. The next call comes at once (libmicrohttpd runs a blocked
+     * connection again on the next pass); a fast job may be done by then. */
     if (h->phase == H_WAITING) {
-      h->suspended = 1;
-      MHD_suspend_connection(conn);
+      h->suspend_next = 1;
       return MHD_YES;
     }
+  }
+  if (h->phase == H_WAITING) {
+    if (h->suspend_next && !h->suspended) {
+      h->suspend_next = 0;
+      h->suspended = 1;
+      MHD_suspend_connection(conn);
+    }
+    return MHD_YES;
   }
   if (h->phase == H_DONE) return queue(h);
   return MHD_YES;
@@ -503,6 +637,10 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   hreq *h = *con_cls;
   if (!h) return;
   *con_cls = NULL;
+  if (h->phase == H_NEW) { /* libmicrohttpd refused it before on_access */
+    tl_free(h);
+    return;
+  }
   if (h->job) abandon(s, h);
   int status = h->out.status ? h->out.status : 500;
   double secs = md_now() - h->t0;
@@ -578,11 +716,52 @@ static void trim_after_burst(server *s) {
   s->conn_peak = now;
 }
 
+/* A client that hangs up while its job runs (defect: work outlived its
+ * client). libmicrohttpd does not watch a suspended connection, so the
+ * sweep does: a reset (POLLERR/POLLHUP) is a hang-up. A FIN alone
+ * (POLLRDHUP) is what close() and shutdown(SHUT_WR) both send; a client
+ * that only half-closed still reads its answer. After HANGUP_GRACE seconds
+ * of FIN with the job still running, a plain HTTP/1.1 connection is probed
+ * with an interim "102 Processing" (RFC 9110 15.2: clients parse 1xx): a
+ * closed socket answers it with a reset, a half-closed one reads it. TLS and
+ * HTTP/1.0 connections cannot be probed: their FIN counts as a hang-up after
+ * the grace. A job shorter than the grace is never probed. */
+#define HANGUP_GRACE 0.25
+
+static int hung_up(hreq *h, double now) {
+  if (h->fd < 0) return 0;
+  struct pollfd p = {.fd = h->fd, .events = POLLRDHUP};
+  if (poll(&p, 1, 0) != 1) return 0;
+  if (p.revents & (POLLERR | POLLHUP | POLLNVAL)) return 1;
+  if (!(p.revents & POLLRDHUP)) return 0;
+  if (h->rdhup_at == 0) h->rdhup_at = now;
+  if (now - h->rdhup_at < HANGUP_GRACE || h->probed) return 0;
+  if (h->tls || !h->http11) return 1;
+  static const char probe[] = "HTTP/1.1 102 Processing\r\n\r\n";
+  h->probed = 1;
+  ssize_t n = send(h->fd, probe, sizeof probe - 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+  return n < 0 && (errno == EPIPE || errno == ECONNRESET);
+}
+
 static void on_sweep(uv_timer_t *t) {
   server *s = t->data;
   double now = md_now();
   int expired = 0;
   trim_after_burst(s);
+  for (hreq *h = s->waiting; h;) {
+    hreq *n = h->wnext;
+    int running = 0;
+    if (h->job && hung_up(h, now) && atomic_compare_exchange_strong(&h->job->claim, &running, 2)) {
+      abandon(s, h); /* the job stops at its next deadline check; nothing is published */
+      error_resp(&h->out, TS_EUNAVAIL, "the client closed the connection");
+      h->out.status = 499; /* logged and counted as nginx does; nobody reads it */
+      h->must_close = 1;
+      h->phase = H_DONE;
+      resume(h);
+      expired = 1;
+    }
+    h = n;
+  }
   for (hreq *h = s->waiting; h;) {
     hreq *n = h->wnext;
     double dl = h->job ? atomic_load(&h->job->deadline) : 0;
@@ -759,6 +938,9 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
     flags |= MHD_USE_TLS;
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert_pem};
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key_pem};
+    /* TLS 1.2 and 1.3 only: 1.0 and 1.1 are deprecated (RFC 8996) */
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0,
+                                        (void *)TLS_PRIORITIES};
   }
   /* Without --max-connections libmicrohttpd stops near FD_SETSIZE (1020),
    * which epoll does not need: raise the soft descriptor limit to the hard
@@ -791,7 +973,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
                              * every request: 128 KiB cost 60% of GET throughput in
                              * bench/run.sh, 32 KiB (its default) about 10%. */
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024),
-                            MHD_OPTION_LISTENING_ADDRESS_REUSE, (unsigned)1,
+                            MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
                             /* 0 is libmicrohttpd's own "no limit" */
                             MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->per_ip_connections,
                             MHD_OPTION_ARRAY, ops,
