@@ -8,29 +8,31 @@
  *   job done        -> (uv_async) resume; the next call queues the answer
  * The response to a request is never queued on the first call unless it is
  * an early 413: per libmicrohttpd, that would close keep-alive connections.
- * A sweep timer (10 ms) answers 504 for jobs past their deadline and drives
- * the drain at shutdown.
+ * The lifecycle's sweep timer (10 ms, lifecycle.c) calls transport_sweep,
+ * which answers 504 for jobs past their deadline and cancels the jobs of
+ * clients that hung up.
  *
- * Operation (docs/operations.md): credentials are checked on the first call,
- * from the route alone, and a refusal is answered before the body is read;
- * CORS preflights (OPTIONS, when --cors-origin is set) are answered once the
- * request is complete; every answered request feeds metrics.c; TLS and the
- * connection limits are libmicrohttpd options; rescans run on a worker, one
- * at a time; the systemd notify protocol is spoken from here and main.c. */
+ * This file is the transport: libmicrohttpd, connections, bodies, framing,
+ * the job round trip. lifecycle.c owns what lives around it (start and stop,
+ * signals, reload, watchdog, drain, memory trim).
+ *
+ * Operation (docs/operations.md): ambiguous body framing (request smuggling)
+ * and paths with control characters are refused on the first call, from the
+ * raw headers and the raw target; credentials are checked on the first
+ * call, from the route alone, and a refusal is answered before the body is
+ * read; CORS preflights (OPTIONS, when --cors-origin is set) are answered
+ * once the request is complete; every answered request feeds metrics.c; TLS
+ * and the connection limits are libmicrohttpd options. */
 #include <arpa/inet.h>
 #include <errno.h>
-#include <malloc.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <poll.h>
-#include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "../base/fsutil.h"
@@ -38,8 +40,8 @@
 #include "../base/mem.h"
 #include "../models/model.h"
 #include "metrics.h"
-#include "notify.h"
 #include "server.h"
+#include "transport.h"
 
 enum { H_NEW, H_BODY, H_WAITING, H_DONE };
 
@@ -683,39 +685,6 @@ static void on_mhd_poll(uv_poll_t *p, int status, int events) {
   run_mhd(p->data);
 }
 
-static void shutdown_now(server *s) {
-  if (s->stopping) return;
-  s->stopping = 1;
-  /* every suspended connection must be resumed before MHD_stop_daemon */
-  for (hreq *h = s->waiting; h;) {
-    hreq *n = h->wnext;
-    abandon(s, h);
-    error_resp(&h->out, TS_EUNAVAIL, "the daemon stopped before the request finished");
-    h->phase = H_DONE;
-    resume(h);
-    h = n;
-  }
-  run_mhd(s);
-  uv_poll_stop(&s->mhd_poll);
-  MHD_stop_daemon(s->mhd);
-  s->mhd = NULL;
-  uv_stop(s->loop);
-}
-
-/* After a burst of connections closes, the memory of their buffers sits in
- * malloc's free lists; hand it back to the system so resident memory returns
- * to where it was (checked once a second, trimmed only after a real drop). */
-static void trim_after_burst(server *s) {
-  if (!s->mhd) return;
-  const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
-  unsigned now = di ? di->num_connections : 0;
-  if (now > s->conn_peak) s->conn_peak = now; /* sampled every tick (10 ms) */
-  if (++s->trim_ticks < 100) return;
-  s->trim_ticks = 0;
-  if (s->conn_peak - now >= 256) malloc_trim(0);
-  s->conn_peak = now;
-}
-
 /* A client that hangs up while its job runs (defect: work outlived its
  * client). libmicrohttpd does not watch a suspended connection, so the
  * sweep does: a reset (POLLERR/POLLHUP) is a hang-up. A FIN alone
@@ -743,11 +712,10 @@ static int hung_up(hreq *h, double now) {
   return n < 0 && (errno == EPIPE || errno == ECONNRESET);
 }
 
-static void on_sweep(uv_timer_t *t) {
-  server *s = t->data;
-  double now = md_now();
+/* Deadlines and hang-ups of the requests waiting on jobs; called by the
+ * lifecycle's sweep timer every 10 ms. */
+void transport_sweep(server *s, double now) {
   int expired = 0;
-  trim_after_burst(s);
   for (hreq *h = s->waiting; h;) {
     hreq *n = h->wnext;
     int running = 0;
@@ -776,272 +744,40 @@ static void on_sweep(uv_timer_t *t) {
     h = n;
   }
   if (expired) run_mhd(s);
-  if (atomic_load(&s->draining)) {
-    double limit = (double)s->cfg->drain_timeout_ms / 1000.0;
-    if (s->inflight == 0 || now - s->drain_started > limit) {
-      if (s->inflight) log_warn("drain timeout: %d requests still running", s->inflight);
-      shutdown_now(s);
-    }
-  }
 }
 
-/* ---- rescans, key reloads, systemd ------------------------------------- */
-
-static void sync_job(void *arg) {
-  server *s = arg;
-  for (;;) {
-    repo_sync(s->repo);
-    uv_mutex_lock(&s->sync_mu);
-    int again = s->sync_again;
-    s->sync_again = 0;
-    if (!again) s->sync_busy = 0;
-    uv_mutex_unlock(&s->sync_mu);
-    if (!again) break;
-  }
-  int ready, n = repo_count_models(s->repo, &ready);
-  if (atomic_exchange(&s->reloading, 0))
-    notify_sendf("READY=1\nSTATUS=serving %d of %d models (reloaded)", ready, n);
-  else
-    notify_sendf("STATUS=serving %d of %d models", ready, n);
+unsigned transport_connections(server *s) {
+  if (!s->mhd) return 0;
+  const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_CURRENT_CONNECTIONS);
+  return di ? di->num_connections : 0;
 }
 
-void server_schedule_sync(server *s, const char *why) {
-  uv_mutex_lock(&s->sync_mu);
-  int busy = s->sync_busy;
-  if (busy) s->sync_again = 1; /* the running rescan goes round once more */
-  else s->sync_busy = 1;
-  uv_mutex_unlock(&s->sync_mu);
-  if (busy) return;
-  log_debug("%s: rescanning the model repository", why);
-  /* loading is slow: it runs on a worker, never on the loop thread */
-  if (pool_submit(s->pool, sync_job, s) != 0) {
-    uv_mutex_lock(&s->sync_mu);
-    s->sync_busy = 0;
-    uv_mutex_unlock(&s->sync_mu);
-    log_warn("%s: the work queue is full; rescan skipped", why);
-    if (atomic_exchange(&s->reloading, 0)) notify_send("READY=1\nSTATUS=reload skipped (queue full)");
-  }
-}
-
-static void on_poll_timer(uv_timer_t *t) { server_schedule_sync(t->data, "repository poll"); }
-
-static void on_watchdog(uv_timer_t *t) {
-  (void)t;
-  notify_send("WATCHDOG=1"); /* sent by the loop thread: proves it is not stuck */
-}
-
-static void reload_keys(server *s) {
-  if (!s->cfg->api_key_file) return;
-  auth_keys *k = NULL;
-  ts_err err = {0};
-  if (auth_load(s->cfg->api_key_file, &k, &err)) {
-    log_error("SIGHUP: %s; keeping the %d keys in force", err.msg, auth_count(s->keys));
-    return;
-  }
-  auth_free(s->keys);
-  s->keys = k;
-  log_info("SIGHUP: %d API keys from %s", auth_count(k), s->cfg->api_key_file);
-}
-
-static unsigned long long monotonic_usec(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (unsigned long long)ts.tv_sec * 1000000ull + (unsigned long long)ts.tv_nsec / 1000u;
-}
-
-static void on_signal(uv_signal_t *sig, int signum) {
-  server *s = sig->data;
-  if (signum == SIGHUP) {
-    if (atomic_load(&s->draining)) return;
-    log_info("SIGHUP: rescanning the model repository");
-    notify_sendf("RELOADING=1\nMONOTONIC_USEC=%llu\nSTATUS=reloading", monotonic_usec());
-    atomic_store(&s->reloading, 1);
-    reload_keys(s);
-    server_schedule_sync(s, "SIGHUP");
-    return;
-  }
-  if (atomic_load(&s->draining)) return;
-  notify_sendf("STOPPING=1\nSTATUS=draining %d requests", s->inflight);
-  uv_timer_stop(&s->poll_timer);
-  log_info("%s: draining (%d requests in flight, up to %lld ms)",
-           signum == SIGTERM ? "SIGTERM" : "SIGINT", s->inflight,
-           (long long)s->cfg->drain_timeout_ms);
-  atomic_store(&s->draining, 1);
-  s->drain_started = md_now();
+void transport_quiesce(server *s) {
+  if (!s->mhd) return;
   MHD_socket ls = MHD_quiesce_daemon(s->mhd);
   if (ls != MHD_INVALID_SOCKET) close(ls);
 }
 
-static int is_loopback(const struct sockaddr_storage *sa) {
-  if (sa->ss_family == AF_INET)
-    return (ntohl(((const struct sockaddr_in *)sa)->sin_addr.s_addr) >> 24) == 127;
-  if (sa->ss_family == AF_INET6) {
-    const struct in6_addr *a = &((const struct sockaddr_in6 *)sa)->sin6_addr;
-    if (IN6_IS_ADDR_LOOPBACK(a)) return 1;
-    if (IN6_IS_ADDR_V4MAPPED(a)) return a->s6_addr[12] == 127;
+void transport_stop(server *s) {
+  if (!s->mhd) return;
+  /* every suspended connection must be resumed before MHD_stop_daemon */
+  for (hreq *h = s->waiting; h;) {
+    hreq *n = h->wnext;
+    abandon(s, h);
+    error_resp(&h->out, TS_EUNAVAIL, "the daemon stopped before the request finished");
+    h->phase = H_DONE;
+    resume(h);
+    h = n;
   }
-  return 0;
-}
-
-int server_init(server *s, srv_config *cfg, ts_err *err) {
-  memset(s, 0, sizeof *s);
-  s->cfg = cfg;
-  s->loop = uv_default_loop();
-  uv_mutex_init(&s->sync_mu);
-  char host[256];
-  int port;
-  int rc = cfg_listen(cfg, host, sizeof host, &port, err);
-  if (rc) return rc;
-  struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                           .ai_flags = AI_NUMERICHOST | AI_PASSIVE};
-  struct addrinfo *ai = NULL;
-  if (strcmp(host, "localhost") == 0) snprintf(host, sizeof host, "127.0.0.1");
-  if (getaddrinfo(host, NULL, &hints, &ai) != 0 || !ai)
-    return ts_errf(err, TS_EINVAL, "--listen: '%s' is not a numeric IP address", host);
-  struct sockaddr_storage sa;
-  memcpy(&sa, ai->ai_addr, ai->ai_addrlen);
-  int v6 = ai->ai_family == AF_INET6;
-  freeaddrinfo(ai);
-  if (v6) ((struct sockaddr_in6 *)&sa)->sin6_port = htons((uint16_t)port);
-  else ((struct sockaddr_in *)&sa)->sin_port = htons((uint16_t)port);
-
-  if ((rc = pool_create(&s->pool, (int)cfg->threads, (int)cfg->queue_depth)))
-    return ts_errf(err, TS_EINTERNAL, "cannot start the worker pool");
-  pool_set_default(s->pool);
-  if ((rc = repo_open(&s->repo, cfg->model_repository, (const char *const *)cfg->models, s->pool,
-                      err)))
-    return rc;
-  repo_set_weights_load(s->repo, cfg->weights_load && strcmp(cfg->weights_load, "read") == 0
-                                     ? ST_READ
-                                     : ST_MMAP);
-
-  if (cfg->api_key_file) {
-    if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) return rc;
-    log_info("%d API keys from %s", auth_count(s->keys), cfg->api_key_file);
-  } else if (!is_loopback(&sa)) {
-    log_warn("*** serving %s WITHOUT credentials: anyone who can reach this address may infer, "
-             "fit, load and unload models. Set --api-key-file (keys from tallyd --keygen). ***",
-             cfg->listen);
-  }
-
-  unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG |
-                   (v6 ? MHD_USE_IPv6 : 0);
-  struct MHD_OptionItem ops[8];
-  int no = 0;
-  if (cfg->tls_cert) {
-    if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES)
-      return ts_errf(err, TS_EINVAL, "--tls-cert: this libmicrohttpd was built without TLS");
-    size_t n;
-    if ((rc = fs_read_file(cfg->tls_cert, 1 << 20, &s->tls_cert_pem, &n, err)) ||
-        (rc = fs_read_file(cfg->tls_key, 1 << 20, &s->tls_key_pem, &n, err)))
-      return rc;
-    flags |= MHD_USE_TLS;
-    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert_pem};
-    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key_pem};
-    /* TLS 1.2 and 1.3 only: 1.0 and 1.1 are deprecated (RFC 8996) */
-    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0,
-                                        (void *)TLS_PRIORITIES};
-  }
-  /* Without --max-connections libmicrohttpd stops near FD_SETSIZE (1020),
-   * which epoll does not need: raise the soft descriptor limit to the hard
-   * one and allow connections up to it, keeping room for weights, logs and
-   * the repository scan. */
-  int64_t conn_limit = cfg->max_connections;
-  if (conn_limit <= 0) {
-    struct rlimit rl;
-    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
-      rlim_t want = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > (1u << 20) ? (1u << 20) : rl.rlim_max;
-      if (rl.rlim_cur < want) {
-        rl.rlim_cur = want;
-        setrlimit(RLIMIT_NOFILE, &rl);
-        getrlimit(RLIMIT_NOFILE, &rl);
-      }
-      if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur > 1024 + 256)
-        conn_limit = (int64_t)rl.rlim_cur - 256;
-    }
-  }
-  if (conn_limit > 0)
-    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)conn_limit, NULL};
-  if (cfg->connection_timeout > 0)
-    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT,
-                                        (intptr_t)cfg->connection_timeout, NULL};
-  ops[no++] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
-  s->mhd = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_access, s,
-                            MHD_OPTION_SOCK_ADDR, (struct sockaddr *)&sa,
-                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
-                            /* libmicrohttpd zeroes the whole per-connection pool after
-                             * every request: 128 KiB cost 60% of GET throughput in
-                             * bench/run.sh, 32 KiB (its default) about 10%. */
-                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024),
-                            MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
-                            /* 0 is libmicrohttpd's own "no limit" */
-                            MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->per_ip_connections,
-                            MHD_OPTION_ARRAY, ops,
-                            MHD_OPTION_END);
-  if (!s->mhd)
-    return ts_errf(err, TS_EINVAL, "cannot listen on %s: %s", cfg->listen, strerror(errno));
-  const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
-  s->port = di ? di->port : port;
-  di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_EPOLL_FD);
-  if (!di) return ts_errf(err, TS_EINTERNAL, "libmicrohttpd has no epoll descriptor");
-  uv_poll_init(s->loop, &s->mhd_poll, di->epoll_fd);
-  s->mhd_poll.data = s;
-  uv_poll_start(&s->mhd_poll, UV_READABLE, on_mhd_poll);
-  uv_timer_init(s->loop, &s->mhd_timer);
-  s->mhd_timer.data = s;
-  uv_timer_init(s->loop, &s->sweep_timer);
-  s->sweep_timer.data = s;
-  uv_timer_start(&s->sweep_timer, on_sweep, 10, 10);
-  uv_mutex_init(&s->done_mu);
-  uv_async_init(s->loop, &s->done_async, on_done);
-  s->done_async.data = s;
-  uv_signal_init(s->loop, &s->sig_term);
-  uv_signal_init(s->loop, &s->sig_int);
-  uv_signal_init(s->loop, &s->sig_hup);
-  s->sig_term.data = s->sig_int.data = s->sig_hup.data = s;
-  uv_signal_start(&s->sig_term, on_signal, SIGTERM);
-  uv_signal_start(&s->sig_int, on_signal, SIGINT);
-  uv_signal_start(&s->sig_hup, on_signal, SIGHUP);
-  uv_timer_init(s->loop, &s->poll_timer);
-  s->poll_timer.data = s;
-  if (cfg->repository_poll_secs > 0) {
-    uint64_t ms = (uint64_t)cfg->repository_poll_secs * 1000;
-    uv_timer_start(&s->poll_timer, on_poll_timer, ms, ms);
-  }
-  uv_timer_init(s->loop, &s->watchdog_timer);
-  s->watchdog_timer.data = s;
-  uint64_t wd = notify_watchdog_usec();
-  if (wd) {
-    uint64_t ms = wd / 2000 ? wd / 2000 : 1;
-    uv_timer_start(&s->watchdog_timer, on_watchdog, ms, ms);
-    log_info("systemd watchdog: WATCHDOG=1 every %llu ms", (unsigned long long)ms);
-  }
-  return 0;
-}
-
-int server_run(server *s) {
   run_mhd(s);
-  uv_run(s->loop, UV_RUN_DEFAULT);
-  return s->exit_code;
+  uv_poll_stop(&s->mhd_poll);
+  MHD_stop_daemon(s->mhd);
+  s->mhd = NULL;
 }
 
-static void close_cb(uv_handle_t *h) { (void)h; }
+void transport_run(server *s) { run_mhd(s); }
 
-void server_free(server *s) {
-  if (s->mhd) {
-    shutdown_now(s);
-  }
-  uv_handle_t *hs[] = {(uv_handle_t *)&s->mhd_poll,  (uv_handle_t *)&s->mhd_timer,
-                       (uv_handle_t *)&s->sweep_timer, (uv_handle_t *)&s->done_async,
-                       (uv_handle_t *)&s->sig_term,   (uv_handle_t *)&s->sig_int,
-                       (uv_handle_t *)&s->sig_hup,    (uv_handle_t *)&s->poll_timer,
-                       (uv_handle_t *)&s->watchdog_timer};
-  for (size_t i = 0; i < sizeof hs / sizeof *hs; i++)
-    if (hs[i]->loop && !uv_is_closing(hs[i])) uv_close(hs[i], close_cb);
-  uv_run(s->loop, UV_RUN_NOWAIT);
-  /* workers finish what they hold; their results are dropped */
-  pool_destroy(s->pool);
-  s->pool = NULL;
+void transport_drop_done(server *s) {
   job *list = s->done_head;
   while (list) {
     job *n = list->next;
@@ -1049,15 +785,72 @@ void server_free(server *s) {
     list = n;
   }
   s->done_head = NULL;
-  repo_close(s->repo);
-  s->repo = NULL;
-  auth_free(s->keys);
-  s->keys = NULL;
-  if (s->tls_key_pem) OPENSSL_cleanse(s->tls_key_pem, strlen(s->tls_key_pem));
-  tl_free(s->tls_key_pem);
-  tl_free(s->tls_cert_pem);
-  s->tls_key_pem = s->tls_cert_pem = NULL;
-  uv_mutex_destroy(&s->sync_mu);
-  uv_mutex_destroy(&s->done_mu);
-  uv_loop_close(s->loop);
+}
+
+int transport_start(server *s, const struct sockaddr_storage *sa, int v6, int port, ts_err *err) {
+  const srv_config *cfg = s->cfg;
+  unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG |
+                   (v6 ? MHD_USE_IPv6 : 0);
+  struct MHD_OptionItem ops[8];
+  int no = 0;
+  if (s->tls_cert_pem) {
+    if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES)
+      return ts_errf(err, TS_EINVAL, "--tls-cert: this libmicrohttpd was built without TLS");
+    flags |= MHD_USE_TLS;
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert_pem};
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key_pem};
+    /* TLS 1.2 and 1.3 only: 1.0 and 1.1 are deprecated (RFC 8996) */
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0,
+                                        (void *)TLS_PRIORITIES};
+  }
+  if (s->conn_limit > 0)
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)s->conn_limit, NULL};
+  if (cfg->connection_timeout > 0)
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_TIMEOUT,
+                                        (intptr_t)cfg->connection_timeout, NULL};
+  ops[no++] = (struct MHD_OptionItem){MHD_OPTION_END, 0, NULL};
+  uv_mutex_init(&s->done_mu);
+  s->done_mu_ready = 1;
+  uv_async_init(s->loop, &s->done_async, on_done);
+  s->done_async.data = s;
+  /* No MHD_OPTION_LISTENING_ADDRESS_REUSE: with it a second daemon on the
+   * same port started and the kernel split the clients between the two. */
+  errno = 0;
+  s->mhd = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_access, s,
+                            MHD_OPTION_SOCK_ADDR, (struct sockaddr *)sa,
+                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                            MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
+                            /* libmicrohttpd zeroes the whole per-connection pool after
+                             * every request: 128 KiB cost 60% of GET throughput in
+                             * bench/run.sh, 32 KiB (its default) about 10%. */
+                            MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024),
+                            /* 0 is libmicrohttpd's own "no limit" */
+                            MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->per_ip_connections,
+                            MHD_OPTION_ARRAY, ops,
+                            MHD_OPTION_END);
+  if (!s->mhd) {
+    int e = errno;
+    if (e == EADDRINUSE)
+      return ts_errf(err, TS_EINVAL, "cannot listen on %s: address in use (is another tallyd "
+                                     "running there?)", cfg->listen);
+    if (s->tls_cert_pem && (e == 0 || e == EINVAL))
+      return ts_errf(err, TS_EINVAL, "cannot start TLS on %s: --tls-cert/--tls-key are not a "
+                                     "usable PEM certificate and key", cfg->listen);
+    return ts_errf(err, TS_EINVAL, "cannot listen on %s: %s", cfg->listen,
+                   e ? strerror(e) : "libmicrohttpd refused to start");
+  }
+  const union MHD_DaemonInfo *di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_BIND_PORT);
+  s->port = di ? di->port : port;
+  di = MHD_get_daemon_info(s->mhd, MHD_DAEMON_INFO_EPOLL_FD);
+  if (!di) {
+    MHD_stop_daemon(s->mhd);
+    s->mhd = NULL;
+    return ts_errf(err, TS_EINTERNAL, "libmicrohttpd has no epoll descriptor");
+  }
+  uv_poll_init(s->loop, &s->mhd_poll, di->epoll_fd);
+  s->mhd_poll.data = s;
+  uv_poll_start(&s->mhd_poll, UV_READABLE, on_mhd_poll);
+  uv_timer_init(s->loop, &s->mhd_timer);
+  s->mhd_timer.data = s;
+  return 0;
 }

@@ -114,6 +114,9 @@ struct server {
   int exit_code;
   int port;              /* bound port (useful with --listen :0) */
   unsigned conn_peak;    /* connections at the last check (memory trim) */
+  int64_t conn_limit;    /* libmicrohttpd's connection limit; 0: its own */
+  int done_mu_ready, sync_mu_ready; /* made (server_init's unwinding) */
+  int started;           /* server_init succeeded: server_free has work */
   int trim_ticks;
   /* production operation (docs/operations.md) */
   auth_keys *keys;       /* NULL: no credentials asked (loop thread; swapped at SIGHUP) */
