@@ -306,9 +306,10 @@ def test_ids_and_names(c):
             ("model name '..'", "/v2/models/../infer", (400, 404)),
             ("model name '..%2F..%2Fetc'", "/v2/models/..%2F..%2Fetc/infer", (400, 404)),
             ("model name 'a%2Fb'", "/v2/models/a%2Fb/infer", (400, 404)),
-            # libmicrohttpd unescapes %00 and the path ends there: /v2/models/m
-            ("model name with %00", "/v2/models/m%00x/infer", (400, 404, 405)),
-            ("model name with %00 before /infer", "/v2/models/m%00/infer", (400, 404, 405)),
+            # libmicrohttpd unescapes %00 and the path would end there: the raw
+            # target is checked before routing
+            ("model name with %00", "/v2/models/m%00x/infer", (400,)),
+            ("model name with %00 before /infer", "/v2/models/m%00/infer", (400,)),
             ("model name of 10,000 characters", "/v2/models/%s/infer" % ("a" * 10000), (400, 404, 414)),
             ("load of model '..'", "/v2/repository/models/../load", (400, 404)),
             ("load of model '.hidden'", "/v2/repository/models/.hidden/load", (400, 404)),
