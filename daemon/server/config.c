@@ -39,7 +39,7 @@ static const opt opts[] = {
     {"kv-cache-bytes", T_INT, O(kv_cache_bytes), 1, INT64_MAX, "N", "cap on all sessions' KV-cache memory; least recently used sessions are evicted above it (default 4294967296)"},
     {"device", T_STR, O(device), 0, 0, "DEV", "attention on auto, cpu or cuda (default auto: the GPU when the build has CUDA and one is present)"},
     {"api-key-file", T_STR, O(api_key_file), 0, 0, "FILE", "credentials: lines '<sha256 hex of a key> <infer|admin>'; reread at SIGHUP (default: none, every endpoint open)"},
-    {"tls-cert", T_STR, O(tls_cert), 0, 0, "FILE", "serve HTTPS with this PEM certificate (chain) (needs --tls-key)"},
+    {"tls-cert", T_STR, O(tls_cert), 0, 0, "FILE", "serve HTTPS with this PEM certificate (chain) (needs --tls-key); TLS 1.2 and 1.3 only"},
     {"tls-key", T_STR, O(tls_key), 0, 0, "FILE", "PEM private key of --tls-cert"},
     {"cors-origin", T_STR, O(cors_origin), 0, 0, "ORIGINS", "allow browsers from these origins (comma list, or *); answers OPTIONS preflights (default: none)"},
     {"max-connections", T_INT, O(max_connections), 0, 1 << 20, "N", "open connections at most (default 0: libmicrohttpd's limit, about the descriptor limit)"},
