@@ -365,5 +365,13 @@ def test_early_start_failures_clean(c):
               "LeakSanitizer" not in out, "%s: %s" % (name, out[-3000:]))
 
 
+def test_clean_stop(c):
+    # last: everything above left no trace a sanitizer or the drain objects to
+    rc = c.d.stop()
+    logs = c.d.logs()
+    check(rc == 0, "exit %s:\n%s" % (rc, logs[-2000:]))
+    check("Sanitizer" not in logs and "runtime error" not in logs, logs[-4000:])
+
+
 if __name__ == "__main__":
     run_tests(collect(globals()), setup, teardown)
