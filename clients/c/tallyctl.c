@@ -9,9 +9,11 @@
 #include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -692,8 +694,9 @@ static int cmd_metrics(tally_client *c, opts *o) {
   return EXIT_OK;
 }
 
-/* A key of 32 random bytes, hex with a recognisable prefix; the key file
- * stores only its SHA-256, so a leaked key file grants nothing. */
+/* A key in tallyd --keygen's one format: 32 random bytes as 43 base64url
+ * digits (no padding). The key file stores only its SHA-256, so a leaked key
+ * file grants nothing. */
 static int cmd_keygen(opts *o) {
   if (o->npos != 1) return usage_error("keygen takes no arguments");
   if (strcmp(o->scope, "infer") != 0 && strcmp(o->scope, "admin") != 0)
@@ -704,8 +707,20 @@ static int cmd_keygen(opts *o) {
     fprintf(stderr, "tallyctl: RAND_bytes failed\n");
     return EXIT_USAGE;
   }
-  char key[4 + 2 * sizeof raw + 1] = "tly_", hex[2 * EVP_MAX_MD_SIZE + 1];
-  for (size_t i = 0; i < sizeof raw; i++) snprintf(key + 4 + 2 * i, 3, "%02x", raw[i]);
+  static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  char key[45], hex[2 * EVP_MAX_MD_SIZE + 1];
+  size_t k = 0;
+  for (size_t i = 0; i < sizeof raw; i += 3) {
+    uint32_t v = (uint32_t)raw[i] << 16;
+    if (i + 1 < sizeof raw) v |= (uint32_t)raw[i + 1] << 8;
+    if (i + 2 < sizeof raw) v |= raw[i + 2];
+    key[k++] = b64[v >> 18 & 63];
+    key[k++] = b64[v >> 12 & 63];
+    key[k++] = b64[v >> 6 & 63];
+    key[k++] = b64[v & 63];
+  }
+  key[43] = 0; /* 256 bits = 43 base64 digits; the 44th would be padding */
+  OPENSSL_cleanse(raw, sizeof raw);
   if (EVP_Digest(key, strlen(key), md, &mdlen, EVP_sha256(), NULL) != 1) {
     fprintf(stderr, "tallyctl: SHA-256 failed\n");
     return EXIT_USAGE;

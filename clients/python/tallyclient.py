@@ -13,6 +13,7 @@ only: copy the file next to your code, or run it as a command-line tool.
 Commands and exit codes match tallyctl's: 0 ok, 1 usage or a bad local file,
 2 no connection, 3 HTTP 4xx, 4 HTTP 5xx or an unusable answer."""
 import argparse
+import base64
 import csv
 import hashlib
 import http.client
@@ -275,7 +276,8 @@ def keygen(scope="infer"):
     """A random API key and its key-file line (the SHA-256 of the key, its scope)."""
     if scope not in ("infer", "admin"):
         raise ValueError("scope must be infer or admin")
-    key = "tly_" + secrets.token_hex(32)
+    # tallyd --keygen's format: 32 random bytes, base64url without padding (43 characters)
+    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
     return key, "%s %s" % (hashlib.sha256(key.encode()).hexdigest(), scope)
 
 
