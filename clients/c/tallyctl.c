@@ -52,6 +52,8 @@ static const char usage_text[] =
     "  --param KEY=VALUE    a request parameter (VALUE is JSON if it parses, else a string)\n"
     "  --params JSON|@FILE  request parameters as one JSON object\n"
     "  --scope infer|admin  keygen: the key's scope (default infer)\n"
+    "  --binary             send every input tensor as a binary tensor (raw bytes after\n"
+    "                       the JSON); inputs of 4096 elements or more always are\n"
     "\n"
     "files: FILE.json holds {\"inputs\": [OIP tensors], \"parameters\"?: {...},\n"
     "\"outputs\"?: [{\"name\"}...]} (a curl body as it is) or {\"NAME\": nested list, ...};\n"
@@ -60,6 +62,46 @@ static const char usage_text[] =
     "\n"
     "exit codes: 0 ok, 1 usage or bad local input, 2 no connection,\n"
     "3 HTTP 4xx (bad request, unknown model, ...), 4 HTTP 5xx or an unusable answer.\n";
+
+/* `tallyctl COMMAND --help` */
+static const struct {
+  const char *cmd, *text;
+} command_help[] = {
+    {"health", "usage: tallyctl health [live|ready]\n\nIs the server live (the process answers) or ready\n"
+               "(every model loaded, not draining)? Prints the answer; exit 0 when it is, 4 on 503.\n"},
+    {"models", "usage: tallyctl models [--format table]\n\nThe repository index: every model and "
+               "version with its state (READY, UNAVAILABLE, ...) and the reason.\n"},
+    {"metadata", "usage: tallyctl metadata [MODEL] [--model-version V]\n\nWithout MODEL: the "
+                 "server's name, version and extensions. With MODEL: its versions,\ninputs and "
+                 "outputs (name, datatype, shape; -1 for any size) and weights' sha256.\n"},
+    {"infer", "usage: tallyctl infer MODEL FILE... [--model-version V] [--output NAME]...\n"
+              "       [--input NAME] [--datatype [NAME=]DT] [--param K=V] [--params JSON|@FILE] [--binary]\n\n"
+              "Runs MODEL on the tensors of the files (JSON: an OIP request or {NAME: nested list};\n"
+              "CSV: columns, or one matrix with --input NAME before it). Datatypes come from the\n"
+              "file, --datatype, or the model's metadata. Inputs of 4096 elements or more (all with\n"
+              "--binary) travel as binary tensors.\n"},
+    {"fit", "usage: tallyctl fit MODEL FILE... [--param epochs=N] [--params JSON|@FILE] [--binary]\n\n"
+            "Learns MODEL's weights from labelled rows (inputs plus labels or targets) and\n"
+            "serves the result as a new version (needs an admin key when keys are on).\n"},
+    {"evaluate", "usage: tallyctl evaluate MODEL FILE... [--model-version V] [--param K=V] [--binary]\n\n"
+                 "Metrics of a version on labelled rows; changes nothing.\n"},
+    {"calibrate", "usage: tallyctl calibrate MODEL FILE... [--param method=cqr] [--binary]\n\n"
+                  "Conformal calibration of a quantile_ensemble on held-out rows (features and\n"
+                  "targets); a new version.\n"},
+    {"load", "usage: tallyctl load MODEL\n\n(Re)loads MODEL from the repository (admin scope).\n"},
+    {"unload", "usage: tallyctl unload MODEL\n\nStops serving MODEL (admin scope).\n"},
+    {"session", "usage: tallyctl session create MODEL [--param attention=lssar]\n"
+                "       tallyctl session infer MODEL ID FILE... [--output NAME]... [--binary]\n"
+                "       tallyctl session get MODEL ID\n"
+                "       tallyctl session delete MODEL ID\n\n"
+                "KV-cache sessions of a transformer: each infer feeds the next tokens (input_ids\n"
+                "[1, n]) and scores them from everything fed before.\n"},
+    {"metrics", "usage: tallyctl metrics [FAMILY...]\n\nThe Prometheus metrics as text, or only "
+                "the families named\n(tallyd_requests_total, ...; a histogram brings _bucket, _sum, _count).\n"},
+    {"keygen", "usage: tallyctl keygen [--scope infer|admin] [--format json]\n\nA new API key "
+               "(32 random bytes, 43 base64url characters: tallyd --keygen's format)\non the first "
+               "line, its key-file line (SHA-256 hex, scope) on the second.\n"},
+};
 
 typedef struct file_arg {
   const char *path;
@@ -70,6 +112,7 @@ typedef struct opts {
   const char *url, *api_key, *format, *model_version, *scope, *params_arg;
   double timeout_s;
   int format_given;
+  int binary; /* --binary: every input as a binary tensor */
   const char *pos[8];
   int npos;
   file_arg files[64];
@@ -745,8 +788,18 @@ static int parse_args(int argc, char **argv, opts *o) {
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+      for (size_t k = 0; o->npos > 0 && k < sizeof command_help / sizeof *command_help; k++)
+        if (strcmp(o->pos[0], command_help[k].cmd) == 0) {
+          fputs(command_help[k].text, stdout);
+          fputs("\n(tallyctl --help lists the options every command takes.)\n", stdout);
+          exit(EXIT_OK);
+        }
       fputs(usage_text, stdout);
       exit(EXIT_OK);
+    }
+    if (strcmp(a, "--binary") == 0) {
+      o->binary = 1;
+      continue;
     }
     if (strncmp(a, "--", 2) == 0) {
       static const char *with_value[] = {"url",      "api-key", "timeout", "format", "model-version", "input",
@@ -857,6 +910,7 @@ int main(int argc, char **argv) {
     rc = report(&e);
     goto out;
   }
+  if (o.binary) tally_client_set_binary_min(c, 0);
   if (!strcmp(cmd, "health")) rc = cmd_health(c, &o);
   else if (!strcmp(cmd, "models")) rc = cmd_models(c, &o);
   else if (!strcmp(cmd, "metadata")) rc = cmd_metadata(c, &o);
