@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -249,6 +250,25 @@ def make_doc_test(rel):
 
 for _rel in DOCS[1:]:
     globals()["test_walkthrough_" + os.path.basename(_rel)[:-3]] = make_doc_test(_rel)
+
+
+def test_python_examples(c):
+    """The ```python blocks that use tallyclient run against `make run`'s models."""
+    d = c.start()
+    ran = 0
+    for rel in DOCS:
+        with open(os.path.join(ROOT, rel)) as f:
+            text = f.read()
+        for code in re.findall(r"```python\n(.*?)```", text, re.S):
+            if "from tallyclient import" not in code or "torch" in code:
+                continue
+            env = dict(os.environ, TALLY_URL="http://127.0.0.1:%d" % d.port,
+                       PYTHONPATH=os.path.join(ROOT, "clients", "python"))
+            p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                               text=True, timeout=300)
+            check(p.returncode == 0, "%s: a python example fails:\n%s" % (rel, p.stderr[-2000:]))
+            ran += 1
+    check(ran >= 1, "no python example found")
 
 
 def test_flag_tables_match_help(c):
