@@ -25,6 +25,7 @@
 #include "../base/safetensors.h"
 #include "../kernels/sgemm.h"
 #include "../kernels/vmath.h"
+#include "../methods/sample.h"
 #include "attention.h"
 
 typedef struct tf_layer {
@@ -281,6 +282,8 @@ typedef struct score_arg {
   int64_t V;
   const int64_t *targets;
   float *lp;
+  const tf_top *top; /* NULL, or the k most likely ids of each row as well */
+  int64_t row0;      /* the first row's index in top's arrays */
 } score_arg;
 
 static void score_range(void *arg, int64_t b, int64_t e) {
@@ -289,15 +292,21 @@ static void score_range(void *arg, int64_t b, int64_t e) {
     float *row = a->logits + r * a->V;
     vm_log_softmax_rows(row, 1, a->V);
     a->lp[r] = row[a->targets[r]];
+    if (a->top) {
+      int64_t at = (a->row0 + r) * a->top->k;
+      int64_t got = smp_top_ids(row, a->V, a->top->k, a->top->ids + at);
+      for (int64_t i = 0; i < got; i++) a->top->lp[at + i] = row[a->top->ids[at + i]];
+    }
   }
 }
 
 static void score_rows(const tf_model *m, pool_t *pool, const float *x, int64_t rows,
-                       const int64_t *targets, float *lp, float *buf) {
+                       const int64_t *targets, float *lp, float *buf, const tf_top *top,
+                       int64_t top_row0) {
   for (int64_t r0 = 0; r0 < rows; r0 += TF_SCORE_ROWS) {
     int64_t n = rows - r0 < TF_SCORE_ROWS ? rows - r0 : TF_SCORE_ROWS;
     sg_gemm(pool, 1, n, m->V, m->E, x + r0 * m->E, m->E, m->wte.data, m->E, 0.0f, buf, m->V);
-    score_arg a = {buf, m->V, targets + r0, lp + r0};
+    score_arg a = {buf, m->V, targets + r0, lp + r0, top, top_row0 + r0};
     pool_parallel_for(pool, n, 1, score_range, &a);
   }
 }
@@ -345,9 +354,9 @@ nomem:
  * lp receives the log-probability of each new token that has a token before
  * it (n entries when seq->pos > 0, else n - 1); next_logits [V] the logits
  * after the last one. */
-static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
-                  int64_t n, tf_seq *seq, float *lp, float *next_logits, const md_call *c,
-                  tf_prof *prof, ts_err *err) {
+static int tf_run_top(const tf_model *m, pool_t *pool, const attn_params *prm,
+                      const int64_t *ids, int64_t n, tf_seq *seq, float *lp, float *next_logits,
+                      const tf_top *top, const md_call *c, tf_prof *prof, ts_err *err) {
   const int64_t E = m->E, E3 = 3 * E, pos0 = seq ? seq->pos : 0;
   int rc = check_ids(m, ids, n, pos0, err);
   if (rc) return rc;
@@ -423,10 +432,10 @@ static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const
   double t0 = prof ? md_now() : 0;
   int64_t k0 = 0;
   if (seq && pos0 > 0) { /* the first new token, predicted from the cached last row */
-    score_rows(m, pool, seq->last, 1, ids, lp, lg);
+    score_rows(m, pool, seq->last, 1, ids, lp, lg, top, 0);
     k0 = 1;
   }
-  score_rows(m, pool, a, n - 1, ids + 1, lp + k0, lg);
+  score_rows(m, pool, a, n - 1, ids + 1, lp + k0, lg, top, k0);
   sg_gemm(pool, 1, 1, m->V, E, a + (n - 1) * E, E, m->wte.data, E, 0.0f, next_logits, m->V);
   if (prof) prof->head_s += md_now() - t0;
   if (seq) { /* commit: only now does the session move */
@@ -441,6 +450,12 @@ out:
   tl_free(h);
   tl_free(lg);
   return rc;
+}
+
+static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
+                  int64_t n, tf_seq *seq, float *lp, float *next_logits, const md_call *c,
+                  tf_prof *prof, ts_err *err) {
+  return tf_run_top(m, pool, prm, ids, n, seq, lp, next_logits, NULL, c, prof, err);
 }
 
 int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
@@ -705,12 +720,12 @@ tf_seq *tf_seq_fork(const tf_model *m, const tf_seq *s) {
 }
 
 int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n,
-               float *lp, float *next_logits, const md_call *c, ts_err *err) {
+               float *lp, float *next_logits, const tf_top *top, const md_call *c, ts_err *err) {
   float *lpb = lp, *lgb = next_logits;
   if (!lpb) lpb = tl_malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
   if (!lgb) lgb = tl_malloc(sizeof(float) * (size_t)m->V);
   int rc = !lpb || !lgb ? ts_errf(err, TS_ENOMEM, "out of memory for %lld tokens", (long long)n)
-                        : tf_run(m, pool, &s->attn, ids, n, s, lpb, lgb, c, NULL, err);
+                        : tf_run_top(m, pool, &s->attn, ids, n, s, lpb, lgb, top, c, NULL, err);
   if (lpb != lp) tl_free(lpb);
   if (lgb != next_logits) tl_free(lgb);
   return rc;

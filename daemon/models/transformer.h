@@ -83,11 +83,20 @@ size_t tf_seq_bytes_for(const tf_model *m, int64_t tokens);
  * one prefill; NULL when out of memory. */
 tf_seq *tf_seq_fork(const tf_model *m, const tf_seq *s);
 
+/* The k most likely ids (and their log-probabilities) at each scored
+ * position, row-major [rows, k], for a completion's top_logprobs. */
+typedef struct tf_top {
+  int64_t k;
+  int32_t *ids;
+  float *lp;
+} tf_top;
+
 /* Appends ids[0..n) to s. lp (may be NULL) receives the log-probability of
  * each new token that has one before it (n entries when s was not empty,
- * else n - 1); next_logits [V] (may be NULL) the logits after the last. */
+ * else n - 1), and top (may be NULL) the k most likely ids at each of those
+ * positions; next_logits [V] (may be NULL) the logits after the last. */
 int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n,
-               float *lp, float *next_logits, const md_call *c, ts_err *err);
+               float *lp, float *next_logits, const tf_top *top, const md_call *c, ts_err *err);
 
 /* One token per sequence: ids[b] is appended to seqs[b] and logits
  * [B, V] receive the logits after it. All B sequences advance or none. */
