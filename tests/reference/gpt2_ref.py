@@ -148,7 +148,7 @@ def _expand_kv(k, H):
 
 def _lssar_weights(A, n_vis, qpos, p, offset_rows):
     """b = ReLU(N*A - O)^p, W = b / (sum b + eps); direct in float64, with the
-    spec's exact rescaling by the row maximum only where x^p would overflow."""
+    docs/attention.md's exact rescaling by the row maximum only where x^p would overflow."""
     O = np.where(qpos < offset_rows, 0.0, 1.0)
     x = np.maximum(n_vis[:, None] * A - O[:, None], 0.0)   # masked keys: A = 0 -> x = 0
     W = np.zeros_like(x)
