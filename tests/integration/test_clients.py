@@ -7,6 +7,7 @@ header, CSV columns, 5xx answers)."""
 import hashlib
 import http.server
 import json
+import string
 import os
 import shutil
 import subprocess
@@ -340,6 +341,15 @@ def test_keygen(c):
         check(hashlib.sha256(j["key"].encode()).hexdigest() == j["sha256"], repr(j))
         check(j["key"] != key, "two keys alike")
         expect(tool(c, "keygen", "--scope", "root"), 1)
+    # one key format for all three: tallyd --keygen's
+    p = subprocess.run([BIN, "--keygen",
+                        "--scope", "admin"], capture_output=True, text=True, timeout=10)
+    dkey, dline = p.stdout.splitlines()
+    shape = lambda k: (len(k), set(k) <= set(string.ascii_letters + string.digits + "-_"))  # noqa: E731
+    for name, tool in TOOLS:
+        key, line = expect(tool(c, "keygen", "--scope", "admin"), 0).splitlines()
+        check(shape(key) == shape(dkey) == (43, True), (name, key, dkey))
+        check(len(line) == len(dline) and line.endswith(" admin") and dline.endswith(" admin"), (line, dline))
 
 
 def test_api_key_header(c):
