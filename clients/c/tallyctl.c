@@ -9,6 +9,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -567,11 +568,70 @@ static void print_index(const json_t *index) {
   }
 }
 
+/* A double as the shortest text that reads back to it (%.15g, %.16g or
+ * %.17g), as tallyd writes it: printing 0.845 as 0.84499999999999997, or
+ * cutting 0.9963888230698308 to 9 digits, would misreport the answer. */
+static void print_real(double v) {
+  char t[40];
+  if (!isfinite(v)) {
+    fputs("null", stdout);
+    return;
+  }
+  for (int p = 15; p <= 17; p++) {
+    snprintf(t, sizeof t, "%.*g", p, v);
+    if (strtod(t, NULL) == v) break;
+  }
+  fputs(t, stdout);
+  if (!strpbrk(t, ".eEn")) fputs(".0", stdout);
+}
+
+/* JSON with two-space indentation; arrays of scalars stay on one line. */
+static void print_json(const json_t *v, int depth) {
+  if (json_is_real(v)) {
+    print_real(json_real_value(v));
+  } else if (json_is_object(v)) {
+    const char *k;
+    json_t *x;
+    int first = 1;
+    if (!json_object_size(v)) {
+      fputs("{}", stdout);
+      return;
+    }
+    fputs("{", stdout);
+    json_object_foreach((json_t *)v, k, x) {
+      json_t *kj = json_string(k);
+      char *ks = kj ? json_dumps(kj, JSON_ENCODE_ANY) : NULL;
+      json_decref(kj);
+      printf("%s\n%*s%s: ", first ? "" : ",", 2 * (depth + 1), "", ks ? ks : "\"\"");
+      free(ks);
+      print_json(x, depth + 1);
+      first = 0;
+    }
+    printf("\n%*s}", 2 * depth, "");
+  } else if (json_is_array(v)) {
+    size_t i;
+    json_t *x;
+    int flat = 1;
+    json_array_foreach(v, i, x) flat &= !json_is_object(x) && !json_is_array(x);
+    fputs("[", stdout);
+    json_array_foreach(v, i, x) {
+      if (flat) fputs(i ? ", " : "", stdout);
+      else printf("%s\n%*s", i ? "," : "", 2 * (depth + 1), "");
+      print_json(x, depth + 1);
+    }
+    if (!flat && json_array_size(v)) printf("\n%*s", 2 * depth, "");
+    fputs("]", stdout);
+  } else {
+    char *s = json_dumps(v, JSON_ENCODE_ANY);
+    if (s) fputs(s, stdout);
+    free(s);
+  }
+}
+
 static void print_answer(const opts *o, const json_t *answer) {
   if (strcmp(o->format, "json") == 0) {
-    char *s = json_dumps(answer, JSON_ENCODE_ANY | JSON_INDENT(2) | JSON_REAL_PRECISION(9));
-    if (s) puts(s);
-    free(s);
+    print_json(answer, 0);
+    fputs("\n", stdout);
     return;
   }
   if (json_is_array(answer) && (json_array_size(answer) == 0 || json_object_get(json_array_get(answer, 0), "state")))
