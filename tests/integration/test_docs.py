@@ -128,10 +128,6 @@ def expected_statuses(code):
     return out
 
 
-def strip_inline_comments(cmd):
-    return cmd
-
-
 class Ctx:
     def __init__(self):
         if not shutil.which("curl"):
