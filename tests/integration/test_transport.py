@@ -37,6 +37,7 @@ class Ctx:
         write_model(self.repo, "m1", {"kind": "mlp", "activations": ["none"]}, WEIGHTS)
         write_model(self.repo, "demo", {"kind": "mlp", "activations": ["none"]}, WEIGHTS)
         write_model(self.repo, "busy", ENSEMBLE, None)
+        write_model(self.repo, "slow", ENSEMBLE, None)
         # --max-connections 200: 300 connections left half-open would lock it
         self.d = Daemon(self.repo, ["--max-connections", "200", "--threads", "2",
                                     "--log-level", "warn"]).start()
@@ -246,7 +247,7 @@ def test_path_controls_refused(c):
 
 # ---- defect 9: a client that hangs up cancels its job ----------------------
 
-def test_hangup_cancels_fit(c):
+def fit_request(model, epochs):
     rng = random.Random(5)
     N = 20000
     Z = [rng.gauss(0, 2) for _ in range(N * 5)]
@@ -257,12 +258,16 @@ def test_hangup_cancels_fit(c):
          "parameters": {"binary_data_size": len(blobs[0])}},
         {"name": "labels", "datatype": "INT32", "shape": [N],
          "parameters": {"binary_data_size": len(blobs[1])}}],
-        "parameters": {"epochs": 1000000, "patience": 0, "batch_size": 64}}
+        "parameters": {"epochs": epochs, "patience": 0, "batch_size": 64}}
     js = json.dumps(head).encode()
     body = js + b"".join(blobs)
-    req = (b"POST /v2/models/busy/fit HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
-           b"\r\nInference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
-           % (len(js), len(body))) + body
+    return (b"POST /v2/models/%s/fit HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream"
+            b"\r\nInference-Header-Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
+            % (model.encode(), len(js), len(body))) + body
+
+
+def test_hangup_cancels_fit(c):
+    req = fit_request("busy", 1000000)
     s = socket.create_connection(("127.0.0.1", c.d.port), timeout=10)
     s.sendall(req)
     time.sleep(1.0)
@@ -281,6 +286,22 @@ def test_hangup_cancels_fit(c):
     time.sleep(0.3)
     check(check_status(c.d.get("/v2/models/busy"), 200).json()["versions"] == ["1"])
     check(not os.path.exists(os.path.join(c.repo, "busy", "2")), "a version was published")
+
+
+def test_half_closed_slow_fit_answered(c):
+    # a client that only half-closed still reads: past the hang-up grace it
+    # gets the "102 Processing" probe, then its answer, and the fit publishes
+    t0 = time.time()
+    buf, closed = exchange(c.d.port, fit_request("slow", 3000), half_close=True, timeout=120,
+                           until_close=True)
+    took = time.time() - t0
+    final = buf
+    while final.startswith(b"HTTP/1.1 1"):
+        final = final.partition(b"\r\n\r\n")[2]
+    check(status_of(final) == 200 and closed, "%.1fs: %r" % (took, buf[:300]))
+    check(took < 0.3 or buf.startswith(b"HTTP/1.1 102 Processing\r\n\r\n"), buf[:200])
+    vs = check_status(c.d.get("/v2/models/slow"), 200).json()["versions"]
+    check("2" in vs, vs)
 
 
 # ---- TLS versions ------------------------------------------------------------
