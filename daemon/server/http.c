@@ -697,12 +697,9 @@ static void on_mhd_poll(uv_poll_t *p, int status, int events) {
  * the grace. A job shorter than the grace is never probed. */
 #define HANGUP_GRACE 0.25
 
-static int hung_up(hreq *h, double now) {
-  if (h->fd < 0) return 0;
-  struct pollfd p = {.fd = h->fd, .events = POLLRDHUP};
-  if (poll(&p, 1, 0) != 1) return 0;
-  if (p.revents & (POLLERR | POLLHUP | POLLNVAL)) return 1;
-  if (!(p.revents & POLLRDHUP)) return 0;
+static int hung_up(hreq *h, short revents, double now) {
+  if (revents & (POLLERR | POLLHUP | POLLNVAL)) return 1;
+  if (!(revents & POLLRDHUP)) return 0;
   if (h->rdhup_at == 0) h->rdhup_at = now;
   if (now - h->rdhup_at < HANGUP_GRACE || h->probed) return 0;
   if (h->tls || !h->http11) return 1;
@@ -714,12 +711,35 @@ static int hung_up(hreq *h, double now) {
 
 /* Deadlines and hang-ups of the requests waiting on jobs; called by the
  * lifecycle's sweep timer every 10 ms. */
+/* one poll(2) for every waiting socket a sweep; loop thread only */
+static struct pollfd *sweep_pf;
+static size_t pf_cap;
+
 void transport_sweep(server *s, double now) {
   int expired = 0;
-  for (hreq *h = s->waiting; h;) {
+  struct pollfd *pf = sweep_pf;
+  size_t n_wait = 0;
+  for (hreq *h = s->waiting; h; h = h->wnext) n_wait++;
+  if (n_wait > pf_cap) {
+    size_t nc = n_wait < 64 ? 64 : n_wait * 2;
+    struct pollfd *p = tl_realloc(pf, nc * sizeof *p);
+    if (p) {
+      sweep_pf = pf = p;
+      pf_cap = nc;
+    }
+  }
+  size_t k = 0;
+  for (hreq *h = s->waiting; h && k < pf_cap; h = h->wnext, k++)
+    pf[k] = (struct pollfd){.fd = h->fd, .events = POLLRDHUP}; /* fd -1: ignored by poll */
+  if (k && poll(pf, (nfds_t)k, 0) < 0)
+    for (size_t i = 0; i < k; i++) pf[i].revents = 0;
+  k = 0;
+  for (hreq *h = s->waiting; h; k++) {
     hreq *n = h->wnext;
     int running = 0;
-    if (h->job && hung_up(h, now) && atomic_compare_exchange_strong(&h->job->claim, &running, 2)) {
+    short ev = k < pf_cap ? pf[k].revents : 0;
+    if (h->job && hung_up(h, ev, now) &&
+        atomic_compare_exchange_strong(&h->job->claim, &running, 2)) {
       abandon(s, h); /* the job stops at its next deadline check; nothing is published */
       error_resp(&h->out, TS_EUNAVAIL, "the client closed the connection");
       h->out.status = 499; /* logged and counted as nginx does; nobody reads it */
@@ -773,6 +793,9 @@ void transport_stop(server *s) {
   uv_poll_stop(&s->mhd_poll);
   MHD_stop_daemon(s->mhd);
   s->mhd = NULL;
+  tl_free(sweep_pf);
+  sweep_pf = NULL;
+  pf_cap = 0;
 }
 
 void transport_run(server *s) { run_mhd(s); }
