@@ -130,7 +130,7 @@ static int is_token(const char *k) {
 }
 
 typedef struct framing {
-  int n_cl, n_te, bad_name, bad_te;
+  int n_cl, n_te, bad_name, bad_te, bad_cl;
   char name[64];
 } framing;
 
@@ -138,11 +138,26 @@ static enum MHD_Result framing_seen(void *cls, enum MHD_ValueKind kind, const ch
                                     const char *value) {
   (void)kind;
   framing *f = cls;
-  if (!is_token(key)) {
+  /* libmicrohttpd 0.9.x appends an obs-fold continuation line to the field
+   * NAME ("Content-Length: 0" + " 156" becomes "Content-Length156: 0"), so a
+   * folded framing header shows as a longer name that starts with one */
+  static const char *const framing_names[] = {MHD_HTTP_HEADER_CONTENT_LENGTH,
+                                              MHD_HTTP_HEADER_TRANSFER_ENCODING};
+  int folded = 0;
+  for (size_t i = 0; i < 2; i++) {
+    size_t n = strlen(framing_names[i]);
+    if (strncasecmp(key, framing_names[i], n) == 0 && key[n]) folded = 1;
+  }
+  if (folded || !is_token(key)) {
     if (!f->bad_name) snprintf(f->name, sizeof f->name, "%s", key);
     f->bad_name = 1;
   } else if (strcasecmp(key, MHD_HTTP_HEADER_CONTENT_LENGTH) == 0) {
     f->n_cl++;
+    /* 1*DIGIT only: libmicrohttpd joins an obs-fold continuation with
+     * spaces ("0" + " 156" -> "0 156") and reads the leading number */
+    size_t n = value ? strlen(value) : 0;
+    while (n && (value[n - 1] == ' ' || value[n - 1] == '\t')) n--;
+    if (!n || strspn(value, "0123456789") != n) f->bad_cl = 1;
   } else if (strcasecmp(key, MHD_HTTP_HEADER_TRANSFER_ENCODING) == 0) {
     f->n_te++;
     if (!value || strcasecmp(value, "chunked") != 0) f->bad_te = 1;
@@ -153,16 +168,19 @@ static enum MHD_Result framing_seen(void *cls, enum MHD_ValueKind kind, const ch
 /* Request smuggling (RFC 9112 5.1, 6.1, 6.3): a body framed two ways, or by
  * a header this daemon and a proxy in front of it could read differently,
  * is refused and the connection closed. libmicrohttpd keeps the first
- * Content-Length, takes "Content-Length : N" as some other header and
- * applies chunked over Content-Length; only the raw header list shows it.
+ * Content-Length, takes "Content-Length : N" as some other header, applies
+ * chunked over Content-Length and glues an obs-fold line to the header
+ * name; only the header list as parsed shows it.
  * 0 when the framing is unambiguous, else fills err. */
 static int check_framing(struct MHD_Connection *conn, ts_err *err) {
   framing f = {0};
   MHD_get_connection_values(conn, MHD_HEADER_KIND, framing_seen, &f);
   if (f.bad_name)
-    return ts_errf(err, TS_EINVAL, "header name '%.40s' is not a token (whitespace before the "
-                                   "colon?)", f.name);
+    return ts_errf(err, TS_EINVAL, "header name '%.40s' is not a token, or a folded framing "
+                                   "header (whitespace before the colon? obs-fold?)", f.name);
   if (f.n_cl > 1) return ts_errf(err, TS_EINVAL, "more than one Content-Length header");
+  if (f.bad_cl)
+    return ts_errf(err, TS_EINVAL, "Content-Length is not a decimal number (a folded line?)");
   if (f.n_te && f.n_cl)
     return ts_errf(err, TS_EINVAL, "both Transfer-Encoding and Content-Length");
   if (f.n_te > 1 || f.bad_te)
