@@ -132,13 +132,13 @@ void server_free(server *s);
  * run right after it instead of in parallel (SIGHUP, --repository-poll-secs). */
 void server_schedule_sync(server *s, const char *why);
 
-/* handlers.c: the server-level input limits (--max-batch, largest leading
+/* decode.c: the server-level input limits (--max-batch, largest leading
  * dimension of any input; --max-sequence-length, the last dimension of
  * input_ids and the second-to-last of query/key/value). 0 or -TS_EINVAL. */
 int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *err);
 /* handlers.c: answers on the loop thread (cheap endpoints) */
 int handle_inline(server *s, const route *rt, const char *method, resp *out);
-/* handlers.c: decodes a job's body (with --max-request-memory), checks
+/* decode.c: decodes a job's body (with --max-request-memory), checks
  * --max-batch/--max-sequence-length when check_limits, takes the request's
  * "timeout_ms", and fills call's inputs and context for `ver`. The body is
  * freed; req must be freed by the caller even on failure. */
