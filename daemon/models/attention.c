@@ -245,7 +245,13 @@ out:
 
 static void free_state(void *state) { tl_free(state); }
 
+/* Request parameters (model.h): the variant, its p and offset rows, the
+ * causal mask and the queries' offset. */
+static const char *const infer_params[] = {"attention", "p", "offset_rows", "causal",
+                                           "query_offset", NULL};
+
 const md_kind md_kind_attention = {.name = "attention",
+                                   .params = {[MD_OP_INFER] = infer_params},
                                    .load = load,
                                    .signature = signature,
                                    .infer = infer,

@@ -38,6 +38,19 @@ int md_check_deadline(const md_call *c, ts_err *err) {
   return 0;
 }
 
+const char *md_op_name(int op) {
+  static const char *const names[MD_OP_COUNT] = {"infer", "fit", "evaluate", "calibrate",
+                                                 "session create", "session infer"};
+  return op >= 0 && op < MD_OP_COUNT ? names[op] : "?";
+}
+
+int md_kind_takes_param(const md_kind *k, int op, const char *key) {
+  if (op < 0 || op >= MD_OP_COUNT) return 0;
+  for (const char *const *a = k->params[op]; a && *a; a++)
+    if (strcmp(*a, key) == 0) return 1;
+  return 0;
+}
+
 int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err) {
   static const char *const common[] = {"kind", "version_policy", "description", "max_batch",
                                        NULL};

@@ -84,8 +84,24 @@ typedef struct md_call {
   json_t *new_version_info;/* fit/calibrate: extra fields for version.json */
 } md_call;
 
+/* The operations a request can name parameters for (md_kind.params). */
+enum md_op {
+  MD_OP_INFER = 0,
+  MD_OP_FIT,
+  MD_OP_EVALUATE,
+  MD_OP_CALIBRATE,
+  MD_OP_SESSION_OPEN,
+  MD_OP_SESSION_INFER,
+  MD_OP_COUNT
+};
+
 struct md_kind {
   const char *name;
+  /* The request "parameters" each operation reads, NULL-terminated (a NULL
+   * list: none). The server refuses any other name before the kind runs,
+   * so a misspelt parameter is a 400 naming it, never a silent default.
+   * A kind that reads a new parameter adds it here. */
+  const char *const *params[MD_OP_COUNT];
   int (*load)(const md_load_ctx *ctx, void **state, ts_err *err);
   void (*signature)(void *state, md_sig *sig);
   int (*infer)(void *state, md_call *call, ts_err *err);
@@ -109,6 +125,11 @@ const char *md_kind_names(void);
 
 void md_call_init(md_call *c);
 void md_call_free(md_call *c);
+
+/* The name of an operation ("infer", "fit", ..., "session infer"). */
+const char *md_op_name(int op);
+/* 1 when `key` is in the kind's list for `op`. */
+int md_kind_takes_param(const md_kind *k, int op, const char *key);
 
 /* Helpers shared by the kinds. */
 double md_now(void); /* monotonic seconds */

@@ -1260,7 +1260,21 @@ static void free_state(void *state) {
   state_free(state);
 }
 
+/* Request parameters (model.h): "levels" (checked by gather, every
+ * operation), fit_agg's and fit_opts' names, calibrate's. */
+static const char *const levels_params[] = {"levels", NULL};
+static const char *const fit_params[] = {"levels", "aggregator", "granularity", "scope",
+                                         "simplex", "hidden", "depth", "epochs", "batch_size",
+                                         "patience", "seed", "learning_rate", "weight_decay",
+                                         "dropout", "lambda", "margin", "validation_fraction",
+                                         "warm_start", NULL};
+static const char *const calibrate_params[] = {"levels", "method", "allow_infinite", NULL};
+
 const md_kind md_kind_quantile_ensemble = {.name = "quantile_ensemble",
+                                           .params = {[MD_OP_INFER] = levels_params,
+                                                      [MD_OP_FIT] = fit_params,
+                                                      [MD_OP_EVALUATE] = levels_params,
+                                                      [MD_OP_CALIBRATE] = calibrate_params},
                                            .load = load,
                                            .signature = signature,
                                            .infer = infer,

@@ -643,7 +643,14 @@ static void seq_free(void *p) {
 
 static void free_state(void *state) { tf_free(state); }
 
+/* Request parameters (model.h): the same for a plain request, a new session
+ * and a session's chunk. */
+static const char *const tf_params[] = {"attention", "p", "offset_rows", "query_offset", NULL};
+
 const md_kind md_kind_transformer = {.name = "transformer",
+                                     .params = {[MD_OP_INFER] = tf_params,
+                                                [MD_OP_SESSION_OPEN] = tf_params,
+                                                [MD_OP_SESSION_INFER] = tf_params},
                                      .load = load,
                                      .signature = signature,
                                      .infer = infer,

@@ -34,6 +34,7 @@ struct repo_ver {
   void *state;
   st_file *weights;
   json_t *config, *version_info;
+  int64_t max_batch; /* config.json's "max_batch"; 0: none */
   char sha256[65];
   md_sig sig;
   atomic_int refs;
@@ -107,6 +108,20 @@ void *repo_ver_state(const repo_ver *v) { return v->state; }
 int64_t repo_ver_version(const repo_ver *v) { return v->version; }
 const char *repo_ver_model(const repo_ver *v) { return v->model_name; }
 const md_sig *repo_ver_sig(const repo_ver *v) { return &v->sig; }
+int64_t repo_ver_max_batch(const repo_ver *v) { return v->max_batch; }
+
+/* config.json's "max_batch" (Triton's max_batch_size): an integer >= 0,
+ * 0 or absent for no limit. Anything else keeps the model from loading. */
+static int read_max_batch(const json_t *config, int64_t *out, ts_err *err) {
+  json_t *mb = json_object_get(config, "max_batch");
+  *out = 0;
+  if (!mb) return 0;
+  if (!json_is_integer(mb) || json_integer_value(mb) < 0)
+    return ts_errf(err, TS_EINVAL, "config.json: 'max_batch' must be an integer >= 0 (0: no "
+                   "limit), got %s", json_is_integer(mb) ? "a negative number" : "a non-integer");
+  *out = json_integer_value(mb);
+  return 0;
+}
 const char *repo_root(const repo_t *r) { return r->root; }
 
 static void file_stamp(const char *path, char *out, size_t n) {
@@ -176,6 +191,7 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
   const char *kind = json_string_value(json_object_get(config, "kind"));
   v->kind = md_kind_find(kind);
   int rc;
+  if ((rc = read_max_batch(config, &v->max_batch, err))) goto fail;
   if (!v->kind) {
     rc = ts_errf(err, TS_EINVAL, "config.json: unknown kind '%s' (known: %s)",
                  kind ? kind : "(missing)", md_kind_names());
@@ -398,6 +414,8 @@ static void sync_model(repo_t *r, const char *name, int force) {
   if (!rc && !(keep = tl_calloc((size_t)(nv ? nv : 1), sizeof(int))))
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
   if (!rc) rc = apply_policy(config, vs, nv, keep, &err);
+  int64_t mb;
+  if (!rc) rc = read_max_batch(config, &mb, &err);
   if (!rc && !(next = tl_calloc((size_t)(nv ? nv : 1), sizeof *next)))
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
   if (rc) {

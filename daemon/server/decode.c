@@ -37,22 +37,101 @@ int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *er
   return 0;
 }
 
-static void set_deadline(job *j, const oip_request *req) {
-  json_t *t = req->params ? json_object_get(req->params, "timeout_ms") : NULL;
-  if (t && json_is_number(t) && json_number_value(t) > 0)
-    atomic_store(&j->deadline, j->t_submit + json_number_value(t) / 1000.0);
+/* The operation a route runs, for the kind's parameter lists. */
+static int route_op(int route) {
+  switch (route) {
+    case R_FIT: return MD_OP_FIT;
+    case R_EVALUATE: return MD_OP_EVALUATE;
+    case R_CALIBRATE: return MD_OP_CALIBRATE;
+    case R_SESSIONS: return MD_OP_SESSION_OPEN;
+    case R_SESSION_INFER: return MD_OP_SESSION_INFER;
+    default: return MD_OP_INFER;
+  }
+}
+
+int server_check_params(const md_kind *k, int op, const char *model, const json_t *params,
+                        ts_err *err) {
+  if (!params) return 0;
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)params, key, v) {
+    if (oip_is_request_param(key) || md_kind_takes_param(k, op, key)) continue;
+    sbuf b;
+    sbuf_init(&b);
+    for (const char *const *a = k->params[op]; a && *a; a++) sbuf_printf(&b, "%s, ", *a);
+    sbuf_adds(&b, "and the protocol's ");
+    for (const char *const *a = oip_request_params; *a; a++)
+      sbuf_printf(&b, "%s%s", *a, a[1] ? ", " : "");
+    int rc = ts_errf(err, TS_EINVAL, "unknown parameter '%.60s' for %s on model '%s' (kind %s); "
+                     "accepted: %s", key, md_op_name(op), model, k->name,
+                     sbuf_failed(&b) || !b.data ? "(out of memory)" : b.data);
+    sbuf_free(&b);
+    return rc;
+  }
+  return 0;
+}
+
+/* Infer takes the inputs of the model's signature and no others (Triton:
+ * "unexpected inference input"); a misnamed input is a 400, not ignored. */
+static int check_input_names(const repo_ver *ver, const ts_list *inputs, ts_err *err) {
+  const md_sig *sig = repo_ver_sig(ver);
+  if (!sig || sig->n_inputs == 0) return 0;
+  for (int i = 0; i < inputs->n; i++) {
+    int ok = 0;
+    for (int k = 0; k < sig->n_inputs && !ok; k++)
+      ok = strcmp(sig->inputs[k].name, inputs->items[i].name) == 0;
+    if (ok) continue;
+    char list[256];
+    size_t o = 0;
+    list[0] = 0;
+    for (int k = 0; k < sig->n_inputs && o < sizeof list; k++)
+      o += (size_t)snprintf(list + o, sizeof list - o, "%s%s", k ? ", " : "", sig->inputs[k].name);
+    return ts_errf(err, TS_EINVAL, "unexpected input '%.100s' for model '%s' (its inputs: %s)",
+                   inputs->items[i].name, repo_ver_model(ver), list);
+  }
+  return 0;
+}
+
+/* config.json's max_batch: the leading dimension of every input. */
+static int check_model_batch(const repo_ver *ver, const ts_list *inputs, ts_err *err) {
+  int64_t mb = repo_ver_max_batch(ver);
+  for (int i = 0; mb > 0 && i < inputs->n; i++) {
+    const ts_tensor *t = &inputs->items[i];
+    if (t->ndim >= 1 && t->shape[0] > mb)
+      return ts_errf(err, TS_EINVAL, "input '%s': batch of %lld rows is over model '%s''s "
+                     "max_batch of %lld (config.json)", t->name, (long long)t->shape[0],
+                     repo_ver_model(ver), (long long)mb);
+  }
+  return 0;
 }
 
 int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, md_call *call,
                ts_err *err) {
   server *s = j->srv;
-  int rc = oip_decode_capped(j->body, j->len, j->json_len, s->cfg->max_request_elements,
-                             s->cfg->max_request_memory, req, err);
+  const srv_config *c = s->cfg;
+  oip_limits lim = {.max_elements = c->max_request_elements,
+                    .max_bytes = c->max_request_memory,
+                    .max_json_bytes = c->max_json_memory,
+                    .max_inputs = c->max_inputs,
+                    .max_outputs = c->max_outputs,
+                    .max_response_bytes = c->max_response_bytes,
+                    .t_submit = j->t_submit,
+                    .deadline = atomic_load(&j->deadline),
+                    .cancelled = &j->cancelled};
+  int rc = oip_decode_ex(j->body, j->len, j->json_len, &lim, req, err);
   tl_free(j->body);
   j->body = NULL;
+  /* the request's own timeout holds from here on, even when decoding failed */
+  if (req->deadline > 0 && req->deadline != lim.deadline) atomic_store(&j->deadline, req->deadline);
   if (rc) return rc;
+  const md_kind *k = repo_ver_kind(ver);
+  int op = route_op(j->rt.id);
+  if ((rc = server_check_params(k, op, repo_ver_model(ver), req->params, err))) return rc;
+  if (op == MD_OP_INFER || op == MD_OP_SESSION_INFER) {
+    if ((rc = check_input_names(ver, &req->inputs, err))) return rc;
+    if ((rc = check_model_batch(ver, &req->inputs, err))) return rc;
+  }
   if (check_limits && (rc = server_check_limits(s->cfg, &req->inputs, err))) return rc;
-  set_deadline(j, req);
   call->inputs = &req->inputs;
   call->params = req->params;
   call->pool = s->pool;
@@ -61,5 +140,25 @@ int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, 
   call->cancelled = &j->cancelled;
   call->model_name = repo_ver_model(ver);
   call->version = repo_ver_version(ver);
+  return 0;
+}
+
+int job_encode(job *j, const oip_request *req, const md_call *call, const json_t *extra,
+               ts_err *err) {
+  sbuf b;
+  sbuf_init(&b);
+  size_t json_len = 0;
+  int rc = oip_encode(call->model_name, call->version, req, &call->outputs, extra, &b, &json_len,
+                      err);
+  if (rc) {
+    sbuf_free(&b);
+    return rc;
+  }
+  resp_free(&j->out);
+  j->out.status = 200;
+  j->out.json_len = json_len;
+  /* Triton's choice: an answer with binary parts is application/octet-stream */
+  if (json_len) j->out.content_type = "application/octet-stream";
+  j->out.body = sbuf_take(&b, &j->out.len);
   return 0;
 }

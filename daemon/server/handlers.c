@@ -302,18 +302,7 @@ static void run_model(job *j) {
   }
   if ((rc = fn(repo_ver_state(j->ver), &call, &err))) goto fail;
   if (j->rt.id == R_INFER) {
-    sbuf b;
-    sbuf_init(&b);
-    size_t json_len = 0;
-    if ((rc = oip_encode(call.model_name, call.version, &req, &call.outputs, NULL, &b, &json_len,
-                         &err))) {
-      sbuf_free(&b);
-      goto fail;
-    }
-    resp_free(&j->out);
-    j->out.status = 200;
-    j->out.json_len = json_len;
-    j->out.body = sbuf_take(&b, &j->out.len);
+    if ((rc = job_encode(j, &req, &call, NULL, &err))) goto fail;
     goto done;
   }
   json_t *ans = call.result ? json_incref(call.result) : json_object();
