@@ -86,8 +86,12 @@ static int check_input_names(const repo_ver *ver, const ts_list *inputs, ts_err 
     list[0] = 0;
     for (int k = 0; k < sig->n_inputs && o < sizeof list; k++)
       o += (size_t)snprintf(list + o, sizeof list - o, "%s%s", k ? ", " : "", sig->inputs[k].name);
-    return ts_errf(err, TS_EINVAL, "unexpected input '%.100s' for model '%s' (its inputs: %s)",
-                   inputs->items[i].name, repo_ver_model(ver), list);
+    const char *missing = NULL; /* the likely intended name, when one is absent */
+    for (int k = 0; k < sig->n_inputs && !missing; k++)
+      if (!ts_list_find(inputs, sig->inputs[k].name)) missing = sig->inputs[k].name;
+    return ts_errf(err, TS_EINVAL, "unexpected input '%.100s' for model '%s' (its inputs: %s)%s%s%s",
+                   inputs->items[i].name, repo_ver_model(ver), list,
+                   missing ? "; missing input '" : "", missing ? missing : "", missing ? "'" : "");
   }
   return 0;
 }

@@ -9,8 +9,8 @@
 #include "oip.h"
 
 #include <inttypes.h>
+#include <malloc.h>
 #include <math.h>
-#include <stdalign.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -176,42 +176,36 @@ static int fill_bytes(ts_tensor *t, json_t *data, int64_t numel, const char *nam
 
 /* ---- the parse tree's budget --------------------------------------------- */
 
-/* jansson allocates through these (oip_json_alloc_init). Each block carries
- * its size so that a free can be counted; the count is per thread and on
- * only while oip_decode_ex parses, so other threads' JSON (config files,
- * answers) is never refused. MALLOC_OVERHEAD is what glibc adds to a block. */
-#define MALLOC_OVERHEAD 16
-typedef union ahdr {
-  size_t size;
-  max_align_t align;
-} ahdr;
+/* jansson allocates through these (oip_json_alloc_init). A block's size is
+ * read back with malloc_usable_size, so blocks stay plain malloc blocks
+ * (answers from json_dumps are freed with free or tl_free elsewhere). The
+ * count is per thread and on only while oip_decode_ex parses, so other
+ * threads' JSON (config files, answers) is never refused. MALLOC_OVERHEAD
+ * is the chunk header glibc adds to each block. */
+#define MALLOC_OVERHEAD 8
 static _Thread_local int a_on, a_over;
 static _Thread_local int64_t a_used, a_limit;
 
 static void *count_malloc(size_t n) {
-  if (n > SIZE_MAX - sizeof(ahdr)) return NULL;
-  if (a_on) {
-    int64_t cost = (int64_t)(n + sizeof(ahdr) + MALLOC_OVERHEAD);
-    if (a_limit > 0 && cost > a_limit - a_used) {
-      a_over = 1;
-      return NULL;
-    }
-    a_used += cost;
+  void *p = tl_malloc(n);
+  if (!p || !a_on) return p;
+  int64_t cost = (int64_t)(malloc_usable_size(p) + MALLOC_OVERHEAD);
+  if (a_limit > 0 && cost > a_limit - a_used) {
+    a_over = 1;
+    tl_free(p);
+    return NULL;
   }
-  ahdr *h = tl_malloc(sizeof *h + n);
-  if (!h) return NULL;
-  h->size = n;
-  return h + 1;
+  a_used += cost;
+  return p;
 }
 
 static void count_free(void *p) {
   if (!p) return;
-  ahdr *h = (ahdr *)p - 1;
   if (a_on) {
-    a_used -= (int64_t)(h->size + sizeof(ahdr) + MALLOC_OVERHEAD);
+    a_used -= (int64_t)(malloc_usable_size(p) + MALLOC_OVERHEAD);
     if (a_used < 0) a_used = 0; /* a block from before the parse */
   }
-  tl_free(h);
+  tl_free(p);
 }
 
 static int alloc_counted; /* set once at start, before any thread runs */
