@@ -102,6 +102,10 @@ struct md_kind {
    * so a misspelt parameter is a 400 naming it, never a silent default.
    * A kind that reads a new parameter adds it here. */
   const char *const *params[MD_OP_COUNT];
+  /* Input names infer reads besides its signature's (alternatives such as
+   * an ensemble's `features` or `member_outputs`), NULL-terminated; the
+   * server refuses an infer input in neither, by name. */
+  const char *const *infer_inputs;
   int (*load)(const md_load_ctx *ctx, void **state, ts_err *err);
   void (*signature)(void *state, md_sig *sig);
   int (*infer)(void *state, md_call *call, ts_err *err);

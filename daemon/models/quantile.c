@@ -1268,6 +1268,8 @@ static const char *const fit_params[] = {"levels", "aggregator", "granularity", 
                                          "patience", "seed", "learning_rate", "weight_decay",
                                          "dropout", "lambda", "margin", "validation_fraction",
                                          "warm_start", NULL};
+/* gather's inputs, whichever the configuration needs */
+static const char *const infer_inputs[] = {"features", "base_quantiles", NULL};
 static const char *const calibrate_params[] = {"levels", "method", "allow_infinite", NULL};
 
 const md_kind md_kind_quantile_ensemble = {.name = "quantile_ensemble",
@@ -1275,6 +1277,7 @@ const md_kind md_kind_quantile_ensemble = {.name = "quantile_ensemble",
                                                       [MD_OP_FIT] = fit_params,
                                                       [MD_OP_EVALUATE] = levels_params,
                                                       [MD_OP_CALIBRATE] = calibrate_params},
+                                           .infer_inputs = infer_inputs,
                                            .load = load,
                                            .signature = signature,
                                            .infer = infer,

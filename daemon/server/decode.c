@@ -56,9 +56,14 @@ int server_check_params(const md_kind *k, int op, const char *model, const json_
   json_t *v;
   json_object_foreach((json_t *)params, key, v) {
     if (oip_is_request_param(key) || md_kind_takes_param(k, op, key)) continue;
+    /* one labelled file serves fit and evaluate (fit-from-file.sh --evaluate):
+     * evaluate lets the kind's fit names pass; a name no operation takes is
+     * still refused */
+    if (op == MD_OP_EVALUATE && md_kind_takes_param(k, MD_OP_FIT, key)) continue;
     sbuf b;
     sbuf_init(&b);
     for (const char *const *a = k->params[op]; a && *a; a++) sbuf_printf(&b, "%s, ", *a);
+    if (op == MD_OP_EVALUATE && k->params[MD_OP_FIT]) sbuf_adds(&b, "fit's names, ");
     sbuf_adds(&b, "and the protocol's ");
     for (const char *const *a = oip_request_params; *a; a++)
       sbuf_printf(&b, "%s%s", *a, a[1] ? ", " : "");
@@ -75,11 +80,14 @@ int server_check_params(const md_kind *k, int op, const char *model, const json_
  * "unexpected inference input"); a misnamed input is a 400, not ignored. */
 static int check_input_names(const repo_ver *ver, const ts_list *inputs, ts_err *err) {
   const md_sig *sig = repo_ver_sig(ver);
+  const md_kind *kind = repo_ver_kind(ver);
   if (!sig || sig->n_inputs == 0) return 0;
   for (int i = 0; i < inputs->n; i++) {
     int ok = 0;
     for (int k = 0; k < sig->n_inputs && !ok; k++)
       ok = strcmp(sig->inputs[k].name, inputs->items[i].name) == 0;
+    for (const char *const *a = kind->infer_inputs; a && *a && !ok; a++)
+      ok = strcmp(*a, inputs->items[i].name) == 0;
     if (ok) continue;
     char list[256];
     size_t o = 0;
