@@ -49,9 +49,22 @@ static int route_op(int route) {
   }
 }
 
+/* Whether the kind runs `op` at all: where it does not, the caller's "does
+ * not support" is the better answer than a list of parameters. */
+static int op_supported(const md_kind *k, int op) {
+  switch (op) {
+    case MD_OP_FIT: return k->fit != NULL;
+    case MD_OP_EVALUATE: return k->evaluate != NULL;
+    case MD_OP_CALIBRATE: return k->calibrate != NULL;
+    case MD_OP_SESSION_OPEN:
+    case MD_OP_SESSION_INFER: return k->session_open != NULL;
+    default: return 1;
+  }
+}
+
 int server_check_params(const md_kind *k, int op, const char *model, const json_t *params,
                         ts_err *err) {
-  if (!params) return 0;
+  if (!params || !op_supported(k, op)) return 0;
   const char *key;
   json_t *v;
   json_object_foreach((json_t *)params, key, v) {
@@ -64,7 +77,7 @@ int server_check_params(const md_kind *k, int op, const char *model, const json_
     sbuf_init(&b);
     for (const char *const *a = k->params[op]; a && *a; a++) sbuf_printf(&b, "%s, ", *a);
     if (op == MD_OP_EVALUATE && k->params[MD_OP_FIT]) sbuf_adds(&b, "fit's names, ");
-    sbuf_adds(&b, "and the protocol's ");
+    sbuf_adds(&b, b.len ? "and the protocol's " : "none of the kind's own; the protocol's ");
     for (const char *const *a = oip_request_params; *a; a++)
       sbuf_printf(&b, "%s%s", *a, a[1] ? ", " : "");
     int rc = ts_errf(err, TS_EINVAL, "unknown parameter '%.60s' for %s on model '%s' (kind %s); "
@@ -139,11 +152,12 @@ int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, 
   const md_kind *k = repo_ver_kind(ver);
   int op = route_op(j->rt.id);
   if ((rc = server_check_params(k, op, repo_ver_model(ver), req->params, err))) return rc;
-  if (op == MD_OP_INFER || op == MD_OP_SESSION_INFER) {
-    if ((rc = check_input_names(ver, &req->inputs, err))) return rc;
-    if ((rc = check_model_batch(ver, &req->inputs, err))) return rc;
-  }
+  /* the operator's limits first, then the model's own */
   if (check_limits && (rc = server_check_limits(s->cfg, &req->inputs, err))) return rc;
+  if (op == MD_OP_INFER || op == MD_OP_SESSION_INFER) {
+    if ((rc = check_model_batch(ver, &req->inputs, err))) return rc;
+    if ((rc = check_input_names(ver, &req->inputs, err))) return rc;
+  }
   call->inputs = &req->inputs;
   call->params = req->params;
   call->pool = s->pool;
