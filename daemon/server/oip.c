@@ -240,7 +240,7 @@ static int64_t parse_estimate(const char *s, size_t n) {
   return values * ESTIMATE_PER_VALUE;
 }
 
-static json_t *parse_bounded(const char *body, size_t len, int64_t limit, ts_err *err) {
+json_t *oip_parse_json(const char *body, size_t len, int64_t limit, ts_err *err) {
   if (limit > 0 && parse_estimate(body, len) > limit) {
     ts_errf(err, TS_ETOOBIG, "the request's JSON needs more than --max-json-memory (%lld bytes) "
             "to parse (about %d bytes a number); send large tensors as binary data "
@@ -622,7 +622,7 @@ int oip_decode_ex(const char *body, size_t len, size_t json_len, const oip_limit
     json_len = len;
   }
   if (json_len == 0) return ts_errf(err, TS_EINVAL, "the request body is empty");
-  if (!(req->root = parse_bounded(body, json_len, lim->max_json_bytes, err))) {
+  if (!(req->root = oip_parse_json(body, json_len, lim->max_json_bytes, err))) {
     return -err->status;
   }
   if (!json_is_object(req->root))

@@ -82,6 +82,10 @@ void oip_request_free(oip_request *req);
  * thread uses jansson; without it the parse is bounded only by a pre-scan
  * estimate. */
 void oip_json_alloc_init(void);
+/* Parses a request body's JSON (duplicate keys refused) within `limit`
+ * bytes of parse tree (0: none): NULL with 413 over it, 400 when malformed.
+ * For every request body tallyd parses, not only infer's. */
+json_t *oip_parse_json(const char *body, size_t len, int64_t limit, ts_err *err);
 
 /* Encodes {"model_name", "model_version", "id"?, "outputs": [...]} into
  * out. Outputs are filtered by req->outputs (an unknown name is a 400); an

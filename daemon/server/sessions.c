@@ -303,11 +303,10 @@ static void create(job *j) {
   ts_err err = {0};
   json_t *body = NULL;
   if (j->body && j->len) {
-    json_error_t je;
-    body = json_loadb(j->body, j->len, 0, &je);
-    if (!body || !json_is_object(body)) {
-      ts_errf(&err, TS_EINVAL, "the body must be a JSON object (or empty): %s",
-              body ? "not an object" : je.text);
+    body = oip_parse_json(j->body, j->len, j->srv->cfg->max_json_memory, &err);
+    if (!body) goto fail;
+    if (!json_is_object(body)) {
+      ts_errf(&err, TS_EINVAL, "the body must be a JSON object (or empty): not an object");
       goto fail;
     }
   }
