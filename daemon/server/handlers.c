@@ -220,7 +220,8 @@ int handle_inline(server *s, const route *rt, const char *method, resp *out) {
       return resp_text(out, ready ? 200 : 503, ready ? "{\"ready\":true}" : "{\"ready\":false}");
     }
     case R_SERVER: {
-      json_t *ext = json_pack("[s,s,s,s,s,s]", "model_repository", "binary_tensor_data", "fit",
+      json_t *ext = json_pack("[s,s,s,s,s,s,s]", "model_repository", "binary_tensor_data",
+                              "classification", "fit",
                               "evaluate", "calibrate", "sessions");
       j = json_pack("{s:s, s:s, s:o}", "name", "tallyd", "version", TALLYD_VERSION, "extensions", ext);
       break;

@@ -253,6 +253,7 @@ def test_classification_and_binary_content_type(c):
     rb = check_status(c.d.infer("demo_mlp", [x], parameters={"binary_data_output": True}), 200)
     check(rb.headers.get("content-type") == "application/octet-stream", rb.headers)
     check("inference-header-content-length" in rb.headers, rb.headers)
+    check("classification" in c.d.get("/v2").json()["extensions"], "server metadata")
 
 
 def test_still_serving(c):

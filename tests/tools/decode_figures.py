@@ -70,7 +70,7 @@ def inputs_case(binary, n):
         x = [[0.25] * 16] * 2
         t1 = time.time()
         small = d.post("/v2/models/demo_mlp/infer", {"parameters": {"timeout_ms": 2000}, "inputs": [
-            {"name": "features", "shape": [2, 16], "datatype": "FP32", "data": x}]})
+            {"name": "features", "shape": [2, 16], "datatype": "FP32", "data": x}]}, timeout=600)
         t_small = time.time() - t1
         th.join()
         return "n=%6d: %6.2f s, status %d; small infer sent 0.2 s later: %d after %.2f s" % (
