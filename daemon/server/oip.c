@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "../base/jtext.h"
 #include "../base/mem.h"
 
 /* Upper bound on JSON nesting in "data": deeper is a 400, not a stack walk. */
@@ -869,7 +870,8 @@ int oip_encode(const char *model, int64_t version, const oip_request *req,
   int *bin = tl_calloc((size_t)(n ? n : 1), sizeof *bin);
   ts_tensor *cls = tl_calloc((size_t)(n ? n : 1), sizeof *cls);
   int any_bin = 0, rc = 0;
-  char *extra = NULL;
+  sbuf extra; /* the answer's "parameters", rendered first to be counted */
+  sbuf_init(&extra);
   if (!sel || !bin || !cls) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
     goto done;
@@ -900,13 +902,14 @@ int oip_encode(const char *model, int64_t version, const oip_request *req,
     }
     any_bin |= bin[i];
   }
-  if (extra_params && !(extra = json_dumps(extra_params, JSON_COMPACT))) {
+  if (extra_params) jtext_add(&extra, extra_params, JT_COMPACT);
+  if (sbuf_failed(&extra)) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
     goto done;
   }
   /* the answer's size, bounded before a byte of it is written */
   size_t bound = 128 + 6 * strlen(model) + (req && req->id ? 6 * strlen(req->id) : 0) +
-                 (extra ? strlen(extra) : 0);
+                 extra.len;
   for (int i = 0; i < n; i++) bound += output_size_bound(sel[i], bin[i]);
   if (req && req->max_response_bytes > 0 && bound > (size_t)req->max_response_bytes) {
     rc = ts_errf(err, TS_ETOOBIG, "the answer would take up to %zu bytes, over "
@@ -921,9 +924,9 @@ int oip_encode(const char *model, int64_t version, const oip_request *req,
     sbuf_adds(out, ",\"id\":");
     sbuf_json_str(out, req->id);
   }
-  if (extra) {
+  if (extra_params) {
     sbuf_adds(out, ",\"parameters\":");
-    sbuf_adds(out, extra);
+    sbuf_add(out, extra.data, extra.len);
   }
   sbuf_adds(out, ",\"outputs\":[");
   for (int i = 0; i < n; i++) {
@@ -952,7 +955,7 @@ int oip_encode(const char *model, int64_t version, const oip_request *req,
 done:
   if (cls)
     for (int i = 0; i < n; i++) ts_free(&cls[i]);
-  if (extra) free(extra);
+  sbuf_free(&extra);
   tl_free(cls);
   tl_free(sel);
   tl_free(bin);
