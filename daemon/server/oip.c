@@ -188,6 +188,12 @@ static _Thread_local int a_on, a_over;
 static _Thread_local int64_t a_used, a_limit;
 
 static void *count_malloc(size_t n) {
+  /* Past the limit every allocation fails at once, without calling malloc:
+   * jansson's lexer retries its buffer's growth on every further byte. */
+  if (a_on && (a_over || (a_limit > 0 && n > (uint64_t)(a_limit - a_used)))) {
+    a_over = 1;
+    return NULL;
+  }
   void *p = tl_malloc(n);
   if (!p || !a_on) return p;
   int64_t cost = (int64_t)(malloc_usable_size(p) + MALLOC_OVERHEAD);
