@@ -411,7 +411,7 @@ static void test_strict_fields(void **s) {
     expect_fail(body, TS_EINVAL, bad[i].needle);
   }
   /* Triton's timeout is microseconds from arrival; the protocol's names pass */
-  snprintf(body, sizeof body, "{\"parameters\":{\"timeout\":250000,\"sequence_id\":\"s1\","
+  snprintf(body, sizeof body, "{\"parameters\":{\"timeout\":250000000,\"sequence_id\":\"s1\","
            "\"sequence_start\":true,\"sequence_end\":false,\"priority\":1,\"headers\":{},"
            "\"binary_data_output\":true},%s}", X23);
   struct timespec ts;
@@ -421,12 +421,12 @@ static void test_strict_fields(void **s) {
   oip_request req;
   ts_err err = {0};
   assert_int_equal(decode_lim(body, &lim, &req, &err), 0);
-  assert_true(fabs(req.deadline - (now + 0.25)) < 1e-9);
+  assert_true(fabs(req.deadline - (now + 250)) < 1e-9);
   assert_int_equal(req.binary_default, 1);
   oip_request_free(&req);
-  snprintf(body, sizeof body, "{\"parameters\":{\"timeout_ms\":5},%s}", X23);
+  snprintf(body, sizeof body, "{\"parameters\":{\"timeout_ms\":5000},%s}", X23);
   assert_int_equal(decode_lim(body, &lim, &req, &err), 0);
-  assert_true(fabs(req.deadline - (now + 0.005)) < 1e-9);
+  assert_true(fabs(req.deadline - (now + 5)) < 1e-9);
   oip_request_free(&req);
   assert_true(oip_is_request_param("timeout") && oip_is_request_param("sequence_id"));
   assert_false(oip_is_request_param("attention"));
