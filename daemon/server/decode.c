@@ -69,14 +69,17 @@ int server_check_params(const md_kind *k, int op, const char *model, const json_
   json_t *v;
   json_object_foreach((json_t *)params, key, v) {
     if (oip_is_request_param(key) || md_kind_takes_param(k, op, key)) continue;
-    /* one labelled file serves fit and evaluate (fit-from-file.sh --evaluate):
-     * evaluate lets the kind's fit names pass; a name no operation takes is
-     * still refused */
-    if (op == MD_OP_EVALUATE && md_kind_takes_param(k, MD_OP_FIT, key)) continue;
+    /* one labelled file serves fit or calibrate and evaluate (fit-from-file.sh
+     * --evaluate): evaluate lets the kind's fit and calibrate names pass; a
+     * name no operation takes is still refused */
+    if (op == MD_OP_EVALUATE && (md_kind_takes_param(k, MD_OP_FIT, key) ||
+                                 md_kind_takes_param(k, MD_OP_CALIBRATE, key)))
+      continue;
     sbuf b;
     sbuf_init(&b);
     for (const char *const *a = k->params[op]; a && *a; a++) sbuf_printf(&b, "%s, ", *a);
     if (op == MD_OP_EVALUATE && k->params[MD_OP_FIT]) sbuf_adds(&b, "fit's names, ");
+    if (op == MD_OP_EVALUATE && k->params[MD_OP_CALIBRATE]) sbuf_adds(&b, "calibrate's names, ");
     sbuf_adds(&b, b.len ? "and the protocol's " : "none of the kind's own; the protocol's ");
     for (const char *const *a = oip_request_params; *a; a++)
       sbuf_printf(&b, "%s%s", *a, a[1] ? ", " : "");
