@@ -50,6 +50,17 @@ int md_config_check_keys(const json_t *config, const char *const *allowed, ts_er
     for (const char *const *a = allowed; a && *a && !ok; a++) ok = strcmp(*a, key) == 0;
     if (!ok) return ts_errf(err, TS_EINVAL, "config.json: unknown key '%s'", key);
   }
+  return md_config_check_common(config, err);
+}
+
+int md_config_check_common(const json_t *config, ts_err *err) {
+  /* max_batch: the largest leading dimension of an input (0: none) */
+  json_t *mb = json_object_get(config, "max_batch");
+  if (mb && (!json_is_integer(mb) || json_integer_value(mb) < 0 ||
+             json_integer_value(mb) > MD_MAX_BATCH))
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: 'max_batch' must be an integer in [0, %lld] (0: no limit)",
+                   (long long)MD_MAX_BATCH);
   return 0;
 }
 

@@ -118,6 +118,12 @@ int md_check_deadline(const md_call *c, ts_err *err);
  * every kind takes ("kind", "version_policy", "description", "max_batch")
  * are always allowed. */
 int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err);
+/* Checks the values of the common keys only (for kinds that take foreign
+ * configs as they are, such as the transformer's HF config.json). */
+int md_config_check_common(const json_t *config, ts_err *err);
+/* The largest max_batch config.json may state (md_config_check_keys refuses
+ * more, a real such as 1e300, a string or a negative value). */
+#define MD_MAX_BATCH (INT64_C(1) << 31)
 /* Reads the request parameter `key` as a number / integer / string, with a
  * default when absent; refuses wrong types with 400. */
 int md_param_double(const json_t *params, const char *key, double def, double *out, ts_err *err);

@@ -97,6 +97,7 @@ static int read_config(tf_model *m, const json_t *cfg, ts_err *err) {
   int64_t v;
   int rc;
   if (!json_is_object(cfg)) return ts_errf(err, TS_EINVAL, "config.json is not a JSON object");
+  if ((rc = md_config_check_common(cfg, err))) return rc;
   if ((rc = cfg_int(cfg, "n_layer", 1, 4096, &v, err))) return rc;
   m->n_layer = (int)v;
   if ((rc = cfg_int(cfg, "n_head", 1, 4096, &v, err))) return rc;

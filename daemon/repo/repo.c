@@ -739,8 +739,13 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   int64_t *vs = NULL;
   int nv = 0, rc;
   if ((rc = fs_list_versions(mdir, &vs, &nv, err))) goto out;
-  int64_t next = nv ? vs[nv - 1] + 1 : 1;
+  int64_t next = nv ? vs[nv - 1] + 1 : 1; /* vs[] <= FS_MAX_VERSION: no overflow */
   tl_free(vs);
+  if (next > FS_MAX_VERSION) {
+    rc = ts_errf(err, TS_ECONFLICT, "model '%s' has version %lld, the largest there is: no "
+                 "new version can follow it", name, (long long)(next - 1));
+    goto out;
+  }
   if ((rc = fs_mkdtemp_in(mdir, ".tmp-", &tmp, err))) goto out;
   pathf(path, sizeof path, "%s/model.safetensors", tmp);
   if ((rc = st_writer_save(call->new_weights, path, err))) goto fail;

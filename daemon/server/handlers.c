@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../base/fsutil.h"
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/model.h"
@@ -106,16 +107,6 @@ static int valid_name(const char *s) {
   return 1;
 }
 
-static int parse_version(const char *s, int64_t *out) {
-  if (!*s || s[0] == '0' || strlen(s) > 18) return -1;
-  int64_t v = 0;
-  for (; *s; s++) {
-    if (*s < '0' || *s > '9') return -1;
-    v = v * 10 + (*s - '0');
-  }
-  *out = v;
-  return 0;
-}
 
 #define M_GET 1
 #define M_POST 2
@@ -194,9 +185,15 @@ int route_parse(const char *method, const char *path, route *r, const char **all
                      "'-', '.'; not starting with '.')", seg[mi]);
     snprintf(r->model, sizeof r->model, "%s", seg[mi]);
   }
-  if (vi >= 0 && parse_version(seg[vi], &r->version))
-    return ts_errf(err, TS_EINVAL, "version '%.40s' is not a positive integer without leading zeros",
-                   seg[vi]);
+  if (vi >= 0) {
+    int pv = fs_parse_version(seg[vi], &r->version);
+    if (pv < 0)
+      return ts_errf(err, TS_EINVAL, "version '%.40s' is over the largest version %lld", seg[vi],
+                     (long long)FS_MAX_VERSION);
+    if (pv == 0)
+      return ts_errf(err, TS_EINVAL,
+                     "version '%.40s' is not a positive integer without leading zeros", seg[vi]);
+  }
   if (si >= 0) {
     if (!valid_name(seg[si]) || strlen(seg[si]) >= sizeof r->session)
       return ts_errf(err, TS_ENOTFOUND, "unknown session '%.100s'", seg[si]);
