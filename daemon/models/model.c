@@ -38,6 +38,25 @@ int md_check_deadline(const md_call *c, ts_err *err) {
   return 0;
 }
 
+int md_check_finite_outputs(const md_call *c, ts_err *err) {
+  for (int i = 0; i < c->outputs.n; i++) {
+    const ts_tensor *t = &c->outputs.items[i];
+    if (t->dtype != TS_FP32 && t->dtype != TS_FP64 && t->dtype != TS_FP16 && t->dtype != TS_BF16)
+      continue;
+    int64_t n = (int64_t)(t->nbytes / ts_dtype_size(t->dtype));
+    for (int64_t k = 0; k < n; k++) {
+      double v = ts_get_f64(t, k);
+      if (isfinite(v) || (c->infinite_ok && isinf(v))) continue;
+      return ts_errf(err, TS_EINVAL,
+                     "output '%s' element %lld is %s: the computation overflowed %s (inputs "
+                     "or weights too large in magnitude for this model)",
+                     t->name, (long long)k, isnan(v) ? "NaN" : v > 0 ? "+inf" : "-inf",
+                     ts_dtype_name(t->dtype));
+    }
+  }
+  return 0;
+}
+
 int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err) {
   static const char *const common[] = {"kind", "version_policy", "description", "max_batch",
                                        NULL};

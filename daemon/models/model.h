@@ -82,6 +82,8 @@ typedef struct md_call {
   json_t *result;          /* fit/evaluate/calibrate: the answer's fields */
   st_writer *new_weights;  /* fit/calibrate: weights of the new version */
   json_t *new_version_info;/* fit/calibrate: extra fields for version.json */
+  int infinite_ok;         /* infer: +-inf in the outputs is documented (a quantile
+                            * model calibrated with allow_infinite); NaN never is */
 } md_call;
 
 struct md_kind {
@@ -109,6 +111,14 @@ const char *md_kind_names(void);
 
 void md_call_init(md_call *c);
 void md_call_free(md_call *c);
+
+/* The rule every answer keeps: no NaN or +-inf where a number is expected.
+ * Checks every floating-point output of c (FP32, FP64, FP16, BF16); the
+ * first non-finite value is a 400 naming the output, the element and the
+ * cause (a computation that overflowed: inputs or weights too large for the
+ * output's type). +-inf passes when the kind set c->infinite_ok. The server
+ * runs it on every infer answer, whatever the kind. */
+int md_check_finite_outputs(const md_call *c, ts_err *err);
 
 /* Helpers shared by the kinds. */
 double md_now(void); /* monotonic seconds */

@@ -716,6 +716,15 @@ static int predict(const qk_state *s, pool_t *pool, const qk_rows *r, int with_c
                    ts_err *err) {
   int rc = qa_infer_run(pool, &s->inf, r->B, r->Z, r->X, Q, err);
   if (rc) return rc;
+  /* the aggregate of finite inputs is finite unless it overflowed FP32: a
+   * 400 for infer, evaluate, fit and calibrate alike (the +-inf that
+   * allow_infinite corrections add below is documented, and comes after) */
+  for (int64_t i = 0; i < r->B * s->K; i++)
+    if (!isfinite(Q[i]))
+      return ts_errf(err, TS_EINVAL,
+                     "row %lld: the aggregated quantile %d is not finite: the base quantiles or "
+                     "features overflow FP32 in the aggregation (values too large in magnitude)",
+                     (long long)(i / s->K), (int)(i % s->K));
   if (with_conf && s->has_conf) qa_cqr_apply(s->K, s->conf_lo, s->conf_hi, r->B, Q);
   return qa_monotone_rows(pool, s->mono, r->B, s->K, s->median, Q, err);
 }
@@ -955,6 +964,9 @@ static int infer(void *state, md_call *c, ts_err *err) {
   int64_t shape[2] = {r.B, s->K};
   float *Q = md_output(c, "quantiles", TS_FP32, 2, shape, err);
   rc = Q ? predict(s, c->pool, &r, 1, Q, err) : -TS_ENOMEM;
+  /* corrections stored with allow_infinite make unbounded intervals: the
+   * documented +-inf of this kind (docs/quantile.md) */
+  c->infinite_ok = s->has_conf;
   rows_free(&r);
   return rc;
 }

@@ -350,6 +350,7 @@ static void run_model(job *j) {
   }
   if ((rc = fn(repo_ver_state(j->ver), &call, &err))) goto fail;
   if (j->rt.id == R_INFER) {
+    if ((rc = md_check_finite_outputs(&call, &err))) goto fail;
     sbuf b;
     sbuf_init(&b);
     size_t json_len = 0;
