@@ -1238,7 +1238,29 @@ static int calibrate(void *state, md_call *c, ts_err *err) {
    * applied to when serving (before the monotone step) */
   if ((rc = qa_infer_run(c->pool, &s->inf, r.B, r.Z, r.X, raw, err))) goto out;
   if ((rc = qa_cqr_fit(mode, s->K, s->levels, r.B, raw, r.y, allow_inf, lo, hi, err))) goto out;
+  /* a finite correction must fit the FP32 the weights store, and applied
+   * to these rows it must leave them finite; only allow_infinite's +inf
+   * (a rank beyond n) is a documented infinity */
+  for (int k = 0; k < s->K && !rc; k++) {
+    double cv[2] = {lo[k], hi[k]};
+    for (int e = 0; e < 2 && !rc; e++)
+      if (isfinite(cv[e]) && !isfinite((float)cv[e]))
+        rc = ts_errf(err, TS_EINVAL,
+                     "conformal: the %s correction at level %g is %g, beyond FP32: targets and "
+                     "quantiles too far apart (values too large in magnitude)",
+                     e ? "upper" : "lower", s->levels[k], cv[e]);
+  }
+  if (rc) goto out;
   qa_cqr_apply(s->K, lo, hi, r.B, raw);
+  for (int64_t i = 0; i < r.B * s->K && !rc; i++) {
+    int k = (int)(i % s->K);
+    if (!isfinite(raw[i]) && isfinite(lo[k]) && isfinite(hi[k]))
+      rc = ts_errf(err, TS_EINVAL,
+                   "conformal: row %lld, level %g: the corrected quantile overflows FP32 "
+                   "(values too large in magnitude)",
+                   (long long)(i / s->K), s->levels[k]);
+  }
+  if (rc) goto out;
   if ((rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, raw, err)) ||
       (rc = metrics_json(s, r.B, raw, r.y, &ma, &sa, err)))
     goto out;

@@ -182,11 +182,15 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
     goto fail;
   }
   pathf(path, sizeof path, "%s/version.json", vdir);
-  if (access(path, F_OK) == 0 &&
+  struct stat vst;
+  if (lstat(path, &vst) == 0 &&
       (rc = read_json_file(path, MAX_VERSION_JSON_BYTES, &v->version_info, err)))
     goto fail;
   pathf(path, sizeof path, "%s/model.safetensors", vdir);
-  if (access(path, F_OK) == 0) {
+  struct stat lst;
+  /* lstat, not access: a link that loops or dangles is an entry whose
+   * failure to open is the reason to report, not a missing file */
+  if (lstat(path, &lst) == 0) {
     /* The digest is of exactly the bytes read (or mapped), so a check
      * against the one recorded at write time covers what is served. */
     rc = st_open_file(&v->weights, path, r->weights_load, v->sha256, err);
