@@ -131,6 +131,32 @@ h, b = binary([{"name": "features", "shape": [1, 4], "datatype": "FP32",
                 "parameters": {"binary_data_size": 16}}], [vals[:12]])
 bin_seed("short", h, b)
 
+# every kind through the binary extension too
+ids = struct.pack("<5q", 1, 2, 3, 4, 7)
+h, b = binary([{"name": "input_ids", "shape": [1, 5], "datatype": "INT64",
+                "parameters": {"binary_data_size": len(ids)}}], [ids])
+bin_seed("kind_transformer", h, b)
+qkv = struct.pack("<8f", *[0.5, -1, 2, 0.25, 1, 1, -2, 3])
+h, b = binary([{"name": n, "shape": [2, 2, 2], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(qkv)}} for n in ("query", "key", "value")],
+              [qkv] * 3, {"parameters": {"attention": "lssar", "causal": False}})
+bin_seed("kind_attention", h, b)
+mo = struct.pack("<6f", 0.5, -1, 2, 0, 0.1, -3)
+lab = struct.pack("<2q", 1, 0)
+h, b = binary([{"name": "member_outputs", "shape": [2, 3], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(mo)}},
+               {"name": "labels", "shape": [2], "datatype": "INT64",
+                "parameters": {"binary_data_size": len(lab)}}], [mo, lab],
+              {"parameters": {"epochs": 2}})
+bin_seed("kind_ensemble_fit", h, b)
+bq = struct.pack("<12f", *([-1, 0, 1, -2, 0, 2] * 2))
+tg = struct.pack("<2f", 0.5, -0.5)
+h, b = binary([{"name": "base_quantiles", "shape": [2, 2, 3], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(bq)}},
+               {"name": "targets", "shape": [2], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(tg)}}, feat(2)], [bq, tg])
+bin_seed("kind_quantile", h, b)
+
 CONFIGS = {
     "full": {"model_repository": "/tmp/x", "listen": "127.0.0.1:8000", "threads": 2,
              "queue_depth": 16, "max_body_bytes": 1048576, "drain_timeout": 100,
