@@ -261,9 +261,15 @@ int fs_open_regular(const char *path, int *fd_out, ts_err *err) {
    * ever, with the repository's lock held); a regular file ignores it */
   int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
   if (fd < 0) {
-    if (errno == ELOOP)
+    int e = errno;
+    struct stat st;
+    if (e == ELOOP)
       return ts_errf(err, TS_EINVAL, "cannot open '%s': a loop of symbolic links", path);
-    return sys_err(err, errno, "cannot open", path);
+    /* a socket (ENXIO) or a device without a driver: say what it is */
+    if ((e == ENXIO || e == ENODEV) && stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+      return ts_errf(err, TS_EINVAL, "'%s' is a %s, not a regular file", path,
+                     fs_type_name(st.st_mode));
+    return sys_err(err, e, "cannot open", path);
   }
   struct stat st;
   if (fstat(fd, &st) != 0) {

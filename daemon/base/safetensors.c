@@ -336,10 +336,16 @@ int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[H
   /* O_NONBLOCK: a FIFO named model.safetensors must not stall the load (it
    * is refused below as not a regular file) */
   int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
-  if (fd < 0)
-    return ts_errf(err, errno == ENOENT ? TS_ENOTFOUND : errno == ELOOP ? TS_EINVAL : TS_EIO,
+  if (fd < 0) {
+    int e = errno;
+    struct stat lst;
+    if ((e == ENXIO || e == ENODEV) && stat(path, &lst) == 0 && !S_ISREG(lst.st_mode))
+      return ts_errf(err, TS_EINVAL, "weights '%s' is a %s, not a regular file", path,
+                     fs_type_name(lst.st_mode));
+    return ts_errf(err, e == ENOENT ? TS_ENOTFOUND : e == ELOOP ? TS_EINVAL : TS_EIO,
                    "cannot open weights '%s': %s", path,
-                   errno == ELOOP ? "a loop of symbolic links" : strerror(errno));
+                   e == ELOOP ? "a loop of symbolic links" : strerror(e));
+  }
   struct stat st;
   int r = 0;
   st_file *f = NULL;

@@ -8,7 +8,7 @@ is expected never stalls the daemon, and the other models serve. Prints a
 table case -> answer that docs/reliability.md quotes."""
 import json
 import os
-import struct
+import socket
 import sys
 import time
 
@@ -86,6 +86,11 @@ class Ctx:
         os.symlink("b", os.path.join(p, "a"))
         os.symlink("a", os.path.join(p, "b"))
         os.symlink("a", os.path.join(p, "model.safetensors"))
+        mlp("sock_w", repo)
+        sp = os.path.join(repo, "sock_w", "1", "model.safetensors")
+        os.remove(sp)
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(sp)
         mlp("fifo_vj", repo)
         os.mkfifo(os.path.join(repo, "fifo_vj", "1", "version.json"))
         self.d = Daemon(repo, ["--threads", "2", "--log-level", "warn"])
@@ -107,6 +112,7 @@ def setup():
 def teardown(c):
     if c:
         c.d.stop()
+        c.sock.close()
         print("\ncase | status | error")
         for case, status, msg in TABLE:
             print("%s | %s | %s" % (case, status, msg))
@@ -315,6 +321,7 @@ def test_strange_entries(c):
     check(c.start_secs < 15, "start took %.1f s" % c.start_secs)
     for name, what in [("fifo_w", "FIFO"), ("fifo_c", "FIFO"), ("dir_w", "directory"),
                        ("zero_w", "character device"), ("loop_w", "loop"),
+                       ("sock_w", "socket"),
                        ("fifo_vj", "FIFO")]:
         es = entry(c, name)
         reasons = " ".join(e.get("reason") or "" for e in es)

@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -419,6 +421,14 @@ static void test_open_regular(void **state) {
   assert_int_equal(fs_open_regular(at("loop_a"), &fd, &err), -TS_EINVAL);
   assert_non_null(strstr(err.msg, "loop"));
   assert_int_equal(fs_open_regular(at("absent"), &fd, &err), -TS_ENOTFOUND);
+  int sk = socket(AF_UNIX, SOCK_STREAM, 0);
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  snprintf(sa.sun_path, sizeof sa.sun_path, "%s", at("sock"));
+  assert_true(sk >= 0);
+  assert_int_equal(bind(sk, (struct sockaddr *)&sa, sizeof sa), 0);
+  assert_int_equal(fs_open_regular(at("sock"), &fd, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "socket"));
+  close(sk);
   /* the readers built on it */
   char *buf;
   size_t len;
