@@ -289,6 +289,10 @@ def test_nonfinite_ensemble(c):
     body["parameters"] = {"epochs": 3, "learning_rate": 1e300}
     r = c.d.post("/v2/models/ens/fit", body)
     finite_or_400(r, "ensemble fit, learning_rate 1e300")
+    for k in ("l2", "weight_decay", "min_delta"):
+        body["parameters"] = {"epochs": 3, k: 1e308}
+        r = c.d.post("/v2/models/ens/fit", body)
+        finite_or_400(r, "ensemble fit, %s 1e308" % k)
 
 
 def test_nonfinite_quantile(c):
@@ -303,6 +307,11 @@ def test_nonfinite_quantile(c):
     fit = dict(body, parameters={"epochs": 2, "learning_rate": 1e300})
     r = c.d.post("/v2/models/q/fit", fit)
     finite_or_400(r, "quantile fit, FP32 max, learning_rate 1e300")
+    rows = {"inputs": [tensor("base_quantiles", [[[-1, 0, 1], [-2, 0, 2]]] * 8),
+                       tensor("targets", [0.5, -0.5, 1.5, 0, 0.2, -1, 3, 0.1])]}
+    for k in ("weight_decay", "lambda", "margin", "learning_rate"):
+        r = c.d.post("/v2/models/q/fit", dict(rows, parameters={"epochs": 3, k: 1e308}))
+        finite_or_400(r, "quantile fit, %s 1e308" % k)
     # enough rows for finite corrections, whose size (target - quantile =
     # 6.8e38) does not fit the FP32 the weights store
     body = {"inputs": [tensor("base_quantiles", bq * 24),
