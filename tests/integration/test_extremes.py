@@ -53,6 +53,19 @@ class Ctx:
         write_model(repo, "att", {"kind": "attention", "max_sequence_length": 64}, None)
         make_tiny_gpt2.make(os.path.join(repo, "gpt"), n_layer=1, n_embd=8, n_head=2,
                             vocab_size=16, n_positions=16)
+        # a transformer whose logit for token 5 overflows FP32: the final
+        # hidden state is all ones (ln_f weight 0, bias 1) and wte's row 5 is
+        # 3e38 throughout (tokens other than 5 embed finitely)
+        E, V = 8, 16
+        t = make_tiny_gpt2.make_tensors(n_layer=1, n_head=2, n_embd=E, vocab_size=V,
+                                        n_positions=16)
+        wte = list(t["wte.weight"][2])
+        wte[5 * E:6 * E] = [3e38] * E
+        t["wte.weight"] = ("F32", [V, E], wte)
+        t["ln_f.weight"] = ("F32", [E], [0.0] * E)
+        t["ln_f.bias"] = ("F32", [E], [1.0] * E)
+        write_model(repo, "gptbig", make_tiny_gpt2.make_config(n_layer=1, n_head=2, n_embd=E,
+                                                             vocab_size=V, n_positions=16), t)
         write_model(repo, "ens", ensemble_cfg(), None)
         write_model(repo, "q", {"kind": "quantile_ensemble", "levels": [0.1, 0.5, 0.9],
                                 "bases": [{"external": "e1"}, {"external": "e2"}],
@@ -276,6 +289,23 @@ def test_nonfinite_transformer(c):
         r = c.d.infer("gpt", [tensor("input_ids", [[1, 2, 3, 4]], datatype="INT64")],
                       parameters={"attention": "lssar", "p": p})
         finite_or_400(r, "transformer lssar p=%g" % p)
+
+
+def test_nonfinite_transformer_session(c):
+    ids = [tensor("input_ids", [[1, 2, 3]], datatype="INT64")]
+    r = c.d.infer("gptbig", ids)
+    finite_or_400(r, "transformer whose logits overflow FP32: infer")
+    check_status(r, 400, "overflow")
+    r = check_status(c.d.post("/v2/models/gptbig/sessions", {}), 201)
+    sid = r.json()["session_id"]
+    for _ in range(2):
+        r = c.d.post("/v2/models/gptbig/sessions/%s/infer" % sid, {"inputs": ids})
+        finite_or_400(r, "transformer whose logits overflow FP32: session chunk")
+        check_status(r, 400, "overflow")
+        # the refused chunk did not advance the session: a retry is not a repeat
+        j = check_status(c.d.get("/v2/models/gptbig/sessions/" + sid), 200).json()
+        check(j["position"] == 0, j)
+    check_status(c.d.request("DELETE", "/v2/models/gptbig/sessions/" + sid), 200)
 
 
 def test_nonfinite_ensemble(c):
