@@ -205,11 +205,15 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
     goto fail;
   }
   pathf(path, sizeof path, "%s/version.json", vdir);
-  if (access(path, F_OK) == 0 &&
+  struct stat vst;
+  if (lstat(path, &vst) == 0 &&
       (rc = read_json_file(path, MAX_VERSION_JSON_BYTES, &v->version_info, err)))
     goto fail;
   pathf(path, sizeof path, "%s/model.safetensors", vdir);
-  if (access(path, F_OK) == 0) {
+  struct stat lst;
+  /* lstat, not access: a link that loops or dangles is an entry whose
+   * failure to open is the reason to report, not a missing file */
+  if (lstat(path, &lst) == 0) {
     /* The digest is of exactly the bytes read (or mapped), so a check
      * against the one recorded at write time covers what is served. */
     rc = st_open_file(&v->weights, path, r->weights_load, v->sha256, err);
@@ -764,8 +768,13 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   int64_t *vs = NULL;
   int nv = 0, rc;
   if ((rc = fs_list_versions(mdir, &vs, &nv, err))) goto out;
-  int64_t next = nv ? vs[nv - 1] + 1 : 1;
+  int64_t next = nv ? vs[nv - 1] + 1 : 1; /* vs[] <= FS_MAX_VERSION: no overflow */
   tl_free(vs);
+  if (next > FS_MAX_VERSION) {
+    rc = ts_errf(err, TS_ECONFLICT, "model '%s' has version %lld, the largest there is: no "
+                 "new version can follow it", name, (long long)(next - 1));
+    goto out;
+  }
   if ((rc = fs_mkdtemp_in(mdir, ".tmp-", &tmp, err))) goto out;
   pathf(path, sizeof path, "%s/model.safetensors", tmp);
   if ((rc = st_writer_save(call->new_weights, path, err))) goto fail;

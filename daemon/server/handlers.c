@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../base/fsutil.h"
 #include "../base/jtext.h"
 #include "../base/log.h"
 #include "../base/mem.h"
@@ -107,16 +108,6 @@ static int valid_name(const char *s) {
   return 1;
 }
 
-static int parse_version(const char *s, int64_t *out) {
-  if (!*s || s[0] == '0' || strlen(s) > 18) return -1;
-  int64_t v = 0;
-  for (; *s; s++) {
-    if (*s < '0' || *s > '9') return -1;
-    v = v * 10 + (*s - '0');
-  }
-  *out = v;
-  return 0;
-}
 
 #define M_GET 1
 #define M_POST 2
@@ -195,9 +186,15 @@ int route_parse(const char *method, const char *path, route *r, const char **all
                      "'-', '.'; not starting with '.')", seg[mi]);
     snprintf(r->model, sizeof r->model, "%s", seg[mi]);
   }
-  if (vi >= 0 && parse_version(seg[vi], &r->version))
-    return ts_errf(err, TS_EINVAL, "version '%.40s' is not a positive integer without leading zeros",
-                   seg[vi]);
+  if (vi >= 0) {
+    int pv = fs_parse_version(seg[vi], &r->version);
+    if (pv < 0)
+      return ts_errf(err, TS_EINVAL, "version '%.40s' is over the largest version %lld", seg[vi],
+                     (long long)FS_MAX_VERSION);
+    if (pv == 0)
+      return ts_errf(err, TS_EINVAL,
+                     "version '%.40s' is not a positive integer without leading zeros", seg[vi]);
+  }
   if (si >= 0) {
     if (!valid_name(seg[si]) || strlen(seg[si]) >= sizeof r->session)
       return ts_errf(err, TS_ENOTFOUND, "unknown session '%.100s'", seg[si]);
@@ -304,6 +301,7 @@ static void run_model(job *j) {
   }
   if ((rc = fn(repo_ver_state(j->ver), &call, &err))) goto fail;
   if (j->rt.id == R_INFER) {
+    if ((rc = md_check_finite_outputs(&call, &err))) goto fail;
     if ((rc = job_encode(j, &req, &call, NULL, &err))) goto fail;
     goto done;
   }
