@@ -256,4 +256,9 @@ def test_stops_and_health_fails(c):
 
 
 if __name__ == "__main__":
-    run_tests(collect(globals()), setup=setup, teardown=teardown)
+    why = unavailable()
+    if why:  # the whole file needs buildah and root: one skip, one reason
+        print("skip: %s" % why)
+        print("tally: 0 passed, 0 failed, 1 skipped")
+    else:
+        run_tests(collect(globals()), setup=setup, teardown=teardown)
