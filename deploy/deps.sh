@@ -31,7 +31,7 @@ for step in "$@"; do
   case "$step" in
     run) want="$want $RUN" ;;
     test) want="$want $TEST" ;;
-    bench) want="$want $RUN wrk" ;;
+    bench | --bench) want="$want $RUN wrk" ;;
     fuzz) want="$want $RUN clang" ;;
     image) want="$want buildah debootstrap" ;;
     promtool) promtool=1 ;;
