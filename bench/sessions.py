@@ -5,8 +5,9 @@ Starts one tallyd serving tiny_gpt2 from deploy/models and prints:
   - GET of a session id and /v2/health/live, median ms, with one session open;
   - the time and resident-memory growth of N session creates (4 client processes);
   - the same GET median with N sessions open;
-  - /v2/health/live median alone, then while two other processes ask for
-    unknown session ids without pause.
+  - /v2/health/live median alone, then while two other processes ask
+    without pause: first for /v2/health/ready (the baseline: the same load
+    touching no session), then for unknown session ids.
 Clients are separate processes, so that Python's interpreter lock does not
 add its switching interval to the latencies measured.
 
@@ -76,11 +77,28 @@ def creator(port, n, q):
     q.put((first, bad))
 
 
-def hammer(port, stop):
+def hammer(port, stop, unknown_ids):
     c = conn(port)
     while not stop.is_set():
-        c.request("GET", "/v2/models/%s/sessions/%s" % (MODEL, secrets.token_hex(16)))
+        if unknown_ids:
+            c.request("GET", "/v2/models/%s/sessions/%s" % (MODEL, secrets.token_hex(16)))
+        else:
+            c.request("GET", "/v2/health/ready")
         c.getresponse().read()
+
+
+def live_under(port, c, unknown_ids):
+    """/v2/health/live's median while two other processes ask without pause."""
+    stop = mp.Event()
+    hs = [mp.Process(target=hammer, args=(port, stop, unknown_ids)) for _ in range(2)]
+    for h in hs:
+        h.start()
+    time.sleep(0.5)
+    ms, _ = get_ms(c, "/v2/health/live", 500)
+    stop.set()
+    for h in hs:
+        h.join()
+    return ms
 
 
 def main():
@@ -130,15 +148,10 @@ def main():
         bad = sum(b for _, b in res)
         getn, stn = get_ms(c, spath, 500)
         liveq, _ = get_ms(c, "/v2/health/live", 500)
-        stop = mp.Event()
-        hs = [mp.Process(target=hammer, args=(port, stop)) for _ in range(2)]
-        for h in hs:
-            h.start()
-        time.sleep(0.5)
-        liveh, _ = get_ms(c, "/v2/health/live", 500)
-        stop.set()
-        for h in hs:
-            h.join()
+        # the same load of cheap requests that touch no session, as the
+        # baseline of this run (the machine's own noise)
+        livec = live_under(port, c, False)
+        liveh = live_under(port, c, True)
         print("binary: %s" % a.bin)
         print("%-58s %10s" % ("measure", "value"))
         print("%-58s %10.3f" % ("GET session, 1 session open: median ms (status %d)" % st, get1))
@@ -150,6 +163,8 @@ def main():
                                 (rss1 - rss0) * 1024.0 / max(1, a.n - bad)))
         print("%-58s %10.3f" % ("GET session, %d open: median ms (status %d)" % (a.n + 1, stn), getn))
         print("%-58s %10.3f" % ("/v2/health/live, %d open, quiet: median ms" % (a.n + 1), liveq))
+        print("%-58s %10.3f" % ("/v2/health/live, 2 clients asking /v2/health/ready: median ms",
+                                livec))
         print("%-58s %10.3f" % ("/v2/health/live, 2 clients asking unknown ids: median ms", liveh))
         c.request("GET", "/metrics")
         m = c.getresponse().read().decode()
