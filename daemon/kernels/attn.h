@@ -1,6 +1,6 @@
 /* attn.h - streaming attention kernels: softmax, LSSA and LSSAR.
  *
- * The exact math is /work/shared/spec/attention.md (Gao & Spratling, softplus
+ * The exact math is docs/attention.md, "The math" (Gao & Spratling, softplus
  * attention with re-weighting). Three variants over one interface:
  *   ATTN_SOFTMAX  scaled dot-product attention, online max (flash style)
  *   ATTN_LSSA     length-scaled softplus attention, one pass over the keys

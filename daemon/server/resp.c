@@ -4,6 +4,7 @@
 #include <stdarg.h>
 #include <string.h>
 
+#include "../base/jtext.h"
 #include "../base/mem.h"
 #include "../base/sbuf.h"
 
@@ -25,7 +26,7 @@ void resp_free(resp *r) {
 void resp_json(resp *r, int status, const json_t *j) {
   resp_free(r);
   r->status = status;
-  r->body = j ? json_dumps(j, JSON_COMPACT) : NULL;
+  r->body = j ? jtext_dumps(j, JT_COMPACT, NULL) : NULL;
   if (!r->body) {
     r->status = 503;
     r->body = tl_strdup("{\"error\":\"out of memory\"}");
