@@ -77,13 +77,6 @@ static ss_store *the_store(ts_err *err) {
   return s;
 }
 
-void sessions_stats(int64_t *open, uint64_t *bytes) {
-  *open = 0;
-  *bytes = 0;
-  ss_store *s = the_store(NULL);
-  if (s) ss_stats(s, open, bytes);
-}
-
 /* ---- messages --------------------------------------------------------------- */
 
 static int not_found(ss_store *s, const route *rt, ss_gone gone, ts_err *err) {

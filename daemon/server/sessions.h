@@ -49,7 +49,4 @@ int sessions_configure(int64_t ttl_secs, int64_t cap_bytes, int64_t max_sessions
  * Called after the worker pool has stopped. */
 void sessions_shutdown(void);
 
-/* For tests and metrics: open sessions and the bytes counted for them. */
-void sessions_stats(int64_t *open, uint64_t *bytes);
-
 #endif
