@@ -4,12 +4,13 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "../base/fsutil.h"
 #include "server.h"
 
 static const route_def table[R_COUNT] = {
-    [R_NONE] = {R_NONE, "none", "", 0, AUTH_INFER, 0, NULL},
-#define ROUTE_ROW(id, name, pattern, methods, scope, flags, run) \
-  [id] = {id, name, pattern, methods, scope, flags, run},
+    [R_NONE] = {R_NONE, "none", "", 0, AUTH_INFER, 0, OP_NONE, NULL},
+#define ROUTE_ROW(id, name, pattern, methods, scope, flags, op, run) \
+  [id] = {id, name, pattern, methods, scope, flags, op, run},
     ROUTE_TABLE(ROUTE_ROW)
 #undef ROUTE_ROW
 };
@@ -108,17 +109,6 @@ static int valid_name(const char *s) {
   return 1;
 }
 
-static int parse_version(const char *s, int64_t *out) {
-  if (!*s || s[0] == '0' || strlen(s) > 18) return -1;
-  int64_t v = 0;
-  for (; *s; s++) {
-    if (*s < '0' || *s > '9') return -1;
-    v = v * 10 + (*s - '0');
-  }
-  *out = v;
-  return 0;
-}
-
 static unsigned method_bit(const char *m) {
   if (strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0) return M_GET;
   if (strcmp(m, "POST") == 0) return M_POST;
@@ -158,9 +148,16 @@ int route_parse(const char *method, const char *path, route *r, const char **all
                      "'-', '.'; not starting with '.')", m);
     snprintf(r->model, sizeof r->model, "%s", m);
   }
-  if (cap[CAP_VERSION] >= 0 && parse_version(seg[cap[CAP_VERSION]], &r->version))
-    return ts_errf(err, TS_EINVAL, "version '%.40s' is not a positive integer without leading zeros",
-                   seg[cap[CAP_VERSION]]);
+  if (cap[CAP_VERSION] >= 0) {
+    const char *v = seg[cap[CAP_VERSION]];
+    int pv = fs_parse_version(v, &r->version);
+    if (pv < 0)
+      return ts_errf(err, TS_EINVAL, "version '%.40s' is over the largest version %lld", v,
+                     (long long)FS_MAX_VERSION);
+    if (pv == 0)
+      return ts_errf(err, TS_EINVAL,
+                     "version '%.40s' is not a positive integer without leading zeros", v);
+  }
   if (cap[CAP_SESSION] >= 0) {
     const char *s = seg[cap[CAP_SESSION]];
     if (!valid_name(s) || strlen(s) >= sizeof r->session)

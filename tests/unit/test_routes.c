@@ -104,24 +104,25 @@ static const struct {
   const char *allow;
   auth_scope scope;
   unsigned flags;
+  int op;
 } want[] = {
-    {R_LIVE, "/v2/health/live", "GET, HEAD", AUTH_NONE, RF_LOOP | RF_DRAIN},
-    {R_READY, "/v2/health/ready", "GET, HEAD", AUTH_NONE, RF_LOOP | RF_DRAIN},
-    {R_SERVER, "/v2", "GET, HEAD", AUTH_INFER, RF_LOOP},
-    {R_MODEL_META, "/v2/models/m/versions/3", "GET, HEAD", AUTH_INFER, RF_LOOP},
-    {R_MODEL_READY, "/v2/models/m/ready", "GET, HEAD", AUTH_INFER, RF_LOOP},
-    {R_INFER, "/v2/models/m/versions/3/infer", "POST", AUTH_INFER, RF_VERSION | RF_DEADLINE | RF_LIMITS},
-    {R_FIT, "/v2/models/m/fit", "POST", AUTH_ADMIN, RF_VERSION | RF_FIT},
-    {R_EVALUATE, "/v2/models/m/evaluate", "POST", AUTH_INFER, RF_VERSION},
-    {R_CALIBRATE, "/v2/models/m/calibrate", "POST", AUTH_ADMIN, RF_VERSION | RF_FIT},
-    {R_SESSIONS, "/v2/models/m/sessions", "POST", AUTH_INFER, RF_VERSION},
-    {R_SESSION, "/v2/models/m/sessions/abc", "GET, HEAD, DELETE", AUTH_INFER, RF_LOOP},
-    {R_SESSION_DELETE, "/v2/models/m/sessions/abc", "GET, HEAD, DELETE", AUTH_INFER, 0},
-    {R_SESSION_INFER, "/v2/models/m/sessions/abc/infer", "POST", AUTH_INFER, RF_DEADLINE | RF_LIMITS},
-    {R_REPO_INDEX, "/v2/repository/index", "GET, HEAD, POST", AUTH_INFER, RF_LOOP},
-    {R_REPO_LOAD, "/v2/repository/models/m/load", "POST", AUTH_ADMIN, 0},
-    {R_REPO_UNLOAD, "/v2/repository/models/m/unload", "POST", AUTH_ADMIN, 0},
-    {R_METRICS, "/metrics", "GET, HEAD", AUTH_INFER, RF_LOOP | RF_DRAIN},
+    {R_LIVE, "/v2/health/live", "GET, HEAD", AUTH_NONE, RF_LOOP | RF_DRAIN, OP_NONE},
+    {R_READY, "/v2/health/ready", "GET, HEAD", AUTH_NONE, RF_LOOP | RF_DRAIN, OP_NONE},
+    {R_SERVER, "/v2", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_MODEL_META, "/v2/models/m/versions/3", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_MODEL_READY, "/v2/models/m/ready", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_INFER, "/v2/models/m/versions/3/infer", "POST", AUTH_INFER, RF_VERSION | RF_DEADLINE | RF_LIMITS, MD_OP_INFER},
+    {R_FIT, "/v2/models/m/fit", "POST", AUTH_ADMIN, RF_VERSION | RF_FIT, MD_OP_FIT},
+    {R_EVALUATE, "/v2/models/m/evaluate", "POST", AUTH_INFER, RF_VERSION, MD_OP_EVALUATE},
+    {R_CALIBRATE, "/v2/models/m/calibrate", "POST", AUTH_ADMIN, RF_VERSION | RF_FIT, MD_OP_CALIBRATE},
+    {R_SESSIONS, "/v2/models/m/sessions", "POST", AUTH_INFER, RF_VERSION, MD_OP_SESSION_OPEN},
+    {R_SESSION, "/v2/models/m/sessions/abc", "GET, HEAD, DELETE", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_SESSION_DELETE, "/v2/models/m/sessions/abc", "GET, HEAD, DELETE", AUTH_INFER, 0, OP_NONE},
+    {R_SESSION_INFER, "/v2/models/m/sessions/abc/infer", "POST", AUTH_INFER, RF_DEADLINE | RF_LIMITS, MD_OP_SESSION_INFER},
+    {R_REPO_INDEX, "/v2/repository/index", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_REPO_LOAD, "/v2/repository/models/m/load", "POST", AUTH_ADMIN, 0, OP_NONE},
+    {R_REPO_UNLOAD, "/v2/repository/models/m/unload", "POST", AUTH_ADMIN, 0, OP_NONE},
+    {R_METRICS, "/metrics", "GET, HEAD", AUTH_INFER, RF_LOOP | RF_DRAIN, OP_NONE},
 };
 
 static int allows(const char *allow, const char *method) {
@@ -145,6 +146,7 @@ static void test_every_route_method_and_scope(void **s) {
     assert_string_equal(route_name(id), d->name);
     if (d->flags != want[i].flags) fail_msg("%s: flags %#x, expected %#x", d->name, d->flags, want[i].flags);
     assert_int_equal(d->scope, want[i].scope);
+    assert_int_equal(d->op, want[i].op);
     assert_int_equal(auth_required(id), want[i].scope);
     for (size_t m = 0; m < sizeof methods / sizeof *methods; m++) {
       int rc = parse(methods[m], want[i].path);

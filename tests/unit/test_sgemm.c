@@ -170,13 +170,19 @@ static void test_ref_sweep(void **state) {
 
 static void test_avx2_sweep(void **state) {
   (void)state;
-  if (!cpu_has_avx2_fma()) skip();
+  if (!cpu_has_avx2_fma()) {
+    print_message("skip: this CPU has no AVX2+FMA\n");
+    skip();
+  }
   sweep(sg_gemm_avx2, "avx2");
 }
 
 static void test_neon_sweep(void **state) {
   (void)state;
-  if (!cpu_has_neon()) skip();
+  if (!cpu_has_neon()) {
+    print_message("skip: no NEON here (an AArch64 path; this machine is not AArch64)\n");
+    skip();
+  }
   sweep(sg_gemm_neon, "neon");
 }
 
