@@ -45,11 +45,17 @@ void ts_err_clear(ts_err *err) {
   err->msg[0] = '\0';
 }
 
+/* the map's values are 0, 1, 2, ... in order: each designated slot is filled */
+#define TS_STATUS_ONE(name, value, http, text) +1
+_Static_assert(0 TS_STATUS_MAP(TS_STATUS_ONE) == TS_STATUS_COUNT, "TS_STATUS_MAP has gaps");
+#undef TS_STATUS_ONE
+
 const char *ts_status_name(int status) {
-  static const char *names[TS_STATUS_COUNT] = {
-      "ok", "invalid", "unauthorized", "forbidden", "not found",
-      "method not allowed", "conflict", "too large", "busy", "internal",
-      "unavailable", "timeout", "out of memory", "i/o error"};
+  static const char *const names[TS_STATUS_COUNT] = {
+#define TS_STATUS_NAME(name, value, http, text) [value] = text,
+      TS_STATUS_MAP(TS_STATUS_NAME)
+#undef TS_STATUS_NAME
+  };
   if (status < 0) status = -status;
   return status < TS_STATUS_COUNT ? names[status] : "unknown";
 }

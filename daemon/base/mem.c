@@ -41,6 +41,11 @@ char *tl_strdup(const char *s) {
 
 void tl_free(void *p) { free(p); }
 
+size_t tl_held(size_t n) {
+  size_t h = (n + sizeof(size_t) + 15) & ~(size_t)15;
+  return h < 32 ? 32 : h;
+}
+
 void tl_mem_fail_after(long n) { atomic_store(&fail_countdown, n); }
 void tl_mem_fail_reset(void) { atomic_store(&fail_countdown, -1); }
 

@@ -2,6 +2,7 @@
 #include "model.h"
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -36,6 +37,14 @@ int md_check_deadline(const md_call *c, ts_err *err) {
   if (c->deadline > 0 && md_now() > c->deadline)
     return ts_errf(err, TS_ETIMEOUT, "the request's deadline passed before its result was ready");
   return 0;
+}
+
+int md_claim(const md_call *c, ts_err *err) {
+  if (!c->claim) return 0;
+  int running = 0;
+  if (atomic_compare_exchange_strong(c->claim, &running, 1) || running == 1) return 0;
+  return ts_errf(err, TS_ETIMEOUT, "the request was abandoned (deadline passed or client gone) "
+                                   "before its result was committed; nothing changed");
 }
 
 const char *md_op_name(int op) {

@@ -75,6 +75,11 @@ typedef struct md_call {
   md_host *host;
   double deadline;         /* md_now() seconds after which to give up; 0: none */
   const volatile int *cancelled; /* set when the server abandoned the call */
+  /* The server's claim on the answer (NULL: none). A call that changes state
+   * outliving it (a session's cache position) commits only after md_claim
+   * succeeds: once the server has answered 504 or lost the client, it must
+   * not; once claimed, the server waits for this answer. */
+  _Atomic int *claim;
   const char *model_name;
   int64_t version;
   /* out */
@@ -154,6 +159,9 @@ int md_check_finite_outputs(const md_call *c, ts_err *err);
 double md_now(void); /* monotonic seconds */
 /* -TS_ETIMEOUT once the deadline passed or the call was abandoned. */
 int md_check_deadline(const md_call *c, ts_err *err);
+/* Takes the call's claim (0 -> 1 by compare-and-swap; already 1 is ours).
+ * 0, or -TS_ETIMEOUT when the server gave up on the call: change nothing. */
+int md_claim(const md_call *c, ts_err *err);
 /* Refuses config keys not in `allowed` (NULL-terminated) by name; the keys
  * every kind takes ("kind", "version_policy", "description", "max_batch")
  * are always allowed. */

@@ -439,7 +439,10 @@ static int tf_run_top(const tf_model *m, pool_t *pool, const attn_params *prm,
   score_rows(m, pool, a, n - 1, ids + 1, lp + k0, lg, top, k0);
   sg_gemm(pool, 1, 1, m->V, E, a + (n - 1) * E, E, m->wte.data, E, 0.0f, next_logits, m->V);
   if (prof) prof->head_s += md_now() - t0;
-  if (seq) { /* commit: only now does the session move */
+  /* commit: only now does the session move, and only while its answer is
+   * still wanted (a chunk answered 504 must not be fed twice by a retry) */
+  if (seq && c && (rc = md_claim(c, err))) goto out;
+  if (seq) {
     memcpy(seq->last, a + (n - 1) * E, sizeof(float) * (size_t)E);
     seq->pos += n;
   }
@@ -578,9 +581,14 @@ static int infer(void *state, md_call *c, ts_err *err) {
 
 /* ---- sessions ------------------------------------------------------------ */
 
+/* A session's memory as the allocator holds it (tl_held: headers and
+ * rounding count; a fresh session is mostly those): the struct, the two
+ * arrays of layer pointers, the last row, and each layer's keys and values. */
 static size_t seq_bytes(const tf_model *m, const tf_seq *s) {
-  return sizeof *s + 2 * sizeof(float *) * (size_t)m->n_layer +
-         sizeof(float) * (size_t)m->E * (1 + 2 * (size_t)m->n_layer * (size_t)s->cap);
+  size_t L = (size_t)m->n_layer;
+  size_t kv = s->cap ? tl_held(sizeof(float) * (size_t)s->cap * (size_t)m->E) : 0;
+  return tl_held(sizeof *s) + 2 * tl_held(sizeof(float *) * L) +
+         tl_held(sizeof(float) * (size_t)m->E) + 2 * L * kv;
 }
 
 static void seq_free(void *p);

@@ -1,17 +1,18 @@
 /* auth.c - API keys (see auth.h): key-file parsing, constant-time lookup,
- * the route -> scope table, and key generation. */
+ * the scope check (the scopes are a column of the route table, routes.h),
+ * and key generation. */
 #include "auth.h"
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
-#include <openssl/rand.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "../base/fsutil.h"
 #include "../base/mem.h"
-#include "server.h"
+#include "../base/randid.h"
+#include "routes.h"
 
 #define DIGEST_LEN 32
 
@@ -158,17 +159,7 @@ auth_scope auth_lookup(const auth_keys *k, const char *key, size_t len) {
   return AUTH_NONE;
 }
 
-auth_scope auth_required(int route_id) {
-  switch (route_id) {
-    case R_LIVE:
-    case R_READY: return AUTH_NONE;
-    case R_REPO_LOAD:
-    case R_REPO_UNLOAD:
-    case R_FIT:
-    case R_CALIBRATE: return AUTH_ADMIN;
-    default: return AUTH_INFER;
-  }
-}
+auth_scope auth_required(int route_id) { return route_get(route_id)->scope; }
 
 const char *auth_scope_name(auth_scope s) {
   switch (s) {
@@ -180,25 +171,13 @@ const char *auth_scope_name(auth_scope s) {
 
 int auth_keygen(auth_scope scope, char *key, size_t keylen, char *line, size_t linelen,
                 ts_err *err) {
-  static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  unsigned char raw[33]; /* 32 random bytes + one zero byte to complete the last group */
   if (scope != AUTH_INFER && scope != AUTH_ADMIN)
     return ts_errf(err, TS_EINVAL, "a key's scope is infer or admin");
   if (keylen < 44 || linelen < 2 * DIGEST_LEN + 8)
     return ts_errf(err, TS_EINVAL, "auth_keygen: buffers too small");
-  if (RAND_bytes(raw, 32) != 1)
-    return ts_errf(err, TS_EINTERNAL, "the random number generator failed");
-  raw[32] = 0;
-  size_t k = 0;
-  for (size_t i = 0; i < 33; i += 3) {
-    uint32_t v = (uint32_t)raw[i] << 16 | (uint32_t)raw[i + 1] << 8 | raw[i + 2];
-    key[k++] = b64[v >> 18 & 63];
-    key[k++] = b64[v >> 12 & 63];
-    key[k++] = b64[v >> 6 & 63];
-    key[k++] = b64[v & 63];
-  }
-  key[43] = 0; /* 32 bytes = 256 bits = 43 base64 digits (the 44th is padding) */
-  OPENSSL_cleanse(raw, sizeof raw);
+  /* 32 bytes = 256 bits = 43 base64url characters */
+  int rc = rid_make(key, keylen, 32, RID_B64URL, 0, err);
+  if (rc) return rc;
   unsigned char d[DIGEST_LEN];
   sha256(key, 43, d);
   static const char hex[] = "0123456789abcdef";

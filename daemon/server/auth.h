@@ -37,14 +37,13 @@ int auth_count(const auth_keys *k);
  * entries whose digest matches, AUTH_NONE when none does. */
 auth_scope auth_lookup(const auth_keys *k, const char *key, size_t len);
 
-/* The scope a route (enum route_id of server.h) needs: AUTH_NONE for the
- * health endpoints, AUTH_ADMIN for repository load/unload, fit and
- * calibrate, AUTH_INFER for everything else (unknown routes too, so that
- * an anonymous client cannot map the server). */
+/* The scope a route (enum route_id of routes.h) needs: its row's scope
+ * column; AUTH_INFER for R_NONE (unknown routes, so that an anonymous
+ * client cannot map the server). */
 auth_scope auth_required(int route_id);
 const char *auth_scope_name(auth_scope s);
 
-/* A new key: 32 bytes from RAND_bytes in base64url (43 characters, no
+/* A new key: 32 random bytes (base/randid.h) in base64url (43 characters, no
  * padding) into key (>= 44 bytes), and its key-file line
  * "<sha256 hex> <scope>" into line (>= 72 bytes). */
 int auth_keygen(auth_scope scope, char *key, size_t keylen, char *line, size_t linelen,

@@ -40,7 +40,8 @@ static const opt opts[] = {
     {"log-level", T_STR, O(log_level), 0, 0, "LEVEL", "debug, info, warn or error (default info)"},
     {"log-format", T_STR, O(log_format), 0, 0, "FORMAT", "text or json (default text)"},
     {"session-ttl-secs", T_INT, O(session_ttl_secs), 1, INT64_C(1) << 40, "S", "KV-cache sessions idle this long expire (default 600)"},
-    {"kv-cache-bytes", T_INT, O(kv_cache_bytes), 1, INT64_MAX, "N", "cap on all sessions' KV-cache memory; least recently used sessions are evicted above it (default 4294967296)"},
+    {"kv-cache-bytes", T_INT, O(kv_cache_bytes), 1, INT64_MAX, "N", "cap on all sessions' memory (caches and bookkeeping); least recently used idle sessions are evicted above it, a new session that cannot fit is refused 503 (default 4294967296)"},
+    {"max-sessions", T_INT, O(max_sessions), 1, INT64_C(1) << 30, "N", "open KV-cache sessions at most; least recently used idle sessions are evicted above it, a new one is refused 503 when all are busy (default 10000)"},
     {"device", T_STR, O(device), 0, 0, "DEV", "attention on auto, cpu or cuda (default auto: the GPU when the build has CUDA and one is present)"},
     {"api-key-file", T_STR, O(api_key_file), 0, 0, "FILE", "credentials: lines '<sha256 hex of a key> <infer|admin>'; reread at SIGHUP (default: none, every endpoint open)"},
     {"tls-cert", T_STR, O(tls_cert), 0, 0, "FILE", "serve HTTPS with this PEM certificate (chain) (needs --tls-key); TLS 1.2 and 1.3 only"},
@@ -70,6 +71,7 @@ void cfg_defaults(srv_config *c) {
   c->max_request_elements = 1ll << 28;
   c->session_ttl_secs = 600;
   c->kv_cache_bytes = 4ll << 30;
+  c->max_sessions = 10000;
   c->max_request_memory = 1ll << 30;
   c->connection_timeout = 60; /* nginx's client_header/body_timeout */
   c->max_json_memory = 256ll << 20;

@@ -34,6 +34,7 @@ typedef struct srv_config {
   char *log_format;
   int64_t session_ttl_secs; /* KV-cache sessions (server/sessions.h) */
   int64_t kv_cache_bytes;
+  int64_t max_sessions;
   char *device;             /* attention device: auto, cpu, cuda (models/attention.h) */
   /* production operation (docs/operations.md) */
   char *api_key_file;         /* "<sha256 hex> <scope>" lines; NULL: no credentials */

@@ -1,7 +1,7 @@
 /* decode.c - a worker's first step on a model request: the body decoded
  * into tensors under the server's limits, and the model call prepared.
  *
- * Kept apart from the routes (handlers.c) and the sessions (sessions.c),
+ * Kept apart from the model endpoints (handlers.c) and the sessions (sessions.c),
  * which both start here, so that every model request meets the same limits
  * in the same order: parse and decode (oip.c, --max-request-memory and
  * --max-request-elements), then --max-batch and --max-sequence-length, then
@@ -37,16 +37,11 @@ int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *er
   return 0;
 }
 
-/* The operation a route runs, for the kind's parameter lists. */
+/* The operation a route runs, for the kind's parameter lists: its row's
+ * column in the route table (routes.h). */
 static int route_op(int route) {
-  switch (route) {
-    case R_FIT: return MD_OP_FIT;
-    case R_EVALUATE: return MD_OP_EVALUATE;
-    case R_CALIBRATE: return MD_OP_CALIBRATE;
-    case R_SESSIONS: return MD_OP_SESSION_OPEN;
-    case R_SESSION_INFER: return MD_OP_SESSION_INFER;
-    default: return MD_OP_INFER;
-  }
+  int op = route_get(route)->op;
+  return op == OP_NONE ? MD_OP_INFER : op;
 }
 
 /* Whether the kind runs `op` at all: where it does not, the caller's "does

@@ -28,7 +28,6 @@
 #include <microhttpd.h>
 #include <netdb.h>
 #include <poll.h>
-#include <openssl/rand.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -38,6 +37,7 @@
 #include "../base/fsutil.h"
 #include "../base/log.h"
 #include "../base/mem.h"
+#include "../base/randid.h"
 #include "../models/model.h"
 #include "metrics.h"
 #include "server.h"
@@ -79,28 +79,12 @@ typedef struct hreq {
 
 /* ---- small helpers ------------------------------------------------------ */
 
-/* Request ids are 12 random bytes from OpenSSL. RAND_bytes costs about as
- * much as the rest of a health check, so the loop thread (the only caller)
- * draws them 4 KiB at a time; every id is still fresh random bytes. */
+/* Request ids: 12 random bytes from the loop thread's block (base/randid.h).
+ * Should the generator fail, a process-unique counter still labels the log
+ * line and the answer. */
 static void new_request_id(char *out, size_t n) {
-  static unsigned char pool[4096];
-  static size_t used = sizeof pool;
-  unsigned char b[12];
-  if (used + sizeof b > sizeof pool) {
-    if (RAND_bytes(pool, sizeof pool) != 1)
-      for (size_t i = 0; i < sizeof pool; i++) pool[i] = (unsigned char)rand();
-    used = 0;
-  }
-  memcpy(b, pool + used, sizeof b);
-  memset(pool + used, 0, sizeof b); /* an id is never handed out twice */
-  used += sizeof b;
-  static const char hex[] = "0123456789abcdef";
-  size_t k = 0;
-  for (size_t i = 0; i < sizeof b && k + 2 < n; i++) {
-    out[k++] = hex[b[i] >> 4];
-    out[k++] = hex[b[i] & 15];
-  }
-  out[k] = 0;
+  static unsigned long long seq;
+  if (rid_make(out, n, 12, RID_HEX, RID_POOLED, NULL)) snprintf(out, n, "local-%llu", ++seq);
 }
 
 static int header_ok(const char *v) {
@@ -301,7 +285,7 @@ static void on_done(uv_async_t *a) {
     const char *ep = route_name(j->rt.id);
     const char *model = j->ver ? repo_ver_model(j->ver) : j->rt.model;
     if (j->t_start > 0) metrics_job(model, ep, j->t_start - j->t_submit, j->t_end - j->t_start);
-    if (j->rt.id == R_FIT || j->rt.id == R_CALIBRATE) metrics_fit(j->rt.model, j->out.status == 200);
+    if (route_get(j->rt.id)->flags & RF_FIT) metrics_fit(j->rt.model, j->out.status == 200);
     hreq *h = j->conn_req;
     if (h) {
       h->served_version = j->ver ? repo_ver_version(j->ver) : 0;
@@ -345,17 +329,17 @@ static void submit(server *s, hreq *h) {
     j->json_len = (size_t)v;
   }
   j->t_submit = md_now();
-  if (s->cfg->request_timeout_ms > 0 && (j->rt.id == R_INFER || j->rt.id == R_SESSION_INFER))
+  const route_def *d = route_get(j->rt.id);
+  if (s->cfg->request_timeout_ms > 0 && (d->flags & RF_DEADLINE))
     atomic_store(&j->deadline, j->t_submit + (double)s->cfg->request_timeout_ms / 1000.0);
   /* claims that must fail fast, on the loop thread */
   ts_err err = {0};
   int rc = 0;
-  if (j->rt.id == R_FIT || j->rt.id == R_CALIBRATE) {
+  if (d->flags & RF_FIT) {
     rc = repo_fit_begin(s->repo, j->rt.model, &err);
     if (!rc) j->fit_claimed = 1;
   }
-  if (!rc && (j->rt.id == R_INFER || j->rt.id == R_FIT || j->rt.id == R_EVALUATE ||
-              j->rt.id == R_CALIBRATE || j->rt.id == R_SESSIONS))
+  if (!rc && (d->flags & RF_VERSION))
     rc = repo_acquire(s->repo, j->rt.model, j->rt.version, &j->ver, &err);
   if (!rc && (rc = pool_submit(s->pool, job_run, j)) != 0) {
     if (rc == -TS_EBUSY)
@@ -614,8 +598,7 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
         resp_error(&h->out, &err);
         h->out.allow = allow;
         h->phase = H_DONE;
-      } else if (atomic_load(&s->draining) && h->rt.id != R_LIVE && h->rt.id != R_READY &&
-                 h->rt.id != R_METRICS) {
+      } else if (atomic_load(&s->draining) && !(route_get(h->rt.id)->flags & RF_DRAIN)) {
         error_resp(&h->out, TS_EUNAVAIL, "the daemon is shutting down");
         h->phase = H_DONE;
       } else if (handle_inline(s, &h->rt, method, &h->out)) {

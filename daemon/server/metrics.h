@@ -1,7 +1,7 @@
 /* metrics.h - the daemon's Prometheus metrics (GET /metrics).
  *
  * Process-wide: one set of counters and histograms for the process, so that
- * modules that hold no server pointer (the session store) can feed it. Every
+ * modules that hold no server pointer (the session endpoints) can feed it. Every
  * update takes one mutex for a few hundred nanoseconds (a hash lookup and a
  * few additions); gauges that other modules set are atomics. Rendering takes
  * the same mutex while it copies the text out, on the loop thread.
@@ -32,8 +32,9 @@ void metrics_job(const char *model, const char *endpoint, double queue_wait, dou
 void metrics_fit(const char *model, int ok);
 /* HTTP requests being read, computed or answered right now. */
 void metrics_inflight_add(int delta);
-/* Open KV-cache sessions and the bytes they hold (the session store calls
- * this whenever either changes). */
+/* Open KV-cache sessions and the bytes counted for them: the session store
+ * (session_store.c) calls this, through the change hook sessions.c gives it,
+ * whenever either changes. */
 void metrics_set_sessions(int64_t n, int64_t bytes);
 /* The whole exposition (text format 0.0.4) into b. repo may be NULL. */
 void metrics_render(sbuf *b, repo_t *repo, int queued, int jobs_inflight);

@@ -21,56 +21,8 @@
 #include "../repo/repo.h"
 #include "auth.h"
 #include "config.h"
-
-enum route_id {
-  R_NONE = 0,
-  R_LIVE,
-  R_READY,
-  R_SERVER,
-  R_MODEL_META,
-  R_MODEL_READY,
-  R_INFER,
-  R_FIT,
-  R_EVALUATE,
-  R_CALIBRATE,
-  R_SESSIONS,
-  R_SESSION,
-  R_SESSION_INFER,
-  R_REPO_INDEX,
-  R_REPO_LOAD,
-  R_REPO_UNLOAD,
-  R_METRICS,
-  R_COUNT
-};
-
-typedef struct route {
-  int id;
-  char model[256];
-  int64_t version; /* 0: newest */
-  char session[96];
-} route;
-
-/* Parses method and path. 0, -TS_ENOTFOUND (unknown route, with message),
- * -TS_EMETHOD (known route, wrong method; *allow lists the methods) or
- * -TS_EINVAL (bad version number, bad name). */
-int route_parse(const char *method, const char *path, route *r, const char **allow, ts_err *err);
-const char *route_name(int id);
-/* The one table from ts_status to HTTP status. */
-int http_status_of(int ts_status);
-
-typedef struct resp {
-  int status;
-  char *body;      /* tl_malloc'ed; owned */
-  size_t len;
-  size_t json_len; /* binary extension: length of the JSON part, else 0 */
-  const char *content_type;
-  int retry_after;
-  const char *allow;
-} resp;
-
-void resp_json(resp *r, int status, const json_t *j);
-void resp_error(resp *r, const ts_err *err);
-void resp_free(resp *r);
+#include "resp.h"
+#include "routes.h"
 
 typedef struct server server;
 
@@ -139,7 +91,8 @@ void server_schedule_sync(server *s, const char *why);
  * dimension of any input; --max-sequence-length, the last dimension of
  * input_ids and the second-to-last of query/key/value). 0 or -TS_EINVAL. */
 int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *err);
-/* handlers.c: answers on the loop thread (cheap endpoints) */
+/* routes.c: runs a route's handler on the loop thread when its row says
+ * RF_LOOP (1: answered into out), else 0: it goes to a worker. */
 int handle_inline(server *s, const route *rt, const char *method, resp *out);
 /* decode.c: decodes a job's body under every request limit (--max-json-memory,
  * --max-inputs, --max-outputs, --max-request-memory, --max-request-elements,
@@ -161,7 +114,7 @@ int job_encode(job *j, const oip_request *req, const md_call *call, const json_t
  * (md_kind.params), with the accepted names. */
 int server_check_params(const md_kind *k, int op, const char *model, const json_t *params,
                         ts_err *err);
-/* handlers.c: the worker side of a job */
+/* routes.c: the worker side of a job: its route's handler */
 void handle_job(job *j);
 
 #endif

@@ -1,307 +1,169 @@
-/* sessions.c - the KV-cache session store (see sessions.h).
- *
- * Invariants, under S.mu:
- *   - every live session is in the list, most recently used first; S.count
- *     and S.bytes are the number of listed sessions and the sum of their
- *     `bytes`;
- *   - a busy session (a worker is feeding it) is never expired, evicted or
- *     freed by anyone but that worker: DELETE of a busy session unlists it
- *     and marks it doomed, and the worker frees it when it is done;
- *   - a session leaves the list exactly once, and its id goes into the ring
- *     with the reason at that moment.
- * Freeing (the kind's session_free, repo_release of the pinned version) is
- * done outside the mutex, from a private list of victims. */
+/* sessions.c - the KV-cache session endpoints (see sessions.h): JSON in and
+ * out, the kind's session hooks, the pinned version; the store
+ * (session_store.c) keeps everything else. */
 #include "sessions.h"
 
-#include <openssl/rand.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/model.h"
+#include "metrics.h"
 #include "oip.h"
+#include "server.h"
+#include "session_store.h"
 
-typedef struct ss_entry {
-  char id[33];
-  char model[256];
+/* What the store keeps for each session. version is a copy, so that the
+ * loop thread never reads through ver, which a worker may release. */
+typedef struct sess_payload {
   repo_ver *ver;
   const md_kind *kind;
   void *sess;
-  size_t bytes;
-  int64_t position;
-  double last_used;
-  int busy, doomed;
-  struct ss_entry *prev, *next; /* the list; also the victims' chain */
-} ss_entry;
+  int64_t version;
+} sess_payload;
 
-#define SS_RING 64
+static uv_once_t once = UV_ONCE_INIT;
+static uv_mutex_t store_mu;
+static ss_store *store;
 
-static struct {
-  uv_once_t once;
-  uv_mutex_t mu;
-  uv_cond_t cv;
-  uv_thread_t reaper;
-  int reaper_on, stopping;
-  double ttl;
-  uint64_t cap, bytes;
-  int count;
-  ss_entry *head, *tail;
-  struct {
-    char id[33];
-    char why[200];
-  } ring[SS_RING];
-  int ring_next;
-} S = {.once = UV_ONCE_INIT};
+static void init_mu(void) { uv_mutex_init(&store_mu); }
 
-static void ss_init(void) {
-  uv_mutex_init(&S.mu);
-  uv_cond_init(&S.cv);
-  S.ttl = SESSIONS_DEFAULT_TTL_SECS;
-  S.cap = (uint64_t)SESSIONS_DEFAULT_CAP_BYTES;
+static void free_payload(void *p) {
+  sess_payload *sp = p;
+  if (sp->sess) sp->kind->session_free(sp->sess);
+  if (sp->ver) repo_release(sp->ver);
 }
 
-static void ss_once(void) { uv_once(&S.once, ss_init); }
-
-/* ---- the list (S.mu held) ------------------------------------------------ */
-
-static void unlink_entry(ss_entry *e) {
-  if (e->prev) e->prev->next = e->next;
-  else S.head = e->next;
-  if (e->next) e->next->prev = e->prev;
-  else S.tail = e->prev;
-  e->prev = e->next = NULL;
-  S.count--;
-  S.bytes -= e->bytes;
-}
-
-static void push_front(ss_entry *e) {
-  e->prev = NULL;
-  e->next = S.head;
-  if (S.head) S.head->prev = e;
-  S.head = e;
-  if (!S.tail) S.tail = e;
-  S.count++;
-  S.bytes += e->bytes;
-}
-
-static ss_entry *find(const char *id) {
-  for (ss_entry *e = S.head; e; e = e->next)
-    if (strcmp(e->id, id) == 0) return e;
-  return NULL;
-}
-
-static void remember(const ss_entry *e, const char *why) {
-  int i = S.ring_next++ % SS_RING;
-  snprintf(S.ring[i].id, sizeof S.ring[i].id, "%s", e->id);
-  snprintf(S.ring[i].why, sizeof S.ring[i].why, "%s", why);
-}
-
-static const char *ring_why(const char *id) {
-  for (int i = 0; i < SS_RING; i++)
-    if (S.ring[i].id[0] && strcmp(S.ring[i].id, id) == 0) return S.ring[i].why;
-  return NULL;
-}
-
-/* Unlists e with a reason and chains it onto *victims. */
-static void retire(ss_entry *e, const char *why, ss_entry **victims) {
-  unlink_entry(e);
-  remember(e, why);
-  e->next = *victims;
-  *victims = e;
-}
-
-static int expired(const ss_entry *e, double now) { return !e->busy && now - e->last_used > S.ttl; }
-
-static void expire_all(double now, ss_entry **victims) {
-  char why[200];
-  snprintf(why, sizeof why, "expired after %.0f s idle (--session-ttl-secs)", S.ttl);
-  for (ss_entry *e = S.tail; e;) {
-    ss_entry *p = e->prev;
-    if (expired(e, now)) retire(e, why, victims);
-    e = p;
-  }
-}
-
-/* Evicts least recently used idle sessions until the cap holds. */
-static void enforce_cap(ss_entry **victims) {
-  char why[200];
-  snprintf(why, sizeof why,
-           "was evicted: the KV cache cap of %llu bytes (--kv-cache-bytes) was reached",
-           (unsigned long long)S.cap);
-  for (ss_entry *e = S.tail; e && S.bytes > S.cap;) {
-    ss_entry *p = e->prev;
-    if (!e->busy) retire(e, why, victims);
-    e = p;
-  }
-}
-
-static void free_victims(ss_entry *v) {
-  while (v) {
-    ss_entry *n = v->next;
-    if (v->sess) v->kind->session_free(v->sess);
-    if (v->ver) repo_release(v->ver);
-    tl_free(v);
-    v = n;
-  }
-}
-
-/* ---- configuration and the reaper ---------------------------------------- */
-
-static void reaper_main(void *arg) {
+static void on_change(int64_t count, uint64_t bytes, void *arg) {
   (void)arg;
-  uv_mutex_lock(&S.mu);
-  while (!S.stopping) {
-    ss_entry *victims = NULL;
-    double now = md_now();
-    expire_all(now, &victims);
-    double wake = 1.0; /* at most a second late for a TTL just shortened */
-    for (ss_entry *e = S.head; e; e = e->next)
-      if (!e->busy && e->last_used + S.ttl - now < wake) wake = e->last_used + S.ttl - now;
-    if (wake < 0.01) wake = 0.01;
-    if (victims) {
-      uv_mutex_unlock(&S.mu);
-      free_victims(victims);
-      uv_mutex_lock(&S.mu);
-      continue;
-    }
-    uv_cond_timedwait(&S.cv, &S.mu, (uint64_t)(wake * 1e9));
-  }
-  uv_mutex_unlock(&S.mu);
+  metrics_set_sessions(count, (int64_t)bytes);
 }
 
-int sessions_configure(int64_t ttl_secs, int64_t cap_bytes, ts_err *err) {
-  ss_once();
-  uv_mutex_lock(&S.mu);
-  S.ttl = ttl_secs > 0 ? (double)ttl_secs : SESSIONS_DEFAULT_TTL_SECS;
-  S.cap = cap_bytes > 0 ? (uint64_t)cap_bytes : (uint64_t)SESSIONS_DEFAULT_CAP_BYTES;
-  int start = !S.reaper_on;
-  S.stopping = 0;
-  uv_mutex_unlock(&S.mu);
-  if (start) {
-    if (uv_thread_create(&S.reaper, reaper_main, NULL) != 0)
-      return ts_errf(err, TS_EINTERNAL, "cannot start the session reaper thread");
-    S.reaper_on = 1;
-  }
-  return 0;
+static int open_store(int64_t ttl, int64_t cap, int64_t max, int reaper, ts_err *err) {
+  ss_config c = {.limits = {.ttl_secs = (double)(ttl > 0 ? ttl : SESSIONS_DEFAULT_TTL_SECS),
+                            .max_bytes = (uint64_t)(cap > 0 ? cap : SESSIONS_DEFAULT_CAP_BYTES),
+                            .max_sessions = max > 0 ? max : SESSIONS_DEFAULT_MAX},
+                 .payload_size = sizeof(sess_payload),
+                 .free_payload = free_payload,
+                 .on_change = on_change,
+                 .reaper = reaper};
+  return ss_open(&store, &c, err);
+}
+
+int sessions_configure(int64_t ttl_secs, int64_t cap_bytes, int64_t max_sessions, ts_err *err) {
+  uv_once(&once, init_mu);
+  uv_mutex_lock(&store_mu);
+  int rc = store ? ts_errf(err, TS_EINVAL, "the session store is already open")
+                 : open_store(ttl_secs, cap_bytes, max_sessions, 1, err);
+  uv_mutex_unlock(&store_mu);
+  return rc;
 }
 
 void sessions_shutdown(void) {
-  ss_once();
-  uv_mutex_lock(&S.mu);
-  S.stopping = 1;
-  uv_cond_signal(&S.cv);
-  uv_mutex_unlock(&S.mu);
-  if (S.reaper_on) uv_thread_join(&S.reaper);
-  S.reaper_on = 0;
-  uv_mutex_lock(&S.mu);
-  ss_entry *victims = NULL;
-  while (S.head) retire(S.head, "ended: the daemon stopped", &victims);
-  uv_mutex_unlock(&S.mu);
-  free_victims(victims);
+  uv_once(&once, init_mu);
+  uv_mutex_lock(&store_mu);
+  ss_close(store);
+  store = NULL;
+  uv_mutex_unlock(&store_mu);
 }
 
-void sessions_stats(int *open, uint64_t *bytes) {
-  ss_once();
-  uv_mutex_lock(&S.mu);
-  *open = S.count;
-  *bytes = S.bytes;
-  uv_mutex_unlock(&S.mu);
+static ss_store *the_store(ts_err *err) {
+  uv_once(&once, init_mu);
+  uv_mutex_lock(&store_mu);
+  if (!store && open_store(0, 0, 0, 0, err)) store = NULL;
+  ss_store *s = store;
+  uv_mutex_unlock(&store_mu);
+  return s;
 }
 
-/* ---- lookups -------------------------------------------------------------- */
+/* ---- messages --------------------------------------------------------------- */
 
-static int not_found(const char *id, ts_err *err) {
-  const char *why = ring_why(id);
-  if (why) return ts_errf(err, TS_ENOTFOUND, "session %s %s", id, why);
-  return ts_errf(err, TS_ENOTFOUND, "unknown session '%s'", id);
-}
-
-/* Finds a live session of `model` (S.mu held); expired ones are retired. */
-static int lookup(const char *model, const char *id, double now, ss_entry **out,
-                  ss_entry **victims, ts_err *err) {
-  ss_entry *e = find(id);
-  if (e && victims && expired(e, now)) {
-    char why[200];
-    snprintf(why, sizeof why, "expired after %.0f s idle (--session-ttl-secs)", S.ttl);
-    retire(e, why, victims);
-    e = NULL;
+static int not_found(ss_store *s, const route *rt, ss_gone gone, ts_err *err) {
+  ss_limits L = ss_get_limits(s);
+  const char *id = rt->session;
+  switch (gone) {
+    case SS_EXPIRED:
+      return ts_errf(err, TS_ENOTFOUND, "session %s expired after %.0f s idle (--session-ttl-secs)",
+                     id, L.ttl_secs);
+    case SS_EVICTED_BYTES:
+      return ts_errf(err, TS_ENOTFOUND, "session %s was evicted: the KV cache cap of %llu bytes "
+                     "(--kv-cache-bytes) was reached", id, (unsigned long long)L.max_bytes);
+    case SS_EVICTED_COUNT:
+      return ts_errf(err, TS_ENOTFOUND, "session %s was evicted: the limit of %lld sessions "
+                     "(--max-sessions) was reached", id, (long long)L.max_sessions);
+    case SS_DELETED: return ts_errf(err, TS_ENOTFOUND, "session %s was deleted", id);
+    case SS_STOPPED: return ts_errf(err, TS_ENOTFOUND, "session %s ended: the daemon stopped", id);
+    case SS_OTHER_OWNER:
+      return ts_errf(err, TS_ENOTFOUND, "unknown session '%s' for model '%s'", id, rt->model);
+    default: return ts_errf(err, TS_ENOTFOUND, "unknown session '%s'", id);
   }
-  if (!e || (!victims && expired(e, now))) {
-    if (e) return ts_errf(err, TS_ENOTFOUND, "session %s expired after %.0f s idle", id, S.ttl);
-    return not_found(id, err);
+}
+
+static int refused(ss_store *s, const char *model, ss_full full, uint64_t need, ts_err *err) {
+  ss_limits L = ss_get_limits(s);
+  switch (full) {
+    case SS_FULL_TOO_BIG:
+      return ts_errf(err, TS_EUNAVAIL, "a new session of model '%s' needs %llu bytes, more than "
+                     "the KV cache cap of %llu bytes (--kv-cache-bytes)", model,
+                     (unsigned long long)need, (unsigned long long)L.max_bytes);
+    case SS_FULL_COUNT:
+      return ts_errf(err, TS_EUNAVAIL, "no room for a new session: %lld sessions are open "
+                     "(--max-sessions) and every one is busy; retry shortly",
+                     (long long)L.max_sessions);
+    default:
+      return ts_errf(err, TS_EUNAVAIL, "no room for a new session of %llu bytes: busy sessions "
+                     "hold the rest of the KV cache cap of %llu bytes (--kv-cache-bytes); retry "
+                     "shortly", (unsigned long long)need, (unsigned long long)L.max_bytes);
   }
-  if (strcmp(e->model, model) != 0)
-    return ts_errf(err, TS_ENOTFOUND, "unknown session '%s' for model '%s'", id, model);
-  *out = e;
-  return 0;
 }
 
-static json_t *describe(const ss_entry *e, double now) {
-  double left = e->busy ? S.ttl : S.ttl - (now - e->last_used);
-  return json_pack("{s:s, s:s, s:s, s:I, s:I, s:f, s:b}", "session_id", e->id, "model_name",
-                   e->model, "model_version", "", "position", (json_int_t)e->position,
-                   "memory_bytes", (json_int_t)e->bytes, "expires_in_s", left < 0 ? 0.0 : left,
-                   "busy", e->busy);
+static json_t *describe(const ss_info *in, const char *model, int64_t version) {
+  char v[32];
+  snprintf(v, sizeof v, "%lld", (long long)version);
+  return json_pack("{s:s, s:s, s:s, s:I, s:I, s:f, s:b}", "session_id", in->id, "model_name",
+                   model, "model_version", v, "position", (json_int_t)in->position,
+                   "memory_bytes", (json_int_t)in->bytes, "expires_in_s", in->expires_in,
+                   "busy", in->busy);
 }
 
-static void set_version(json_t *j, const ss_entry *e) {
-  char b[32];
-  snprintf(b, sizeof b, "%lld", (long long)repo_ver_version(e->ver));
-  json_object_set_new(j, "model_version", json_string(b));
+static void answer(job *j, int status, json_t *o) {
+  if (!o) {
+    resp_errorf(&j->out, TS_ENOMEM, "out of memory");
+    return;
+  }
+  resp_json(&j->out, status, o);
+  json_decref(o);
 }
 
-/* ---- loop thread ----------------------------------------------------------- */
+/* ---- loop thread ------------------------------------------------------------ */
 
-int sessions_inline(server *s, const route *rt, const char *method, resp *out) {
-  (void)s;
-  if (rt->id != R_SESSION || (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0))
-    return 0;
-  ss_once();
+void ep_session_get(job *j) {
   ts_err err = {0};
-  uv_mutex_lock(&S.mu);
-  ss_entry *e;
-  json_t *j = NULL;
-  int rc = lookup(rt->model, rt->session, md_now(), &e, NULL, &err);
-  if (!rc) {
-    j = describe(e, md_now());
-    if (j) set_version(j, e);
+  ss_store *s = the_store(&err);
+  if (!s) {
+    resp_error(&j->out, &err);
+    return;
   }
-  uv_mutex_unlock(&S.mu);
-  if (rc) {
-    resp_error(out, &err);
-    return 1;
+  ss_info in;
+  sess_payload p;
+  ss_gone gone;
+  if (ss_get(s, j->rt.model, j->rt.session, &in, &p, &gone)) {
+    not_found(s, &j->rt, gone, &err);
+    resp_error(&j->out, &err);
+    return;
   }
-  if (!j) {
-    ts_errf(&err, TS_ENOMEM, "out of memory");
-    resp_error(out, &err);
-    return 1;
-  }
-  resp_json(out, 200, j);
-  json_decref(j);
-  return 1;
+  answer(j, 200, describe(&in, j->rt.model, p.version));
 }
 
-/* ---- workers ----------------------------------------------------------------- */
+/* ---- workers ------------------------------------------------------------------ */
 
-static void new_id(char out[33]) {
-  unsigned char b[16];
-  if (RAND_bytes(b, sizeof b) != 1) { /* never expected; ids must still differ */
-    static _Atomic unsigned long long n;
-    unsigned long long x = (unsigned long long)(md_now() * 1e9) ^ (++n * 0x9e3779b97f4a7c15ull);
-    for (size_t i = 0; i < sizeof b; i++) b[i] = (unsigned char)(x >> (8 * (i % 8))) ^ (unsigned char)i;
-  }
-  static const char hex[] = "0123456789abcdef";
-  for (int i = 0; i < 16; i++) {
-    out[2 * i] = hex[b[i] >> 4];
-    out[2 * i + 1] = hex[b[i] & 15];
-  }
-  out[32] = 0;
-}
-
-static void create(job *j) {
+void ep_session_create(job *j) {
   ts_err err = {0};
   json_t *body = NULL;
+  sess_payload p = {0};
+  ss_store *s = the_store(&err);
+  if (!s) goto fail;
   if (j->body && j->len) {
     body = oip_parse_json(j->body, j->len, j->srv->cfg->max_json_memory, &err);
     if (!body) goto fail;
@@ -323,141 +185,87 @@ static void create(job *j) {
             "models do", repo_ver_model(j->ver), k->name);
     goto fail;
   }
-  ss_entry *e = tl_calloc(1, sizeof *e);
-  if (!e) {
-    ts_errf(&err, TS_ENOMEM, "out of memory");
+  size_t bytes = 0;
+  if (k->session_open(repo_ver_state(j->ver), params, &p.sess, &bytes, &err)) goto fail;
+  p.ver = j->ver;
+  p.kind = k;
+  p.version = repo_ver_version(j->ver);
+  ss_info in;
+  ss_full full;
+  int rc = ss_create(s, j->rt.model, &p, bytes, &in, &full, &err);
+  if (rc) {
+    if (rc == -TS_EUNAVAIL) {
+      refused(s, j->rt.model, full, bytes + ss_overhead(s, j->rt.model), &err);
+      if (full != SS_FULL_TOO_BIG) j->out.retry_after = 1;
+    }
+    k->session_free(p.sess); /* never stored: still ours; the job releases the version */
     goto fail;
   }
-  if (k->session_open(repo_ver_state(j->ver), params, &e->sess, &e->bytes, &err)) {
-    tl_free(e);
-    goto fail;
-  }
-  new_id(e->id);
-  snprintf(e->model, sizeof e->model, "%s", repo_ver_model(j->ver));
-  e->kind = k;
-  e->ver = j->ver; /* the session pins the version: the job no longer releases it */
+  /* stored: the session owns the version reference now; from here on only
+   * the copies in `in` are read, never the stored session, which another
+   * worker may already be evicting */
   j->ver = NULL;
-  ss_once();
-  uv_mutex_lock(&S.mu);
-  e->last_used = md_now();
-  push_front(e);
-  ss_entry *victims = NULL;
-  enforce_cap(&victims);
-  json_t *ans = describe(e, e->last_used);
-  if (ans) set_version(ans, e);
-  uv_mutex_unlock(&S.mu);
-  free_victims(victims);
-  if (!ans) {
-    ts_errf(&err, TS_ENOMEM, "out of memory");
-    goto fail;
-  }
-  log_info("session %s opened on %s", e->id, e->model);
-  resp_json(&j->out, 201, ans);
-  json_decref(ans);
+  log_info("session %s opened on %s", in.id, j->rt.model);
+  answer(j, 201, describe(&in, j->rt.model, p.version));
   if (body) json_decref(body);
   return;
 fail:
   if (body) json_decref(body);
+  int retry = j->out.retry_after;
   resp_error(&j->out, &err);
+  j->out.retry_after = retry;
 }
 
-static void delete(job *j) {
+void ep_session_delete(job *j) {
   ts_err err = {0};
-  ss_once();
-  uv_mutex_lock(&S.mu);
-  ss_entry *e, *victims = NULL;
-  int rc = lookup(j->rt.model, j->rt.session, md_now(), &e, &victims, &err);
-  if (!rc) {
-    unlink_entry(e);
-    remember(e, "was deleted");
-    if (e->busy) {
-      e->doomed = 1; /* its worker frees it */
-    } else {
-      e->next = victims;
-      victims = e;
-    }
-  }
-  uv_mutex_unlock(&S.mu);
-  free_victims(victims);
-  if (rc) {
+  ss_store *s = the_store(&err);
+  ss_gone gone;
+  if (s && ss_delete(s, j->rt.model, j->rt.session, &gone)) not_found(s, &j->rt, gone, &err);
+  if (err.status) {
     resp_error(&j->out, &err);
     return;
   }
-  json_t *o = json_object();
-  resp_json(&j->out, 200, o);
-  json_decref(o);
+  answer(j, 200, json_object());
 }
 
-static void feed(job *j) {
+void ep_session_infer(job *j) {
   ts_err err = {0};
   oip_request req;
   md_call call;
   md_call_init(&call);
   memset(&req, 0, sizeof req);
   ts_list_init(&req.inputs);
-  ss_once();
-  uv_mutex_lock(&S.mu);
-  ss_entry *e = NULL, *victims = NULL;
-  int rc = lookup(j->rt.model, j->rt.session, md_now(), &e, &victims, &err);
-  if (!rc && e->busy)
-    rc = ts_errf(&err, TS_ECONFLICT, "session %s is busy with another request; send its chunks "
-                 "one at a time", e->id);
-  if (!rc) {
-    e->busy = 1;
-    e->last_used = md_now();
-  }
-  uv_mutex_unlock(&S.mu);
-  free_victims(victims);
-  victims = NULL;
+  ss_store *s = the_store(&err);
+  ss_entry *e = NULL;
+  void *pp = NULL;
+  ss_info in;
+  ss_gone gone;
+  int rc = s ? ss_acquire(s, j->rt.model, j->rt.session, &e, &pp, &in, &gone) : -TS_ENOMEM;
+  if (rc == -TS_ENOTFOUND) not_found(s, &j->rt, gone, &err);
+  else if (rc == -TS_ECONFLICT)
+    ts_errf(&err, TS_ECONFLICT, "session %s is busy with another request; send its chunks one at "
+            "a time", j->rt.session);
   if (rc) {
     resp_error(&j->out, &err);
     return;
   }
-  rc = job_decode(j, e->ver, 1, &req, &call, &err);
+  sess_payload *p = pp;
+  size_t bytes = (size_t)in.payload_bytes;
+  rc = job_decode(j, p->ver, (route_get(j->rt.id)->flags & RF_LIMITS) != 0, &req, &call, &err);
   if (!rc) {
-    size_t bytes = e->bytes;
-    rc = e->kind->session_infer(repo_ver_state(e->ver), e->sess, &call, &bytes, &err);
-    uv_mutex_lock(&S.mu);
-    if (!e->doomed) S.bytes = S.bytes - e->bytes + bytes;
-    e->bytes = bytes;
-    uv_mutex_unlock(&S.mu);
+    call.claim = &j->claim; /* the chunk commits only while its answer is wanted */
+    rc = p->kind->session_infer(repo_ver_state(p->ver), p->sess, &call, &bytes, &err);
   }
-  int64_t pos = e->kind->session_position(e->sess);
+  int64_t pos = p->kind->session_position(p->sess);
   if (!rc) {
-    json_t *extra = json_pack("{s:s, s:I}", "session_id", e->id, "position", (json_int_t)pos);
+    json_t *extra = json_pack("{s:s, s:I}", "session_id", in.id, "position", (json_int_t)pos);
     rc = extra ? job_encode(j, &req, &call, extra, &err)
                : ts_errf(&err, TS_ENOMEM, "out of memory");
     if (extra) json_decref(extra);
   }
   if (rc) resp_error(&j->out, &err);
-  uv_mutex_lock(&S.mu);
-  e->busy = 0;
-  e->position = pos;
-  e->last_used = md_now();
-  if (e->doomed) {
-    e->next = victims;
-    victims = e;
-  } else {
-    unlink_entry(e); /* to the front: the most recently used */
-    push_front(e);
-    enforce_cap(&victims);
-  }
-  uv_mutex_unlock(&S.mu);
-  free_victims(victims);
+  /* p may be freed from here on (deleted meanwhile, or evicted over the cap) */
+  ss_release(s, e, pos, bytes);
   md_call_free(&call);
   oip_request_free(&req);
-}
-
-void sessions_job(job *j) {
-  if (j->rt.id == R_SESSIONS) {
-    create(j);
-  } else if (j->rt.id == R_SESSION_INFER) {
-    feed(j);
-  } else if (j->rt.id == R_SESSION && strcmp(j->method, "DELETE") == 0) {
-    delete(j);
-  } else { /* GET is answered on the loop thread */
-    ts_err err;
-    ts_errf(&err, TS_EINTERNAL, "route %s reached the session store", route_name(j->rt.id));
-    resp_error(&j->out, &err);
-  }
 }

@@ -528,6 +528,11 @@ def test_metrics_grep_against_the_daemon(c):
 
 
 def test_metrics_verb(c):
+    # one session open while the tools read the gauge: it must say 1, then 0
+    # once deleted (a gauge stuck at 0 read "no session left open" before)
+    r = c.http("POST", "/v2/models/tiny_gpt2/sessions", {})
+    check(r.status == 201, repr(r))
+    sid = r.json()["session_id"]
     for name, tool in TOOLS:
         out = expect(tool(c, "metrics", "tallyd_requests_total", "tallyd_sessions_open", key=c.infer_key), 0)
         lines = out.splitlines()
@@ -538,14 +543,18 @@ def test_metrics_verb(c):
         # four calibrations above: two from the JSON file, one from CSV, one from the library
         n = counted(out, model="quantile_demo", endpoint="calibrate", code="200")
         check(n == 4, "%s: %r calibrations counted" % (name, n))
-        check(samples(out, "tallyd_sessions_open") == {} and "tallyd_sessions_open 0" in lines,
-              "%s: sessions left open: %s" % (name, out[-300:]))
+        check(samples(out, "tallyd_sessions_open") == {} and "tallyd_sessions_open 1" in lines,
+              "%s: the open session is not counted: %s" % (name, out[-300:]))
         # a histogram family brings its _bucket, _sum and _count lines
         h = expect(tool(c, "metrics", "tallyd_request_duration_seconds"), 0)
         for suffix in ("_bucket{", "_sum{", "_count{"):
             check(("tallyd_request_duration_seconds" + suffix) in h, "%s: no %s" % (name, suffix))
         everything = expect(tool(c, "metrics"), 0)
         check("process_resident_memory_bytes" in everything and "tallyd_build_info{" in everything, name)
+    check(c.http("DELETE", "/v2/models/tiny_gpt2/sessions/" + sid).status == 200, "delete")
+    for name, tool in TOOLS:
+        out = expect(tool(c, "metrics", "tallyd_sessions_open", key=c.infer_key), 0)
+        check("tallyd_sessions_open 0" in out.splitlines(), "%s: %s" % (name, out[-300:]))
     text = tallyclient.TallyClient(c.url, api_key=c.admin).metrics(["tallyd_requests_total"])
     check(text.startswith("# HELP tallyd_requests_total") and samples(text, "tallyd_requests_total"), text[:300])
 

@@ -121,7 +121,7 @@ static void test_scope_table(void **state) {
   assert_int_equal(auth_required(R_FIT), AUTH_ADMIN);
   assert_int_equal(auth_required(R_CALIBRATE), AUTH_ADMIN);
   int infer_routes[] = {R_NONE,     R_SERVER,       R_MODEL_META,  R_MODEL_READY, R_INFER,
-                        R_EVALUATE, R_SESSIONS,     R_SESSION,     R_SESSION_INFER,
+                        R_EVALUATE, R_SESSIONS,     R_SESSION,     R_SESSION_DELETE, R_SESSION_INFER,
                         R_REPO_INDEX, R_METRICS};
   for (size_t i = 0; i < sizeof infer_routes / sizeof *infer_routes; i++)
     assert_int_equal(auth_required(infer_routes[i]), AUTH_INFER);

@@ -1,0 +1,80 @@
+/* test_randid.c - the one random-id maker (base/randid.h): lengths and
+ * alphabets of both encodings, base64url of known bytes' lengths, refusal of
+ * short buffers, and no id handed out twice from the pooled block, within a
+ * thread and across threads. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <uv.h>
+
+#include <cmocka.h>
+
+#include "../../daemon/base/randid.h"
+
+static void test_lengths_and_alphabets(void **s) {
+  (void)s;
+  char out[RID_MAX_BYTES * 2 + 1];
+  ts_err err = {0};
+  for (size_t n = 1; n <= RID_MAX_BYTES; n++) {
+    assert_int_equal(rid_make(out, sizeof out, n, RID_HEX, 0, &err), 0);
+    assert_int_equal(strlen(out), 2 * n);
+    assert_int_equal(strspn(out, "0123456789abcdef"), 2 * n);
+    assert_int_equal(rid_make(out, sizeof out, n, RID_B64URL, RID_POOLED, &err), 0);
+    assert_int_equal(strlen(out), rid_len(n, RID_B64URL));
+    assert_int_equal(strspn(out, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"),
+                     strlen(out));
+  }
+  /* RFC 4648 without padding: 1 byte 2 characters, 2 bytes 3, 3 bytes 4, 32 bytes 43 */
+  assert_int_equal(rid_len(1, RID_B64URL), 2);
+  assert_int_equal(rid_len(2, RID_B64URL), 3);
+  assert_int_equal(rid_len(3, RID_B64URL), 4);
+  assert_int_equal(rid_len(32, RID_B64URL), 43);
+  assert_int_equal(rid_len(16, RID_HEX), 32);
+}
+
+static void test_refusals(void **s) {
+  (void)s;
+  char out[8];
+  ts_err err = {0};
+  assert_int_equal(rid_make(out, sizeof out, 4, RID_HEX, 0, &err), -TS_EINVAL);
+  assert_int_equal(rid_make(out, sizeof out, 0, RID_HEX, 0, &err), -TS_EINVAL);
+  assert_int_equal(rid_make(out, sizeof out, RID_MAX_BYTES + 1, RID_HEX, 0, &err), -TS_EINVAL);
+  assert_int_equal(rid_make(out, sizeof out, 3, RID_HEX, 0, &err), 0);
+  assert_int_equal(strlen(out), 6);
+}
+
+#define PER 4000
+static char ids[3][PER][25];
+
+static void fill(void *arg) {
+  char (*mine)[25] = arg;
+  for (int i = 0; i < PER; i++)
+    if (rid_make(mine[i], sizeof mine[i], 12, RID_HEX, RID_POOLED, NULL)) mine[i][0] = 0;
+}
+
+static int cmp(const void *a, const void *b) { return strcmp(a, b); }
+
+static void test_pooled_ids_never_repeat(void **s) {
+  (void)s;
+  uv_thread_t t[2];
+  uv_thread_create(&t[0], fill, ids[1]);
+  uv_thread_create(&t[1], fill, ids[2]);
+  fill(ids[0]);
+  uv_thread_join(&t[0]);
+  uv_thread_join(&t[1]);
+  char(*all)[25] = (char(*)[25])ids; /* the three threads' ids as one array */
+  qsort(all, 3 * PER, sizeof all[0], cmp);
+  for (int i = 0; i < 3 * PER; i++) assert_int_equal(strlen(all[i]), 24);
+  for (int i = 1; i < 3 * PER; i++)
+    if (strcmp(all[i - 1], all[i]) == 0) fail_msg("id %s handed out twice", all[i]);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_lengths_and_alphabets),
+                                     cmocka_unit_test(test_refusals),
+                                     cmocka_unit_test(test_pooled_ids_never_repeat)};
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
