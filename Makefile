@@ -6,8 +6,9 @@
 #   make CUDA=1  also build the CUDA attention kernels (needs nvcc)
 #
 # Sources are found by wildcard: a new daemon/<floor>/*.c or tests/unit/test_*.c
-# needs no edit here. Files named *_avx2.c are compiled for AVX2+FMA only
-# (chosen at run time, never -march=native); *_neon.c hold AArch64 code.
+# needs no edit here. Files named *_avx2.c are compiled for AVX2+FMA only,
+# *_avx512.c for AVX-512 F/VL/BW/DQ (chosen at run time, never
+# -march=native); *_neon.c hold AArch64 code.
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -72,6 +73,7 @@ $(BUILD)/%.o: %.c
 
 ifeq ($(ARCH),x86_64)
 $(BUILD)/%_avx2.o: CFLAGS += -mavx2 -mfma
+$(BUILD)/%_avx512.o: CFLAGS += -mavx2 -mfma -mavx512f -mavx512vl -mavx512bw -mavx512dq
 endif
 
 $(BUILD)/%.cu.o: %.cu

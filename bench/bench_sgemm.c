@@ -82,7 +82,7 @@ int main(int argc, char **argv) {
              (long long)s->K);
     if (avx2)
       printf("%-18s %-7d %10.2f %12.2f %12.2f\n", sz, s->trans_b, ref,
-             gflops(sg_gemm_avx2, NULL, s, A, B, C, secs), gflops(NULL, pool, s, A, B, C, secs));
+             gflops(sg_ops_for(CPU_AVX2)->gemm, NULL, s, A, B, C, secs), gflops(NULL, pool, s, A, B, C, secs));
     else
       printf("%-18s %-7d %10.2f %12s %12.2f\n", sz, s->trans_b, ref, "n/a",
              gflops(NULL, pool, s, A, B, C, secs));

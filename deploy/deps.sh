@@ -11,6 +11,10 @@ libssl-dev libcmocka-dev libcurl4-openssl-dev python3 python3-numpy python3-yaml
 curl openssl prometheus"
 [ "${1:-}" = "--bench" ] && PKGS="$PKGS wrk"
 [ "${1:-}" = "--ops" ] && PKGS="$PKGS prometheus"
+# The yardsticks the kernel benches print beside tallyd's figures (OpenBLAS
+# for bench_sgemm, PyTorch for bench/qfit_vs_torch.sh). Never needed to
+# build, test or serve.
+[ "${1:-}" = "--baselines" ] && PKGS="$PKGS libopenblas-dev python3-torch"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

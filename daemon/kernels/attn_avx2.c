@@ -1,6 +1,6 @@
 /* attn_avx2.c - the AVX2+FMA tile kernels of the tiled attention driver.
  *
- * What attn.c's driver needs per tile (attn_kern in attn.h):
+ * What attn.c's driver needs per tile (attn_kern in attn_kern.h):
  *   qk   S = Q K^T over a 48 x 64 tile, register-blocked 6 rows x 16 keys
  *        (12 accumulators, the K tile already transposed by the driver);
  *   pv   O += P V, register-blocked 6 rows x 16 value columns;
@@ -9,7 +9,7 @@
  *        as 2 atanh(u / (2 + u)), accurate for tiny u where log(1 + u) is not.
  * Compiled with -mavx2 -mfma (the Makefile's *_avx2.c rule) and chosen at run
  * time by cpu_best_path(); the scalar kernels in attn.c are the reference. */
-#include "attn.h"
+#include "attn_kern.h"
 #include "vmath_avx2_inl.h"
 
 #if defined(__x86_64__)
@@ -235,7 +235,7 @@ static double av_row_lssar(float *s, int nv, int ncols, const attn_rowc *c) {
   ROW_LOOP(lssar_weight(x, c));
 }
 
-const attn_kern attn_kern_avx2 = {av_qk, av_pv, av_rowmax,
+const attn_kern attn__kern_avx2 = {"avx2+fma", av_qk, av_pv, av_rowmax,
                                   av_row_exp, av_row_softplus, av_row_lssar};
 
 #endif

@@ -8,11 +8,8 @@
  * than they gain in balance. */
 #include "sgemm.h"
 
-#include "../base/cpu.h"
+#include <stddef.h>
 
-typedef void (*sg_fn)(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                      int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                      int64_t ldc);
 
 /* Products smaller than this many multiply-adds run on the caller alone:
  * handing work to another thread costs more than it saves. */
@@ -41,35 +38,39 @@ void sg_add_bias(int64_t M, int64_t N, float *C, int64_t ldc, const float *bias)
   }
 }
 
-/* Paths that this architecture does not compile fall back to the reference,
- * so every symbol in sgemm.h links everywhere; sg_gemm never selects them. */
-#if !defined(__x86_64__)
-void sg_gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                  int64_t ldc) {
-  sg_gemm_ref(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
-}
+static const sg_ops g_scalar = {"scalar", sg_gemm_ref, 6, 16};
+
+#if defined(__x86_64__)
+extern const sg_ops sg__ops_avx2;   /* sgemm_avx2.c */
+extern const sg_ops sg__ops_avx512; /* sgemm_avx512.c */
 #endif
-#if !defined(__aarch64__)
-void sg_gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                  int64_t ldc) {
-  sg_gemm_ref(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
-}
+#if defined(__aarch64__)
+extern const sg_ops sg__ops_neon; /* sgemm_neon.c */
 #endif
 
-static sg_fn g_fn; /* chosen on first use; every thread computes the same */
-
-static sg_fn sg_pick(void) {
-  sg_fn f = __atomic_load_n(&g_fn, __ATOMIC_ACQUIRE);
-  if (f) return f;
-  switch (cpu_best_path()) {
-    case CPU_AVX2: f = sg_gemm_avx2; break;
-    case CPU_NEON: f = sg_gemm_neon; break;
-    default: f = sg_gemm_ref; break;
+const sg_ops *sg_ops_for(cpu_path p) {
+  switch (p) {
+    case CPU_SCALAR: return &g_scalar;
+#if defined(__x86_64__)
+    case CPU_AVX2: return &sg__ops_avx2;
+    case CPU_AVX512: return &sg__ops_avx512;
+#endif
+#if defined(__aarch64__)
+    case CPU_NEON: return &sg__ops_neon;
+#endif
+    default: return NULL;
   }
-  __atomic_store_n(&g_fn, f, __ATOMIC_RELEASE);
-  return f;
+}
+
+static const sg_ops *g_ops; /* chosen on first use; every thread computes the same */
+
+const sg_ops *sg_ops_active(void) {
+  const sg_ops *o = __atomic_load_n(&g_ops, __ATOMIC_ACQUIRE);
+  if (o) return o;
+  for (cpu_path p = cpu_best_path(); !(o = sg_ops_for(p)); p = cpu_path_fallback(p)) {
+  }
+  __atomic_store_n(&g_ops, o, __ATOMIC_RELEASE);
+  return o;
 }
 
 typedef struct sg_split {
@@ -98,7 +99,8 @@ static void sg_split_run(void *arg, int64_t b, int64_t e) {
 void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
              const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
              float *C, int64_t ldc) {
-  sg_fn fn = sg_pick();
+  const sg_ops *ops = sg_ops_active();
+  sg_fn fn = ops->gemm;
   int nt = pool_threads(pool);
   if (M <= 0 || N <= 0) return;
   if (!pool || nt <= 1 || (double)M * (double)N * (double)K <= (double)SG_PARALLEL_MIN) {
@@ -106,9 +108,9 @@ void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
     return;
   }
   sg_split s = {fn, trans_b, N >= M, M, N, K, lda, ldb, ldc, 0, A, B, beta, C};
-  /* Units match the AVX2 register block (6 rows x 16 columns) so slab edges
-   * do not create extra partial tiles. */
-  s.unit = s.by_cols ? 16 : 6;
+  /* Units match the path's register block so slab edges do not create
+   * extra partial tiles. */
+  s.unit = s.by_cols ? ops->nr : ops->mr;
   int64_t units = ((s.by_cols ? N : M) + s.unit - 1) / s.unit;
   int64_t grain = (units + nt - 1) / nt;
   pool_parallel_for(pool, units, grain, sg_split_run, &s);

@@ -308,7 +308,7 @@ static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t 
 
 /* ---- entry ----------------------------------------------------------------- */
 
-void sg_gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                   int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                   int64_t ldc) {
   if (M <= 0 || N <= 0) return;
@@ -339,5 +339,7 @@ void sg_gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
   gemm_packed(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, Ap, Bp, nc);
   tl_free(buf);
 }
+
+const sg_ops sg__ops_avx2 = {"avx2+fma", gemm_avx2, MR, NR};
 
 #endif
