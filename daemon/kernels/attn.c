@@ -11,9 +11,10 @@
  *   LSSA     one pass, no max needed (|s| <= ln d ln N): O += a v, Z += a
  *   LSSAR    pass 1: Z and the row's largest score; pass 2: the guarded
  *            weights y^p (y = x / x_max) and O += w v. Pass 1 keeps each
- *            key tile's scores in a per-worker buffer (one [48][64] block
- *            per key tile, the layout pass 2's row transform and p.v
- *            kernel read), so pass 2 does no second Q.K; past
+ *            key tile's softplus(scores) in a per-worker buffer (one
+ *            [48][64] block per key tile, the layout pass 2's row transform
+ *            and p.v kernel read), so pass 2 does no second Q.K and no
+ *            second softplus; past
  *            ATTN_LSSAR_KEEP_MAX keys, or when that buffer cannot be had,
  *            pass 2 computes the scores again.
  * Invariant kept by every row transform: S columns [nv, ncols) are written 0,
@@ -270,8 +271,18 @@ static double sc_row_lssar(float *s, int nv, int ncols, const attn_rowc *c) {
   return sum;
 }
 
-const attn_kern attn__kern_scalar = {"scalar", sc_qk, sc_pv, sc_rowmax,
-                                    sc_row_exp, sc_row_softplus, sc_row_lssar};
+static double sc_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
+  double sum = 0;
+  for (int j = 0; j < nv; j++) {
+    float y = (s[j] * c->c1 - c->o) * c->inv_xmax;
+    sum += s[j] = y >= c->ythr ? powf(y, c->p) : 0.0f;
+  }
+  for (int j = nv; j < ncols; j++) s[j] = 0.0f;
+  return sum;
+}
+
+const attn_kern attn__kern_scalar = {"scalar", sc_qk, sc_pv, sc_rowmax, sc_row_exp,
+                                     sc_row_softplus, sc_row_lssar, sc_row_lssar_sp};
 
 /* ---- the tiled driver ---------------------------------------------------- */
 
@@ -387,17 +398,12 @@ static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
       }
       if (maxnv == 0) continue;
       int ncols = (maxnv + 15) & ~15;
-      float *S = W->s;
+      /* With a keep buffer, pass 1 leaves softplus(scores) there and pass
+       * 2 reads them back (dead rows only narrow the tile). */
       float *kept = W->keep ? W->keep + kt * (int64_t)ATTN_BQ * ATTN_BK : NULL;
-      if (kept && pass == 1) {
-        S = kept; /* pass 1's scores; dead rows only narrow the tile */
-      } else {
+      float *S = kept ? kept : W->s;
+      if (!kept || pass == 0)
         K->qk(W->q, rows, d, J->kp + (kvh * J->ntk + kt) * (int64_t)d * ATTN_BK, ncols, S);
-        if (kept)
-          for (int r = 0; r < rows; r++)
-            memcpy(kept + (int64_t)r * ATTN_BK, S + (int64_t)r * ATTN_BK,
-                   sizeof(float) * (size_t)ncols);
-      }
       for (int r = 0; r < rows; r++) {
         float *sr = S + (int64_t)r * ATTN_BK;
         int nv = W->nv[r];
@@ -425,7 +431,7 @@ static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
           }
           W->z[r] += K->row_softplus(sr, nv, ncols);
         } else {
-          W->l[r] += K->row_lssar(sr, nv, ncols, &W->rc[r]);
+          W->l[r] += (kept ? K->row_lssar_sp : K->row_lssar)(sr, nv, ncols, &W->rc[r]);
         }
       }
       if (values)

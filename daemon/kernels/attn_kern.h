@@ -38,6 +38,8 @@ typedef struct attn_kern {
   double (*row_exp)(float *s, int nv, int ncols, float m);
   double (*row_softplus)(float *s, int nv, int ncols);
   double (*row_lssar)(float *s, int nv, int ncols, const attn_rowc *c);
+  /* row_lssar on s that already holds softplus(s) (LSSAR's kept pass-1 tiles). */
+  double (*row_lssar_sp)(float *s, int nv, int ncols, const attn_rowc *c);
 } attn_kern;
 
 extern const attn_kern attn__kern_scalar;
