@@ -8,7 +8,11 @@
  * than they gain in balance. */
 #include "sgemm.h"
 
+#include <pthread.h>
 #include <stddef.h>
+#include <stdint.h>
+
+#include "../base/mem.h"
 
 
 /* Products smaller than this many multiply-adds run on the caller alone:
@@ -36,6 +40,52 @@ void sg_add_bias(int64_t M, int64_t N, float *C, int64_t ldc, const float *bias)
     float *c = C + i * ldc;
     for (int64_t j = 0; j < N; j++) c[j] += bias[j];
   }
+}
+
+/* ---- the per-thread packing buffer -----------------------------------------
+ * A product's panels (a few hundred KiB to 3 MiB) used to be malloc'ed and
+ * freed per call: above glibc's mmap threshold that is an mmap, and the
+ * kernel zeroing fresh pages cost as much as a small product and made its
+ * time vary several-fold between calls. Each thread now keeps one buffer,
+ * grown as needed and freed when the thread ends (pthread key destructor). */
+
+typedef struct sg_packbuf {
+  size_t cap; /* floats usable after alignment */
+  void *raw;
+} sg_packbuf;
+
+static pthread_key_t g_pack_key;
+static int g_pack_key_ok;
+static pthread_once_t g_pack_once = PTHREAD_ONCE_INIT;
+
+static void pack_free(void *v) {
+  sg_packbuf *b = v;
+  tl_free(b->raw);
+  tl_free(b);
+}
+
+static void pack_key_init(void) { g_pack_key_ok = pthread_key_create(&g_pack_key, pack_free) == 0; }
+
+float *sg__pack_buffer(size_t floats) {
+  pthread_once(&g_pack_once, pack_key_init);
+  if (!g_pack_key_ok) return NULL;
+  sg_packbuf *b = pthread_getspecific(g_pack_key);
+  if (!b) {
+    b = tl_calloc(1, sizeof *b);
+    if (!b) return NULL;
+    if (pthread_setspecific(g_pack_key, b) != 0) {
+      tl_free(b);
+      return NULL;
+    }
+  }
+  if (b->cap < floats) {
+    void *raw = tl_malloc((floats + 16) * sizeof(float));
+    if (!raw) return NULL;
+    tl_free(b->raw);
+    b->raw = raw;
+    b->cap = floats;
+  }
+  return (float *)(((uintptr_t)b->raw + 63) & ~(uintptr_t)63);
 }
 
 static const sg_ops g_scalar = {"scalar", sg_gemm_ref, 6, 16};

@@ -12,6 +12,7 @@
 #ifndef TALLYD_SGEMM_H
 #define TALLYD_SGEMM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "../base/cpu.h"
@@ -43,6 +44,12 @@ typedef struct sg_ops {
 const sg_ops *sg_ops_for(cpu_path p);
 /* The table sg_gemm uses (cpu_best_path, then its fallbacks). */
 const sg_ops *sg_ops_active(void);
+
+/* Internal to the sgemm paths: this thread's packing buffer of at least
+ * `floats` floats, 64-byte aligned, kept for the thread's life (so a product
+ * allocates nothing once warm); NULL when it cannot be had. Valid until the
+ * thread's next call. */
+float *sg__pack_buffer(size_t floats);
 
 /* Adds bias[N] to every row of C[M,N] (ldc). */
 void sg_add_bias(int64_t M, int64_t N, float *C, int64_t ldc, const float *bias);

@@ -21,6 +21,7 @@
 #include "../base/mem.h"
 #include "../base/rng.h"
 #include "../kernels/sgemm.h"
+#include "../kernels/vmath.h"
 #include "qagg.h"
 #include "qagg_int.h"
 
@@ -33,6 +34,8 @@ struct qa_grad32 {
   float *zb, *zt;                  /* global fine: [n, MK] rows and [MK, n] transposed */
   float *q, *g;                    /* [cap, K] */
   double *qd, *gd;                 /* [K] one row for qa__row_loss */
+  double *dsum;                    /* [K] softmax group sums */
+  float *gmx;                      /* [K] softmax group maxima */
   float *inp[QA_MAX_DEPTH + 1];    /* local: [cap, in_i] input of Linear i */
   float *pre[QA_MAX_DEPTH];        /* [cap, H] before ELU */
   float *scale[QA_MAX_DEPTH + 1];  /* [cap, H] dropout factors or NULL */
@@ -86,31 +89,41 @@ static void transpose(int64_t rows, int64_t cols, const float *A, float *T) {
         for (int64_t c = c0; c < c0 + 16 && c < cols; c++) T[c * rows + r] = A[r * cols + c];
 }
 
-/* ---- softmax over the groups (float, double sums) ------------------------ */
+/* ---- softmax over the groups (float, double sums) ------------------------
+ * The groups are the columns of a [len, G] block (stride G) for medium and
+ * fine, one run of M for coarse; both are walked row by row so that every
+ * pass is contiguous, and the exponentials go through vm_exp. mx[G] and
+ * sum[G] are scratch. */
 
-static void softmax_rows(const qa_spec *s, float *v) {
+static void softmax_rows(const qa_spec *s, float *v, float *mx, double *sum) {
   int64_t G, len, st;
   qa__group_shape(s, &G, &len, &st);
-  for (int64_t g = 0; g < G; g++) {
-    float *a = v + g, mx = a[0];
-    for (int64_t i = 1; i < len; i++) mx = a[i * st] > mx ? a[i * st] : mx;
-    double sum = 0.0;
-    for (int64_t i = 0; i < len; i++) sum += (a[i * st] = expf(a[i * st] - mx));
-    float inv = (float)(1.0 / sum);
-    for (int64_t i = 0; i < len; i++) a[i * st] *= inv;
-  }
+  for (int64_t g = 0; g < G; g++) mx[g] = v[g], sum[g] = 0.0;
+  for (int64_t i = 1; i < len; i++)
+    for (int64_t g = 0; g < G; g++) mx[g] = v[i * st + g] > mx[g] ? v[i * st + g] : mx[g];
+  for (int64_t i = 0; i < len; i++)
+    for (int64_t g = 0; g < G; g++) v[i * st + g] -= mx[g];
+  vm_exp(v, len * G);
+  for (int64_t i = 0; i < len; i++)
+    for (int64_t g = 0; g < G; g++) sum[g] += v[i * st + g];
+  for (int64_t g = 0; g < G; g++) mx[g] = (float)(1.0 / sum[g]);
+  for (int64_t i = 0; i < len; i++)
+    for (int64_t g = 0; g < G; g++) v[i * st + g] *= mx[g];
 }
 
-/* ds = w (dw - <w, dw>) within each group; ds may be dw. */
-static void softmax_back(const qa_spec *s, const float *w, const float *dw, float *ds) {
+/* ds = w (dw - <w, dw>) within each group; ds may be dw. dot[G] is scratch. */
+static void softmax_back(const qa_spec *s, const float *w, const float *dw, float *ds,
+                         double *dot) {
   int64_t G, len, st;
   qa__group_shape(s, &G, &len, &st);
-  for (int64_t g = 0; g < G; g++) {
-    double dot = 0.0;
-    for (int64_t i = 0; i < len; i++) dot += (double)w[g + i * st] * dw[g + i * st];
-    float d = (float)dot;
-    for (int64_t i = 0; i < len; i++) ds[g + i * st] = w[g + i * st] * (dw[g + i * st] - d);
-  }
+  for (int64_t g = 0; g < G; g++) dot[g] = 0.0;
+  for (int64_t i = 0; i < len; i++)
+    for (int64_t g = 0; g < G; g++) dot[g] += (double)w[i * st + g] * dw[i * st + g];
+  for (int64_t i = 0; i < len; i++)
+    for (int64_t g = 0; g < G; g++) {
+      int64_t e = i * st + g;
+      ds[e] = w[e] * (dw[e] - (float)dot[g]);
+    }
 }
 
 /* ---- one row's aggregation and its weight gradient ------------------------ */
@@ -196,15 +209,17 @@ int qa_grad32_new(qa_grad32 **out, const qa_spec *s, int64_t max_rows, ts_err *e
     return ts_errf(err, TS_EINVAL, "aggregator: a float32 batch of %lld rows is too large",
                    (long long)n);
   }
-  g->mem = tl_malloc((size_t)nf * sizeof(float) + 2 * (size_t)K * sizeof(double));
+  nf += K;
+  g->mem = tl_malloc((size_t)nf * sizeof(float) + 3 * (size_t)K * sizeof(double));
   if (!g->mem) {
     tl_free(g);
     return ts_errf(err, TS_ENOMEM, "aggregator: out of memory for a float32 batch of %lld rows",
                    (long long)n);
   }
   double *dm = g->mem;
-  g->qd = dm, g->gd = dm + K;
-  float *m = (float *)(dm + 2 * K);
+  g->qd = dm, g->gd = dm + K, g->dsum = dm + 2 * K;
+  float *m = (float *)(dm + 3 * K);
+  g->gmx = m, m += K;
   g->th = m, m += g->P;
   g->gw = m, m += g->P;
   g->q = m, m += n * K;
@@ -313,7 +328,7 @@ int qa_grad32_run(qa_grad32 *g, pool_t *pool, const double *theta, int64_t n,
   const float *Wrow = NULL;
   if (!local) {
     memcpy(g->Wg, g->th, sizeof(float) * L);
-    if (s->simplex) softmax_rows(s, g->Wg);
+    if (s->simplex) softmax_rows(s, g->Wg, g->gmx, g->dsum);
     Wrow = g->Wg;
   }
   int64_t *ids = n <= 256 ? ids_buf : NULL;
@@ -332,7 +347,7 @@ int qa_grad32_run(qa_grad32 *g, pool_t *pool, const double *theta, int64_t n,
     net_forward(g, pool, n, ids, X, drop ? o->dropout : 0.0, o->dropout_seed);
     for (int64_t t = 0; t < n; t++) {
       float *w = g->S + t * L;
-      if (s->simplex) softmax_rows(s, w);
+      if (s->simplex) softmax_rows(s, w, g->gmx, g->dsum);
       agg_row(s, w, Z + ids[t] * MK, g->q + t * K);
     }
   }
@@ -375,22 +390,24 @@ int qa_grad32_run(qa_grad32 *g, pool_t *pool, const double *theta, int64_t n,
       for (int64_t t = 0; t < n; t++) {
         float *ds = g->DS + t * L;
         agg_row_dw(s, Z + ids[t] * MK, g->g + t * K, ds);
-        if (s->simplex) softmax_back(s, g->S + t * L, ds, ds);
+        if (s->simplex) softmax_back(s, g->S + t * L, ds, ds, g->dsum);
       }
       net_backward(g, pool, n, drop);
     }
     if (!local && s->simplex) {
-      /* through the global softmax, in double: grad = w (dw - <w, dw>) */
+      /* through the global softmax: grad = w (dw - <w, dw>), dots in double */
       int64_t G, len, st;
       qa__group_shape(s, &G, &len, &st);
-      for (int64_t gi = 0; gi < G; gi++) {
-        double dot = 0.0;
-        for (int64_t i = 0; i < len; i++) dot += (double)g->Wg[gi + i * st] * g->gw[gi + i * st];
-        for (int64_t i = 0; i < len; i++) {
-          int64_t e = gi + i * st;
-          grad[e] = (double)g->Wg[e] * ((double)g->gw[e] - dot);
+      double *dot = g->dsum;
+      for (int64_t gi = 0; gi < G; gi++) dot[gi] = 0.0;
+      for (int64_t i = 0; i < len; i++)
+        for (int64_t gi = 0; gi < G; gi++)
+          dot[gi] += (double)g->Wg[i * st + gi] * g->gw[i * st + gi];
+      for (int64_t i = 0; i < len; i++)
+        for (int64_t gi = 0; gi < G; gi++) {
+          int64_t e = i * st + gi;
+          grad[e] = (double)g->Wg[e] * ((double)g->gw[e] - dot[gi]);
         }
-      }
     } else {
       for (int64_t i = 0; i < g->P; i++) grad[i] = g->gw[i];
     }
