@@ -95,6 +95,11 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtallyd.a
 $(BUILD)/tests/tools/%: tests/tools/%.c $(BUILD)/libtallyd.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDLIBS)
+# bench_sgemm prints OpenBLAS beside tallyd when libopenblas-dev is there.
+ifeq ($(shell pkg-config --exists openblas 2>/dev/null && echo y),y)
+$(BUILD)/bench/bench_sgemm: CPPFLAGS += -DTALLYD_OPENBLAS $(shell pkg-config --cflags openblas)
+$(BUILD)/bench/bench_sgemm: LDLIBS += $(shell pkg-config --libs openblas)
+endif
 $(BUILD)/bench/%: bench/%.c $(BUILD)/libtallyd.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDLIBS)

@@ -10,7 +10,7 @@
  * name (coarse-global, fine-global, medium-local) and leaves the forward
  * figures out: bench/qfit_vs_torch.sh runs it that way beside PyTorch.
  *
- * TALLYD_SIMD=scalar forces the scalar sgemm path. */
+ * TALLYD_SIMD=scalar|avx2|avx512 forces an sgemm path. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -1,5 +1,5 @@
-/* mhd_baseline.c - the yardstick servers of shared/spec/http-notes.md, built
- * so bench/run.sh can measure them in the same run as tallyd: plain
+/* mhd_baseline.c - the yardstick servers that tallyd's HTTP speed is measured
+ * against, built so bench/run.sh can measure them in the same run as tallyd: plain
  * libmicrohttpd with a pool of internal threads (epoll) answering GET with
  * 16 bytes, and POST by parsing the body with jansson and answering a small
  * JSON. Usage: mhd_baseline PORT [THREADS] */

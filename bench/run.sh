@@ -43,4 +43,4 @@ awk -v a="$(rps "$a")" -v b="$(rps "$b")" -v ya="$(rps "$ya")" -v yb="$(rps "$yb
   printf "ratio b/a: %.3f   (a) / MHD GET: %.0f%% (aim 80%%)   (b) / MHD POST: %.0f%% (aim 70%%)\n",
          b / a, 100 * a / ya, 100 * b / yb }'
 e="$(errs "$a")$(errs "$b")"; [ -n "$e" ] && echo "errors: $e"
-echo "(the baselines are bench/mhd_baseline.c: the yardstick servers of shared/spec/http-notes.md)"
+echo "(the baselines are bench/mhd_baseline.c: plain libmicrohttpd, thread pool + epoll)"

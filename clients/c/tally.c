@@ -16,6 +16,7 @@ struct tally_client {
   char *url;   /* without a trailing slash */
   char *auth;  /* "Authorization: Bearer ..." or NULL */
   long timeout_ms;
+  int64_t binary_min; /* inputs of this many elements or more go as binary tensors */
 };
 
 /* Answers larger than this are refused: a client should not be made to hold
@@ -59,6 +60,7 @@ int tally_client_new(tally_client **out, const char *url, const char *api_key, l
   tally_client *c = calloc(1, sizeof *c);
   if (!c) return fail(err, TALLY_ENOMEM, 0, "out of memory");
   c->timeout_ms = timeout_ms;
+  c->binary_min = TALLY_BINARY_MIN_DEFAULT;
   c->url = dup_str(url);
   c->curl = curl_easy_init();
   if (c->url) {
@@ -91,6 +93,10 @@ void tally_client_free(tally_client *c) {
 }
 
 const char *tally_client_url(const tally_client *c) { return c->url; }
+
+void tally_client_set_binary_min(tally_client *c, int64_t elements) {
+  if (c) c->binary_min = elements;
+}
 
 /* ---- transport ---- */
 
@@ -133,26 +139,53 @@ static void error_message(tally_error *err, long status, const buf *b) {
   json_decref(j);
 }
 
+static int perform_raw(tally_client *c, const char *method, const char *path, json_t *body,
+                       const char *raw, size_t raw_len, const char *accept, buf *b, long *status,
+                       tally_error *err);
+
 /* One exchange: the answer's body in *b (the caller frees b->p) and its
  * status; a status >= 400 is an error with the server's message. */
 static int perform(tally_client *c, const char *method, const char *path, json_t *body, const char *accept,
                    buf *b, long *status, tally_error *err) {
+  return perform_raw(c, method, path, body, NULL, 0, accept, b, status, err);
+}
+
+/* perform() with raw bytes after the JSON body: the binary tensor data
+ * extension (Inference-Header-Content-Length says where the JSON ends). */
+static int perform_raw(tally_client *c, const char *method, const char *path, json_t *body,
+                       const char *raw, size_t raw_len, const char *accept, buf *b, long *status,
+                       tally_error *err) {
   *status = 0;
   if (!c || !method || !path || path[0] != '/') return fail(err, TALLY_EUSAGE, 0, "bad request arguments");
   size_t ulen = strlen(c->url) + strlen(path) + 1;
   char *url = malloc(ulen);
   char *payload = body ? json_dumps(body, JSON_COMPACT) : NULL;
+  size_t json_len = payload ? strlen(payload) : 0, payload_len = json_len;
   struct curl_slist *hdr = NULL, *h;
   int rc = 0;
-  char accept_hdr[128];
+  char accept_hdr[128], ihcl[96];
   snprintf(accept_hdr, sizeof accept_hdr, "Accept: %s", accept);
   if (!url || (body && !payload)) {
     rc = fail(err, TALLY_ENOMEM, 0, "out of memory");
     goto out;
   }
+  if (raw_len) {
+    char *p = realloc(payload, json_len + raw_len + 1);
+    if (!p) {
+      rc = fail(err, TALLY_ENOMEM, 0, "out of memory");
+      goto out;
+    }
+    payload = p;
+    memcpy(payload + json_len, raw, raw_len);
+    payload_len = json_len + raw_len;
+    snprintf(ihcl, sizeof ihcl, "Inference-Header-Content-Length: %zu", json_len);
+    if ((h = curl_slist_append(hdr, ihcl))) hdr = h;
+  }
   snprintf(url, ulen, "%s%s", c->url, path);
   if ((h = curl_slist_append(hdr, accept_hdr))) hdr = h;
-  if (payload && (h = curl_slist_append(hdr, "Content-Type: application/json"))) hdr = h;
+  if (payload && (h = curl_slist_append(hdr, raw_len ? "Content-Type: application/octet-stream"
+                                                      : "Content-Type: application/json")))
+    hdr = h;
   /* without this, curl waits a second for "100 Continue" before a large body */
   if ((h = curl_slist_append(hdr, "Expect:"))) hdr = h;
   if (c->auth && (h = curl_slist_append(hdr, c->auth))) hdr = h;
@@ -173,12 +206,12 @@ static int perform(tally_client *c, const char *method, const char *path, json_t
   if (strcmp(method, "POST") == 0) {
     curl_easy_setopt(k, CURLOPT_POST, 1L);
     curl_easy_setopt(k, CURLOPT_POSTFIELDS, payload ? payload : "");
-    curl_easy_setopt(k, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)(payload ? strlen(payload) : 0));
+    curl_easy_setopt(k, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)payload_len);
   } else if (strcmp(method, "GET") != 0) {
     curl_easy_setopt(k, CURLOPT_CUSTOMREQUEST, method);
     if (payload) {
       curl_easy_setopt(k, CURLOPT_POSTFIELDS, payload);
-      curl_easy_setopt(k, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)strlen(payload));
+      curl_easy_setopt(k, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)payload_len);
     }
   }
   CURLcode cc = curl_easy_perform(k);
@@ -205,6 +238,21 @@ int tally_request(tally_client *c, const char *method, const char *path, json_t 
   buf b = {0};
   long status;
   int rc = perform(c, method, path, body, "application/json", &b, &status, err);
+  if (!rc && answer) {
+    json_error_t je;
+    *answer = b.n ? json_loadb(b.p, b.n, 0, &je) : json_object();
+    if (!*answer) rc = fail(err, TALLY_EPROTO, (int)status, "the answer is not JSON: %s", je.text);
+  }
+  free(b.p);
+  return rc;
+}
+
+static int request_raw(tally_client *c, const char *path, json_t *body, const char *raw,
+                       size_t raw_len, json_t **answer, tally_error *err) {
+  if (answer) *answer = NULL;
+  buf b = {0};
+  long status;
+  int rc = perform_raw(c, "POST", path, body, raw, raw_len, "application/json", &b, &status, err);
   if (!rc && answer) {
     json_error_t je;
     *answer = b.n ? json_loadb(b.p, b.n, 0, &je) : json_object();
@@ -329,9 +377,50 @@ int tally_unload(tally_client *c, const char *model, tally_error *err) {
 }
 
 /* {"parameters"?: params, "inputs": [...], "outputs"?: [{"name"}...]} */
+/* The little-endian bytes of a tensor's data appended to *raw (grown with
+ * realloc); on a big-endian host each element is byte-swapped. */
+static int append_raw(const tally_tensor *t, char **raw, size_t *len, size_t *cap) {
+  size_t es = tally_dtype_size(t->datatype);
+  size_t nb = (size_t)tally_tensor_count(t) * es;
+  if (*len + nb > *cap) {
+    size_t nc = *cap ? *cap : 4096;
+    while (nc < *len + nb) nc *= 2;
+    char *p = realloc(*raw, nc);
+    if (!p) return -1;
+    *raw = p;
+    *cap = nc;
+  }
+  memcpy(*raw + *len, t->data, nb);
+  const uint16_t one = 1;
+  if (*(const uint8_t *)&one == 0 && es > 1) /* big-endian: the wire is little-endian */
+    for (size_t i = 0; i < nb; i += es)
+      for (size_t a = 0, z = es - 1; a < z; a++, z--) {
+        char x = (*raw)[*len + i + a];
+        (*raw)[*len + i + a] = (*raw)[*len + i + z];
+        (*raw)[*len + i + z] = x;
+      }
+  *len += nb;
+  return 0;
+}
+
+static json_t *binary_entry(const tally_tensor *t, size_t nbytes) {
+  json_t *shape = json_array();
+  for (int d = 0; shape && d < t->ndim; d++) json_array_append_new(shape, json_integer(t->shape[d]));
+  return json_pack("{s:s, s:s, s:o, s:{s:I}}", "name", t->name, "datatype",
+                   tally_dtype_name(t->datatype), "shape", shape, "parameters", "binary_data_size",
+                   (json_int_t)nbytes);
+}
+
+/* {"parameters"?: params, "inputs": [...], "outputs"?: [{"name"}...]}; inputs
+ * of binary_min elements or more (binary_min >= 0) go as binary tensors whose
+ * bytes are appended to *raw (NULL when none). */
 static int request_body(const tally_tensor *inputs, size_t n, json_t *params, const char *const *outputs,
-                        size_t n_outputs, json_t **out, tally_error *err) {
+                        size_t n_outputs, int64_t binary_min, json_t **out, char **raw,
+                        size_t *raw_len, tally_error *err) {
+  size_t raw_cap = 0;
   *out = NULL;
+  *raw = NULL;
+  *raw_len = 0;
   if (params && !json_is_object(params)) return fail(err, TALLY_EUSAGE, 0, "parameters must be a JSON object");
   if (n > 0 && !inputs) return fail(err, TALLY_EUSAGE, 0, "no input tensors");
   if (n_outputs > 0 && !outputs) return fail(err, TALLY_EUSAGE, 0, "no output names");
@@ -345,9 +434,24 @@ static int request_body(const tally_tensor *inputs, size_t n, json_t *params, co
   }
   for (size_t i = 0; i < n; i++) {
     tally_error terr = {0};
-    json_t *t = tally_tensor_to_json(&inputs[i], &terr);
+    const tally_tensor *in = &inputs[i];
+    if (binary_min >= 0 && in->name && in->data && tally_dtype_size(in->datatype) &&
+        tally_tensor_count(in) >= binary_min && tally_tensor_count(in) > 0) {
+      size_t before = *raw_len;
+      json_t *t = append_raw(in, raw, raw_len, &raw_cap) ? NULL : binary_entry(in, *raw_len - before);
+      if (!t || json_array_append_new(arr, t)) {
+        json_decref(body);
+        free(*raw);
+        *raw = NULL;
+        return fail(err, TALLY_ENOMEM, 0, "out of memory");
+      }
+      continue;
+    }
+    json_t *t = tally_tensor_to_json(in, &terr);
     if (!t || json_array_append_new(arr, t)) {
       json_decref(body);
+      free(*raw);
+      *raw = NULL;
       if (t) return fail(err, TALLY_ENOMEM, 0, "out of memory");
       if (err) *err = terr;
       return -terr.code;
@@ -357,11 +461,15 @@ static int request_body(const tally_tensor *inputs, size_t n, json_t *params, co
     json_t *outs = json_array();
     if (!outs || json_object_set_new(body, "outputs", outs)) {
       json_decref(body);
+      free(*raw);
+      *raw = NULL;
       return fail(err, TALLY_ENOMEM, 0, "out of memory");
     }
     for (size_t i = 0; i < n_outputs; i++)
       if (json_array_append_new(outs, json_pack("{s:s}", "name", outputs[i]))) {
         json_decref(body);
+        free(*raw);
+        *raw = NULL;
         return fail(err, TALLY_ENOMEM, 0, "out of memory");
       }
   }
@@ -374,10 +482,15 @@ static int post_tensors(tally_client *c, const char *path, const tally_tensor *i
                         tally_error *err) {
   if (answer) *answer = NULL;
   json_t *body;
-  int rc = request_body(inputs, n, params, outputs, n_outputs, &body, err);
+  char *raw;
+  size_t raw_len;
+  int rc = request_body(inputs, n, params, outputs, n_outputs, c ? c->binary_min : -1, &body, &raw,
+                        &raw_len, err);
   if (rc) return rc;
-  rc = tally_request(c, "POST", path, body, answer, err);
+  rc = raw_len ? request_raw(c, path, body, raw, raw_len, answer, err)
+               : tally_request(c, "POST", path, body, answer, err);
   json_decref(body);
+  free(raw);
   return rc;
 }
 

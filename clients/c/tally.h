@@ -67,6 +67,13 @@ int tally_client_new(tally_client **out, const char *url, const char *api_key, l
 void tally_client_free(tally_client *c);
 const char *tally_client_url(const tally_client *c);
 
+/* Input tensors of this many elements or more are sent as binary tensors
+ * (the raw little-endian bytes after the JSON, Inference-Header-Content-Length;
+ * no JSON text to write or parse): 0 sends every input so, a negative value
+ * none. Default TALLY_BINARY_MIN_DEFAULT. */
+#define TALLY_BINARY_MIN_DEFAULT 4096
+void tally_client_set_binary_min(tally_client *c, int64_t elements);
+
 /* Health: 0 when live / ready (HTTP 200), else an error (503 while not ready). */
 int tally_health_live(tally_client *c, tally_error *err);
 int tally_health_ready(tally_client *c, tally_error *err);

@@ -9,9 +9,12 @@
 #include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
+#include <math.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,6 +53,8 @@ static const char usage_text[] =
     "  --param KEY=VALUE    a request parameter (VALUE is JSON if it parses, else a string)\n"
     "  --params JSON|@FILE  request parameters as one JSON object\n"
     "  --scope infer|admin  keygen: the key's scope (default infer)\n"
+    "  --binary             send every input tensor as a binary tensor (raw bytes after\n"
+    "                       the JSON); inputs of 4096 elements or more always are\n"
     "\n"
     "files: FILE.json holds {\"inputs\": [OIP tensors], \"parameters\"?: {...},\n"
     "\"outputs\"?: [{\"name\"}...]} (a curl body as it is) or {\"NAME\": nested list, ...};\n"
@@ -58,6 +63,46 @@ static const char usage_text[] =
     "\n"
     "exit codes: 0 ok, 1 usage or bad local input, 2 no connection,\n"
     "3 HTTP 4xx (bad request, unknown model, ...), 4 HTTP 5xx or an unusable answer.\n";
+
+/* `tallyctl COMMAND --help` */
+static const struct {
+  const char *cmd, *text;
+} command_help[] = {
+    {"health", "usage: tallyctl health [live|ready]\n\nIs the server live (the process answers) or ready\n"
+               "(every model loaded, not draining)? Prints the answer; exit 0 when it is, 4 on 503.\n"},
+    {"models", "usage: tallyctl models [--format table]\n\nThe repository index: every model and "
+               "version with its state (READY, UNAVAILABLE, ...) and the reason.\n"},
+    {"metadata", "usage: tallyctl metadata [MODEL] [--model-version V]\n\nWithout MODEL: the "
+                 "server's name, version and extensions. With MODEL: its versions,\ninputs and "
+                 "outputs (name, datatype, shape; -1 for any size) and weights' sha256.\n"},
+    {"infer", "usage: tallyctl infer MODEL FILE... [--model-version V] [--output NAME]...\n"
+              "       [--input NAME] [--datatype [NAME=]DT] [--param K=V] [--params JSON|@FILE] [--binary]\n\n"
+              "Runs MODEL on the tensors of the files (JSON: an OIP request or {NAME: nested list};\n"
+              "CSV: columns, or one matrix with --input NAME before it). Datatypes come from the\n"
+              "file, --datatype, or the model's metadata. Inputs of 4096 elements or more (all with\n"
+              "--binary) travel as binary tensors.\n"},
+    {"fit", "usage: tallyctl fit MODEL FILE... [--param epochs=N] [--params JSON|@FILE] [--binary]\n\n"
+            "Learns MODEL's weights from labelled rows (inputs plus labels or targets) and\n"
+            "serves the result as a new version (needs an admin key when keys are on).\n"},
+    {"evaluate", "usage: tallyctl evaluate MODEL FILE... [--model-version V] [--param K=V] [--binary]\n\n"
+                 "Metrics of a version on labelled rows; changes nothing.\n"},
+    {"calibrate", "usage: tallyctl calibrate MODEL FILE... [--param method=cqr] [--binary]\n\n"
+                  "Conformal calibration of a quantile_ensemble on held-out rows (features and\n"
+                  "targets); a new version.\n"},
+    {"load", "usage: tallyctl load MODEL\n\n(Re)loads MODEL from the repository (admin scope).\n"},
+    {"unload", "usage: tallyctl unload MODEL\n\nStops serving MODEL (admin scope).\n"},
+    {"session", "usage: tallyctl session create MODEL [--param attention=lssar]\n"
+                "       tallyctl session infer MODEL ID FILE... [--output NAME]... [--binary]\n"
+                "       tallyctl session get MODEL ID\n"
+                "       tallyctl session delete MODEL ID\n\n"
+                "KV-cache sessions of a transformer: each infer feeds the next tokens (input_ids\n"
+                "[1, n]) and scores them from everything fed before.\n"},
+    {"metrics", "usage: tallyctl metrics [FAMILY...]\n\nThe Prometheus metrics as text, or only "
+                "the families named\n(tallyd_requests_total, ...; a histogram brings _bucket, _sum, _count).\n"},
+    {"keygen", "usage: tallyctl keygen [--scope infer|admin] [--format json]\n\nA new API key "
+               "(32 random bytes, 43 base64url characters: tallyd --keygen's format)\non the first "
+               "line, its key-file line (SHA-256 hex, scope) on the second.\n"},
+};
 
 typedef struct file_arg {
   const char *path;
@@ -68,6 +113,7 @@ typedef struct opts {
   const char *url, *api_key, *format, *model_version, *scope, *params_arg;
   double timeout_s;
   int format_given;
+  int binary; /* --binary: every input as a binary tensor */
   const char *pos[8];
   int npos;
   file_arg files[64];
@@ -522,11 +568,70 @@ static void print_index(const json_t *index) {
   }
 }
 
+/* A double as the shortest text that reads back to it (%.15g, %.16g or
+ * %.17g), as tallyd writes it: printing 0.845 as 0.84499999999999997, or
+ * cutting 0.9963888230698308 to 9 digits, would misreport the answer. */
+static void print_real(double v) {
+  char t[40];
+  if (!isfinite(v)) {
+    fputs("null", stdout);
+    return;
+  }
+  for (int p = 15; p <= 17; p++) {
+    snprintf(t, sizeof t, "%.*g", p, v);
+    if (strtod(t, NULL) == v) break;
+  }
+  fputs(t, stdout);
+  if (!strpbrk(t, ".eEn")) fputs(".0", stdout);
+}
+
+/* JSON with two-space indentation; arrays of scalars stay on one line. */
+static void print_json(const json_t *v, int depth) {
+  if (json_is_real(v)) {
+    print_real(json_real_value(v));
+  } else if (json_is_object(v)) {
+    const char *k;
+    json_t *x;
+    int first = 1;
+    if (!json_object_size(v)) {
+      fputs("{}", stdout);
+      return;
+    }
+    fputs("{", stdout);
+    json_object_foreach((json_t *)v, k, x) {
+      json_t *kj = json_string(k);
+      char *ks = kj ? json_dumps(kj, JSON_ENCODE_ANY) : NULL;
+      json_decref(kj);
+      printf("%s\n%*s%s: ", first ? "" : ",", 2 * (depth + 1), "", ks ? ks : "\"\"");
+      free(ks);
+      print_json(x, depth + 1);
+      first = 0;
+    }
+    printf("\n%*s}", 2 * depth, "");
+  } else if (json_is_array(v)) {
+    size_t i;
+    json_t *x;
+    int flat = 1;
+    json_array_foreach(v, i, x) flat &= !json_is_object(x) && !json_is_array(x);
+    fputs("[", stdout);
+    json_array_foreach(v, i, x) {
+      if (flat) fputs(i ? ", " : "", stdout);
+      else printf("%s\n%*s", i ? "," : "", 2 * (depth + 1), "");
+      print_json(x, depth + 1);
+    }
+    if (!flat && json_array_size(v)) printf("\n%*s", 2 * depth, "");
+    fputs("]", stdout);
+  } else {
+    char *s = json_dumps(v, JSON_ENCODE_ANY);
+    if (s) fputs(s, stdout);
+    free(s);
+  }
+}
+
 static void print_answer(const opts *o, const json_t *answer) {
   if (strcmp(o->format, "json") == 0) {
-    char *s = json_dumps(answer, JSON_ENCODE_ANY | JSON_INDENT(2) | JSON_REAL_PRECISION(9));
-    if (s) puts(s);
-    free(s);
+    print_json(answer, 0);
+    fputs("\n", stdout);
     return;
   }
   if (json_is_array(answer) && (json_array_size(answer) == 0 || json_object_get(json_array_get(answer, 0), "state")))
@@ -692,8 +797,9 @@ static int cmd_metrics(tally_client *c, opts *o) {
   return EXIT_OK;
 }
 
-/* A key of 32 random bytes, hex with a recognisable prefix; the key file
- * stores only its SHA-256, so a leaked key file grants nothing. */
+/* A key in tallyd --keygen's one format: 32 random bytes as 43 base64url
+ * digits (no padding). The key file stores only its SHA-256, so a leaked key
+ * file grants nothing. */
 static int cmd_keygen(opts *o) {
   if (o->npos != 1) return usage_error("keygen takes no arguments");
   if (strcmp(o->scope, "infer") != 0 && strcmp(o->scope, "admin") != 0)
@@ -704,8 +810,20 @@ static int cmd_keygen(opts *o) {
     fprintf(stderr, "tallyctl: RAND_bytes failed\n");
     return EXIT_USAGE;
   }
-  char key[4 + 2 * sizeof raw + 1] = "tly_", hex[2 * EVP_MAX_MD_SIZE + 1];
-  for (size_t i = 0; i < sizeof raw; i++) snprintf(key + 4 + 2 * i, 3, "%02x", raw[i]);
+  static const char b64[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  char key[45], hex[2 * EVP_MAX_MD_SIZE + 1];
+  size_t k = 0;
+  for (size_t i = 0; i < sizeof raw; i += 3) {
+    uint32_t v = (uint32_t)raw[i] << 16;
+    if (i + 1 < sizeof raw) v |= (uint32_t)raw[i + 1] << 8;
+    if (i + 2 < sizeof raw) v |= raw[i + 2];
+    key[k++] = b64[v >> 18 & 63];
+    key[k++] = b64[v >> 12 & 63];
+    key[k++] = b64[v >> 6 & 63];
+    key[k++] = b64[v & 63];
+  }
+  key[43] = 0; /* 256 bits = 43 base64 digits; the 44th would be padding */
+  OPENSSL_cleanse(raw, sizeof raw);
   if (EVP_Digest(key, strlen(key), md, &mdlen, EVP_sha256(), NULL) != 1) {
     fprintf(stderr, "tallyctl: SHA-256 failed\n");
     return EXIT_USAGE;
@@ -730,8 +848,18 @@ static int parse_args(int argc, char **argv, opts *o) {
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i];
     if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) {
+      for (size_t k = 0; o->npos > 0 && k < sizeof command_help / sizeof *command_help; k++)
+        if (strcmp(o->pos[0], command_help[k].cmd) == 0) {
+          fputs(command_help[k].text, stdout);
+          fputs("\n(tallyctl --help lists the options every command takes.)\n", stdout);
+          exit(EXIT_OK);
+        }
       fputs(usage_text, stdout);
       exit(EXIT_OK);
+    }
+    if (strcmp(a, "--binary") == 0) {
+      o->binary = 1;
+      continue;
     }
     if (strncmp(a, "--", 2) == 0) {
       static const char *with_value[] = {"url",      "api-key", "timeout", "format", "model-version", "input",
@@ -842,6 +970,7 @@ int main(int argc, char **argv) {
     rc = report(&e);
     goto out;
   }
+  if (o.binary) tally_client_set_binary_min(c, 0);
   if (!strcmp(cmd, "health")) rc = cmd_health(c, &o);
   else if (!strcmp(cmd, "models")) rc = cmd_models(c, &o);
   else if (!strcmp(cmd, "metadata")) rc = cmd_metadata(c, &o);

@@ -13,12 +13,15 @@ only: copy the file next to your code, or run it as a command-line tool.
 Commands and exit codes match tallyctl's: 0 ok, 1 usage or a bad local file,
 2 no connection, 3 HTTP 4xx, 4 HTTP 5xx or an unusable answer."""
 import argparse
+import array
+import base64
 import csv
 import hashlib
 import http.client
 import json
 import os
 import secrets
+import struct
 import sys
 import urllib.parse
 
@@ -59,9 +62,69 @@ def _flatten(data, out):
     return out
 
 
-def tensor(name, data, datatype=None, shape=None):
-    """An OIP input tensor from a nested list. datatype: given, else INT64 for
-    all-integer data and FP32 otherwise."""
+# OIP datatype -> (array module typecode or None, struct code, numpy dtype)
+_DTYPES = {"FP32": ("f", "f", "<f4"), "FP64": ("d", "d", "<f8"), "FP16": (None, "e", "<f2"),
+           "INT8": ("b", "b", "i1"), "INT16": ("h", "h", "<i2"), "INT32": ("i", "i", "<i4"),
+           "INT64": ("q", "q", "<i8"), "UINT8": ("B", "B", "u1"), "UINT16": ("H", "H", "<u2"),
+           "UINT32": ("I", "I", "<u4"), "UINT64": ("Q", "Q", "<u8"), "BOOL": (None, "?", "?")}
+_NUMPY_KINDS = {"float32": "FP32", "float64": "FP64", "float16": "FP16", "int8": "INT8",
+                "int16": "INT16", "int32": "INT32", "int64": "INT64", "uint8": "UINT8",
+                "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64", "bool": "BOOL"}
+# Inputs of at least this many elements travel as binary tensors when the
+# caller does not say (no JSON text to write, send and parse).
+BINARY_MIN_ELEMENTS = 4096
+
+
+def _is_array(x):
+    return hasattr(x, "dtype") and hasattr(x, "shape") and hasattr(x, "tobytes")
+
+
+def _pack(flat, datatype):
+    """Little-endian bytes of a flat list in an OIP datatype."""
+    if datatype not in _DTYPES:
+        raise ValueError("datatype %r cannot be sent as a binary tensor" % datatype)
+    tc, sc, _ = _DTYPES[datatype]
+    if tc and array.array(tc).itemsize == struct.calcsize(sc):
+        a = array.array(tc, flat)
+        if sys.byteorder != "little":
+            a.byteswap()
+        return a.tobytes()
+    return struct.pack("<%d%s" % (len(flat), sc), *flat)
+
+
+def _unpack(raw, datatype, shape):
+    """A binary output: a numpy array where numpy is installed, else a flat list."""
+    _, sc, npd = _DTYPES[datatype]
+    try:
+        import numpy
+        return numpy.frombuffer(raw, numpy.dtype(npd)).reshape(shape)
+    except ImportError:
+        return list(struct.unpack("<%d%s" % (len(raw) // struct.calcsize(sc), sc), raw))
+
+
+def tensor(name, data, datatype=None, shape=None, binary=None):
+    """An OIP input tensor from a nested list or a numpy array. datatype: given,
+    else the array's own, else INT64 for all-integer data and FP32 otherwise.
+    binary: send the values as a binary tensor (raw bytes after the JSON)
+    instead of JSON text; None: when it has BINARY_MIN_ELEMENTS or more."""
+    if _is_array(data):
+        datatype = datatype or _NUMPY_KINDS.get(str(data.dtype))
+        if datatype is None:
+            raise ValueError("tensor %r: numpy dtype %s has no OIP datatype" % (name, data.dtype))
+        shape = list(shape if shape is not None else data.shape)
+        n = 1
+        for d in shape:
+            n *= d
+        if n != data.size:
+            raise ValueError("tensor %r: %d values for shape %s" % (name, data.size, shape))
+        if binary is None:
+            binary = data.size >= BINARY_MIN_ELEMENTS
+        if binary:
+            import numpy
+            raw = numpy.ascontiguousarray(data, dtype=numpy.dtype(_DTYPES[datatype][2])).tobytes()
+            return {"name": name, "shape": shape, "datatype": datatype,
+                    "parameters": {"binary_data_size": len(raw)}, "_raw": raw}
+        data = data.tolist()
     flat = _flatten(data, [])
     if shape is None:
         shape = _shape_of(data)
@@ -72,6 +135,12 @@ def tensor(name, data, datatype=None, shape=None):
         raise ValueError("tensor %r: %d values for shape %s (ragged rows?)" % (name, len(flat), shape))
     if datatype is None:
         datatype = "INT64" if all(isinstance(x, int) and not isinstance(x, bool) for x in flat) else "FP32"
+    if binary is None:
+        binary = len(flat) >= BINARY_MIN_ELEMENTS and datatype in _DTYPES
+    if binary:
+        raw = _pack(flat, datatype)
+        return {"name": name, "shape": list(shape), "datatype": datatype,
+                "parameters": {"binary_data_size": len(raw)}, "_raw": raw}
     return {"name": name, "shape": list(shape), "datatype": datatype, "data": flat}
 
 
@@ -107,22 +176,50 @@ class TallyClient:
             self._conn = None
 
     def request(self, method, path, body=None):
-        """Any request; returns the decoded JSON answer or raises TallyError."""
-        status, raw = self._exchange(method, path, body, "application/json")
+        """Any request; returns the decoded JSON answer or raises TallyError.
+        Input tensors made with binary=True (see tensor()) go as raw bytes after
+        the JSON; binary outputs in the answer come back decoded into their
+        entries' "data" (numpy arrays where numpy is installed)."""
+        status, raw, hdr = self._exchange(method, path, body, "application/json")
         if not raw:
             return {}
+        json_len = hdr.get("inference-header-content-length")
         try:
-            return json.loads(raw)
+            n = int(json_len) if json_len is not None else len(raw)
+            if not 0 <= n <= len(raw):
+                raise ValueError("Inference-Header-Content-Length %s is outside the body" % json_len)
+            ans = json.loads(raw[:n])
         except ValueError as e:
             raise TallyError(status, "the answer is not JSON: %s" % e) from None
+        if n < len(raw):
+            off = n
+            for o in ans.get("outputs", []):
+                size = (o.get("parameters") or {}).get("binary_data_size")
+                if size is None:
+                    continue
+                if off + size > len(raw):
+                    raise TallyError(status, "binary output %r runs past the body" % o.get("name"))
+                o["data"] = _unpack(raw[off:off + size], o["datatype"], o["shape"])
+                off += size
+        return ans
 
     def _exchange(self, method, path, body, accept):
-        """One request: (status, body bytes) of a 2xx/3xx answer, else TallyError."""
+        """One request: (status, body bytes, {header: value}) of a 2xx/3xx
+        answer, else TallyError."""
         headers = {"Accept": accept}
         payload = None
         if body is not None:
+            blobs = []
+            if isinstance(body, dict) and any("_raw" in t for t in body.get("inputs", [])):
+                blobs = [t["_raw"] for t in body["inputs"] if "_raw" in t]
+                body = dict(body)
+                body["inputs"] = [{k: v for k, v in t.items() if k != "_raw"} for t in body["inputs"]]
             payload = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
+            if blobs:
+                headers["Inference-Header-Content-Length"] = str(len(payload))
+                headers["Content-Type"] = "application/octet-stream"
+                payload += b"".join(blobs)
         if self.api_key:
             headers["Authorization"] = "Bearer " + self.api_key
         # One retry, on a fresh connection, only when a reused keep-alive
@@ -147,7 +244,7 @@ class TallyClient:
             except (ValueError, AttributeError):
                 pass
             raise TallyError(r.status, msg or raw[:300].decode("utf-8", "replace") or r.reason)
-        return r.status, raw
+        return r.status, raw, {k.lower(): v for k, v in r.getheaders()}
 
     @staticmethod
     def _q(s):
@@ -160,12 +257,18 @@ class TallyClient:
         return p + "/versions/" + self._q(version) if version else p
 
     @staticmethod
-    def _body(inputs, parameters):
+    def _body(inputs, parameters, binary=None, binary_outputs=False):
+        """inputs: {name: nested list or numpy array} or a list of tensor()s.
+        binary: True sends every {name: data} input as a binary tensor, False
+        none, None the large ones (tensor()'s rule)."""
         if isinstance(inputs, dict):
-            inputs = [tensor(k, v) for k, v in inputs.items()]
+            inputs = [tensor(k, v, binary=binary) for k, v in inputs.items()]
         body = {"inputs": list(inputs)}
-        if parameters:
-            body["parameters"] = parameters
+        params = dict(parameters or {})
+        if binary_outputs:
+            params["binary_data_output"] = True
+        if params:
+            body["parameters"] = params
         return body
 
     # ---- endpoints ----
@@ -204,29 +307,34 @@ class TallyClient:
     def unload(self, model):
         return self.request("POST", "/v2/repository/models/%s/unload" % self._q(model), {})
 
-    def infer(self, model, inputs, parameters=None, version=None, outputs=None):
-        """inputs: {name: nested list} or a list of OIP tensors (see tensor())."""
-        body = self._body(inputs, parameters)
+    def infer(self, model, inputs, parameters=None, version=None, outputs=None, binary=None,
+              binary_outputs=False):
+        """inputs: {name: nested list or numpy array} or a list of OIP tensors
+        (see tensor()). binary: send inputs as binary tensors (None: the large
+        ones); binary_outputs: ask for every output as raw bytes (decoded into
+        numpy arrays where numpy is installed)."""
+        body = self._body(inputs, parameters, binary, binary_outputs)
         if outputs:
             body["outputs"] = [{"name": n} for n in outputs]
         return self.request("POST", self._model(model, version) + "/infer", body)
 
-    def fit(self, model, inputs, parameters=None):
-        return self.request("POST", self._model(model) + "/fit", self._body(inputs, parameters))
+    def fit(self, model, inputs, parameters=None, binary=None):
+        return self.request("POST", self._model(model) + "/fit", self._body(inputs, parameters, binary))
 
-    def evaluate(self, model, inputs, parameters=None, version=None):
-        return self.request("POST", self._model(model, version) + "/evaluate", self._body(inputs, parameters))
+    def evaluate(self, model, inputs, parameters=None, version=None, binary=None):
+        return self.request("POST", self._model(model, version) + "/evaluate",
+                            self._body(inputs, parameters, binary))
 
-    def calibrate(self, model, inputs, parameters=None):
-        return self.request("POST", self._model(model) + "/calibrate", self._body(inputs, parameters))
+    def calibrate(self, model, inputs, parameters=None, binary=None):
+        return self.request("POST", self._model(model) + "/calibrate", self._body(inputs, parameters, binary))
 
     def session_create(self, model, parameters=None):
         return self.request("POST", self._model(model) + "/sessions",
                             {"parameters": parameters} if parameters else {})
 
-    def session_infer(self, model, session, inputs, parameters=None, outputs=None):
+    def session_infer(self, model, session, inputs, parameters=None, outputs=None, binary=None):
         """The next tokens of a session: inputs as for infer (input_ids)."""
-        body = self._body(inputs, parameters)
+        body = self._body(inputs, parameters, binary)
         if outputs:
             body["outputs"] = [{"name": n} for n in outputs]
         return self.request("POST", "%s/sessions/%s/infer" % (self._model(model), self._q(session)), body)
@@ -241,7 +349,7 @@ class TallyClient:
         """GET /metrics: the Prometheus text; with families (names), only the
         lines of those metric families (HELP/TYPE, samples, a histogram's
         _bucket/_sum/_count)."""
-        status, raw = self._exchange("GET", "/metrics", None, "text/plain")
+        status, raw, _ = self._exchange("GET", "/metrics", None, "text/plain")
         text = raw.decode("utf-8", "replace")
         if not families:
             return text
@@ -252,6 +360,8 @@ class TallyClient:
         """The named output of an infer answer, as a nested list of its shape."""
         for o in answer.get("outputs", []):
             if o.get("name") == name:
+                if _is_array(o["data"]):
+                    return o["data"].reshape(o["shape"]).tolist()
                 data = _flatten(o["data"], [])
                 for dim in reversed(o["shape"][1:]):
                     data = [data[i:i + dim] for i in range(0, len(data), dim)] if dim else []
@@ -275,7 +385,8 @@ def keygen(scope="infer"):
     """A random API key and its key-file line (the SHA-256 of the key, its scope)."""
     if scope not in ("infer", "admin"):
         raise ValueError("scope must be infer or admin")
-    key = "tly_" + secrets.token_hex(32)
+    # tallyd --keygen's format: 32 random bytes, base64url without padding (43 characters)
+    key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
     return key, "%s %s" % (hashlib.sha256(key.encode()).hexdigest(), scope)
 
 
@@ -348,7 +459,7 @@ def read_inputs(files, params, outputs=None):
     return staged
 
 
-def typed_inputs(client, model, staged, dtypes, version=None):
+def typed_inputs(client, model, staged, dtypes, version=None, binary=None):
     default = dtypes.get("")
     meta_types = {}
     if any(s[2] is None for s in staged) and not dtypes:
@@ -357,7 +468,7 @@ def typed_inputs(client, model, staged, dtypes, version=None):
     out = []
     for name, data, dt, shape in staged:
         dt = dt or dtypes.get(name) or default or meta_types.get(name)
-        out.append(tensor(name, data, dt, shape))
+        out.append(tensor(name, data, dt, shape, binary=binary or None))
     return out
 
 
@@ -405,24 +516,139 @@ def _fmt(x):
     return str(x)
 
 
+_GLOBAL_VALUE_OPTS = ("--url", "--api-key", "--timeout", "--format", "--model-version", "--datatype",
+                      "--param", "--params", "--scope", "--input", "--output")
+
+
+def _common_options():
+    """Options every command takes, before or after the command word."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection and output")
+    g.add_argument("--url", help="server address (default $TALLY_URL, else %s)" % DEFAULT_URL)
+    g.add_argument("--api-key", help="API key (default $TALLY_API_KEY), sent as Authorization: Bearer")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default 60)")
+    g.add_argument("--format", choices=("json", "table"), help="json (default) or a table")
+    return p
+
+
+def _input_options():
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("inputs")
+    g.add_argument("--model-version", metavar="V", help="a version instead of the newest")
+    g.add_argument("--datatype", action="append", default=[], metavar="[NAME=]TYPE",
+                   help="OIP datatype of one input (NAME=INT32) or of all (FP32); default: the "
+                        "JSON file's, else the model's metadata")
+    g.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a request parameter (VALUE read as JSON when it parses; repeatable)")
+    g.add_argument("--params", metavar="JSON|@FILE", help="request parameters as one JSON object")
+    g.add_argument("--input", action="append", default=[], metavar="NAME",
+                   help="names CSV files in order: each CSV is one matrix (default: its header row "
+                        "names the columns, one input each)")
+    g.add_argument("--binary", action="store_true",
+                   help="send the inputs as binary tensors (raw little-endian bytes after the JSON); "
+                        "inputs of %d elements or more always are" % BINARY_MIN_ELEMENTS)
+    return p
+
+
+FILES_HELP = ("input files: JSON (an OIP request with \"inputs\", or {name: nested list}) or CSV "
+              "(numbers; a first row of names names the columns)")
+
+
+def _parser():
+    common, inputs = _common_options(), _input_options()
+    top = argparse.ArgumentParser(
+        prog="tallyclient.py", parents=[common],
+        description="Command-line client of tallyd. Exit codes: 0 ok, 1 usage or a bad local "
+                    "file, 2 no connection, 3 HTTP 4xx, 4 HTTP 5xx or an unusable answer.",
+        epilog="`tallyclient.py COMMAND --help` explains each command.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    cmds = {}
+
+    def add(name, helptext, parents=(), **kw):
+        sp = sub.add_parser(name, help=helptext, description=kw.pop("description", helptext),
+                            parents=[common] + list(parents))
+        cmds[name] = sp
+        return sp
+
+    sp = add("health", "liveness or readiness (exit 4 while not ready)")
+    sp.add_argument("what", nargs="?", default="ready", choices=("live", "ready"))
+    add("models", "every model and version of the repository, with its state")
+    sp = add("metadata", "server metadata, or a model's inputs, outputs and versions",
+             parents=[inputs])
+    sp.add_argument("model", nargs="?", metavar="MODEL")
+    for name, what in (("infer", "run a model on input files"),
+                       ("fit", "learn a model's weights from labelled rows: a new version"),
+                       ("evaluate", "metrics of a version on labelled rows"),
+                       ("calibrate", "conformal calibration of a quantile model: a new version")):
+        sp = add(name, what, parents=[inputs])
+        sp.add_argument("model", metavar="MODEL")
+        sp.add_argument("files", nargs="+", metavar="FILE", help=FILES_HELP)
+        if name == "infer":
+            sp.add_argument("--output", action="append", default=[], metavar="NAME",
+                            help="answer only this output (repeatable)")
+    for name in ("load", "unload"):
+        sp = add(name, "%s a model (admin scope)" % name)
+        sp.add_argument("model", metavar="MODEL")
+    sp = add("session", "KV-cache sessions of a transformer",
+             parents=[inputs],
+             description="session create MODEL | session infer MODEL ID FILE... | "
+                         "session get MODEL ID | session delete MODEL ID")
+    sp.add_argument("action", choices=("create", "infer", "get", "delete"))
+    sp.add_argument("args", nargs="+", metavar="ARG", help="MODEL [ID [FILE...]]")
+    sp.add_argument("--output", action="append", default=[], metavar="NAME",
+                    help="session infer: answer only this output (repeatable)")
+    sp = add("metrics", "the Prometheus metrics, or only some families")
+    sp.add_argument("families", nargs="*", metavar="FAMILY")
+    sp = add("keygen", "a new API key and its key-file line (tallyd --keygen's format)")
+    sp.add_argument("--scope", default="infer", choices=("infer", "admin"))
+    return top, cmds
+
+
 def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="tallyclient.py", description="command-line client of tallyd")
-    p.add_argument("--url")
-    p.add_argument("--api-key")
-    p.add_argument("--timeout", type=float, default=60.0)
-    p.add_argument("--format", choices=("json", "table"))
-    p.add_argument("--model-version")
-    p.add_argument("--datatype", action="append", default=[])
-    p.add_argument("--param", action="append", default=[])
-    p.add_argument("--params")
-    p.add_argument("--scope", default="infer", choices=("infer", "admin"))
-    p.add_argument("--input", action="append", default=[],
-                   help="NAME: CSV files are one matrix each, named in order")
-    p.add_argument("--output", action="append", default=[],
-                   help="NAME: infer answers only this output (repeatable)")
-    p.add_argument("command")
-    p.add_argument("args", nargs="*")
-    return p.parse_intermixed_args(argv)
+    """The command word may come after global options; options may follow or
+    sit between the command's arguments (parse_intermixed_args per command)."""
+    top, cmds = _parser()
+    i, cmd = 0, None
+    while i < len(argv):
+        t = argv[i]
+        if t in ("-h", "--help"):
+            top.print_help()
+            raise SystemExit(0)
+        if t.startswith("--"):
+            i += 1 if "=" in t or t not in _GLOBAL_VALUE_OPTS else 2
+            continue
+        cmd = t
+        break
+    if cmd is None:
+        top.print_usage(sys.stderr)
+        print("tallyclient.py: a command is needed (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+    if cmd not in cmds:
+        top.print_usage(sys.stderr)
+        print("tallyclient.py: unknown command %r (one of %s)" % (cmd, ", ".join(cmds)), file=sys.stderr)
+        raise SystemExit(2)
+    a = cmds[cmd].parse_intermixed_args(argv[:i] + argv[i + 1:])
+    a.command = cmd
+    # one shape for _run: a.args holds the positionals in order
+    if cmd == "health":
+        a.args = [a.what]
+    elif cmd in ("metadata",):
+        a.args = [a.model] if a.model else []
+    elif cmd in ("infer", "fit", "evaluate", "calibrate"):
+        a.args = [a.model] + a.files
+    elif cmd in ("load", "unload"):
+        a.args = [a.model]
+    elif cmd == "session":
+        a.args = [a.action] + a.args
+    elif cmd == "metrics":
+        a.args = a.families
+    else:
+        a.args = []
+    for k, v in (("output", []), ("input", []), ("datatype", []), ("param", []), ("params", None),
+                 ("model_version", None), ("scope", "infer"), ("binary", False)):
+        if not hasattr(a, k):
+            setattr(a, k, v)
+    return a
 
 
 def _params(a):
@@ -520,7 +746,8 @@ def _run(a):
         if len(args) < 2:
             raise UsageError("%s MODEL FILE..." % cmd)
         model = args[0]
-        inputs = typed_inputs(c, model, read_inputs(files(1), params, outputs), _dtypes(a), a.model_version)
+        inputs = typed_inputs(c, model, read_inputs(files(1), params, outputs), _dtypes(a), a.model_version,
+                              a.binary)
         if cmd == "infer":
             ans = c.infer(model, inputs, params, a.model_version, outputs)
         elif cmd == "evaluate":
@@ -537,7 +764,7 @@ def _run(a):
         if sub == "create" and len(args) == 2:
             ans = c.session_create(args[1], params)
         elif sub == "infer" and len(args) >= 4:
-            inputs = typed_inputs(c, args[1], read_inputs(files(3), params, outputs), _dtypes(a))
+            inputs = typed_inputs(c, args[1], read_inputs(files(3), params, outputs), _dtypes(a), None, a.binary)
             ans = c.session_infer(args[1], args[2], inputs, params, outputs)
         elif sub == "get" and len(args) == 3:
             ans = c.session_get(args[1], args[2])

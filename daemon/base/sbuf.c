@@ -169,8 +169,11 @@ void sbuf_f64(sbuf *b, double v) {
     return;
   }
   char t[40];
-  int n = snprintf(t, sizeof t, "%.15g", v);
-  if (strtod(t, NULL) != v) n = snprintf(t, sizeof t, "%.17g", v);
+  int n = 0;
+  for (int p = 15; p <= 17; p++) { /* the first precision that reads back exactly */
+    n = snprintf(t, sizeof t, "%.*g", p, v);
+    if (strtod(t, NULL) == v) break;
+  }
   sbuf_add(b, t, (size_t)n);
 }
 

@@ -1,7 +1,7 @@
 /* attn.h - streaming attention kernels: softmax, LSSA and LSSAR.
  *
- * The exact math is docs/attention.md (Gao & Spratling, softplus attention
- * with re-weighting). Three variants over one interface:
+ * The exact math is docs/attention.md, "The math" (Gao & Spratling, softplus
+ * attention with re-weighting). Three variants over one interface:
  *   ATTN_SOFTMAX  scaled dot-product attention, online max (flash style)
  *   ATTN_LSSA     length-scaled softplus attention, one pass over the keys
  *   ATTN_LSSAR    LSSA re-weighted by ReLU(N*A - O)^p, two passes

@@ -1,6 +1,6 @@
 /* aware.h - AWARE-NET two-tier ensemble: forward pass, loss, gradient, fit.
  *
- * Salman et al. 2025 (spec/ensemble.md). Families f = 0..F-1 hold n_f frozen
+ * Salman et al. 2025 (the math: docs/ensemble.md). Families f = 0..F-1 hold n_f frozen
  * members each; member outputs are logits or probabilities, binary or over
  * C classes.
  *

@@ -1,7 +1,7 @@
 /* metrics.h - classification metrics that fit and evaluate answers report.
  *
  * Log loss, ROC AUC, accuracy and F1 of predicted probabilities against
- * labels, under the names of spec/api.md (`log_loss`, `auc`, `accuracy`,
+ * labels, under the names docs/api.md gives them (`log_loss`, `auc`, `accuracy`,
  * `f1`). One layout everywhere: C = 1 means binary, y [N] holds the
  * positive-class probability and labels are 0/1; C >= 2 means y [N, C]
  * holds one probability row per example and labels are class indices.

@@ -1,5 +1,5 @@
 /* ensemble.c - model kind `ensemble`: AWARE-NET two-tier weighted averaging
- * of frozen member models (spec/ensemble.md, math in methods/aware.h).
+ * of frozen member models (docs/ensemble.md; the math in methods/aware.h).
  *
  * config.json:
  *   {"kind": "ensemble", "member_output": "logit" | "probability",

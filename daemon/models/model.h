@@ -106,6 +106,11 @@ struct md_kind {
 const md_kind *md_kind_find(const char *name);
 /* Comma-separated names of every registered kind, for /v2 and metrics. */
 const char *md_kind_names(void);
+/* The kind a config.json names: its "kind", or, where it has none, the kind
+ * its Hugging Face "model_type" maps to ("gpt2" is a transformer), so a
+ * checkpoint's own config.json loads unchanged. NULL with *what set to the
+ * name that was not understood (or "(missing)"). */
+const md_kind *md_kind_of_config(const json_t *config, const char **what);
 
 void md_call_init(md_call *c);
 void md_call_free(md_call *c);

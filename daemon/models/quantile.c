@@ -46,6 +46,7 @@
 #include <string.h>
 
 #include "../base/hash.h"
+#include "../base/jtext.h"
 #include "../base/mem.h"
 #include "../base/safetensors.h"
 #include "../kernels/sgemm.h"
@@ -872,7 +873,7 @@ static int new_writer(const qk_state *s, const qa_params *p, const qk_agg *a, in
     tl_free(f);
   }
   json_t *aj = agg_json(a, a->scope == QA_LOCAL ? D : 0);
-  char *txt = aj ? json_dumps(aj, JSON_COMPACT | JSON_SORT_KEYS) : NULL;
+  char *txt = aj ? jtext_dumps(aj, JT_COMPACT | JT_SORT_KEYS, NULL) : NULL;
   json_decref(aj);
   if (!rc)
     rc = txt ? st_writer_meta(w, "aggregator", txt, err) : ts_errf(err, TS_ENOMEM, "out of memory");

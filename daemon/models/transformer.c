@@ -25,6 +25,7 @@
 #include "../base/safetensors.h"
 #include "../kernels/sgemm.h"
 #include "../kernels/vmath.h"
+#include "../methods/sample.h"
 #include "attention.h"
 
 typedef struct tf_layer {
@@ -45,13 +46,13 @@ struct tf_model {
 };
 
 /* A session's state. n_layer is kept because session_free has no model. */
-typedef struct tf_seq {
+struct tf_seq {
   int n_layer;
   int64_t pos, cap;
   float **k, **v; /* n_layer arrays of [cap, E] */
   float *last;    /* [E] final hidden state of token pos-1 */
   attn_params attn;
-} tf_seq;
+};
 
 /* ---- loading ------------------------------------------------------------- */
 
@@ -250,6 +251,7 @@ typedef struct rope_arg {
   const tf_model *m;
   float *qkv;
   int64_t pos0;
+  const int64_t *pos; /* per-row positions (a decode batch); NULL: pos0 + t */
 } rope_arg;
 
 static void rope_range(void *arg, int64_t b, int64_t e) {
@@ -257,7 +259,7 @@ static void rope_range(void *arg, int64_t b, int64_t e) {
   const tf_model *m = a->m;
   int half = m->d / 2;
   for (int64_t t = b; t < e; t++) {
-    double p = (double)(a->pos0 + t);
+    double p = (double)(a->pos ? a->pos[t] : a->pos0 + t);
     float *row = a->qkv + t * 3 * (int64_t)m->E;
     for (int i = 0; i < half; i++) {
       double ang = p * m->inv_freq[i];
@@ -280,6 +282,8 @@ typedef struct score_arg {
   int64_t V;
   const int64_t *targets;
   float *lp;
+  const tf_top *top; /* NULL, or the k most likely ids of each row as well */
+  int64_t row0;      /* the first row's index in top's arrays */
 } score_arg;
 
 static void score_range(void *arg, int64_t b, int64_t e) {
@@ -288,15 +292,21 @@ static void score_range(void *arg, int64_t b, int64_t e) {
     float *row = a->logits + r * a->V;
     vm_log_softmax_rows(row, 1, a->V);
     a->lp[r] = row[a->targets[r]];
+    if (a->top) {
+      int64_t at = (a->row0 + r) * a->top->k;
+      int64_t got = smp_top_ids(row, a->V, a->top->k, a->top->ids + at);
+      for (int64_t i = 0; i < got; i++) a->top->lp[at + i] = row[a->top->ids[at + i]];
+    }
   }
 }
 
 static void score_rows(const tf_model *m, pool_t *pool, const float *x, int64_t rows,
-                       const int64_t *targets, float *lp, float *buf) {
+                       const int64_t *targets, float *lp, float *buf, const tf_top *top,
+                       int64_t top_row0) {
   for (int64_t r0 = 0; r0 < rows; r0 += TF_SCORE_ROWS) {
     int64_t n = rows - r0 < TF_SCORE_ROWS ? rows - r0 : TF_SCORE_ROWS;
     sg_gemm(pool, 1, n, m->V, m->E, x + r0 * m->E, m->E, m->wte.data, m->E, 0.0f, buf, m->V);
-    score_arg a = {buf, m->V, targets + r0, lp + r0};
+    score_arg a = {buf, m->V, targets + r0, lp + r0, top, top_row0 + r0};
     pool_parallel_for(pool, n, 1, score_range, &a);
   }
 }
@@ -344,9 +354,9 @@ nomem:
  * lp receives the log-probability of each new token that has a token before
  * it (n entries when seq->pos > 0, else n - 1); next_logits [V] the logits
  * after the last one. */
-static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
-                  int64_t n, tf_seq *seq, float *lp, float *next_logits, const md_call *c,
-                  tf_prof *prof, ts_err *err) {
+static int tf_run_top(const tf_model *m, pool_t *pool, const attn_params *prm,
+                      const int64_t *ids, int64_t n, tf_seq *seq, float *lp, float *next_logits,
+                      const tf_top *top, const md_call *c, tf_prof *prof, ts_err *err) {
   const int64_t E = m->E, E3 = 3 * E, pos0 = seq ? seq->pos : 0;
   int rc = check_ids(m, ids, n, pos0, err);
   if (rc) return rc;
@@ -383,7 +393,7 @@ static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const
     sg_gemm(pool, 0, n, E3, E, a, E, L->attn_w.data, E3, 0.0f, qkv, E3);
     sg_add_bias(n, E3, qkv, E3, L->attn_b.data);
     if (m->rope) {
-      rope_arg ra = {m, qkv, pos0};
+      rope_arg ra = {m, qkv, pos0, NULL};
       pool_parallel_for(pool, n, 32, rope_range, &ra);
     }
     attn_tensor q = {qkv, m->d, E3}, k, v;
@@ -422,10 +432,10 @@ static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const
   double t0 = prof ? md_now() : 0;
   int64_t k0 = 0;
   if (seq && pos0 > 0) { /* the first new token, predicted from the cached last row */
-    score_rows(m, pool, seq->last, 1, ids, lp, lg);
+    score_rows(m, pool, seq->last, 1, ids, lp, lg, top, 0);
     k0 = 1;
   }
-  score_rows(m, pool, a, n - 1, ids + 1, lp + k0, lg);
+  score_rows(m, pool, a, n - 1, ids + 1, lp + k0, lg, top, k0);
   sg_gemm(pool, 1, 1, m->V, E, a + (n - 1) * E, E, m->wte.data, E, 0.0f, next_logits, m->V);
   if (prof) prof->head_s += md_now() - t0;
   if (seq) { /* commit: only now does the session move */
@@ -440,6 +450,12 @@ out:
   tl_free(h);
   tl_free(lg);
   return rc;
+}
+
+static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
+                  int64_t n, tf_seq *seq, float *lp, float *next_logits, const md_call *c,
+                  tf_prof *prof, ts_err *err) {
+  return tf_run_top(m, pool, prm, ids, n, seq, lp, next_logits, NULL, c, prof, err);
 }
 
 int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
@@ -652,3 +668,154 @@ const md_kind md_kind_transformer = {.name = "transformer",
                                      .session_position = session_position,
                                      .session_free = seq_free,
                                      .free = free_state};
+
+/* ---- sequences for generation (transformer.h) ---------------------------- */
+
+tf_seq *tf_seq_new(const tf_model *m, const attn_params *prm) {
+  tf_seq *s = tl_calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->n_layer = m->n_layer;
+  s->attn = prm ? *prm : m->attn;
+  s->k = tl_calloc((size_t)m->n_layer, sizeof *s->k);
+  s->v = tl_calloc((size_t)m->n_layer, sizeof *s->v);
+  s->last = tl_malloc(sizeof(float) * (size_t)m->E);
+  if (!s->k || !s->v || !s->last) {
+    seq_free(s);
+    return NULL;
+  }
+  return s;
+}
+
+void tf_seq_free(tf_seq *s) { seq_free(s); }
+int64_t tf_seq_pos(const tf_seq *s) { return s->pos; }
+size_t tf_seq_bytes(const tf_model *m, const tf_seq *s) { return seq_bytes(m, s); }
+
+size_t tf_seq_bytes_for(const tf_model *m, int64_t tokens) {
+  int64_t cap = 64;
+  while (cap < tokens) cap *= 2;
+  tf_seq probe = {.n_layer = m->n_layer, .cap = cap};
+  return seq_bytes(m, &probe);
+}
+
+int64_t tf_max_positions(const tf_model *m) { return m->rope ? INT64_MAX : m->P; }
+
+tf_seq *tf_seq_fork(const tf_model *m, const tf_seq *s) {
+  tf_seq *f = tf_seq_new(m, &s->attn);
+  if (!f) return NULL;
+  if (s->pos > 0) {
+    ts_err e;
+    if (seq_reserve(m, f, s->pos, &e)) {
+      seq_free(f);
+      return NULL;
+    }
+    size_t row = sizeof(float) * (size_t)m->E, bytes = row * (size_t)s->pos;
+    for (int l = 0; l < m->n_layer; l++) {
+      memcpy(f->k[l], s->k[l], bytes);
+      memcpy(f->v[l], s->v[l], bytes);
+    }
+    memcpy(f->last, s->last, row);
+  }
+  f->pos = s->pos;
+  return f;
+}
+
+int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n,
+               float *lp, float *next_logits, const tf_top *top, const md_call *c, ts_err *err) {
+  float *lpb = lp, *lgb = next_logits;
+  if (!lpb) lpb = tl_malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+  if (!lgb) lgb = tl_malloc(sizeof(float) * (size_t)m->V);
+  int rc = !lpb || !lgb ? ts_errf(err, TS_ENOMEM, "out of memory for %lld tokens", (long long)n)
+                        : tf_run_top(m, pool, &s->attn, ids, n, s, lpb, lgb, top, c, NULL, err);
+  if (lpb != lp) tl_free(lpb);
+  if (lgb != next_logits) tl_free(lgb);
+  return rc;
+}
+
+/* Attention of the batch's new rows, one sequence at a time, each reading
+ * its own cache in place (keys 0..pos, query at pos). */
+static int decode_attention(const tf_model *m, pool_t *pool, tf_seq *const *seqs,
+                            const int64_t *pos, int64_t B, int li, const float *qkv,
+                            float *ao, ts_err *err) {
+  const int64_t E = m->E, E3 = 3 * E;
+  for (int64_t b = 0; b < B; b++) {
+    const tf_seq *s = seqs[b];
+    attn_params ap = s->attn;
+    ap.causal = 1;
+    ap.query_offset = pos[b];
+    attn_tensor q = {qkv + b * E3, m->d, E3};
+    attn_tensor k = {s->k[li], m->d, E}, v = {s->v[li], m->d, E};
+    attn_out o = {ao + b * E, m->d, E};
+    int rc = md_attn_forward(pool, &ap, m->H, m->H, 1, pos[b] + 1, m->d, m->d, q, k, v, o, err);
+    if (rc) return rc;
+  }
+  return 0;
+}
+
+int tf_decode_batch(const tf_model *m, pool_t *pool, tf_seq *const *seqs, const int64_t *ids,
+                    int64_t B, float *logits, const md_call *c, ts_err *err) {
+  const int64_t E = m->E, E3 = 3 * E;
+  if (B < 1) return ts_errf(err, TS_EINVAL, "decode: an empty batch");
+  int64_t *pos = tl_malloc(sizeof(int64_t) * (size_t)B);
+  float *x = tl_malloc(sizeof(float) * (size_t)(B * E));
+  float *a = tl_malloc(sizeof(float) * (size_t)(B * E));
+  float *qkv = tl_malloc(sizeof(float) * (size_t)(B * E3));
+  float *ao = tl_malloc(sizeof(float) * (size_t)(B * E));
+  float *h = tl_malloc(sizeof(float) * (size_t)(B * m->F));
+  int rc = 0;
+  if (!pos || !x || !a || !qkv || !ao || !h) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory for a decode batch of %lld", (long long)B);
+    goto out;
+  }
+  for (int64_t b = 0; b < B; b++) {
+    pos[b] = seqs[b]->pos;
+    if ((rc = check_ids(m, ids + b, 1, pos[b], err))) goto out;
+    if ((rc = seq_reserve(m, seqs[b], pos[b] + 1, err))) goto out;
+    const float *te = (const float *)m->wte.data + ids[b] * E;
+    float *xr = x + b * E;
+    if (m->rope) {
+      memcpy(xr, te, sizeof(float) * (size_t)E);
+    } else {
+      const float *pe = (const float *)m->wpe.data + pos[b] * E;
+      for (int64_t i = 0; i < E; i++) xr[i] = te[i] + pe[i];
+    }
+  }
+  for (int li = 0; li < m->n_layer; li++) {
+    const tf_layer *L = &m->layers[li];
+    layernorm(pool, x, a, B, E, &L->ln1_w, &L->ln1_b, m->eps);
+    sg_gemm(pool, 0, B, E3, E, a, E, L->attn_w.data, E3, 0.0f, qkv, E3);
+    sg_add_bias(B, E3, qkv, E3, L->attn_b.data);
+    if (m->rope) {
+      rope_arg ra = {m, qkv, 0, pos};
+      pool_parallel_for(pool, B, 8, rope_range, &ra);
+    }
+    /* Rows past a sequence's position are not part of it until the commit
+     * below, so writing them now changes nothing visible on failure. */
+    for (int64_t b = 0; b < B; b++) {
+      memcpy(seqs[b]->k[li] + pos[b] * E, qkv + b * E3 + E, sizeof(float) * (size_t)E);
+      memcpy(seqs[b]->v[li] + pos[b] * E, qkv + b * E3 + 2 * E, sizeof(float) * (size_t)E);
+    }
+    if ((rc = decode_attention(m, pool, seqs, pos, B, li, qkv, ao, err))) goto out;
+    sg_gemm(pool, 0, B, E, E, ao, E, L->proj_w.data, E, 1.0f, x, E);
+    sg_add_bias(B, E, x, E, L->proj_b.data);
+    layernorm(pool, x, a, B, E, &L->ln2_w, &L->ln2_b, m->eps);
+    sg_gemm(pool, 0, B, m->F, E, a, E, L->fc_w.data, m->F, 0.0f, h, m->F);
+    bias_gelu(pool, h, B, m->F, L->fc_b.data);
+    sg_gemm(pool, 0, B, E, m->F, h, m->F, L->fcp_w.data, E, 1.0f, x, E);
+    sg_add_bias(B, E, x, E, L->fcp_b.data);
+    if (c && (rc = md_check_deadline(c, err))) goto out;
+  }
+  layernorm(pool, x, a, B, E, &m->lnf_w, &m->lnf_b, m->eps);
+  sg_gemm(pool, 1, B, m->V, E, a, E, m->wte.data, E, 0.0f, logits, m->V);
+  for (int64_t b = 0; b < B; b++) { /* commit */
+    memcpy(seqs[b]->last, a + b * E, sizeof(float) * (size_t)E);
+    seqs[b]->pos = pos[b] + 1;
+  }
+out:
+  tl_free(pos);
+  tl_free(x);
+  tl_free(a);
+  tl_free(qkv);
+  tl_free(ao);
+  tl_free(h);
+  return rc;
+}

@@ -61,4 +61,48 @@ int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int6
              int64_t L, float *lp, double *nll, float *next_logits, const md_call *c,
              tf_prof *prof, ts_err *err);
 
+/* ---- sequences for generation --------------------------------------------
+ * A tf_seq holds one sequence's KV cache (every layer's keys and values,
+ * [cap, E] rows grown by doubling) and its position. Generation drives it
+ * with tf_prefill (a prompt, in chunks of any size) and tf_decode_batch (one
+ * new token for each of many sequences in one batched forward pass: every
+ * weight matrix is read once per step, not once per sequence). A call that
+ * fails leaves every sequence as it was. A tf_seq is used by one thread at
+ * a time; the model is shared read-only. */
+typedef struct tf_seq tf_seq;
+
+/* A sequence with attention settings prm (NULL: config.json's). */
+tf_seq *tf_seq_new(const tf_model *m, const attn_params *prm);
+void tf_seq_free(tf_seq *s);
+int64_t tf_seq_pos(const tf_seq *s);
+/* Bytes the sequence holds now (its cache capacity counts). */
+size_t tf_seq_bytes(const tf_model *m, const tf_seq *s);
+/* Bytes a sequence of `tokens` positions would hold (for admission). */
+size_t tf_seq_bytes_for(const tf_model *m, int64_t tokens);
+/* A copy of s (cache rows up to its position), for n choices that share
+ * one prefill; NULL when out of memory. */
+tf_seq *tf_seq_fork(const tf_model *m, const tf_seq *s);
+
+/* The k most likely ids (and their log-probabilities) at each scored
+ * position, row-major [rows, k], for a completion's top_logprobs. */
+typedef struct tf_top {
+  int64_t k;
+  int32_t *ids;
+  float *lp;
+} tf_top;
+
+/* Appends ids[0..n) to s. lp (may be NULL) receives the log-probability of
+ * each new token that has one before it (n entries when s was not empty,
+ * else n - 1), and top (may be NULL) the k most likely ids at each of those
+ * positions; next_logits [V] (may be NULL) the logits after the last. */
+int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n,
+               float *lp, float *next_logits, const tf_top *top, const md_call *c, ts_err *err);
+
+/* One token per sequence: ids[b] is appended to seqs[b] and logits
+ * [B, V] receive the logits after it. All B sequences advance or none. */
+int tf_decode_batch(const tf_model *m, pool_t *pool, tf_seq *const *seqs, const int64_t *ids,
+                    int64_t B, float *logits, const md_call *c, ts_err *err);
+/* Longest sequence the model takes (learned positions), or INT64_MAX (RoPE). */
+int64_t tf_max_positions(const tf_model *m);
+
 #endif

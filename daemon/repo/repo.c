@@ -17,6 +17,7 @@
 
 #include "../base/fsutil.h"
 #include "../base/hash.h"
+#include "../base/jtext.h"
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../base/safetensors.h"
@@ -173,12 +174,18 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
     return ts_errf(err, TS_ENOMEM, "out of memory");
   }
   version_stamp(vdir, v->stamp, sizeof v->stamp);
-  const char *kind = json_string_value(json_object_get(config, "kind"));
-  v->kind = md_kind_find(kind);
+  const char *kind = NULL;
+  v->kind = md_kind_of_config(config, &kind);
   int rc;
   if (!v->kind) {
-    rc = ts_errf(err, TS_EINVAL, "config.json: unknown kind '%s' (known: %s)",
-                 kind ? kind : "(missing)", md_kind_names());
+    rc = json_object_get(config, "kind") || !json_object_get(config, "model_type")
+             ? ts_errf(err, TS_EINVAL, "config.json: unknown kind '%s' (known: %s)", kind,
+                       md_kind_names())
+             : ts_errf(err, TS_EINVAL,
+                       "config.json: no \"kind\" and model_type '%s' is not one tallyd knows "
+                       "(a Hugging Face config loads without \"kind\" for model_type gpt2; "
+                       "otherwise set \"kind\": %s)",
+                       kind, md_kind_names());
     goto fail;
   }
   pathf(path, sizeof path, "%s/version.json", vdir);
@@ -756,7 +763,7 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   json_object_set_new(info, "version", json_integer(next));
   json_object_set_new(info, "created", json_string(ts));
   json_object_set_new(info, "sha256", json_string(sha));
-  char *text = json_dumps(info, JSON_INDENT(2) | JSON_SORT_KEYS);
+  char *text = jtext_dumps(info, JT_INDENT | JT_SORT_KEYS, NULL);
   json_decref(info);
   if (!text) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");

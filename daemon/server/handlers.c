@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../base/jtext.h"
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/model.h"
@@ -36,7 +37,7 @@ void resp_free(resp *r) {
 void resp_json(resp *r, int status, const json_t *j) {
   resp_free(r);
   r->status = status;
-  r->body = json_dumps(j, JSON_COMPACT);
+  r->body = jtext_dumps(j, JT_COMPACT, NULL);
   if (!r->body) {
     r->status = 503;
     r->body = tl_strdup("{\"error\":\"out of memory\"}");

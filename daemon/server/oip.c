@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "../base/jtext.h"
 #include "../base/mem.h"
 
 /* Upper bound on JSON nesting in "data": deeper is a 400, not a stack walk. */
@@ -440,12 +441,8 @@ int oip_encode(const char *model, int64_t version, const oip_request *req,
     sbuf_json_str(out, req->id);
   }
   if (extra_params) {
-    char *p = json_dumps(extra_params, JSON_COMPACT);
-    if (p) {
-      sbuf_adds(out, ",\"parameters\":");
-      sbuf_adds(out, p);
-      free(p);
-    }
+    sbuf_adds(out, ",\"parameters\":");
+    jtext_add(out, extra_params, JT_COMPACT);
   }
   sbuf_adds(out, ",\"outputs\":[");
   for (int i = 0; i < n; i++) {

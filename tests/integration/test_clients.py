@@ -7,6 +7,7 @@ header, CSV columns, 5xx answers)."""
 import hashlib
 import http.server
 import json
+import string
 import os
 import shutil
 import subprocess
@@ -332,13 +333,23 @@ def test_keygen(c):
         lines = expect(tool(c, "keygen", "--scope", "admin"), 0).splitlines()
         check(len(lines) == 2, repr(lines))
         key, (digest, scope) = lines[0], lines[1].split()
-        check(key.startswith("tly_") and len(key) == 68, key)
+        # one key format with tallyd --keygen: 43 base64url characters
+        check(len(key) == 43 and all(ch.isalnum() or ch in "-_" for ch in key), key)
         check(digest == hashlib.sha256(key.encode()).hexdigest() and scope == "admin", repr(lines))
         j = json.loads(expect(tool(c, "keygen", "--format", "json"), 0))
         check(j["scope"] == "infer" and j["key_file_line"] == "%s infer" % j["sha256"], repr(j))
         check(hashlib.sha256(j["key"].encode()).hexdigest() == j["sha256"], repr(j))
         check(j["key"] != key, "two keys alike")
         expect(tool(c, "keygen", "--scope", "root"), 1)
+    # one key format for all three: tallyd --keygen's
+    p = subprocess.run([BIN, "--keygen",
+                        "--scope", "admin"], capture_output=True, text=True, timeout=10)
+    dkey, dline = p.stdout.splitlines()
+    shape = lambda k: (len(k), set(k) <= set(string.ascii_letters + string.digits + "-_"))  # noqa: E731
+    for name, tool in TOOLS:
+        key, line = expect(tool(c, "keygen", "--scope", "admin"), 0).splitlines()
+        check(shape(key) == shape(dkey) == (43, True), (name, key, dkey))
+        check(len(line) == len(dline) and line.endswith(" admin") and dline.endswith(" admin"), (line, dline))
 
 
 def test_api_key_header(c):

@@ -4,7 +4,7 @@
 Why it exists: tallyd's C transformer (float32, streaming attention kernels, KV
 cache) is checked against this file, which shares no code with it and is
 written to be read, not to be fast: float64 throughout, the full attention
-matrix materialised, every formula as in /work/shared/spec/attention.md.
+matrix materialised, every formula as in docs/attention.md ("The math").
 
 Public API (import with /usr/bin/python3, which has numpy):
     load_model(model_dir, version=None) -> (weights {name: float64 array}, config dict)
@@ -46,7 +46,7 @@ VARIANTS = ("softmax", "lssa", "lssar")
 
 
 def resolve_config(config):
-    """Fill in the transformer keys a config.json may leave out (api.md defaults)."""
+    """Fill in the transformer keys a config.json may leave out (docs/api.md's defaults)."""
     c = dict(config)
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "n_positions"):
         if key not in c:
@@ -148,7 +148,7 @@ def _expand_kv(k, H):
 
 def _lssar_weights(A, n_vis, qpos, p, offset_rows):
     """b = ReLU(N*A - O)^p, W = b / (sum b + eps); direct in float64, with the
-    spec's exact rescaling by the row maximum only where x^p would overflow."""
+    docs/attention.md's exact rescaling by the row maximum only where x^p would overflow."""
     O = np.where(qpos < offset_rows, 0.0, 1.0)
     x = np.maximum(n_vis[:, None] * A - O[:, None], 0.0)   # masked keys: A = 0 -> x = 0
     W = np.zeros_like(x)

@@ -10,7 +10,7 @@ alone (random.Random, no numpy), so it works wherever deploy/gen_models.py does.
          positions="learned"|"rope", attention="softmax"|"lssa"|"lssar",
          p=15, offset_rows=3, seed=0, version=1, rope_theta=10000) -> config dict
 
-writes <dir>/config.json (api.md's transformer form: the HF GPT-2 keys plus
+writes <dir>/config.json (docs/models.md's transformer form: the HF GPT-2 keys plus
 kind, positions, rope_theta, attention, p, offset_rows) and
 <dir>/<version>/model.safetensors with the HF GPT-2 tensor names, float32,
 Conv1D weights stored [in, out]; wpe.weight only with learned positions.

@@ -3,7 +3,7 @@
 
 Why it exists: gpt2_ref.py is what the C code is compared against, so it must
 itself be checked by something other than the C code: explicit-loop versions
-of each attention variant (scalar math, the spec's overflow guard used always),
+of each attention variant (scalar math, docs/attention.md's overflow guard used always),
 invariants (RoPE at position 0 is the identity, uniform LSSAR rows past the
 offset are zero, distributions sum to one, a prefix's outputs are a prefix of
 the whole's) and a safetensors round trip. Runs in a few seconds and prints
@@ -56,7 +56,7 @@ def close(a, b, tol=1e-12, what=""):
 # ---------------------------------------------------------------- explicit loops
 
 def loop_attend(q, k, v, variant, causal=True, query_offset=None, p=15, offset_rows=3):
-    """Scalar, one (head, query) at a time, the spec's formulas read off literally;
+    """Scalar, one (head, query) at a time, docs/attention.md's formulas read off literally;
     LSSAR always through the max-rescaled guard form of section 3."""
     H, Lq, d = len(q), len(q[0]), len(q[0][0])
     Hkv, Lk, dv = len(k), len(k[0]), len(v[0][0])
