@@ -16,9 +16,10 @@
  *    tallyd alone.
  *
  * Usage: bench_sgemm [seconds per cell of table 1, default 0.3] [CALLS, default 20]
- *        bench_sgemm 0 [CALLS]   table 2 only */
+ *        bench_sgemm 0 [CALLS] [prefill|decode]   table 2 only (those shapes only) */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "../daemon/base/cpu.h"
@@ -91,7 +92,7 @@ static double one_call(int impl, pool_t *pool, const tshape *s, const float *A, 
   return now() - t0;
 }
 
-static void model_shapes(pool_t *pool, int calls) {
+static void model_shapes(pool_t *pool, int calls, const char *only) {
   static const tshape shapes[] = {
       {"prefill QKV", 4096, 2304, 768, 1},     {"prefill LM-head chunk", 512, 50257, 768, 1},
       {"prefill MLP up", 4096, 3072, 768, 1},  {"prefill MLP down", 4096, 768, 3072, 1},
@@ -116,6 +117,7 @@ static void model_shapes(pool_t *pool, int calls) {
   t[1] = malloc(sizeof(double) * (size_t)calls);
   for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
     const tshape *s = &shapes[i];
+    if (only && strncmp(s->what, only, strlen(only)) != 0) continue;
     size_t na = (size_t)(s->M * s->K), nb = (size_t)(s->K * s->N), nc = (size_t)(s->M * s->N);
     float *A = malloc(na * sizeof(float)), *B = malloc(nb * sizeof(float));
     float *C = malloc(nc * sizeof(float));
@@ -161,6 +163,7 @@ static void model_shapes(pool_t *pool, int calls) {
 int main(int argc, char **argv) {
   double secs = argc > 1 ? atof(argv[1]) : 0.3;
   int calls = argc > 2 ? atoi(argv[2]) : 20;
+  const char *only = argc > 3 ? argv[3] : NULL; /* "prefill" or "decode" */
   const shape shapes[] = {
       {64, 64, 64, 0},     {64, 64, 64, 1},       {256, 256, 256, 0}, {256, 256, 256, 1},
       {1024, 1024, 1024, 0}, {1024, 1024, 1024, 1}, {1, 768, 768, 1},   {1, 768, 768, 0},
@@ -172,7 +175,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   if (secs <= 0) {
-    model_shapes(pool, calls);
+    model_shapes(pool, calls, only);
     pool_destroy(pool);
     return 0;
   }
@@ -207,7 +210,7 @@ int main(int argc, char **argv) {
     tl_free(B);
     tl_free(C);
   }
-  model_shapes(pool, calls);
+  model_shapes(pool, calls, only);
   pool_destroy(pool);
   return 0;
 }

@@ -18,6 +18,10 @@
 /* Products smaller than this many multiply-adds run on the caller alone:
  * handing work to another thread costs more than it saves. */
 #define SG_PARALLEL_MIN ((int64_t)1 << 18)
+/* A product of at most four rows streams B once (a matrix-vector product):
+ * a second thread only pays once B is several MiB (waking it costs tens of
+ * microseconds; measured on 1 x 3072 x 768 it still lost). */
+#define SG_PARALLEL_MIN_FEW_ROWS ((int64_t)1 << 23)
 
 void sg_gemm_ref(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
@@ -153,7 +157,9 @@ void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
   sg_fn fn = ops->gemm;
   int nt = pool_threads(pool);
   if (M <= 0 || N <= 0) return;
-  if (!pool || nt <= 1 || (double)M * (double)N * (double)K <= (double)SG_PARALLEL_MIN) {
+  double macs = (double)M * (double)N * (double)K;
+  if (!pool || nt <= 1 || macs <= (double)SG_PARALLEL_MIN ||
+      (M <= 4 && macs <= (double)SG_PARALLEL_MIN_FEW_ROWS)) {
     fn(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
