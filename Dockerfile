@@ -1,33 +1,47 @@
 # Dockerfile - tallyd in a container: a build stage that runs exactly what CI
 # runs (deploy/deps.sh, `make all`, optionally `make test`), and a runtime
-# stage with only the daemon, tallyctl, their shared libraries and the example
-# models, run as a non-root user.
+# stage with only the daemon, tallyctl, the shared libraries they link that
+# the base lacks (found with ldd) and the example models, run as a non-root
+# user.
 #
 #   docker build -t tallyd:0.1.0 .                        # build
 #   docker build --build-arg RUN_TESTS=1 -t tallyd .      # build and run the test suite
 #   docker run -p 8000:8000 tallyd:0.1.0                  # serve the example models
 #   docker run -p 8000:8000 -v /srv/models:/models tallyd:0.1.0
 #
-# See docs/deployment.md.
+# Without a registry, `make image` builds it with buildah on a base made
+# locally from debootstrap (deploy/base_image.sh: --build-arg
+# BASE=localhost/debian:bookworm). See docs/deployment.md.
 
-FROM debian:bookworm-slim AS build
+# Any Debian 12 root: Docker Hub's slim image, or the local one above.
+ARG BASE=debian:bookworm-slim
+
+FROM ${BASE} AS build
 ARG RUN_TESTS=0
 WORKDIR /src
-# deps.sh first, alone, so that its layer is cached across source edits
+# deps.sh first, alone, so that its layer is cached across source edits. The
+# sonames the bare base already has are noted first: the runtime stage,
+# made from the same base, gets only the libraries it lacks.
 COPY deploy/deps.sh deploy/deps.sh
-RUN bash deploy/deps.sh && rm -rf /var/lib/apt/lists/*
+RUN ldconfig -p | awk '/=>/ {print $1}' | sort -u > /base-sonames && \
+    if [ "$RUN_TESTS" = 1 ]; then bash deploy/deps.sh test; else bash deploy/deps.sh run; fi && \
+    rm -rf /var/lib/apt/lists/*
 COPY . .
 # Portable code paths only: SIMD kernels are chosen at run time, never
 # -march=native, so the image runs on any x86-64 (or AArch64) host.
 RUN make -j"$(nproc)" all && \
     if [ "$RUN_TESTS" = 1 ]; then make test; fi && \
-    strip build/tallyd build/tallyctl
+    strip build/tallyd build/tallyctl && \
+    ldd build/tallyd build/tallyctl | awk '$2 == "=>" && $3 ~ /^\// {print $1, $3}' | sort -u | \
+    while read -r so path; do \
+      grep -qxF "$so" /base-sonames && continue; \
+      dir=/runtime-libs$(dirname "$(readlink -f "$path")"); \
+      mkdir -p "$dir" && cp -L "$path" "$dir/$so" && echo "runtime library: $so"; \
+    done
 
-FROM debian:bookworm-slim AS runtime
-RUN apt-get update -qq && \
-    apt-get install -y -qq --no-install-recommends \
-        libmicrohttpd12 libjansson4 libuv1 libssl3 libcurl4 && \
-    rm -rf /var/lib/apt/lists/* && \
+FROM ${BASE} AS runtime
+COPY --from=build /runtime-libs/ /
+RUN ldconfig && \
     groupadd --system --gid 10001 tallyd && \
     useradd --system --uid 10001 --gid tallyd --home-dir /models --no-create-home \
         --shell /usr/sbin/nologin tallyd && \

@@ -1,7 +1,9 @@
 # tallyd - build, test and serve.
 #
-#   make run     install what is missing, build, serve deploy/models on :8000
+#   make run     install what is missing, build, serve deploy/models on
+#                127.0.0.1:8000 (LISTEN=0.0.0.0:9000 MODELS=/srv/models to change)
 #   make test    install what is missing, build, run every test
+#   make image   build the container image with buildah (IMAGE=, BASE_IMAGE=)
 #   make SAN=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
 #   make CUDA=1  also build the CUDA attention kernels (needs nvcc)
 #
@@ -60,12 +62,15 @@ TOOL_SRC := $(wildcard tests/tools/*.c bench/*.c)
 TOOL_BIN := $(patsubst %.c,$(BUILD)/%,$(TOOL_SRC))
 CLIENT_SRC := $(wildcard clients/c/*.c)
 
-.PHONY: all deps run test unit integration bench clean install models fuzz fuzz-run soak memcheck
+.PHONY: all deps deps-run deps-test deps-bench deps-fuzz deps-image image run test unit \
+        integration bench clean install models fuzz fuzz-run soak memcheck
 
 all: $(BUILD)/tallyd $(TOOL_BIN) models
 
-deps:
-	@bash deploy/deps.sh
+# deploy/deps.sh installs only what each use needs, and starts no service.
+deps: deps-run
+deps-run deps-test deps-bench deps-fuzz deps-image:
+	@bash deploy/deps.sh $(@:deps-%=%)
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -110,15 +115,29 @@ $(MODELS)/.generated: deploy/gen_models.py $(wildcard deploy/gen/*.py) tests/ref
 	$(PYTHON) deploy/gen_models.py $(MODELS)
 	@touch $@
 
-run: deps all
+run: deps-run all
 	$(BUILD)/tallyd --model-repository $(MODELS) --listen $(LISTEN)
 
 unit: $(UNIT_BIN)
-test: deps all $(UNIT_BIN)
+test: deps-test all $(UNIT_BIN)
 	@BUILD=$(BUILD) PYTHON=$(PYTHON) bash tests/run.sh
 
-bench: deps all
+bench: deps-bench all
 	@BUILD=$(BUILD) PYTHON=$(PYTHON) bash bench/run.sh
+
+# clang, for the libFuzzer targets of mk/fuzz.mk only
+fuzz: deps-fuzz
+
+# The container image, built with buildah (no Docker engine needed) FROM a
+# Debian 12 base that deploy/base_image.sh makes with debootstrap and keeps
+# under build/image. BASE_IMAGE=debian:bookworm-slim uses a registry's instead.
+IMAGE ?= localhost/tallyd:$(VERSION)
+BASE_IMAGE ?= localhost/debian:bookworm
+image: deps-image
+	@case "$(BASE_IMAGE)" in localhost/*) BASE_IMAGE=$(BASE_IMAGE) bash deploy/base_image.sh ;; esac
+	buildah bud --format docker --isolation chroot --network host --layers \
+	  --build-arg BASE=$(BASE_IMAGE) -t $(IMAGE) .
+	@buildah images --format '{{.Name}}:{{.Tag}} {{.Size}}' $(IMAGE)
 
 install: $(BUILD)/tallyd
 	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/share/tallyd
@@ -128,5 +147,6 @@ install: $(BUILD)/tallyd
 clean:
 	rm -rf build build-san build-cuda build-san-cuda build-fuzz $(MODELS)/.generated
 
--include $(shell find $(BUILD) -name '*.d' 2>/dev/null)
+# (build/image holds a Debian root while make image runs: not searched)
+-include $(shell find $(BUILD) -path $(BUILD)/image -prune -o -name '*.d' -type f -print 2>/dev/null)
 -include mk/*.mk

@@ -150,16 +150,17 @@ int fs_rmtree(const char *path, ts_err *err) {
   return r;
 }
 
-/* A positive decimal integer without leading zeros that fits int64. */
-static int parse_version(const char *s, int64_t *out) {
+int fs_parse_version(const char *s, int64_t *out) {
   if (s[0] < '1' || s[0] > '9') return 0;
   int64_t v = 0;
+  int over = 0;
   for (const char *p = s; *p; p++) {
     if (*p < '0' || *p > '9') return 0;
     int d = *p - '0';
-    if (v > (INT64_MAX - d) / 10) return 0;
-    v = v * 10 + d;
+    if (over || v > (FS_MAX_VERSION - d) / 10) over = 1; /* keep checking the digits */
+    else v = v * 10 + d;
   }
+  if (over) return -1;
   *out = v;
   return 1;
 }
@@ -180,8 +181,16 @@ int fs_list_versions(const char *model_dir, int64_t **versions, int *n, ts_err *
   while ((errno = 0, de = readdir(d)) != NULL) {
     int64_t ver;
     struct stat st;
-    if (!parse_version(de->d_name, &ver)) continue;
+    int pv = fs_parse_version(de->d_name, &ver);
+    if (!pv) continue;
     if (fstatat(dirfd(d), de->d_name, &st, 0) != 0 || !S_ISDIR(st.st_mode)) continue;
+    if (pv < 0) {
+      r = ts_errf(err, TS_EINVAL,
+                  "version directory '%.40s' is over the largest version %lld (rename it)",
+                  de->d_name, (long long)FS_MAX_VERSION);
+      errno = 0;
+      break;
+    }
     if (cnt == cap) {
       int nc = cap ? cap * 2 : 8;
       int64_t *p = tl_realloc(v, sizeof *v * (size_t)nc);
@@ -235,12 +244,57 @@ int fs_clean_tmp(const char *model_dir, int *n_removed, ts_err *err) {
   return 0;
 }
 
+const char *fs_type_name(unsigned mode) {
+  if (S_ISREG(mode)) return "regular file";
+  if (S_ISDIR(mode)) return "directory";
+  if (S_ISFIFO(mode)) return "FIFO";
+  if (S_ISCHR(mode)) return "character device";
+  if (S_ISBLK(mode)) return "block device";
+  if (S_ISSOCK(mode)) return "socket";
+  if (S_ISLNK(mode)) return "symbolic link";
+  return "special file";
+}
+
+int fs_open_regular(const char *path, int *fd_out, ts_err *err) {
+  *fd_out = -1;
+  /* O_NONBLOCK: opening a FIFO for reading would wait for a writer (for
+   * ever, with the repository's lock held); a regular file ignores it */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0) {
+    int e = errno;
+    struct stat st;
+    if (e == ELOOP)
+      return ts_errf(err, TS_EINVAL, "cannot open '%s': a loop of symbolic links", path);
+    /* a socket (ENXIO) or a device without a driver: say what it is */
+    if ((e == ENXIO || e == ENODEV) && stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+      return ts_errf(err, TS_EINVAL, "'%s' is a %s, not a regular file", path,
+                     fs_type_name(st.st_mode));
+    return sys_err(err, e, "cannot open", path);
+  }
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int e = errno;
+    close(fd);
+    return sys_err(err, e, "cannot stat", path);
+  }
+  if (!S_ISREG(st.st_mode)) {
+    close(fd);
+    return ts_errf(err, TS_EINVAL, "'%s' is a %s, not a regular file", path,
+                   fs_type_name(st.st_mode));
+  }
+  /* reads of a regular file never block; clear the flag all the same */
+  int fl = fcntl(fd, F_GETFL);
+  if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+  *fd_out = fd;
+  return 0;
+}
+
 int fs_read_file(const char *path, size_t max_bytes, char **out, size_t *len, ts_err *err) {
   *out = NULL;
   *len = 0;
   if (max_bytes > SIZE_MAX - 2) max_bytes = SIZE_MAX - 2;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return sys_err(err, errno, "cannot open", path);
+  int fd, r = fs_open_regular(path, &fd, err);
+  if (r) return r;
   struct stat st;
   size_t cap = 4096;
   if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && (uint64_t)st.st_size < (uint64_t)cap * 1024)
@@ -248,7 +302,6 @@ int fs_read_file(const char *path, size_t max_bytes, char **out, size_t *len, ts
   if (cap > max_bytes + 2) cap = max_bytes + 2;
   char *buf = tl_malloc(cap);
   size_t n = 0;
-  int r = 0;
   if (!buf) {
     r = ts_errf(err, TS_ENOMEM, "out of memory reading '%s'", path);
     goto out;

@@ -47,11 +47,29 @@ int fs_rename_atomic(const char *from, const char *to, ts_err *err);
  * link is removed, never what it points to. A missing path is not an error. */
 int fs_rmtree(const char *path, ts_err *err);
 
-/* Lists the version directories of model_dir: names that are positive decimal
- * integers without leading zeros ("1", "42"; not "0", "01", "+1", "abc",
- * ".tmp-x"), that fit in int64 and that are directories (a symbolic link to
- * a directory counts). *versions (tl_malloc'ed, NULL when *n is 0) is sorted
- * ascending. */
+/* Opens path read-only if it is a regular file (following symbolic links):
+ * a FIFO, device, socket or directory is refused with -TS_EINVAL naming
+ * what it is, a loop of links likewise, and opening never blocks (a FIFO
+ * without a writer). On success *fd is open, blocking, close-on-exec. */
+int fs_open_regular(const char *path, int *fd, ts_err *err);
+/* "regular file", "FIFO", "character device", ... for a st_mode. */
+const char *fs_type_name(unsigned mode);
+
+/* The largest version number: 2^53 - 1, so that every version is exact as a
+ * JSON number in any client (JavaScript's doubles included), and version + 1
+ * never overflows. URLs, directory names and new versions keep to it. */
+#define FS_MAX_VERSION INT64_C(9007199254740991)
+
+/* Parses a version as URLs and directory names spell it: a positive decimal
+ * integer without leading zeros. 1: *out set; 0: not a version ("0", "01",
+ * "+1", "abc", ".tmp-x"); -1: a version above FS_MAX_VERSION. */
+int fs_parse_version(const char *s, int64_t *out);
+
+/* Lists the version directories of model_dir: names that are versions
+ * (fs_parse_version) and directories (a symbolic link to a directory
+ * counts). A directory named like a version above FS_MAX_VERSION is an
+ * error (-TS_EINVAL naming it), never silently skipped or wrapped.
+ * *versions (tl_malloc'ed, NULL when *n is 0) is sorted ascending. */
 int fs_list_versions(const char *model_dir, int64_t **versions, int *n, ts_err *err);
 
 /* Removes every entry of model_dir whose name starts with FS_TMP_PREFIX (left

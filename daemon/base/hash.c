@@ -13,6 +13,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "fsutil.h"
 #include "mem.h"
 
 struct hash_ctx {
@@ -75,10 +76,9 @@ void hash_sha256_buf(const void *data, size_t len, char hex[HASH_HEX_LEN + 1]) {
 
 int hash_sha256_file(const char *path, char hex[HASH_HEX_LEN + 1], ts_err *err) {
   enum { CHUNK = 1 << 20 };
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return ts_errf(err, errno == ENOENT ? TS_ENOTFOUND : TS_EIO, "cannot open '%s': %s",
-                   path, strerror(errno));
+  int fd;
+  int r0 = fs_open_regular(path, &fd, err);
+  if (r0) return r0;
   unsigned char *buf = tl_malloc(CHUNK);
   hash_ctx *h = hash_sha256_new();
   int r = 0;

@@ -333,10 +333,19 @@ int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[H
                  ts_err *err) {
   *out = NULL;
   if (sha256_hex) sha256_hex[0] = 0;
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0)
-    return ts_errf(err, errno == ENOENT ? TS_ENOTFOUND : TS_EIO,
-                   "cannot open weights '%s': %s", path, strerror(errno));
+  /* O_NONBLOCK: a FIFO named model.safetensors must not stall the load (it
+   * is refused below as not a regular file) */
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0) {
+    int e = errno;
+    struct stat lst;
+    if ((e == ENXIO || e == ENODEV) && stat(path, &lst) == 0 && !S_ISREG(lst.st_mode))
+      return ts_errf(err, TS_EINVAL, "weights '%s' is a %s, not a regular file", path,
+                     fs_type_name(lst.st_mode));
+    return ts_errf(err, e == ENOENT ? TS_ENOTFOUND : e == ELOOP ? TS_EINVAL : TS_EIO,
+                   "cannot open weights '%s': %s", path,
+                   e == ELOOP ? "a loop of symbolic links" : strerror(e));
+  }
   struct stat st;
   int r = 0;
   st_file *f = NULL;
@@ -346,8 +355,13 @@ int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[H
     goto fail;
   }
   if (!S_ISREG(st.st_mode)) {
-    r = ts_errf(err, TS_EINVAL, "weights '%s' is not a regular file", path);
+    r = ts_errf(err, TS_EINVAL, "weights '%s' is a %s, not a regular file", path,
+                fs_type_name(st.st_mode));
     goto fail;
+  }
+  {
+    int fl = fcntl(fd, F_GETFL);
+    if (fl >= 0) fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
   }
   if ((uint64_t)st.st_size > SIZE_MAX) {
     r = ts_errf(err, TS_ETOOBIG, "weights '%s' are too large to map", path);

@@ -71,7 +71,8 @@ int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t 
   if (prm->query_offset < 0)
     return ts_errf(err, TS_EINVAL, "attention: query_offset must be >= 0, got %lld",
                    (long long)prm->query_offset);
-  if (prm->causal && prm->query_offset > INT64_MAX - Lq)
+  /* positions query_offset .. query_offset + Lq - 1 must all be int64 */
+  if (prm->query_offset > INT64_MAX - Lq)
     return ts_errf(err, TS_EINVAL, "attention: query_offset %lld is out of range",
                    (long long)prm->query_offset);
   if (prm->causal && prm->query_offset + Lq > Lk)

@@ -92,6 +92,9 @@ int md_attn_params_read(const json_t *obj, const char *where, attn_params *prm, 
 
 /* ---- the kind ------------------------------------------------------------ */
 
+/* 2^40 positions: more than any memory holds, far below INT64_MAX. */
+#define ATT_MAX_LEN (INT64_C(1) << 40)
+
 typedef struct att_state {
   int64_t max_len;
 } att_state;
@@ -101,8 +104,12 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
   int rc = md_config_check_keys(ctx->config, keys, err);
   if (rc) return rc;
   int64_t max_len;
-  if (md_param_int(ctx->config, "max_sequence_length", 131072, &max_len, err) || max_len < 1)
-    return ts_errf(err, TS_EINVAL, "config.json: 'max_sequence_length' must be an integer >= 1");
+  /* bounded so that every position (query_offset + Lq) stays far from int64's end */
+  if (md_param_int(ctx->config, "max_sequence_length", 131072, &max_len, err) || max_len < 1 ||
+      max_len > ATT_MAX_LEN)
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: 'max_sequence_length' must be an integer in [1, %lld]",
+                   (long long)ATT_MAX_LEN);
   att_state *s = tl_calloc(1, sizeof *s);
   if (!s) return ts_errf(err, TS_ENOMEM, "out of memory");
   s->max_len = max_len;
@@ -207,6 +214,13 @@ static int infer(void *state, md_call *c, ts_err *err) {
   if ((rc = md_param_int(c->params, "query_offset", prm.causal ? sh.Lk - sh.Lq : 0, &off, err)))
     return rc;
   if (off < 0) return ts_errf(err, TS_EINVAL, "parameter 'query_offset' must be >= 0");
+  /* the queries sit at positions off .. off + Lq - 1, inside the model's
+   * sequence length (Lq <= max_len was checked, so this cannot overflow) */
+  if (off > s->max_len - sh.Lq)
+    return ts_errf(err, TS_EINVAL,
+                   "parameter 'query_offset' %lld: %lld queries from there pass this model's "
+                   "max_sequence_length %lld",
+                   (long long)off, (long long)sh.Lq, (long long)s->max_len);
   if (prm.causal && off > sh.Lk - sh.Lq)
     return ts_errf(err, TS_EINVAL,
                    "causal queries at positions %lld..%lld need %lld keys, got %lld "
@@ -245,7 +259,13 @@ out:
 
 static void free_state(void *state) { tl_free(state); }
 
+/* Request parameters (model.h): the variant, its p and offset rows, the
+ * causal mask and the queries' offset. */
+static const char *const infer_params[] = {"attention", "p", "offset_rows", "causal",
+                                           "query_offset", NULL};
+
 const md_kind md_kind_attention = {.name = "attention",
+                                   .params = {[MD_OP_INFER] = infer_params},
                                    .load = load,
                                    .signature = signature,
                                    .infer = infer,

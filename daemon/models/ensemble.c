@@ -826,7 +826,18 @@ out:
   return rc;
 }
 
+/* Request parameters (model.h): fit_opts' and read_threshold's names. */
+static const char *const fit_params[] = {"epochs", "batch_size", "seed", "patience",
+                                         "learning_rate", "weight_decay", "l2", "min_delta",
+                                         "validation_fraction", "warm_start", "threshold", NULL};
+static const char *const evaluate_params[] = {"threshold", NULL};
+/* member_outputs (inputs): either input, whatever the signature shows */
+static const char *const infer_inputs[] = {"features", "member_outputs", NULL};
+
 const md_kind md_kind_ensemble = {.name = "ensemble",
+                                  .params = {[MD_OP_FIT] = fit_params,
+                                             [MD_OP_EVALUATE] = evaluate_params},
+                                  .infer_inputs = infer_inputs,
                                   .load = load,
                                   .signature = signature,
                                   .infer = infer,

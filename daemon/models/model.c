@@ -38,6 +38,38 @@ int md_check_deadline(const md_call *c, ts_err *err) {
   return 0;
 }
 
+const char *md_op_name(int op) {
+  static const char *const names[MD_OP_COUNT] = {"infer", "fit", "evaluate", "calibrate",
+                                                 "session create", "session infer"};
+  return op >= 0 && op < MD_OP_COUNT ? names[op] : "?";
+}
+
+int md_kind_takes_param(const md_kind *k, int op, const char *key) {
+  if (op < 0 || op >= MD_OP_COUNT) return 0;
+  for (const char *const *a = k->params[op]; a && *a; a++)
+    if (strcmp(*a, key) == 0) return 1;
+  return 0;
+}
+
+int md_check_finite_outputs(const md_call *c, ts_err *err) {
+  for (int i = 0; i < c->outputs.n; i++) {
+    const ts_tensor *t = &c->outputs.items[i];
+    if (t->dtype != TS_FP32 && t->dtype != TS_FP64 && t->dtype != TS_FP16 && t->dtype != TS_BF16)
+      continue;
+    int64_t n = (int64_t)(t->nbytes / ts_dtype_size(t->dtype));
+    for (int64_t k = 0; k < n; k++) {
+      double v = ts_get_f64(t, k);
+      if (isfinite(v) || (c->infinite_ok && isinf(v))) continue;
+      return ts_errf(err, TS_EINVAL,
+                     "output '%s' element %lld is %s: the computation overflowed %s (inputs "
+                     "or weights too large in magnitude for this model)",
+                     t->name, (long long)k, isnan(v) ? "NaN" : v > 0 ? "+inf" : "-inf",
+                     ts_dtype_name(t->dtype));
+    }
+  }
+  return 0;
+}
+
 int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err) {
   static const char *const common[] = {"kind", "version_policy", "description", "max_batch",
                                        NULL};
@@ -50,6 +82,17 @@ int md_config_check_keys(const json_t *config, const char *const *allowed, ts_er
     for (const char *const *a = allowed; a && *a && !ok; a++) ok = strcmp(*a, key) == 0;
     if (!ok) return ts_errf(err, TS_EINVAL, "config.json: unknown key '%s'", key);
   }
+  return md_config_check_common(config, err);
+}
+
+int md_config_check_common(const json_t *config, ts_err *err) {
+  /* max_batch: the largest leading dimension of an input (0: none) */
+  json_t *mb = json_object_get(config, "max_batch");
+  if (mb && (!json_is_integer(mb) || json_integer_value(mb) < 0 ||
+             json_integer_value(mb) > MD_MAX_BATCH))
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: 'max_batch' must be an integer in [0, %lld] (0: no limit)",
+                   (long long)MD_MAX_BATCH);
   return 0;
 }
 

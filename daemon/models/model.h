@@ -82,10 +82,32 @@ typedef struct md_call {
   json_t *result;          /* fit/evaluate/calibrate: the answer's fields */
   st_writer *new_weights;  /* fit/calibrate: weights of the new version */
   json_t *new_version_info;/* fit/calibrate: extra fields for version.json */
+  int infinite_ok;         /* infer: +-inf in the outputs is documented (a quantile
+                            * model calibrated with allow_infinite); NaN never is */
 } md_call;
+
+/* The operations a request can name parameters for (md_kind.params). */
+enum md_op {
+  MD_OP_INFER = 0,
+  MD_OP_FIT,
+  MD_OP_EVALUATE,
+  MD_OP_CALIBRATE,
+  MD_OP_SESSION_OPEN,
+  MD_OP_SESSION_INFER,
+  MD_OP_COUNT
+};
 
 struct md_kind {
   const char *name;
+  /* The request "parameters" each operation reads, NULL-terminated (a NULL
+   * list: none). The server refuses any other name before the kind runs,
+   * so a misspelt parameter is a 400 naming it, never a silent default.
+   * A kind that reads a new parameter adds it here. */
+  const char *const *params[MD_OP_COUNT];
+  /* Input names infer reads besides its signature's (alternatives such as
+   * an ensemble's `features` or `member_outputs`), NULL-terminated; the
+   * server refuses an infer input in neither, by name. */
+  const char *const *infer_inputs;
   int (*load)(const md_load_ctx *ctx, void **state, ts_err *err);
   void (*signature)(void *state, md_sig *sig);
   int (*infer)(void *state, md_call *call, ts_err *err);
@@ -115,6 +137,19 @@ const md_kind *md_kind_of_config(const json_t *config, const char **what);
 void md_call_init(md_call *c);
 void md_call_free(md_call *c);
 
+/* The name of an operation ("infer", "fit", ..., "session infer"). */
+const char *md_op_name(int op);
+/* 1 when `key` is in the kind's list for `op`. */
+int md_kind_takes_param(const md_kind *k, int op, const char *key);
+
+/* The rule every answer keeps: no NaN or +-inf where a number is expected.
+ * Checks every floating-point output of c (FP32, FP64, FP16, BF16); the
+ * first non-finite value is a 400 naming the output, the element and the
+ * cause (a computation that overflowed: inputs or weights too large for the
+ * output's type). +-inf passes when the kind set c->infinite_ok. The server
+ * runs it on every infer answer, whatever the kind. */
+int md_check_finite_outputs(const md_call *c, ts_err *err);
+
 /* Helpers shared by the kinds. */
 double md_now(void); /* monotonic seconds */
 /* -TS_ETIMEOUT once the deadline passed or the call was abandoned. */
@@ -123,6 +158,12 @@ int md_check_deadline(const md_call *c, ts_err *err);
  * every kind takes ("kind", "version_policy", "description", "max_batch")
  * are always allowed. */
 int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err);
+/* Checks the values of the common keys only (for kinds that take foreign
+ * configs as they are, such as the transformer's HF config.json). */
+int md_config_check_common(const json_t *config, ts_err *err);
+/* The largest max_batch config.json may state (md_config_check_keys refuses
+ * more, a real such as 1e300, a string or a negative value). */
+#define MD_MAX_BATCH (INT64_C(1) << 31)
 /* Reads the request parameter `key` as a number / integer / string, with a
  * default when absent; refuses wrong types with 400. */
 int md_param_double(const json_t *params, const char *key, double def, double *out, ts_err *err);

@@ -717,6 +717,15 @@ static int predict(const qk_state *s, pool_t *pool, const qk_rows *r, int with_c
                    ts_err *err) {
   int rc = qa_infer_run(pool, &s->inf, r->B, r->Z, r->X, Q, err);
   if (rc) return rc;
+  /* the aggregate of finite inputs is finite unless it overflowed FP32: a
+   * 400 for infer, evaluate, fit and calibrate alike (the +-inf that
+   * allow_infinite corrections add below is documented, and comes after) */
+  for (int64_t i = 0; i < r->B * s->K; i++)
+    if (!isfinite(Q[i]))
+      return ts_errf(err, TS_EINVAL,
+                     "row %lld: the aggregated quantile %d is not finite: the base quantiles or "
+                     "features overflow FP32 in the aggregation (values too large in magnitude)",
+                     (long long)(i / s->K), (int)(i % s->K));
   if (with_conf && s->has_conf) qa_cqr_apply(s->K, s->conf_lo, s->conf_hi, r->B, Q);
   return qa_monotone_rows(pool, s->mono, r->B, s->K, s->median, Q, err);
 }
@@ -956,6 +965,9 @@ static int infer(void *state, md_call *c, ts_err *err) {
   int64_t shape[2] = {r.B, s->K};
   float *Q = md_output(c, "quantiles", TS_FP32, 2, shape, err);
   rc = Q ? predict(s, c->pool, &r, 1, Q, err) : -TS_ENOMEM;
+  /* corrections stored with allow_infinite make unbounded intervals: the
+   * documented +-inf of this kind (docs/quantile.md) */
+  c->infinite_ok = s->has_conf;
   rows_free(&r);
   return rc;
 }
@@ -1227,7 +1239,29 @@ static int calibrate(void *state, md_call *c, ts_err *err) {
    * applied to when serving (before the monotone step) */
   if ((rc = qa_infer_run(c->pool, &s->inf, r.B, r.Z, r.X, raw, err))) goto out;
   if ((rc = qa_cqr_fit(mode, s->K, s->levels, r.B, raw, r.y, allow_inf, lo, hi, err))) goto out;
+  /* a finite correction must fit the FP32 the weights store, and applied
+   * to these rows it must leave them finite; only allow_infinite's +inf
+   * (a rank beyond n) is a documented infinity */
+  for (int k = 0; k < s->K && !rc; k++) {
+    double cv[2] = {lo[k], hi[k]};
+    for (int e = 0; e < 2 && !rc; e++)
+      if (isfinite(cv[e]) && !isfinite((float)cv[e]))
+        rc = ts_errf(err, TS_EINVAL,
+                     "conformal: the %s correction at level %g is %g, beyond FP32: targets and "
+                     "quantiles too far apart (values too large in magnitude)",
+                     e ? "upper" : "lower", s->levels[k], cv[e]);
+  }
+  if (rc) goto out;
   qa_cqr_apply(s->K, lo, hi, r.B, raw);
+  for (int64_t i = 0; i < r.B * s->K && !rc; i++) {
+    int k = (int)(i % s->K);
+    if (!isfinite(raw[i]) && isfinite(lo[k]) && isfinite(hi[k]))
+      rc = ts_errf(err, TS_EINVAL,
+                   "conformal: row %lld, level %g: the corrected quantile overflows FP32 "
+                   "(values too large in magnitude)",
+                   (long long)(i / s->K), s->levels[k]);
+  }
+  if (rc) goto out;
   if ((rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, raw, err)) ||
       (rc = metrics_json(s, r.B, raw, r.y, &ma, &sa, err)))
     goto out;
@@ -1261,7 +1295,24 @@ static void free_state(void *state) {
   state_free(state);
 }
 
+/* Request parameters (model.h): "levels" (checked by gather, every
+ * operation), fit_agg's and fit_opts' names, calibrate's. */
+static const char *const levels_params[] = {"levels", NULL};
+static const char *const fit_params[] = {"levels", "aggregator", "granularity", "scope",
+                                         "simplex", "hidden", "depth", "epochs", "batch_size",
+                                         "patience", "seed", "learning_rate", "weight_decay",
+                                         "dropout", "lambda", "margin", "validation_fraction",
+                                         "warm_start", NULL};
+/* gather's inputs, whichever the configuration needs */
+static const char *const infer_inputs[] = {"features", "base_quantiles", NULL};
+static const char *const calibrate_params[] = {"levels", "method", "allow_infinite", NULL};
+
 const md_kind md_kind_quantile_ensemble = {.name = "quantile_ensemble",
+                                           .params = {[MD_OP_INFER] = levels_params,
+                                                      [MD_OP_FIT] = fit_params,
+                                                      [MD_OP_EVALUATE] = levels_params,
+                                                      [MD_OP_CALIBRATE] = calibrate_params},
+                                           .infer_inputs = infer_inputs,
                                            .load = load,
                                            .signature = signature,
                                            .infer = infer,

@@ -98,6 +98,7 @@ static int read_config(tf_model *m, const json_t *cfg, ts_err *err) {
   int64_t v;
   int rc;
   if (!json_is_object(cfg)) return ts_errf(err, TS_EINVAL, "config.json is not a JSON object");
+  if ((rc = md_config_check_common(cfg, err))) return rc;
   if ((rc = cfg_int(cfg, "n_layer", 1, 4096, &v, err))) return rc;
   m->n_layer = (int)v;
   if ((rc = cfg_int(cfg, "n_head", 1, 4096, &v, err))) return rc;
@@ -631,12 +632,26 @@ static int session_infer(void *state, void *sess, md_call *c, size_t *bytes, ts_
   float *nll = lp ? md_output(c, "nll", TS_FP32, 1, s_nll, err) : NULL;
   float *lg = nll ? md_output(c, "next_token_logits", TS_FP32, 2, s_lg, err) : NULL;
   if (!lg) rc = -TS_ENOMEM;
+  /* what a chunk whose answer overflows must leave as it was: the position
+   * and the last hidden state (cache rows past pos are overwritten later) */
+  int64_t pos0 = s->pos;
+  float *last0 = rc ? NULL : tl_malloc(sizeof(float) * (size_t)m->E);
+  if (!rc && !last0) rc = ts_errf(err, TS_ENOMEM, "out of memory");
+  if (!rc) memcpy(last0, s->last, sizeof(float) * (size_t)m->E);
   if (!rc) rc = tf_run(m, c->pool, &prm, ids, n, s, lp, lg, c, NULL, err);
   if (!rc) {
     double sum = 0;
     for (int64_t i = 0; i < k; i++) sum -= lp[i];
     nll[0] = k > 0 ? (float)(sum / (double)k) : 0.0f;
+    /* the rule of every answer (md_check_finite_outputs), checked here so
+     * that a chunk refused for it does not advance the session */
+    rc = md_check_finite_outputs(c, err);
+    if (rc) {
+      s->pos = pos0;
+      memcpy(s->last, last0, sizeof(float) * (size_t)m->E);
+    }
   }
+  tl_free(last0);
   *bytes = seq_bytes(m, s);
   tl_free(ids);
   return rc;
@@ -659,7 +674,14 @@ static void seq_free(void *p) {
 
 static void free_state(void *state) { tf_free(state); }
 
+/* Request parameters (model.h): the same for a plain request, a new session
+ * and a session's chunk. */
+static const char *const tf_params[] = {"attention", "p", "offset_rows", "query_offset", NULL};
+
 const md_kind md_kind_transformer = {.name = "transformer",
+                                     .params = {[MD_OP_INFER] = tf_params,
+                                                [MD_OP_SESSION_OPEN] = tf_params,
+                                                [MD_OP_SESSION_INFER] = tf_params},
                                      .load = load,
                                      .signature = signature,
                                      .infer = infer,

@@ -35,6 +35,7 @@ struct repo_ver {
   void *state;
   st_file *weights;
   json_t *config, *version_info;
+  int64_t max_batch; /* config.json's "max_batch"; 0: none */
   char sha256[65];
   md_sig sig;
   atomic_int refs;
@@ -108,6 +109,20 @@ void *repo_ver_state(const repo_ver *v) { return v->state; }
 int64_t repo_ver_version(const repo_ver *v) { return v->version; }
 const char *repo_ver_model(const repo_ver *v) { return v->model_name; }
 const md_sig *repo_ver_sig(const repo_ver *v) { return &v->sig; }
+int64_t repo_ver_max_batch(const repo_ver *v) { return v->max_batch; }
+
+/* config.json's "max_batch" (Triton's max_batch_size): an integer >= 0,
+ * 0 or absent for no limit. Anything else keeps the model from loading. */
+static int read_max_batch(const json_t *config, int64_t *out, ts_err *err) {
+  json_t *mb = json_object_get(config, "max_batch");
+  *out = 0;
+  if (!mb) return 0;
+  if (!json_is_integer(mb) || json_integer_value(mb) < 0)
+    return ts_errf(err, TS_EINVAL, "config.json: 'max_batch' must be an integer >= 0 (0: no "
+                   "limit), got %s", json_is_integer(mb) ? "a negative number" : "a non-integer");
+  *out = json_integer_value(mb);
+  return 0;
+}
 const char *repo_root(const repo_t *r) { return r->root; }
 
 static void file_stamp(const char *path, char *out, size_t n) {
@@ -177,6 +192,7 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
   const char *kind = NULL;
   v->kind = md_kind_of_config(config, &kind);
   int rc;
+  if ((rc = read_max_batch(config, &v->max_batch, err))) goto fail;
   if (!v->kind) {
     rc = json_object_get(config, "kind") || !json_object_get(config, "model_type")
              ? ts_errf(err, TS_EINVAL, "config.json: unknown kind '%s' (known: %s)", kind,
@@ -189,11 +205,15 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
     goto fail;
   }
   pathf(path, sizeof path, "%s/version.json", vdir);
-  if (access(path, F_OK) == 0 &&
+  struct stat vst;
+  if (lstat(path, &vst) == 0 &&
       (rc = read_json_file(path, MAX_VERSION_JSON_BYTES, &v->version_info, err)))
     goto fail;
   pathf(path, sizeof path, "%s/model.safetensors", vdir);
-  if (access(path, F_OK) == 0) {
+  struct stat lst;
+  /* lstat, not access: a link that loops or dangles is an entry whose
+   * failure to open is the reason to report, not a missing file */
+  if (lstat(path, &lst) == 0) {
     /* The digest is of exactly the bytes read (or mapped), so a check
      * against the one recorded at write time covers what is served. */
     rc = st_open_file(&v->weights, path, r->weights_load, v->sha256, err);
@@ -405,6 +425,8 @@ static void sync_model(repo_t *r, const char *name, int force) {
   if (!rc && !(keep = tl_calloc((size_t)(nv ? nv : 1), sizeof(int))))
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
   if (!rc) rc = apply_policy(config, vs, nv, keep, &err);
+  int64_t mb;
+  if (!rc) rc = read_max_batch(config, &mb, &err);
   if (!rc && !(next = tl_calloc((size_t)(nv ? nv : 1), sizeof *next)))
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
   if (rc) {
@@ -746,8 +768,13 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   int64_t *vs = NULL;
   int nv = 0, rc;
   if ((rc = fs_list_versions(mdir, &vs, &nv, err))) goto out;
-  int64_t next = nv ? vs[nv - 1] + 1 : 1;
+  int64_t next = nv ? vs[nv - 1] + 1 : 1; /* vs[] <= FS_MAX_VERSION: no overflow */
   tl_free(vs);
+  if (next > FS_MAX_VERSION) {
+    rc = ts_errf(err, TS_ECONFLICT, "model '%s' has version %lld, the largest there is: no "
+                 "new version can follow it", name, (long long)(next - 1));
+    goto out;
+  }
   if ((rc = fs_mkdtemp_in(mdir, ".tmp-", &tmp, err))) goto out;
   pathf(path, sizeof path, "%s/model.safetensors", tmp);
   if ((rc = st_writer_save(call->new_weights, path, err))) goto fail;

@@ -58,6 +58,8 @@ void *repo_ver_state(const repo_ver *v);
 int64_t repo_ver_version(const repo_ver *v);
 const char *repo_ver_model(const repo_ver *v);
 const md_sig *repo_ver_sig(const repo_ver *v);
+/* config.json's "max_batch" (checked at load: an integer >= 0); 0: none. */
+int64_t repo_ver_max_batch(const repo_ver *v);
 
 /* JSON answers (new references). */
 json_t *repo_index(repo_t *r);

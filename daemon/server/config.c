@@ -33,6 +33,10 @@ static const opt opts[] = {
     {"request-timeout-ms", T_INT, O(request_timeout_ms), 0, INT64_MAX, "MS", "default deadline of infer requests, 504 after; 0 = none (default 60000); a request's \"timeout_ms\" parameter overrides it"},
     {"max-request-elements", T_INT, O(max_request_elements), 0, INT64_MAX, "N", "largest element count of one input tensor (default 268435456)"},
     {"max-request-memory", T_INT, O(max_request_memory), 0, INT64_MAX, "BYTES", "largest decoded size of a request's input tensors together, 413 above; 0 = none (default 1073741824)"},
+    {"max-json-memory", T_INT, O(max_json_memory), 0, INT64_MAX, "BYTES", "largest parse tree of a request's JSON (about 50 bytes a number), 413 above; 0 = none (default 268435456)"},
+    {"max-inputs", T_INT, O(max_inputs), 0, INT64_MAX, "N", "most entries in a request's \"inputs\", 413 above; 0 = none (default 64)"},
+    {"max-outputs", T_INT, O(max_outputs), 0, INT64_MAX, "N", "most entries in a request's \"outputs\", 413 above; 0 = none (default 64)"},
+    {"max-response-bytes", T_INT, O(max_response_bytes), 0, INT64_MAX, "BYTES", "largest answer to one request, checked before it is built, 413 above; 0 = none (default 268435456)"},
     {"log-level", T_STR, O(log_level), 0, 0, "LEVEL", "debug, info, warn or error (default info)"},
     {"log-format", T_STR, O(log_format), 0, 0, "FORMAT", "text or json (default text)"},
     {"session-ttl-secs", T_INT, O(session_ttl_secs), 1, INT64_C(1) << 40, "S", "KV-cache sessions idle this long expire (default 600)"},
@@ -67,6 +71,10 @@ void cfg_defaults(srv_config *c) {
   c->session_ttl_secs = 600;
   c->kv_cache_bytes = 4ll << 30;
   c->max_request_memory = 1ll << 30;
+  c->max_json_memory = 256ll << 20;
+  c->max_inputs = 64;
+  c->max_outputs = 64;
+  c->max_response_bytes = 256ll << 20;
 }
 
 static const opt *find_opt(const char *name) {

@@ -27,6 +27,9 @@ typedef struct srv_config {
   int64_t request_timeout_ms;
   int64_t max_request_elements;
   int64_t max_request_memory;
+  int64_t max_json_memory;    /* the JSON parse tree of one request body */
+  int64_t max_inputs, max_outputs; /* entries of a request's "inputs" / "outputs" */
+  int64_t max_response_bytes; /* one answer's encoded size */
   char *log_level;
   char *log_format;
   int64_t session_ttl_secs; /* KV-cache sessions (server/sessions.h) */

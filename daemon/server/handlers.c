@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../base/fsutil.h"
 #include "../base/jtext.h"
 #include "../base/log.h"
 #include "../base/mem.h"
@@ -107,16 +108,6 @@ static int valid_name(const char *s) {
   return 1;
 }
 
-static int parse_version(const char *s, int64_t *out) {
-  if (!*s || s[0] == '0' || strlen(s) > 18) return -1;
-  int64_t v = 0;
-  for (; *s; s++) {
-    if (*s < '0' || *s > '9') return -1;
-    v = v * 10 + (*s - '0');
-  }
-  *out = v;
-  return 0;
-}
 
 #define M_GET 1
 #define M_POST 2
@@ -195,9 +186,15 @@ int route_parse(const char *method, const char *path, route *r, const char **all
                      "'-', '.'; not starting with '.')", seg[mi]);
     snprintf(r->model, sizeof r->model, "%s", seg[mi]);
   }
-  if (vi >= 0 && parse_version(seg[vi], &r->version))
-    return ts_errf(err, TS_EINVAL, "version '%.40s' is not a positive integer without leading zeros",
-                   seg[vi]);
+  if (vi >= 0) {
+    int pv = fs_parse_version(seg[vi], &r->version);
+    if (pv < 0)
+      return ts_errf(err, TS_EINVAL, "version '%.40s' is over the largest version %lld", seg[vi],
+                     (long long)FS_MAX_VERSION);
+    if (pv == 0)
+      return ts_errf(err, TS_EINVAL,
+                     "version '%.40s' is not a positive integer without leading zeros", seg[vi]);
+  }
   if (si >= 0) {
     if (!valid_name(seg[si]) || strlen(seg[si]) >= sizeof r->session)
       return ts_errf(err, TS_ENOTFOUND, "unknown session '%.100s'", seg[si]);
@@ -221,7 +218,8 @@ int handle_inline(server *s, const route *rt, const char *method, resp *out) {
       return resp_text(out, ready ? 200 : 503, ready ? "{\"ready\":true}" : "{\"ready\":false}");
     }
     case R_SERVER: {
-      json_t *ext = json_pack("[s,s,s,s,s,s]", "model_repository", "binary_tensor_data", "fit",
+      json_t *ext = json_pack("[s,s,s,s,s,s,s]", "model_repository", "binary_tensor_data",
+                              "classification", "fit",
                               "evaluate", "calibrate", "sessions");
       j = json_pack("{s:s, s:s, s:o}", "name", "tallyd", "version", TALLYD_VERSION, "extensions", ext);
       break;
@@ -276,57 +274,6 @@ int handle_inline(server *s, const route *rt, const char *method, resp *out) {
 
 /* ---- worker endpoints --------------------------------------------------- */
 
-/* Limits are checked here, before any kind sees the tensors, so that every
- * kind (and every future one) is held to them the same way. The sequence
- * length is read from the inputs' conventional names: input_ids [B, L]
- * (transformer) and query/key/value [.., L, d] (attention). */
-int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *err) {
-  for (int i = 0; i < inputs->n; i++) {
-    const ts_tensor *t = &inputs->items[i];
-    if (cfg->max_batch > 0 && t->ndim >= 1 && t->shape[0] > cfg->max_batch)
-      return ts_errf(err, TS_EINVAL, "input '%s': batch of %lld rows is over the limit of %lld "
-                     "(--max-batch)", t->name, (long long)t->shape[0], (long long)cfg->max_batch);
-    if (cfg->max_sequence_length <= 0) continue;
-    int dim = -1;
-    if (strcmp(t->name, "input_ids") == 0 && t->ndim >= 1) dim = t->ndim - 1;
-    else if ((strcmp(t->name, "query") == 0 || strcmp(t->name, "key") == 0 ||
-              strcmp(t->name, "value") == 0) && t->ndim >= 2)
-      dim = t->ndim - 2;
-    if (dim >= 0 && t->shape[dim] > cfg->max_sequence_length)
-      return ts_errf(err, TS_EINVAL, "input '%s': sequence length %lld is over the limit of %lld "
-                     "(--max-sequence-length)", t->name, (long long)t->shape[dim],
-                     (long long)cfg->max_sequence_length);
-  }
-  return 0;
-}
-
-static void set_deadline(job *j, const oip_request *req) {
-  json_t *t = req->params ? json_object_get(req->params, "timeout_ms") : NULL;
-  if (t && json_is_number(t) && json_number_value(t) > 0)
-    atomic_store(&j->deadline, j->t_submit + json_number_value(t) / 1000.0);
-}
-
-int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, md_call *call,
-               ts_err *err) {
-  server *s = j->srv;
-  int rc = oip_decode_capped(j->body, j->len, j->json_len, s->cfg->max_request_elements,
-                             s->cfg->max_request_memory, req, err);
-  tl_free(j->body);
-  j->body = NULL;
-  if (rc) return rc;
-  if (check_limits && (rc = server_check_limits(s->cfg, &req->inputs, err))) return rc;
-  set_deadline(j, req);
-  call->inputs = &req->inputs;
-  call->params = req->params;
-  call->pool = s->pool;
-  call->host = repo_host(s->repo);
-  call->deadline = atomic_load(&j->deadline);
-  call->cancelled = &j->cancelled;
-  call->model_name = repo_ver_model(ver);
-  call->version = repo_ver_version(ver);
-  return 0;
-}
-
 static void run_model(job *j) {
   server *s = j->srv;
   ts_err err = {0};
@@ -354,18 +301,8 @@ static void run_model(job *j) {
   }
   if ((rc = fn(repo_ver_state(j->ver), &call, &err))) goto fail;
   if (j->rt.id == R_INFER) {
-    sbuf b;
-    sbuf_init(&b);
-    size_t json_len = 0;
-    if ((rc = oip_encode(call.model_name, call.version, &req, &call.outputs, NULL, &b, &json_len,
-                         &err))) {
-      sbuf_free(&b);
-      goto fail;
-    }
-    resp_free(&j->out);
-    j->out.status = 200;
-    j->out.json_len = json_len;
-    j->out.body = sbuf_take(&b, &j->out.len);
+    if ((rc = md_check_finite_outputs(&call, &err))) goto fail;
+    if ((rc = job_encode(j, &req, &call, NULL, &err))) goto fail;
     goto done;
   }
   json_t *ans = call.result ? json_incref(call.result) : json_object();

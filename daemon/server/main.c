@@ -14,6 +14,7 @@
 #include "../models/model.h"
 #include "auth.h"
 #include "notify.h"
+#include "oip.h"
 #include "server.h"
 #include "sessions.h"
 
@@ -38,8 +39,9 @@ int main(int argc, char **argv) {
   ts_err err = {0};
   cfg_defaults(&cfg);
   tl_mem_init_env();
-  /* jansson allocates through tl_malloc too, so fault injection covers it */
-  json_set_alloc_funcs(tl_malloc, tl_free);
+  /* jansson allocates through tl_malloc too, so fault injection covers it,
+   * counted per request parse (--max-json-memory) */
+  oip_json_alloc_init();
   if (cfg_parse(&cfg, argc, argv, &err)) {
     fprintf(stderr, "tallyd: %s\n", err.msg);
     cfg_free(&cfg);

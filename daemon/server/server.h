@@ -132,19 +132,32 @@ void server_free(server *s);
  * run right after it instead of in parallel (SIGHUP, --repository-poll-secs). */
 void server_schedule_sync(server *s, const char *why);
 
-/* handlers.c: the server-level input limits (--max-batch, largest leading
+/* decode.c: the server-level input limits (--max-batch, largest leading
  * dimension of any input; --max-sequence-length, the last dimension of
  * input_ids and the second-to-last of query/key/value). 0 or -TS_EINVAL. */
 int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *err);
 /* handlers.c: answers on the loop thread (cheap endpoints) */
 int handle_inline(server *s, const route *rt, const char *method, resp *out);
-/* handlers.c: decodes a job's body (with --max-request-memory), checks
- * --max-batch/--max-sequence-length when check_limits, takes the request's
- * "timeout_ms", and fills call's inputs and context for `ver`. The body is
+/* decode.c: decodes a job's body under every request limit (--max-json-memory,
+ * --max-inputs, --max-outputs, --max-request-memory, --max-request-elements,
+ * the deadline), takes the request's "timeout_ms" or "timeout", refuses
+ * parameters the model's kind does not take for the route's operation, and
+ * for infer inputs outside the model's signature and batches over its
+ * config.json max_batch; checks --max-batch/--max-sequence-length when
+ * check_limits, and fills call's inputs and context for `ver`. The body is
  * freed; req must be freed by the caller even on failure. */
 typedef struct oip_request oip_request;
 int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, md_call *call,
                ts_err *err);
+/* decode.c: encodes call's outputs as the job's answer (--max-response-bytes;
+ * application/octet-stream when it has binary parts). */
+int job_encode(job *j, const oip_request *req, const md_call *call, const json_t *extra,
+               ts_err *err);
+/* decode.c: 0, or a 400 naming the first name in `params` that is neither
+ * the protocol's (oip_request_params) nor one the kind takes for `op`
+ * (md_kind.params), with the accepted names. */
+int server_check_params(const md_kind *k, int op, const char *model, const json_t *params,
+                        ts_err *err);
 /* handlers.c: the worker side of a job */
 void handle_job(job *j);
 

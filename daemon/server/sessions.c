@@ -303,11 +303,10 @@ static void create(job *j) {
   ts_err err = {0};
   json_t *body = NULL;
   if (j->body && j->len) {
-    json_error_t je;
-    body = json_loadb(j->body, j->len, 0, &je);
-    if (!body || !json_is_object(body)) {
-      ts_errf(&err, TS_EINVAL, "the body must be a JSON object (or empty): %s",
-              body ? "not an object" : je.text);
+    body = oip_parse_json(j->body, j->len, j->srv->cfg->max_json_memory, &err);
+    if (!body) goto fail;
+    if (!json_is_object(body)) {
+      ts_errf(&err, TS_EINVAL, "the body must be a JSON object (or empty): not an object");
       goto fail;
     }
   }
@@ -317,6 +316,8 @@ static void create(job *j) {
     goto fail;
   }
   const md_kind *k = repo_ver_kind(j->ver);
+  if (params && server_check_params(k, MD_OP_SESSION_OPEN, repo_ver_model(j->ver), params, &err))
+    goto fail;
   if (!k->session_open) {
     ts_errf(&err, TS_EINVAL, "model '%s' (kind %s) does not support sessions; only transformer "
             "models do", repo_ver_model(j->ver), k->name);
@@ -424,21 +425,9 @@ static void feed(job *j) {
   int64_t pos = e->kind->session_position(e->sess);
   if (!rc) {
     json_t *extra = json_pack("{s:s, s:I}", "session_id", e->id, "position", (json_int_t)pos);
-    sbuf b;
-    sbuf_init(&b);
-    size_t json_len = 0;
-    rc = extra ? oip_encode(call.model_name, call.version, &req, &call.outputs, extra, &b,
-                            &json_len, &err)
+    rc = extra ? job_encode(j, &req, &call, extra, &err)
                : ts_errf(&err, TS_ENOMEM, "out of memory");
     if (extra) json_decref(extra);
-    if (!rc) {
-      resp_free(&j->out);
-      j->out.status = 200;
-      j->out.json_len = json_len;
-      j->out.body = sbuf_take(&b, &j->out.len);
-    } else {
-      sbuf_free(&b);
-    }
   }
   if (rc) resp_error(&j->out, &err);
   uv_mutex_lock(&S.mu);

@@ -50,6 +50,47 @@ OIP = {
 }
 for name, body in OIP.items():
     put("oip", name + ".json", j(body))
+# One seed per kind of the fuzz model table (fuzz_common.h), so that every
+# kind's infer, fit, evaluate, calibrate and session paths start reachable.
+def t(name, shape, dt, data):
+    return {"name": name, "shape": shape, "datatype": dt, "data": data}
+
+
+KINDS = {
+    "ens_members": {"inputs": [t("member_outputs", [2, 3], "FP32", [0.5, -1, 2, 0, 0.1, -3])]},
+    "ens_features": {"inputs": [feat(2)]},
+    "ens_fit": {"inputs": [t("member_outputs", [4, 3], "FP32", [0.5, -1, 2, 0, 0.1, -3, 1, 1, 1,
+                                                             -2, -2, -2]),
+                           t("labels", [4], "INT64", [1, 0, 1, 0])],
+                "parameters": {"epochs": 3, "learning_rate": 0.1, "validation_fraction": 0.25}},
+    "ens_ext_eval": {"inputs": [t("member_outputs", [2, 3, 3], "FP32",
+                                  [0.2, 0.3, 0.5] * 6),
+                                t("labels", [2], "INT64", [2, 0])]},
+    "quantile": {"inputs": [t("base_quantiles", [2, 2, 3], "FP32", [-1, 0, 1, -2, 0, 2] * 2),
+                            feat(2)]},
+    "quantile_fit": {"inputs": [t("base_quantiles", [4, 2, 3], "FP32", [-1, 0, 1, -2, 0, 2] * 4),
+                                feat(4), t("targets", [4], "FP32", [0.5, -0.5, 1.5, 0])],
+                     "parameters": {"epochs": 2, "batch_size": 2, "method": "cqr"}},
+    "attention": {"inputs": [t("query", [2, 2, 2], "FP32", [0.1] * 8),
+                             t("key", [1, 3, 2], "FP32", [0.2] * 6),
+                             t("value", [1, 3, 2], "FP32", [0.3] * 6)],
+                  "parameters": {"causal": True, "query_offset": 1}},
+    "attention_lssar": {"inputs": [t("query", [1, 1, 2, 2], "FP32", [0.1, 2, 3, -4]),
+                                   t("key", [1, 1, 2, 2], "FP32", [0.2, 1, -1, 3]),
+                                   t("value", [1, 1, 2, 2], "FP32", [0.3, 0, 1, 2])],
+                        "parameters": {"attention": "lssar", "p": 15, "offset_rows": 1,
+                                       "causal": False}},
+    "transformer": {"inputs": [t("input_ids", [1, 5], "INT64", [1, 2, 3, 4, 7])]},
+    "transformer_offset": {"inputs": [t("input_ids", [2, 2], "INT32", [0, 1, 2, 3])],
+                           "parameters": {"query_offset": 0, "attention": "lssa"}},
+    "extreme_offset": {"inputs": [t("input_ids", [1, 1], "INT64", [9223372036854775807])],
+                       "parameters": {"query_offset": 9223372036854775807,
+                                      "timeout_ms": 1e308, "epochs": 9223372036854775807}},
+    "fp32_max": {"inputs": [t("member_outputs", [1, 3], "FP32", [3.4e38, -3.4e38, 0]),
+                            t("labels", [1], "INT64", [1])]},
+}
+for name, body in KINDS.items():
+    put("oip", "kind_" + name + ".json", j(body))
 put("oip", "nan.json", b'{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32",'
     b'"data":[NaN,1,2,3]}]}')
 put("oip", "huge_number.json", b'{"inputs":[{"name":"features","shape":[1,4],"datatype":"FP32",'
@@ -89,6 +130,32 @@ bin_seed("bytes_mixed", h, b)
 h, b = binary([{"name": "features", "shape": [1, 4], "datatype": "FP32",
                 "parameters": {"binary_data_size": 16}}], [vals[:12]])
 bin_seed("short", h, b)
+
+# every kind through the binary extension too
+ids = struct.pack("<5q", 1, 2, 3, 4, 7)
+h, b = binary([{"name": "input_ids", "shape": [1, 5], "datatype": "INT64",
+                "parameters": {"binary_data_size": len(ids)}}], [ids])
+bin_seed("kind_transformer", h, b)
+qkv = struct.pack("<8f", *[0.5, -1, 2, 0.25, 1, 1, -2, 3])
+h, b = binary([{"name": n, "shape": [2, 2, 2], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(qkv)}} for n in ("query", "key", "value")],
+              [qkv] * 3, {"parameters": {"attention": "lssar", "causal": False}})
+bin_seed("kind_attention", h, b)
+mo = struct.pack("<6f", 0.5, -1, 2, 0, 0.1, -3)
+lab = struct.pack("<2q", 1, 0)
+h, b = binary([{"name": "member_outputs", "shape": [2, 3], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(mo)}},
+               {"name": "labels", "shape": [2], "datatype": "INT64",
+                "parameters": {"binary_data_size": len(lab)}}], [mo, lab],
+              {"parameters": {"epochs": 2}})
+bin_seed("kind_ensemble_fit", h, b)
+bq = struct.pack("<12f", *([-1, 0, 1, -2, 0, 2] * 2))
+tg = struct.pack("<2f", 0.5, -0.5)
+h, b = binary([{"name": "base_quantiles", "shape": [2, 2, 3], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(bq)}},
+               {"name": "targets", "shape": [2], "datatype": "FP32",
+                "parameters": {"binary_data_size": len(tg)}}, feat(2)], [bq, tg])
+bin_seed("kind_quantile", h, b)
 
 CONFIGS = {
     "full": {"model_repository": "/tmp/x", "listen": "127.0.0.1:8000", "threads": 2,

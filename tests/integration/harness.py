@@ -3,7 +3,10 @@ a temporary model repository and talks HTTP to it (standard library only).
 
 Each test file builds its repository, starts a Daemon, and runs its tests with
 run_tests(), which prints the closing line "tally: N passed, N failed, N
-skipped" that tests/run.sh counts."""
+skipped" that tests/run.sh counts. A test that needs something the machine
+lacks raises SkipTest(reason); run_tests prints "skip NAME: REASON" (one
+line), and tests/run.sh lists those lines at the end of the run. A file that
+cannot run at all prints "skip: REASON" and its tally line."""
 import http.client
 import json
 import os
@@ -212,7 +215,7 @@ def run_tests(tests, setup=None, teardown=None):
                 print("ok   %s (%.2fs)" % (name, time.time() - t0))
             except SkipTest as e:
                 skipped += 1
-                print("skip %s: %s" % (name, e))
+                print("skip %s: %s" % (name, " ".join(str(e).split()) or "(no reason given)"))
             except Exception:
                 failed += 1
                 print("FAIL %s" % name)

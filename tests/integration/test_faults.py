@@ -15,6 +15,7 @@ import signal
 import socket
 import struct
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -121,13 +122,32 @@ def open_up(root):
                 os.chmod(p, 0o666)
 
 
+def binary_for_nobody():
+    """A copy of tallyd that nobody can run: the build folder may sit where
+    nobody cannot reach it (a clone in /root, mode 0700). The copy lies in a
+    fresh 0755 folder; tallyd links only system libraries."""
+    top = tempfile.mkdtemp(prefix="tallyd-bin-")
+    os.chmod(top, 0o755)
+    exe = os.path.join(top, "tallyd")
+    shutil.copy2(os.path.realpath(BIN), exe)
+    os.chmod(exe, 0o755)
+    return top, exe
+
+
 class Weights:
     """A daemon over models whose newer versions arrive damaged. Under root,
-    which reads chmod 000 files anyway, the daemon runs as nobody."""
+    which reads chmod 000 files anyway, the daemon runs as nobody, from a
+    copy of the binary that nobody can reach."""
 
     def __init__(self, repo):
         self.as_nobody = os.geteuid() == 0
         self.d = Daemon(repo, ["--threads", "2"])
+        self.bin_dir, self.bin = binary_for_nobody() if self.as_nobody else (None, BIN)
+
+    def cleanup(self):
+        self.d.stop()
+        if self.bin_dir:
+            shutil.rmtree(self.bin_dir, ignore_errors=True)
 
     def start(self):
         d = self.d
@@ -135,12 +155,14 @@ class Weights:
         pre = None
         if self.as_nobody:
             def pre():
+                os.setgroups([])
                 os.setgid(65534)
                 os.setuid(65534)
-        cmd = [BIN, "--model-repository", d.repo, "--listen", "127.0.0.1:%d" % d.port] + d.args
+        cmd = [self.bin, "--model-repository", d.repo, "--listen", "127.0.0.1:%d" % d.port] + d.args
         d.log = open(d.log_path, "wb")
+        # cwd /: the caller's folder may be one nobody cannot enter
         d.proc = subprocess.Popen(cmd, stdout=d.log, stderr=subprocess.STDOUT, env=d.env,
-                                  preexec_fn=pre)
+                                  preexec_fn=pre, cwd="/")
         deadline = time.time() + 30
         while time.time() < deadline:
             try:
@@ -204,7 +226,7 @@ def test_weight_faults():
         check_status(d.post("/v2/repository/models/trunc/load", {}), 200)
         check_serves(d, "trunc", 2, 2.0)
     finally:
-        w.d.stop()
+        w.cleanup()
         shutil.rmtree(repo, ignore_errors=True)
 
 
@@ -556,11 +578,32 @@ def test_sigkill_during_fit():
     print("  20 kills (fit takes %.2fs): %d before the commit, %d after" % (fit_s, mid, committed))
 
 
+def private_tmpfs_unavailable():
+    """None where a private mount namespace can mount a tmpfs, else why not:
+    containers and chroots often forbid it (unshare then fails with "cannot
+    change root filesystem propagation")."""
+    if os.geteuid() != 0:
+        return "needs root to mount a private tmpfs (tests run as uid %d)" % os.geteuid()
+    if shutil.which("unshare") is None:
+        return "unshare (util-linux) is not installed"
+    d = tempfile.mkdtemp(prefix="tallyd-ns-")
+    try:
+        p = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$1"',
+                            "sh", d], capture_output=True, text=True, timeout=30)
+    finally:
+        os.rmdir(d)
+    if p.returncode != 0:
+        msg = " ".join((p.stderr or p.stdout).split())[:200]
+        return "mount namespaces are restricted on this machine (%s)" % (msg or "exit %d" % p.returncode)
+    return None
+
+
 def test_disk_full_during_fit():
     if not fit_kind_available():
         raise SkipTest("no model kind with fit in this build (tallyd --version lists the kinds)")
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        raise SkipTest("needs root and unshare for a private tmpfs")
+    why = private_tmpfs_unavailable()
+    if why:
+        raise SkipTest(why)
     src = fit_repo()
     repo = make_repo()
     # inside a private mount namespace: the repository on a 1 MiB tmpfs that

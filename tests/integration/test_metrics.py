@@ -67,7 +67,8 @@ def test_promtool_accepts(c):
     text = c.metrics()
     promtool = shutil.which("promtool")
     if not promtool:
-        raise SkipTest("promtool is not installed (Debian package prometheus; deploy/deps.sh)")
+        raise SkipTest("promtool is not on PATH (deploy/deps.sh promtool unpacks it into "
+                       "build/tools/bin without installing the Prometheus server)")
     p = subprocess.run([promtool, "check", "metrics"], input=text.encode(), capture_output=True,
                        timeout=60)
     check(p.returncode == 0, "promtool: %s %s\n%s" % (p.stdout.decode(), p.stderr.decode(),

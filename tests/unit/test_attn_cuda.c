@@ -53,7 +53,10 @@ static void view(int inter, int heads, int64_t rows, int dim, int64_t *hs, int64
 
 static void test_cuda_vs_reference(void **state) {
   (void)state;
-  if (!attn_cuda_available()) skip();
+  if (!attn_cuda_available()) {
+    print_message("skip: no CUDA device (attn_cuda_available() is false)\n");
+    skip();
+  }
   for (size_t si = 0; si < sizeof gshapes / sizeof *gshapes; si++) {
     const gshape *S = &gshapes[si];
     size_t nq = (size_t)S->H * S->Lq * S->d, nk = (size_t)S->Hkv * S->Lk * S->d,
@@ -102,7 +105,10 @@ static void test_cuda_vs_reference(void **state) {
 
 static void test_cuda_bad_arguments(void **state) {
   (void)state;
-  if (!attn_cuda_available()) skip();
+  if (!attn_cuda_available()) {
+    print_message("skip: no CUDA device (attn_cuda_available() is false)\n");
+    skip();
+  }
   float buf[64 * 8] = {0};
   attn_tensor t = {buf, 64, 64};
   attn_out o = {buf, 64, 64};
@@ -116,10 +122,12 @@ static void test_cuda_bad_arguments(void **state) {
 #else
 static void test_cuda_vs_reference(void **state) {
   (void)state;
-  skip(); /* built without CUDA (make CUDA=1) */
+  print_message("skip: built without CUDA (make CUDA=1)\n");
+  skip();
 }
 static void test_cuda_bad_arguments(void **state) {
   (void)state;
+  print_message("skip: built without CUDA (make CUDA=1)\n");
   skip();
 }
 #endif

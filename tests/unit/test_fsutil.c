@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -58,7 +60,7 @@ static void test_list_versions(void **state) {
   (void)state;
   mkdir_ok("m");
   const char *dirs[] = {"m/1", "m/10", "m/2", "m/01", "m/0", "m/abc", "m/.tmp-x", "m/3a",
-                        "m/+4", "m/99999999999999999999", "m/9223372036854775807"};
+                        "m/+4", "m/9007199254740991"};
   for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++) mkdir_ok(dirs[i]);
   put("m/5", "a file, not a version");
   put("m/config.json", "{}");
@@ -69,9 +71,34 @@ static void test_list_versions(void **state) {
   ts_err err = {0};
   assert_int_equal(fs_list_versions(at("m"), &v, &n, &err), 0);
   assert_int_equal(n, 5);
-  int64_t want[] = {1, 2, 7, 10, INT64_MAX};
+  int64_t want[] = {1, 2, 7, 10, FS_MAX_VERSION};
   for (int i = 0; i < 5; i++) assert_true(v[i] == want[i]);
   tl_free(v);
+
+  /* a directory named like a version past FS_MAX_VERSION is an error naming
+   * it: skipped silently it would hide a model's newest version, wrapped it
+   * would be nonsense, and version + 1 must never overflow */
+  const char *over[] = {"9007199254740992", "9223372036854775807", "9223372036854775808",
+                        "99999999999999999999"};
+  for (size_t i = 0; i < sizeof over / sizeof *over; i++) {
+    mkdir_ok("big");
+    char rel[64];
+    snprintf(rel, sizeof rel, "big/%s", over[i]);
+    mkdir_ok("big/1");
+    mkdir_ok(rel);
+    assert_int_equal(fs_list_versions(at("big"), &v, &n, &err), -TS_EINVAL);
+    assert_non_null(strstr(err.msg, over[i]));
+    assert_non_null(strstr(err.msg, "largest version"));
+    assert_null(v);
+    assert_int_equal(fs_rmtree(at("big"), NULL), 0);
+  }
+  int64_t pv = 0;
+  assert_int_equal(fs_parse_version("9007199254740991", &pv), 1);
+  assert_true(pv == FS_MAX_VERSION);
+  assert_int_equal(fs_parse_version("9007199254740992", &pv), -1);
+  assert_int_equal(fs_parse_version("184467440737095516160", &pv), -1);
+  assert_int_equal(fs_parse_version("12x", &pv), 0);
+  assert_int_equal(fs_parse_version("0", &pv), 0);
 
   mkdir_ok("empty");
   assert_int_equal(fs_list_versions(at("empty"), &v, &n, &err), 0);
@@ -360,10 +387,56 @@ static void test_sha256_file(void **state) {
 
   assert_int_equal(hash_sha256_file(at("absent"), hex, &err), -TS_ENOTFOUND);
   assert_non_null(strstr(err.msg, "absent"));
-  assert_int_equal(hash_sha256_file(root, hex, &err), -TS_EIO); /* a directory */
+  assert_int_equal(hash_sha256_file(root, hex, &err), -TS_EINVAL); /* a directory */
+  assert_non_null(strstr(err.msg, "directory"));
   tl_mem_fail_after(0);
   assert_int_equal(hash_sha256_file(at("abc"), hex, &err), -TS_ENOMEM);
   tl_mem_fail_reset();
+}
+
+/* Only regular files open, and opening never blocks: a FIFO without a
+ * writer, a device, a directory, a socket or a loop of links is refused
+ * with what it is. */
+static void test_open_regular(void **state) {
+  (void)state;
+  int fd;
+  ts_err err = {0};
+  put("plain", "x");
+  assert_int_equal(fs_open_regular(at("plain"), &fd, &err), 0);
+  assert_true(fd >= 0);
+  assert_int_equal(fcntl(fd, F_GETFL) & O_NONBLOCK, 0);
+  close(fd);
+  assert_int_equal(mkfifo(at("fifo"), 0644), 0);
+  assert_int_equal(fs_open_regular(at("fifo"), &fd, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "FIFO"));
+  assert_int_equal(fd, -1);
+  mkdir_ok("dir");
+  assert_int_equal(fs_open_regular(at("dir"), &fd, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "directory"));
+  assert_int_equal(symlink("/dev/zero", at("zero")), 0);
+  assert_int_equal(fs_open_regular(at("zero"), &fd, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "character device"));
+  assert_int_equal(symlink("loop_b", at("loop_a")), 0);
+  assert_int_equal(symlink("loop_a", at("loop_b")), 0);
+  assert_int_equal(fs_open_regular(at("loop_a"), &fd, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "loop"));
+  assert_int_equal(fs_open_regular(at("absent"), &fd, &err), -TS_ENOTFOUND);
+  int sk = socket(AF_UNIX, SOCK_STREAM, 0);
+  struct sockaddr_un sa = {.sun_family = AF_UNIX};
+  snprintf(sa.sun_path, sizeof sa.sun_path, "%s", at("sock"));
+  assert_true(sk >= 0);
+  assert_int_equal(bind(sk, (struct sockaddr *)&sa, sizeof sa), 0);
+  assert_int_equal(fs_open_regular(at("sock"), &fd, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "socket"));
+  close(sk);
+  /* the readers built on it */
+  char *buf;
+  size_t len;
+  assert_int_equal(fs_read_file(at("fifo"), 1024, &buf, &len, &err), -TS_EINVAL);
+  assert_null(buf);
+  char hex[HASH_HEX_LEN + 1];
+  assert_int_equal(hash_sha256_file(at("fifo"), hex, &err), -TS_EINVAL);
+  assert_int_equal(hash_sha256_file(at("zero"), hex, &err), -TS_EINVAL);
 }
 
 int main(void) {
@@ -372,6 +445,7 @@ int main(void) {
       cmocka_unit_test(test_rmtree_unremovable), cmocka_unit_test(test_publish_version),
       cmocka_unit_test(test_clean_tmp),     cmocka_unit_test(test_read_file),
       cmocka_unit_test(test_sha256_vectors), cmocka_unit_test(test_sha256_file),
+      cmocka_unit_test(test_open_regular),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -709,7 +709,10 @@ static void test_mutations(void **state) {
 static void test_python_seeds(void **state) {
   (void)state;
   struct stat sb;
-  if (stat(SEEDS "mlp.safetensors", &sb) != 0) skip();
+  if (stat(SEEDS "mlp.safetensors", &sb) != 0) {
+    print_message("skip: %s is missing (run from the repository root)\n", SEEDS "mlp.safetensors");
+    skip();
+  }
   const char *names[] = {"empty", "metadata_only", "mlp", "dtypes", "zero_size", "misaligned"};
   ts_err err = {0};
   for (size_t k = 0; k < sizeof names / sizeof *names; k++) {

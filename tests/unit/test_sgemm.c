@@ -176,13 +176,19 @@ static gemm_fn path_fn(cpu_path p) {
 
 static void test_avx2_sweep(void **state) {
   (void)state;
-  if (!path_fn(CPU_AVX2)) skip();
+  if (!path_fn(CPU_AVX2)) {
+    print_message("skip: this CPU has no AVX2+FMA\n");
+    skip();
+  }
   sweep(path_fn(CPU_AVX2), "avx2");
 }
 
 static void test_avx512_sweep(void **state) {
   (void)state;
-  if (!path_fn(CPU_AVX512)) skip();
+  if (!path_fn(CPU_AVX512)) {
+    print_message("skip: this CPU has no AVX-512 F/VL/BW/DQ (or this build no AVX-512 path)\n");
+    skip();
+  }
   sweep(path_fn(CPU_AVX512), "avx512");
   /* the 12x32 block's edges: one full block, one past it each way */
   static const int64_t edge[][3] = {{12, 32, 300}, {13, 33, 257}, {24, 64, 7}, {11, 31, 1}};
@@ -194,7 +200,10 @@ static void test_avx512_sweep(void **state) {
 
 static void test_neon_sweep(void **state) {
   (void)state;
-  if (!path_fn(CPU_NEON)) skip();
+  if (!path_fn(CPU_NEON)) {
+    print_message("skip: no NEON here (an AArch64 path; this machine is not AArch64)\n");
+    skip();
+  }
   sweep(path_fn(CPU_NEON), "neon");
 }
 

@@ -157,11 +157,19 @@ static float *run_map(map_fn fn, fkind f, const char *path) {
   return y;
 }
 
+/* The path's operations, or NULL after printing why it cannot run here
+ * (tests/run.sh lists that line as the skip's reason). */
 static const vm_ops *ops_or_skip(cpu_path p) {
   const vm_ops *o = vm_ops_for(p);
-  if (!o) return NULL;
-  if (p == CPU_AVX2 && !cpu_has_avx2_fma()) return NULL;
-  if (p == CPU_NEON && !cpu_has_neon()) return NULL;
+  const char *name = p == CPU_AVX2 ? "AVX2+FMA" : p == CPU_NEON ? "NEON" : "this";
+  if (!o) {
+    print_message("skip: the %s path is not compiled into this build\n", name);
+    return NULL;
+  }
+  if ((p == CPU_AVX2 && !cpu_has_avx2_fma()) || (p == CPU_NEON && !cpu_has_neon())) {
+    print_message("skip: this CPU has no %s\n", name);
+    return NULL;
+  }
   return o;
 }
 
