@@ -12,7 +12,7 @@
  *    every core (OpenBLAS with as many threads), and prints milliseconds
  *    min / median / max of each and the ratio of the medians (OpenBLAS time
  *    over tallyd's: above 1 means tallyd is faster). Without OpenBLAS
- *    (libopenblas-dev: bash deploy/deps.sh --baselines) the table shows
+ *    (libopenblas-dev: bash deploy/deps.sh baselines) the table shows
  *    tallyd alone.
  *
  * Usage: bench_sgemm [seconds per cell of table 1, default 0.3] [CALLS, default 20]

@@ -12,7 +12,7 @@
 #
 #   bench/qfit_vs_torch.sh [ROWS=100000] [ROUNDS=3]
 #
-# PyTorch is Debian's python3-torch (bash deploy/deps.sh --baselines); it is
+# PyTorch is Debian's python3-torch (bash deploy/deps.sh baselines); it is
 # never a dependency of tallyd itself. Without it the script says so and exits 0.
 set -eu
 ROWS=${1:-100000}
@@ -22,7 +22,7 @@ PY=${PYTHON:-/usr/bin/python3}
 cd "$(dirname "$0")/.."
 make -s "$BUILD/bench/bench_qfit" >/dev/null
 if ! OPENBLAS_NUM_THREADS=1 "$PY" -c 'import torch' 2>/dev/null; then
-  echo "qfit_vs_torch: PyTorch is not installed (bash deploy/deps.sh --baselines); skipped"
+  echo "qfit_vs_torch: PyTorch is not installed (bash deploy/deps.sh baselines); skipped"
   exit 0
 fi
 median() { sort -n | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a[NR/2] + a[NR/2+1]) / 2}'; }

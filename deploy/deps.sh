@@ -6,6 +6,9 @@
 #   deploy/deps.sh bench     run + wrk (make bench)
 #   deploy/deps.sh fuzz      run + clang for the libFuzzer targets (make fuzz)
 #   deploy/deps.sh image     buildah and debootstrap (make image)
+#   deploy/deps.sh baselines OpenBLAS and PyTorch: the yardsticks bench_sgemm
+#                            and bench/qfit_vs_torch.sh print beside tallyd's
+#                            figures (never needed to build, test or serve)
 #   deploy/deps.sh promtool  Prometheus's promtool alone, unpacked from the
 #                            Debian package into build/tools/bin (no server is
 #                            installed; tests/run.sh puts that folder on PATH)
@@ -18,20 +21,6 @@
 # make, pkg-config, libmicrohttpd >= 0.9.75, jansson, libuv >= 1.40, OpenSSL 3,
 # libcurl, python3 (run); cmocka, numpy, PyYAML, curl, openssl (test).
 set -eu
-<<<<<<< HEAD
-PKGS="build-essential pkg-config clang libmicrohttpd-dev libjansson-dev libuv1-dev
-libssl-dev libcmocka-dev libcurl4-openssl-dev python3 python3-numpy python3-yaml
-curl openssl prometheus"
-[ "${1:-}" = "--bench" ] && PKGS="$PKGS wrk"
-[ "${1:-}" = "--ops" ] && PKGS="$PKGS prometheus"
-# The yardsticks the kernel benches print beside tallyd's figures (OpenBLAS
-# for bench_sgemm, PyTorch for bench/qfit_vs_torch.sh). Never needed to
-# build, test or serve.
-[ "${1:-}" = "--baselines" ] && PKGS="$PKGS libopenblas-dev python3-torch"
-missing=""
-for p in $PKGS; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
-=======
 cd "$(dirname "$0")/.."
 
 RUN="build-essential pkg-config libmicrohttpd-dev libjansson-dev libuv1-dev libssl-dev
@@ -48,10 +37,10 @@ for step in "$@"; do
     bench | --bench) want="$want $RUN wrk" ;;
     fuzz) want="$want $RUN clang" ;;
     image) want="$want buildah debootstrap" ;;
+    baselines | --baselines) want="$want libopenblas-dev python3-torch" ;;
     promtool) promtool=1 ;;
-    *) echo "deps.sh: unknown step '$step' (run, test, bench, fuzz, image, promtool)" >&2; exit 2 ;;
+    *) echo "deps.sh: unknown step '$step' (run, test, bench, fuzz, image, baselines, promtool)" >&2; exit 2 ;;
   esac
->>>>>>> main
 done
 
 SUDO=""
