@@ -16,12 +16,12 @@
 #define ATTN_BK 64
 
 typedef struct attn_rowc { /* per-row constants of the LSSAR weight pass */
-  float c1;       /* N_i / (Z_i + eps) */
-  float o;        /* O_i */
-  float inv_xmax; /* 1 / x_max */
-  float ythr;     /* y below this has y^p < 1e-30 relative to the row max: weight 0 */
-  float p;        /* the power */
-  int ip;         /* p as an integer when p is one in [1, 64], else 0 */
+  float c1;                /* N_i / (Z_i + eps) */
+  float o;                 /* O_i */
+  float inv_xmax;          /* 1 / x_max */
+  float ythr;              /* y below this has y^p < 1e-30 relative to the row max: weight 0 */
+  float p;                 /* the power */
+  int ip;                  /* p as an integer when p is one in [1, 64], else 0 */
 } attn_rowc;
 
 typedef struct attn_kern {
@@ -55,4 +55,3 @@ extern const attn_kern attn__kern_neon;
 const attn_kern *attn_kern_for(cpu_path p);
 
 #endif
-

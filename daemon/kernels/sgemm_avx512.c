@@ -24,13 +24,15 @@
 #define MR 12
 #define NR 32
 #define KC 256
-#define MC 144  /* multiple of MR */
-#define NC 3072 /* multiple of NR */
+#define MC 144         /* multiple of MR */
+#define NC 3072        /* multiple of NR */
 #define DIRECT_MAX_M 4 /* as sgemm_avx2.c */
 
 extern const sg_ops sg__ops_avx2; /* sgemm_avx2.c */
 
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
 
 static __mmask16 mask16(int64_t n) {
   return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
@@ -121,14 +123,14 @@ static void pack_b_t(const float *B, int64_t ldb, int64_t kc, int64_t nc, float 
 
 /* ---- the 12x32 register block ------------------------------------------- */
 
-#define ROW(i)                                  \
-  a = _mm512_set1_ps(ap[i]);                    \
-  c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0);    \
+#define ROW(i)                               \
+  a = _mm512_set1_ps(ap[i]);                 \
+  c##i##0 = _mm512_fmadd_ps(a, b0, c##i##0); \
   c##i##1 = _mm512_fmadd_ps(a, b1, c##i##1);
 
 /* C[mr, nr] = beta * C + Ap-panel * Bp-panel over kc. */
-static void kernel_12x32(int64_t kc, const float *restrict ap, const float *restrict bp,
-                         float *C, int64_t ldc, int64_t mr, int64_t nr, float beta) {
+static void kernel_12x32(int64_t kc, const float *restrict ap, const float *restrict bp, float *C,
+                         int64_t ldc, int64_t mr, int64_t nr, float beta) {
   __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
   __m512 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   __m512 c60 = c00, c61 = c00, c70 = c00, c71 = c00, c80 = c00, c81 = c00;
@@ -137,13 +139,11 @@ static void kernel_12x32(int64_t kc, const float *restrict ap, const float *rest
 #pragma GCC unroll 2
   for (int64_t k = 0; k < kc; k++) {
     __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16), a;
-    ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8) ROW(9) ROW(10) ROW(11)
-    ap += MR;
+    ROW(0) ROW(1) ROW(2) ROW(3) ROW(4) ROW(5) ROW(6) ROW(7) ROW(8) ROW(9) ROW(10) ROW(11) ap += MR;
     bp += NR;
   }
-  __m512 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31},
-                       {c40, c41}, {c50, c51}, {c60, c61}, {c70, c71},
-                       {c80, c81}, {c90, c91}, {c100, c101}, {c110, c111}};
+  __m512 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41},   {c50, c51},
+                       {c60, c61}, {c70, c71}, {c80, c81}, {c90, c91}, {c100, c101}, {c110, c111}};
   __mmask16 m0 = mask16(nr), m1 = mask16(nr - 16);
   for (int64_t m = 0; m < mr; m++) {
     float *c = C + m * ldc;
@@ -155,16 +155,18 @@ static void kernel_12x32(int64_t kc, const float *restrict ap, const float *rest
 
 /* ---- packed path ---------------------------------------------------------- */
 
-static void gemm_packed(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                        int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                        int64_t ldc, float *Ap, float *Bp, int64_t nc_max) {
+static void gemm_packed(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                        const float *B, int64_t ldb, float beta, float *C, int64_t ldc, float *Ap,
+                        float *Bp, int64_t nc_max) {
   for (int64_t jc = 0; jc < N; jc += nc_max) {
     int64_t nc = min64(nc_max, N - jc);
     for (int64_t pc = 0; pc < K; pc += KC) {
       int64_t kc = min64(KC, K - pc);
       float bet = pc == 0 ? beta : 1.0f;
-      if (trans_b) pack_b_t(B + jc * ldb + pc, ldb, kc, nc, Bp);
-      else pack_b_n(B + pc * ldb + jc, ldb, kc, nc, Bp);
+      if (trans_b)
+        pack_b_t(B + jc * ldb + pc, ldb, kc, nc, Bp);
+      else
+        pack_b_n(B + pc * ldb + jc, ldb, kc, nc, Bp);
       for (int64_t ic = 0; ic < M; ic += MC) {
         int64_t mc = min64(MC, M - ic);
         pack_a(A + ic * lda + pc, lda, mc, kc, Ap);
@@ -181,9 +183,8 @@ static void gemm_packed(int trans_b, int64_t M, int64_t N, int64_t K, const floa
 
 /* ---- entry ----------------------------------------------------------------- */
 
-static void gemm_avx512(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                        int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                        int64_t ldc) {
+static void gemm_avx512(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                        const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; i++)

@@ -29,19 +29,19 @@ struct qa_grad32 {
   qa_spec s;
   int64_t cap, P, L, MK, wide;
   int64_t off_w[QA_MAX_DEPTH + 1], off_b[QA_MAX_DEPTH + 1];
-  float *th, *gw;                  /* [P] theta and gradient in float */
-  float *Wg;                       /* global: effective weights [L] */
-  float *zb, *zt;                  /* global fine: [n, MK] rows and [MK, n] transposed */
-  float *q, *g;                    /* [cap, K] */
-  double *qd, *gd;                 /* [K] one row for qa__row_loss */
-  double *dsum;                    /* [K] softmax group sums */
-  float *gmx;                      /* [K] softmax group maxima */
-  float *inp[QA_MAX_DEPTH + 1];    /* local: [cap, in_i] input of Linear i */
-  float *pre[QA_MAX_DEPTH];        /* [cap, H] before ELU */
-  float *scale[QA_MAX_DEPTH + 1];  /* [cap, H] dropout factors or NULL */
-  float *S, *DS;                   /* [cap, L] weights and d loss / d logits */
-  float *T;                        /* [max(L, H), cap] a transposed operand */
-  float *da, *db;                  /* [cap, wide] */
+  float *th, *gw;                 /* [P] theta and gradient in float */
+  float *Wg;                      /* global: effective weights [L] */
+  float *zb, *zt;                 /* global fine: [n, MK] rows and [MK, n] transposed */
+  float *q, *g;                   /* [cap, K] */
+  double *qd, *gd;                /* [K] one row for qa__row_loss */
+  double *dsum;                   /* [K] softmax group sums */
+  float *gmx;                     /* [K] softmax group maxima */
+  float *inp[QA_MAX_DEPTH + 1];   /* local: [cap, in_i] input of Linear i */
+  float *pre[QA_MAX_DEPTH];       /* [cap, H] before ELU */
+  float *scale[QA_MAX_DEPTH + 1]; /* [cap, H] dropout factors or NULL */
+  float *S, *DS;                  /* [cap, L] weights and d loss / d logits */
+  float *T;                       /* [max(L, H), cap] a transposed operand */
+  float *da, *db;                 /* [cap, wide] */
   void *mem;
 };
 
@@ -65,8 +65,8 @@ static void chunk_run(void *arg, int64_t b, int64_t e) {
               j->ldc);
     } else {
       if (x1 > j->M) x1 = j->M;
-      sg_gemm(NULL, j->trans_b, x1 - x0, j->N, j->K, j->A + x0 * j->lda, j->lda, j->B, j->ldb,
-              0.0f, j->C + x0 * j->ldc, j->ldc);
+      sg_gemm(NULL, j->trans_b, x1 - x0, j->N, j->K, j->A + x0 * j->lda, j->lda, j->B, j->ldb, 0.0f,
+              j->C + x0 * j->ldc, j->ldc);
     }
   }
 }
@@ -77,8 +77,10 @@ static void gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K, con
   chunk_job j = {trans_b, N >= M, M, N, K, lda, ldb, ldc, 0, A, B, C};
   j.unit = j.by_cols ? 128 : 64;
   int64_t n = ((j.by_cols ? N : M) + j.unit - 1) / j.unit;
-  if (n <= 1 || (double)M * N * K < 1e5) chunk_run(&j, 0, n);
-  else pool_parallel_for(pool, n, 1, chunk_run, &j);
+  if (n <= 1 || (double)M * N * K < 1e5)
+    chunk_run(&j, 0, n);
+  else
+    pool_parallel_for(pool, n, 1, chunk_run, &j);
 }
 
 /* T[c, r] = A[r, c] for A [rows, cols]. */
@@ -202,8 +204,10 @@ int qa_grad32_new(qa_grad32 **out, const qa_spec *s, int64_t max_rows, ts_err *e
   int64_t tw = local ? (g->L > H ? g->L : H) : 0;
   /* floats, then the two double rows */
   int64_t nf = 2 * g->P + 2 * n * K;
-  if (!local) nf += g->L + (s->gran == QA_FINE ? 2 * n * g->MK : 0);
-  else nf += n * D + 3 * s->depth * n * H + 2 * n * g->L + tw * n + 2 * n * g->wide;
+  if (!local)
+    nf += g->L + (s->gran == QA_FINE ? 2 * n * g->MK : 0);
+  else
+    nf += n * D + 3 * s->depth * n * H + 2 * n * g->L + tw * n + 2 * n * g->wide;
   if ((double)nf * 4 > (double)((int64_t)1 << 40)) {
     tl_free(g);
     return ts_errf(err, TS_EINVAL, "aggregator: a float32 batch of %lld rows is too large",
@@ -246,8 +250,8 @@ int qa_grad32_new(qa_grad32 **out, const qa_spec *s, int64_t max_rows, ts_err *e
 
 /* ---- the local network ------------------------------------------------------ */
 
-static void net_forward(qa_grad32 *g, pool_t *pool, int64_t n, const int64_t *ids,
-                        const float *X, double dropout, uint64_t seed) {
+static void net_forward(qa_grad32 *g, pool_t *pool, int64_t n, const int64_t *ids, const float *X,
+                        double dropout, uint64_t seed) {
   const qa_spec *s = &g->s;
   int64_t H = s->hidden, D = s->D;
   for (int64_t t = 0; t < n; t++) memcpy(g->inp[0] + t * D, X + ids[t] * D, sizeof(float) * D);
@@ -305,14 +309,13 @@ static void net_backward(qa_grad32 *g, pool_t *pool, int64_t n, int dropout) {
 
 /* ---- the batch ------------------------------------------------------------- */
 
-int qa_grad32_run(qa_grad32 *g, pool_t *pool, const double *theta, int64_t n,
-                  const int64_t *rows, const float *Z, const float *X, const float *y,
-                  const qa_loss_opts *o, double *loss, double *pinball, double *grad,
-                  ts_err *err) {
+int qa_grad32_run(qa_grad32 *g, pool_t *pool, const double *theta, int64_t n, const int64_t *rows,
+                  const float *Z, const float *X, const float *y, const qa_loss_opts *o,
+                  double *loss, double *pinball, double *grad, ts_err *err) {
   const qa_spec *s = &g->s;
   if (n < 1 || n > g->cap)
-    return ts_errf(err, TS_EINVAL, "aggregator: batch of %lld rows, room for 1..%lld",
-                   (long long)n, (long long)g->cap);
+    return ts_errf(err, TS_EINVAL, "aggregator: batch of %lld rows, room for 1..%lld", (long long)n,
+                   (long long)g->cap);
   if (!Z || !y || (s->scope == QA_LOCAL && !X))
     return ts_errf(err, TS_EINVAL, "aggregator loss: missing %s", !Z ? "Z" : !y ? "y" : "X");
   qa_loss_opts zero = {0};
