@@ -144,6 +144,16 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
       if ((rc = batch_grad(g32, cap, pool, theta, P, nb, tr + b0, Z, X, y, &lo, &l, NULL, grad, acc,
                            err)))
         goto out;
+      /* float32 overflows where double would not: a loss that is no longer
+       * finite means the step size blew the weights up. Refuse the fit
+       * instead of letting early stopping quietly keep the start. */
+      if (!isfinite(l)) {
+        rc = ts_errf(err, TS_EINVAL,
+                     "fit diverged: the training loss is not finite in epoch %d; lower "
+                     "'learning_rate' (%g)",
+                     e + 1, o->learning_rate);
+        goto out;
+      }
       opt_adam_step(&opt, theta, grad);
       tl += l * (double)nb;
     }
@@ -161,6 +171,13 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
     if ((rc = batch_grad(g32, cap, pool, theta, P, n_val, va, Z, X, y, &vo, NULL, &v, NULL, NULL,
                          err)))
       goto out;
+    if (!isfinite(v)) {
+      rc = ts_errf(err, TS_EINVAL,
+                   "fit diverged: the validation loss is not finite after epoch %d; lower "
+                   "'learning_rate' (%g)",
+                   e + 1, o->learning_rate);
+      goto out;
+    }
     rep->val_loss[e] = v;
     if (v < best_v) {
       best_v = v;
