@@ -8,8 +8,9 @@
 #   make CUDA=1  also build the CUDA attention kernels (needs nvcc)
 #
 # Sources are found by wildcard: a new daemon/<floor>/*.c or tests/unit/test_*.c
-# needs no edit here. Files named *_avx2.c are compiled for AVX2+FMA only
-# (chosen at run time, never -march=native); *_neon.c hold AArch64 code.
+# needs no edit here. Files named *_avx2.c are compiled for AVX2+FMA only,
+# *_avx512.c for AVX-512 F/VL/BW/DQ (chosen at run time, never
+# -march=native); *_neon.c hold AArch64 code.
 
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -77,6 +78,7 @@ $(BUILD)/%.o: %.c
 
 ifeq ($(ARCH),x86_64)
 $(BUILD)/%_avx2.o: CFLAGS += -mavx2 -mfma
+$(BUILD)/%_avx512.o: CFLAGS += -mavx2 -mfma -mavx512f -mavx512vl -mavx512bw -mavx512dq
 endif
 
 $(BUILD)/%.cu.o: %.cu
@@ -98,6 +100,11 @@ $(BUILD)/tests/%: tests/unit/%.c $(BUILD)/libtallyd.a
 $(BUILD)/tests/tools/%: tests/tools/%.c $(BUILD)/libtallyd.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDLIBS)
+# bench_sgemm prints OpenBLAS beside tallyd when libopenblas-dev is there.
+ifeq ($(shell pkg-config --exists openblas 2>/dev/null && echo y),y)
+$(BUILD)/bench/bench_sgemm: CPPFLAGS += -DTALLYD_OPENBLAS $(shell pkg-config --cflags openblas)
+$(BUILD)/bench/bench_sgemm: LDLIBS += $(shell pkg-config --libs openblas)
+endif
 $(BUILD)/bench/%: bench/%.c $(BUILD)/libtallyd.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libtallyd.a $(LDLIBS)

@@ -13,6 +13,12 @@
  *                          [--dim D] [--variants softmax,lssa,lssar] [--masks causal,full]
  *                          [--no-naive] [--naive-gib G] [--cuda] [--no-cpu]
  *
+ * --ratios R instead measures LSSA and LSSAR against softmax (causal, one
+ * set of inputs per length, L = 4,096 and 16,384 unless --min-len/--max-len
+ * say otherwise): R rounds, each running softmax, LSSA and LSSAR one after
+ * the other so that the machine's load falls on all three alike, then the
+ * median time of each and the ratios lssa/softmax and lssar/softmax.
+ *
  * --cuda (builds with make CUDA=1 only) times attn_cuda_forward, copies to
  * and from the GPU included, and checks it against the CPU kernel; --no-cpu
  * leaves the CPU runs out (long lengths on the GPU alone). */
@@ -127,14 +133,68 @@ static void usage(void) {
   fprintf(stderr,
           "usage: bench_attn [--max-len N] [--min-len N] [--threads T] [--heads H] [--dim D]\n"
           "                  [--variants softmax,lssa,lssar] [--masks causal,full]\n"
-          "                  [--no-naive] [--naive-gib G] [--cuda] [--no-cpu]\n");
+          "                  [--no-naive] [--naive-gib G] [--cuda] [--no-cpu] [--ratios R]\n");
   exit(2);
+}
+
+static int cmp_d(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* The --ratios mode (see the top of the file). */
+static int ratios(pool_t *pool, int H, int d, int64_t min_len, int64_t max_len, int rounds) {
+  static const int64_t lens[] = {4096, 16384};
+  static const char *vnames[] = {"softmax", "lssa", "lssar"};
+  if (rounds > 64) rounds = 64;
+  printf("# causal attention, %d heads, d = %d, path %s: median of %d alternating rounds\n", H,
+         d, cpu_path_name(cpu_best_path()), rounds);
+  printf("# %6s %10s %10s %10s %12s %12s\n", "L", "softmax_s", "lssa_s", "lssar_s",
+         "lssa/softmax", "lssar/softmax");
+  for (size_t li = 0; li < sizeof lens / sizeof *lens; li++) {
+    int64_t L = lens[li];
+    if (L > max_len || L < min_len) continue;
+    size_t n = (size_t)H * L * d;
+    float *q = malloc(n * 4), *k = malloc(n * 4), *v = malloc(n * 4), *o = malloc(n * 4);
+    if (!q || !k || !v || !o) return 1;
+    srand(1);
+    for (size_t i = 0; i < n; i++) {
+      q[i] = (float)rand() / RAND_MAX * 2 - 1;
+      k[i] = (float)rand() / RAND_MAX * 2 - 1;
+      v[i] = (float)rand() / RAND_MAX * 2 - 1;
+    }
+    attn_tensor tq = {q, L * d, d}, tk = {k, L * d, d}, tv = {v, L * d, d};
+    attn_out to = {o, L * d, d};
+    double t[3][64];
+    for (int r = 0; r < rounds; r++)
+      for (int var = 0; var < 3; var++) {
+        attn_params prm = attn_params_default((attn_variant)var);
+        ts_err err;
+        double t0 = now();
+        if (attn_forward(pool, &prm, H, H, L, L, d, d, tq, tk, tv, to, &err) != 0) {
+          fprintf(stderr, "bench_attn: %s %s\n", vnames[var], err.msg);
+          return 1;
+        }
+        t[var][r] = now() - t0;
+      }
+    double med[3];
+    for (int var = 0; var < 3; var++) {
+      qsort(t[var], (size_t)rounds, sizeof(double), cmp_d);
+      med[var] = rounds % 2 ? t[var][rounds / 2] : 0.5 * (t[var][rounds / 2 - 1] + t[var][rounds / 2]);
+    }
+    printf("  %6lld %10.4f %10.4f %10.4f %12.3f %12.3f\n", (long long)L, med[0], med[1], med[2],
+           med[1] / med[0], med[2] / med[0]);
+    fflush(stdout);
+    free(q), free(k), free(v), free(o);
+  }
+  return 0;
 }
 
 int main(int argc, char **argv) {
   int64_t max_len = 16384, min_len = 1024;
   int threads = (int)sysconf(_SC_NPROCESSORS_ONLN), H = 12, d = 64, naive = 1, cuda = 0, cpu = 1;
   double naive_gib = 4.0;
+  int n_ratio = 0;
   const char *variants = "softmax,lssa,lssar", *masks = "causal,full";
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *nx = i + 1 < argc ? argv[i + 1] : NULL;
@@ -149,6 +209,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--no-naive")) naive = 0;
     else if (!strcmp(a, "--cuda")) cuda = 1;
     else if (!strcmp(a, "--no-cpu")) cpu = 0, naive = 0;
+    else if (!strcmp(a, "--ratios") && nx) n_ratio = atoi(argv[++i]);
     else usage();
   }
 #ifndef TALLYD_CUDA
@@ -166,6 +227,11 @@ int main(int argc, char **argv) {
   if (threads > 1 && pool_create(&pool, threads, 0) != 0) {
     fprintf(stderr, "bench_attn: cannot start %d threads\n", threads);
     return 1;
+  }
+  if (n_ratio > 0) {
+    int rc = ratios(pool, H, d, min_len < 4096 ? 4096 : min_len, max_len, n_ratio);
+    pool_destroy(pool);
+    return rc;
   }
   /* Big blocks always from mmap, returned on free: each run's peak then shows
    * what that run allocated, not what an earlier one left mapped. */

@@ -4,12 +4,17 @@
  * at B = 1 and B = 1024 (through a prepared qa_infer), each beside the coarse-global aggregator as the
  * baseline.
  *
- *   build/bench/bench_qfit [rows] [epochs] [threads]
+ *   build/bench/bench_qfit [rows] [epochs] [threads] [batch] [only]
  *
- * TALLYD_SIMD=scalar forces the scalar sgemm path. */
+ * batch is the minibatch (default 64); only, when given, is one aggregator
+ * name (coarse-global, fine-global, medium-local) and leaves the forward
+ * figures out: bench/qfit_vs_torch.sh runs it that way beside PyTorch.
+ *
+ * TALLYD_SIMD=scalar|avx2|avx512 forces an sgemm path. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 #include "../daemon/base/cpu.h"
@@ -45,6 +50,9 @@ int main(int argc, char **argv) {
   int64_t N = argc > 1 ? atoll(argv[1]) : 100000;
   int epochs = argc > 2 ? atoi(argv[2]) : 1;
   int threads = argc > 3 ? atoi(argv[3]) : 0;
+  int batch = argc > 4 ? atoi(argv[4]) : 64;
+  const char *only = argc > 5 ? argv[5] : NULL;
+  if (batch < 1) batch = 64;
   double lv[K];
   for (int k = 0; k < K; k++) lv[k] = 0.01 * (k + 1);
   float *Z = malloc(sizeof(float) * N * M * K), *X = malloc(sizeof(float) * N * D),
@@ -64,14 +72,16 @@ int main(int argc, char **argv) {
   }
   pool_t *pool = NULL;
   if (pool_create(&pool, threads, 0)) return 1;
-  printf("quantile aggregation bench: %lld rows, M=%d, K=%d, D=%d, %d threads, sgemm path %s\n",
-         (long long)N, M, K, D, pool_threads(pool), cpu_path_name(cpu_best_path()));
+  printf("quantile aggregation bench: %lld rows, M=%d, K=%d, D=%d, %d threads, batch %d, sgemm "
+         "path %s\n",
+         (long long)N, M, K, D, pool_threads(pool), batch, cpu_path_name(cpu_best_path()));
   printf("%-14s %12s %14s %14s %14s\n", "aggregator", "params", "fit rows/s", "fwd B=1 rows/s",
          "fwd B=1024 rows/s");
   cfg cfgs[] = {{"coarse-global", QA_COARSE, QA_GLOBAL},
                 {"fine-global", QA_FINE, QA_GLOBAL},
                 {"medium-local", QA_MEDIUM, QA_LOCAL}};
   for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
+    if (only && strcmp(only, cfgs[c].name) != 0) continue;
     qa_spec s = {.M = M, .K = K, .D = D, .levels = lv, .gran = cfgs[c].g, .scope = cfgs[c].sc,
                  .simplex = 1, .hidden = 64, .depth = 2};
     qa_params p;
@@ -84,7 +94,7 @@ int main(int argc, char **argv) {
     qa_fit_opts_default(&o);
     o.epochs = epochs;
     o.validation_fraction = 0;
-    o.batch_size = 64;
+    o.batch_size = batch;
     qa_fit_report r;
     double t0 = now();
     if (qa_fit(pool, &s, &p, N, Z, X, y, &o, &r, &err)) {
@@ -93,6 +103,11 @@ int main(int argc, char **argv) {
     }
     double fit_rps = (double)N * r.epochs_run / (now() - t0);
     qa_fit_report_free(&r);
+    if (only) {
+      printf("%-14s %12lld %14.0f\n", cfgs[c].name, (long long)p.n, fit_rps);
+      qa_params_free(&p);
+      continue;
+    }
     qa_infer f;
     if (qa_infer_init(&f, &s, &p, &err)) {
       fprintf(stderr, "%s\n", err.msg);

@@ -6,6 +6,9 @@
 #   deploy/deps.sh bench     run + wrk (make bench)
 #   deploy/deps.sh fuzz      run + clang for the libFuzzer targets (make fuzz)
 #   deploy/deps.sh image     buildah and debootstrap (make image)
+#   deploy/deps.sh baselines OpenBLAS and PyTorch: the yardsticks bench_sgemm
+#                            and bench/qfit_vs_torch.sh print beside tallyd's
+#                            figures (never needed to build, test or serve)
 #   deploy/deps.sh promtool  Prometheus's promtool alone, unpacked from the
 #                            Debian package into build/tools/bin (no server is
 #                            installed; tests/run.sh puts that folder on PATH)
@@ -34,8 +37,9 @@ for step in "$@"; do
     bench | --bench) want="$want $RUN wrk" ;;
     fuzz) want="$want $RUN clang" ;;
     image) want="$want buildah debootstrap" ;;
+    baselines | --baselines) want="$want libopenblas-dev python3-torch" ;;
     promtool) promtool=1 ;;
-    *) echo "deps.sh: unknown step '$step' (run, test, bench, fuzz, image, promtool)" >&2; exit 2 ;;
+    *) echo "deps.sh: unknown step '$step' (run, test, bench, fuzz, image, baselines, promtool)" >&2; exit 2 ;;
   esac
 done
 

@@ -10,7 +10,13 @@
  *   softmax  one pass, running row max m and sum l, O rescaled by exp(m - m')
  *   LSSA     one pass, no max needed (|s| <= ln d ln N): O += a v, Z += a
  *   LSSAR    pass 1: Z and the row's largest score; pass 2: the guarded
- *            weights y^p (y = x / x_max) and O += w v.
+ *            weights y^p (y = x / x_max) and O += w v. Pass 1 keeps each
+ *            key tile's softplus(scores) in a per-worker buffer (one
+ *            [48][64] block per key tile, the layout pass 2's row transform
+ *            and p.v kernel read), so pass 2 does no second Q.K and no
+ *            second softplus; past
+ *            ATTN_LSSAR_KEEP_MAX keys, or when that buffer cannot be had,
+ *            pass 2 computes the scores again.
  * Invariant kept by every row transform: S columns [nv, ncols) are written 0,
  * so the p.v kernel may read up to the tile's widest row without a mask. */
 #include "attn.h"
@@ -20,6 +26,7 @@
 #include <string.h>
 
 #include "../base/mem.h"
+#include "attn_kern.h"
 
 attn_params attn_params_default(attn_variant v) {
   attn_params p;
@@ -265,8 +272,18 @@ static double sc_row_lssar(float *s, int nv, int ncols, const attn_rowc *c) {
   return sum;
 }
 
-const attn_kern attn_kern_scalar = {sc_qk, sc_pv, sc_rowmax,
-                                    sc_row_exp, sc_row_softplus, sc_row_lssar};
+static double sc_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
+  double sum = 0;
+  for (int j = 0; j < nv; j++) {
+    float y = (s[j] * c->c1 - c->o) * c->inv_xmax;
+    sum += s[j] = y >= c->ythr ? powf(y, c->p) : 0.0f;
+  }
+  for (int j = nv; j < ncols; j++) s[j] = 0.0f;
+  return sum;
+}
+
+const attn_kern attn__kern_scalar = {"scalar", sc_qk, sc_pv, sc_rowmax, sc_row_exp,
+                                     sc_row_softplus, sc_row_lssar, sc_row_lssar_sp};
 
 /* ---- the tiled driver ---------------------------------------------------- */
 
@@ -310,6 +327,7 @@ static void attn_pack_range(void *arg, int64_t b, int64_t e) {
 
 typedef struct attn_scratch {
   float *q, *s, *o;
+  float *keep; /* LSSAR: [ntk][ATTN_BQ][ATTN_BK] scores of pass 1, or NULL */
   double m[ATTN_BQ], l[ATTN_BQ], z[ATTN_BQ], ceps[ATTN_BQ];
   float smax[ATTN_BQ];
   int nv[ATTN_BQ], dead[ATTN_BQ];
@@ -381,9 +399,14 @@ static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
       }
       if (maxnv == 0) continue;
       int ncols = (maxnv + 15) & ~15;
-      K->qk(W->q, rows, d, J->kp + (kvh * J->ntk + kt) * (int64_t)d * ATTN_BK, ncols, W->s);
+      /* With a keep buffer, pass 1 leaves softplus(scores) there and pass
+       * 2 reads them back (dead rows only narrow the tile). */
+      float *kept = W->keep ? W->keep + kt * (int64_t)ATTN_BQ * ATTN_BK : NULL;
+      float *S = kept ? kept : W->s;
+      if (!kept || pass == 0)
+        K->qk(W->q, rows, d, J->kp + (kvh * J->ntk + kt) * (int64_t)d * ATTN_BK, ncols, S);
       for (int r = 0; r < rows; r++) {
-        float *sr = W->s + (int64_t)r * ATTN_BK;
+        float *sr = S + (int64_t)r * ATTN_BK;
         int nv = W->nv[r];
         if (variant == ATTN_SOFTMAX) {
           if (nv == 0) {
@@ -409,11 +432,11 @@ static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
           }
           W->z[r] += K->row_softplus(sr, nv, ncols);
         } else {
-          W->l[r] += K->row_lssar(sr, nv, ncols, &W->rc[r]);
+          W->l[r] += (kept ? K->row_lssar_sp : K->row_lssar)(sr, nv, ncols, &W->rc[r]);
         }
       }
       if (values)
-        K->pv(W->s, rows, maxnv, J->vp + (kvh * J->Lkp + k0) * dvp, dvp, W->o);
+        K->pv(S, rows, maxnv, J->vp + (kvh * J->Lkp + k0) * dvp, dvp, W->o);
     }
   }
 
@@ -442,36 +465,41 @@ static void attn_tiles_range(void *arg, int64_t b, int64_t e) {
   W->q = buf;
   W->s = W->q + (int64_t)ATTN_BQ * J->d;
   W->o = W->s + (int64_t)ATTN_BQ * ATTN_BK;
+  W->keep = NULL;
+  if (J->prm->variant == ATTN_LSSAR && J->Lk <= ATTN_LSSAR_KEEP_MAX)
+    W->keep = tl_malloc(sizeof(float) * (size_t)(J->ntk * ATTN_BQ * ATTN_BK)); /* NULL: recompute */
   for (int64_t it = b; it < e; it++) {
     /* Last query tiles first: under a causal mask they are the heaviest,
      * and handing them out early evens the workers' loads. */
     int64_t qt = J->ntq - 1 - it / J->H;
     attn_item(J, W, (int)(it % J->H), qt);
   }
+  tl_free(W->keep);
   tl_free(buf);
   tl_free(W);
 }
 
-static int attn_kern_for(cpu_path path, const attn_kern **out, ts_err *err) {
-  switch (path) {
-    case CPU_SCALAR: *out = &attn_kern_scalar; return 0;
-    case CPU_AVX2:
+const attn_kern *attn_kern_for(cpu_path p) {
+  switch (p) {
+    case CPU_SCALAR: return &attn__kern_scalar;
 #if defined(__x86_64__)
-      if (cpu_has_avx2_fma()) {
-        *out = &attn_kern_avx2;
-        return 0;
-      }
+    case CPU_AVX2: return &attn__kern_avx2;
 #endif
-      break;
-    case CPU_NEON:
 #if defined(__aarch64__)
-      *out = &attn_kern_neon;
-      return 0;
+    case CPU_NEON: return &attn__kern_neon;
 #endif
-      break;
+    default: return NULL; /* AVX-512: the AVX2 tiles are what its fallback runs */
   }
-  return ts_errf(err, TS_EINVAL, "attention: this CPU cannot run the %s path",
-                 cpu_path_name(path));
+}
+
+/* Path p's tile kernels, or its nearest fallback's; refused when this CPU
+ * cannot run p at all. */
+static int attn_pick(cpu_path path, const attn_kern **out, ts_err *err) {
+  if (!cpu_runs(path))
+    return ts_errf(err, TS_EINVAL, "attention: this CPU cannot run the %s path",
+                   cpu_path_name(path));
+  while (!(*out = attn_kern_for(path))) path = cpu_path_fallback(path);
+  return 0;
 }
 
 int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H, int Hkv,
@@ -481,7 +509,7 @@ int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H
   if (rc) return rc;
   attn_job J;
   memset(&J, 0, sizeof J);
-  rc = attn_kern_for(path, &J.kern, err);
+  rc = attn_pick(path, &J.kern, err);
   if (rc) return rc;
   if (Lq == 0) return 0;
   J.prm = prm;

@@ -25,7 +25,10 @@
  * K (normalised for LSSA/LSSAR, transposed per key tile) and V (rows padded
  * to a multiple of 16 floats) into one buffer of about Hkv * Lk * (d + dv)
  * floats: the size of the K and V inputs themselves. Per worker they use
- * O(ATTN_BQ * (d + dv + ATTN_BK)) floats of scratch.
+ * O(48 * (d + dv + 64)) floats of scratch; LSSAR also keeps the first pass's
+ * scores of one 48-query tile, 48 * Lk floats (3 MiB at Lk = 16,384), so that
+ * its second pass does no second Q.K, up to ATTN_LSSAR_KEEP_MAX keys; past
+ * that it recomputes the scores instead.
  *
  * Inputs must be finite for the result to be defined; values of masked keys
  * never enter the sums (even a masked key's huge V leaves the output alone).
@@ -65,6 +68,7 @@ typedef struct attn_out {
 
 #define ATTN_EPS 1e-8         /* the eps of A = a / (Z + eps) and W = b / (sum b + eps) */
 #define ATTN_NORM_FLOOR 1e-12 /* QK-norm: x / max(||x||, 1e-12) */
+#define ATTN_LSSAR_KEEP_MAX 65536 /* keys up to which LSSAR keeps its scores (12 MiB a worker) */
 
 /* Defaults: softmax, causal, offset 0, p 15, offset_rows 3, scale 1/sqrt(d). */
 attn_params attn_params_default(attn_variant v);
@@ -78,7 +82,8 @@ int attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t L
                  attn_out out, ts_err *err);
 
 /* The same on a chosen path (tests compare paths). A path this CPU cannot run
- * (AVX2 without the feature, NEON off AArch64) is refused with -TS_EINVAL. */
+ * (AVX2 without the feature, NEON off AArch64) is refused with -TS_EINVAL; a
+ * path without tile kernels of its own runs its fallback's (AVX-512: AVX2). */
 int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H, int Hkv,
                       int64_t Lq, int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k,
                       attn_tensor v, attn_out out, ts_err *err);
@@ -95,44 +100,5 @@ int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t 
 int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
                    int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
                    ts_err *err);
-
-/* ---- Internal: the per-path tile kernels (attn.c, attn_avx2.c, attn_neon.c).
- * Tiles: ATTN_BQ query rows by ATTN_BK keys. Q tile [rows][d] (row stride d),
- * packed K tile [d][ATTN_BK], scores/weights S [rows][ATTN_BK], packed V
- * [keys][dvp] with dvp % 16 == 0, accumulator O [rows][dvp]. */
-#define ATTN_BQ 48
-#define ATTN_BK 64
-
-typedef struct attn_rowc { /* per-row constants of the LSSAR weight pass */
-  float c1;       /* N_i / (Z_i + eps) */
-  float o;        /* O_i */
-  float inv_xmax; /* 1 / x_max */
-  float ythr;     /* y below this has y^p < 1e-30 relative to the row max: weight 0 */
-  float p;        /* the power */
-  int ip;         /* p as an integer when p is one in [1, 64], else 0 */
-} attn_rowc;
-
-typedef struct attn_kern {
-  /* S[r][0..ncols) = Q[r] . Kt[:, 0..ncols) for r < rows; ncols % 16 == 0. */
-  void (*qk)(const float *q, int rows, int d, const float *kt, int ncols, float *s);
-  /* O[r][0..dvp) += sum_{j < nk} P[r][j] V[j][0..dvp) for r < rows. */
-  void (*pv)(const float *p, int rows, int nk, const float *v, int dvp, float *o);
-  /* Largest of s[0..nv); -INFINITY when nv == 0. */
-  float (*rowmax)(const float *s, int nv);
-  /* In place over s[0..nv): exp(s - m), softplus(s), or the LSSAR weight
-   * (y = (softplus(s) c1 - o) inv_xmax; y >= ythr ? y^p : 0); then zeros
-   * s[nv..ncols). Returns the sum of what it wrote. */
-  double (*row_exp)(float *s, int nv, int ncols, float m);
-  double (*row_softplus)(float *s, int nv, int ncols);
-  double (*row_lssar)(float *s, int nv, int ncols, const attn_rowc *c);
-} attn_kern;
-
-extern const attn_kern attn_kern_scalar;
-#if defined(__x86_64__)
-extern const attn_kern attn_kern_avx2;
-#endif
-#if defined(__aarch64__)
-extern const attn_kern attn_kern_neon;
-#endif
 
 #endif

@@ -1,6 +1,6 @@
 /* attn_avx2.c - the AVX2+FMA tile kernels of the tiled attention driver.
  *
- * What attn.c's driver needs per tile (attn_kern in attn.h):
+ * What attn.c's driver needs per tile (attn_kern in attn_kern.h):
  *   qk   S = Q K^T over a 48 x 64 tile, register-blocked 6 rows x 16 keys
  *        (12 accumulators, the K tile already transposed by the driver);
  *   pv   O += P V, register-blocked 6 rows x 16 value columns;
@@ -9,7 +9,7 @@
  *        as 2 atanh(u / (2 + u)), accurate for tiny u where log(1 + u) is not.
  * Compiled with -mavx2 -mfma (the Makefile's *_avx2.c rule) and chosen at run
  * time by cpu_best_path(); the scalar kernels in attn.c are the reference. */
-#include "attn.h"
+#include "attn_kern.h"
 #include "vmath_avx2_inl.h"
 
 #if defined(__x86_64__)
@@ -221,21 +221,26 @@ static double av_row_exp(float *s, int nv, int ncols, float m) {
 
 static double av_row_softplus(float *s, int nv, int ncols) { ROW_LOOP(v_softplus(x)); }
 
-AI __m256 lssar_weight(__m256 x, const attn_rowc *c) {
+/* The weight from a = softplus(s). */
+AI __m256 lssar_weight_sp(__m256 a, const attn_rowc *c) {
   const __m256 thr = _mm256_set1_ps(c->ythr);
-  __m256 y = _mm256_mul_ps(
-      _mm256_fmsub_ps(v_softplus(x), _mm256_set1_ps(c->c1), _mm256_set1_ps(c->o)),
-      _mm256_set1_ps(c->inv_xmax));
+  __m256 y = _mm256_mul_ps(_mm256_fmsub_ps(a, _mm256_set1_ps(c->c1), _mm256_set1_ps(c->o)),
+                           _mm256_set1_ps(c->inv_xmax));
   __m256 keep = _mm256_cmp_ps(y, thr, _CMP_GE_OQ);
   if (_mm256_movemask_ps(keep) == 0) return _mm256_setzero_ps(); /* the ReLU'd majority */
   return _mm256_and_ps(keep, v_pow(_mm256_max_ps(y, thr), c));
 }
 
 static double av_row_lssar(float *s, int nv, int ncols, const attn_rowc *c) {
-  ROW_LOOP(lssar_weight(x, c));
+  ROW_LOOP(lssar_weight_sp(v_softplus(x), c));
 }
 
-const attn_kern attn_kern_avx2 = {av_qk, av_pv, av_rowmax,
-                                  av_row_exp, av_row_softplus, av_row_lssar};
+static double av_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
+  ROW_LOOP(lssar_weight_sp(x, c));
+}
+
+const attn_kern attn__kern_avx2 = {"avx2+fma",      av_qk,          av_pv,
+                                  av_rowmax,       av_row_exp,     av_row_softplus,
+                                  av_row_lssar,    av_row_lssar_sp};
 
 #endif

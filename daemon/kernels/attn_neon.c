@@ -6,7 +6,7 @@
  * kernels in attn.c do, since per (query, key) pair they cost one or two
  * transcendental calls beside 2 d multiply-adds. Compiles to nothing off
  * AArch64; chosen at run time by cpu_best_path(). */
-#include "attn.h"
+#include "attn_kern.h"
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -94,7 +94,17 @@ static double ne_row_lssar(float *s, int nv, int ncols, const attn_rowc *c) {
   return sum;
 }
 
-const attn_kern attn_kern_neon = {ne_qk, ne_pv, ne_rowmax,
-                                  ne_row_exp, ne_row_softplus, ne_row_lssar};
+static double ne_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
+  double sum = 0;
+  for (int j = 0; j < nv; j++) {
+    float y = (s[j] * c->c1 - c->o) * c->inv_xmax;
+    sum += s[j] = y >= c->ythr ? powf(y, c->p) : 0.0f;
+  }
+  for (int j = nv; j < ncols; j++) s[j] = 0.0f;
+  return sum;
+}
+
+const attn_kern attn__kern_neon = {"neon", ne_qk, ne_pv, ne_rowmax,
+                                  ne_row_exp, ne_row_softplus, ne_row_lssar, ne_row_lssar_sp};
 
 #endif

@@ -8,15 +8,20 @@
  * than they gain in balance. */
 #include "sgemm.h"
 
-#include "../base/cpu.h"
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
 
-typedef void (*sg_fn)(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                      int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                      int64_t ldc);
+#include "../base/mem.h"
+
 
 /* Products smaller than this many multiply-adds run on the caller alone:
  * handing work to another thread costs more than it saves. */
 #define SG_PARALLEL_MIN ((int64_t)1 << 18)
+/* A product of at most four rows streams B once (a matrix-vector product):
+ * a second thread only pays once B is several MiB (waking it costs tens of
+ * microseconds; measured on 1 x 3072 x 768 it still lost). */
+#define SG_PARALLEL_MIN_FEW_ROWS ((int64_t)1 << 23)
 
 void sg_gemm_ref(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
@@ -41,35 +46,85 @@ void sg_add_bias(int64_t M, int64_t N, float *C, int64_t ldc, const float *bias)
   }
 }
 
-/* Paths that this architecture does not compile fall back to the reference,
- * so every symbol in sgemm.h links everywhere; sg_gemm never selects them. */
-#if !defined(__x86_64__)
-void sg_gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                  int64_t ldc) {
-  sg_gemm_ref(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
-}
-#endif
-#if !defined(__aarch64__)
-void sg_gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                  int64_t ldc) {
-  sg_gemm_ref(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
-}
-#endif
+/* ---- the per-thread packing buffer -----------------------------------------
+ * A product's panels (a few hundred KiB to 3 MiB) used to be malloc'ed and
+ * freed per call: above glibc's mmap threshold that is an mmap, and the
+ * kernel zeroing fresh pages cost as much as a small product and made its
+ * time vary several-fold between calls. Each thread now keeps one buffer,
+ * grown as needed and freed when the thread ends (pthread key destructor). */
 
-static sg_fn g_fn; /* chosen on first use; every thread computes the same */
+typedef struct sg_packbuf {
+  size_t cap; /* floats usable after alignment */
+  void *raw;
+} sg_packbuf;
 
-static sg_fn sg_pick(void) {
-  sg_fn f = __atomic_load_n(&g_fn, __ATOMIC_ACQUIRE);
-  if (f) return f;
-  switch (cpu_best_path()) {
-    case CPU_AVX2: f = sg_gemm_avx2; break;
-    case CPU_NEON: f = sg_gemm_neon; break;
-    default: f = sg_gemm_ref; break;
+static pthread_key_t g_pack_key;
+static int g_pack_key_ok;
+static pthread_once_t g_pack_once = PTHREAD_ONCE_INIT;
+
+static void pack_free(void *v) {
+  sg_packbuf *b = v;
+  tl_free(b->raw);
+  tl_free(b);
+}
+
+static void pack_key_init(void) { g_pack_key_ok = pthread_key_create(&g_pack_key, pack_free) == 0; }
+
+float *sg__pack_buffer(size_t floats) {
+  pthread_once(&g_pack_once, pack_key_init);
+  if (!g_pack_key_ok) return NULL;
+  sg_packbuf *b = pthread_getspecific(g_pack_key);
+  if (!b) {
+    b = tl_calloc(1, sizeof *b);
+    if (!b) return NULL;
+    if (pthread_setspecific(g_pack_key, b) != 0) {
+      tl_free(b);
+      return NULL;
+    }
   }
-  __atomic_store_n(&g_fn, f, __ATOMIC_RELEASE);
-  return f;
+  if (b->cap < floats) {
+    void *raw = tl_malloc((floats + 16) * sizeof(float));
+    if (!raw) return NULL;
+    tl_free(b->raw);
+    b->raw = raw;
+    b->cap = floats;
+  }
+  return (float *)(((uintptr_t)b->raw + 63) & ~(uintptr_t)63);
+}
+
+static const sg_ops g_scalar = {"scalar", sg_gemm_ref, 6, 16};
+
+#if defined(__x86_64__)
+extern const sg_ops sg__ops_avx2;   /* sgemm_avx2.c */
+extern const sg_ops sg__ops_avx512; /* sgemm_avx512.c */
+#endif
+#if defined(__aarch64__)
+extern const sg_ops sg__ops_neon; /* sgemm_neon.c */
+#endif
+
+const sg_ops *sg_ops_for(cpu_path p) {
+  switch (p) {
+    case CPU_SCALAR: return &g_scalar;
+#if defined(__x86_64__)
+    case CPU_AVX2: return &sg__ops_avx2;
+    case CPU_AVX512: return &sg__ops_avx512;
+#endif
+#if defined(__aarch64__)
+    case CPU_NEON: return &sg__ops_neon;
+#endif
+    default: return NULL;
+  }
+}
+
+static const sg_ops *g_ops; /* chosen on first use; every thread computes the same */
+
+const sg_ops *sg_ops_active(void) {
+  const sg_ops *o = __atomic_load_n(&g_ops, __ATOMIC_ACQUIRE);
+  if (o) return o;
+  for (cpu_path p = cpu_best_path(); !(o = sg_ops_for(p)); p = cpu_path_fallback(p)) {
+  }
+  __atomic_store_n(&g_ops, o, __ATOMIC_RELEASE);
+  return o;
 }
 
 typedef struct sg_split {
@@ -98,17 +153,20 @@ static void sg_split_run(void *arg, int64_t b, int64_t e) {
 void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
              const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
              float *C, int64_t ldc) {
-  sg_fn fn = sg_pick();
+  const sg_ops *ops = sg_ops_active();
+  sg_fn fn = ops->gemm;
   int nt = pool_threads(pool);
   if (M <= 0 || N <= 0) return;
-  if (!pool || nt <= 1 || (double)M * (double)N * (double)K <= (double)SG_PARALLEL_MIN) {
+  double macs = (double)M * (double)N * (double)K;
+  if (!pool || nt <= 1 || macs <= (double)SG_PARALLEL_MIN ||
+      (M <= 4 && macs <= (double)SG_PARALLEL_MIN_FEW_ROWS)) {
     fn(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   sg_split s = {fn, trans_b, N >= M, M, N, K, lda, ldb, ldc, 0, A, B, beta, C};
-  /* Units match the AVX2 register block (6 rows x 16 columns) so slab edges
-   * do not create extra partial tiles. */
-  s.unit = s.by_cols ? 16 : 6;
+  /* Units match the path's register block so slab edges do not create
+   * extra partial tiles. */
+  s.unit = s.by_cols ? ops->nr : ops->mr;
   int64_t units = ((s.by_cols ? N : M) + s.unit - 1) / s.unit;
   int64_t grain = (units + nt - 1) / nt;
   pool_parallel_for(pool, units, grain, sg_split_run, &s);

@@ -5,30 +5,51 @@
  * a torch Linear weight [out, in]). beta is 0 or 1 in practice; with beta 0
  * C is overwritten (its old contents, even NaN, are ignored).
  *
- * sg_gemm chooses the AVX2+FMA, NEON or scalar path at run time (cpu.h) and
+ * sg_gemm chooses the AVX-512, AVX2+FMA, NEON or scalar path at run time
+ * (cpu.h: the path's sg_ops table, falling back down cpu_path_fallback) and
  * splits large products over the pool (pool.h; NULL = serial).
  * sg_gemm_ref is the plain scalar reference the tests trust. */
 #ifndef TALLYD_SGEMM_H
 #define TALLYD_SGEMM_H
 
+#include <stddef.h>
 #include <stdint.h>
 
+#include "../base/cpu.h"
 #include "../base/pool.h"
 
 void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
              const float *A, int64_t lda, const float *B, int64_t ldb,
              float beta, float *C, int64_t ldc);
 
-/* Single-threaded entry points of each path (same contract). */
+/* The scalar reference (single-threaded, same contract). */
 void sg_gemm_ref(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                  int64_t ldc);
-void sg_gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                  int64_t ldc);
-void sg_gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                  int64_t ldc);
+
+typedef void (*sg_fn)(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                      int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                      int64_t ldc);
+
+/* One path's single-threaded product, so that tests and benchmarks can run
+ * a path that is not the best one. */
+typedef struct sg_ops {
+  const char *name;
+  sg_fn gemm;
+  int mr, nr; /* its register block: the pool splits rows or columns in these units */
+} sg_ops;
+
+/* The table for path p, or NULL when this build has none for it. The caller
+ * checks that the CPU runs it (cpu_runs). */
+const sg_ops *sg_ops_for(cpu_path p);
+/* The table sg_gemm uses (cpu_best_path, then its fallbacks). */
+const sg_ops *sg_ops_active(void);
+
+/* Internal to the sgemm paths: this thread's packing buffer of at least
+ * `floats` floats, 64-byte aligned, kept for the thread's life (so a product
+ * allocates nothing once warm); NULL when it cannot be had. Valid until the
+ * thread's next call. */
+float *sg__pack_buffer(size_t floats);
 
 /* Adds bias[N] to every row of C[M,N] (ldc). */
 void sg_add_bias(int64_t M, int64_t N, float *C, int64_t ldc, const float *bias);

@@ -19,7 +19,6 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "../base/mem.h"
 #include "sgemm.h"
 
 #define MR 6
@@ -308,7 +307,7 @@ static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t 
 
 /* ---- entry ----------------------------------------------------------------- */
 
-void sg_gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                   int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                   int64_t ldc) {
   if (M <= 0 || N <= 0) return;
@@ -327,17 +326,18 @@ void sg_gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
   int64_t kc = min64(KC, K);
   int64_t mc = min64(MC, (M + MR - 1) / MR * MR);
   int64_t nc = min64(NC, (N + NR - 1) / NR * NR);
-  /* +16 floats so both buffers can be aligned to 64 bytes. */
-  float *buf = tl_malloc(((size_t)(mc * kc + nc * kc) + 32) * sizeof(float));
-  if (!buf) {
+  /* the thread's buffer: both panels 64-byte aligned */
+  int64_t na = (mc * kc + 15) & ~(int64_t)15;
+  float *Ap = sg__pack_buffer((size_t)(na + nc * kc));
+  if (!Ap) {
     /* No memory for panels: still give the right answer, only slower. */
     sg_gemm_ref(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
-  float *Ap = (float *)(((uintptr_t)buf + 63) & ~(uintptr_t)63);
-  float *Bp = (float *)(((uintptr_t)(Ap + mc * kc) + 63) & ~(uintptr_t)63);
+  float *Bp = Ap + na;
   gemm_packed(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, Ap, Bp, nc);
-  tl_free(buf);
 }
+
+const sg_ops sg__ops_avx2 = {"avx2+fma", gemm_avx2, MR, NR};
 
 #endif

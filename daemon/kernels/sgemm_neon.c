@@ -74,7 +74,7 @@ static void block_4x4_t(int64_t K, const float *A, int64_t lda, const float *B, 
   }
 }
 
-void sg_gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+static void gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                   int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                   int64_t ldc) {
   if (M <= 0 || N <= 0) return;
@@ -91,5 +91,7 @@ void sg_gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
   edge(trans_b, 0, M4, Nb, N, K, A, lda, B, ldb, beta, C, ldc); /* right strip */
   edge(trans_b, M4, M, 0, N, K, A, lda, B, ldb, beta, C, ldc);  /* bottom rows */
 }
+
+const sg_ops sg__ops_neon = {"neon", gemm_neon, 4, 8};
 
 #endif

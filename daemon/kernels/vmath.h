@@ -67,5 +67,8 @@ typedef struct vm_ops {
 /* The table for path p, or NULL when this build does not compile it. The
  * caller checks that the CPU runs it (cpu_has_avx2_fma, cpu_has_neon). */
 const vm_ops *vm_ops_for(cpu_path p);
+/* The table the vm_* entry points use: the first of cpu_best_path() and its
+ * fallbacks (cpu_path_fallback) that has one. */
+const vm_ops *vm_ops_active(void);
 
 #endif

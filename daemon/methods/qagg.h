@@ -18,9 +18,12 @@
  * scores - pinball, interval score, WIS, coverage (qscore.c) - and conformal
  * calibration (CQR, qscore.c). It knows nothing of HTTP or JSON.
  *
- * Precision: inference (qa_forward) runs in float through sg_gemm; training
- * (qa_loss_grad, qa_fit) runs in double on a flat double copy of the
- * parameters so that gradient checks hold to ~1e-7 relative.
+ * Precision: inference (qa_forward) runs in float through sg_gemm. The
+ * training math exists twice: qa_loss_grad in double on a flat double copy
+ * of the parameters, which the gradient checks test against finite
+ * differences (~1e-7 relative), and qa_grad32, the same loss and gradient in
+ * float32 over a whole minibatch through sg_gemm, which qa_fit runs and the
+ * tests check against qa_loss_grad.
  *
  * Weight tensors (names and layouts the model kind loads and saves; every
  * tensor is FP32, row-major):
@@ -158,6 +161,18 @@ int qa_loss_grad(pool_t *pool, const qa_spec *s, const double *theta, int64_t n,
 /* Q[n, K] in double from theta (no dropout): the training-precision forward. */
 int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n,
                    const float *Z, const float *X, double *Q, ts_err *err);
+
+/* The fit's gradient (qagg_f32.c): qa_loss_grad's loss, pinball and
+ * gradient in float32 (double sums), for up to max_rows rows per call, its
+ * buffers allocated once. Deterministic whatever the pool. One handle per
+ * thread at a time; s->levels is borrowed for the handle's life. */
+typedef struct qa_grad32 qa_grad32;
+int qa_grad32_new(qa_grad32 **out, const qa_spec *s, int64_t max_rows, ts_err *err);
+int qa_grad32_run(qa_grad32 *g, pool_t *pool, const double *theta, int64_t n,
+                  const int64_t *rows, const float *Z, const float *X, const float *y,
+                  const qa_loss_opts *o, double *loss, double *pinball, double *grad,
+                  ts_err *err);
+void qa_grad32_free(qa_grad32 *g);
 
 typedef struct qa_fit_opts {
   int epochs;                 /* > 0 */

@@ -1,9 +1,13 @@
 /* qfit.c - the fitting loop of the quantile aggregators: a seeded
- * train/validation split, minibatch Adam (AMSGrad) on the double-precision
- * loss of qagg.c, and early stopping that keeps the best epoch.
+ * train/validation split, minibatch Adam (AMSGrad, on double parameters) on
+ * the float32 batched gradient of qagg_f32.c, and early stopping on the
+ * validation pinball that keeps the best epoch.
  *
  * The data are never copied: the split and every epoch's shuffle permute an
- * index array, and qa_loss_grad reads the rows through it. */
+ * index array, and the gradient reads the rows through it. A minibatch whose
+ * float32 buffers would pass QF_CHUNK_FLOATS per [rows, logits] array (a
+ * local fine head has M*K*K logits a row) runs in chunks whose gradients
+ * are averaged with the chunks' row counts as weights. */
 #include <math.h>
 #include <string.h>
 
@@ -51,6 +55,40 @@ static int check_opts(const qa_fit_opts *o, int64_t B, ts_err *err) {
   return 0;
 }
 
+#define QF_CHUNK_FLOATS ((int64_t)1 << 23) /* 32 MiB */
+
+/* Rows per qa_grad32 call. */
+static int64_t chunk_rows(const qa_spec *s, int64_t batch) {
+  int64_t L = qa_logit_count(s), c = QF_CHUNK_FLOATS / (L > 1 ? L : 1);
+  if (s->scope == QA_GLOBAL && s->gran != QA_FINE) c = batch;
+  if (c < 1) c = 1;
+  return c < batch ? c : batch;
+}
+
+/* Loss, pinball and (grad not NULL) gradient over n rows, in chunks of at
+ * most the handle's rows; acc is a [P] scratch when there is more than one. */
+static int batch_grad(qa_grad32 *g, int64_t cap, pool_t *pool, const double *theta, int64_t P,
+                      int64_t n, const int64_t *rows, const float *Z, const float *X,
+                      const float *y, const qa_loss_opts *lo, double *loss, double *pin,
+                      double *grad, double *acc, ts_err *err) {
+  if (n <= cap) return qa_grad32_run(g, pool, theta, n, rows, Z, X, y, lo, loss, pin, grad, err);
+  double l = 0.0, p = 0.0;
+  if (grad) memset(grad, 0, sizeof(double) * (size_t)P);
+  for (int64_t i = 0; i < n; i += cap) {
+    int64_t c = n - i < cap ? n - i : cap;
+    double lc, pc, w = (double)c / (double)n;
+    int rc = qa_grad32_run(g, pool, theta, c, rows + i, Z, X, y, lo, &lc, &pc, grad ? acc : NULL, err);
+    if (rc) return rc;
+    l += w * lc;
+    p += w * pc;
+    if (grad)
+      for (int64_t e = 0; e < P; e++) grad[e] += w * acc[e];
+  }
+  if (loss) *loss = l;
+  if (pin) *pin = p;
+  return 0;
+}
+
 int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float *Z,
            const float *X, const float *y, const qa_fit_opts *o, qa_fit_report *report,
            ts_err *err) {
@@ -66,7 +104,9 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
 
   int64_t P = p->n, n_val = (int64_t)floor(o->validation_fraction * (double)B), n_tr = B - n_val;
   int64_t *perm = tl_malloc((size_t)B * sizeof(int64_t));
-  double *theta = tl_malloc((size_t)P * 3 * sizeof(double));
+  double *theta = tl_malloc((size_t)P * 4 * sizeof(double));
+  int64_t cap = chunk_rows(s, o->batch_size);
+  qa_grad32 *g32 = NULL;
   rep->train_loss = tl_malloc((size_t)o->epochs * 2 * sizeof(double));
   opt_adam opt;
   memset(&opt, 0, sizeof opt);
@@ -76,8 +116,9 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
     goto out;
   }
   if ((rc = opt_adam_init(&opt, P, o->learning_rate, o->weight_decay, 1, 0, err))) goto out;
+  if ((rc = qa_grad32_new(&g32, s, cap, err))) goto out;
   rep->val_loss = rep->train_loss + o->epochs;
-  double *grad = theta + P, *best = theta + 2 * P;
+  double *grad = theta + P, *best = theta + 2 * P, *acc = theta + 3 * P;
   qa_params_to_f64(p, theta);
   memcpy(best, theta, (size_t)P * sizeof(double));
 
@@ -100,7 +141,19 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
       int64_t nb = n_tr - b0 < o->batch_size ? n_tr - b0 : o->batch_size;
       double l;
       lo.dropout_seed = o->seed * 0x2545F4914F6CDD1Dull + ++step;
-      if ((rc = qa_loss_grad(pool, s, theta, nb, tr + b0, Z, X, y, &lo, &l, NULL, grad, err))) goto out;
+      if ((rc = batch_grad(g32, cap, pool, theta, P, nb, tr + b0, Z, X, y, &lo, &l, NULL, grad, acc,
+                           err)))
+        goto out;
+      /* float32 overflows where double would not: a loss that is no longer
+       * finite means the step size blew the weights up. Refuse the fit
+       * instead of letting early stopping quietly keep the start. */
+      if (!isfinite(l)) {
+        rc = ts_errf(err, TS_EINVAL,
+                     "fit diverged: the training loss is not finite in epoch %d; lower "
+                     "'learning_rate' (%g)",
+                     e + 1, o->learning_rate);
+        goto out;
+      }
       opt_adam_step(&opt, theta, grad);
       tl += l * (double)nb;
     }
@@ -115,7 +168,16 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
     }
     qa_loss_opts vo = {0};
     double v;
-    if ((rc = qa_loss_grad(pool, s, theta, n_val, va, Z, X, y, &vo, NULL, &v, NULL, err))) goto out;
+    if ((rc = batch_grad(g32, cap, pool, theta, P, n_val, va, Z, X, y, &vo, NULL, &v, NULL, NULL,
+                         err)))
+      goto out;
+    if (!isfinite(v)) {
+      rc = ts_errf(err, TS_EINVAL,
+                   "fit diverged: the validation loss is not finite after epoch %d; lower "
+                   "'learning_rate' (%g)",
+                   e + 1, o->learning_rate);
+      goto out;
+    }
     rep->val_loss[e] = v;
     if (v < best_v) {
       best_v = v;
@@ -135,6 +197,7 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
   }
 
 out:
+  qa_grad32_free(g32);
   opt_adam_free(&opt);
   tl_free(perm);
   tl_free(theta);

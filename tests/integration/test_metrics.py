@@ -137,7 +137,7 @@ def test_gauges(c):
     build = [k for k in s if k[0] == "tallyd_build_info"]
     check(len(build) == 1 and s[build[0]] == 1)
     labels = dict(build[0][1])
-    check(labels["cuda"] in ("yes", "no") and labels["simd"] in ("scalar", "avx2+fma", "neon"), labels)
+    check(labels["cuda"] in ("yes", "no") and labels["simd"] in ("scalar", "avx2+fma", "avx512", "neon"), labels)
     check(labels["version"] == check_status(c.d.get("/v2"), 200).json()["version"])
 
 

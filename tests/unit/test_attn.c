@@ -185,6 +185,7 @@ static int paths(cpu_path *out) {
   int n = 0;
   out[n++] = CPU_SCALAR;
   if (cpu_has_avx2_fma()) out[n++] = CPU_AVX2;
+  if (cpu_has_avx512()) out[n++] = CPU_AVX512; /* the AVX2 tiles, through the fallback */
   if (cpu_has_neon()) out[n++] = CPU_NEON;
   return n;
 }
@@ -263,7 +264,7 @@ static void test_paths_vs_reference(void **state) {
   (void)state;
   pool_t *pool = NULL;
   assert_int_equal(pool_create(&pool, 2, 0), 0);
-  cpu_path ps[3];
+  cpu_path ps[4];
   int np = paths(ps);
   for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
     const shape *S = &shapes[si];
@@ -341,7 +342,7 @@ static void each_impl(const attn_params *prm, prob *P, out_check check, void *ct
   assert_int_equal(attn_reference(prm, P->H, P->Hkv, P->Lq, P->Lk, P->d, P->dv, P->tq, P->tk,
                                   P->tv, P->to, &err), 0);
   check(P, P->out, "reference", ctx);
-  cpu_path ps[3];
+  cpu_path ps[4];
   int np = paths(ps);
   for (int pi = 0; pi < np; pi++) {
     memset(P->out, 0xff, sizeof(float) * (size_t)P->H * P->Lq * P->dv); /* NaN poison */
@@ -422,7 +423,7 @@ static void test_masked_keys_never_contribute(void **state) {
     float *k0 = malloc(sizeof(float) * nkv), *v0 = malloc(sizeof(float) * nkv);
     memcpy(k0, P.k, sizeof(float) * nkv);
     memcpy(v0, P.v, sizeof(float) * nkv);
-    cpu_path ps[3];
+    cpu_path ps[4];
     int np = paths(ps);
     ts_err err;
     for (int pi = -1; pi < np; pi++) {
@@ -480,7 +481,7 @@ static void test_lssar_overflow_row(void **state) {
   ts_err err;
   assert_int_equal(attn_reference(&prm, 1, 1, 1, 1000, 64, 16, P.tq, P.tk, P.tv, P.to, &err), 0);
   for (int c = 0; c < 16; c++) assert_true(fabs(P.out[c] - res[c]) <= 1e-6 + 1e-6 * fabs(res[c]));
-  cpu_path ps[3];
+  cpu_path ps[4];
   int np = paths(ps);
   for (int pi = 0; pi < np; pi++) {
     assert_int_equal(attn_forward_path(ps[pi], NULL, &prm, 1, 1, 1, 1000, 64, 16, P.tq, P.tk,
@@ -491,6 +492,38 @@ static void test_lssar_overflow_row(void **state) {
     }
   }
   prob_free(&P);
+}
+
+/* LSSAR keeps pass 1's scores up to ATTN_LSSAR_KEEP_MAX keys and computes
+ * them again past it: both sides of that length against the reference. */
+static void test_lssar_keep_and_recompute(void **state) {
+  (void)state;
+  static const int64_t lens[] = {ATTN_LSSAR_KEEP_MAX, ATTN_LSSAR_KEEP_MAX + 70};
+  for (size_t li = 0; li < 2; li++) {
+    prob P;
+    int64_t Lq = 50, Lk = lens[li];
+    prob_init(&P, 1, 1, Lq, Lk, 8, 8, 0, Lk, 1.0f);
+    attn_params prm = attn_params_default(ATTN_LSSAR);
+    prm.query_offset = Lk - Lq;
+    float *ref = malloc(sizeof(float) * (size_t)(Lq * 8));
+    assert_non_null(ref);
+    attn_out ro = P.to;
+    ro.data = ref;
+    ts_err err;
+    assert_int_equal(attn_reference(&prm, 1, 1, Lq, Lk, 8, 8, P.tq, P.tk, P.tv, ro, &err), 0);
+    cpu_path ps[4];
+    int np = paths(ps);
+    for (int pi = 0; pi < np; pi++) {
+      assert_int_equal(attn_forward_path(ps[pi], NULL, &prm, 1, 1, Lq, Lk, 8, 8, P.tq, P.tk,
+                                         P.tv, P.to, &err), 0);
+      double w = worst_f(&P, P.out, ref, path_tol(&prm), path_tol(&prm));
+      if (!(w <= 1.0))
+        fail_msg("LSSAR at %lld keys, path %s: error ratio %g", (long long)Lk,
+                 cpu_path_name(ps[pi]), w);
+    }
+    free(ref);
+    prob_free(&P);
+  }
 }
 
 /* Full mask with no keys: zeros, never NaN. Lq = 0: nothing to do. */
@@ -577,6 +610,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_reference_vs_naive),
       cmocka_unit_test(test_paths_vs_reference),
+      cmocka_unit_test(test_lssar_keep_and_recompute),
       cmocka_unit_test(test_layouts_agree),
       cmocka_unit_test(test_single_visible_key),
       cmocka_unit_test(test_lssar_uniform_rows_zero),

@@ -1,6 +1,7 @@
 /* test_qagg.c - the six quantile aggregators against hand-worked values,
  * the float inference path against the double training path, gradient
- * checks by central differences, and the monotone steps (PAV against a
+ * checks by central differences, the fit's float32 gradient against the
+ * double one, and the monotone steps (PAV against a
  * brute-force isotonic formula, WIS never increased, median anchoring). */
 #include <math.h>
 #include <setjmp.h>
@@ -343,6 +344,66 @@ static void test_grad_pool_deterministic(void **st) {
   qa_params_free(&p);
 }
 
+/* The fit's float32 batched gradient (qa_grad32) against the double one the
+ * gradient checks trust, for all six aggregators, simplex and free, with the
+ * penalty and (local) dropout; and bit-identical with and without a pool.
+ * Sizes make the float products large enough to be cut into chunks. */
+static void grad32_one(qa_scope sc, qa_granularity g, int simplex, double lambda, pool_t *pool) {
+  static const double lv[11] = {0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95};
+  enum { M = 4, K = 11, D = 5, N = 300 };
+  float *Z = tl_malloc(sizeof(float) * N * M * K), X[N * D], y[N];
+  for (int i = 0; i < N * M * K; i++) Z[i] = (float)nrand();
+  for (int i = 0; i < N * D; i++) X[i] = (float)nrand();
+  for (int i = 0; i < N; i++) y[i] = (float)nrand();
+  qa_spec s = mkspec(g, sc, simplex, M, K, lv, D, 16, 3);
+  qa_params p;
+  assert_int_equal(qa_params_init(&p, &s, 3, NULL), 0);
+  int64_t P = p.n, rows[N];
+  for (int i = 0; i < N; i++) rows[i] = (i * 7) % N;
+  double *th = tl_malloc(sizeof(double) * P), *gd = tl_malloc(sizeof(double) * P),
+         *gf = tl_malloc(sizeof(double) * P), *gp = tl_malloc(sizeof(double) * P);
+  random_theta(&s, &p, th);
+  qa_loss_opts o = {.lambda = lambda, .margin = 0.05, .dropout = sc == QA_LOCAL ? 0.25 : 0.0,
+                    .dropout_seed = 17};
+  double ld, pd, lf, pf, lp, pp;
+  ts_err err;
+  assert_int_equal(qa_loss_grad(NULL, &s, th, N, rows, Z, X, y, &o, &ld, &pd, gd, &err), 0);
+  qa_grad32 *g32;
+  assert_int_equal(qa_grad32_new(&g32, &s, N, &err), 0);
+  assert_int_equal(qa_grad32_run(g32, NULL, th, N, rows, Z, X, y, &o, &lf, &pf, gf, &err), 0);
+  assert_int_equal(qa_grad32_run(g32, pool, th, N, rows, Z, X, y, &o, &lp, &pp, gp, &err), 0);
+  assert_true(lf == lp && pf == pp);
+  assert_memory_equal(gf, gp, sizeof(double) * P);
+  assert_true(fabs(lf - ld) <= 1e-5 * fabs(ld));
+  assert_true(fabs(pf - pd) <= 1e-5 * fabs(pd));
+  double big = 0;
+  for (int64_t i = 0; i < P; i++) big = fmax(big, fabs(gd[i]));
+  assert_true(big > 0);
+  for (int64_t i = 0; i < P; i++)
+    if (!(fabs(gf[i] - gd[i]) <= 2e-4 * big + 1e-7))
+      fail_msg("%s %s simplex=%d lambda=%g: grad[%lld] float32 %.9g double %.9g (max %g)",
+               sc ? "local" : "global", qa_granularity_name(g), simplex, lambda, (long long)i,
+               gf[i], gd[i], big);
+  /* a batch larger than the handle's room is refused */
+  assert_int_equal(qa_grad32_run(g32, NULL, th, N + 1, NULL, Z, X, y, &o, &lf, NULL, NULL, &err),
+                   -TS_EINVAL);
+  qa_grad32_free(g32);
+  tl_free(Z), tl_free(th), tl_free(gd), tl_free(gf), tl_free(gp);
+  qa_params_free(&p);
+}
+
+static void test_grad32_matches_double(void **st) {
+  (void)st;
+  pool_t *pool;
+  assert_int_equal(pool_create(&pool, 2, 0), 0);
+  for (int sc = 0; sc < 2; sc++)
+    for (int g = 0; g < 3; g++)
+      for (int simplex = 0; simplex < 2; simplex++)
+        for (int pen = 0; pen < 2; pen++)
+          grad32_one((qa_scope)sc, (qa_granularity)g, simplex, pen ? 0.7 : 0.0, pool);
+  pool_destroy(pool);
+}
+
 static void test_spec_errors(void **st) {
   (void)st;
   ts_err err;
@@ -456,6 +517,7 @@ int main(void) {
       cmocka_unit_test(test_gradcheck_local),
       cmocka_unit_test(test_penalty_hand),
       cmocka_unit_test(test_grad_pool_deterministic),
+      cmocka_unit_test(test_grad32_matches_double),
       cmocka_unit_test(test_spec_errors),
       cmocka_unit_test(test_pav_brute_force),
       cmocka_unit_test(test_sort_isotonic_never_raise_wis),

@@ -283,12 +283,43 @@ static void test_fit_errors_and_alloc_failures(void **st) {
   qa_params_free(&p);
 }
 
+/* A step size that blows the weights past float32 is refused as diverged,
+ * with or without validation rows, and the parameters come back unchanged. */
+static void test_diverged_fit_is_refused(void **st) {
+  (void)st;
+  enum { N = 200 };
+  float *Z = tl_malloc(sizeof(float) * N * M * K), X[N], y[N];
+  assert_non_null(Z);
+  make_data(N, Z, X, y);
+  qa_spec s = {.M = M, .K = K, .D = 1, .levels = LV, .gran = QA_MEDIUM, .scope = QA_LOCAL,
+               .simplex = 1, .hidden = 8, .depth = 2};
+  for (int val = 0; val < 2; val++) {
+    qa_params p;
+    assert_int_equal(qa_params_init(&p, &s, 3, NULL), 0);
+    float *before = tl_malloc(sizeof(float) * p.n);
+    memcpy(before, p.data, sizeof(float) * p.n);
+    qa_fit_opts o;
+    qa_fit_opts_default(&o);
+    o.epochs = 5;
+    o.learning_rate = 1e300;
+    o.validation_fraction = val ? 0.2 : 0.0;
+    ts_err err;
+    assert_int_equal(qa_fit(NULL, &s, &p, N, Z, X, y, &o, NULL, &err), -TS_EINVAL);
+    assert_non_null(strstr(err.msg, "diverged"));
+    assert_memory_equal(before, p.data, sizeof(float) * p.n);
+    tl_free(before);
+    qa_params_free(&p);
+  }
+  tl_free(Z);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_heteroscedastic_beats_best_base),
       cmocka_unit_test(test_early_stopping_keeps_best),
       cmocka_unit_test(test_coarse_finds_good_base),
       cmocka_unit_test(test_fit_errors_and_alloc_failures),
+      cmocka_unit_test(test_diverged_fit_is_refused),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -168,22 +168,55 @@ static void test_ref_sweep(void **state) {
   sweep(sg_gemm_ref, "ref");
 }
 
+/* Path p's table, or a skip when this build has none or the CPU cannot run it. */
+static gemm_fn path_fn(cpu_path p) {
+  const sg_ops *o = sg_ops_for(p);
+  return o && cpu_runs(p) ? o->gemm : NULL;
+}
+
 static void test_avx2_sweep(void **state) {
   (void)state;
-  if (!cpu_has_avx2_fma()) {
+  if (!path_fn(CPU_AVX2)) {
     print_message("skip: this CPU has no AVX2+FMA\n");
     skip();
   }
-  sweep(sg_gemm_avx2, "avx2");
+  sweep(path_fn(CPU_AVX2), "avx2");
+}
+
+static void test_avx512_sweep(void **state) {
+  (void)state;
+  if (!path_fn(CPU_AVX512)) {
+    print_message("skip: this CPU has no AVX-512 F/VL/BW/DQ (or this build no AVX-512 path)\n");
+    skip();
+  }
+  sweep(path_fn(CPU_AVX512), "avx512");
+  /* the 12x32 block's edges: one full block, one past it each way */
+  static const int64_t edge[][3] = {{12, 32, 300}, {13, 33, 257}, {24, 64, 7}, {11, 31, 1}};
+  for (size_t i = 0; i < sizeof edge / sizeof edge[0]; i++)
+    for (int tb = 0; tb < 2; tb++)
+      run_one(path_fn(CPU_AVX512), NULL, "avx512", tb, edge[i][0], edge[i][1], edge[i][2], 1,
+              (float)tb);
 }
 
 static void test_neon_sweep(void **state) {
   (void)state;
-  if (!cpu_has_neon()) {
+  if (!path_fn(CPU_NEON)) {
     print_message("skip: no NEON here (an AArch64 path; this machine is not AArch64)\n");
     skip();
   }
-  sweep(sg_gemm_neon, "neon");
+  sweep(path_fn(CPU_NEON), "neon");
+}
+
+/* The active table is the best path's own or the nearest fallback's. */
+static void test_active(void **state) {
+  (void)state;
+  const sg_ops *a = sg_ops_active();
+  assert_non_null(a);
+  cpu_path p = cpu_best_path();
+  while (!sg_ops_for(p)) p = cpu_path_fallback(p);
+  assert_ptr_equal(a, sg_ops_for(p));
+  assert_non_null(sg_ops_for(CPU_SCALAR));
+  assert_ptr_equal(sg_ops_for(CPU_SCALAR)->gemm, sg_gemm_ref);
 }
 
 static void test_dispatch_serial(void **state) {
@@ -230,8 +263,8 @@ static void test_hand(void **state) {
   (void)state;
   hand_case(sg_gemm_ref, NULL);
   hand_case(NULL, NULL);
-  if (cpu_has_avx2_fma()) hand_case(sg_gemm_avx2, NULL);
-  if (cpu_has_neon()) hand_case(sg_gemm_neon, NULL);
+  for (cpu_path p = CPU_AVX2; p <= CPU_AVX512; p++)
+    if (path_fn(p)) hand_case(path_fn(p), NULL);
 }
 
 static void test_add_bias(void **state) {
@@ -249,6 +282,8 @@ int main(void) {
       cmocka_unit_test(test_add_bias),
       cmocka_unit_test(test_ref_sweep),
       cmocka_unit_test(test_avx2_sweep),
+      cmocka_unit_test(test_avx512_sweep),
+      cmocka_unit_test(test_active),
       cmocka_unit_test(test_neon_sweep),
       cmocka_unit_test(test_dispatch_serial),
       cmocka_unit_test(test_dispatch_pool),
