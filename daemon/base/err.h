@@ -28,7 +28,8 @@
   X(EUNAVAIL, 10, 503, "unavailable")    /* not ready, draining, over a capacity */   \
   X(ETIMEOUT, 11, 504, "timeout")        /* deadline passed */                        \
   X(ENOMEM, 12, 503, "out of memory")    /* allocation failed */                      \
-  X(EIO, 13, 500, "i/o error")           /* file system error */
+  X(EIO, 13, 500, "i/o error")           /* file system error */                      \
+  X(EMEDIA, 14, 415, "unsupported media type") /* e.g. an unknown Content-Encoding */
 
 typedef enum ts_status {
 #define TS_STATUS_ENUM(name, value, http, text) TS_##name = value,

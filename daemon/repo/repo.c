@@ -39,6 +39,9 @@ struct repo_ver {
   char sha256[65];
   md_sig sig;
   atomic_int refs;
+  uv_mutex_t stats_mu; /* guards stats */
+  int stats_mu_ready;
+  repo_stats stats;
   /* change detection */
   char stamp[256];
 };
@@ -61,6 +64,11 @@ typedef struct repo_model {
   int unloaded; /* explicitly unloaded: sync leaves it alone */
   int fit_running;
   int present;  /* seen in the last scan */
+  /* The config of the last load that gave one (POST .../load with
+   * "parameters": {"config": ...}), used in place of config.json until a
+   * load without one; in memory only, never written (repo.h). */
+  json_t *override;
+  unsigned override_gen;
   struct repo_model *next;
 } repo_model;
 
@@ -96,6 +104,7 @@ static void ver_free(repo_ver *v) {
   if (v->weights) st_close(v->weights);
   if (v->config) json_decref(v->config);
   if (v->version_info) json_decref(v->version_info);
+  if (v->stats_mu_ready) uv_mutex_destroy(&v->stats_mu);
   tl_free(v->model_name);
   tl_free(v);
 }
@@ -110,6 +119,77 @@ int64_t repo_ver_version(const repo_ver *v) { return v->version; }
 const char *repo_ver_model(const repo_ver *v) { return v->model_name; }
 const md_sig *repo_ver_sig(const repo_ver *v) { return &v->sig; }
 int64_t repo_ver_max_batch(const repo_ver *v) { return v->max_batch; }
+const json_t *repo_ver_config(const repo_ver *v) { return v->config; }
+
+int repo_reserved_name(const char *name) { return strcmp(name, "stats") == 0; }
+
+/* ---- statistics ---------------------------------------------------------- */
+
+static void dur_add(repo_dur *d, double secs) {
+  d->count++;
+  d->ns += secs > 0 ? (uint64_t)(secs * 1e9 + 0.5) : 0;
+}
+
+void repo_ver_record(repo_ver *v, const repo_infer_times *t) {
+  struct timespec now;
+  clock_gettime(CLOCK_REALTIME, &now);
+  uv_mutex_lock(&v->stats_mu);
+  repo_stats *s = &v->stats;
+  s->last_inference_ms = (int64_t)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+  if (!t->ok) {
+    dur_add(&s->fail, t->total);
+    uv_mutex_unlock(&v->stats_mu);
+    return;
+  }
+  s->execution_count++;
+  s->inference_count += (uint64_t)(t->batch > 0 ? t->batch : 1);
+  dur_add(&s->success, t->total);
+  dur_add(&s->queue, t->queue);
+  dur_add(&s->compute_input, t->input);
+  dur_add(&s->compute_infer, t->infer);
+  dur_add(&s->compute_output, t->output);
+  int64_t bs = t->batch > 0 ? t->batch : 1;
+  repo_batch_stat *b = NULL;
+  for (int i = 0; i < s->n_batch && !b; i++)
+    if (s->batch[i].batch_size == bs) b = &s->batch[i];
+  if (!b && s->n_batch < REPO_BATCH_SIZES) {
+    b = &s->batch[s->n_batch++];
+    b->batch_size = bs;
+  }
+  if (b) {
+    dur_add(&b->compute_input, t->input);
+    dur_add(&b->compute_infer, t->infer);
+    dur_add(&b->compute_output, t->output);
+  } else {
+    s->batch_untracked++;
+  }
+  uv_mutex_unlock(&v->stats_mu);
+}
+
+int repo_stats_foreach(repo_t *r, const char *name, int64_t version, repo_stats_fn fn, void *data,
+                       ts_err *err) {
+  if (name) { /* 404 / 503 exactly as every other route of a model */
+    repo_ver *v;
+    int rc = repo_acquire(r, name, version, &v, err);
+    if (rc) return rc;
+    repo_release(v);
+  }
+  uv_mutex_lock(&r->mu);
+  for (repo_model *m = r->models; m; m = m->next) {
+    if (name && strcmp(m->name, name) != 0) continue;
+    for (int i = 0; i < m->nvers; i++) {
+      repo_ver *v = m->vers[i];
+      if (version && v->version != version) continue;
+      repo_stats copy;
+      uv_mutex_lock(&v->stats_mu);
+      copy = v->stats;
+      uv_mutex_unlock(&v->stats_mu);
+      fn(data, m->name, v->version, &copy);
+    }
+  }
+  uv_mutex_unlock(&r->mu);
+  return 0;
+}
 
 /* config.json's "max_batch" (Triton's max_batch_size): an integer >= 0,
  * 0 or absent for no limit. Anything else keeps the model from loading. */
@@ -181,6 +261,11 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
   repo_ver *v = tl_calloc(1, sizeof *v);
   if (!v) return ts_errf(err, TS_ENOMEM, "out of memory");
   atomic_init(&v->refs, 1);
+  if (uv_mutex_init(&v->stats_mu) != 0) {
+    tl_free(v);
+    return ts_errf(err, TS_ENOMEM, "out of memory (mutex)");
+  }
+  v->stats_mu_ready = 1;
   v->version = version;
   v->model_name = tl_strdup(model);
   v->config = json_deep_copy(config);
@@ -411,15 +496,21 @@ static void sync_model(repo_t *r, const char *name, int force) {
     return;
   }
   m->present = 1;
+  json_t *ovr = NULL; /* a load's config override stands in for config.json */
+  if (m->override) {
+    ovr = json_incref(m->override);
+    snprintf(cstamp, sizeof cstamp, "override:%u", m->override_gen);
+  }
   int config_changed = strcmp(cstamp, m->config_stamp) != 0;
   if (m->unloaded && !force) {
     uv_mutex_unlock(&r->mu);
+    if (ovr) json_decref(ovr);
     return;
   }
   uv_mutex_unlock(&r->mu);
 
   fs_clean_tmp(mdir, NULL, NULL);
-  int rc = read_json_file(cpath, MAX_CONFIG_BYTES, &config, &err);
+  int rc = ovr ? (config = ovr, 0) : read_json_file(cpath, MAX_CONFIG_BYTES, &config, &err);
   if (!rc && !json_is_object(config)) rc = ts_errf(&err, TS_EINVAL, "config.json is not a JSON object");
   if (!rc) rc = fs_list_versions(mdir, &vs, &nv, &err);
   if (!rc && !(keep = tl_calloc((size_t)(nv ? nv : 1), sizeof(int))))
@@ -531,6 +622,25 @@ out:
   if (config) json_decref(config);
 }
 
+#define RESERVED_REASON                                                                          \
+  "the model name 'stats' is reserved: GET /v2/models/stats answers the statistics of every " \
+  "model (Triton's statistics extension); rename the directory"
+
+/* A directory with a reserved name is listed in the index with the reason,
+ * never loaded, and does not hold readiness back. */
+static void refuse_reserved(repo_t *r, const char *name) {
+  uv_mutex_lock(&r->mu);
+  repo_model *m = get_model(r, name);
+  if (m) {
+    m->present = 1;
+    if (strcmp(m->reason, RESERVED_REASON) != 0) log_error("model '%s': " RESERVED_REASON, name);
+    publish(r, m, NULL, 0);
+    m->state = MS_UNLOADED;
+    snprintf(m->reason, sizeof m->reason, "%s", RESERVED_REASON);
+  }
+  uv_mutex_unlock(&r->mu);
+}
+
 static void drop_model(repo_t *r, repo_model *m, int state) {
   /* called with r->mu held */
   publish(r, m, NULL, 0);
@@ -563,7 +673,8 @@ void repo_sync(repo_t *r) {
     }
     closedir(d);
     for (int i = 0; i < n; i++) {
-      sync_model(r, names[i], 0);
+      if (repo_reserved_name(names[i])) refuse_reserved(r, names[i]);
+      else sync_model(r, names[i], 0);
       tl_free(names[i]);
     }
     tl_free(names);
@@ -573,6 +684,8 @@ void repo_sync(repo_t *r) {
   for (repo_model *m = r->models; m; m = m->next)
     if (!m->present && !m->unloaded && (m->nvers || m->state != MS_UNLOADED)) {
       if (m->nvers) log_info("model '%s': removed from the repository", m->name);
+      if (m->override) json_decref(m->override);
+      m->override = NULL;
       drop_model(r, m, MS_UNLOADED);
       snprintf(m->reason, sizeof m->reason, "not in the repository");
     }
@@ -580,19 +693,82 @@ void repo_sync(repo_t *r) {
   uv_mutex_unlock(&r->sync_mu);
 }
 
+/* Checks that `config` would load: the common keys, the version policy, and
+ * the newest version it serves loaded with it (then dropped), so the kind
+ * refuses what it refuses at any load, by name. Called with sync_mu held. */
+static int check_override(repo_t *r, const char *name, const json_t *config, ts_err *err) {
+  char mdir[PATH_MAX];
+  pathf(mdir, sizeof mdir, "%s/%s", r->root, name);
+  int64_t *vs = NULL, mb;
+  int nv = 0, *keep = NULL, rc;
+  if (!json_is_object(config)) return ts_errf(err, TS_EINVAL, "config is not a JSON object");
+  if ((rc = read_max_batch(config, &mb, err))) return rc;
+  if ((rc = fs_list_versions(mdir, &vs, &nv, err))) return rc;
+  if (!(keep = tl_calloc((size_t)(nv ? nv : 1), sizeof(int)))) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    goto out;
+  }
+  if ((rc = apply_policy(config, vs, nv, keep, err))) goto out;
+  const char *what = NULL;
+  if (!md_kind_of_config(config, &what)) {
+    rc = ts_errf(err, TS_EINVAL, "config: unknown kind '%s' (known: %s)", what, md_kind_names());
+    goto out;
+  }
+  for (int i = nv - 1; i >= 0; i--) {
+    if (!keep[i]) continue;
+    repo_ver *v;
+    if ((rc = ver_load(r, name, vs[i], config, &v, err))) {
+      ts_err_prefix(err, "version %lld does not load with this config", (long long)vs[i]);
+      goto out;
+    }
+    repo_release(v);
+    break;
+  }
+out:
+  tl_free(keep);
+  tl_free(vs);
+  return rc;
+}
+
 int repo_load_model(repo_t *r, const char *name, ts_err *err) {
+  return repo_load_model_config(r, name, NULL, err);
+}
+
+int repo_load_model_config(repo_t *r, const char *name, const json_t *config, ts_err *err) {
   char mdir[PATH_MAX];
   struct stat st;
   if (!valid_name(name)) return ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
-  pathf(mdir, sizeof mdir, "%s/%s/config.json", r->root, name);
+  if (repo_reserved_name(name)) return ts_errf(err, TS_EINVAL, RESERVED_REASON);
+  pathf(mdir, sizeof mdir, config ? "%s/%s" : "%s/%s/config.json", r->root, name);
   if (stat(mdir, &st) != 0)
     return ts_errf(err, TS_ENOTFOUND, "model '%s' is not in the repository", name);
+  if (config && !S_ISDIR(st.st_mode))
+    return ts_errf(err, TS_ENOTFOUND, "model '%s' is not a directory in the repository", name);
+  json_t *copy = config ? json_deep_copy(config) : NULL;
+  if (config && !copy) return ts_errf(err, TS_ENOMEM, "out of memory");
   uv_mutex_lock(&r->sync_mu);
+  int rc = copy ? check_override(r, name, copy, err) : 0;
+  if (rc) {
+    uv_mutex_unlock(&r->sync_mu);
+    json_decref(copy);
+    return rc;
+  }
+  uv_mutex_lock(&r->mu);
+  repo_model *m = get_model(r, name);
+  if (m && (m->override || copy)) {
+    if (m->override) json_decref(m->override);
+    m->override = copy; /* NULL: back to config.json */
+    m->override_gen++;
+    copy = NULL;
+    log_info("model '%s': loading with %s", name,
+             m->override ? "the config given with the load request (in memory)" : "config.json");
+  }
+  uv_mutex_unlock(&r->mu);
+  if (copy) json_decref(copy);
   sync_model(r, name, 1);
   uv_mutex_unlock(&r->sync_mu);
   uv_mutex_lock(&r->mu);
-  repo_model *m = find_model(r, name);
-  int rc = 0;
+  m = find_model(r, name);
   if (!m || m->nvers == 0)
     rc = ts_errf(err, TS_EUNAVAIL, "model '%s' failed to load: %s", name,
                  m ? m->reason : "unknown");
@@ -804,9 +980,13 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   pathf(final, sizeof final, "%s/%lld", mdir, (long long)next);
   if ((rc = fs_rename_atomic(tmp, final, err))) goto fail;
   /* Load before publishing; the old version serves until this succeeds. */
-  json_t *config;
+  json_t *config = NULL;
+  uv_mutex_lock(&r->mu);
+  repo_model *om = find_model(r, name);
+  if (om && om->override) config = json_incref(om->override);
+  uv_mutex_unlock(&r->mu);
   pathf(path, sizeof path, "%s/config.json", mdir);
-  if ((rc = read_json_file(path, MAX_CONFIG_BYTES, &config, err))) goto out;
+  if (!config && (rc = read_json_file(path, MAX_CONFIG_BYTES, &config, err))) goto out;
   repo_ver *v;
   rc = ver_load(r, name, next, config, &v, err);
   if (rc) {
@@ -903,6 +1083,7 @@ void repo_close(repo_t *r) {
     for (int i = 0; i < m->nvers; i++) repo_release(m->vers[i]);
     tl_free(m->vers);
     tl_free(m->failed);
+    if (m->override) json_decref(m->override);
     tl_free(m->name);
     tl_free(m);
     m = n;

@@ -45,7 +45,21 @@ void repo_set_weights_load(repo_t *r, st_load how);
  * polling). Never fails as a whole: per-model problems go to the index. */
 void repo_sync(repo_t *r);
 
+/* (Re)loads one model from config.json. repo_load_model_config loads it
+ * with `config` in place of config.json (NULL: config.json, and any earlier
+ * override is forgotten). The override is checked first (common keys,
+ * version policy, and the newest version it serves loaded with it): one
+ * that does not load is refused with the loader's error (400 naming the
+ * key) and changes nothing. An accepted override is kept in memory only,
+ * never written: rescans, fits and calibrations of the model use it until
+ * the next load without one or a restart, which read config.json again.
+ * A reserved name ("stats") is a 400. */
 int repo_load_model(repo_t *r, const char *name, ts_err *err);
+int repo_load_model_config(repo_t *r, const char *name, const json_t *config, ts_err *err);
+/* 1 for a name no model may have: "stats" (GET /v2/models/stats is the
+ * statistics route). A directory so named is listed in the index as
+ * UNAVAILABLE with the reason, never loaded, and does not hold readiness. */
+int repo_reserved_name(const char *name);
 int repo_unload_model(repo_t *r, const char *name, ts_err *err);
 
 /* version 0: the newest served. 404 unknown model or version, 503 when the
@@ -60,6 +74,46 @@ const char *repo_ver_model(const repo_ver *v);
 const md_sig *repo_ver_sig(const repo_ver *v);
 /* config.json's "max_batch" (checked at load: an integer >= 0); 0: none. */
 int64_t repo_ver_max_batch(const repo_ver *v);
+/* The config the version loaded with (config.json or a load's override);
+ * borrowed for the life of the reference. */
+const json_t *repo_ver_config(const repo_ver *v);
+
+/* Triton's statistics extension, kept per served version: counts and
+ * nanoseconds of its infer requests since the version loaded (a reloaded
+ * version starts again from zero). Recorded by the server when a request
+ * ends, read by GET /v2/models/stats; each version's block has its own
+ * mutex, held for a copy or one update. */
+typedef struct repo_dur {
+  uint64_t count, ns;
+} repo_dur;
+#define REPO_BATCH_SIZES 64 /* distinct batch sizes with their own batch_stats entry */
+typedef struct repo_batch_stat {
+  int64_t batch_size;
+  repo_dur compute_input, compute_infer, compute_output;
+} repo_batch_stat;
+typedef struct repo_stats {
+  int64_t last_inference_ms; /* wall clock, ms since the epoch; 0: never */
+  uint64_t inference_count;  /* rows inferred: the batch sizes of successes summed */
+  uint64_t execution_count;  /* successful executions (one per request: no batching) */
+  repo_dur success, fail;    /* whole requests: queue + compute */
+  repo_dur queue, compute_input, compute_infer, compute_output; /* of successes */
+  repo_batch_stat batch[REPO_BATCH_SIZES];
+  int n_batch;
+  uint64_t batch_untracked; /* successes whose batch size found no free entry */
+} repo_stats;
+typedef struct repo_infer_times {
+  int ok;        /* answered 200 */
+  int64_t batch; /* rows (leading dimension of the first input); 0: unknown */
+  double total, queue, input, infer, output; /* seconds */
+} repo_infer_times;
+void repo_ver_record(repo_ver *v, const repo_infer_times *t);
+typedef void (*repo_stats_fn)(void *data, const char *model, int64_t version,
+                              const repo_stats *s);
+/* Calls fn with a copy of the statistics of each served version: of every
+ * model (name NULL), or of `name` (404/503 as repo_acquire; version 0: all
+ * its served versions). fn runs under the repository lock: keep it short. */
+int repo_stats_foreach(repo_t *r, const char *name, int64_t version, repo_stats_fn fn, void *data,
+                       ts_err *err);
 
 /* JSON answers (new references). */
 json_t *repo_index(repo_t *r);

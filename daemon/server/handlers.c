@@ -1,10 +1,12 @@
-/* handlers.c - the model, repository and health endpoints of the OIP v2 server.
+/* handlers.c - the model and health endpoints of the OIP v2 server.
  *
  * One handler per row of the route table (routes.h). Cheap endpoints
  * (health, server and model metadata, readiness, index, metrics) answer on
  * the loop thread from the repository's table and the metrics' counters.
  * Everything that decodes tensors, computes, loads or writes runs on a
- * worker. The session endpoints are in sessions.c. */
+ * worker. The session endpoints are in sessions.c; the repository's load
+ * and unload and the calls Triton's clients make beyond the OIP (model
+ * config, statistics, the refused ones) in triton.c. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,6 +105,9 @@ static void run_model(job *j, kind_op fn, int tensors) {
    * size is bounded by --max-body-bytes and --max-request-elements */
   int rc = job_decode(j, j->ver, (d->flags & RF_LIMITS) != 0, &req, &call, &err);
   if (rc) goto fail;
+  j->t_decoded = md_now(); /* the statistics' compute_input ends here */
+  if (call.inputs && call.inputs->n > 0 && call.inputs->items[0].ndim >= 1)
+    j->batch = call.inputs->items[0].shape[0];
   const md_kind *k = repo_ver_kind(j->ver);
   const char *what = d->name;
   if (!fn) {
@@ -111,6 +116,7 @@ static void run_model(job *j, kind_op fn, int tensors) {
     goto fail;
   }
   if ((rc = fn(repo_ver_state(j->ver), &call, &err))) goto fail;
+  j->t_computed = md_now();
   if (tensors) {
     if ((rc = md_check_finite_outputs(&call, &err))) goto fail;
     if ((rc = job_encode(j, &req, &call, NULL, &err))) goto fail;
@@ -157,19 +163,3 @@ void ep_infer(job *j) { run_model(j, repo_ver_kind(j->ver)->infer, 1); }
 void ep_fit(job *j) { run_model(j, repo_ver_kind(j->ver)->fit, 0); }
 void ep_evaluate(job *j) { run_model(j, repo_ver_kind(j->ver)->evaluate, 0); }
 void ep_calibrate(job *j) { run_model(j, repo_ver_kind(j->ver)->calibrate, 0); }
-
-static void run_repo(job *j, int load) {
-  ts_err err = {0};
-  int rc = load ? repo_load_model(j->srv->repo, j->rt.model, &err)
-                : repo_unload_model(j->srv->repo, j->rt.model, &err);
-  if (rc) {
-    resp_error(&j->out, &err);
-    return;
-  }
-  json_t *o = json_object();
-  resp_json(&j->out, 200, o);
-  json_decref(o);
-}
-
-void ep_repo_load(job *j) { run_repo(j, 1); }
-void ep_repo_unload(job *j) { run_repo(j, 0); }

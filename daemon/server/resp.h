@@ -21,6 +21,7 @@ typedef struct resp {
   const char *content_type; /* static; NULL: application/json */
   int retry_after;          /* seconds; 0: no Retry-After */
   const char *allow;        /* static; the Allow header of a 405 */
+  const char *content_encoding; /* static; the body's coding ("gzip"); NULL: identity */
 } resp;
 
 /* The HTTP code of a ts_status (negative or not), from err.h's

@@ -36,7 +36,7 @@ const char *route_allow(unsigned methods) {
 #define MAX_SEG 8
 #define SEG_LEN 256
 
-enum { CAP_MODEL, CAP_VERSION, CAP_SESSION, CAP_COUNT };
+enum { CAP_MODEL, CAP_VERSION, CAP_SESSION, CAP_NAME, CAP_COUNT };
 
 /* Path segments; repeated slashes count as one. -1 too many, -2 one too long. */
 static int split(const char *path, char seg[][SEG_LEN], int max) {
@@ -61,6 +61,7 @@ static int capture_of(const char *name, size_t len) {
   if (len == 7 && memcmp(name, "{model}", 7) == 0) return CAP_MODEL;
   if (len == 9 && memcmp(name, "{version}", 9) == 0) return CAP_VERSION;
   if (len == 9 && memcmp(name, "{session}", 9) == 0) return CAP_SESSION;
+  if (len == 6 && memcmp(name, "{name}", 6) == 0) return CAP_NAME;
   return -1;
 }
 
@@ -124,9 +125,9 @@ int route_parse(const char *method, const char *path, route *r, const char **all
   if (n < 0) return ts_errf(err, TS_ENOTFOUND, "unknown route '%.100s'", path);
   unsigned want = method_bit(method), seen = 0;
   const route_def *hit = NULL;
-  int cap[CAP_COUNT] = {-1, -1, -1};
+  int cap[CAP_COUNT] = {-1, -1, -1, -1};
   for (int id = R_NONE + 1; id < R_COUNT; id++) {
-    int c[CAP_COUNT] = {-1, -1, -1};
+    int c[CAP_COUNT] = {-1, -1, -1, -1};
     if (!match(table[id].pattern, seg, n, 0, c)) continue;
     seen |= table[id].methods;
     if (!hit && (table[id].methods & want)) {

@@ -14,7 +14,9 @@
  * worker handler owns j->body and j->ver and fills j->out.
  *
  * Patterns: segments separated by '/'; {model}, {version} and {session}
- * capture one segment; "[...]" is an optional group. Captured names are
+ * capture one segment, {name} matches any one segment and keeps nothing;
+ * "[...]" is an optional group. Rows are tried in order: a fixed path
+ * ("/v2/models/stats") sits above the pattern it would also match. Captured names are
  * checked by route_parse (400 for a bad model name or version, 404 for a
  * session id that cannot exist). */
 #ifndef TALLYD_ROUTES_H
@@ -54,8 +56,12 @@
   X(R_READY, "health_ready", "/v2/health/ready", M_GET, AUTH_NONE, RF_LOOP | RF_DRAIN, OP_NONE,    \
     ep_ready)                                                                                      \
   X(R_SERVER, "server_metadata", "/v2", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_server)            \
+  X(R_STATS_ALL, "statistics", "/v2/models/stats", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_stats)  \
   X(R_MODEL_META, "model_metadata", MV, M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_model_meta)        \
   X(R_MODEL_READY, "model_ready", MV "/ready", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_model_ready) \
+  X(R_MODEL_CONFIG, "model_config", MV "/config", M_GET, AUTH_INFER, RF_LOOP, OP_NONE,              \
+    ep_model_config)                                                                               \
+  X(R_MODEL_STATS, "statistics", MV "/stats", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_stats)        \
   X(R_INFER, "infer", MV "/infer", M_POST, AUTH_INFER, RF_VERSION | RF_DEADLINE | RF_LIMITS,       \
     MD_OP_INFER, ep_infer)                                                                         \
   X(R_FIT, "fit", "/v2/models/{model}/fit", M_POST, AUTH_ADMIN, RF_VERSION | RF_FIT, MD_OP_FIT,    \
@@ -76,7 +82,16 @@
     OP_NONE, ep_repo_load)                                                                         \
   X(R_REPO_UNLOAD, "repository_unload", "/v2/repository/models/{model}/unload", M_POST,            \
     AUTH_ADMIN, 0, OP_NONE, ep_repo_unload)                                                        \
-  X(R_METRICS, "metrics", "/metrics", M_GET, AUTH_INFER, RF_LOOP | RF_DRAIN, OP_NONE, ep_metrics)
+  X(R_METRICS, "metrics", "/metrics", M_GET, AUTH_INFER, RF_LOOP | RF_DRAIN, OP_NONE, ep_metrics) \
+  /* tritonclient calls tallyd does not serve: a 400 that says so (triton.c) */                    \
+  X(R_SHM_SYSTEM, "system_shared_memory", "/v2/systemsharedmemory[/region/{name}]/{name}",         \
+    M_GET | M_POST, AUTH_INFER, RF_LOOP, OP_NONE, ep_unsupported)                                  \
+  X(R_SHM_CUDA, "cuda_shared_memory", "/v2/cudasharedmemory[/region/{name}]/{name}",               \
+    M_GET | M_POST, AUTH_INFER, RF_LOOP, OP_NONE, ep_unsupported)                                  \
+  X(R_TRACE, "trace_setting", "/v2[/models/{model}]/trace/setting", M_GET | M_POST, AUTH_INFER,    \
+    RF_LOOP, OP_NONE, ep_unsupported)                                                              \
+  X(R_LOGGING, "log_setting", "/v2/logging", M_GET | M_POST, AUTH_INFER, RF_LOOP, OP_NONE,         \
+    ep_unsupported)
 
 enum route_id {
   R_NONE = 0, /* no route: unknown path (scope infer, so anonymous clients cannot map the server) */

@@ -34,6 +34,10 @@ typedef struct job {
   char *body;
   size_t len, json_len;
   double t_submit, t_start, t_end;
+  int req_coding;       /* zc_coding of the body: inflated by the worker before the handler */
+  int resp_coding;      /* zc_coding the client accepts: a 2xx answer is compressed by the worker */
+  double t_decoded, t_computed; /* infer: decoding and computing done (statistics) */
+  int64_t batch;        /* infer: rows (leading dimension of the first input) */
   _Atomic double deadline; /* md_now() seconds; 0: none; set by the worker once known */
   volatile int cancelled;
   /* 0 running; 1 the worker is publishing a new version (no 504 may be sent

@@ -51,6 +51,22 @@ static void test_routes(void **s) {
       {"POST", "/v2/repository/index", R_REPO_INDEX, "", 0, ""},
       {"POST", "/v2/repository/models/m/load", R_REPO_LOAD, "m", 0, ""},
       {"POST", "/v2/repository/models/m/unload", R_REPO_UNLOAD, "m", 0, ""},
+      /* Triton's calls (triton.c): the fixed path above the model pattern */
+      {"GET", "/v2/models/stats", R_STATS_ALL, "", 0, ""},
+      {"GET", "/v2/models/m/stats", R_MODEL_STATS, "m", 0, ""},
+      {"GET", "/v2/models/m/versions/2/stats", R_MODEL_STATS, "m", 2, ""},
+      {"GET", "/v2/models/m/config", R_MODEL_CONFIG, "m", 0, ""},
+      {"GET", "/v2/models/m/versions/2/config", R_MODEL_CONFIG, "m", 2, ""},
+      {"GET", "/v2/models/stats/ready", R_MODEL_READY, "stats", 0, ""},
+      {"GET", "/v2/systemsharedmemory/status", R_SHM_SYSTEM, "", 0, ""},
+      {"GET", "/v2/systemsharedmemory/region/r%1/status", R_SHM_SYSTEM, "", 0, ""},
+      {"POST", "/v2/systemsharedmemory/region/r1/register", R_SHM_SYSTEM, "", 0, ""},
+      {"POST", "/v2/systemsharedmemory/unregister", R_SHM_SYSTEM, "", 0, ""},
+      {"POST", "/v2/cudasharedmemory/region/r1/unregister", R_SHM_CUDA, "", 0, ""},
+      {"GET", "/v2/cudasharedmemory/status", R_SHM_CUDA, "", 0, ""},
+      {"GET", "/v2/trace/setting", R_TRACE, "", 0, ""},
+      {"POST", "/v2/models/m/trace/setting", R_TRACE, "m", 0, ""},
+      {"POST", "/v2/logging", R_LOGGING, "", 0, ""},
   };
   for (size_t i = 0; i < sizeof ok / sizeof *ok; i++) {
     if (parse(ok[i].m, ok[i].p) != 0) fail_msg("%s %s: %s", ok[i].m, ok[i].p, err.msg);
@@ -66,7 +82,8 @@ static void test_not_found_and_methods(void **s) {
   const char *nf[] = {"/", "/v3", "/v2/health", "/v2/health/alive", "/v2/models",
                       "/v2/models/m/infer/x", "/v2/models/m/versions/2/fit",
                       "/v2/models/m/versions/2/sessions", "/v2/repository/models/m/reload",
-                      "/metrics/x"};
+                      "/metrics/x", "/v2/systemsharedmemory", "/v2/systemsharedmemory/region/x",
+                      "/v2/logging/x", "/v2/models/m/trace"};
   for (size_t i = 0; i < sizeof nf / sizeof *nf; i++) {
     assert_int_equal(parse("GET", nf[i]), -TS_ENOTFOUND);
     assert_non_null(strstr(err.msg, "unknown route"));
@@ -123,6 +140,13 @@ static const struct {
     {R_REPO_LOAD, "/v2/repository/models/m/load", "POST", AUTH_ADMIN, 0, OP_NONE},
     {R_REPO_UNLOAD, "/v2/repository/models/m/unload", "POST", AUTH_ADMIN, 0, OP_NONE},
     {R_METRICS, "/metrics", "GET, HEAD", AUTH_INFER, RF_LOOP | RF_DRAIN, OP_NONE},
+    {R_STATS_ALL, "/v2/models/stats", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_MODEL_STATS, "/v2/models/m/versions/3/stats", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_MODEL_CONFIG, "/v2/models/m/config", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_SHM_SYSTEM, "/v2/systemsharedmemory/region/x/register", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_SHM_CUDA, "/v2/cudasharedmemory/status", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_TRACE, "/v2/trace/setting", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_LOGGING, "/v2/logging", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
 };
 
 static int allows(const char *allow, const char *method) {
