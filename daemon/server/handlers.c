@@ -41,8 +41,9 @@ void ep_ready(job *j) {
 }
 
 void ep_server(job *j) {
-  json_t *ext = json_pack("[s,s,s,s,s,s,s]", "model_repository", "binary_tensor_data",
-                          "classification", "fit", "evaluate", "calibrate", "sessions");
+  json_t *ext = json_pack("[s,s,s,s,s,s,s,s,s]", "model_repository", "binary_tensor_data",
+                          "classification", "model_configuration", "statistics", "fit",
+                          "evaluate", "calibrate", "sessions");
   answer_json(j, 200, json_pack("{s:s, s:s, s:o}", "name", "tallyd", "version", TALLYD_VERSION,
                                 "extensions", ext));
 }

@@ -209,7 +209,13 @@ static int from_triton(const char *model, const json_t *t, json_t **out, ts_err 
         goto fail;
       }
     } else if (strcmp(key, "max_batch_size") == 0) {
-      json_object_set(c, "max_batch", v); /* its value is checked by the loader */
+      if (!json_is_integer(v) || json_integer_value(v) < 0 ||
+          json_integer_value(v) > MD_MAX_BATCH) {
+        rc = ts_errf(err, TS_EINVAL, "config: 'max_batch_size' must be an integer in [0, %lld] "
+                     "(0: no limit)", (long long)MD_MAX_BATCH);
+        goto fail;
+      }
+      json_object_set(c, "max_batch", v);
     } else if (strcmp(key, "version_policy") == 0 || strcmp(key, "dynamic_batching") == 0) {
       json_object_set(c, key, v);
     } else if (strcmp(key, "parameters") == 0) {
