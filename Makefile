@@ -76,9 +76,12 @@ $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -MMD -MP -c $< -o $@
 
+# One list of per-path target flags, read by this build and by mk/fuzz.mk's.
+AVX2_FLAGS := -mavx2 -mfma
+AVX512_FLAGS := -mavx2 -mfma -mavx512f -mavx512vl -mavx512bw -mavx512dq
 ifeq ($(ARCH),x86_64)
-$(BUILD)/%_avx2.o: CFLAGS += -mavx2 -mfma
-$(BUILD)/%_avx512.o: CFLAGS += -mavx2 -mfma -mavx512f -mavx512vl -mavx512bw -mavx512dq
+$(BUILD)/%_avx2.o: CFLAGS += $(AVX2_FLAGS)
+$(BUILD)/%_avx512.o: CFLAGS += $(AVX512_FLAGS)
 endif
 
 $(BUILD)/%.cu.o: %.cu

@@ -26,7 +26,8 @@ FUZZ_BIN := $(FUZZ_NAMES:%=$(FUZZ_BUILD)/fuzz_%)
 FUZZ_ARGS ?= -rss_limit_mb=2048 -timeout=20 -print_final_stats=1
 
 ifeq ($(ARCH),x86_64)
-$(FUZZ_BUILD)/%_avx2.o: FUZZ_ARCH := -mavx2 -mfma
+$(FUZZ_BUILD)/%_avx2.o: FUZZ_ARCH := $(AVX2_FLAGS)
+$(FUZZ_BUILD)/%_avx512.o: FUZZ_ARCH := $(AVX512_FLAGS)
 endif
 
 $(FUZZ_BUILD)/%.o: %.c
