@@ -21,6 +21,7 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import struct
 import time
 import zlib
@@ -352,6 +353,40 @@ def test_load_with_config_override(c):
     check(infer_status(c, "ov_mlp", 3) == 200, "back to config.json")
     # an empty body (curl -X POST) is a plain load
     check_status(c.d.request("POST", "/v2/repository/models/ov_mlp/load", b""), 200)
+
+
+def test_override_outlives_rescans(c):
+    """While an override is in force, a rescan (SIGHUP) that finds a new
+    version and a changed config.json loads the new version with the
+    override; a load without config then takes config.json's."""
+    cfg = check_status(c.d.get("/v2/models/ov_mlp/config"), 200).json()
+    # input and output left out: they are the model's own
+    slim = {k: v for k, v in cfg.items() if k not in ("input", "output")}
+    check_status(load(c, "ov_mlp", json.dumps(dict(slim, max_batch_size=2))), 200)
+    with open(c.ov_config) as f:
+        disk = json.load(f)
+    try:
+        with open(c.ov_config, "w") as f:
+            json.dump(dict(disk, max_batch=3), f)
+        shutil.copytree(os.path.join(c.repo, "ov_mlp", "1"), os.path.join(c.repo, "ov_mlp", "2"))
+        c.d.proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 30  # a bound on the rescan, not a timing assertion
+        while time.time() < deadline:
+            r = c.d.get("/v2/models/ov_mlp/versions/2/config")
+            if r.status == 200:
+                break
+            time.sleep(0.05)
+        check_status(r, 200)
+        check(r.json()["max_batch_size"] == 2, "version 2 loaded with config.json, not the override")
+        check(infer_status(c, "ov_mlp", 3) == 400, "the override's max_batch")
+        check_status(load(c, "ov_mlp"), 200)
+        check(c.d.get("/v2/models/ov_mlp/config").json()["max_batch_size"] == 3, "config.json's")
+    finally:
+        with open(c.ov_config, "w") as f:
+            f.write(c.ov_bytes.decode())
+        shutil.rmtree(os.path.join(c.repo, "ov_mlp", "2"), ignore_errors=True)
+        check_status(load(c, "ov_mlp"), 200)
+    check(c.d.get("/v2/models/ov_mlp/config").json()["max_batch_size"] == 0, "restored")
 
 
 def test_unload_dependents(c):
