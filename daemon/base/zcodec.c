@@ -42,12 +42,16 @@ int zc_parse_content_encoding(const char *value, zc_coding *out, ts_err *err) {
   const char *s = trim(value, &n);
   if (!n) return 0;
   if (memchr(s, ',', n))
-    return ts_errf(err, TS_EMEDIA, "Content-Encoding '%.60s': one coding only (gzip, deflate or "
-                   "identity), not a list", value);
+    return ts_errf(err, TS_EMEDIA,
+                   "Content-Encoding '%.60s': one coding only (gzip, deflate or "
+                   "identity), not a list",
+                   value);
   int c = coding_of(s, n);
   if (c < 0)
-    return ts_errf(err, TS_EMEDIA, "Content-Encoding '%.60s' is not supported (gzip, deflate or "
-                   "identity)", value);
+    return ts_errf(err, TS_EMEDIA,
+                   "Content-Encoding '%.60s' is not supported (gzip, deflate or "
+                   "identity)",
+                   value);
   *out = (zc_coding)c;
   return 0;
 }
@@ -91,8 +95,10 @@ zc_coding zc_choose(const char *accept) {
     double v = semi ? qvalue(semi + 1, len - (size_t)(semi - p) - 1) : 1.0;
     if (v >= 0) {
       int c = coding_of(t, tl);
-      if (c >= 0 && v > q[c]) q[c] = v; /* "gzip;q=0, x-gzip" : the larger */
-      else if (c < 0 && tl == 1 && *t == '*') star = v;
+      if (c >= 0 && v > q[c])
+        q[c] = v; /* "gzip;q=0, x-gzip" : the larger */
+      else if (c < 0 && tl == 1 && *t == '*')
+        star = v;
     }
     if (!comma) break;
     p = comma + 1;
@@ -134,7 +140,7 @@ int zc_inflate(zc_coding c, const void *in, size_t n, size_t cap, char **out, si
   memset(&z, 0, sizeof z);
   if (inflateInit2(&z, window_bits(c, src, n)) != Z_OK)
     return ts_errf(err, TS_ENOMEM, "out of memory (zlib)");
-  size_t size = n * 4 + 64;  /* first guess; doubled as needed, never past cap + 1 */
+  size_t size = n * 4 + 64; /* first guess; doubled as needed, never past cap + 1 */
   if (size > cap + 1) size = cap + 1;
   char *buf = tl_malloc(size + 1);
   int rc = 0;
@@ -154,8 +160,10 @@ int zc_inflate(zc_coding c, const void *in, size_t n, size_t cap, char **out, si
     }
     if (have == size) {
       if (size == cap + 1) {
-        rc = ts_errf(err, TS_ETOOBIG, "the body inflates to more than the limit of %zu bytes "
-                     "(--max-body-bytes applies to the inflated size)", cap);
+        rc = ts_errf(err, TS_ETOOBIG,
+                     "the body inflates to more than the limit of %zu bytes "
+                     "(--max-body-bytes applies to the inflated size)",
+                     cap);
         goto done;
       }
       size_t ns = size * 2 > cap + 1 || size * 2 < size ? cap + 1 : size * 2;
@@ -173,8 +181,10 @@ int zc_inflate(zc_coding c, const void *in, size_t n, size_t cap, char **out, si
     int zr = inflate(&z, Z_NO_FLUSH);
     have += room - z.avail_out;
     if (have > cap) {
-      rc = ts_errf(err, TS_ETOOBIG, "the body inflates to more than the limit of %zu bytes "
-                   "(--max-body-bytes applies to the inflated size)", cap);
+      rc = ts_errf(err, TS_ETOOBIG,
+                   "the body inflates to more than the limit of %zu bytes "
+                   "(--max-body-bytes applies to the inflated size)",
+                   cap);
       goto done;
     }
     if (zr == Z_STREAM_END) {
@@ -186,8 +196,10 @@ int zc_inflate(zc_coding c, const void *in, size_t n, size_t cap, char **out, si
         inflateReset(&z);
         continue;
       }
-      rc = ts_errf(err, TS_EINVAL, "Content-Encoding %s: %zu bytes after the end of the "
-                   "compressed stream", zc_name(c), left);
+      rc = ts_errf(err, TS_EINVAL,
+                   "Content-Encoding %s: %zu bytes after the end of the "
+                   "compressed stream",
+                   zc_name(c), left);
       goto done;
     }
     if (zr == Z_BUF_ERROR && z.avail_in == 0 && fed == n) {

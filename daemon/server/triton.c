@@ -49,8 +49,8 @@ static json_t *io_config(const md_io *io, int n, int batched) {
       json_array_append_new(dims, json_integer(io[i].shape[k]));
     char type[32];
     triton_type(io[i].dtype, type, sizeof type);
-    json_array_append_new(a, json_pack("{s:s, s:s, s:o}", "name", io[i].name, "data_type", type,
-                                       "dims", dims));
+    json_array_append_new(
+        a, json_pack("{s:s, s:s, s:o}", "name", io[i].name, "data_type", type, "dims", dims));
   }
   return a;
 }
@@ -68,14 +68,16 @@ static json_t *config_json(const char *model, const repo_ver *v) {
     char *text = json_is_string(val) ? tl_strdup(json_string_value(val))
                                      : jtext_dumps(val, JT_COMPACT | JT_SORT_KEYS, NULL);
     if (text) json_object_set_new(params, key, json_pack("{s:s}", "string_value", text));
-    if (json_is_string(val)) tl_free(text);
-    else free(text);
+    if (json_is_string(val))
+      tl_free(text);
+    else
+      free(text);
   }
   json_t *c = json_pack(
       "{s:s, s:s, s:s, s:o, s:I, s:o, s:o, s:o}", "name", model, "platform", "tallyd", "backend",
       "tallyd", "version_policy",
-      pol && !json_is_null(pol) ? json_deep_copy(pol) : json_pack("{s:{s:i}}", "latest",
-                                                                  "num_versions", 1),
+      pol && !json_is_null(pol) ? json_deep_copy(pol)
+                                : json_pack("{s:{s:i}}", "latest", "num_versions", 1),
       "max_batch_size", (json_int_t)mb, "input", io_config(sig->inputs, sig->n_inputs, mb > 0),
       "output", io_config(sig->outputs, sig->n_outputs, mb > 0), "parameters", params);
   json_t *db = json_object_get(cfg, "dynamic_batching");
@@ -106,26 +108,25 @@ static void stats_row(void *data, const char *model, int64_t version, const repo
   char vb[32];
   snprintf(vb, sizeof vb, "%lld", (long long)version);
   static const repo_dur zero = {0, 0};
-  json_t *inf = json_pack("{s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "success", dur(&s->success),
-                          "fail", dur(&s->fail), "queue", dur(&s->queue), "compute_input",
-                          dur(&s->compute_input), "compute_infer", dur(&s->compute_infer),
-                          "compute_output", dur(&s->compute_output), "cache_hit", dur(&zero),
-                          "cache_miss", dur(&zero));
+  json_t *inf =
+      json_pack("{s:o, s:o, s:o, s:o, s:o, s:o, s:o, s:o}", "success", dur(&s->success), "fail",
+                dur(&s->fail), "queue", dur(&s->queue), "compute_input", dur(&s->compute_input),
+                "compute_infer", dur(&s->compute_infer), "compute_output", dur(&s->compute_output),
+                "cache_hit", dur(&zero), "cache_miss", dur(&zero));
   json_t *batches = json_array();
   for (int i = 0; batches && i < s->n_batch; i++) {
     const repo_batch_stat *b = &s->batch[i];
-    json_array_append_new(batches, json_pack("{s:I, s:o, s:o, s:o}", "batch_size",
-                                             (json_int_t)b->batch_size, "compute_input",
-                                             dur(&b->compute_input), "compute_infer",
-                                             dur(&b->compute_infer), "compute_output",
-                                             dur(&b->compute_output)));
+    json_array_append_new(
+        batches, json_pack("{s:I, s:o, s:o, s:o}", "batch_size", (json_int_t)b->batch_size,
+                           "compute_input", dur(&b->compute_input), "compute_infer",
+                           dur(&b->compute_infer), "compute_output", dur(&b->compute_output)));
   }
   json_array_append_new(
-      rows, json_pack("{s:s, s:s, s:I, s:I, s:I, s:o, s:o, s:[]}", "name", model, "version", vb,
-                      "last_inference", (json_int_t)s->last_inference_ms, "inference_count",
-                      (json_int_t)s->inference_count, "execution_count",
-                      (json_int_t)s->execution_count, "inference_stats", inf, "batch_stats",
-                      batches, "memory_usage"));
+      rows,
+      json_pack("{s:s, s:s, s:I, s:I, s:I, s:o, s:o, s:[]}", "name", model, "version", vb,
+                "last_inference", (json_int_t)s->last_inference_ms, "inference_count",
+                (json_int_t)s->inference_count, "execution_count", (json_int_t)s->execution_count,
+                "inference_stats", inf, "batch_stats", batches, "memory_usage"));
 }
 
 void ep_stats(job *j) {
@@ -136,8 +137,8 @@ void ep_stats(job *j) {
   }
   ts_err err = {0};
   int all = j->rt.id == R_STATS_ALL;
-  if (repo_stats_foreach(j->srv->repo, all ? NULL : j->rt.model, all ? 0 : j->rt.version,
-                         stats_row, rows, &err)) {
+  if (repo_stats_foreach(j->srv->repo, all ? NULL : j->rt.model, all ? 0 : j->rt.version, stats_row,
+                         rows, &err)) {
     json_decref(rows);
     resp_error(&j->out, &err);
     return;
@@ -166,17 +167,17 @@ static int read_repo_body(job *j, json_t **doc, json_t **params, ts_err *err) {
     if (strcmp(key, "parameters") != 0)
       return ts_errf(err, TS_EINVAL, "unknown field '%.60s' (the body takes only \"parameters\")",
                      key);
-    if (!json_is_object(v))
-      return ts_errf(err, TS_EINVAL, "\"parameters\" must be a JSON object");
+    if (!json_is_object(v)) return ts_errf(err, TS_EINVAL, "\"parameters\" must be a JSON object");
     *params = v;
   }
   return 0;
 }
 
-static const char *const triton_keys[] = {"name",           "platform", "backend",
-                                          "max_batch_size", "version_policy",
-                                          "dynamic_batching", "input", "output", "parameters",
-                                          NULL};
+static const char *const triton_keys[] = {"name",           "platform",
+                                          "backend",        "max_batch_size",
+                                          "version_policy", "dynamic_batching",
+                                          "input",          "output",
+                                          "parameters",     NULL};
 
 /* The config.json a load's override in Triton's shape stands for; its
  * "input" and "output", when given, must be the model's own (checked by the
@@ -191,28 +192,35 @@ static int from_triton(const char *model, const json_t *t, json_t **out, ts_err 
     int known = 0;
     for (const char *const *k = triton_keys; *k && !known; k++) known = strcmp(*k, key) == 0;
     if (!known) {
-      rc = ts_errf(err, TS_EINVAL, "config: key '%.60s' is not one tallyd takes (name, platform, "
+      rc = ts_errf(err, TS_EINVAL,
+                   "config: key '%.60s' is not one tallyd takes (name, platform, "
                    "backend, max_batch_size, version_policy, dynamic_batching, input, output, "
-                   "parameters; or a config.json of its own with \"kind\")", key);
+                   "parameters; or a config.json of its own with \"kind\")",
+                   key);
       goto fail;
     }
     if (strcmp(key, "name") == 0) {
       if (!json_is_string(v) || strcmp(json_string_value(v), model) != 0) {
-        rc = ts_errf(err, TS_EINVAL, "config: 'name' must be \"%s\", the model being loaded", model);
+        rc =
+            ts_errf(err, TS_EINVAL, "config: 'name' must be \"%s\", the model being loaded", model);
         goto fail;
       }
     } else if (strcmp(key, "platform") == 0 || strcmp(key, "backend") == 0) {
       const char *s = json_string_value(v);
       if (!s || (*s && strcmp(s, "tallyd") != 0)) {
-        rc = ts_errf(err, TS_EINVAL, "config: '%s' must be \"tallyd\" (the model's kind goes in "
-                     "parameters.kind)", key);
+        rc = ts_errf(err, TS_EINVAL,
+                     "config: '%s' must be \"tallyd\" (the model's kind goes in "
+                     "parameters.kind)",
+                     key);
         goto fail;
       }
     } else if (strcmp(key, "max_batch_size") == 0) {
       if (!json_is_integer(v) || json_integer_value(v) < 0 ||
           json_integer_value(v) > MD_MAX_BATCH) {
-        rc = ts_errf(err, TS_EINVAL, "config: 'max_batch_size' must be an integer in [0, %lld] "
-                     "(0: no limit)", (long long)MD_MAX_BATCH);
+        rc = ts_errf(err, TS_EINVAL,
+                     "config: 'max_batch_size' must be an integer in [0, %lld] "
+                     "(0: no limit)",
+                     (long long)MD_MAX_BATCH);
         goto fail;
       }
       json_object_set(c, "max_batch", v);
@@ -228,13 +236,17 @@ static int from_triton(const char *model, const json_t *t, json_t **out, ts_err 
       json_object_foreach(v, pk, pv) {
         const char *text = json_string_value(json_object_get(pv, "string_value"));
         if (!json_is_object(pv) || json_object_size(pv) != 1 || !text) {
-          rc = ts_errf(err, TS_EINVAL, "config: parameters.%.60s must be {\"string_value\": "
-                       "\"...\"}", pk);
+          rc = ts_errf(err, TS_EINVAL,
+                       "config: parameters.%.60s must be {\"string_value\": "
+                       "\"...\"}",
+                       pk);
           goto fail;
         }
         if (has_own_field(pk) || json_object_get(c, pk)) {
-          rc = ts_errf(err, TS_EINVAL, "config: parameters.%.60s: '%s' has a field of its own "
-                       "(max_batch_size, version_policy, dynamic_batching)", pk, pk);
+          rc = ts_errf(err, TS_EINVAL,
+                       "config: parameters.%.60s: '%s' has a field of its own "
+                       "(max_batch_size, version_policy, dynamic_batching)",
+                       pk, pk);
           goto fail;
         }
         /* JSON text (an array, an object, a number) where it reads as JSON,
@@ -245,9 +257,11 @@ static int from_triton(const char *model, const json_t *t, json_t **out, ts_err 
     }
   }
   if (!json_object_get(c, "kind")) {
-    rc = ts_errf(err, TS_EINVAL, "config: no 'kind' in parameters (for example \"parameters\": "
+    rc = ts_errf(err, TS_EINVAL,
+                 "config: no 'kind' in parameters (for example \"parameters\": "
                  "{\"kind\": {\"string_value\": \"mlp\"}}; GET /v2/models/%s/config shows the "
-                 "model's own)", model);
+                 "model's own)",
+                 model);
     goto fail;
   }
   *out = c;
@@ -277,9 +291,11 @@ static int check_io(repo_t *r, const char *model, const json_t *t, const json_t 
                     : io_config(sig->inputs, sig->n_inputs, batched);
     if (!json_equal(given, own)) {
       char *want = jtext_dumps(own, JT_COMPACT, NULL);
-      rc = ts_errf(err, TS_EINVAL, "config: '%s' differs from the model's %ss, which come from "
+      rc = ts_errf(err, TS_EINVAL,
+                   "config: '%s' differs from the model's %ss, which come from "
                    "its kind and weights and cannot be changed by a load (leave '%s' out, or "
-                   "give %.300s)", key, key, key, want ? want : "its own");
+                   "give %.300s)",
+                   key, key, key, want ? want : "its own");
       free(want);
     }
     json_decref(own);
@@ -297,14 +313,15 @@ void ep_repo_load(job *j) {
   if (!rc && params) {
     json_object_foreach(params, key, v) {
       if (strncmp(key, "file:", 5) == 0) {
-        rc = ts_errf(&err, TS_EINVAL, "parameter '%.100s': loading files sent with the request is "
+        rc = ts_errf(&err, TS_EINVAL,
+                     "parameter '%.100s': loading files sent with the request is "
                      "not supported; tallyd loads weights only from the repository (copy them "
-                     "to <repository>/%s/<version>/ and load without files)", key, j->rt.model);
+                     "to <repository>/%s/<version>/ and load without files)",
+                     key, j->rt.model);
         break;
       }
       if (strcmp(key, "config") != 0) {
-        rc = ts_errf(&err, TS_EINVAL, "unknown parameter '%.60s' for load; accepted: config",
-                     key);
+        rc = ts_errf(&err, TS_EINVAL, "unknown parameter '%.60s' for load; accepted: config", key);
         break;
       }
       given = v;
@@ -315,8 +332,10 @@ void ep_repo_load(job *j) {
     if (json_is_string(given)) { /* Triton's: the config as JSON text */
       json_error_t je;
       parsed = json_loads(json_string_value(given), JSON_REJECT_DUPLICATES, &je);
-      if (!parsed) rc = ts_errf(&err, TS_EINVAL, "parameter 'config' is not valid JSON: %s", je.text);
-      else given = parsed;
+      if (!parsed)
+        rc = ts_errf(&err, TS_EINVAL, "parameter 'config' is not valid JSON: %s", je.text);
+      else
+        given = parsed;
     }
     if (!rc && !json_is_object(given))
       rc = ts_errf(&err, TS_EINVAL, "parameter 'config' must be a JSON object (or its text)");
@@ -348,8 +367,10 @@ void ep_repo_unload(job *j) {
   if (!rc && params) {
     json_object_foreach(params, key, v) {
       if (strcmp(key, "unload_dependents") != 0) {
-        rc = ts_errf(&err, TS_EINVAL, "unknown parameter '%.60s' for unload; accepted: "
-                     "unload_dependents", key);
+        rc = ts_errf(&err, TS_EINVAL,
+                     "unknown parameter '%.60s' for unload; accepted: "
+                     "unload_dependents",
+                     key);
         break;
       }
       if (!json_is_boolean(v)) {
@@ -357,7 +378,8 @@ void ep_repo_unload(job *j) {
         break;
       }
       if (json_is_true(v)) {
-        rc = ts_errf(&err, TS_EINVAL, "unload_dependents: true is not supported: tallyd unloads "
+        rc = ts_errf(&err, TS_EINVAL,
+                     "unload_dependents: true is not supported: tallyd unloads "
                      "the one model named; an ensemble's members are models of their own "
                      "(unload each)");
         break;
@@ -379,25 +401,28 @@ void ep_unsupported(job *j) {
   const char *why = "this call is not supported by tallyd";
   switch (j->rt.id) {
     case R_SHM_SYSTEM:
-      why = "system shared memory (register, unregister, status) is not supported by tallyd: "
-            "send tensors in the request body (the binary tensor extension, "
-            "\"binary_data_size\") and ask for binary outputs with \"binary_data\": true";
+      why =
+          "system shared memory (register, unregister, status) is not supported by tallyd: "
+          "send tensors in the request body (the binary tensor extension, "
+          "\"binary_data_size\") and ask for binary outputs with \"binary_data\": true";
       break;
     case R_SHM_CUDA:
-      why = "CUDA shared memory (register, unregister, status) is not supported by tallyd: "
-            "send tensors in the request body (the binary tensor extension, "
-            "\"binary_data_size\") and ask for binary outputs with \"binary_data\": true";
+      why =
+          "CUDA shared memory (register, unregister, status) is not supported by tallyd: "
+          "send tensors in the request body (the binary tensor extension, "
+          "\"binary_data_size\") and ask for binary outputs with \"binary_data\": true";
       break;
     case R_TRACE:
-      why = "trace settings are not supported by tallyd: every request is logged on one line "
-            "with its X-Request-Id (--log-level), and timed in /metrics and /v2/models/stats";
+      why =
+          "trace settings are not supported by tallyd: every request is logged on one line "
+          "with its X-Request-Id (--log-level), and timed in /metrics and /v2/models/stats";
       break;
     case R_LOGGING:
-      why = "log settings cannot be read or changed over HTTP: tallyd's log level is "
-            "--log-level, set when it starts";
+      why =
+          "log settings cannot be read or changed over HTTP: tallyd's log level is "
+          "--log-level, set when it starts";
       break;
-    default:
-      break;
+    default: break;
   }
   resp_errorf(&j->out, TS_EINVAL, "%s", why);
 }

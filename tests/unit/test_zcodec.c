@@ -20,12 +20,10 @@
 
 /* Python 3: gzip.compress(b"hello tallyd", mtime=0) and zlib.compress(b"hello tallyd") */
 static const unsigned char py_gzip[] = {
-    0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x03, 0xcb, 0x48, 0xcd, 0xc9, 0xc9,
-    0x57, 0x28, 0x49, 0xcc, 0xc9, 0xa9, 0x4c, 0x01, 0x00, 0x0d, 0xf7, 0x0c, 0x73, 0x0c, 0x00,
-    0x00, 0x00};
-static const unsigned char py_zlib[] = {0x78, 0x9c, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x57,
-                                        0x28, 0x49, 0xcc, 0xc9, 0xa9, 0x4c, 0x01, 0x00,
-                                        0x1e, 0x86, 0x04, 0xbf};
+    0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x02, 0x03, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x57,
+    0x28, 0x49, 0xcc, 0xc9, 0xa9, 0x4c, 0x01, 0x00, 0x0d, 0xf7, 0x0c, 0x73, 0x0c, 0x00, 0x00, 0x00};
+static const unsigned char py_zlib[] = {0x78, 0x9c, 0xcb, 0x48, 0xcd, 0xc9, 0xc9, 0x57, 0x28, 0x49,
+                                        0xcc, 0xc9, 0xa9, 0x4c, 0x01, 0x00, 0x1e, 0x86, 0x04, 0xbf};
 static const char hello[] = "hello tallyd";
 
 static void text_of(size_t n, char *buf) {
@@ -177,10 +175,14 @@ static void test_content_encoding(void **s) {
     const char *v;
     int rc;
     zc_coding want;
-  } cases[] = {{NULL, 0, ZC_IDENTITY},       {"", 0, ZC_IDENTITY},
-               {"gzip", 0, ZC_GZIP},         {"x-gzip", 0, ZC_GZIP},
-               {"GZip", 0, ZC_GZIP},         {" deflate\t", 0, ZC_DEFLATE},
-               {"identity", 0, ZC_IDENTITY}, {"br", -TS_EMEDIA, ZC_IDENTITY},
+  } cases[] = {{NULL, 0, ZC_IDENTITY},
+               {"", 0, ZC_IDENTITY},
+               {"gzip", 0, ZC_GZIP},
+               {"x-gzip", 0, ZC_GZIP},
+               {"GZip", 0, ZC_GZIP},
+               {" deflate\t", 0, ZC_DEFLATE},
+               {"identity", 0, ZC_IDENTITY},
+               {"br", -TS_EMEDIA, ZC_IDENTITY},
                {"gzip, deflate", -TS_EMEDIA, ZC_IDENTITY},
                {"compress", -TS_EMEDIA, ZC_IDENTITY}};
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -204,18 +206,18 @@ static void test_accept_encoding(void **s) {
       {"", ZC_IDENTITY},
       {"gzip", ZC_GZIP},
       {"deflate", ZC_DEFLATE},
-      {"deflate, gzip", ZC_GZIP},                  /* a tie: gzip */
-      {"gzip;q=0.5, deflate", ZC_DEFLATE},         /* q decides */
+      {"deflate, gzip", ZC_GZIP},          /* a tie: gzip */
+      {"gzip;q=0.5, deflate", ZC_DEFLATE}, /* q decides */
       {"gzip; q=0.9 , deflate;q=0.8", ZC_GZIP},
-      {"gzip;q=0", ZC_IDENTITY},                   /* refused */
+      {"gzip;q=0", ZC_IDENTITY},                            /* refused */
       {"gzip;q=0, deflate;q=0, identity;q=0", ZC_IDENTITY}, /* nothing else: identity */
       {"*", ZC_GZIP},
       {"*;q=0, deflate", ZC_DEFLATE},
-      {"deflate;q=0.2, *;q=0.5", ZC_GZIP},         /* "*" covers gzip only */
+      {"deflate;q=0.2, *;q=0.5", ZC_GZIP}, /* "*" covers gzip only */
       {"br", ZC_IDENTITY},
       {"br, identity", ZC_IDENTITY},
       {"x-gzip;q=0.8, deflate;q=0.9", ZC_DEFLATE},
-      {"gzip;q=abc, deflate;q=0.1", ZC_DEFLATE},  /* an unreadable q: that element ignored */
+      {"gzip;q=abc, deflate;q=0.1", ZC_DEFLATE}, /* an unreadable q: that element ignored */
       {"gzip;q=2", ZC_IDENTITY},
       {"GZIP;Q=1", ZC_GZIP},
       {",,gzip,,", ZC_GZIP},
