@@ -51,9 +51,8 @@ const char *attn_variant_name(attn_variant v) {
 
 /* ---- argument checks ---------------------------------------------------- */
 
-int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
-                    int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
-                    ts_err *err) {
+int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d, int dv,
+                    attn_tensor q, attn_tensor k, attn_tensor v, attn_out out, ts_err *err) {
   if (!prm) return ts_errf(err, TS_EINVAL, "attention: no parameters given");
   if (prm->variant != ATTN_SOFTMAX && prm->variant != ATTN_LSSA && prm->variant != ATTN_LSSAR)
     return ts_errf(err, TS_EINVAL, "attention: unknown variant %d", (int)prm->variant);
@@ -63,8 +62,8 @@ int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t 
                    "(need both >= 1 and heads %% kv_heads == 0)",
                    H, Hkv);
   if (d < 1 || dv < 1)
-    return ts_errf(err, TS_EINVAL, "attention: head dimensions must be >= 1, got d=%d dv=%d",
-                   d, dv);
+    return ts_errf(err, TS_EINVAL, "attention: head dimensions must be >= 1, got d=%d dv=%d", d,
+                   dv);
   if (Lq < 0 || Lk < 0)
     return ts_errf(err, TS_EINVAL, "attention: negative length (queries %lld, keys %lld)",
                    (long long)Lq, (long long)Lk);
@@ -107,7 +106,9 @@ static double attn_row_o(const attn_params *prm, int64_t t) {
   return t < (int64_t)prm->offset_rows ? 0.0 : 1.0;
 }
 
-static double softplus_d(double x) { return fmax(x, 0.0) + log1p(exp(-fabs(x))); }
+static double softplus_d(double x) {
+  return fmax(x, 0.0) + log1p(exp(-fabs(x)));
+}
 
 static double norm_d(const float *x, int n) {
   double s = 0;
@@ -124,8 +125,8 @@ static double dot_d(const float *a, const float *b, int n) {
 /* LSSAR: from Z and the row's largest score, the guarded normalisation.
  * Returns 0 when the row's weights are all zero (x_max = 0, or eps * x_max^-p
  * so large that W underflows); else fills x_max and c_eps = eps x_max^-p. */
-static int lssar_row_consts(double n, double o, double z, double smax, double p,
-                            double *xmax, double *ceps) {
+static int lssar_row_consts(double n, double o, double z, double smax, double p, double *xmax,
+                            double *ceps) {
   double x = n * softplus_d(smax) / (z + ATTN_EPS) - o;
   if (!(x > 0.0)) return 0;
   double c = exp(log(ATTN_EPS) - p * log(x));
@@ -194,9 +195,8 @@ static void ref_row(const attn_params *prm, int64_t Lk, int d, int dv, const flo
   for (int c = 0; c < dv; c++) o[c] = norm > 0.0 ? (float)(acc[c] / norm) : 0.0f;
 }
 
-int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
-                   int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
-                   ts_err *err) {
+int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d, int dv,
+                   attn_tensor q, attn_tensor k, attn_tensor v, attn_out out, ts_err *err) {
   int rc = attn_check_args(prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
   if (rc) return rc;
   if (Lq == 0) return 0;
@@ -207,8 +207,8 @@ int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t L
     const float *kh = k.data ? k.data + (int64_t)(h / g) * k.head_stride : NULL;
     const float *vh = v.data ? v.data + (int64_t)(h / g) * v.head_stride : NULL;
     for (int64_t i = 0; i < Lq; i++)
-      ref_row(prm, Lk, d, dv, q.data + h * q.head_stride + i * q.row_stride, kh, k.row_stride,
-              vh, v.row_stride, prm->query_offset + i, acc,
+      ref_row(prm, Lk, d, dv, q.data + h * q.head_stride + i * q.row_stride, kh, k.row_stride, vh,
+              v.row_stride, prm->query_offset + i, acc,
               out.data + h * out.head_stride + i * out.row_stride);
   }
   tl_free(acc);
@@ -246,7 +246,9 @@ static float sc_rowmax(const float *s, int nv) {
   return m;
 }
 
-static float softplus_f(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
+static float softplus_f(float x) {
+  return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x)));
+}
 
 static double sc_row_exp(float *s, int nv, int ncols, float m) {
   double sum = 0;
@@ -282,8 +284,8 @@ static double sc_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
   return sum;
 }
 
-const attn_kern attn__kern_scalar = {"scalar", sc_qk, sc_pv, sc_rowmax, sc_row_exp,
-                                     sc_row_softplus, sc_row_lssar, sc_row_lssar_sp};
+const attn_kern attn__kern_scalar = {"scalar",   sc_qk,           sc_pv,        sc_rowmax,
+                                     sc_row_exp, sc_row_softplus, sc_row_lssar, sc_row_lssar_sp};
 
 /* ---- the tiled driver ---------------------------------------------------- */
 
@@ -294,8 +296,9 @@ typedef struct attn_job {
   int64_t Lq, Lk, ntq, ntk, Lkp;
   attn_tensor q, k, v;
   attn_out out;
-  float *kp; /* [Hkv][ntk][d][ATTN_BK] */
-  float *vp; /* [Hkv][Lkp][dvp] */
+  float *kp;         /* [ntk][Hkv][d][ATTN_BK] (attn_kvc's layout) */
+  float *vp;         /* [ntk][Hkv][ATTN_BK][dvp] */
+  const float *kinv; /* [ntk][Hkv][ATTN_BK] key norms' inverses for raw keys, or NULL */
   float qscale;
   double lnd;
   int fail; /* a worker could not get its scratch */
@@ -306,10 +309,11 @@ static void attn_pack_range(void *arg, int64_t b, int64_t e) {
   int d = J->d, dv = J->dv, dvp = J->dvp, norm = J->prm->variant != ATTN_SOFTMAX;
   for (int64_t it = b; it < e; it++) {
     int64_t kvh = it / J->ntk, kt = it % J->ntk, k0 = kt * ATTN_BK;
-    float *kd = J->kp + (kvh * J->ntk + kt) * (int64_t)d * ATTN_BK;
+    float *kd = J->kp + (kt * J->Hkv + kvh) * (int64_t)d * ATTN_BK;
+    float *vt = J->vp + (kt * J->Hkv + kvh) * (int64_t)ATTN_BK * dvp;
     for (int jj = 0; jj < ATTN_BK; jj++) {
       int64_t j = k0 + jj;
-      float *vd = J->vp + (kvh * J->Lkp + j) * dvp;
+      float *vd = vt + (int64_t)jj * dvp;
       if (j >= J->Lk) {
         for (int c = 0; c < d; c++) kd[(int64_t)c * ATTN_BK + jj] = 0.0f;
         memset(vd, 0, sizeof(float) * (size_t)dvp);
@@ -322,6 +326,14 @@ static void attn_pack_range(void *arg, int64_t b, int64_t e) {
       memcpy(vd, vs, sizeof(float) * (size_t)dv);
       for (int c = dv; c < dvp; c++) vd[c] = 0.0f;
     }
+  }
+}
+
+/* S[r][j] *= kinv[j]: raw keys' scores become normalised keys' scores. */
+static void scale_cols(float *s, int rows, int ncols, const float *kinv) {
+  for (int r = 0; r < rows; r++) {
+    float *sr = s + (int64_t)r * ATTN_BK;
+    for (int j = 0; j < ncols; j++) sr[j] *= kinv[j];
   }
 }
 
@@ -403,8 +415,11 @@ static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
        * 2 reads them back (dead rows only narrow the tile). */
       float *kept = W->keep ? W->keep + kt * (int64_t)ATTN_BQ * ATTN_BK : NULL;
       float *S = kept ? kept : W->s;
-      if (!kept || pass == 0)
-        K->qk(W->q, rows, d, J->kp + (kvh * J->ntk + kt) * (int64_t)d * ATTN_BK, ncols, S);
+      int64_t tile = kt * J->Hkv + kvh;
+      if (!kept || pass == 0) {
+        K->qk(W->q, rows, d, J->kp + tile * d * ATTN_BK, ncols, S);
+        if (J->kinv) scale_cols(S, rows, ncols, J->kinv + tile * ATTN_BK);
+      }
       for (int r = 0; r < rows; r++) {
         float *sr = S + (int64_t)r * ATTN_BK;
         int nv = W->nv[r];
@@ -435,16 +450,18 @@ static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
           W->l[r] += (kept ? K->row_lssar_sp : K->row_lssar)(sr, nv, ncols, &W->rc[r]);
         }
       }
-      if (values)
-        K->pv(S, rows, maxnv, J->vp + (kvh * J->Lkp + k0) * dvp, dvp, W->o);
+      if (values) K->pv(S, rows, maxnv, J->vp + tile * ATTN_BK * dvp, dvp, W->o);
     }
   }
 
   for (int r = 0; r < rows; r++) {
     double norm;
-    if (variant == ATTN_SOFTMAX) norm = W->l[r];
-    else if (variant == ATTN_LSSA) norm = W->l[r] + ATTN_EPS;
-    else norm = W->dead[r] ? 0.0 : W->l[r] + W->ceps[r];
+    if (variant == ATTN_SOFTMAX)
+      norm = W->l[r];
+    else if (variant == ATTN_LSSA)
+      norm = W->l[r] + ATTN_EPS;
+    else
+      norm = W->dead[r] ? 0.0 : W->l[r] + W->ceps[r];
     float inv = norm > 0.0 ? (float)(1.0 / norm) : 0.0f;
     float *dst = J->out.data + h * J->out.head_stride + (q0 + r) * J->out.row_stride;
     const float *orow = W->o + (int64_t)r * dvp;
@@ -536,8 +553,8 @@ int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H
   if (J.ntk > 0) {
     int64_t per = (int64_t)d + J.dvp;
     if (J.Lkp > ((int64_t)1 << 58) / per / Hkv)
-      return ts_errf(err, TS_EINVAL, "attention: %lld keys of width %d are too many",
-                     (long long)Lk, d + dv);
+      return ts_errf(err, TS_EINVAL, "attention: %lld keys of width %d are too many", (long long)Lk,
+                     d + dv);
     nfl = (int64_t)Hkv * J.Lkp * per;
     float *buf = tl_malloc(sizeof(float) * (size_t)nfl);
     if (!buf)
@@ -556,6 +573,437 @@ int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H
 int attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk,
                  int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
                  ts_err *err) {
-  return attn_forward_path(cpu_best_path(), pool, prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out,
-                           err);
+  return attn_forward_path(cpu_best_path(), pool, prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
+}
+
+/* ---- the packed KV cache ------------------------------------------------- */
+
+void attn_kvc_init(attn_kvc *c, int Hkv, int d, int dv) {
+  memset(c, 0, sizeof *c);
+  c->Hkv = Hkv;
+  c->d = d;
+  c->dv = dv;
+  c->dvp = (dv + 15) & ~15;
+}
+
+void attn_kvc_free(attn_kvc *c) {
+  if (!c) return;
+  tl_free(c->k);
+  tl_free(c->kinv);
+  tl_free(c->v);
+  c->k = c->kinv = c->v = NULL;
+  c->cap = 0;
+}
+
+/* Floats per row of the three arrays: K, kinv, V. */
+static void kvc_row_floats(const attn_kvc *c, size_t f[3]) {
+  f[0] = (size_t)c->Hkv * (size_t)c->d;
+  f[1] = (size_t)c->Hkv;
+  f[2] = (size_t)c->Hkv * (size_t)c->dvp;
+}
+
+size_t attn_kvc_bytes(const attn_kvc *c) {
+  if (!c->cap) return 0;
+  size_t f[3], b = 0;
+  kvc_row_floats(c, f);
+  for (int i = 0; i < 3; i++) b += tl_held(sizeof(float) * f[i] * (size_t)c->cap);
+  return b;
+}
+
+size_t attn_kvc_bytes_for(int Hkv, int d, int dv, int64_t rows) {
+  attn_kvc c;
+  attn_kvc_init(&c, Hkv, d, dv);
+  c.cap = attn_kvc_cap_for(rows);
+  return rows > 0 ? attn_kvc_bytes(&c) : 0;
+}
+
+int64_t attn_kvc_cap_for(int64_t rows) {
+  int64_t cap = ATTN_BK;
+  while (cap < rows) cap *= 2;
+  return cap;
+}
+
+int attn_kvc_reserve(attn_kvc *c, int64_t rows, ts_err *err) {
+  if (rows <= c->cap) return 0;
+  int64_t cap = attn_kvc_cap_for(rows);
+  size_t f[3];
+  kvc_row_floats(c, f);
+  if (cap > ((int64_t)1 << 40) / (int64_t)(f[0] + f[1] + f[2]))
+    return ts_errf(err, TS_EINVAL, "attention: a KV cache of %lld rows is too large",
+                   (long long)rows);
+  float **arr[3] = {&c->k, &c->kinv, &c->v};
+  /* Arrays already grown when a later one fails just hold spare room: the
+   * cache stays valid up to c->cap either way. New rows are zeroed so that a
+   * tile's unwritten tail is never uninitialised memory. */
+  for (int i = 0; i < 3; i++) {
+    float *p = tl_realloc(*arr[i], sizeof(float) * f[i] * (size_t)cap);
+    if (!p)
+      return ts_errf(err, TS_ENOMEM, "out of memory growing the KV cache to %lld tokens",
+                     (long long)cap);
+    memset(p + f[i] * (size_t)c->cap, 0, sizeof(float) * f[i] * (size_t)(cap - c->cap));
+    *arr[i] = p;
+  }
+  c->cap = cap;
+  return 0;
+}
+
+void attn_kvc_write(attn_kvc *c, int64_t row0, int64_t n, attn_tensor k, attn_tensor v) {
+  int d = c->d, dv = c->dv, dvp = c->dvp, Hkv = c->Hkv;
+  for (int64_t r = 0; r < n; r++) {
+    int64_t j = row0 + r, kt = j / ATTN_BK;
+    int jj = (int)(j % ATTN_BK);
+    for (int h = 0; h < Hkv; h++) {
+      int64_t tile = kt * Hkv + h;
+      const float *ks = k.data + h * k.head_stride + r * k.row_stride;
+      const float *vs = v.data + h * v.head_stride + r * v.row_stride;
+      float *kd = c->k + tile * d * ATTN_BK + jj;
+      for (int x = 0; x < d; x++) kd[(int64_t)x * ATTN_BK] = ks[x];
+      c->kinv[tile * ATTN_BK + jj] = (float)(1.0 / fmax(norm_d(ks, d), ATTN_NORM_FLOOR));
+      float *vd = c->v + (tile * ATTN_BK + jj) * dvp;
+      memcpy(vd, vs, sizeof(float) * (size_t)dv);
+      for (int x = dv; x < dvp; x++) vd[x] = 0.0f;
+    }
+  }
+}
+
+int attn_kvc_copy(attn_kvc *dst, const attn_kvc *src, int64_t rows, ts_err *err) {
+  if (dst->Hkv != src->Hkv || dst->d != src->d || dst->dv != src->dv || rows > src->cap)
+    return ts_errf(err, TS_EINVAL, "attention: KV caches of different shapes");
+  int rc = attn_kvc_reserve(dst, rows, err);
+  if (rc || rows <= 0) return rc;
+  size_t f[3];
+  kvc_row_floats(src, f);
+  /* whole tiles: the rows past `rows` in the last one are copied too */
+  size_t tiles_rows = (size_t)((rows + ATTN_BK - 1) / ATTN_BK * ATTN_BK);
+  if (tiles_rows > (size_t)dst->cap) tiles_rows = (size_t)dst->cap;
+  memcpy(dst->k, src->k, sizeof(float) * f[0] * tiles_rows);
+  memcpy(dst->kinv, src->kinv, sizeof(float) * f[1] * tiles_rows);
+  memcpy(dst->v, src->v, sizeof(float) * f[2] * tiles_rows);
+  return 0;
+}
+
+void attn_kvc_read(const attn_kvc *c, int64_t row, int h, float *k, float *v) {
+  int64_t tile = row / ATTN_BK * c->Hkv + h;
+  int jj = (int)(row % ATTN_BK);
+  for (int x = 0; x < c->d; x++) k[x] = c->k[(tile * c->d + x) * ATTN_BK + jj];
+  memcpy(v, c->v + (tile * ATTN_BK + jj) * c->dvp, sizeof(float) * (size_t)c->dv);
+}
+
+/* ---- attention over the cache: the decode driver -------------------------
+ * For few queries (all g query heads of a kv head times Lq <= ATTN_BQ rows)
+ * the work is split over (kv head, block of ATTN_KVC_BLOCK keys): each item
+ * runs the rows of its kv head's whole query group over its block's tiles
+ * (one K and V tile read serves every query head of the group) and leaves
+ * partial results, which the caller merges:
+ *   softmax  (m, l, O) per block; M = max m, l = sum l e^(m - M), O likewise
+ *   LSSA     (Z, O) per block: sums
+ *   LSSAR    pass 1 items leave (Z, max s) per block, merged into each row's
+ *            constants; pass 2 items leave (sum w, O), summed.
+ * The split depends on Lk alone, never on the pool, so a result does not
+ * depend on the number of threads. */
+
+typedef struct kvc_job {
+  const attn_params *prm;
+  const attn_kern *kern;
+  const attn_kvc *kv;
+  int H, Hkv, g, d, dv, dvp, R, pass;
+  int64_t Lq, Lk, ntk, nblk, tpb;
+  attn_tensor q;
+  double lnd;
+  float qscale;
+  double *pm, *pl; /* [Hkv][nblk][R] */
+  float *po;       /* [Hkv][nblk][R][dvp] */
+  float *keep;     /* LSSAR: [Hkv][ntk][R][ATTN_BK] softplus(s) of pass 1, or NULL */
+  attn_rowc *rc;   /* [Hkv][R] LSSAR's row constants */
+  double *ceps;    /* [Hkv][R] LSSAR's eps x_max^-p */
+  int *dead;       /* [Hkv][R] */
+  int fail;
+} kvc_job;
+
+typedef struct kvc_scratch {
+  float *q, *s, *o;
+  double m[ATTN_BQ], l[ATTN_BQ];
+  int nv[ATTN_BQ];
+} kvc_scratch;
+
+static int64_t kvc_row_t(const kvc_job *J, int r) {
+  return J->prm->query_offset + r % J->Lq;
+}
+
+static void kvc_item(kvc_job *J, kvc_scratch *W, int64_t kvh, int64_t blk) {
+  const attn_params *prm = J->prm;
+  const attn_kern *K = J->kern;
+  int d = J->d, dvp = J->dvp, R = J->R, variant = prm->variant;
+  int Hkv = J->Hkv, lssar1 = variant == ATTN_LSSAR && J->pass == 1;
+  int values = variant != ATTN_LSSAR || lssar1;
+  for (int r = 0; r < R; r++) {
+    int h = (int)kvh * J->g + r / (int)J->Lq;
+    int64_t i = r % J->Lq, t = prm->query_offset + i;
+    const float *src = J->q.data + h * J->q.head_stride + i * J->q.row_stride;
+    float f = J->qscale;
+    if (variant != ATTN_SOFTMAX)
+      f = (float)(J->lnd * log(attn_row_n(prm, J->Lk, t)) / fmax(norm_d(src, d), ATTN_NORM_FLOOR));
+    for (int c = 0; c < d; c++) W->q[(int64_t)r * d + c] = src[c] * f;
+    W->m[r] = -INFINITY;
+    W->l[r] = 0.0;
+  }
+  if (values) memset(W->o, 0, sizeof(float) * (size_t)R * dvp);
+  int64_t kt0 = blk * J->tpb, kt1 = kt0 + J->tpb;
+  if (kt1 > J->ntk) kt1 = J->ntk;
+  if (prm->causal) { /* tiles wholly past the last row's position are hidden */
+    int64_t last = (prm->query_offset + J->Lq - 1) / ATTN_BK + 1;
+    if (last < kt1) kt1 = last;
+  }
+  const int *dead = J->dead ? J->dead + kvh * R : NULL;
+  const attn_rowc *rcs = J->rc ? J->rc + kvh * R : NULL;
+  for (int64_t kt = kt0; kt < kt1; kt++) {
+    int64_t k0 = kt * ATTN_BK, tile = kt * Hkv + kvh;
+    int kvalid = (int)(J->Lk - k0 < ATTN_BK ? J->Lk - k0 : ATTN_BK), maxnv = 0;
+    for (int r = 0; r < R; r++) {
+      int64_t nv = kvalid;
+      if (prm->causal) {
+        nv = kvc_row_t(J, r) + 1 - k0;
+        nv = nv < 0 ? 0 : nv > kvalid ? kvalid : nv;
+      }
+      if (lssar1 && dead[r]) nv = 0;
+      W->nv[r] = (int)nv;
+      if (nv > maxnv) maxnv = (int)nv;
+    }
+    if (maxnv == 0) continue;
+    int ncols = (maxnv + 15) & ~15;
+    float *kept = J->keep ? J->keep + (kvh * J->ntk + kt) * (int64_t)R * ATTN_BK : NULL;
+    float *S = kept ? kept : W->s;
+    if (!kept || !lssar1) {
+      K->qk(W->q, R, d, J->kv->k + tile * d * ATTN_BK, ncols, S);
+      if (variant != ATTN_SOFTMAX) scale_cols(S, R, ncols, J->kv->kinv + tile * ATTN_BK);
+    }
+    for (int r = 0; r < R; r++) {
+      float *sr = S + (int64_t)r * ATTN_BK;
+      int nv = W->nv[r];
+      if (variant == ATTN_SOFTMAX) {
+        if (nv == 0) {
+          K->row_exp(sr, 0, ncols, 0.0f);
+          continue;
+        }
+        float mt = K->rowmax(sr, nv);
+        double mnew = W->m[r] > mt ? W->m[r] : mt;
+        double alpha = exp(W->m[r] - mnew);
+        double sum = K->row_exp(sr, nv, ncols, (float)mnew);
+        if (alpha != 1.0) {
+          float *orow = W->o + (int64_t)r * dvp;
+          for (int c = 0; c < dvp; c++) orow[c] *= (float)alpha;
+        }
+        W->l[r] = W->l[r] * alpha + sum;
+        W->m[r] = mnew;
+      } else if (variant == ATTN_LSSA) {
+        W->l[r] += K->row_softplus(sr, nv, ncols);
+      } else if (!lssar1) { /* m: the largest score; l: Z */
+        if (nv > 0) {
+          float mt = K->rowmax(sr, nv);
+          if (mt > W->m[r]) W->m[r] = mt;
+        }
+        W->l[r] += K->row_softplus(sr, nv, ncols);
+      } else {
+        W->l[r] += (kept ? K->row_lssar_sp : K->row_lssar)(sr, nv, ncols, &rcs[r]);
+      }
+    }
+    if (values) K->pv(S, R, maxnv, J->kv->v + tile * ATTN_BK * dvp, dvp, W->o);
+  }
+  int64_t at = (kvh * J->nblk + blk) * R;
+  for (int r = 0; r < R; r++) {
+    J->pm[at + r] = W->m[r];
+    J->pl[at + r] = W->l[r];
+  }
+  if (values) memcpy(J->po + at * dvp, W->o, sizeof(float) * (size_t)R * dvp);
+}
+
+static void kvc_range(void *arg, int64_t b, int64_t e) {
+  kvc_job *J = arg;
+  kvc_scratch *W = tl_malloc(sizeof *W);
+  float *buf = tl_malloc(sizeof(float) * (size_t)ATTN_BQ * (J->d + ATTN_BK + J->dvp));
+  if (!W || !buf) {
+    __atomic_store_n(&J->fail, 1, __ATOMIC_RELAXED);
+    tl_free(W);
+    tl_free(buf);
+    return;
+  }
+  W->q = buf;
+  W->s = W->q + (int64_t)ATTN_BQ * J->d;
+  W->o = W->s + (int64_t)ATTN_BQ * ATTN_BK;
+  for (int64_t it = b; it < e; it++) kvc_item(J, W, it / J->nblk, it % J->nblk);
+  tl_free(buf);
+  tl_free(W);
+}
+
+/* Every (kv head, row): merges the blocks' partials into out (and for
+ * LSSAR's pass 1, into the row constants). */
+static void kvc_merge(kvc_job *J, attn_out out, double *acc) {
+  const attn_params *prm = J->prm;
+  int R = J->R, dvp = J->dvp, dv = J->dv, variant = prm->variant;
+  for (int64_t kvh = 0; kvh < J->Hkv; kvh++)
+    for (int r = 0; r < R; r++) {
+      int64_t t = kvc_row_t(J, r);
+      double M = -INFINITY, L = 0.0;
+      for (int64_t b = 0; b < J->nblk; b++) {
+        int64_t at = (kvh * J->nblk + b) * R + r;
+        if (J->pm[at] > M) M = J->pm[at];
+      }
+      if (variant == ATTN_LSSAR && J->pass == 0) {
+        for (int64_t b = 0; b < J->nblk; b++) L += J->pl[(kvh * J->nblk + b) * R + r];
+        double N = attn_row_n(prm, J->Lk, t), O = attn_row_o(prm, t), xmax = 0, ceps = 0;
+        attn_rowc *c = &J->rc[kvh * R + r];
+        J->dead[kvh * R + r] = !lssar_row_consts(N, O, L, M, prm->p, &xmax, &ceps);
+        if (J->dead[kvh * R + r]) continue;
+        c->c1 = (float)(N / (L + ATTN_EPS));
+        c->o = (float)O;
+        c->inv_xmax = (float)(1.0 / xmax);
+        c->ythr = (float)exp(log(1e-30) / prm->p);
+        c->p = (float)prm->p;
+        c->ip = (prm->p == floor(prm->p) && prm->p <= 64) ? (int)prm->p : 0;
+        J->ceps[kvh * R + r] = ceps;
+        continue;
+      }
+      for (int c = 0; c < dv; c++) acc[c] = 0.0;
+      for (int64_t b = 0; b < J->nblk; b++) {
+        int64_t at = (kvh * J->nblk + b) * R + r;
+        double w = 1.0;
+        if (variant == ATTN_SOFTMAX) {
+          if (J->pm[at] == -INFINITY) continue; /* no visible key in the block */
+          w = exp(J->pm[at] - M);
+        }
+        L += J->pl[at] * w;
+        const float *o = J->po + at * dvp;
+        for (int c = 0; c < dv; c++) acc[c] += w * o[c];
+      }
+      double norm;
+      if (variant == ATTN_SOFTMAX)
+        norm = L;
+      else if (variant == ATTN_LSSA)
+        norm = L + ATTN_EPS;
+      else
+        norm = J->dead[kvh * R + r] ? 0.0 : L + J->ceps[kvh * R + r];
+      int h = (int)kvh * J->g + r / (int)J->Lq;
+      int64_t i = r % J->Lq;
+      float *dst = out.data + h * out.head_stride + i * out.row_stride;
+      for (int c = 0; c < dv; c++) dst[c] = norm > 0.0 ? (float)(acc[c] / norm) : 0.0f;
+    }
+}
+
+/* The tiled driver over the cache (many queries: a prefill chunk). */
+static int kvc_tiles(pool_t *pool, const attn_kern *kern, const attn_params *prm, int H, int64_t Lq,
+                     int64_t Lk, attn_tensor q, const attn_kvc *kv, attn_out out, ts_err *err) {
+  attn_job J;
+  memset(&J, 0, sizeof J);
+  J.kern = kern;
+  J.prm = prm;
+  J.H = H;
+  J.Hkv = kv->Hkv;
+  J.g = H / kv->Hkv;
+  J.d = kv->d;
+  J.dv = kv->dv;
+  J.dvp = kv->dvp;
+  J.Lq = Lq;
+  J.Lk = Lk;
+  J.ntq = (Lq + ATTN_BQ - 1) / ATTN_BQ;
+  J.ntk = (Lk + ATTN_BK - 1) / ATTN_BK;
+  J.Lkp = J.ntk * ATTN_BK;
+  J.q = q;
+  J.out = out;
+  J.qscale = prm->scale != 0.0f ? prm->scale : (float)(1.0 / sqrt((double)kv->d));
+  J.lnd = log((double)kv->d);
+  J.kp = kv->k;
+  J.vp = kv->v;
+  J.kinv = prm->variant != ATTN_SOFTMAX ? kv->kinv : NULL;
+  pool_parallel_for(pool, (int64_t)H * J.ntq, 1, attn_tiles_range, &J);
+  if (J.fail) return ts_errf(err, TS_ENOMEM, "attention: out of memory for worker scratch");
+  return 0;
+}
+
+int attn_kvc_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H, int64_t Lq,
+                          int64_t Lk, attn_tensor q, const attn_kvc *kv, attn_out out,
+                          ts_err *err) {
+  if (!kv) return ts_errf(err, TS_EINVAL, "attention: no KV cache given");
+  attn_tensor kt = {kv->k, 0, 0}, vt = {kv->v, 0, 0};
+  int rc = attn_check_args(prm, H, kv->Hkv, Lq, Lk, kv->d, kv->dv, q, kt, vt, out, err);
+  if (rc) return rc;
+  if (Lk > kv->cap)
+    return ts_errf(err, TS_EINVAL, "attention: %lld keys asked of a KV cache holding %lld",
+                   (long long)Lk, (long long)kv->cap);
+  const attn_kern *kern;
+  if ((rc = attn_pick(path, &kern, err))) return rc;
+  if (Lq == 0) return 0;
+  int g = H / kv->Hkv, dv = kv->dv;
+  if (Lk == 0) { /* no key at all (a full mask over an empty cache): zero */
+    for (int h = 0; h < H; h++)
+      for (int64_t i = 0; i < Lq; i++)
+        memset(out.data + h * out.head_stride + i * out.row_stride, 0, sizeof(float) * (size_t)dv);
+    return 0;
+  }
+  if ((int64_t)g * Lq > ATTN_BQ) return kvc_tiles(pool, kern, prm, H, Lq, Lk, q, kv, out, err);
+
+  kvc_job J;
+  memset(&J, 0, sizeof J);
+  J.prm = prm;
+  J.kern = kern;
+  J.kv = kv;
+  J.H = H;
+  J.Hkv = kv->Hkv;
+  J.g = g;
+  J.d = kv->d;
+  J.dv = dv;
+  J.dvp = kv->dvp;
+  J.R = (int)(g * Lq);
+  J.Lq = Lq;
+  J.Lk = Lk;
+  J.ntk = (Lk + ATTN_BK - 1) / ATTN_BK;
+  J.tpb = ATTN_KVC_BLOCK / ATTN_BK;
+  J.nblk = (J.ntk + J.tpb - 1) / J.tpb;
+  J.q = q;
+  J.qscale = prm->scale != 0.0f ? prm->scale : (float)(1.0 / sqrt((double)kv->d));
+  J.lnd = log((double)kv->d);
+  size_t parts = (size_t)J.Hkv * (size_t)J.nblk * (size_t)J.R, rows = (size_t)J.Hkv * J.R;
+  J.pm = tl_malloc(sizeof(double) * parts);
+  J.pl = tl_malloc(sizeof(double) * parts);
+  J.po = tl_malloc(sizeof(float) * parts * (size_t)J.dvp);
+  double *acc = tl_malloc(sizeof(double) * (size_t)dv);
+  int lssar = prm->variant == ATTN_LSSAR;
+  if (lssar) {
+    J.rc = tl_malloc(sizeof(attn_rowc) * rows);
+    J.ceps = tl_malloc(sizeof(double) * rows);
+    J.dead = tl_malloc(sizeof(int) * rows);
+  }
+  if (!J.pm || !J.pl || !J.po || !acc || (lssar && (!J.rc || !J.ceps || !J.dead))) {
+    rc = ts_errf(err, TS_ENOMEM, "attention: out of memory for %lld partial results",
+                 (long long)parts);
+    goto out;
+  }
+  if (lssar) {
+    /* pass 1's softplus(scores), so that pass 2 does no second Q.K; past
+     * ATTN_KVC_KEEP_BYTES (or without the memory) pass 2 computes them again */
+    size_t kb = sizeof(float) * (size_t)J.Hkv * (size_t)J.ntk * (size_t)J.R * ATTN_BK;
+    if (kb <= ATTN_KVC_KEEP_BYTES) J.keep = tl_malloc(kb);
+  }
+  for (J.pass = 0; J.pass < (lssar ? 2 : 1); J.pass++) {
+    pool_parallel_for(pool, (int64_t)J.Hkv * J.nblk, 1, kvc_range, &J);
+    if (J.fail) {
+      rc = ts_errf(err, TS_ENOMEM, "attention: out of memory for worker scratch");
+      goto out;
+    }
+    kvc_merge(&J, out, acc);
+  }
+out:
+  tl_free(J.pm);
+  tl_free(J.pl);
+  tl_free(J.po);
+  tl_free(J.keep);
+  tl_free(J.rc);
+  tl_free(J.ceps);
+  tl_free(J.dead);
+  tl_free(acc);
+  return rc;
+}
+
+int attn_kvc_forward(pool_t *pool, const attn_params *prm, int H, int64_t Lq, int64_t Lk,
+                     attn_tensor q, const attn_kvc *kv, attn_out out, ts_err *err) {
+  return attn_kvc_forward_path(cpu_best_path(), pool, prm, H, Lq, Lk, q, kv, out, err);
 }

@@ -38,6 +38,7 @@
 #ifndef TALLYD_ATTN_H
 #define TALLYD_ATTN_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "../base/cpu.h"
@@ -66,8 +67,8 @@ typedef struct attn_out {
   int64_t head_stride, row_stride;
 } attn_out;
 
-#define ATTN_EPS 1e-8         /* the eps of A = a / (Z + eps) and W = b / (sum b + eps) */
-#define ATTN_NORM_FLOOR 1e-12 /* QK-norm: x / max(||x||, 1e-12) */
+#define ATTN_EPS 1e-8             /* the eps of A = a / (Z + eps) and W = b / (sum b + eps) */
+#define ATTN_NORM_FLOOR 1e-12     /* QK-norm: x / max(||x||, 1e-12) */
 #define ATTN_LSSAR_KEEP_MAX 65536 /* keys up to which LSSAR keeps its scores (12 MiB a worker) */
 
 /* Defaults: softmax, causal, offset 0, p 15, offset_rows 3, scale 1/sqrt(d). */
@@ -77,9 +78,9 @@ const char *attn_variant_name(attn_variant v);
 /* The tiled kernel on the best path for this CPU (cpu_best_path), its work
  * split over (head, query tile) on pool (NULL: serial). 0 or a negative
  * ts_status (-TS_EINVAL on bad arguments, -TS_ENOMEM). */
-int attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq,
-                 int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v,
-                 attn_out out, ts_err *err);
+int attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk,
+                 int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                 ts_err *err);
 
 /* The same on a chosen path (tests compare paths). A path this CPU cannot run
  * (AVX2 without the feature, NEON off AArch64) is refused with -TS_EINVAL; a
@@ -90,15 +91,69 @@ int attn_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H
 
 /* The argument checks every entry point applies (attn_cuda_forward too):
  * 0 or -TS_EINVAL with a message naming what is wrong. */
-int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
-                    int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
-                    ts_err *err);
+int attn_check_args(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d, int dv,
+                    attn_tensor q, attn_tensor k, attn_tensor v, attn_out out, ts_err *err);
 
 /* The plain scalar reference the tests trust: one query row at a time,
  * streaming over the keys in double precision (online max for softmax, one
  * pass for LSSA, two for LSSAR). Slow; never used for serving. */
-int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
-                   int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
-                   ts_err *err);
+int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d, int dv,
+                   attn_tensor q, attn_tensor k, attn_tensor v, attn_out out, ts_err *err);
+
+/* ---- the packed KV cache (decode) ----------------------------------------
+ * One layer's keys and values for Hkv heads, kept in the layout the tile
+ * kernels read, so that attention over it packs nothing: a decode step costs
+ * one pass over the cache, not a copy of it and then a pass. Rows are grouped
+ * in tiles of 64 (ATTN_BK), tile-major so that growing the cache is a
+ * realloc that moves nothing inside:
+ *   k     [cap/64][Hkv][d][64]   raw keys, transposed per tile
+ *   kinv  [cap/64][Hkv][64]      1 / max(|k_j|, 1e-12): LSSA and LSSAR read
+ *                                q . k_j * kinv_j, the normalised key's score,
+ *                                so one cache serves every variant
+ *   v     [cap/64][Hkv][64][dvp] values, dvp = dv rounded up to 16, zero-padded
+ * The cache does not know its length: the caller writes rows, then says how
+ * many keys a call sees (rows written but not yet counted are invisible, which
+ * is how a failed step leaves a sequence as it was). Not thread-safe; the
+ * forward calls only read it. */
+typedef struct attn_kvc {
+  int Hkv, d, dv, dvp;
+  int64_t cap; /* rows of room: 0, or a power of two >= 64 */
+  float *k, *kinv, *v;
+} attn_kvc;
+
+#define ATTN_KVC_BLOCK 512                /* keys per work item of the decode split */
+#define ATTN_KVC_KEEP_BYTES (64ull << 20) /* LSSAR decode keeps pass 1's scores up to this */
+
+void attn_kvc_init(attn_kvc *c, int Hkv, int d, int dv);
+void attn_kvc_free(attn_kvc *c); /* frees the arrays; c may be reused after attn_kvc_init */
+/* Room for `rows` rows (capacity doubles from 64; new rows zeroed). On
+ * failure the cache keeps its rows and capacity. */
+int attn_kvc_reserve(attn_kvc *c, int64_t rows, ts_err *err);
+int64_t attn_kvc_cap_for(int64_t rows);
+/* Rows row0..row0+n-1 from [Hkv, n, d] and [Hkv, n, dv] views (row r of
+ * the views becomes row row0 + r); row0 + n <= cap. */
+void attn_kvc_write(attn_kvc *c, int64_t row0, int64_t n, attn_tensor k, attn_tensor v);
+/* Row `row` of kv head h back out (tests): k[d], v[dv]. */
+void attn_kvc_read(const attn_kvc *c, int64_t row, int h, float *k, float *v);
+/* dst (same shape, initialised) gets src's first `rows` rows. */
+int attn_kvc_copy(attn_kvc *dst, const attn_kvc *src, int64_t rows, ts_err *err);
+/* Bytes the allocator holds for the arrays (tl_held), now or at `rows` rows. */
+size_t attn_kvc_bytes(const attn_kvc *c);
+size_t attn_kvc_bytes_for(int Hkv, int d, int dv, int64_t rows);
+
+/* Attention of Lq queries (q: [H, Lq, d] view) over the cache's first Lk
+ * rows, out [H, Lq, dv]; masks, offsets and variants as attn_forward (the
+ * same argument checks, plus Lk <= cap). When all query heads of a kv head
+ * times Lq fit one tile (H / Hkv * Lq <= 48: decoding) the work is split
+ * over (kv head, 512-key block) and merged (log-sum-exp for softmax, sums
+ * for LSSA, a merged row max and Z between LSSAR's two passes); the split
+ * depends on Lk only, so results do not depend on the pool. More queries
+ * run the tiled driver on the cache in place. Memory per call: partial
+ * results, O(Hkv * Lk / 512 * 48 * dv) floats, and for LSSAR decoding its
+ * pass-1 scores (Hkv * Lk * H/Hkv * Lq floats) up to ATTN_KVC_KEEP_BYTES. */
+int attn_kvc_forward(pool_t *pool, const attn_params *prm, int H, int64_t Lq, int64_t Lk,
+                     attn_tensor q, const attn_kvc *kv, attn_out out, ts_err *err);
+int attn_kvc_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, int H, int64_t Lq,
+                          int64_t Lk, attn_tensor q, const attn_kvc *kv, attn_out out, ts_err *err);
 
 #endif

@@ -28,8 +28,8 @@ AI __m256 v_exp(__m256 x) {
 /* log(x) for normal x > 0. */
 AI __m256 v_log(__m256 x) {
   __m256i bits = _mm256_castps_si256(x);
-  __m256 e = _mm256_cvtepi32_ps(
-      _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  __m256 e =
+      _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
   __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
       _mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)), _mm256_set1_epi32(0x3f000000)));
   __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
@@ -125,7 +125,48 @@ AI void qk_block(const int mr, const float *q, int d, const float *kt, float *s)
   }
 }
 
+/* One query row (decoding) over nb * 8 keys: nb independent accumulators,
+ * so the FMA chains do not wait on each other (the 6 x 16 block above has
+ * only two for one row). Each column's sum runs over c in the same order
+ * as qk_block's, so the scores are the same bits. */
+AI void qk_row(const int nb, const float *q, int d, const float *kt, float *s) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int x = 0; x < nb; x++) a[x] = _mm256_setzero_ps();
+  for (int c = 0; c < d; c++) {
+    __m256 b = _mm256_broadcast_ss(q + c);
+#pragma GCC unroll 8
+    for (int x = 0; x < nb; x++)
+      a[x] = _mm256_fmadd_ps(b, _mm256_loadu_ps(kt + (int64_t)c * ATTN_BK + 8 * x), a[x]);
+  }
+#pragma GCC unroll 8
+  for (int x = 0; x < nb; x++) _mm256_storeu_ps(s + 8 * x, a[x]);
+}
+
+/* o[0..nb*8) += sum_{j < nk} p[j] v[j][0..nb*8), for one row. */
+AI void pv_row(const int nb, const float *p, int nk, const float *v, int dvp, float *o) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int x = 0; x < nb; x++) a[x] = _mm256_loadu_ps(o + 8 * x);
+  for (int j = 0; j < nk; j++) {
+    __m256 b = _mm256_broadcast_ss(p + j);
+#pragma GCC unroll 8
+    for (int x = 0; x < nb; x++)
+      a[x] = _mm256_fmadd_ps(b, _mm256_loadu_ps(v + (int64_t)j * dvp + 8 * x), a[x]);
+  }
+#pragma GCC unroll 8
+  for (int x = 0; x < nb; x++) _mm256_storeu_ps(o + 8 * x, a[x]);
+}
+
 static void av_qk(const float *q, int rows, int d, const float *kt, int ncols, float *s) {
+  if (rows == 1) {
+    switch (ncols) {
+      case 64: qk_row(8, q, d, kt, s); return;
+      case 48: qk_row(6, q, d, kt, s); return;
+      case 32: qk_row(4, q, d, kt, s); return;
+      default: qk_row(2, q, d, kt, s); return;
+    }
+  }
   for (int r0 = 0; r0 < rows; r0 += 6) {
     const float *qr = q + (int64_t)r0 * d;
     float *sr = s + (int64_t)r0 * ATTN_BK;
@@ -168,6 +209,17 @@ AI void pv_block(const int mr, const float *p, int nk, const float *v, int dvp, 
 }
 
 static void av_pv(const float *p, int rows, int nk, const float *v, int dvp, float *o) {
+  if (rows == 1) {
+    int c = 0;
+    for (; c + 64 <= dvp; c += 64) pv_row(8, p, nk, v + c, dvp, o + c);
+    switch (dvp - c) {
+      case 48: pv_row(6, p, nk, v + c, dvp, o + c); break;
+      case 32: pv_row(4, p, nk, v + c, dvp, o + c); break;
+      case 16: pv_row(2, p, nk, v + c, dvp, o + c); break;
+      default: break;
+    }
+    return;
+  }
   for (int r0 = 0; r0 < rows; r0 += 6) {
     const float *pr = p + (int64_t)r0 * ATTN_BK;
     float *orow = o + (int64_t)r0 * dvp;
@@ -201,16 +253,16 @@ static float av_rowmax(const float *s, int nv) {
 
 /* The common loop: f over s[0..nv) 8 lanes at a time (the last vector
  * masked; s has ATTN_BK columns so it may be read whole), zeros to ncols. */
-#define ROW_LOOP(EXPR)                                              \
-  __m256 sum = _mm256_setzero_ps();                                 \
-  int j = 0;                                                        \
-  for (; j < nv; j += 8) {                                          \
-    __m256 x = _mm256_loadu_ps(s + j);                              \
-    __m256 w = (EXPR);                                              \
-    if (j + 8 > nv) w = _mm256_and_ps(w, lanes_below(nv - j));      \
-    _mm256_storeu_ps(s + j, w);                                     \
-    sum = _mm256_add_ps(sum, w);                                    \
-  }                                                                 \
+#define ROW_LOOP(EXPR)                                                    \
+  __m256 sum = _mm256_setzero_ps();                                       \
+  int j = 0;                                                              \
+  for (; j < nv; j += 8) {                                                \
+    __m256 x = _mm256_loadu_ps(s + j);                                    \
+    __m256 w = (EXPR);                                                    \
+    if (j + 8 > nv) w = _mm256_and_ps(w, lanes_below(nv - j));            \
+    _mm256_storeu_ps(s + j, w);                                           \
+    sum = _mm256_add_ps(sum, w);                                          \
+  }                                                                       \
   for (; j < ncols; j += 8) _mm256_storeu_ps(s + j, _mm256_setzero_ps()); \
   return hsum(sum)
 
@@ -219,7 +271,9 @@ static double av_row_exp(float *s, int nv, int ncols, float m) {
   ROW_LOOP(v_exp(_mm256_sub_ps(x, mv)));
 }
 
-static double av_row_softplus(float *s, int nv, int ncols) { ROW_LOOP(v_softplus(x)); }
+static double av_row_softplus(float *s, int nv, int ncols) {
+  ROW_LOOP(v_softplus(x));
+}
 
 /* The weight from a = softplus(s). */
 AI __m256 lssar_weight_sp(__m256 a, const attn_rowc *c) {
@@ -239,8 +293,7 @@ static double av_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
   ROW_LOOP(lssar_weight_sp(x, c));
 }
 
-const attn_kern attn__kern_avx2 = {"avx2+fma",      av_qk,          av_pv,
-                                  av_rowmax,       av_row_exp,     av_row_softplus,
-                                  av_row_lssar,    av_row_lssar_sp};
+const attn_kern attn__kern_avx2 = {"avx2+fma", av_qk,           av_pv,        av_rowmax,
+                                   av_row_exp, av_row_softplus, av_row_lssar, av_row_lssar_sp};
 
 #endif

@@ -86,9 +86,15 @@ static void prob_free(prob *P) {
   free(P->out);
 }
 
-static float *qat(prob *P, int h, int64_t i) { return P->q + h * P->tq.head_stride + i * P->tq.row_stride; }
-static float *kat(prob *P, int h, int64_t j) { return P->k + h * P->tk.head_stride + j * P->tk.row_stride; }
-static float *vat(prob *P, int h, int64_t j) { return P->v + h * P->tv.head_stride + j * P->tv.row_stride; }
+static float *qat(prob *P, int h, int64_t i) {
+  return P->q + h * P->tq.head_stride + i * P->tq.row_stride;
+}
+static float *kat(prob *P, int h, int64_t j) {
+  return P->k + h * P->tk.head_stride + j * P->tk.row_stride;
+}
+static float *vat(prob *P, int h, int64_t j) {
+  return P->v + h * P->tv.head_stride + j * P->tv.row_stride;
+}
 static float *oat(const prob *P, const float *out, int h, int64_t i) {
   return (float *)out + h * P->to.head_stride + i * P->to.row_stride;
 }
@@ -209,18 +215,12 @@ typedef struct shape {
 
 static const shape shapes[] = {
     /* H Hkv  Lq    Lk    d    dv  causal qoff  cap  inter qscale */
-    {2, 1, 1, 1, 64, 64, 1, 0, 0, 0, 1},
-    {3, 3, 7, 7, 32, 32, 1, 0, 0, 1, 2},
-    {4, 2, 63, 63, 64, 48, 1, 0, 70, 0, 3},
-    {4, 1, 65, 65, 80, 80, 1, 0, 0, 1, 1},
-    {2, 2, 65, 130, 128, 128, 1, 65, 0, 0, 2},
-    {6, 3, 7, 200, 64, 72, 1, 193, 256, 1, 1},
-    {2, 1, 1, 1000, 64, 64, 1, 999, 0, 0, 3},
-    {1, 1, 1000, 1000, 64, 64, 1, 0, 0, 0, 2},
-    {2, 1, 63, 65, 32, 40, 0, 0, 0, 0, 2},
-    {4, 4, 65, 7, 80, 64, 0, 5, 0, 1, 1},
-    {2, 1, 1, 1000, 128, 64, 0, 3000, 0, 0, 1},
-    {1, 1, 200, 1000, 64, 16, 0, 0, 1024, 1, 3},
+    {2, 1, 1, 1, 64, 64, 1, 0, 0, 0, 1},        {3, 3, 7, 7, 32, 32, 1, 0, 0, 1, 2},
+    {4, 2, 63, 63, 64, 48, 1, 0, 70, 0, 3},     {4, 1, 65, 65, 80, 80, 1, 0, 0, 1, 1},
+    {2, 2, 65, 130, 128, 128, 1, 65, 0, 0, 2},  {6, 3, 7, 200, 64, 72, 1, 193, 256, 1, 1},
+    {2, 1, 1, 1000, 64, 64, 1, 999, 0, 0, 3},   {1, 1, 1000, 1000, 64, 64, 1, 0, 0, 0, 2},
+    {2, 1, 63, 65, 32, 40, 0, 0, 0, 0, 2},      {4, 4, 65, 7, 80, 64, 0, 5, 0, 1, 1},
+    {2, 1, 1, 1000, 128, 64, 0, 3000, 0, 0, 1}, {1, 1, 200, 1000, 64, 16, 0, 0, 1024, 1, 3},
     {3, 1, 50, 97, 17, 5, 1, 47, 0, 0, 1},
 };
 
@@ -245,8 +245,8 @@ static void test_reference_vs_naive(void **state) {
       double *res = malloc(sizeof(double) * (size_t)(P.H * P.Lq * P.dv));
       naive(&prm, &P, res);
       ts_err err;
-      assert_int_equal(attn_reference(&prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq, P.tk,
-                                      P.tv, P.to, &err), 0);
+      assert_int_equal(
+          attn_reference(&prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq, P.tk, P.tv, P.to, &err), 0);
       double w = worst_d(&P, P.out, res, 1e-6, 1e-5);
       if (w > 1) {
         fprintf(stderr, "shape %zu %s: reference vs naive error ratio %g\n", si,
@@ -278,8 +278,8 @@ static void test_paths_vs_reference(void **state) {
       attn_out oref = P.to, oser = P.to;
       oref.data = ref;
       oser.data = ser;
-      assert_int_equal(attn_reference(&prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq, P.tk,
-                                      P.tv, oref, &err), 0);
+      assert_int_equal(
+          attn_reference(&prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq, P.tk, P.tv, oref, &err), 0);
       for (int pi = 0; pi < np; pi++) {
         int rc = attn_forward_path(ps[pi], NULL, &prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq,
                                    P.tk, P.tv, oser, &err);
@@ -290,8 +290,8 @@ static void test_paths_vs_reference(void **state) {
                   attn_variant_name(prm.variant), cpu_path_name(ps[pi]), w, tol);
         assert_true(w <= 1);
         /* the pool splits work, never changes a result */
-        rc = attn_forward_path(ps[pi], pool, &prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq,
-                               P.tk, P.tv, P.to, &err);
+        rc = attn_forward_path(ps[pi], pool, &prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq, P.tk,
+                               P.tv, P.to, &err);
         assert_int_equal(rc, 0);
         for (int h = 0; h < P.H; h++)
           for (int64_t i = 0; i < P.Lq; i++)
@@ -325,8 +325,10 @@ static void test_layouts_agree(void **state) {
   ts_err err;
   for (int var = 0; var < 3; var++) {
     attn_params prm = variant_params(var, 1, 0, 0);
-    assert_int_equal(attn_forward(NULL, &prm, 4, 2, 37, 37, 64, 64, A.tq, A.tk, A.tv, A.to, &err), 0);
-    assert_int_equal(attn_forward(NULL, &prm, 4, 2, 37, 37, 64, 64, B.tq, B.tk, B.tv, B.to, &err), 0);
+    assert_int_equal(attn_forward(NULL, &prm, 4, 2, 37, 37, 64, 64, A.tq, A.tk, A.tv, A.to, &err),
+                     0);
+    assert_int_equal(attn_forward(NULL, &prm, 4, 2, 37, 37, 64, 64, B.tq, B.tk, B.tv, B.to, &err),
+                     0);
     for (int h = 0; h < 4; h++)
       for (int64_t i = 0; i < 37; i++)
         assert_memory_equal(oat(&A, A.out, h, i), oat(&B, B.out, h, i), sizeof(float) * 64);
@@ -339,15 +341,17 @@ static void test_layouts_agree(void **state) {
 typedef void (*out_check)(const prob *P, const float *out, const char *who, void *ctx);
 static void each_impl(const attn_params *prm, prob *P, out_check check, void *ctx) {
   ts_err err;
-  assert_int_equal(attn_reference(prm, P->H, P->Hkv, P->Lq, P->Lk, P->d, P->dv, P->tq, P->tk,
-                                  P->tv, P->to, &err), 0);
+  assert_int_equal(attn_reference(prm, P->H, P->Hkv, P->Lq, P->Lk, P->d, P->dv, P->tq, P->tk, P->tv,
+                                  P->to, &err),
+                   0);
   check(P, P->out, "reference", ctx);
   cpu_path ps[4];
   int np = paths(ps);
   for (int pi = 0; pi < np; pi++) {
     memset(P->out, 0xff, sizeof(float) * (size_t)P->H * P->Lq * P->dv); /* NaN poison */
-    assert_int_equal(attn_forward_path(ps[pi], NULL, prm, P->H, P->Hkv, P->Lq, P->Lk, P->d,
-                                       P->dv, P->tq, P->tk, P->tv, P->to, &err), 0);
+    assert_int_equal(attn_forward_path(ps[pi], NULL, prm, P->H, P->Hkv, P->Lq, P->Lk, P->d, P->dv,
+                                       P->tq, P->tk, P->tv, P->to, &err),
+                     0);
     check(P, P->out, cpu_path_name(ps[pi]), ctx);
   }
 }
@@ -390,7 +394,8 @@ static void check_uniform(const prob *P, const float *out, const char *who, void
     for (int c = 0; c < P->dv; c++) {
       float o = oat(P, out, 0, i)[c];
       if (i >= 3) {
-        if (o != 0.0f) fail_msg("%s: uniform LSSAR row %lld col %d = %g, not 0", who, (long long)i, c, o);
+        if (o != 0.0f)
+          fail_msg("%s: uniform LSSAR row %lld col %d = %g, not 0", who, (long long)i, c, o);
       } else {
         double mean = 0;
         for (int64_t j = 0; j <= i; j++) mean += P->v[j * P->tv.row_stride + c];
@@ -440,8 +445,8 @@ static void test_masked_keys_never_contribute(void **state) {
         attn_out o = P.to;
         o.data = pass ? dirty : clean;
         int rc = pi < 0 ? attn_reference(&prm, 2, 1, 70, 140, 64, 64, P.tq, P.tk, P.tv, o, &err)
-                        : attn_forward_path(ps[pi], NULL, &prm, 2, 1, 70, 140, 64, 64, P.tq,
-                                            P.tk, P.tv, o, &err);
+                        : attn_forward_path(ps[pi], NULL, &prm, 2, 1, 70, 140, 64, 64, P.tq, P.tk,
+                                            P.tv, o, &err);
         assert_int_equal(rc, 0);
       }
       assert_memory_equal(clean, dirty, sizeof(float) * no);
@@ -484,8 +489,9 @@ static void test_lssar_overflow_row(void **state) {
   cpu_path ps[4];
   int np = paths(ps);
   for (int pi = 0; pi < np; pi++) {
-    assert_int_equal(attn_forward_path(ps[pi], NULL, &prm, 1, 1, 1, 1000, 64, 16, P.tq, P.tk,
-                                       P.tv, P.to, &err), 0);
+    assert_int_equal(
+        attn_forward_path(ps[pi], NULL, &prm, 1, 1, 1, 1000, 64, 16, P.tq, P.tk, P.tv, P.to, &err),
+        0);
     for (int c = 0; c < 16; c++) {
       assert_true(isfinite(P.out[c]));
       assert_true(fabs(P.out[c] - res[c]) <= 1e-4 + 1e-4 * fabs(res[c]));
@@ -514,8 +520,9 @@ static void test_lssar_keep_and_recompute(void **state) {
     cpu_path ps[4];
     int np = paths(ps);
     for (int pi = 0; pi < np; pi++) {
-      assert_int_equal(attn_forward_path(ps[pi], NULL, &prm, 1, 1, Lq, Lk, 8, 8, P.tq, P.tk,
-                                         P.tv, P.to, &err), 0);
+      assert_int_equal(
+          attn_forward_path(ps[pi], NULL, &prm, 1, 1, Lq, Lk, 8, 8, P.tq, P.tk, P.tv, P.to, &err),
+          0);
       double w = worst_f(&P, P.out, ref, path_tol(&prm), path_tol(&prm));
       if (!(w <= 1.0))
         fail_msg("LSSAR at %lld keys, path %s: error ratio %g", (long long)Lk,
@@ -606,6 +613,208 @@ static void test_out_of_memory(void **state) {
   prob_free(&P);
 }
 
+/* ---- the packed KV cache ------------------------------------------------- */
+
+/* A cache holding P's keys and values, written in three appends of uneven
+ * sizes (so that it grows between them). */
+static void kvc_fill(attn_kvc *c, prob *P) {
+  ts_err err;
+  attn_kvc_init(c, P->Hkv, P->d, P->dv);
+  int64_t cuts[4] = {0, P->Lk / 3, P->Lk / 3 + (P->Lk > 1 ? 1 : 0), P->Lk};
+  for (int i = 0; i < 3; i++) {
+    int64_t n = cuts[i + 1] - cuts[i];
+    assert_int_equal(attn_kvc_reserve(c, cuts[i + 1], &err), 0);
+    attn_tensor k = P->tk, v = P->tv;
+    k.data += cuts[i] * k.row_stride;
+    v.data += cuts[i] * v.row_stride;
+    attn_kvc_write(c, cuts[i], n, k, v);
+  }
+}
+
+/* Extra shapes for the decode driver: several 512-key blocks, GQA groups
+ * sharing a tile, few queries at an offset, a full mask. */
+static const shape kvc_shapes[] = {
+    /* H Hkv  Lq    Lk    d    dv  causal qoff  cap  inter qscale */
+    {12, 12, 1, 4096, 64, 64, 1, 4095, 0, 1, 2}, {8, 2, 3, 1500, 64, 64, 1, 1497, 0, 0, 1},
+    {8, 2, 2, 1500, 64, 64, 1, 700, 0, 1, 3},    {4, 1, 12, 1100, 32, 40, 1, 1088, 0, 0, 1},
+    {4, 4, 2, 1100, 64, 64, 0, 5, 0, 1, 2},      {6, 2, 1, 513, 80, 72, 1, 512, 0, 0, 1},
+    {16, 1, 4, 600, 16, 16, 1, 596, 0, 0, 1}, /* R = 64 > 48: the tiled driver */
+};
+
+static void kvc_check_shape(const shape *S, int si, pool_t *pool) {
+  cpu_path ps[4];
+  int np = paths(ps);
+  for (int var = 0; var < 3; var++) {
+    prob P;
+    prob_init(&P, S->H, S->Hkv, S->Lq, S->Lk, S->d, S->dv, S->interleaved, S->cap, S->qscale);
+    attn_params prm = variant_params(var, S->causal, S->qoff, si);
+    attn_kvc c;
+    kvc_fill(&c, &P);
+    size_t no = (size_t)P.H * P.Lq * P.dv;
+    float *ref = malloc(sizeof(float) * no), *ser = malloc(sizeof(float) * no);
+    assert_non_null(ref);
+    assert_non_null(ser);
+    ts_err err;
+    attn_out oref = P.to, oser = P.to;
+    oref.data = ref;
+    oser.data = ser;
+    assert_int_equal(
+        attn_reference(&prm, P.H, P.Hkv, P.Lq, P.Lk, P.d, P.dv, P.tq, P.tk, P.tv, oref, &err), 0);
+    for (int pi = 0; pi < np; pi++) {
+      memset(ser, 0xff, sizeof(float) * no);
+      int rc = attn_kvc_forward_path(ps[pi], NULL, &prm, P.H, P.Lq, P.Lk, P.tq, &c, oser, &err);
+      if (rc) fail_msg("kvc shape %d: %s", si, err.msg);
+      double tol = path_tol(&prm), w = worst_f(&P, ser, ref, tol, tol);
+      if (!(w <= 1))
+        fail_msg("kvc shape %d %s path %s: error ratio %g (tol %g)", si,
+                 attn_variant_name(prm.variant), cpu_path_name(ps[pi]), w, tol);
+      /* the split depends on Lk only: the pool never changes a bit */
+      rc = attn_kvc_forward_path(ps[pi], pool, &prm, P.H, P.Lq, P.Lk, P.tq, &c, P.to, &err);
+      assert_int_equal(rc, 0);
+      for (int h = 0; h < P.H; h++)
+        for (int64_t i = 0; i < P.Lq; i++)
+          assert_memory_equal(oat(&P, P.out, h, i), oat(&P, ser, h, i),
+                              sizeof(float) * (size_t)P.dv);
+    }
+    attn_kvc_free(&c);
+    free(ref);
+    free(ser);
+    prob_free(&P);
+  }
+}
+
+/* Attention over the cache against attn_reference on the raw K and V, for
+ * every shape (both drivers), every variant and path, serially and on a pool. */
+static void test_kvc_vs_reference(void **state) {
+  (void)state;
+  pool_t *pool = NULL;
+  assert_int_equal(pool_create(&pool, 3, 0), 0);
+  for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
+    kvc_check_shape(&shapes[si], (int)si, pool);
+  for (size_t si = 0; si < sizeof kvc_shapes / sizeof *kvc_shapes; si++)
+    kvc_check_shape(&kvc_shapes[si], (int)si, pool);
+  pool_destroy(pool);
+}
+
+/* One decoded query against the cache gives what the re-packing path gives
+ * on the same keys (softmax: the same tile arithmetic, only the block merge
+ * differs). */
+static void test_kvc_matches_forward(void **state) {
+  (void)state;
+  prob P;
+  prob_init(&P, 4, 4, 1, 2000, 64, 64, 1, 0, 2);
+  attn_kvc c;
+  kvc_fill(&c, &P);
+  float *a = malloc(sizeof(float) * 4 * 64);
+  assert_non_null(a);
+  attn_out oa = P.to;
+  oa.data = a;
+  ts_err err;
+  for (int var = 0; var < 3; var++) {
+    attn_params prm = variant_params(var, 1, 1999, 0);
+    assert_int_equal(attn_forward(NULL, &prm, 4, 4, 1, 2000, 64, 64, P.tq, P.tk, P.tv, P.to, &err),
+                     0);
+    assert_int_equal(attn_kvc_forward(NULL, &prm, 4, 1, 2000, P.tq, &c, oa, &err), 0);
+    double w = worst_f(&P, a, P.out, 2e-5, 2e-5);
+    if (!(w <= 1)) fail_msg("%s: cache vs re-packing ratio %g", attn_variant_name(prm.variant), w);
+  }
+  free(a);
+  attn_kvc_free(&c);
+  prob_free(&P);
+}
+
+/* Rows written come back; growth keeps them; a copy holds the same rows;
+ * the byte count follows the capacity. */
+static void test_kvc_rows(void **state) {
+  (void)state;
+  prob P;
+  prob_init(&P, 3, 3, 1, 300, 20, 24, 0, 0, 1);
+  attn_kvc c, d;
+  kvc_fill(&c, &P);
+  assert_int_equal(c.cap, 512);
+  assert_int_equal(c.dvp, 32);
+  ts_err err;
+  attn_kvc_init(&d, 3, 20, 24);
+  assert_int_equal(attn_kvc_copy(&d, &c, 300, &err), 0);
+  assert_int_equal(attn_kvc_reserve(&c, 1000, &err), 0); /* grows: rows stay */
+  assert_int_equal(c.cap, 1024);
+  float k[20], v[24];
+  for (int h = 0; h < 3; h++)
+    for (int64_t j = 0; j < 300; j += 7) {
+      attn_kvc_read(&c, j, h, k, v);
+      assert_memory_equal(k, kat(&P, h, j), sizeof k);
+      assert_memory_equal(v, vat(&P, h, j), sizeof v);
+      attn_kvc_read(&d, j, h, k, v);
+      assert_memory_equal(k, kat(&P, h, j), sizeof k);
+      assert_memory_equal(v, vat(&P, h, j), sizeof v);
+    }
+  assert_true(attn_kvc_bytes(&c) >= sizeof(float) * 1024 * 3 * (20 + 1 + 32));
+  assert_int_equal(attn_kvc_bytes_for(3, 20, 24, 1000), attn_kvc_bytes(&c));
+  assert_int_equal(attn_kvc_bytes_for(3, 20, 24, 0), 0);
+  /* refused: more keys than the cache holds, a copy between shapes */
+  attn_params prm = attn_params_default(ATTN_SOFTMAX);
+  prm.causal = 0;
+  assert_int_equal(attn_kvc_forward(NULL, &prm, 3, 1, 2000, P.tq, &c, P.to, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "KV cache holding 1024"));
+  assert_int_equal(attn_kvc_forward(NULL, &prm, 2, 1, 10, P.tq, &c, P.to, &err), -TS_EINVAL);
+  assert_int_equal(attn_kvc_forward(NULL, &prm, 3, 1, 10, P.tq, NULL, P.to, &err), -TS_EINVAL);
+  attn_kvc e;
+  attn_kvc_init(&e, 2, 20, 24);
+  assert_int_equal(attn_kvc_copy(&e, &c, 10, &err), -TS_EINVAL);
+  /* an empty cache under a full mask: zeros */
+  attn_kvc_init(&e, 3, 20, 24);
+  memset(P.out, 0xff, sizeof(float) * 3 * 24);
+  assert_int_equal(attn_kvc_forward(NULL, &prm, 3, 1, 0, P.tq, &e, P.to, &err), 0);
+  for (int i = 0; i < 3 * 24; i++) assert_true(P.out[i] == 0.0f);
+  attn_kvc_free(&c);
+  attn_kvc_free(&d);
+  prob_free(&P);
+}
+
+/* Every allocation failure is -TS_ENOMEM, never a crash or a leak, and
+ * once enough allocations succeed the result is the same; the cache
+ * survives a failed growth with its rows. */
+static void test_kvc_out_of_memory(void **state) {
+  (void)state;
+  prob P;
+  prob_init(&P, 2, 1, 1, 1200, 64, 64, 0, 0, 1);
+  attn_kvc c;
+  kvc_fill(&c, &P);
+  float *want = malloc(sizeof(float) * 2 * 64);
+  assert_non_null(want);
+  attn_out ow = P.to;
+  ow.data = want;
+  ts_err err;
+  for (int var = 0; var < 3; var++) {
+    attn_params prm = variant_params(var, 1, 1199, 0);
+    assert_int_equal(attn_kvc_forward(NULL, &prm, 2, 1, 1200, P.tq, &c, ow, &err), 0);
+    int ok = 0;
+    for (long n = 0; n < 16; n++) {
+      tl_mem_fail_after(n);
+      int rc = attn_kvc_forward(NULL, &prm, 2, 1, 1200, P.tq, &c, P.to, &err);
+      tl_mem_fail_reset();
+      if (rc == 0) {
+        ok++;
+        assert_memory_equal(P.out, want, sizeof(float) * 2 * 64);
+      } else {
+        assert_int_equal(rc, -TS_ENOMEM);
+        assert_non_null(strstr(err.msg, "out of memory"));
+      }
+    }
+    assert_true(ok >= 1);
+  }
+  tl_mem_fail_after(1);
+  assert_int_equal(attn_kvc_reserve(&c, 5000, &err), -TS_ENOMEM);
+  tl_mem_fail_reset();
+  assert_int_equal(c.cap, 2048);
+  float k[64], v[64];
+  attn_kvc_read(&c, 1100, 0, k, v);
+  assert_memory_equal(k, kat(&P, 0, 1100), sizeof k);
+  free(want);
+  attn_kvc_free(&c);
+  prob_free(&P);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_reference_vs_naive),
@@ -619,6 +828,10 @@ int main(void) {
       cmocka_unit_test(test_empty),
       cmocka_unit_test(test_bad_arguments),
       cmocka_unit_test(test_out_of_memory),
+      cmocka_unit_test(test_kvc_vs_reference),
+      cmocka_unit_test(test_kvc_matches_forward),
+      cmocka_unit_test(test_kvc_rows),
+      cmocka_unit_test(test_kvc_out_of_memory),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
