@@ -59,6 +59,32 @@ int md_attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_
   return attn_forward(pool, prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
 }
 
+int md_attn_kvc_forward(pool_t *pool, const attn_params *prm, int H, int64_t Lq, int64_t Lk,
+                        attn_tensor q, const attn_kvc *kv, attn_out out, ts_err *err) {
+#ifdef TALLYD_CUDA
+  if (g_device == MD_DEVICE_CUDA && Lq >= MD_ATTN_KVC_GPU_ROWS && kv && Lk > 0 && Lk <= kv->cap) {
+    int64_t rk = (int64_t)kv->Hkv * kv->d, rv = (int64_t)kv->Hkv * kv->dv;
+    float *k = tl_malloc(sizeof(float) * (size_t)(Lk * rk));
+    float *v = tl_malloc(sizeof(float) * (size_t)(Lk * rv));
+    int rc;
+    if (!k || !v) {
+      rc = ts_errf(err, TS_ENOMEM, "out of memory unpacking %lld cached keys", (long long)Lk);
+    } else {
+      for (int64_t j = 0; j < Lk; j++)
+        for (int h = 0; h < kv->Hkv; h++)
+          attn_kvc_read(kv, j, h, k + j * rk + (int64_t)h * kv->d,
+                        v + j * rv + (int64_t)h * kv->dv);
+      attn_tensor tk = {k, kv->d, rk}, tv = {v, kv->dv, rv};
+      rc = attn_cuda_forward(prm, H, kv->Hkv, Lq, Lk, kv->d, kv->dv, q, tk, tv, out, err);
+    }
+    tl_free(k);
+    tl_free(v);
+    return rc;
+  }
+#endif
+  return attn_kvc_forward(pool, prm, H, Lq, Lk, q, kv, out, err);
+}
+
 /* ---- parameters ---------------------------------------------------------- */
 
 int md_attn_variant_from_name(const char *s, attn_variant *out) {

@@ -35,6 +35,16 @@ int md_attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_
                     int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v,
                     attn_out out, ts_err *err);
 
+/* Attention over a packed KV cache (attn_kvc_forward). On the GPU, a chunk
+ * of MD_ATTN_KVC_GPU_ROWS queries or more goes there (the cache's rows
+ * unpacked for the copy, as the infer path copies its K and V); fewer
+ * queries (decoding) stay on the CPU kernels, which read the cache in place:
+ * copying the whole cache to the device for one query costs more than the
+ * one pass over it. */
+#define MD_ATTN_KVC_GPU_ROWS 64
+int md_attn_kvc_forward(pool_t *pool, const attn_params *prm, int H, int64_t Lq, int64_t Lk,
+                        attn_tensor q, const attn_kvc *kv, attn_out out, ts_err *err);
+
 int md_attn_variant_from_name(const char *s, attn_variant *out);
 
 /* Reads "attention", "p" and "offset_rows" from obj (a config.json or a

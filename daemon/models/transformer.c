@@ -45,12 +45,15 @@ struct tf_model {
   tf_layer *layers;
 };
 
-/* A session's state. n_layer is kept because session_free has no model. */
+/* A session's state. n_layer is kept because session_free has no model.
+ * Each layer's keys and values live in an attn_kvc, packed the way the
+ * attention kernels read them, and new rows are appended in place: a decode
+ * step reads the cache once and never copies it. */
 struct tf_seq {
   int n_layer;
-  int64_t pos, cap;
-  float **k, **v; /* n_layer arrays of [cap, E] */
-  float *last;    /* [E] final hidden state of token pos-1 */
+  int64_t pos, cap; /* cap: rows every layer's cache has room for */
+  attn_kvc *kv;     /* [n_layer] */
+  float *last;      /* [E] final hidden state of token pos-1 */
   attn_params attn;
 };
 
@@ -66,8 +69,8 @@ static int cfg_int(const json_t *cfg, const char *key, int64_t lo, int64_t hi, i
   return 0;
 }
 
-static int get_w(st_file *w, const char *prefix, const char *name, int ndim, int64_t d0,
-                 int64_t d1, ts_tensor *out, ts_err *err) {
+static int get_w(st_file *w, const char *prefix, const char *name, int ndim, int64_t d0, int64_t d1,
+                 ts_tensor *out, ts_err *err) {
   char full[160];
   snprintf(full, sizeof full, "%s%s", prefix, name);
   int64_t shape[2] = {d0, d1};
@@ -134,8 +137,7 @@ static int read_config(tf_model *m, const json_t *cfg, ts_err *err) {
                    "gelu_pytorch_tanh or gelu_fast)");
   json_t *sc = json_object_get(cfg, "scale_attn_by_inverse_layer_idx");
   if (sc && json_is_true(sc))
-    return ts_errf(err, TS_EINVAL,
-                   "config.json: scale_attn_by_inverse_layer_idx is not supported");
+    return ts_errf(err, TS_EINVAL, "config.json: scale_attn_by_inverse_layer_idx is not supported");
   m->attn = attn_params_default(ATTN_SOFTMAX);
   return md_attn_params_read(cfg, "config.json", &m->attn, err);
 }
@@ -210,8 +212,12 @@ fail:
   return rc;
 }
 
-int64_t tf_vocab(const tf_model *m) { return m->V; }
-attn_params tf_attn_defaults(const tf_model *m) { return m->attn; }
+int64_t tf_vocab(const tf_model *m) {
+  return m->V;
+}
+attn_params tf_attn_defaults(const tf_model *m) {
+  return m->attn;
+}
 
 /* ---- row-parallel helpers ------------------------------------------------ */
 
@@ -331,33 +337,32 @@ static int check_ids(const tf_model *m, const int64_t *ids, int64_t n, int64_t p
 
 static int seq_reserve(const tf_model *m, tf_seq *s, int64_t need, ts_err *err) {
   if (need <= s->cap) return 0;
-  int64_t cap = s->cap ? s->cap : 64;
-  while (cap < need) cap *= 2;
-  size_t bytes = sizeof(float) * (size_t)cap * (size_t)m->E;
   /* Layers already grown when a later one fails just hold spare room; the
    * cache is valid up to s->cap in every layer either way. */
   for (int l = 0; l < m->n_layer; l++) {
-    float *k = tl_realloc(s->k[l], bytes);
-    if (!k) goto nomem;
-    s->k[l] = k;
-    float *v = tl_realloc(s->v[l], bytes);
-    if (!v) goto nomem;
-    s->v[l] = v;
+    int rc = attn_kvc_reserve(&s->kv[l], need, err);
+    if (rc) return rc;
   }
-  s->cap = cap;
+  s->cap = s->kv[0].cap;
   return 0;
-nomem:
-  return ts_errf(err, TS_ENOMEM, "out of memory growing the KV cache to %lld tokens",
-                 (long long)cap);
+}
+
+/* Rows t = 0..n-1 of a fused [n, 3E] q|k|v projection become cache rows
+ * row0 + t of layer li. */
+static void seq_write(const tf_model *m, tf_seq *s, int li, int64_t row0, int64_t n,
+                      const float *qkv) {
+  int64_t E = m->E;
+  attn_tensor k = {qkv + E, m->d, 3 * E}, v = {qkv + 2 * E, m->d, 3 * E};
+  attn_kvc_write(&s->kv[li], row0, n, k, v);
 }
 
 /* Runs n new tokens at positions pos0..pos0+n-1 (pos0 = seq ? seq->pos : 0).
  * lp receives the log-probability of each new token that has a token before
  * it (n entries when seq->pos > 0, else n - 1); next_logits [V] the logits
  * after the last one. */
-static int tf_run_top(const tf_model *m, pool_t *pool, const attn_params *prm,
-                      const int64_t *ids, int64_t n, tf_seq *seq, float *lp, float *next_logits,
-                      const tf_top *top, const md_call *c, tf_prof *prof, ts_err *err) {
+static int tf_run_top(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
+                      int64_t n, tf_seq *seq, float *lp, float *next_logits, const tf_top *top,
+                      const md_call *c, tf_prof *prof, ts_err *err) {
   const int64_t E = m->E, E3 = 3 * E, pos0 = seq ? seq->pos : 0;
   int rc = check_ids(m, ids, n, pos0, err);
   if (rc) return rc;
@@ -397,24 +402,16 @@ static int tf_run_top(const tf_model *m, pool_t *pool, const attn_params *prm,
       rope_arg ra = {m, qkv, pos0, NULL};
       pool_parallel_for(pool, n, 32, rope_range, &ra);
     }
-    attn_tensor q = {qkv, m->d, E3}, k, v;
-    int64_t Lk;
-    if (seq) {
-      for (int64_t t = 0; t < n; t++) {
-        memcpy(seq->k[li] + (pos0 + t) * E, qkv + t * E3 + E, sizeof(float) * (size_t)E);
-        memcpy(seq->v[li] + (pos0 + t) * E, qkv + t * E3 + 2 * E, sizeof(float) * (size_t)E);
-      }
-      k = (attn_tensor){seq->k[li], m->d, E};
-      v = (attn_tensor){seq->v[li], m->d, E};
-      Lk = pos0 + n;
-    } else {
-      k = (attn_tensor){qkv + E, m->d, E3};
-      v = (attn_tensor){qkv + 2 * E, m->d, E3};
-      Lk = n;
-    }
+    attn_tensor q = {qkv, m->d, E3};
     attn_out o = {ao, m->d, E};
     double t0 = prof ? md_now() : 0;
-    rc = md_attn_forward(pool, &ap, m->H, m->H, n, Lk, m->d, m->d, q, k, v, o, err);
+    if (seq) { /* appended in place; the kernels read the packed cache */
+      seq_write(m, seq, li, pos0, n, qkv);
+      rc = md_attn_kvc_forward(pool, &ap, m->H, n, pos0 + n, q, &seq->kv[li], o, err);
+    } else {
+      attn_tensor k = {qkv + E, m->d, E3}, v = {qkv + 2 * E, m->d, E3};
+      rc = md_attn_forward(pool, &ap, m->H, m->H, n, n, m->d, m->d, q, k, v, o, err);
+    }
     if (prof) prof->attn_s += md_now() - t0;
     if (rc) goto out;
     sg_gemm(pool, 0, n, E, E, ao, E, L->proj_w.data, E, 1.0f, x, E);
@@ -462,9 +459,9 @@ static int tf_run(const tf_model *m, pool_t *pool, const attn_params *prm, const
   return tf_run_top(m, pool, prm, ids, n, seq, lp, next_logits, NULL, c, prof, err);
 }
 
-int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
-             int64_t L, float *lp, double *nll, float *next_logits, const md_call *c,
-             tf_prof *prof, ts_err *err) {
+int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids, int64_t L,
+             float *lp, double *nll, float *next_logits, const md_call *c, tf_prof *prof,
+             ts_err *err) {
   int rc = tf_run(m, pool, prm, ids, L, NULL, lp, next_logits, c, prof, err);
   if (rc) return rc;
   double s = 0;
@@ -571,8 +568,8 @@ static int infer(void *state, md_call *c, ts_err *err) {
   if (!rc && !lg) rc = -TS_ENOMEM;
   for (int64_t b = 0; b < B && !rc; b++) {
     double v;
-    rc = tf_score(m, c->pool, &prm, ids + b * L, L, lp + b * (L - 1), &v, lg + b * m->V, c,
-                  NULL, err);
+    rc = tf_score(m, c->pool, &prm, ids + b * L, L, lp + b * (L - 1), &v, lg + b * m->V, c, NULL,
+                  err);
     nll[b] = (float)v;
   }
   tl_free(ids);
@@ -585,32 +582,22 @@ static int infer(void *state, md_call *c, ts_err *err) {
  * rounding count; a fresh session is mostly those): the struct, the two
  * arrays of layer pointers, the last row, and each layer's keys and values. */
 static size_t seq_bytes(const tf_model *m, const tf_seq *s) {
-  size_t L = (size_t)m->n_layer;
-  size_t kv = s->cap ? tl_held(sizeof(float) * (size_t)s->cap * (size_t)m->E) : 0;
-  return tl_held(sizeof *s) + 2 * tl_held(sizeof(float *) * L) +
-         tl_held(sizeof(float) * (size_t)m->E) + 2 * L * kv;
+  size_t L = (size_t)m->n_layer, kv = 0;
+  for (int l = 0; l < m->n_layer; l++) kv += attn_kvc_bytes(&s->kv[l]);
+  return tl_held(sizeof *s) + tl_held(sizeof(attn_kvc) * L) +
+         tl_held(sizeof(float) * (size_t)m->E) + kv;
 }
 
 static void seq_free(void *p);
 
-static int session_open(void *state, const json_t *params, void **out, size_t *bytes,
-                        ts_err *err) {
+static int session_open(void *state, const json_t *params, void **out, size_t *bytes, ts_err *err) {
   tf_model *m = state;
   attn_params prm = m->attn;
   int rc = md_attn_params_read(params, "parameters", &prm, err);
   if (!rc) rc = read_query_offset(params, 0, 0, err);
   if (rc) return rc;
-  tf_seq *s = tl_calloc(1, sizeof *s);
+  tf_seq *s = tf_seq_new(m, &prm);
   if (!s) return ts_errf(err, TS_ENOMEM, "out of memory");
-  s->n_layer = m->n_layer;
-  s->attn = prm;
-  s->k = tl_calloc((size_t)m->n_layer, sizeof *s->k);
-  s->v = tl_calloc((size_t)m->n_layer, sizeof *s->v);
-  s->last = tl_malloc(sizeof(float) * (size_t)m->E);
-  if (!s->k || !s->v || !s->last) {
-    seq_free(s);
-    return ts_errf(err, TS_ENOMEM, "out of memory");
-  }
   *out = s;
   *bytes = seq_bytes(m, s);
   return 0;
@@ -631,8 +618,10 @@ static int session_infer(void *state, void *sess, md_call *c, size_t *bytes, ts_
   if (rc) return rc;
   if (B != 1) {
     tl_free(ids);
-    return ts_errf(err, TS_EINVAL, "input 'input_ids': a session takes one sequence, shape [1, n]; "
-                   "got %lld rows", (long long)B);
+    return ts_errf(err, TS_EINVAL,
+                   "input 'input_ids': a session takes one sequence, shape [1, n]; "
+                   "got %lld rows",
+                   (long long)B);
   }
   int64_t k = s->pos > 0 ? n : n - 1;
   int64_t s_lp[2] = {1, k}, s_nll[1] = {1}, s_lg[2] = {1, m->V};
@@ -665,22 +654,22 @@ static int session_infer(void *state, void *sess, md_call *c, size_t *bytes, ts_
   return rc;
 }
 
-static int64_t session_position(void *sess) { return ((tf_seq *)sess)->pos; }
+static int64_t session_position(void *sess) {
+  return ((tf_seq *)sess)->pos;
+}
 
 static void seq_free(void *p) {
   tf_seq *s = p;
   if (!s) return;
-  for (int l = 0; l < s->n_layer; l++) {
-    if (s->k) tl_free(s->k[l]);
-    if (s->v) tl_free(s->v[l]);
-  }
-  tl_free(s->k);
-  tl_free(s->v);
+  for (int l = 0; s->kv && l < s->n_layer; l++) attn_kvc_free(&s->kv[l]);
+  tl_free(s->kv);
   tl_free(s->last);
   tl_free(s);
 }
 
-static void free_state(void *state) { tf_free(state); }
+static void free_state(void *state) {
+  tf_free(state);
+}
 
 /* Request parameters (model.h): the same for a plain request, a new session
  * and a session's chunk. */
@@ -706,28 +695,36 @@ tf_seq *tf_seq_new(const tf_model *m, const attn_params *prm) {
   if (!s) return NULL;
   s->n_layer = m->n_layer;
   s->attn = prm ? *prm : m->attn;
-  s->k = tl_calloc((size_t)m->n_layer, sizeof *s->k);
-  s->v = tl_calloc((size_t)m->n_layer, sizeof *s->v);
+  s->kv = tl_calloc((size_t)m->n_layer, sizeof *s->kv);
   s->last = tl_malloc(sizeof(float) * (size_t)m->E);
-  if (!s->k || !s->v || !s->last) {
+  if (!s->kv || !s->last) {
     seq_free(s);
     return NULL;
   }
+  for (int l = 0; l < m->n_layer; l++) attn_kvc_init(&s->kv[l], m->H, m->d, m->d);
   return s;
 }
 
-void tf_seq_free(tf_seq *s) { seq_free(s); }
-int64_t tf_seq_pos(const tf_seq *s) { return s->pos; }
-size_t tf_seq_bytes(const tf_model *m, const tf_seq *s) { return seq_bytes(m, s); }
-
-size_t tf_seq_bytes_for(const tf_model *m, int64_t tokens) {
-  int64_t cap = 64;
-  while (cap < tokens) cap *= 2;
-  tf_seq probe = {.n_layer = m->n_layer, .cap = cap};
-  return seq_bytes(m, &probe);
+void tf_seq_free(tf_seq *s) {
+  seq_free(s);
+}
+int64_t tf_seq_pos(const tf_seq *s) {
+  return s->pos;
+}
+size_t tf_seq_bytes(const tf_model *m, const tf_seq *s) {
+  return seq_bytes(m, s);
 }
 
-int64_t tf_max_positions(const tf_model *m) { return m->rope ? INT64_MAX : m->P; }
+size_t tf_seq_bytes_for(const tf_model *m, int64_t tokens) {
+  size_t L = (size_t)m->n_layer;
+  return tl_held(sizeof(tf_seq)) + tl_held(sizeof(attn_kvc) * L) +
+         tl_held(sizeof(float) * (size_t)m->E) +
+         L * attn_kvc_bytes_for(m->H, m->d, m->d, tokens > 0 ? tokens : 1);
+}
+
+int64_t tf_max_positions(const tf_model *m) {
+  return m->rope ? INT64_MAX : m->P;
+}
 
 tf_seq *tf_seq_fork(const tf_model *m, const tf_seq *s) {
   tf_seq *f = tf_seq_new(m, &s->attn);
@@ -738,19 +735,19 @@ tf_seq *tf_seq_fork(const tf_model *m, const tf_seq *s) {
       seq_free(f);
       return NULL;
     }
-    size_t row = sizeof(float) * (size_t)m->E, bytes = row * (size_t)s->pos;
-    for (int l = 0; l < m->n_layer; l++) {
-      memcpy(f->k[l], s->k[l], bytes);
-      memcpy(f->v[l], s->v[l], bytes);
-    }
-    memcpy(f->last, s->last, row);
+    for (int l = 0; l < m->n_layer; l++)
+      if (attn_kvc_copy(&f->kv[l], &s->kv[l], s->pos, &e)) {
+        seq_free(f);
+        return NULL;
+      }
+    memcpy(f->last, s->last, sizeof(float) * (size_t)m->E);
   }
   f->pos = s->pos;
   return f;
 }
 
-int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n,
-               float *lp, float *next_logits, const tf_top *top, const md_call *c, ts_err *err) {
+int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n, float *lp,
+               float *next_logits, const tf_top *top, const md_call *c, ts_err *err) {
   float *lpb = lp, *lgb = next_logits;
   if (!lpb) lpb = tl_malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
   if (!lgb) lgb = tl_malloc(sizeof(float) * (size_t)m->V);
@@ -762,10 +759,11 @@ int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, i
 }
 
 /* Attention of the batch's new rows, one sequence at a time, each reading
- * its own cache in place (keys 0..pos, query at pos). */
+ * its own packed cache in place (keys 0..pos, query at pos): nothing is
+ * copied or packed per step. */
 static int decode_attention(const tf_model *m, pool_t *pool, tf_seq *const *seqs,
-                            const int64_t *pos, int64_t B, int li, const float *qkv,
-                            float *ao, ts_err *err) {
+                            const int64_t *pos, int64_t B, int li, const float *qkv, float *ao,
+                            ts_err *err) {
   const int64_t E = m->E, E3 = 3 * E;
   for (int64_t b = 0; b < B; b++) {
     const tf_seq *s = seqs[b];
@@ -773,9 +771,8 @@ static int decode_attention(const tf_model *m, pool_t *pool, tf_seq *const *seqs
     ap.causal = 1;
     ap.query_offset = pos[b];
     attn_tensor q = {qkv + b * E3, m->d, E3};
-    attn_tensor k = {s->k[li], m->d, E}, v = {s->v[li], m->d, E};
     attn_out o = {ao + b * E, m->d, E};
-    int rc = md_attn_forward(pool, &ap, m->H, m->H, 1, pos[b] + 1, m->d, m->d, q, k, v, o, err);
+    int rc = md_attn_kvc_forward(pool, &ap, m->H, 1, pos[b] + 1, q, &s->kv[li], o, err);
     if (rc) return rc;
   }
   return 0;
@@ -820,10 +817,7 @@ int tf_decode_batch(const tf_model *m, pool_t *pool, tf_seq *const *seqs, const 
     }
     /* Rows past a sequence's position are not part of it until the commit
      * below, so writing them now changes nothing visible on failure. */
-    for (int64_t b = 0; b < B; b++) {
-      memcpy(seqs[b]->k[li] + pos[b] * E, qkv + b * E3 + E, sizeof(float) * (size_t)E);
-      memcpy(seqs[b]->v[li] + pos[b] * E, qkv + b * E3 + 2 * E, sizeof(float) * (size_t)E);
-    }
+    for (int64_t b = 0; b < B; b++) seq_write(m, seqs[b], li, pos[b], 1, qkv + b * E3);
     if ((rc = decode_attention(m, pool, seqs, pos, B, li, qkv, ao, err))) goto out;
     sg_gemm(pool, 0, B, E, E, ao, E, L->proj_w.data, E, 1.0f, x, E);
     sg_add_bias(B, E, x, E, L->proj_b.data);

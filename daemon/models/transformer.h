@@ -15,7 +15,8 @@
  * (each chunk of TF_SCORE_ROWS rows is projected, reduced to the next token's
  * log-probability and dropped).
  *
- * Sessions keep each layer's K and V ([cap, E] per layer, grown by doubling)
+ * Sessions keep each layer's K and V in an attn_kvc (kernels/attn.h: packed
+ * the way the kernels read them, appended in place, grown by doubling)
  * and the final hidden state of the last token, so that a later chunk is
  * scored from every token before it at the cost of the new tokens only.
  *
@@ -62,8 +63,8 @@ int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int6
              tf_prof *prof, ts_err *err);
 
 /* ---- sequences for generation --------------------------------------------
- * A tf_seq holds one sequence's KV cache (every layer's keys and values,
- * [cap, E] rows grown by doubling) and its position. Generation drives it
+ * A tf_seq holds one sequence's KV cache (every layer's keys and values in
+ * an attn_kvc, grown by doubling) and its position. Generation drives it
  * with tf_prefill (a prompt, in chunks of any size) and tf_decode_batch (one
  * new token for each of many sequences in one batched forward pass: every
  * weight matrix is read once per step, not once per sequence). A call that
