@@ -18,14 +18,17 @@
 /* Products smaller than this many multiply-adds run on the caller alone:
  * handing work to another thread costs more than it saves. */
 #define SG_PARALLEL_MIN ((int64_t)1 << 18)
-/* A product of at most four rows streams B once (a matrix-vector product):
- * a second thread only pays once B is several MiB (waking it costs tens of
- * microseconds; measured on 1 x 3072 x 768 it still lost). */
-#define SG_PARALLEL_MIN_FEW_ROWS ((int64_t)1 << 23)
+/* A product of at most SG_FEW_ROWS rows streams B once (the few-row kernels
+ * read each chunk of B for all rows): its cost is reading B, so it goes to
+ * the pool once B is SG_PARALLEL_MIN_FEW_BYTES or more, split by columns.
+ * A decode step's weights come from memory, not cache, and one thread does
+ * not reach the memory's bandwidth (measured on 2 cores: 1 x 2304 x 768
+ * from memory, 9.8 GB/s on one thread; two threads read 19.5 GB/s). */
+#define SG_FEW_ROWS 8
+#define SG_PARALLEL_MIN_FEW_BYTES ((int64_t)1 << 20)
 
-void sg_gemm_ref(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                 int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                 int64_t ldc) {
+void sg_gemm_ref(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   for (int64_t i = 0; i < M; i++) {
     for (int64_t j = 0; j < N; j++) {
       float acc = 0.0f;
@@ -158,8 +161,9 @@ void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
   int nt = pool_threads(pool);
   if (M <= 0 || N <= 0) return;
   double macs = (double)M * (double)N * (double)K;
-  if (!pool || nt <= 1 || macs <= (double)SG_PARALLEL_MIN ||
-      (M <= 4 && macs <= (double)SG_PARALLEL_MIN_FEW_ROWS)) {
+  if (!pool || nt <= 1 ||
+      (M <= SG_FEW_ROWS ? (double)N * (double)K * 4.0 < (double)SG_PARALLEL_MIN_FEW_BYTES
+                        : macs <= (double)SG_PARALLEL_MIN)) {
     fn(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }

@@ -8,14 +8,17 @@
  * ragged edges with zeros, so the register block always runs full and only
  * its store is clipped.
  *
- * Products with very few rows (one token through a Linear layer) skip the
- * packing, which would cost as much as the product: rows of B are streamed
- * directly (trans_b 0) or dotted with the row of A (trans_b 1).
+ * Products with very few rows (up to DIRECT_MAX_M = 8: a decode step's
+ * tokens through a Linear layer) skip the packing, which would cost as much
+ * as the product: B is streamed once for all the rows, row by row in
+ * contiguous slabs (trans_b 0) or four rows of B^T at a time dotted with
+ * every row of A (trans_b 1), each element summed as for one row alone.
  *
  * beta is applied only by the first KC block; later blocks accumulate. With
  * beta 0 the old C is never read, so NaN there cannot leak through. */
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -26,7 +29,7 @@
 #define KC 256
 #define MC 144  /* multiple of MR */
 #define NC 3072 /* multiple of NR */
-#define DIRECT_MAX_M 4
+#define DIRECT_MAX_M 8
 
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -230,41 +233,6 @@ static float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-/* One row: c[0..N) = beta*c + a[0..K) * B[K, N]. Eight accumulators over
- * 64 columns hide the FMA latency; B is read once, row by row. */
-static void row_n(int64_t N, int64_t K, const float *a, const float *B, int64_t ldb,
-                  float beta, float *c) {
-  int64_t j = 0;
-  for (; j + 64 <= N; j += 64) {
-    __m256 acc[8];
-    for (int t = 0; t < 8; t++) acc[t] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k++) {
-      __m256 av = _mm256_broadcast_ss(a + k);
-      const float *b = B + k * ldb + j;
-      for (int t = 0; t < 8; t++) acc[t] = _mm256_fmadd_ps(av, _mm256_loadu_ps(b + 8 * t), acc[t]);
-    }
-    for (int t = 0; t < 8; t++) _mm256_storeu_ps(c + j + 8 * t, merge8(c + j + 8 * t, acc[t], beta));
-  }
-  for (; j < N; j += 8) {
-    int64_t w = min64(8, N - j);
-    __m256i mk = tail_mask(w);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 2 <= K; k += 2) {
-      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k),
-                             _mm256_maskload_ps(B + k * ldb + j, mk), acc0);
-      acc1 = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k + 1),
-                             _mm256_maskload_ps(B + (k + 1) * ldb + j, mk), acc1);
-    }
-    if (k < K)
-      acc0 = _mm256_fmadd_ps(_mm256_broadcast_ss(a + k),
-                             _mm256_maskload_ps(B + k * ldb + j, mk), acc0);
-    float tmp[8];
-    _mm256_storeu_ps(tmp, _mm256_add_ps(acc0, acc1));
-    for (int64_t t = 0; t < w; t++) c[j + t] = merge1(c[j + t], tmp[t], beta);
-  }
-}
-
 /* One row against B^T [N, K]: c[j] = beta*c[j] + dot(a, B[j, :]), four
  * rows of B at a time so that each load of a feeds four FMAs. */
 static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t ldb,
@@ -305,6 +273,126 @@ static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t 
   }
 }
 
+/* ---- few rows (decoding) ---------------------------------------------------
+ * M <= DIRECT_MAX_M rows read B once between them: B is walked in chunks (32
+ * columns of B, or 4 rows of B^T) small enough to stay in L1/L2 while every
+ * row of A passes over them, so a decode step's batch of sequences costs one
+ * pass over the weights from memory, not one per sequence. Each C element
+ * is summed exactly as row_n / row_t sum it (one FMA chain over k per
+ * column; eight-lane partial dots then hsum8), so a row's result does not
+ * depend on how many rows share the call. */
+
+/* C[M, N] (M <= DIRECT_MAX_M) = A B with B [K, N]: B is read row by row,
+ * contiguously, in slabs of FEW_W columns; the rows' sums for the slab stay
+ * in an L1-sized buffer and take four rows of B per visit. Per column the
+ * sum is one FMA chain over k from zero, as row_n had it. */
+#define FEW_W 1024
+static void few_n(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B,
+                  int64_t ldb, float beta, float *C, int64_t ldc) {
+  static _Thread_local float acc[DIRECT_MAX_M * FEW_W] __attribute__((aligned(32)));
+  for (int64_t j0 = 0; j0 < N; j0 += FEW_W) {
+    int64_t w = min64(FEW_W, N - j0), wv = w & ~(int64_t)7;
+    memset(acc, 0, sizeof(float) * (size_t)(M * FEW_W));
+    const float *b = B + j0;
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      const float *b0 = b + k * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
+      for (int64_t m = 0; m < M; m++) {
+        const float *a = A + m * lda + k;
+        float *ac = acc + m * FEW_W;
+        __m256 a0 = _mm256_broadcast_ss(a), a1 = _mm256_broadcast_ss(a + 1);
+        __m256 a2 = _mm256_broadcast_ss(a + 2), a3 = _mm256_broadcast_ss(a + 3);
+        for (int64_t x = 0; x < wv; x += 8) {
+          __m256 v = _mm256_load_ps(ac + x);
+          v = _mm256_fmadd_ps(a0, _mm256_loadu_ps(b0 + x), v);
+          v = _mm256_fmadd_ps(a1, _mm256_loadu_ps(b1 + x), v);
+          v = _mm256_fmadd_ps(a2, _mm256_loadu_ps(b2 + x), v);
+          v = _mm256_fmadd_ps(a3, _mm256_loadu_ps(b3 + x), v);
+          _mm256_store_ps(ac + x, v);
+        }
+        for (int64_t x = wv; x < w; x++) {
+          float v = ac[x];
+          v = fmaf(a[0], b0[x], v);
+          v = fmaf(a[1], b1[x], v);
+          v = fmaf(a[2], b2[x], v);
+          v = fmaf(a[3], b3[x], v);
+          ac[x] = v;
+        }
+      }
+    }
+    for (; k < K; k++) {
+      const float *b0 = b + k * ldb;
+      for (int64_t m = 0; m < M; m++) {
+        float *ac = acc + m * FEW_W;
+        __m256 a0 = _mm256_broadcast_ss(A + m * lda + k);
+        for (int64_t x = 0; x < wv; x += 8)
+          _mm256_store_ps(ac + x,
+                          _mm256_fmadd_ps(a0, _mm256_loadu_ps(b0 + x), _mm256_load_ps(ac + x)));
+        for (int64_t x = wv; x < w; x++) ac[x] = fmaf(A[m * lda + k], b0[x], ac[x]);
+      }
+    }
+    for (int64_t m = 0; m < M; m++) {
+      float *c = C + m * ldc + j0;
+      const float *ac = acc + m * FEW_W;
+      int64_t x = 0;
+      for (; x < wv; x += 8) _mm256_storeu_ps(c + x, merge8(c + x, _mm256_load_ps(ac + x), beta));
+      for (; x < w; x++) c[x] = merge1(c[x], ac[x], beta);
+    }
+  }
+}
+
+/* rows m..m+mr of C[:, j..j+4) against rows j..j+4 of B [N, K]. */
+static inline __attribute__((always_inline)) void few_t_block(const int mr, int64_t K,
+                                                              const float *A, int64_t lda,
+                                                              const float *B, int64_t ldb,
+                                                              float beta, float *C, int64_t ldc) {
+  int64_t kv = K & ~(int64_t)7;
+  __m256i mk = tail_mask(K - kv);
+  const float *b0 = B, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
+  __m256 s[2][4];
+  for (int r = 0; r < mr; r++)
+    for (int t = 0; t < 4; t++) s[r][t] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < kv; k += 8) {
+    __m256 v0 = _mm256_loadu_ps(b0 + k), v1 = _mm256_loadu_ps(b1 + k);
+    __m256 v2 = _mm256_loadu_ps(b2 + k), v3 = _mm256_loadu_ps(b3 + k);
+    for (int r = 0; r < mr; r++) {
+      __m256 av = _mm256_loadu_ps(A + r * lda + k);
+      s[r][0] = _mm256_fmadd_ps(av, v0, s[r][0]);
+      s[r][1] = _mm256_fmadd_ps(av, v1, s[r][1]);
+      s[r][2] = _mm256_fmadd_ps(av, v2, s[r][2]);
+      s[r][3] = _mm256_fmadd_ps(av, v3, s[r][3]);
+    }
+  }
+  if (kv < K) {
+    __m256 v0 = _mm256_maskload_ps(b0 + kv, mk), v1 = _mm256_maskload_ps(b1 + kv, mk);
+    __m256 v2 = _mm256_maskload_ps(b2 + kv, mk), v3 = _mm256_maskload_ps(b3 + kv, mk);
+    for (int r = 0; r < mr; r++) {
+      __m256 av = _mm256_maskload_ps(A + r * lda + kv, mk);
+      s[r][0] = _mm256_fmadd_ps(av, v0, s[r][0]);
+      s[r][1] = _mm256_fmadd_ps(av, v1, s[r][1]);
+      s[r][2] = _mm256_fmadd_ps(av, v2, s[r][2]);
+      s[r][3] = _mm256_fmadd_ps(av, v3, s[r][3]);
+    }
+  }
+  for (int r = 0; r < mr; r++)
+    for (int t = 0; t < 4; t++) C[r * ldc + t] = merge1(C[r * ldc + t], hsum8(s[r][t]), beta);
+}
+
+static void few_t(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B,
+                  int64_t ldb, float beta, float *C, int64_t ldc) {
+  int64_t j = 0;
+  for (; j + 4 <= N; j += 4)
+    for (int64_t m = 0; m < M; m += 2) {
+      if (M - m >= 2)
+        few_t_block(2, K, A + m * lda, lda, B + j * ldb, ldb, beta, C + m * ldc + j, ldc);
+      else
+        few_t_block(1, K, A + m * lda, lda, B + j * ldb, ldb, beta, C + m * ldc + j, ldc);
+    }
+  if (j < N) /* the last 1..3 rows of B^T: row_t's own tail */
+    for (int64_t m = 0; m < M; m++)
+      row_t(N - j, K, A + m * lda, B + j * ldb, ldb, beta, C + m * ldc + j);
+}
+
 /* ---- entry ----------------------------------------------------------------- */
 
 static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
@@ -317,10 +405,8 @@ static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float 
     return;
   }
   if (M <= DIRECT_MAX_M) {
-    for (int64_t i = 0; i < M; i++) {
-      if (trans_b) row_t(N, K, A + i * lda, B, ldb, beta, C + i * ldc);
-      else row_n(N, K, A + i * lda, B, ldb, beta, C + i * ldc);
-    }
+    if (trans_b) few_t(M, N, K, A, lda, B, ldb, beta, C, ldc);
+    else few_n(M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   int64_t kc = min64(KC, K);

@@ -26,7 +26,7 @@
 #define KC 256
 #define MC 144         /* multiple of MR */
 #define NC 3072        /* multiple of NR */
-#define DIRECT_MAX_M 4 /* as sgemm_avx2.c */
+#define DIRECT_MAX_M 8 /* as sgemm_avx2.c */
 
 extern const sg_ops sg__ops_avx2; /* sgemm_avx2.c */
 

@@ -375,8 +375,10 @@ static int tf_run_top(const tf_model *m, pool_t *pool, const attn_params *prm, c
   float *qkv = tl_malloc(sizeof(float) * (size_t)(n * E3));
   float *ao = tl_malloc(sizeof(float) * (size_t)(n * E));
   float *h = tl_malloc(sizeof(float) * (size_t)(mrows * m->F));
-  float *lg = tl_malloc(sizeof(float) * (size_t)(srows * m->V));
-  if (!x || !a || !qkv || !ao || !h || !lg) {
+  /* logits of TF_SCORE_ROWS rows at a time, only when log-probabilities
+   * are asked for (a generation prompt needs none but the last row's) */
+  float *lg = lp ? tl_malloc(sizeof(float) * (size_t)(srows * m->V)) : NULL;
+  if (!x || !a || !qkv || !ao || !h || (lp && !lg)) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory for %lld tokens", (long long)n);
     goto out;
   }
@@ -429,12 +431,13 @@ static int tf_run_top(const tf_model *m, pool_t *pool, const attn_params *prm, c
   layernorm(pool, x, a, n, E, &m->lnf_w, &m->lnf_b, m->eps);
   double t0 = prof ? md_now() : 0;
   int64_t k0 = 0;
-  if (seq && pos0 > 0) { /* the first new token, predicted from the cached last row */
+  if (lp && seq && pos0 > 0) { /* the first new token, predicted from the cached last row */
     score_rows(m, pool, seq->last, 1, ids, lp, lg, top, 0);
     k0 = 1;
   }
-  score_rows(m, pool, a, n - 1, ids + 1, lp + k0, lg, top, k0);
-  sg_gemm(pool, 1, 1, m->V, E, a + (n - 1) * E, E, m->wte.data, E, 0.0f, next_logits, m->V);
+  if (lp) score_rows(m, pool, a, n - 1, ids + 1, lp + k0, lg, top, k0);
+  if (next_logits)
+    sg_gemm(pool, 1, 1, m->V, E, a + (n - 1) * E, E, m->wte.data, E, 0.0f, next_logits, m->V);
   if (prof) prof->head_s += md_now() - t0;
   /* commit: only now does the session move, and only while its answer is
    * still wanted (a chunk answered 504 must not be fed twice by a retry) */
@@ -748,13 +751,15 @@ tf_seq *tf_seq_fork(const tf_model *m, const tf_seq *s) {
 
 int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n, float *lp,
                float *next_logits, const tf_top *top, const md_call *c, ts_err *err) {
-  float *lpb = lp, *lgb = next_logits;
-  if (!lpb) lpb = tl_malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
-  if (!lgb) lgb = tl_malloc(sizeof(float) * (size_t)m->V);
-  int rc = !lpb || !lgb ? ts_errf(err, TS_ENOMEM, "out of memory for %lld tokens", (long long)n)
-                        : tf_run_top(m, pool, &s->attn, ids, n, s, lpb, lgb, top, c, NULL, err);
+  /* Without lp (and top) no row is scored against the vocabulary, and
+   * without next_logits the LM head does not run at all: a prompt's chunks
+   * before its last cost the transformer's layers only. */
+  float *lpb = lp;
+  if (!lpb && top) lpb = tl_malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+  int rc = top && !lpb
+               ? ts_errf(err, TS_ENOMEM, "out of memory for %lld tokens", (long long)n)
+               : tf_run_top(m, pool, &s->attn, ids, n, s, lpb, next_logits, top, c, NULL, err);
   if (lpb != lp) tl_free(lpb);
-  if (lgb != next_logits) tl_free(lgb);
   return rc;
 }
 

@@ -276,6 +276,47 @@ static void test_add_bias(void **state) {
   for (int i = 0; i < 8; i++) assert_true(C[i] == want[i]);
 }
 
+/* A decode batch: up to 8 rows go through the few-row kernels, and each
+ * row's result is the same bits whether it is computed alone or beside
+ * others (so a sequence's tokens do not depend on what else decodes), on
+ * one thread and on the pool, for both layouts of B and ragged widths. */
+static void test_few_rows_batch_invariant(void **state) {
+  (void)state;
+  pool_t *pool = NULL;
+  assert_int_equal(pool_create(&pool, 2, 16), 0);
+  static const int64_t nk[][2] = {{2304, 768}, {1100, 37}, {50, 515}, {3, 9}};
+  for (size_t s = 0; s < sizeof nk / sizeof nk[0]; s++)
+    for (int tb = 0; tb < 2; tb++) {
+      int64_t N = nk[s][0], K = nk[s][1];
+      float *A = tl_malloc(sizeof(float) * (size_t)(8 * K));
+      float *B = tl_malloc(sizeof(float) * (size_t)(N * K));
+      float *C8 = tl_malloc(sizeof(float) * (size_t)(8 * N));
+      float *C1 = tl_malloc(sizeof(float) * (size_t)N);
+      assert_non_null(A);
+      assert_non_null(B);
+      assert_non_null(C8);
+      assert_non_null(C1);
+      for (int64_t i = 0; i < 8 * K; i++) A[i] = (float)((i * 7919 % 1000) - 500) / 300.0f;
+      for (int64_t i = 0; i < N * K; i++) B[i] = (float)((i * 104729 % 997) - 498) / 400.0f;
+      for (int M = 2; M <= 8; M += 3)
+        for (int use_pool = 0; use_pool < 2; use_pool++) {
+          pool_t *pl = use_pool ? pool : NULL;
+          sg_gemm(pl, tb, M, N, K, A, K, B, tb ? K : N, 0.0f, C8, N);
+          for (int m = 0; m < M; m++) {
+            sg_gemm(pl, tb, 1, N, K, A + m * K, K, B, tb ? K : N, 0.0f, C1, N);
+            if (memcmp(C1, C8 + m * N, sizeof(float) * (size_t)N) != 0)
+              fail_msg("trans_b=%d N=%lld K=%lld: row %d of %d differs from the row alone", tb,
+                       (long long)N, (long long)K, m, M);
+          }
+        }
+      tl_free(A);
+      tl_free(B);
+      tl_free(C8);
+      tl_free(C1);
+    }
+  pool_destroy(pool);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_hand),
@@ -287,6 +328,7 @@ int main(void) {
       cmocka_unit_test(test_neon_sweep),
       cmocka_unit_test(test_dispatch_serial),
       cmocka_unit_test(test_dispatch_pool),
+      cmocka_unit_test(test_few_rows_batch_invariant),
   };
   printf("sgemm: best path here is %s\n", cpu_path_name(cpu_best_path()));
   return cmocka_run_group_tests(tests, NULL, NULL);
