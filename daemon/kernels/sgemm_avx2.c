@@ -287,43 +287,75 @@ static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t 
  * in an L1-sized buffer and take four rows of B per visit. Per column the
  * sum is one FMA chain over k from zero, as row_n had it. */
 #define FEW_W 1024
+#define FEW_ACC 4096 /* floats of row sums per thread (16 KiB: L1 beside B's four rows) */
+
+/* acc[0..1][x] += a[0..1][k..k+3] . b0..b3[x] over x < wv (rows in pairs:
+ * each B vector loaded feeds both rows); per column one FMA chain over k. */
+static inline __attribute__((always_inline)) void few_n_k4(const int two, const float *a,
+                                                           int64_t lda, const float *b0,
+                                                           int64_t ldb, float *ac, int64_t w,
+                                                           int64_t wv) {
+  const float *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
+  float *ad = ac + w;
+  __m256 p0 = _mm256_broadcast_ss(a), p1 = _mm256_broadcast_ss(a + 1);
+  __m256 p2 = _mm256_broadcast_ss(a + 2), p3 = _mm256_broadcast_ss(a + 3);
+  __m256 q0 = p0, q1 = p1, q2 = p2, q3 = p3;
+  if (two) {
+    q0 = _mm256_broadcast_ss(a + lda), q1 = _mm256_broadcast_ss(a + lda + 1);
+    q2 = _mm256_broadcast_ss(a + lda + 2), q3 = _mm256_broadcast_ss(a + lda + 3);
+  }
+  for (int64_t x = 0; x < wv; x += 8) {
+    __m256 v0 = _mm256_loadu_ps(b0 + x), v1 = _mm256_loadu_ps(b1 + x);
+    __m256 v2 = _mm256_loadu_ps(b2 + x), v3 = _mm256_loadu_ps(b3 + x);
+    __m256 u = _mm256_load_ps(ac + x);
+    u = _mm256_fmadd_ps(p0, v0, u);
+    u = _mm256_fmadd_ps(p1, v1, u);
+    u = _mm256_fmadd_ps(p2, v2, u);
+    u = _mm256_fmadd_ps(p3, v3, u);
+    _mm256_store_ps(ac + x, u);
+    if (two) {
+      __m256 t = _mm256_load_ps(ad + x);
+      t = _mm256_fmadd_ps(q0, v0, t);
+      t = _mm256_fmadd_ps(q1, v1, t);
+      t = _mm256_fmadd_ps(q2, v2, t);
+      t = _mm256_fmadd_ps(q3, v3, t);
+      _mm256_store_ps(ad + x, t);
+    }
+  }
+  for (int r = 0; r < 1 + two; r++) {
+    const float *ar = a + r * lda;
+    float *acr = ac + r * w;
+    for (int64_t x = wv; x < w; x++) {
+      float v = acr[x];
+      v = fmaf(ar[0], b0[x], v);
+      v = fmaf(ar[1], b1[x], v);
+      v = fmaf(ar[2], b2[x], v);
+      v = fmaf(ar[3], b3[x], v);
+      acr[x] = v;
+    }
+  }
+}
+
 static void few_n(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, const float *B,
                   int64_t ldb, float beta, float *C, int64_t ldc) {
-  static _Thread_local float acc[DIRECT_MAX_M * FEW_W] __attribute__((aligned(32)));
-  for (int64_t j0 = 0; j0 < N; j0 += FEW_W) {
-    int64_t w = min64(FEW_W, N - j0), wv = w & ~(int64_t)7;
-    memset(acc, 0, sizeof(float) * (size_t)(M * FEW_W));
+  static _Thread_local float acc[FEW_ACC] __attribute__((aligned(32)));
+  /* slab width: rows x width sums fit FEW_ACC; a multiple of 8 */
+  int64_t W = min64(FEW_W, FEW_ACC / M / 8 * 8);
+  for (int64_t j0 = 0; j0 < N; j0 += W) {
+    int64_t w = min64(W, N - j0), wv = w & ~(int64_t)7;
+    memset(acc, 0, sizeof(float) * (size_t)(M * w));
     const float *b = B + j0;
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
-      const float *b0 = b + k * ldb, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
-      for (int64_t m = 0; m < M; m++) {
-        const float *a = A + m * lda + k;
-        float *ac = acc + m * FEW_W;
-        __m256 a0 = _mm256_broadcast_ss(a), a1 = _mm256_broadcast_ss(a + 1);
-        __m256 a2 = _mm256_broadcast_ss(a + 2), a3 = _mm256_broadcast_ss(a + 3);
-        for (int64_t x = 0; x < wv; x += 8) {
-          __m256 v = _mm256_load_ps(ac + x);
-          v = _mm256_fmadd_ps(a0, _mm256_loadu_ps(b0 + x), v);
-          v = _mm256_fmadd_ps(a1, _mm256_loadu_ps(b1 + x), v);
-          v = _mm256_fmadd_ps(a2, _mm256_loadu_ps(b2 + x), v);
-          v = _mm256_fmadd_ps(a3, _mm256_loadu_ps(b3 + x), v);
-          _mm256_store_ps(ac + x, v);
-        }
-        for (int64_t x = wv; x < w; x++) {
-          float v = ac[x];
-          v = fmaf(a[0], b0[x], v);
-          v = fmaf(a[1], b1[x], v);
-          v = fmaf(a[2], b2[x], v);
-          v = fmaf(a[3], b3[x], v);
-          ac[x] = v;
-        }
-      }
+      const float *b0 = b + k * ldb;
+      int64_t m = 0;
+      for (; m + 2 <= M; m += 2) few_n_k4(1, A + m * lda + k, lda, b0, ldb, acc + m * w, w, wv);
+      if (m < M) few_n_k4(0, A + m * lda + k, lda, b0, ldb, acc + m * w, w, wv);
     }
     for (; k < K; k++) {
       const float *b0 = b + k * ldb;
       for (int64_t m = 0; m < M; m++) {
-        float *ac = acc + m * FEW_W;
+        float *ac = acc + m * w;
         __m256 a0 = _mm256_broadcast_ss(A + m * lda + k);
         for (int64_t x = 0; x < wv; x += 8)
           _mm256_store_ps(ac + x,
@@ -333,9 +365,9 @@ static void few_n(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, 
     }
     for (int64_t m = 0; m < M; m++) {
       float *c = C + m * ldc + j0;
-      const float *ac = acc + m * FEW_W;
+      const float *ac = acc + m * w;
       int64_t x = 0;
-      for (; x < wv; x += 8) _mm256_storeu_ps(c + x, merge8(c + x, _mm256_load_ps(ac + x), beta));
+      for (; x < wv; x += 8) _mm256_storeu_ps(c + x, merge8(c + x, _mm256_loadu_ps(ac + x), beta));
       for (; x < w; x++) c[x] = merge1(c[x], ac[x], beta);
     }
   }
@@ -350,11 +382,14 @@ static inline __attribute__((always_inline)) void few_t_block(const int mr, int6
   __m256i mk = tail_mask(K - kv);
   const float *b0 = B, *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
   __m256 s[2][4];
+#pragma GCC unroll 2
   for (int r = 0; r < mr; r++)
+#pragma GCC unroll 4
     for (int t = 0; t < 4; t++) s[r][t] = _mm256_setzero_ps();
   for (int64_t k = 0; k < kv; k += 8) {
     __m256 v0 = _mm256_loadu_ps(b0 + k), v1 = _mm256_loadu_ps(b1 + k);
     __m256 v2 = _mm256_loadu_ps(b2 + k), v3 = _mm256_loadu_ps(b3 + k);
+#pragma GCC unroll 2
     for (int r = 0; r < mr; r++) {
       __m256 av = _mm256_loadu_ps(A + r * lda + k);
       s[r][0] = _mm256_fmadd_ps(av, v0, s[r][0]);
@@ -366,6 +401,7 @@ static inline __attribute__((always_inline)) void few_t_block(const int mr, int6
   if (kv < K) {
     __m256 v0 = _mm256_maskload_ps(b0 + kv, mk), v1 = _mm256_maskload_ps(b1 + kv, mk);
     __m256 v2 = _mm256_maskload_ps(b2 + kv, mk), v3 = _mm256_maskload_ps(b3 + kv, mk);
+#pragma GCC unroll 2
     for (int r = 0; r < mr; r++) {
       __m256 av = _mm256_maskload_ps(A + r * lda + kv, mk);
       s[r][0] = _mm256_fmadd_ps(av, v0, s[r][0]);
@@ -374,7 +410,9 @@ static inline __attribute__((always_inline)) void few_t_block(const int mr, int6
       s[r][3] = _mm256_fmadd_ps(av, v3, s[r][3]);
     }
   }
+#pragma GCC unroll 2
   for (int r = 0; r < mr; r++)
+#pragma GCC unroll 4
     for (int t = 0; t < 4; t++) C[r * ldc + t] = merge1(C[r * ldc + t], hsum8(s[r][t]), beta);
 }
 
