@@ -293,10 +293,10 @@ static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t 
  * each B vector loaded feeds both rows); per column one FMA chain over k. */
 static inline __attribute__((always_inline)) void few_n_k4(const int two, const float *a,
                                                            int64_t lda, const float *b0,
-                                                           int64_t ldb, float *ac, int64_t w,
-                                                           int64_t wv) {
+                                                           int64_t ldb, float *ac, int64_t ws,
+                                                           int64_t w, int64_t wv) {
   const float *b1 = b0 + ldb, *b2 = b1 + ldb, *b3 = b2 + ldb;
-  float *ad = ac + w;
+  float *ad = ac + ws; /* the second row's sums */
   __m256 p0 = _mm256_broadcast_ss(a), p1 = _mm256_broadcast_ss(a + 1);
   __m256 p2 = _mm256_broadcast_ss(a + 2), p3 = _mm256_broadcast_ss(a + 3);
   __m256 q0 = p0, q1 = p1, q2 = p2, q3 = p3;
@@ -324,7 +324,7 @@ static inline __attribute__((always_inline)) void few_n_k4(const int two, const 
   }
   for (int r = 0; r < 1 + two; r++) {
     const float *ar = a + r * lda;
-    float *acr = ac + r * w;
+    float *acr = ac + r * ws;
     for (int64_t x = wv; x < w; x++) {
       float v = acr[x];
       v = fmaf(ar[0], b0[x], v);
@@ -342,20 +342,22 @@ static void few_n(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, 
   /* slab width: rows x width sums fit FEW_ACC; a multiple of 8 */
   int64_t W = min64(FEW_W, FEW_ACC / M / 8 * 8);
   for (int64_t j0 = 0; j0 < N; j0 += W) {
-    int64_t w = min64(W, N - j0), wv = w & ~(int64_t)7;
-    memset(acc, 0, sizeof(float) * (size_t)(M * w));
+    /* ws: each row's sums start 32-byte aligned */
+    int64_t w = min64(W, N - j0), wv = w & ~(int64_t)7, ws = (w + 7) & ~(int64_t)7;
+    memset(acc, 0, sizeof(float) * (size_t)(M * ws));
     const float *b = B + j0;
     int64_t k = 0;
     for (; k + 4 <= K; k += 4) {
       const float *b0 = b + k * ldb;
       int64_t m = 0;
-      for (; m + 2 <= M; m += 2) few_n_k4(1, A + m * lda + k, lda, b0, ldb, acc + m * w, w, wv);
-      if (m < M) few_n_k4(0, A + m * lda + k, lda, b0, ldb, acc + m * w, w, wv);
+      for (; m + 2 <= M; m += 2)
+        few_n_k4(1, A + m * lda + k, lda, b0, ldb, acc + m * ws, ws, w, wv);
+      if (m < M) few_n_k4(0, A + m * lda + k, lda, b0, ldb, acc + m * ws, ws, w, wv);
     }
     for (; k < K; k++) {
       const float *b0 = b + k * ldb;
       for (int64_t m = 0; m < M; m++) {
-        float *ac = acc + m * w;
+        float *ac = acc + m * ws;
         __m256 a0 = _mm256_broadcast_ss(A + m * lda + k);
         for (int64_t x = 0; x < wv; x += 8)
           _mm256_store_ps(ac + x,
@@ -365,7 +367,7 @@ static void few_n(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, 
     }
     for (int64_t m = 0; m < M; m++) {
       float *c = C + m * ldc + j0;
-      const float *ac = acc + m * w;
+      const float *ac = acc + m * ws;
       int64_t x = 0;
       for (; x < wv; x += 8) _mm256_storeu_ps(c + x, merge8(c + x, _mm256_loadu_ps(ac + x), beta));
       for (; x < w; x++) c[x] = merge1(c[x], ac[x], beta);
