@@ -28,6 +28,7 @@
  *
  *   build/bench/decode [--streams 1,4,16,64] [--steps 32] [--prompt 960]
  *       [--ttft-prompt 1000] [--threads N] [--variant softmax|lssa|lssar]
+ *       [--kv-dtype float32|float16]
  *       [--layers 12] [--embd 768] [--heads 12] [--vocab 50257] */
 #include <jansson.h>
 #include <stdatomic.h>
@@ -272,7 +273,7 @@ static double ttft_run(gen_engine *e, int64_t V, int64_t plen, int bg, int64_t b
 }
 
 int main(int argc, char **argv) {
-  const char *streams = "1,4,16,64", *variant = "softmax";
+  const char *streams = "1,4,16,64", *variant = "softmax", *kvd = "float32";
   int layers = 12, E = 768, H = 12, V = 50257, threads = 0;
   int64_t steps = 32, plen = 960, tplen = 1000;
   for (int i = 1; i + 1 < argc; i += 2) {
@@ -289,6 +290,8 @@ int main(int argc, char **argv) {
       threads = atoi(v);
     else if (!strcmp(a, "--variant"))
       variant = v;
+    else if (!strcmp(a, "--kv-dtype"))
+      kvd = v;
     else if (!strcmp(a, "--layers"))
       layers = atoi(v);
     else if (!strcmp(a, "--embd"))
@@ -346,9 +349,10 @@ int main(int argc, char **argv) {
     fprintf(stderr, "decode: %s\n", img ? err.msg : "out of memory");
     return 1;
   }
-  json_t *cfg = json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:s, s:s}", "kind", "transformer",
-                          "n_layer", layers, "n_head", H, "n_embd", E, "vocab_size", V,
-                          "n_positions", 1024, "positions", "learned", "attention", variant);
+  json_t *cfg =
+      json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:s}", "kind", "transformer", "n_layer",
+                layers, "n_head", H, "n_embd", E, "vocab_size", V, "n_positions", 1024, "positions",
+                "learned", "attention", variant, "kv_cache_dtype", kvd);
   tf_model *m;
   if (!cfg || tf_load(cfg, sf, &m, &err)) {
     fprintf(stderr, "decode: %s\n", cfg ? err.msg : "bad variant");
@@ -369,9 +373,9 @@ int main(int argc, char **argv) {
     return 1;
   }
   printf(
-      "decode: %d layers, %d wide, %d heads, vocabulary %d, F32, %s, %d threads; prompt %lld + "
-      "%lld greedy steps a stream\n",
-      layers, E, H, V, variant, pool_threads(pool), (long long)plen, (long long)steps);
+      "decode: %d layers, %d wide, %d heads, vocabulary %d, F32 weights, %s KV cache, %s, %d "
+      "threads; prompt %lld + %lld greedy steps a stream\n",
+      layers, E, H, V, kvd, variant, pool_threads(pool), (long long)plen, (long long)steps);
   printf(
       "weights read per step %.0f MB; KV cache %.1f KB per token of context per stream; "
       "measured read bandwidth %.1f GB/s (%d threads)\n",

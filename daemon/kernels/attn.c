@@ -284,8 +284,40 @@ static double sc_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
   return sum;
 }
 
-const attn_kern attn__kern_scalar = {"scalar",   sc_qk,           sc_pv,        sc_rowmax,
-                                     sc_row_exp, sc_row_softplus, sc_row_lssar, sc_row_lssar_sp};
+void attn__sc_qk_h(const float *q, int rows, int d, const uint16_t *kt, int ncols, float *s) {
+  for (int r = 0; r < rows; r++) {
+    float *sr = s + (int64_t)r * ATTN_BK;
+    for (int j = 0; j < ncols; j++) sr[j] = 0.0f;
+    for (int c = 0; c < d; c++) {
+      float qv = q[(int64_t)r * d + c];
+      const uint16_t *kc = kt + (int64_t)c * ATTN_BK;
+      for (int j = 0; j < ncols; j++) sr[j] += qv * attn_h2f(kc[j]);
+    }
+  }
+}
+
+void attn__sc_pv_h(const float *p, int rows, int nk, const uint16_t *v, int dvp, float *o) {
+  for (int r = 0; r < rows; r++) {
+    float *orow = o + (int64_t)r * dvp;
+    for (int j = 0; j < nk; j++) {
+      float pj = p[(int64_t)r * ATTN_BK + j];
+      const uint16_t *vj = v + (int64_t)j * dvp;
+      for (int c = 0; c < dvp; c++) orow[c] += pj * attn_h2f(vj[c]);
+    }
+  }
+}
+
+int attn__has_f16c(void) {
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("f16c");
+#else
+  return 0;
+#endif
+}
+
+const attn_kern attn__kern_scalar = {"scalar",      sc_qk,           sc_pv,        sc_rowmax,
+                                     sc_row_exp,    sc_row_softplus, sc_row_lssar, sc_row_lssar_sp,
+                                     attn__sc_qk_h, attn__sc_pv_h};
 
 /* ---- the tiled driver ---------------------------------------------------- */
 
@@ -296,9 +328,12 @@ typedef struct attn_job {
   int64_t Lq, Lk, ntq, ntk, Lkp;
   attn_tensor q, k, v;
   attn_out out;
-  float *kp;         /* [ntk][Hkv][d][ATTN_BK] (attn_kvc's layout) */
-  float *vp;         /* [ntk][Hkv][ATTN_BK][dvp] */
-  const float *kinv; /* [ntk][Hkv][ATTN_BK] key norms' inverses for raw keys, or NULL */
+  float *kp;                 /* [ntk][Hkv][d][ATTN_BK] (attn_kvc's layout) */
+  float *vp;                 /* [ntk][Hkv][ATTN_BK][dvp] */
+  const float *kinv;         /* [ntk][Hkv][ATTN_BK] key norms' inverses for raw keys, or NULL */
+  const uint16_t *kph, *vph; /* a float16 cache's tiles instead of kp, vp (or NULL) */
+  void (*qk_h)(const float *, int, int, const uint16_t *, int, float *);
+  void (*pv_h)(const float *, int, int, const uint16_t *, int, float *);
   float qscale;
   double lnd;
   int fail; /* a worker could not get its scratch */
@@ -417,7 +452,10 @@ static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
       float *S = kept ? kept : W->s;
       int64_t tile = kt * J->Hkv + kvh;
       if (!kept || pass == 0) {
-        K->qk(W->q, rows, d, J->kp + tile * d * ATTN_BK, ncols, S);
+        if (J->kph)
+          J->qk_h(W->q, rows, d, J->kph + tile * d * ATTN_BK, ncols, S);
+        else
+          K->qk(W->q, rows, d, J->kp + tile * d * ATTN_BK, ncols, S);
         if (J->kinv) scale_cols(S, rows, ncols, J->kinv + tile * ATTN_BK);
       }
       for (int r = 0; r < rows; r++) {
@@ -450,7 +488,10 @@ static void attn_item(attn_job *J, attn_scratch *W, int h, int64_t qt) {
           W->l[r] += (kept ? K->row_lssar_sp : K->row_lssar)(sr, nv, ncols, &W->rc[r]);
         }
       }
-      if (values) K->pv(S, rows, maxnv, J->vp + tile * ATTN_BK * dvp, dvp, W->o);
+      if (values && J->vph)
+        J->pv_h(S, rows, maxnv, J->vph + tile * ATTN_BK * dvp, dvp, W->o);
+      else if (values)
+        K->pv(S, rows, maxnv, J->vp + tile * ATTN_BK * dvp, dvp, W->o);
     }
   }
 
@@ -578,6 +619,46 @@ int attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t L
 
 /* ---- the packed KV cache ------------------------------------------------- */
 
+/* IEEE binary16 <-> float, round to nearest even; the scalar kernels' and
+ * the cache writer's conversions (the AVX2 kernels use F16C, the same
+ * rounding). */
+uint16_t attn_f2h(float f) {
+  uint32_t x;
+  memcpy(&x, &f, 4);
+  uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return (uint16_t)(sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0));
+  if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds past 65504: inf */
+  if (ax < 0x38800000u) {                                   /* a subnormal half, or 0 */
+    if (ax < 0x33000000u) return (uint16_t)sign;
+    uint32_t e = ax >> 23, m = (ax & 0x7fffffu) | 0x800000u;
+    int sh = (int)(126 - e); /* 14..24 */
+    uint32_t r = m >> sh, rem = m & ((1u << sh) - 1), half = 1u << (sh - 1);
+    if (rem > half || (rem == half && (r & 1))) r++;
+    return (uint16_t)(sign | r);
+  }
+  uint32_t r = ((ax - 0x38000000u) >> 13), rem = ax & 0x1fffu;
+  if (rem > 0x1000u || (rem == 0x1000u && (r & 1))) r++;
+  return (uint16_t)(sign | r);
+}
+
+float attn_h2f(uint16_t h) {
+  uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, x;
+  if (e == 0x1f) {
+    x = sign | 0x7f800000u | (m << 13);
+  } else if (e) {
+    x = sign | ((e + 112) << 23) | (m << 13);
+  } else if (!m) {
+    x = sign;
+  } else { /* subnormal: normalise */
+    int sh = 0;
+    while (!(m & 0x400u)) m <<= 1, sh++;
+    x = sign | ((uint32_t)(113 - sh) << 23) | ((m & 0x3ffu) << 13);
+  }
+  float f;
+  memcpy(&f, &x, 4);
+  return f;
+}
+
 void attn_kvc_init(attn_kvc *c, int Hkv, int d, int dv) {
   memset(c, 0, sizeof *c);
   c->Hkv = Hkv;
@@ -586,33 +667,41 @@ void attn_kvc_init(attn_kvc *c, int Hkv, int d, int dv) {
   c->dvp = (dv + 15) & ~15;
 }
 
+void attn_kvc_init_f16(attn_kvc *c, int Hkv, int d, int dv) {
+  attn_kvc_init(c, Hkv, d, dv);
+  c->f16 = 1;
+}
+
 void attn_kvc_free(attn_kvc *c) {
   if (!c) return;
   tl_free(c->k);
   tl_free(c->kinv);
   tl_free(c->v);
-  c->k = c->kinv = c->v = NULL;
+  c->k = c->v = NULL;
+  c->kinv = NULL;
   c->cap = 0;
 }
 
-/* Floats per row of the three arrays: K, kinv, V. */
-static void kvc_row_floats(const attn_kvc *c, size_t f[3]) {
-  f[0] = (size_t)c->Hkv * (size_t)c->d;
-  f[1] = (size_t)c->Hkv;
-  f[2] = (size_t)c->Hkv * (size_t)c->dvp;
+/* Bytes per row of the three arrays: K, kinv, V. */
+static void kvc_row_bytes(const attn_kvc *c, size_t f[3]) {
+  size_t el = c->f16 ? 2 : 4;
+  f[0] = el * (size_t)c->Hkv * (size_t)c->d;
+  f[1] = sizeof(float) * (size_t)c->Hkv;
+  f[2] = el * (size_t)c->Hkv * (size_t)c->dvp;
 }
 
 size_t attn_kvc_bytes(const attn_kvc *c) {
   if (!c->cap) return 0;
   size_t f[3], b = 0;
-  kvc_row_floats(c, f);
-  for (int i = 0; i < 3; i++) b += tl_held(sizeof(float) * f[i] * (size_t)c->cap);
+  kvc_row_bytes(c, f);
+  for (int i = 0; i < 3; i++) b += tl_held(f[i] * (size_t)c->cap);
   return b;
 }
 
-size_t attn_kvc_bytes_for(int Hkv, int d, int dv, int64_t rows) {
+size_t attn_kvc_bytes_for(int Hkv, int d, int dv, int f16, int64_t rows) {
   attn_kvc c;
   attn_kvc_init(&c, Hkv, d, dv);
+  c.f16 = f16;
   c.cap = attn_kvc_cap_for(rows);
   return rows > 0 ? attn_kvc_bytes(&c) : 0;
 }
@@ -627,20 +716,20 @@ int attn_kvc_reserve(attn_kvc *c, int64_t rows, ts_err *err) {
   if (rows <= c->cap) return 0;
   int64_t cap = attn_kvc_cap_for(rows);
   size_t f[3];
-  kvc_row_floats(c, f);
-  if (cap > ((int64_t)1 << 40) / (int64_t)(f[0] + f[1] + f[2]))
+  kvc_row_bytes(c, f);
+  if (cap > ((int64_t)1 << 42) / (int64_t)(f[0] + f[1] + f[2]))
     return ts_errf(err, TS_EINVAL, "attention: a KV cache of %lld rows is too large",
                    (long long)rows);
-  float **arr[3] = {&c->k, &c->kinv, &c->v};
+  void **arr[3] = {&c->k, (void **)&c->kinv, &c->v};
   /* Arrays already grown when a later one fails just hold spare room: the
    * cache stays valid up to c->cap either way. New rows are zeroed so that a
    * tile's unwritten tail is never uninitialised memory. */
   for (int i = 0; i < 3; i++) {
-    float *p = tl_realloc(*arr[i], sizeof(float) * f[i] * (size_t)cap);
+    char *p = tl_realloc(*arr[i], f[i] * (size_t)cap);
     if (!p)
       return ts_errf(err, TS_ENOMEM, "out of memory growing the KV cache to %lld tokens",
                      (long long)cap);
-    memset(p + f[i] * (size_t)c->cap, 0, sizeof(float) * f[i] * (size_t)(cap - c->cap));
+    memset(p + f[i] * (size_t)c->cap, 0, f[i] * (size_t)(cap - c->cap));
     *arr[i] = p;
   }
   c->cap = cap;
@@ -656,37 +745,57 @@ void attn_kvc_write(attn_kvc *c, int64_t row0, int64_t n, attn_tensor k, attn_te
       int64_t tile = kt * Hkv + h;
       const float *ks = k.data + h * k.head_stride + r * k.row_stride;
       const float *vs = v.data + h * v.head_stride + r * v.row_stride;
-      float *kd = c->k + tile * d * ATTN_BK + jj;
-      for (int x = 0; x < d; x++) kd[(int64_t)x * ATTN_BK] = ks[x];
-      c->kinv[tile * ATTN_BK + jj] = (float)(1.0 / fmax(norm_d(ks, d), ATTN_NORM_FLOOR));
-      float *vd = c->v + (tile * ATTN_BK + jj) * dvp;
-      memcpy(vd, vs, sizeof(float) * (size_t)dv);
-      for (int x = dv; x < dvp; x++) vd[x] = 0.0f;
+      int64_t ko = tile * d * ATTN_BK + jj, vo = (tile * ATTN_BK + jj) * dvp;
+      double nn = 0.0;
+      if (c->f16) { /* the norm of the key as stored, so that k / |k| is a unit vector */
+        uint16_t *kd = (uint16_t *)c->k + ko, *vd = (uint16_t *)c->v + vo;
+        for (int x = 0; x < d; x++) {
+          uint16_t hv = attn_f2h(ks[x]);
+          double f = attn_h2f(hv);
+          kd[(int64_t)x * ATTN_BK] = hv;
+          nn += f * f;
+        }
+        for (int x = 0; x < dvp; x++) vd[x] = x < dv ? attn_f2h(vs[x]) : 0;
+      } else {
+        float *kd = (float *)c->k + ko, *vd = (float *)c->v + vo;
+        for (int x = 0; x < d; x++) kd[(int64_t)x * ATTN_BK] = ks[x];
+        nn = norm_d(ks, d);
+        nn *= nn;
+        memcpy(vd, vs, sizeof(float) * (size_t)dv);
+        for (int x = dv; x < dvp; x++) vd[x] = 0.0f;
+      }
+      c->kinv[tile * ATTN_BK + jj] = (float)(1.0 / fmax(sqrt(nn), ATTN_NORM_FLOOR));
     }
   }
 }
 
 int attn_kvc_copy(attn_kvc *dst, const attn_kvc *src, int64_t rows, ts_err *err) {
-  if (dst->Hkv != src->Hkv || dst->d != src->d || dst->dv != src->dv || rows > src->cap)
+  if (dst->Hkv != src->Hkv || dst->d != src->d || dst->dv != src->dv || dst->f16 != src->f16 ||
+      rows > src->cap)
     return ts_errf(err, TS_EINVAL, "attention: KV caches of different shapes");
   int rc = attn_kvc_reserve(dst, rows, err);
   if (rc || rows <= 0) return rc;
   size_t f[3];
-  kvc_row_floats(src, f);
+  kvc_row_bytes(src, f);
   /* whole tiles: the rows past `rows` in the last one are copied too */
   size_t tiles_rows = (size_t)((rows + ATTN_BK - 1) / ATTN_BK * ATTN_BK);
   if (tiles_rows > (size_t)dst->cap) tiles_rows = (size_t)dst->cap;
-  memcpy(dst->k, src->k, sizeof(float) * f[0] * tiles_rows);
-  memcpy(dst->kinv, src->kinv, sizeof(float) * f[1] * tiles_rows);
-  memcpy(dst->v, src->v, sizeof(float) * f[2] * tiles_rows);
+  memcpy(dst->k, src->k, f[0] * tiles_rows);
+  memcpy(dst->kinv, src->kinv, f[1] * tiles_rows);
+  memcpy(dst->v, src->v, f[2] * tiles_rows);
   return 0;
 }
 
 void attn_kvc_read(const attn_kvc *c, int64_t row, int h, float *k, float *v) {
   int64_t tile = row / ATTN_BK * c->Hkv + h;
   int jj = (int)(row % ATTN_BK);
-  for (int x = 0; x < c->d; x++) k[x] = c->k[(tile * c->d + x) * ATTN_BK + jj];
-  memcpy(v, c->v + (tile * ATTN_BK + jj) * c->dvp, sizeof(float) * (size_t)c->dv);
+  int64_t vo = (tile * ATTN_BK + jj) * c->dvp;
+  for (int x = 0; x < c->d; x++) {
+    int64_t at = (tile * c->d + x) * ATTN_BK + jj;
+    k[x] = c->f16 ? attn_h2f(((const uint16_t *)c->k)[at]) : ((const float *)c->k)[at];
+  }
+  for (int x = 0; x < c->dv; x++)
+    v[x] = c->f16 ? attn_h2f(((const uint16_t *)c->v)[vo + x]) : ((const float *)c->v)[vo + x];
 }
 
 /* ---- attention over the cache: the decode driver -------------------------
@@ -716,7 +825,9 @@ typedef struct kvc_job {
   float *keep;     /* LSSAR: [Hkv][ntk][R][ATTN_BK] softplus(s) of pass 1, or NULL */
   attn_rowc *rc;   /* [Hkv][R] LSSAR's row constants */
   double *ceps;    /* [Hkv][R] LSSAR's eps x_max^-p */
-  int *dead;       /* [Hkv][R] */
+  void (*qk_h)(const float *, int, int, const uint16_t *, int, float *);
+  void (*pv_h)(const float *, int, int, const uint16_t *, int, float *);
+  int *dead; /* [Hkv][R] */
   int fail;
 } kvc_job;
 
@@ -774,7 +885,10 @@ static void kvc_item(kvc_job *J, kvc_scratch *W, int64_t kvh, int64_t blk) {
     float *kept = J->keep ? J->keep + (kvh * J->ntk + kt) * (int64_t)R * ATTN_BK : NULL;
     float *S = kept ? kept : W->s;
     if (!kept || !lssar1) {
-      K->qk(W->q, R, d, J->kv->k + tile * d * ATTN_BK, ncols, S);
+      if (J->kv->f16)
+        J->qk_h(W->q, R, d, (const uint16_t *)J->kv->k + tile * d * ATTN_BK, ncols, S);
+      else
+        K->qk(W->q, R, d, (const float *)J->kv->k + tile * d * ATTN_BK, ncols, S);
       if (variant != ATTN_SOFTMAX) scale_cols(S, R, ncols, J->kv->kinv + tile * ATTN_BK);
     }
     for (int r = 0; r < R; r++) {
@@ -807,7 +921,10 @@ static void kvc_item(kvc_job *J, kvc_scratch *W, int64_t kvh, int64_t blk) {
         W->l[r] += (kept ? K->row_lssar_sp : K->row_lssar)(sr, nv, ncols, &rcs[r]);
       }
     }
-    if (values) K->pv(S, R, maxnv, J->kv->v + tile * ATTN_BK * dvp, dvp, W->o);
+    if (values && J->kv->f16)
+      J->pv_h(S, R, maxnv, (const uint16_t *)J->kv->v + tile * ATTN_BK * dvp, dvp, W->o);
+    else if (values)
+      K->pv(S, R, maxnv, (const float *)J->kv->v + tile * ATTN_BK * dvp, dvp, W->o);
   }
   int64_t at = (kvh * J->nblk + blk) * R;
   for (int r = 0; r < R; r++) {
@@ -889,6 +1006,22 @@ static void kvc_merge(kvc_job *J, attn_out out, double *acc) {
     }
 }
 
+/* The float16 tile kernels of kern's path, or the scalar ones where the
+ * CPU lacks F16C. */
+static void kvc_half_kernels(const attn_kern *kern,
+                             void (**qk)(const float *, int, int, const uint16_t *, int, float *),
+                             void (**pv)(const float *, int, int, const uint16_t *, int, float *)) {
+  int hw = kern == &attn__kern_scalar;
+#if defined(__x86_64__)
+  if (kern == &attn__kern_avx2) hw = attn__has_f16c();
+#endif
+#if defined(__aarch64__)
+  hw = 1;
+#endif
+  *qk = hw ? kern->qk_h : attn__sc_qk_h;
+  *pv = hw ? kern->pv_h : attn__sc_pv_h;
+}
+
 /* The tiled driver over the cache (many queries: a prefill chunk). */
 static int kvc_tiles(pool_t *pool, const attn_kern *kern, const attn_params *prm, int H, int64_t Lq,
                      int64_t Lk, attn_tensor q, const attn_kvc *kv, attn_out out, ts_err *err) {
@@ -911,8 +1044,14 @@ static int kvc_tiles(pool_t *pool, const attn_kern *kern, const attn_params *prm
   J.out = out;
   J.qscale = prm->scale != 0.0f ? prm->scale : (float)(1.0 / sqrt((double)kv->d));
   J.lnd = log((double)kv->d);
-  J.kp = kv->k;
-  J.vp = kv->v;
+  if (kv->f16) {
+    J.kph = kv->k;
+    J.vph = kv->v;
+    kvc_half_kernels(kern, &J.qk_h, &J.pv_h);
+  } else {
+    J.kp = kv->k;
+    J.vp = kv->v;
+  }
   J.kinv = prm->variant != ATTN_SOFTMAX ? kv->kinv : NULL;
   pool_parallel_for(pool, (int64_t)H * J.ntq, 1, attn_tiles_range, &J);
   if (J.fail) return ts_errf(err, TS_ENOMEM, "attention: out of memory for worker scratch");
@@ -923,7 +1062,7 @@ int attn_kvc_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, i
                           int64_t Lk, attn_tensor q, const attn_kvc *kv, attn_out out,
                           ts_err *err) {
   if (!kv) return ts_errf(err, TS_EINVAL, "attention: no KV cache given");
-  attn_tensor kt = {kv->k, 0, 0}, vt = {kv->v, 0, 0};
+  attn_tensor kt = {(const float *)kv->k, 0, 0}, vt = {(const float *)kv->v, 0, 0};
   int rc = attn_check_args(prm, H, kv->Hkv, Lq, Lk, kv->d, kv->dv, q, kt, vt, out, err);
   if (rc) return rc;
   if (Lk > kv->cap)
@@ -961,6 +1100,7 @@ int attn_kvc_forward_path(cpu_path path, pool_t *pool, const attn_params *prm, i
   J.q = q;
   J.qscale = prm->scale != 0.0f ? prm->scale : (float)(1.0 / sqrt((double)kv->d));
   J.lnd = log((double)kv->d);
+  if (kv->f16) kvc_half_kernels(kern, &J.qk_h, &J.pv_h);
   size_t parts = (size_t)J.Hkv * (size_t)J.nblk * (size_t)J.R, rows = (size_t)J.Hkv * J.R;
   J.pm = tl_malloc(sizeof(double) * parts);
   J.pl = tl_malloc(sizeof(double) * parts);

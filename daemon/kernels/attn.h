@@ -117,14 +117,20 @@ int attn_reference(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t L
  * forward calls only read it. */
 typedef struct attn_kvc {
   int Hkv, d, dv, dvp;
+  int f16;     /* 1: k and v hold IEEE float16 (half the bytes to read a step) */
   int64_t cap; /* rows of room: 0, or a power of two >= 64 */
-  float *k, *kinv, *v;
+  void *k, *v; /* float, or uint16_t when f16 */
+  float *kinv;
 } attn_kvc;
 
 #define ATTN_KVC_BLOCK 512                /* keys per work item of the decode split */
 #define ATTN_KVC_KEEP_BYTES (64ull << 20) /* LSSAR decode keeps pass 1's scores up to this */
 
 void attn_kvc_init(attn_kvc *c, int Hkv, int d, int dv);
+/* The same cache with keys and values stored as float16 (rounded to nearest
+ * even when written; kinv is the norm of the stored key). The kernels
+ * convert as they read and sum in float, as for a float32 cache. */
+void attn_kvc_init_f16(attn_kvc *c, int Hkv, int d, int dv);
 void attn_kvc_free(attn_kvc *c); /* frees the arrays; c may be reused after attn_kvc_init */
 /* Room for `rows` rows (capacity doubles from 64; new rows zeroed). On
  * failure the cache keeps its rows and capacity. */
@@ -135,11 +141,14 @@ int64_t attn_kvc_cap_for(int64_t rows);
 void attn_kvc_write(attn_kvc *c, int64_t row0, int64_t n, attn_tensor k, attn_tensor v);
 /* Row `row` of kv head h back out (tests): k[d], v[dv]. */
 void attn_kvc_read(const attn_kvc *c, int64_t row, int h, float *k, float *v);
-/* dst (same shape, initialised) gets src's first `rows` rows. */
+/* dst (same shape and type, initialised) gets src's first `rows` rows. */
 int attn_kvc_copy(attn_kvc *dst, const attn_kvc *src, int64_t rows, ts_err *err);
 /* Bytes the allocator holds for the arrays (tl_held), now or at `rows` rows. */
 size_t attn_kvc_bytes(const attn_kvc *c);
-size_t attn_kvc_bytes_for(int Hkv, int d, int dv, int64_t rows);
+size_t attn_kvc_bytes_for(int Hkv, int d, int dv, int f16, int64_t rows);
+/* float <-> IEEE float16, round to nearest even (what a float16 cache holds). */
+uint16_t attn_f2h(float f);
+float attn_h2f(uint16_t h);
 
 /* Attention of Lq queries (q: [H, Lq, d] view) over the cache's first Lk
  * rows, out [H, Lq, dv]; masks, offsets and variants as attn_forward (the

@@ -237,6 +237,144 @@ static void av_pv(const float *p, int rows, int nk, const float *v, int dvp, flo
   }
 }
 
+/* ---- GEMM tiles over a float16 cache ---------------------------------------
+ * The same blocks, each K or V vector converted from 8 halves (F16C) as it
+ * is loaded; everything else, and the order of every sum, is as above. */
+
+#define F16C __attribute__((target("f16c")))
+
+AI F16C __m256 ldh(const uint16_t *p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+}
+
+AI F16C void qk_row_h(const int nb, const float *q, int d, const uint16_t *kt, float *s) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int x = 0; x < nb; x++) a[x] = _mm256_setzero_ps();
+  for (int c = 0; c < d; c++) {
+    __m256 b = _mm256_broadcast_ss(q + c);
+#pragma GCC unroll 8
+    for (int x = 0; x < nb; x++)
+      a[x] = _mm256_fmadd_ps(b, ldh(kt + (int64_t)c * ATTN_BK + 8 * x), a[x]);
+  }
+#pragma GCC unroll 8
+  for (int x = 0; x < nb; x++) _mm256_storeu_ps(s + 8 * x, a[x]);
+}
+
+AI F16C void qk_block_h(const int mr, const float *q, int d, const uint16_t *kt, float *s) {
+  __m256 a0[6], a1[6];
+#pragma GCC unroll 6
+  for (int r = 0; r < mr; r++) a0[r] = a1[r] = _mm256_setzero_ps();
+  for (int c = 0; c < d; c++) {
+    __m256 k0 = ldh(kt + (int64_t)c * ATTN_BK);
+    __m256 k1 = ldh(kt + (int64_t)c * ATTN_BK + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < mr; r++) {
+      __m256 b = _mm256_broadcast_ss(q + (int64_t)r * d + c);
+      a0[r] = _mm256_fmadd_ps(b, k0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(b, k1, a1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < mr; r++) {
+    _mm256_storeu_ps(s + (int64_t)r * ATTN_BK, a0[r]);
+    _mm256_storeu_ps(s + (int64_t)r * ATTN_BK + 8, a1[r]);
+  }
+}
+
+static F16C void av_qk_h(const float *q, int rows, int d, const uint16_t *kt, int ncols, float *s) {
+  if (rows == 1) {
+    switch (ncols) {
+      case 64: qk_row_h(8, q, d, kt, s); return;
+      case 48: qk_row_h(6, q, d, kt, s); return;
+      case 32: qk_row_h(4, q, d, kt, s); return;
+      default: qk_row_h(2, q, d, kt, s); return;
+    }
+  }
+  for (int r0 = 0; r0 < rows; r0 += 6) {
+    const float *qr = q + (int64_t)r0 * d;
+    float *sr = s + (int64_t)r0 * ATTN_BK;
+    int mr = rows - r0 < 6 ? rows - r0 : 6;
+    for (int j = 0; j < ncols; j += 16) {
+      switch (mr) {
+        case 6: qk_block_h(6, qr, d, kt + j, sr + j); break;
+        case 5: qk_block_h(5, qr, d, kt + j, sr + j); break;
+        case 4: qk_block_h(4, qr, d, kt + j, sr + j); break;
+        case 3: qk_block_h(3, qr, d, kt + j, sr + j); break;
+        case 2: qk_block_h(2, qr, d, kt + j, sr + j); break;
+        default: qk_block_h(1, qr, d, kt + j, sr + j); break;
+      }
+    }
+  }
+}
+
+AI F16C void pv_row_h(const int nb, const float *p, int nk, const uint16_t *v, int dvp, float *o) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int x = 0; x < nb; x++) a[x] = _mm256_loadu_ps(o + 8 * x);
+  for (int j = 0; j < nk; j++) {
+    __m256 b = _mm256_broadcast_ss(p + j);
+#pragma GCC unroll 8
+    for (int x = 0; x < nb; x++) a[x] = _mm256_fmadd_ps(b, ldh(v + (int64_t)j * dvp + 8 * x), a[x]);
+  }
+#pragma GCC unroll 8
+  for (int x = 0; x < nb; x++) _mm256_storeu_ps(o + 8 * x, a[x]);
+}
+
+AI F16C void pv_block_h(const int mr, const float *p, int nk, const uint16_t *v, int dvp,
+                        float *o) {
+  __m256 a0[6], a1[6];
+#pragma GCC unroll 6
+  for (int r = 0; r < mr; r++) {
+    a0[r] = _mm256_loadu_ps(o + (int64_t)r * dvp);
+    a1[r] = _mm256_loadu_ps(o + (int64_t)r * dvp + 8);
+  }
+  for (int j = 0; j < nk; j++) {
+    __m256 v0 = ldh(v + (int64_t)j * dvp);
+    __m256 v1 = ldh(v + (int64_t)j * dvp + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < mr; r++) {
+      __m256 b = _mm256_broadcast_ss(p + (int64_t)r * ATTN_BK + j);
+      a0[r] = _mm256_fmadd_ps(b, v0, a0[r]);
+      a1[r] = _mm256_fmadd_ps(b, v1, a1[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < mr; r++) {
+    _mm256_storeu_ps(o + (int64_t)r * dvp, a0[r]);
+    _mm256_storeu_ps(o + (int64_t)r * dvp + 8, a1[r]);
+  }
+}
+
+static F16C void av_pv_h(const float *p, int rows, int nk, const uint16_t *v, int dvp, float *o) {
+  if (rows == 1) {
+    int c = 0;
+    for (; c + 64 <= dvp; c += 64) pv_row_h(8, p, nk, v + c, dvp, o + c);
+    switch (dvp - c) {
+      case 48: pv_row_h(6, p, nk, v + c, dvp, o + c); break;
+      case 32: pv_row_h(4, p, nk, v + c, dvp, o + c); break;
+      case 16: pv_row_h(2, p, nk, v + c, dvp, o + c); break;
+      default: break;
+    }
+    return;
+  }
+  for (int r0 = 0; r0 < rows; r0 += 6) {
+    const float *pr = p + (int64_t)r0 * ATTN_BK;
+    float *orow = o + (int64_t)r0 * dvp;
+    int mr = rows - r0 < 6 ? rows - r0 : 6;
+    for (int c = 0; c < dvp; c += 16) {
+      switch (mr) {
+        case 6: pv_block_h(6, pr, nk, v + c, dvp, orow + c); break;
+        case 5: pv_block_h(5, pr, nk, v + c, dvp, orow + c); break;
+        case 4: pv_block_h(4, pr, nk, v + c, dvp, orow + c); break;
+        case 3: pv_block_h(3, pr, nk, v + c, dvp, orow + c); break;
+        case 2: pv_block_h(2, pr, nk, v + c, dvp, orow + c); break;
+        default: pv_block_h(1, pr, nk, v + c, dvp, orow + c); break;
+      }
+    }
+  }
+}
+
 /* ---- row transforms ------------------------------------------------------ */
 
 static float av_rowmax(const float *s, int nv) {
@@ -293,7 +431,9 @@ static double av_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
   ROW_LOOP(lssar_weight_sp(x, c));
 }
 
-const attn_kern attn__kern_avx2 = {"avx2+fma", av_qk,           av_pv,        av_rowmax,
-                                   av_row_exp, av_row_softplus, av_row_lssar, av_row_lssar_sp};
+const attn_kern attn__kern_avx2 = {"avx2+fma",      av_qk,          av_pv,
+                                  av_rowmax,       av_row_exp,     av_row_softplus,
+                                  av_row_lssar,    av_row_lssar_sp, av_qk_h,
+                                  av_pv_h};
 
 #endif

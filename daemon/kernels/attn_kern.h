@@ -40,7 +40,18 @@ typedef struct attn_kern {
   double (*row_lssar)(float *s, int nv, int ncols, const attn_rowc *c);
   /* row_lssar on s that already holds softplus(s) (LSSAR's kept pass-1 tiles). */
   double (*row_lssar_sp)(float *s, int nv, int ncols, const attn_rowc *c);
+  /* qk and pv over a float16 cache's tiles (attn_kvc with f16): the same
+   * sums, each element converted to float as it is read. */
+  void (*qk_h)(const float *q, int rows, int d, const uint16_t *kt, int ncols, float *s);
+  void (*pv_h)(const float *p, int rows, int nk, const uint16_t *v, int dvp, float *o);
 } attn_kern;
+
+/* The scalar float16 tile kernels (NEON's table uses them too). */
+void attn__sc_qk_h(const float *q, int rows, int d, const uint16_t *kt, int ncols, float *s);
+void attn__sc_pv_h(const float *p, int rows, int nk, const uint16_t *v, int dvp, float *o);
+/* Whether this CPU converts float16 in hardware (x86 F16C; the AVX2 table's
+ * qk_h and pv_h need it). */
+int attn__has_f16c(void);
 
 extern const attn_kern attn__kern_scalar;
 #if defined(__x86_64__)

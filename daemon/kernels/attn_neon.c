@@ -104,7 +104,9 @@ static double ne_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
   return sum;
 }
 
-const attn_kern attn__kern_neon = {"neon", ne_qk, ne_pv, ne_rowmax,
-                                  ne_row_exp, ne_row_softplus, ne_row_lssar, ne_row_lssar_sp};
+const attn_kern attn__kern_neon = {"neon",          ne_qk,         ne_pv,
+                                  ne_rowmax,       ne_row_exp,    ne_row_softplus,
+                                  ne_row_lssar,    ne_row_lssar_sp, attn__sc_qk_h,
+                                  attn__sc_pv_h};
 
 #endif

@@ -38,6 +38,7 @@ struct tf_model {
   int64_t V, P;
   float eps;
   int rope;
+  int kv_f16; /* "kv_cache_dtype": "float16": sequences keep K and V as float16 */
   double theta;
   double *inv_freq; /* [d/2]: theta^(-2m/d), RoPE only */
   attn_params attn; /* config.json's variant, p and offset rows */
@@ -138,6 +139,12 @@ static int read_config(tf_model *m, const json_t *cfg, ts_err *err) {
   json_t *sc = json_object_get(cfg, "scale_attn_by_inverse_layer_idx");
   if (sc && json_is_true(sc))
     return ts_errf(err, TS_EINVAL, "config.json: scale_attn_by_inverse_layer_idx is not supported");
+  const char *kvd;
+  if (md_param_string(cfg, "kv_cache_dtype", "float32", &kvd, err) ||
+      (strcmp(kvd, "float32") != 0 && strcmp(kvd, "float16") != 0))
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: 'kv_cache_dtype' must be \"float32\" or \"float16\"");
+  m->kv_f16 = strcmp(kvd, "float16") == 0;
   m->attn = attn_params_default(ATTN_SOFTMAX);
   return md_attn_params_read(cfg, "config.json", &m->attn, err);
 }
@@ -704,7 +711,12 @@ tf_seq *tf_seq_new(const tf_model *m, const attn_params *prm) {
     seq_free(s);
     return NULL;
   }
-  for (int l = 0; l < m->n_layer; l++) attn_kvc_init(&s->kv[l], m->H, m->d, m->d);
+  for (int l = 0; l < m->n_layer; l++) {
+    if (m->kv_f16)
+      attn_kvc_init_f16(&s->kv[l], m->H, m->d, m->d);
+    else
+      attn_kvc_init(&s->kv[l], m->H, m->d, m->d);
+  }
   return s;
 }
 
@@ -722,7 +734,7 @@ size_t tf_seq_bytes_for(const tf_model *m, int64_t tokens) {
   size_t L = (size_t)m->n_layer;
   return tl_held(sizeof(tf_seq)) + tl_held(sizeof(attn_kvc) * L) +
          tl_held(sizeof(float) * (size_t)m->E) +
-         L * attn_kvc_bytes_for(m->H, m->d, m->d, tokens > 0 ? tokens : 1);
+         L * attn_kvc_bytes_for(m->H, m->d, m->d, m->kv_f16, tokens > 0 ? tokens : 1);
 }
 
 int64_t tf_max_positions(const tf_model *m) {

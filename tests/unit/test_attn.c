@@ -617,9 +617,12 @@ static void test_out_of_memory(void **state) {
 
 /* A cache holding P's keys and values, written in three appends of uneven
  * sizes (so that it grows between them). */
-static void kvc_fill(attn_kvc *c, prob *P) {
+static void kvc_fill_as(attn_kvc *c, prob *P, int f16) {
   ts_err err;
-  attn_kvc_init(c, P->Hkv, P->d, P->dv);
+  if (f16)
+    attn_kvc_init_f16(c, P->Hkv, P->d, P->dv);
+  else
+    attn_kvc_init(c, P->Hkv, P->d, P->dv);
   int64_t cuts[4] = {0, P->Lk / 3, P->Lk / 3 + (P->Lk > 1 ? 1 : 0), P->Lk};
   for (int i = 0; i < 3; i++) {
     int64_t n = cuts[i + 1] - cuts[i];
@@ -629,6 +632,13 @@ static void kvc_fill(attn_kvc *c, prob *P) {
     v.data += cuts[i] * v.row_stride;
     attn_kvc_write(c, cuts[i], n, k, v);
   }
+  if (f16) /* P's keys and values become what the cache holds: the reference reads those */
+    for (int h = 0; h < P->Hkv; h++)
+      for (int64_t j = 0; j < P->Lk; j++) attn_kvc_read(c, j, h, kat(P, h, j), vat(P, h, j));
+}
+
+static void kvc_fill(attn_kvc *c, prob *P) {
+  kvc_fill_as(c, P, 0);
 }
 
 /* Extra shapes for the decode driver: several 512-key blocks, GQA groups
@@ -641,7 +651,7 @@ static const shape kvc_shapes[] = {
     {16, 1, 4, 600, 16, 16, 1, 596, 0, 0, 1}, /* R = 64 > 48: the tiled driver */
 };
 
-static void kvc_check_shape(const shape *S, int si, pool_t *pool) {
+static void kvc_check_shape(const shape *S, int si, pool_t *pool, int f16) {
   cpu_path ps[4];
   int np = paths(ps);
   for (int var = 0; var < 3; var++) {
@@ -649,7 +659,7 @@ static void kvc_check_shape(const shape *S, int si, pool_t *pool) {
     prob_init(&P, S->H, S->Hkv, S->Lq, S->Lk, S->d, S->dv, S->interleaved, S->cap, S->qscale);
     attn_params prm = variant_params(var, S->causal, S->qoff, si);
     attn_kvc c;
-    kvc_fill(&c, &P);
+    kvc_fill_as(&c, &P, f16);
     size_t no = (size_t)P.H * P.Lq * P.dv;
     float *ref = malloc(sizeof(float) * no), *ser = malloc(sizeof(float) * no);
     assert_non_null(ref);
@@ -666,7 +676,7 @@ static void kvc_check_shape(const shape *S, int si, pool_t *pool) {
       if (rc) fail_msg("kvc shape %d: %s", si, err.msg);
       double tol = path_tol(&prm), w = worst_f(&P, ser, ref, tol, tol);
       if (!(w <= 1))
-        fail_msg("kvc shape %d %s path %s: error ratio %g (tol %g)", si,
+        fail_msg("kvc%s shape %d %s path %s: error ratio %g (tol %g)", f16 ? " f16" : "", si,
                  attn_variant_name(prm.variant), cpu_path_name(ps[pi]), w, tol);
       /* the split depends on Lk only: the pool never changes a bit */
       rc = attn_kvc_forward_path(ps[pi], pool, &prm, P.H, P.Lq, P.Lk, P.tq, &c, P.to, &err);
@@ -690,10 +700,69 @@ static void test_kvc_vs_reference(void **state) {
   pool_t *pool = NULL;
   assert_int_equal(pool_create(&pool, 3, 0), 0);
   for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
-    kvc_check_shape(&shapes[si], (int)si, pool);
+    kvc_check_shape(&shapes[si], (int)si, pool, 0);
   for (size_t si = 0; si < sizeof kvc_shapes / sizeof *kvc_shapes; si++)
-    kvc_check_shape(&kvc_shapes[si], (int)si, pool);
+    kvc_check_shape(&kvc_shapes[si], (int)si, pool, 0);
   pool_destroy(pool);
+}
+
+/* The same over a float16 cache: against attn_reference on the keys and
+ * values rounded as the cache holds them (the kernels convert and sum in
+ * float, so the error is the float32 cache's). */
+static void test_kvc_f16_vs_reference(void **state) {
+  (void)state;
+  pool_t *pool = NULL;
+  assert_int_equal(pool_create(&pool, 3, 0), 0);
+  for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++)
+    kvc_check_shape(&shapes[si], (int)si, pool, 1);
+  for (size_t si = 0; si < sizeof kvc_shapes / sizeof *kvc_shapes; si++)
+    kvc_check_shape(&kvc_shapes[si], (int)si, pool, 1);
+  pool_destroy(pool);
+}
+
+/* float16 conversions: every half converts to float and back unchanged;
+ * floats round to nearest even (against the compiler's _Float16 where it
+ * has one, else against hand-worked values); a float16 cache holds half the
+ * bytes of a float32 one, plus the same key norms. */
+static void test_f16_conversions(void **state) {
+  (void)state;
+  for (uint32_t h = 0; h < 65536; h++) {
+    float f = attn_h2f((uint16_t)h);
+    if (isnan(f)) {
+      assert_true((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu));
+      assert_true(isnan(attn_h2f(attn_f2h(f))));
+      continue;
+    }
+    if (attn_f2h(f) != h) fail_msg("half %04x -> %g -> %04x", h, (double)f, attn_f2h(f));
+  }
+  static const struct {
+    float f;
+    uint16_t h;
+  } hand[] = {
+      {1.0f, 0x3c00},           {-2.0f, 0xc000},
+      {65504.0f, 0x7bff},       {65520.0f, 0x7c00},
+      {1e-8f, 0x0000},          {5.960464e-8f, 0x0001},
+      {1.00048828125f, 0x3c00}, /* tie: even */
+      {1.00146484375f, 0x3c02}, /* tie: up to even */ {0.0f, 0x0000},
+      {-0.0f, 0x8000},
+  };
+  for (size_t i = 0; i < sizeof hand / sizeof *hand; i++)
+    if (attn_f2h(hand[i].f) != hand[i].h)
+      fail_msg("%.9g -> %04x, want %04x", (double)hand[i].f, attn_f2h(hand[i].f), hand[i].h);
+#ifdef __FLT16_MAX__
+  for (int i = 0; i < 2000000; i++) {
+    uint32_t bits = (uint32_t)(urand() * 2147483647.0) * 2654435761u;
+    float f;
+    memcpy(&f, &bits, 4);
+    if (isnan(f)) continue;
+    _Float16 want = (_Float16)f;
+    uint16_t wb;
+    memcpy(&wb, &want, 2);
+    if (attn_f2h(f) != wb) fail_msg("%a -> %04x, want %04x", (double)f, attn_f2h(f), wb);
+  }
+#endif
+  size_t f32 = attn_kvc_bytes_for(4, 64, 64, 0, 1000), f16 = attn_kvc_bytes_for(4, 64, 64, 1, 1000);
+  assert_true(f16 < f32 * 6 / 10 && f16 > f32 / 2);
 }
 
 /* One decoded query against the cache gives what the re-packing path gives
@@ -749,8 +818,8 @@ static void test_kvc_rows(void **state) {
       assert_memory_equal(v, vat(&P, h, j), sizeof v);
     }
   assert_true(attn_kvc_bytes(&c) >= sizeof(float) * 1024 * 3 * (20 + 1 + 32));
-  assert_int_equal(attn_kvc_bytes_for(3, 20, 24, 1000), attn_kvc_bytes(&c));
-  assert_int_equal(attn_kvc_bytes_for(3, 20, 24, 0), 0);
+  assert_int_equal(attn_kvc_bytes_for(3, 20, 24, 0, 1000), attn_kvc_bytes(&c));
+  assert_int_equal(attn_kvc_bytes_for(3, 20, 24, 0, 0), 0);
   /* refused: more keys than the cache holds, a copy between shapes */
   attn_params prm = attn_params_default(ATTN_SOFTMAX);
   prm.causal = 0;
@@ -829,6 +898,8 @@ int main(void) {
       cmocka_unit_test(test_bad_arguments),
       cmocka_unit_test(test_out_of_memory),
       cmocka_unit_test(test_kvc_vs_reference),
+      cmocka_unit_test(test_kvc_f16_vs_reference),
+      cmocka_unit_test(test_f16_conversions),
       cmocka_unit_test(test_kvc_matches_forward),
       cmocka_unit_test(test_kvc_rows),
       cmocka_unit_test(test_kvc_out_of_memory),

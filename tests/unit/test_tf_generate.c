@@ -53,6 +53,8 @@ static void add(json_t *h, float **data, size_t *off, const char *name, int64_t 
   *off += 4 * cnt;
 }
 
+static const char *g_kv_dtype = "float32"; /* config.json's kv_cache_dtype for build() */
+
 static void build(tmodel *t, const char *positions, const char *attention) {
   json_t *h = json_object();
   float *data = NULL;
@@ -91,9 +93,10 @@ static void build(tmodel *t, const char *positions, const char *attention) {
   free(data);
   ts_err err;
   assert_int_equal(st_open_mem(&t->sf, t->img, len, "test model", &err), 0);
-  t->cfg = json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:i}", "kind", "transformer",
-                     "n_layer", NL, "n_head", NH, "n_embd", NE, "vocab_size", NV, "n_positions",
-                     NP, "positions", positions, "attention", attention, "offset_rows", 1);
+  t->cfg = json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:i, s:s}", "kind",
+                     "transformer", "n_layer", NL, "n_head", NH, "n_embd", NE, "vocab_size", NV,
+                     "n_positions", NP, "positions", positions, "attention", attention,
+                     "offset_rows", 1, "kv_cache_dtype", g_kv_dtype);
   if (tf_load(t->cfg, t->sf, &t->m, &err)) fail_msg("tf_load: %s", err.msg);
 }
 
@@ -120,7 +123,7 @@ static void scratch_logits(tmodel *t, pool_t *pool, const int64_t *ids, int64_t 
   assert_int_equal(tf_score(t->m, pool, &prm, ids, n, lp, &nll, out, NULL, NULL, &err), 0);
 }
 
-static void run_case(const char *positions, const char *attention) {
+static void run_case_tol(const char *positions, const char *attention, double tol) {
   tmodel t;
   build(&t, positions, attention);
   pool_t *pool;
@@ -154,7 +157,7 @@ static void run_case(const char *positions, const char *attention) {
     for (int b = 0; b < B; b++) {
       assert_int_equal(tf_seq_pos(seqs[b]), plen[b] + s + 1);
       scratch_logits(&t, pool, ids[b], plen[b] + s + 1, ref);
-      near_rel(lg + b * NV, ref, NV, 2e-5);
+      near_rel(lg + b * NV, ref, NV, tol);
     }
     /* the fork alone, batch of one, follows the same tokens as seqs[1] */
     float fl[NV];
@@ -173,10 +176,51 @@ static void run_case(const char *positions, const char *attention) {
   drop(&t);
 }
 
-static void test_learned_softmax(void **st) { (void)st; run_case("learned", "softmax"); }
-static void test_learned_lssar(void **st) { (void)st; run_case("learned", "lssar"); }
-static void test_rope_lssa(void **st) { (void)st; run_case("rope", "lssa"); }
-static void test_rope_lssar(void **st) { (void)st; run_case("rope", "lssar"); }
+static void run_case(const char *positions, const char *attention) {
+  run_case_tol(positions, attention, 2e-5);
+}
+
+static void test_learned_softmax(void **st) {
+  (void)st;
+  run_case("learned", "softmax");
+}
+
+/* kv_cache_dtype float16: the same decoding over keys and values rounded to
+ * float16 (relative error 2^-11 each): near the float32 scratch logits, in
+ * half the cache bytes; a bad dtype is refused at load. */
+static void test_f16_cache(void **st) {
+  (void)st;
+  g_kv_dtype = "float16";
+  run_case_tol("learned", "softmax", 1e-2);
+  run_case_tol("rope", "lssar", 5e-2);
+  tmodel a, b;
+  build(&a, "rope", "lssa");
+  g_kv_dtype = "float32";
+  build(&b, "rope", "lssa");
+  size_t h = tf_seq_bytes_for(a.m, 1000), f = tf_seq_bytes_for(b.m, 1000);
+  if (!(h < f * 6 / 10)) fail_msg("float16 cache %zu bytes, float32 %zu", h, f);
+  json_t *bad = json_deep_copy(b.cfg);
+  json_object_set_new(bad, "kv_cache_dtype", json_string("bfloat16"));
+  tf_model *m = NULL;
+  ts_err err;
+  assert_int_equal(tf_load(bad, b.sf, &m, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "kv_cache_dtype"));
+  json_decref(bad);
+  drop(&a);
+  drop(&b);
+}
+static void test_learned_lssar(void **st) {
+  (void)st;
+  run_case("learned", "lssar");
+}
+static void test_rope_lssa(void **st) {
+  (void)st;
+  run_case("rope", "lssa");
+}
+static void test_rope_lssar(void **st) {
+  (void)st;
+  run_case("rope", "lssar");
+}
 
 static void test_learned_positions_end(void **st) {
   (void)st;
@@ -194,7 +238,6 @@ static void test_learned_positions_end(void **st) {
   tf_seq_free(s);
   drop(&t);
 }
-
 
 /* ---- the engine ----------------------------------------------------------- */
 
@@ -594,6 +637,7 @@ static void test_engine_free_cancels(void **st) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_learned_softmax),
+      cmocka_unit_test(test_f16_cache),
       cmocka_unit_test(test_learned_lssar),
       cmocka_unit_test(test_rope_lssa),
       cmocka_unit_test(test_rope_lssar),
