@@ -28,6 +28,10 @@
 #include "../base/mem.h"
 #include "attn_kern.h"
 
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+
 attn_params attn_params_default(attn_variant v) {
   attn_params p;
   memset(&p, 0, sizeof p);
@@ -309,7 +313,8 @@ void attn__sc_pv_h(const float *p, int rows, int nk, const uint16_t *v, int dvp,
 
 int attn__has_f16c(void) {
 #if defined(__x86_64__)
-  return __builtin_cpu_supports("f16c");
+  unsigned a, b, c, d; /* CPUID leaf 1, ECX bit 29 (GCC and clang both have cpuid.h) */
+  return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
 #else
   return 0;
 #endif
