@@ -952,7 +952,7 @@ static void kvc_range(void *arg, int64_t b, int64_t e) {
   W->q = buf;
   W->s = W->q + (int64_t)ATTN_BQ * J->d;
   W->o = W->s + (int64_t)ATTN_BQ * ATTN_BK;
-  for (int64_t it = b; it < e; it++) kvc_item(J, W, it / J->nblk, it % J->nblk);
+  for (int64_t it = b; it < e; it++) kvc_item(J, W, it % J->Hkv, it / J->Hkv);
   tl_free(buf);
   tl_free(W);
 }
