@@ -313,8 +313,16 @@ void attn__sc_pv_h(const float *p, int rows, int nk, const uint16_t *v, int dvp,
 
 int attn__has_f16c(void) {
 #if defined(__x86_64__)
-  unsigned a, b, c, d; /* CPUID leaf 1, ECX bit 29 (GCC and clang both have cpuid.h) */
-  return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+  /* CPUID leaf 1, ECX bit 29 (GCC and clang both have cpuid.h), asked once:
+   * CPUID is slow, and in a virtual machine it traps to the hypervisor */
+  static int known = -1;
+  int v = __atomic_load_n(&known, __ATOMIC_RELAXED);
+  if (v < 0) {
+    unsigned a, b, c, d;
+    v = __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+    __atomic_store_n(&known, v, __ATOMIC_RELAXED);
+  }
+  return v;
 #else
   return 0;
 #endif
