@@ -44,6 +44,7 @@ struct tf_model {
   attn_params attn; /* config.json's variant, p and offset rows */
   ts_tensor wte, wpe, lnf_w, lnf_b;
   tf_layer *layers;
+  tk_tokenizer *tok; /* NULL: no text endpoints */
 };
 
 /* A session's state. n_layer is kept because session_free has no model.
@@ -93,6 +94,7 @@ static void free_weights(tf_model *m) {
 void tf_free(tf_model *m) {
   if (!m) return;
   free_weights(m);
+  tk_free(m->tok);
   tl_free(m->layers);
   tl_free(m->inv_freq);
   tl_free(m);
@@ -487,8 +489,30 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
   tf_model *m;
   int rc = tf_load(ctx->config, ctx->weights, &m, err);
   if (rc) return rc;
+  /* the tokenizer: config.json's "tokenizer", or files in the version
+   * directory, then the model directory */
+  char model_dir[4096] = "";
+  const char *slash = ctx->version_dir ? strrchr(ctx->version_dir, '/') : NULL;
+  if (slash && (size_t)(slash - ctx->version_dir) < sizeof model_dir)
+    snprintf(model_dir, sizeof model_dir, "%.*s", (int)(slash - ctx->version_dir), ctx->version_dir);
+  if ((rc = tk_load(ctx->config, ctx->version_dir, model_dir[0] ? model_dir : NULL, &m->tok, err))) {
+    tf_free(m);
+    return rc;
+  }
+  if (m->tok && tk_vocab_size(m->tok) > m->V) {
+    rc = ts_errf(err, TS_EINVAL,
+                 "the tokenizer has %lld tokens but the model's vocab_size is %lld: every token "
+                 "id must be a row of wte",
+                 (long long)tk_vocab_size(m->tok), (long long)m->V);
+    tf_free(m);
+    return rc;
+  }
   *state = m;
   return 0;
+}
+
+const tk_tokenizer *tf_tokenizer(const tf_model *m) {
+  return m->tok;
 }
 
 static void set_io(md_io *io, const char *name, ts_dtype dt, int ndim, int64_t d0, int64_t d1) {

@@ -31,6 +31,7 @@
 #include "../base/err.h"
 #include "../base/pool.h"
 #include "../kernels/attn.h"
+#include "../text/tokenizer.h"
 #include "model.h"
 
 #define TF_MLP_ROWS 2048
@@ -45,6 +46,10 @@ int tf_load(const json_t *config, st_file *weights, tf_model **out, ts_err *err)
 void tf_free(tf_model *m);
 
 int64_t tf_vocab(const tf_model *m);
+/* The model's tokenizer (config.json "tokenizer", or tokenizer files in
+ * the version or model directory; see text/tokenizer.h), or NULL when it
+ * has none: then it scores token ids only and has no text endpoints. */
+const tk_tokenizer *tf_tokenizer(const tf_model *m);
 /* The attention settings from config.json (requests may override them). */
 attn_params tf_attn_defaults(const tf_model *m);
 

@@ -25,3 +25,12 @@ def generate(repo):
     make_tiny_gpt2.make(os.path.join(repo, "tiny_gpt2"), n_layer=2, n_head=4, n_embd=64,
                         vocab_size=256, n_positions=1024, positions="rope", attention="lssar",
                         p=15, offset_rows=3, seed=5)
+    # Its 256 ids are bytes: the text endpoints (tokenize, completions) work
+    # on it, though its random weights write no sense.
+    cpath = os.path.join(repo, "tiny_gpt2", "config.json")
+    with open(cpath) as f:
+        cfg = json.load(f)
+    cfg["tokenizer"] = "bytes"
+    with open(cpath, "w") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
