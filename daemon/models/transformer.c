@@ -18,6 +18,7 @@
 
 #include <limits.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -26,6 +27,7 @@
 #include "../kernels/sgemm.h"
 #include "../kernels/vmath.h"
 #include "../methods/sample.h"
+#include "generate.h"
 #include "attention.h"
 
 typedef struct tf_layer {
@@ -45,6 +47,8 @@ struct tf_model {
   ts_tensor wte, wpe, lnf_w, lnf_b;
   tf_layer *layers;
   tk_tokenizer *tok; /* NULL: no text endpoints */
+  pthread_mutex_t engine_mu;
+  struct gen_engine *engine; /* made by the first generation (tf_engine) */
 };
 
 /* A session's state. n_layer is kept because session_free has no model.
@@ -93,6 +97,8 @@ static void free_weights(tf_model *m) {
 
 void tf_free(tf_model *m) {
   if (!m) return;
+  if (m->engine) gen_engine_free(m->engine);
+  pthread_mutex_destroy(&m->engine_mu);
   free_weights(m);
   tk_free(m->tok);
   tl_free(m->layers);
@@ -155,6 +161,7 @@ int tf_load(const json_t *cfg, st_file *w, tf_model **out, ts_err *err) {
   *out = NULL;
   tf_model *m = tl_calloc(1, sizeof *m);
   if (!m) return ts_errf(err, TS_ENOMEM, "out of memory");
+  pthread_mutex_init(&m->engine_mu, NULL);
   int rc = read_config(m, cfg, err);
   if (rc) goto fail;
   if (!w) {
@@ -513,6 +520,15 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
 
 const tk_tokenizer *tf_tokenizer(const tf_model *m) {
   return m->tok;
+}
+
+int tf_engine(tf_model *m, pool_t *pool, const gen_config *cfg, gen_engine **out, ts_err *err) {
+  pthread_mutex_lock(&m->engine_mu);
+  int rc = 0;
+  if (!m->engine) rc = gen_engine_new(m, pool, cfg, &m->engine, err);
+  *out = m->engine;
+  pthread_mutex_unlock(&m->engine_mu);
+  return rc;
 }
 
 static void set_io(md_io *io, const char *name, ts_dtype dt, int ndim, int64_t d0, int64_t d1) {

@@ -50,6 +50,12 @@ int64_t tf_vocab(const tf_model *m);
  * the version or model directory; see text/tokenizer.h), or NULL when it
  * has none: then it scores token ids only and has no text endpoints. */
 const tk_tokenizer *tf_tokenizer(const tf_model *m);
+/* The model's generation engine (generate.h), made on first use with cfg
+ * and pool (both only read then) and freed with the model. */
+struct gen_engine;
+struct gen_config;
+int tf_engine(tf_model *m, pool_t *pool, const struct gen_config *cfg, struct gen_engine **out,
+              ts_err *err);
 /* The attention settings from config.json (requests may override them). */
 attn_params tf_attn_defaults(const tf_model *m);
 

@@ -42,6 +42,7 @@
 #include "../models/model.h"
 #include "metrics.h"
 #include "server.h"
+#include "stream.h"
 #include "transport.h"
 
 enum { H_NEW, H_BODY, H_WAITING, H_DONE };
@@ -287,18 +288,8 @@ static void compress_answer(job *j) {
   r->content_encoding = zc_name((zc_coding)j->resp_coding);
 }
 
-static void job_run(void *arg) {
-  job *j = arg;
-  j->t_start = md_now();
-  double dl = atomic_load(&j->deadline);
-  if (j->cancelled || (dl > 0 && j->t_start > dl)) {
-    ts_err e;
-    ts_errf(&e, TS_ETIMEOUT, "the request waited in the queue past its deadline");
-    resp_error(&j->out, &e);
-  } else if (j->req_coding == ZC_IDENTITY || inflate_body(j) == 0) {
-    handle_job(j);
-    compress_answer(j);
-  }
+/* Sends a finished job back to the loop thread. */
+static void job_done(job *j) {
   j->t_end = md_now();
   server *s = j->srv;
   uv_mutex_lock(&s->done_mu);
@@ -306,6 +297,29 @@ static void job_run(void *arg) {
   s->done_head = j;
   uv_mutex_unlock(&s->done_mu);
   uv_async_send(&s->done_async);
+}
+
+void job_defer(job *j) { atomic_fetch_add(&j->owners, 1); }
+
+void job_finish(job *j) {
+  if (atomic_fetch_sub(&j->owners, 1) != 1) return;
+  compress_answer(j);
+  job_done(j);
+}
+
+static void job_run(void *arg) {
+  job *j = arg;
+  j->t_start = md_now();
+  atomic_store(&j->owners, 1);
+  double dl = atomic_load(&j->deadline);
+  if (j->cancelled || (dl > 0 && j->t_start > dl)) {
+    ts_err e;
+    ts_errf(&e, TS_ETIMEOUT, "the request waited in the queue past its deadline");
+    resp_error(&j->out, &e);
+  } else if (j->req_coding == ZC_IDENTITY || inflate_body(j) == 0) {
+    handle_job(j);
+  }
+  job_finish(j);
 }
 
 static void job_free(job *j) {
@@ -318,6 +332,7 @@ static void job_free(job *j) {
 
 static void on_done(uv_async_t *a) {
   server *s = a->data;
+  stream_wake_all(s);
   uv_mutex_lock(&s->done_mu);
   job *list = s->done_head;
   s->done_head = NULL;
@@ -424,11 +439,34 @@ static void submit(server *s, hreq *h) {
 
 /* ---- libmicrohttpd callbacks ------------------------------------------- */
 
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
+  (void)pos;
+  return stream_read(cls, buf, max);
+}
+
+static void stream_freed(void *cls) { stream_detach(cls); }
+
 static enum MHD_Result queue(hreq *h) {
   resp *r = &h->out;
-  struct MHD_Response *m = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
-  if (!m) return MHD_NO;
-  r->body = NULL; /* MHD frees it (with free(3), which tl_free wraps) */
+  struct MHD_Response *m;
+  if (r->stream) {
+    /* a body produced while it is sent: chunked, read from the stream */
+    gstream *st = r->stream;
+    m = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 4096, stream_reader, st, stream_freed);
+    if (!m) return MHD_NO;
+    r->stream = NULL; /* the response holds the transport's reference now */
+    st->conn = h->conn;
+    st->attached = 1;
+    st->live_next = h->srv->live_streams;
+    if (st->live_next) st->live_next->live_prev = st;
+    h->srv->live_streams = st;
+    MHD_add_response_header(m, "Cache-Control", "no-cache");
+    MHD_add_response_header(m, "X-Accel-Buffering", "no"); /* nginx: pass events on at once */
+  } else {
+    m = MHD_create_response_from_buffer(r->len, r->body, MHD_RESPMEM_MUST_FREE);
+    if (!m) return MHD_NO;
+    r->body = NULL; /* MHD frees it (with free(3), which tl_free wraps) */
+  }
   MHD_add_response_header(m, MHD_HTTP_HEADER_CONTENT_TYPE,
                           r->content_type ? r->content_type : "application/json");
   MHD_add_response_header(m, "X-Request-Id", h->request_id);
@@ -859,6 +897,7 @@ void transport_quiesce(server *s) {
 
 void transport_stop(server *s) {
   if (!s->mhd) return;
+  stream_stop_all(s);
   /* every suspended connection must be resumed before MHD_stop_daemon */
   for (hreq *h = s->waiting; h;) {
     hreq *n = h->wnext;

@@ -20,7 +20,19 @@
 #include "../base/log.h"
 #include "../base/mem.h"
 
-enum { F_REQUESTS, F_DURATION, F_QWAIT, F_COMPUTE, F_FITS, F_FITS_FAILED, F_COUNT };
+enum {
+  F_REQUESTS,
+  F_DURATION,
+  F_QWAIT,
+  F_COMPUTE,
+  F_FITS,
+  F_FITS_FAILED,
+  F_GEN_TOKENS,
+  F_GEN_ACTIVE,
+  F_GEN_TTFT,
+  F_GEN_ITL,
+  F_COUNT
+};
 
 /* Seconds, fit for sub-millisecond answers up to multi-second fits. */
 static const double bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -46,7 +58,7 @@ static series *lists[F_COUNT];
 static int nseries;
 static int overflow_warned;
 
-static atomic_llong sessions_open, sessions_bytes;
+static atomic_llong sessions_open, sessions_bytes, generate_kv_bytes;
 static atomic_int requests_inflight;
 
 static const struct {
@@ -63,6 +75,14 @@ static const struct {
     [F_FITS] = {"tallyd_fits_total", "counter", "fits and calibrations finished, by model"},
     [F_FITS_FAILED] = {"tallyd_fits_failed_total", "counter",
                        "fits and calibrations that failed (no new version), by model"},
+    [F_GEN_TOKENS] = {"tallyd_generate_tokens_total", "counter",
+                      "tokens of generations, by model and type (prompt or completion)"},
+    [F_GEN_ACTIVE] = {"tallyd_generate_sequences_active", "gauge",
+                      "generations submitted and not yet finished, by model"},
+    [F_GEN_TTFT] = {"tallyd_generate_time_to_first_token_seconds", "histogram",
+                    "time from a generation's submission to its first token"},
+    [F_GEN_ITL] = {"tallyd_generate_inter_token_seconds", "histogram",
+                   "time between consecutive tokens of a generation"},
 };
 
 static uint32_t hash_key(int family, const char *model, int64_t version, const char *endpoint,
@@ -160,6 +180,37 @@ void metrics_set_sessions(int64_t n, int64_t bytes) {
   atomic_store(&sessions_bytes, bytes);
 }
 
+uint64_t metrics_session_bytes(void) { return (uint64_t)atomic_load(&sessions_bytes); }
+void metrics_set_generate_kv(int64_t bytes) { atomic_store(&generate_kv_bytes, bytes); }
+
+void metrics_generate_tokens(const char *model, int64_t prompt, int64_t completion) {
+  pthread_mutex_lock(&mu);
+  series *p = prompt ? get(F_GEN_TOKENS, model, 0, "prompt", 0) : NULL;
+  if (p) p->count += (uint64_t)prompt;
+  series *c = completion ? get(F_GEN_TOKENS, model, 0, "completion", 0) : NULL;
+  if (c) c->count += (uint64_t)completion;
+  pthread_mutex_unlock(&mu);
+}
+
+void metrics_generate_active(const char *model, int delta) {
+  pthread_mutex_lock(&mu);
+  series *s = get(F_GEN_ACTIVE, model, 0, "", 0);
+  if (s) s->sum += delta;
+  pthread_mutex_unlock(&mu);
+}
+
+void metrics_generate_first_token(const char *model, double seconds) {
+  pthread_mutex_lock(&mu);
+  observe(get(F_GEN_TTFT, model, 0, "", 0), seconds);
+  pthread_mutex_unlock(&mu);
+}
+
+void metrics_generate_inter_token(const char *model, double seconds) {
+  pthread_mutex_lock(&mu);
+  observe(get(F_GEN_ITL, model, 0, "", 0), seconds);
+  pthread_mutex_unlock(&mu);
+}
+
 void metrics_reset(void) {
   pthread_mutex_lock(&mu);
   for (int f = 0; f < F_COUNT; f++) {
@@ -209,6 +260,15 @@ static void render_family(sbuf *b, int f) {
       add_version_label(b, s->version);
       add_label(b, "endpoint", s->endpoint, 0);
       sbuf_printf(b, ",code=\"%d\"} %llu\n", s->code, (unsigned long long)s->count);
+    } else if (f == F_GEN_TOKENS) {
+      sbuf_printf(b, "%s{", families[f].name);
+      add_label(b, "model", s->model, 1);
+      add_label(b, "type", s->endpoint, 0);
+      sbuf_printf(b, "} %llu\n", (unsigned long long)s->count);
+    } else if (f == F_GEN_ACTIVE) {
+      sbuf_printf(b, "%s{", families[f].name);
+      add_label(b, "model", s->model, 1);
+      sbuf_printf(b, "} %lld\n", (long long)s->sum);
     } else if (f == F_FITS || f == F_FITS_FAILED) {
       sbuf_printf(b, "%s{", families[f].name);
       add_label(b, "model", s->model, 1);
@@ -220,17 +280,17 @@ static void render_family(sbuf *b, int f) {
         cum += i < NB ? s->buckets[i] : 0;
         sbuf_printf(b, "%s_bucket{", base);
         add_label(b, "model", s->model, 1);
-        add_label(b, "endpoint", s->endpoint, 0);
+        if (s->endpoint[0]) add_label(b, "endpoint", s->endpoint, 0);
         if (i < NB) sbuf_printf(b, ",le=\"%g\"} %llu\n", bounds[i], (unsigned long long)cum);
         else sbuf_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)s->count);
       }
       sbuf_printf(b, "%s_sum{", base);
       add_label(b, "model", s->model, 1);
-      add_label(b, "endpoint", s->endpoint, 0);
+      if (s->endpoint[0]) add_label(b, "endpoint", s->endpoint, 0);
       sbuf_printf(b, "} %.9g\n", s->sum);
       sbuf_printf(b, "%s_count{", base);
       add_label(b, "model", s->model, 1);
-      add_label(b, "endpoint", s->endpoint, 0);
+      if (s->endpoint[0]) add_label(b, "endpoint", s->endpoint, 0);
       sbuf_printf(b, "} %llu\n", (unsigned long long)s->count);
     }
   }
@@ -334,8 +394,10 @@ void metrics_render(sbuf *b, repo_t *repo, int queued, int jobs_inflight) {
   sbuf_printf(b, "tallyd_jobs_in_flight %d\n", jobs_inflight);
   header(b, "tallyd_sessions_open", "gauge", "open KV-cache sessions");
   sbuf_printf(b, "tallyd_sessions_open %lld\n", (long long)atomic_load(&sessions_open));
-  header(b, "tallyd_kv_cache_bytes", "gauge", "memory held by the KV caches of open sessions");
-  sbuf_printf(b, "tallyd_kv_cache_bytes %lld\n", (long long)atomic_load(&sessions_bytes));
+  header(b, "tallyd_kv_cache_bytes", "gauge",
+         "memory held by KV caches: open sessions and running generations");
+  sbuf_printf(b, "tallyd_kv_cache_bytes %lld\n",
+              (long long)(atomic_load(&sessions_bytes) + atomic_load(&generate_kv_bytes)));
   header(b, "tallyd_model_ready", "gauge",
          "1 when the version is loaded and served, 0 when it failed to load");
   if (repo) repo_foreach_version(repo, ready_line, b);

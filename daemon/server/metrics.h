@@ -36,6 +36,16 @@ void metrics_inflight_add(int delta);
  * (session_store.c) calls this, through the change hook sessions.c gives it,
  * whenever either changes. */
 void metrics_set_sessions(int64_t n, int64_t bytes);
+/* Bytes counted for sessions now (the generation budget shares the cap). */
+uint64_t metrics_session_bytes(void);
+/* Generation (completions.c): KV-cache bytes reserved by running
+ * generations; tokens (prompt, completion); sequences started (+1) and
+ * finished (-1); time to first token and between tokens. */
+void metrics_set_generate_kv(int64_t bytes);
+void metrics_generate_tokens(const char *model, int64_t prompt, int64_t completion);
+void metrics_generate_active(const char *model, int delta);
+void metrics_generate_first_token(const char *model, double seconds);
+void metrics_generate_inter_token(const char *model, double seconds);
 /* The whole exposition (text format 0.0.4) into b. repo may be NULL. */
 void metrics_render(sbuf *b, repo_t *repo, int queued, int jobs_inflight);
 /* Forgets every series (tests). */

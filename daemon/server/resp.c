@@ -1,5 +1,6 @@
 /* resp.c - answers and the status -> HTTP code map (see resp.h). */
 #include "resp.h"
+#include "stream.h"
 
 #include <stdarg.h>
 #include <string.h>
@@ -20,6 +21,7 @@ int http_status_of(int st) {
 
 void resp_free(resp *r) {
   tl_free(r->body);
+  if (r->stream) stream_unref(r->stream);
   memset(r, 0, sizeof *r);
 }
 

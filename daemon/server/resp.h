@@ -22,6 +22,7 @@ typedef struct resp {
   int retry_after;          /* seconds; 0: no Retry-After */
   const char *allow;        /* static; the Allow header of a 405 */
   const char *content_encoding; /* static; the body's coding ("gzip"); NULL: identity */
+  struct gstream *stream;   /* a body sent while produced (stream.h); body is then NULL */
 } resp;
 
 /* The HTTP code of a ts_status (negative or not), from err.h's

@@ -76,6 +76,14 @@
   X(R_SESSION_DELETE, "session", MS, M_DELETE, AUTH_INFER, 0, OP_NONE, ep_session_delete)          \
   X(R_SESSION_INFER, "session_infer", MS "/infer", M_POST, AUTH_INFER, RF_DEADLINE | RF_LIMITS,    \
     MD_OP_SESSION_INFER, ep_session_infer)                                                         \
+  X(R_GENERATE, "generate", MV "/generate", M_POST, AUTH_INFER, RF_DEADLINE, OP_NONE, ep_generate) \
+  X(R_GENERATE_STREAM, "generate_stream", MV "/generate_stream", M_POST, AUTH_INFER, RF_DEADLINE,  \
+    OP_NONE, ep_generate_stream)                                                                   \
+  X(R_TOKENIZE, "tokenize", MV "/tokenize", M_POST, AUTH_INFER, 0, OP_NONE, ep_tokenize)           \
+  X(R_DETOKENIZE, "detokenize", MV "/detokenize", M_POST, AUTH_INFER, 0, OP_NONE, ep_detokenize)   \
+  X(R_V1_COMPLETIONS, "completions", "/v1/completions", M_POST, AUTH_INFER, RF_DEADLINE, OP_NONE,  \
+    ep_v1_completions)                                                                             \
+  X(R_V1_MODELS, "v1_models", "/v1/models", M_GET, AUTH_INFER, 0, OP_NONE, ep_v1_models)           \
   X(R_REPO_INDEX, "repository_index", "/v2/repository/index", M_GET | M_POST, AUTH_INFER,          \
     RF_LOOP, OP_NONE, ep_repo_index)                                                               \
   X(R_REPO_LOAD, "repository_load", "/v2/repository/models/{model}/load", M_POST, AUTH_ADMIN, 0,   \

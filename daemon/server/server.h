@@ -47,6 +47,10 @@ typedef struct job {
   int fit_claimed;      /* repo_fit_begin succeeded */
   resp out;
   void *conn_req;       /* the hreq waiting for it (loop thread only) */
+  /* Owners of the answer still to come: the worker that ran the handler,
+   * plus one for a handler that finishes later on another thread
+   * (job_defer, job_finish). The last to let go sends it back. */
+  atomic_int owners;
   struct job *next;
 } job;
 
@@ -81,7 +85,16 @@ struct server {
   uv_mutex_t sync_mu;    /* guards sync_busy/sync_again: one rescan at a time */
   int sync_busy, sync_again;
   atomic_int reloading;  /* a SIGHUP's rescan is pending: READY=1 follows it */
+  /* streamed answers (stream.h) */
+  struct gstream *wake_head;    /* under done_mu: streams with new bytes */
+  struct gstream *live_streams; /* loop thread: streams a response holds */
 };
+
+/* A handler that answers later (from another thread) calls job_defer
+ * before handing the job on, and that thread calls job_finish once j->out
+ * is complete; the job is not touched after. */
+void job_defer(job *j);
+void job_finish(job *j);
 
 int server_init(server *s, srv_config *cfg, ts_err *err);
 int server_run(server *s);     /* until SIGTERM/SIGINT drain completes */

@@ -58,6 +58,13 @@ static void test_routes(void **s) {
       {"GET", "/v2/models/m/config", R_MODEL_CONFIG, "m", 0, ""},
       {"GET", "/v2/models/m/versions/2/config", R_MODEL_CONFIG, "m", 2, ""},
       {"GET", "/v2/models/stats/ready", R_MODEL_READY, "stats", 0, ""},
+      /* generation (completions.c) */
+      {"POST", "/v2/models/m/generate", R_GENERATE, "m", 0, ""},
+      {"POST", "/v2/models/m/versions/2/generate_stream", R_GENERATE_STREAM, "m", 2, ""},
+      {"POST", "/v2/models/m/tokenize", R_TOKENIZE, "m", 0, ""},
+      {"POST", "/v2/models/m/versions/5/detokenize", R_DETOKENIZE, "m", 5, ""},
+      {"POST", "/v1/completions", R_V1_COMPLETIONS, "", 0, ""},
+      {"GET", "/v1/models", R_V1_MODELS, "", 0, ""},
       {"GET", "/v2/systemsharedmemory/status", R_SHM_SYSTEM, "", 0, ""},
       {"GET", "/v2/systemsharedmemory/region/r%1/status", R_SHM_SYSTEM, "", 0, ""},
       {"POST", "/v2/systemsharedmemory/region/r1/register", R_SHM_SYSTEM, "", 0, ""},
@@ -147,6 +154,12 @@ static const struct {
     {R_SHM_CUDA, "/v2/cudasharedmemory/status", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_TRACE, "/v2/trace/setting", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_LOGGING, "/v2/logging", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_GENERATE, "/v2/models/m/generate", "POST", AUTH_INFER, RF_DEADLINE, OP_NONE},
+    {R_GENERATE_STREAM, "/v2/models/m/generate_stream", "POST", AUTH_INFER, RF_DEADLINE, OP_NONE},
+    {R_TOKENIZE, "/v2/models/m/tokenize", "POST", AUTH_INFER, 0, OP_NONE},
+    {R_DETOKENIZE, "/v2/models/m/detokenize", "POST", AUTH_INFER, 0, OP_NONE},
+    {R_V1_COMPLETIONS, "/v1/completions", "POST", AUTH_INFER, RF_DEADLINE, OP_NONE},
+    {R_V1_MODELS, "/v1/models", "GET, HEAD", AUTH_INFER, 0, OP_NONE},
 };
 
 static int allows(const char *allow, const char *method) {
