@@ -4,7 +4,8 @@
 #                127.0.0.1:8000 (LISTEN=0.0.0.0:9000 MODELS=/srv/models to change)
 #   make test    install what is missing, build, run every test
 #   make image   build the container image with buildah (IMAGE=, BASE_IMAGE=)
-#   make SAN=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
+#   make SAN=1   build with AddressSanitizer + UndefinedBehaviorSanitizer (and TS_ASSERT on)
+#   make DEBUG=1 TS_ASSERT invariants on (base/check.h), without sanitizers
 #   make CUDA=1  also build the CUDA attention kernels (needs nvcc)
 #
 # Sources are found by wildcard: a new daemon/<floor>/*.c or tests/unit/test_*.c
@@ -31,6 +32,9 @@ CFLAGS += -std=c11 -D_GNU_SOURCE -Wall -Wextra -fno-strict-aliasing -pthread -fP
           -DTALLYD_VERSION='"$(VERSION)"'
 CPPFLAGS += $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 LDLIBS += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -lm -lpthread
+ifneq ($(SAN)$(DEBUG),)
+CFLAGS += -DTALLYD_DEBUG
+endif
 ifneq ($(SAN),)
 CFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 LDFLAGS += -fsanitize=address,undefined

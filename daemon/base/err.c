@@ -59,3 +59,15 @@ const char *ts_status_name(int status) {
   if (status < 0) status = -status;
   return status < TS_STATUS_COUNT ? names[status] : "unknown";
 }
+
+#ifdef TALLYD_DEBUG
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "check.h"
+
+void ts_assert_fail(const char *expr, const char *file, int line) {
+  fprintf(stderr, "tallyd: invariant failed at %s:%d: %s\n", file, line, expr);
+  abort();
+}
+#endif

@@ -157,8 +157,10 @@ int fs_parse_version(const char *s, int64_t *out) {
   for (const char *p = s; *p; p++) {
     if (*p < '0' || *p > '9') return 0;
     int d = *p - '0';
-    if (over || v > (FS_MAX_VERSION - d) / 10) over = 1; /* keep checking the digits */
-    else v = v * 10 + d;
+    if (over || v > (FS_MAX_VERSION - d) / 10)
+      over = 1; /* keep checking the digits */
+    else
+      v = v * 10 + d;
   }
   if (over) return -1;
   *out = v;
@@ -340,4 +342,14 @@ out:
   tl_free(buf);
   close(fd);
   return r;
+}
+
+int fs_name_valid(const char *s) {
+  if (!s || !*s || s[0] == '.') return 0;
+  size_t n = 0;
+  for (; *s; s++, n++)
+    if (n >= FS_NAME_MAX || !((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') ||
+                              (*s >= '0' && *s <= '9') || *s == '_' || *s == '-' || *s == '.'))
+      return 0;
+  return 1;
 }

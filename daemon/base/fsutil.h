@@ -60,6 +60,13 @@ const char *fs_type_name(unsigned mode);
  * never overflows. URLs, directory names and new versions keep to it. */
 #define FS_MAX_VERSION INT64_C(9007199254740991)
 
+/* The one rule for model names (directory names in the repository, and the
+ * {model} of every route) and session ids: 1..FS_NAME_MAX characters of
+ * letters, digits, '_', '-' and '.', not starting with '.' (so never "." or
+ * "..", nor a hidden or temporary directory). */
+#define FS_NAME_MAX 200
+int fs_name_valid(const char *s);
+
 /* Parses a version as URLs and directory names spell it: a positive decimal
  * integer without leading zeros. 1: *out set; 0: not a version ("0", "01",
  * "+1", "abc", ".tmp-x"); -1: a version above FS_MAX_VERSION. */

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdatomic.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -15,6 +16,7 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "../base/check.h"
 #include "../base/fsutil.h"
 #include "../base/hash.h"
 #include "../base/jtext.h"
@@ -25,8 +27,12 @@
 #define MAX_CONFIG_BYTES (4u << 20)
 #define MAX_VERSION_JSON_BYTES (16u << 20)
 
-enum { MS_READY, MS_UNAVAILABLE, MS_LOADING, MS_UNLOADING, MS_UNLOADED };
-static const char *state_names[] = {"READY", "UNAVAILABLE", "LOADING", "UNLOADING", "UNAVAILABLE"};
+/* There is no "unloading" state: an unload drops the model's served
+ * versions at once, and requests already running keep the version they hold
+ * (reference counts) until they finish. An unloaded model shows UNAVAILABLE
+ * with the reason "unloaded". */
+enum { MS_READY, MS_UNAVAILABLE, MS_LOADING, MS_UNLOADED };
+static const char *state_names[] = {"READY", "UNAVAILABLE", "LOADING", "UNAVAILABLE"};
 
 struct repo_ver {
   char *model_name;
@@ -78,12 +84,51 @@ struct repo {
   pool_t *pool;
   uv_mutex_t mu;      /* the model table */
   uv_mutex_t sync_mu; /* one scan/load/unload/commit at a time */
+#ifdef TALLYD_DEBUG
+  /* who holds each (TS_ASSERT of "called with ... held") */
+  pthread_t mu_owner, sync_owner;
+  int mu_held, sync_held;
+#endif
   repo_model *models;
   md_host host;
   st_load weights_load; /* how model.safetensors is read */
   repo_event_fn event_fn;
   void *event_data;
 };
+
+/* The two mutexes, through these so that debug builds know the holder. */
+static void repo_lock(repo_t *r) {
+  uv_mutex_lock(&r->mu);
+#ifdef TALLYD_DEBUG
+  r->mu_owner = pthread_self();
+  r->mu_held = 1;
+#endif
+}
+static void repo_unlock(repo_t *r) {
+#ifdef TALLYD_DEBUG
+  TS_ASSERT(r->mu_held && pthread_equal(r->mu_owner, pthread_self()));
+  r->mu_held = 0;
+#endif
+  uv_mutex_unlock(&r->mu);
+}
+static void sync_lock(repo_t *r) {
+  uv_mutex_lock(&r->sync_mu);
+#ifdef TALLYD_DEBUG
+  r->sync_owner = pthread_self();
+  r->sync_held = 1;
+#endif
+}
+static void sync_unlock(repo_t *r) {
+#ifdef TALLYD_DEBUG
+  TS_ASSERT(r->sync_held && pthread_equal(r->sync_owner, pthread_self()));
+  r->sync_held = 0;
+#endif
+  uv_mutex_unlock(&r->sync_mu);
+}
+#ifdef TALLYD_DEBUG
+#define MU_HELD(r) ((r)->mu_held && pthread_equal((r)->mu_owner, pthread_self()))
+#define SYNC_HELD(r) ((r)->sync_held && pthread_equal((r)->sync_owner, pthread_self()))
+#endif
 
 /* Path formatting: vsnprintf, so a too-long path shows up as a truncated
  * name that fails to open, never as an overflow. */
@@ -174,7 +219,7 @@ int repo_stats_foreach(repo_t *r, const char *name, int64_t version, repo_stats_
     if (rc) return rc;
     repo_release(v);
   }
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   for (repo_model *m = r->models; m; m = m->next) {
     if (name && strcmp(m->name, name) != 0) continue;
     for (int i = 0; i < m->nvers; i++) {
@@ -187,7 +232,7 @@ int repo_stats_foreach(repo_t *r, const char *name, int64_t version, repo_stats_
       fn(data, m->name, v->version, &copy);
     }
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   return 0;
 }
 
@@ -356,18 +401,11 @@ static repo_model *get_model(repo_t *r, const char *name) {
   return m;
 }
 
+
 static void emit_event(repo_t *r, const char *model, int64_t version, int ready) {
   if (r->event_fn) r->event_fn(r->event_data, model, version, ready);
 }
 
-static int valid_name(const char *s) {
-  if (!*s || strlen(s) > 200 || s[0] == '.') return 0;
-  for (; *s; s++)
-    if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
-          *s == '_' || *s == '-' || *s == '.'))
-      return 0;
-  return 1;
-}
 
 static int wanted(repo_t *r, const char *name) {
   if (!r->only) return 1;
@@ -456,6 +494,7 @@ static repo_ver *served(repo_model *m, int64_t version) {
  * that stay); the old table's references are all dropped, so a version no
  * longer served goes with its last request. Called with r->mu held. */
 static void publish(repo_t *r, repo_model *m, repo_ver **next, int n) {
+  TS_ASSERT(MU_HELD(r));
   /* next holds a reference of its own to every version it keeps, so the old
    * table's reference goes in every case (else each rescan leaked one) */
   for (int i = 0; i < m->nvers; i++) {
@@ -478,6 +517,7 @@ static int cmp_ver(const void *a, const void *b) {
 /* Brings one model in line with the disk. Called with sync_mu held, r->mu
  * not held (loading is slow). */
 static void sync_model(repo_t *r, const char *name, int force) {
+  TS_ASSERT(SYNC_HELD(r) && !MU_HELD(r));
   char mdir[PATH_MAX], cpath[PATH_MAX], cstamp[128];
   pathf(mdir, sizeof mdir, "%s/%s", r->root, name);
   pathf(cpath, sizeof cpath, "%s/config.json", mdir);
@@ -489,10 +529,10 @@ static void sync_model(repo_t *r, const char *name, int force) {
   repo_ver **next = NULL;
   int nnext = 0;
 
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *m = get_model(r, name);
   if (!m) {
-    uv_mutex_unlock(&r->mu);
+    repo_unlock(r);
     return;
   }
   m->present = 1;
@@ -503,11 +543,11 @@ static void sync_model(repo_t *r, const char *name, int force) {
   }
   int config_changed = strcmp(cstamp, m->config_stamp) != 0;
   if (m->unloaded && !force) {
-    uv_mutex_unlock(&r->mu);
+    repo_unlock(r);
     if (ovr) json_decref(ovr);
     return;
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
 
   fs_clean_tmp(mdir, NULL, NULL);
   int rc = ovr ? (config = ovr, 0) : read_json_file(cpath, MAX_CONFIG_BYTES, &config, &err);
@@ -522,11 +562,11 @@ static void sync_model(repo_t *r, const char *name, int force) {
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
   if (rc) {
     /* Without a usable config nothing new loads; versions that work stay. */
-    uv_mutex_lock(&r->mu);
+    repo_lock(r);
     snprintf(m->reason, sizeof m->reason, "%s", err.msg);
     if (m->nvers == 0) m->state = MS_UNAVAILABLE;
     snprintf(m->config_stamp, sizeof m->config_stamp, "%s", cstamp);
-    uv_mutex_unlock(&r->mu);
+    repo_unlock(r);
     log_error("model '%s': %s", name, err.msg);
     goto out;
   }
@@ -536,7 +576,7 @@ static void sync_model(repo_t *r, const char *name, int force) {
     char vdir[PATH_MAX], stamp[256];
     pathf(vdir, sizeof vdir, "%s/%lld", mdir, (long long)vs[i]);
     version_stamp(vdir, stamp, sizeof stamp);
-    uv_mutex_lock(&r->mu);
+    repo_lock(r);
     repo_ver *cur = served(m, vs[i]);
     const failed_ver *fv = find_failed(m, vs[i]);
     int same = cur && !config_changed && strcmp(cur->stamp, stamp) == 0;
@@ -544,7 +584,7 @@ static void sync_model(repo_t *r, const char *name, int force) {
     /* `next` owns one reference to each version it holds; publish then drops
      * the old table's (every path that adds to next takes one) */
     if (same) atomic_fetch_add(&cur->refs, 1);
-    uv_mutex_unlock(&r->mu);
+    repo_unlock(r);
     if (same) {
       next[nnext++] = cur;
       continue;
@@ -554,19 +594,19 @@ static void sync_model(repo_t *r, const char *name, int force) {
     ts_err lerr = {0};
     if (ver_load(r, name, vs[i], config, &v, &lerr) == 0) {
       next[nnext++] = v;
-      uv_mutex_lock(&r->mu);
+      repo_lock(r);
       clear_failed(m, vs[i]);
-      uv_mutex_unlock(&r->mu);
+      repo_unlock(r);
       log_info("model '%s' version %lld: loaded (%s)", name, (long long)vs[i], v->kind->name);
     } else {
       log_error("model '%s' version %lld: failed to load: %s", name, (long long)vs[i], lerr.msg);
-      uv_mutex_lock(&r->mu);
+      repo_lock(r);
       set_failed(m, vs[i], stamp, lerr.msg);
       if (cur) { /* a broken replacement never displaces a working version */
         atomic_fetch_add(&cur->refs, 1);
         next[nnext++] = cur;
       }
-      uv_mutex_unlock(&r->mu);
+      repo_unlock(r);
     }
   }
   /* A version the policy keeps but that failed to load must not shrink what
@@ -576,7 +616,7 @@ static void sync_model(repo_t *r, const char *name, int force) {
   int nkeep = 0;
   for (int i = 0; i < nv; i++) nkeep += keep[i];
   if (nnext < nkeep) {
-    uv_mutex_lock(&r->mu);
+    repo_lock(r);
     for (int i = m->nvers - 1; i >= 0 && nnext < nkeep; i--) {
       repo_ver *old = m->vers[i];
       int in_next = 0, on_disk = 0;
@@ -586,11 +626,11 @@ static void sync_model(repo_t *r, const char *name, int force) {
       atomic_fetch_add(&old->refs, 1);
       next[nnext++] = old;
     }
-    uv_mutex_unlock(&r->mu);
+    repo_unlock(r);
   }
   qsort(next, (size_t)nnext, sizeof *next, cmp_ver);
 
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   /* Forget failures of versions that left the disk or the policy. */
   for (int i = 0; i < m->nfailed;) {
     int on = 0;
@@ -611,7 +651,7 @@ static void sync_model(repo_t *r, const char *name, int force) {
     else if (nv == 0) snprintf(m->reason, sizeof m->reason, "no version directory (1, 2, ...) found");
     else snprintf(m->reason, sizeof m->reason, "no version matches the version_policy");
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
 out:
   if (next) {
     for (int i = 0; i < nnext; i++) repo_release(next[i]);
@@ -629,7 +669,7 @@ out:
 /* A directory with a reserved name is listed in the index with the reason,
  * never loaded, and does not hold readiness back. */
 static void refuse_reserved(repo_t *r, const char *name) {
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *m = get_model(r, name);
   if (m) {
     m->present = 1;
@@ -638,20 +678,20 @@ static void refuse_reserved(repo_t *r, const char *name) {
     m->state = MS_UNLOADED;
     snprintf(m->reason, sizeof m->reason, "%s", RESERVED_REASON);
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
 }
 
 static void drop_model(repo_t *r, repo_model *m, int state) {
-  /* called with r->mu held */
+  TS_ASSERT(MU_HELD(r));
   publish(r, m, NULL, 0);
   m->state = state;
 }
 
 void repo_sync(repo_t *r) {
-  uv_mutex_lock(&r->sync_mu);
-  uv_mutex_lock(&r->mu);
+  sync_lock(r);
+  repo_lock(r);
   for (repo_model *m = r->models; m; m = m->next) m->present = 0;
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   DIR *d = opendir(r->root);
   if (!d) {
     log_error("model repository '%s': %s", r->root, strerror(errno));
@@ -660,7 +700,7 @@ void repo_sync(repo_t *r) {
     char **names = NULL;
     int n = 0;
     while ((e = readdir(d))) {
-      if (!valid_name(e->d_name) || !wanted(r, e->d_name)) continue;
+      if (!fs_name_valid(e->d_name) || !wanted(r, e->d_name)) continue;
       char cpath[PATH_MAX];
       struct stat st;
       pathf(cpath, sizeof cpath, "%s/%s", r->root, e->d_name);
@@ -680,7 +720,7 @@ void repo_sync(repo_t *r) {
     tl_free(names);
   }
   /* Models that left the disk stop being served. */
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   for (repo_model *m = r->models; m; m = m->next)
     if (!m->present && !m->unloaded && (m->nvers || m->state != MS_UNLOADED)) {
       if (m->nvers) log_info("model '%s': removed from the repository", m->name);
@@ -689,8 +729,8 @@ void repo_sync(repo_t *r) {
       drop_model(r, m, MS_UNLOADED);
       snprintf(m->reason, sizeof m->reason, "not in the repository");
     }
-  uv_mutex_unlock(&r->mu);
-  uv_mutex_unlock(&r->sync_mu);
+  repo_unlock(r);
+  sync_unlock(r);
 }
 
 /* Checks that `config` would load: the common keys, the version policy, and
@@ -737,7 +777,7 @@ int repo_load_model(repo_t *r, const char *name, ts_err *err) {
 int repo_load_model_config(repo_t *r, const char *name, const json_t *config, ts_err *err) {
   char mdir[PATH_MAX];
   struct stat st;
-  if (!valid_name(name)) return ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
+  if (!fs_name_valid(name)) return ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
   if (repo_reserved_name(name)) return ts_errf(err, TS_EINVAL, RESERVED_REASON);
   pathf(mdir, sizeof mdir, config ? "%s/%s" : "%s/%s/config.json", r->root, name);
   if (stat(mdir, &st) != 0)
@@ -746,14 +786,14 @@ int repo_load_model_config(repo_t *r, const char *name, const json_t *config, ts
     return ts_errf(err, TS_ENOTFOUND, "model '%s' is not a directory in the repository", name);
   json_t *copy = config ? json_deep_copy(config) : NULL;
   if (config && !copy) return ts_errf(err, TS_ENOMEM, "out of memory");
-  uv_mutex_lock(&r->sync_mu);
+  sync_lock(r);
   int rc = copy ? check_override(r, name, copy, err) : 0;
   if (rc) {
-    uv_mutex_unlock(&r->sync_mu);
+    sync_unlock(r);
     json_decref(copy);
     return rc;
   }
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *m = get_model(r, name);
   if (m && (m->override || copy)) {
     if (m->override) json_decref(m->override);
@@ -763,22 +803,22 @@ int repo_load_model_config(repo_t *r, const char *name, const json_t *config, ts
     log_info("model '%s': loading with %s", name,
              m->override ? "the config given with the load request (in memory)" : "config.json");
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   if (copy) json_decref(copy);
   sync_model(r, name, 1);
-  uv_mutex_unlock(&r->sync_mu);
-  uv_mutex_lock(&r->mu);
+  sync_unlock(r);
+  repo_lock(r);
   m = find_model(r, name);
   if (!m || m->nvers == 0)
     rc = ts_errf(err, TS_EUNAVAIL, "model '%s' failed to load: %s", name,
                  m ? m->reason : "unknown");
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   return rc;
 }
 
 int repo_unload_model(repo_t *r, const char *name, ts_err *err) {
-  uv_mutex_lock(&r->sync_mu);
-  uv_mutex_lock(&r->mu);
+  sync_lock(r);
+  repo_lock(r);
   repo_model *m = find_model(r, name);
   int rc = 0;
   if (!m) {
@@ -789,13 +829,13 @@ int repo_unload_model(repo_t *r, const char *name, ts_err *err) {
     snprintf(m->reason, sizeof m->reason, "unloaded");
     log_info("model '%s': unloaded", name);
   }
-  uv_mutex_unlock(&r->mu);
-  uv_mutex_unlock(&r->sync_mu);
+  repo_unlock(r);
+  sync_unlock(r);
   return rc;
 }
 
 int repo_acquire(repo_t *r, const char *name, int64_t version, repo_ver **out, ts_err *err) {
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *m = find_model(r, name);
   int rc = 0;
   if (!m || (m->state == MS_UNLOADED && !m->unloaded)) {
@@ -813,7 +853,7 @@ int repo_acquire(repo_t *r, const char *name, int64_t version, repo_ver **out, t
       *out = v;
     }
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   return rc;
 }
 
@@ -833,14 +873,14 @@ int repo_metadata(repo_t *r, const char *name, int64_t version, json_t **out, ts
   int rc = repo_acquire(r, name, version, &v, err);
   if (rc) return rc;
   json_t *vers = json_array();
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *m = find_model(r, name);
   for (int i = 0; m && i < m->nvers; i++) {
     char b[32];
     snprintf(b, sizeof b, "%lld", (long long)m->vers[i]->version);
     json_array_append_new(vers, json_string(b));
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   char vb[32];
   snprintf(vb, sizeof vb, "%lld", (long long)v->version);
   json_t *j = json_pack("{s:s, s:o, s:s, s:o, s:o}", "name", name, "versions", vers, "platform",
@@ -858,7 +898,7 @@ int repo_metadata(repo_t *r, const char *name, int64_t version, json_t **out, ts
 
 json_t *repo_index(repo_t *r) {
   json_t *a = json_array();
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   for (repo_model *m = r->models; m; m = m->next) {
     char b[32];
     for (int i = 0; i < m->nvers; i++) {
@@ -875,38 +915,38 @@ json_t *repo_index(repo_t *r) {
       json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:s}", "name", m->name, "version", "",
                                          "state", state_names[m->state], "reason", m->reason));
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   return a;
 }
 
 int repo_all_ready(repo_t *r) {
   int ok = 1;
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   for (repo_model *m = r->models; m; m = m->next)
     if (!m->unloaded && m->state != MS_UNLOADED && m->nvers == 0) ok = 0;
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   return ok;
 }
 
 int repo_count_models(repo_t *r, int *ready) {
   int n = 0, k = 0;
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   for (repo_model *m = r->models; m; m = m->next) {
     n++;
     k += m->nvers > 0;
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   if (ready) *ready = k;
   return n;
 }
 
 void repo_foreach_version(repo_t *r, void (*fn)(void *, const char *, int64_t, int), void *data) {
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   for (repo_model *m = r->models; m; m = m->next) {
     for (int i = 0; i < m->nvers; i++) fn(data, m->name, m->vers[i]->version, 1);
     for (int i = 0; i < m->nfailed; i++) fn(data, m->name, m->failed[i].version, 0);
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
 }
 
 void repo_set_event_hook(repo_t *r, repo_event_fn fn, void *data) {
@@ -915,22 +955,22 @@ void repo_set_event_hook(repo_t *r, repo_event_fn fn, void *data) {
 }
 
 int repo_fit_begin(repo_t *r, const char *name, ts_err *err) {
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *m = find_model(r, name);
   int rc = 0;
   if (!m) rc = ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
   else if (m->fit_running)
     rc = ts_errf(err, TS_ECONFLICT, "a fit or calibration of model '%s' is already running", name);
   else m->fit_running = 1;
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   return rc;
 }
 
 void repo_fit_end(repo_t *r, const char *name) {
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *m = find_model(r, name);
   if (m) m->fit_running = 0;
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
 }
 
 int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_t *new_version,
@@ -940,7 +980,7 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   const char *name = parent->model_name;
   if (!call->new_weights) return ts_errf(err, TS_EINTERNAL, "the fit produced no weights");
   pathf(mdir, sizeof mdir, "%s/%s", r->root, name);
-  uv_mutex_lock(&r->sync_mu);
+  sync_lock(r);
   int64_t *vs = NULL;
   int nv = 0, rc;
   if ((rc = fs_list_versions(mdir, &vs, &nv, err))) goto out;
@@ -981,10 +1021,10 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   if ((rc = fs_rename_atomic(tmp, final, err))) goto fail;
   /* Load before publishing; the old version serves until this succeeds. */
   json_t *config = NULL;
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *om = find_model(r, name);
   if (om && om->override) config = json_incref(om->override);
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   pathf(path, sizeof path, "%s/config.json", mdir);
   if (!config && (rc = read_json_file(path, MAX_CONFIG_BYTES, &config, err))) goto out;
   repo_ver *v;
@@ -996,7 +1036,7 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   }
   int64_t *all = NULL;
   int nall = 0, *keep = NULL;
-  uv_mutex_lock(&r->mu);
+  repo_lock(r);
   repo_model *m = find_model(r, name);
   /* A model unloaded while its fit ran stays unloaded: the version is on
    * disk and serves at the next load, but the fit does not undo the unload. */
@@ -1027,7 +1067,7 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
       v = NULL;
     }
   }
-  uv_mutex_unlock(&r->mu);
+  repo_unlock(r);
   if (v) repo_release(v);
   tl_free(keep);
   tl_free(all);
@@ -1040,7 +1080,7 @@ fail:
   fs_rmtree(tmp, NULL);
 out:
   tl_free(tmp);
-  uv_mutex_unlock(&r->sync_mu);
+  sync_unlock(r);
   return rc;
 }
 
@@ -1059,8 +1099,17 @@ int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *p
   if (only && only[0]) {
     int n = 0;
     while (only[n]) n++;
+    /* a failure here must not widen --model to "every model" */
     r->only = tl_calloc((size_t)n + 1, sizeof(char *));
-    for (int i = 0; r->only && i < n; i++) r->only[i] = tl_strdup(only[i]);
+    int ok = r->only != NULL;
+    for (int i = 0; ok && i < n; i++) ok = (r->only[i] = tl_strdup(only[i])) != NULL;
+    if (!ok) {
+      for (int i = 0; r->only && i < n; i++) tl_free(r->only[i]);
+      tl_free(r->only);
+      tl_free(r->root);
+      tl_free(r);
+      return ts_errf(err, TS_ENOMEM, "out of memory");
+    }
   }
   r->pool = pool;
   r->weights_load = ST_MMAP;

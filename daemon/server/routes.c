@@ -101,14 +101,6 @@ static int match(const char *p, char seg[][SEG_LEN], int n, int i, int cap[CAP_C
   }
 }
 
-static int valid_name(const char *s) {
-  if (!*s || s[0] == '.') return 0;
-  for (; *s; s++)
-    if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || (*s >= '0' && *s <= '9') ||
-          *s == '_' || *s == '-' || *s == '.'))
-      return 0;
-  return 1;
-}
 
 static unsigned method_bit(const char *m) {
   if (strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0) return M_GET;
@@ -144,9 +136,9 @@ int route_parse(const char *method, const char *path, route *r, const char **all
   r->id = hit->id;
   if (cap[CAP_MODEL] >= 0) {
     const char *m = seg[cap[CAP_MODEL]];
-    if (!valid_name(m))
-      return ts_errf(err, TS_EINVAL, "'%.100s' is not a valid model name (letters, digits, '_', "
-                     "'-', '.'; not starting with '.')", m);
+    if (!fs_name_valid(m))
+      return ts_errf(err, TS_EINVAL, "'%.100s' is not a valid model name (1 to %d letters, "
+                     "digits, '_', '-', '.'; not starting with '.')", m, FS_NAME_MAX);
     snprintf(r->model, sizeof r->model, "%s", m);
   }
   if (cap[CAP_VERSION] >= 0) {
@@ -161,7 +153,7 @@ int route_parse(const char *method, const char *path, route *r, const char **all
   }
   if (cap[CAP_SESSION] >= 0) {
     const char *s = seg[cap[CAP_SESSION]];
-    if (!valid_name(s) || strlen(s) >= sizeof r->session)
+    if (!fs_name_valid(s) || strlen(s) >= sizeof r->session)
       return ts_errf(err, TS_ENOTFOUND, "unknown session '%.100s'", s);
     snprintf(r->session, sizeof r->session, "%s", s);
   }

@@ -439,9 +439,30 @@ static void test_open_regular(void **state) {
   assert_int_equal(hash_sha256_file(at("zero"), hex, &err), -TS_EINVAL);
 }
 
+/* The one name rule, shared by the repository scan and the router. */
+static void test_name_valid(void **st) {
+  (void)st;
+  char n[FS_NAME_MAX + 2];
+  memset(n, 'a', sizeof n);
+  n[FS_NAME_MAX] = 0;
+  assert_true(fs_name_valid(n)); /* 200 characters */
+  n[FS_NAME_MAX] = 'a';
+  n[FS_NAME_MAX + 1] = 0;
+  assert_false(fs_name_valid(n)); /* 201 */
+  assert_true(fs_name_valid("m.x-y_Z9"));
+  assert_false(fs_name_valid(""));
+  assert_false(fs_name_valid(NULL));
+  assert_false(fs_name_valid("."));
+  assert_false(fs_name_valid(".."));
+  assert_false(fs_name_valid(".tmp-1"));
+  assert_false(fs_name_valid("a/b"));
+  assert_false(fs_name_valid("a b"));
+  assert_false(fs_name_valid("caf\xc3\xa9"));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_list_versions), cmocka_unit_test(test_rmtree),
+      cmocka_unit_test(test_name_valid), cmocka_unit_test(test_list_versions), cmocka_unit_test(test_rmtree),
       cmocka_unit_test(test_rmtree_unremovable), cmocka_unit_test(test_publish_version),
       cmocka_unit_test(test_clean_tmp),     cmocka_unit_test(test_read_file),
       cmocka_unit_test(test_sha256_vectors), cmocka_unit_test(test_sha256_file),
