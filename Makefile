@@ -66,7 +66,7 @@ TOOL_SRC := $(wildcard tests/tools/*.c bench/*.c)
 TOOL_BIN := $(patsubst %.c,$(BUILD)/%,$(TOOL_SRC))
 CLIENT_SRC := $(wildcard clients/c/*.c)
 
-.PHONY: all deps deps-run deps-test deps-bench deps-fuzz deps-image image run test unit \
+.PHONY: format format-check all deps deps-run deps-test deps-bench deps-fuzz deps-image image run test unit \
         integration bench clean install models fuzz fuzz-run soak memcheck
 
 all: $(BUILD)/tallyd $(TOOL_BIN) models
@@ -157,3 +157,13 @@ clean:
 # (build/image holds a Debian root while make image runs: not searched)
 -include $(shell find $(BUILD) -path $(BUILD)/image -prune -o -name '*.d' -type f -print 2>/dev/null)
 -include mk/*.mk
+
+# One style for the whole tree (.clang-format); .ci/run checks it.
+FORMAT_SRC = $(shell git ls-files 'daemon/*.c' 'daemon/*.h' 'tests/unit/*.c' 'tests/fuzz/*.c' \
+               'tests/tools/*.c' 'bench/*.c' 'bench/*/*.c' 'clients/c/*.c' 'clients/c/*.h' 2>/dev/null)
+format:
+	clang-format -i $(FORMAT_SRC)
+format-check:
+	@bad=$$(for f in $(FORMAT_SRC); do clang-format --dry-run -Werror "$$f" >/dev/null 2>&1 || echo "$$f"; done); \
+	if [ -n "$$bad" ]; then echo "not formatted (run make format):"; echo "$$bad"; exit 1; fi; \
+	echo "format-check: every C file follows .clang-format"

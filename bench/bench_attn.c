@@ -71,7 +71,9 @@ typedef struct naive_job {
   float *S, *out;
 } naive_job;
 
-static double softplus(double x) { return fmax(x, 0) + log1p(exp(-fabs(x))); }
+static double softplus(double x) {
+  return fmax(x, 0) + log1p(exp(-fabs(x)));
+}
 
 static void naive_rows(void *arg, int64_t b, int64_t e) {
   naive_job *J = arg;
@@ -147,10 +149,10 @@ static int ratios(pool_t *pool, int H, int d, int64_t min_len, int64_t max_len, 
   static const int64_t lens[] = {4096, 16384};
   static const char *vnames[] = {"softmax", "lssa", "lssar"};
   if (rounds > 64) rounds = 64;
-  printf("# causal attention, %d heads, d = %d, path %s: median of %d alternating rounds\n", H,
-         d, cpu_path_name(cpu_best_path()), rounds);
-  printf("# %6s %10s %10s %10s %12s %12s\n", "L", "softmax_s", "lssa_s", "lssar_s",
-         "lssa/softmax", "lssar/softmax");
+  printf("# causal attention, %d heads, d = %d, path %s: median of %d alternating rounds\n", H, d,
+         cpu_path_name(cpu_best_path()), rounds);
+  printf("# %6s %10s %10s %10s %12s %12s\n", "L", "softmax_s", "lssa_s", "lssar_s", "lssa/softmax",
+         "lssar/softmax");
   for (size_t li = 0; li < sizeof lens / sizeof *lens; li++) {
     int64_t L = lens[li];
     if (L > max_len || L < min_len) continue;
@@ -180,7 +182,8 @@ static int ratios(pool_t *pool, int H, int d, int64_t min_len, int64_t max_len, 
     double med[3];
     for (int var = 0; var < 3; var++) {
       qsort(t[var], (size_t)rounds, sizeof(double), cmp_d);
-      med[var] = rounds % 2 ? t[var][rounds / 2] : 0.5 * (t[var][rounds / 2 - 1] + t[var][rounds / 2]);
+      med[var] =
+          rounds % 2 ? t[var][rounds / 2] : 0.5 * (t[var][rounds / 2 - 1] + t[var][rounds / 2]);
     }
     printf("  %6lld %10.4f %10.4f %10.4f %12.3f %12.3f\n", (long long)L, med[0], med[1], med[2],
            med[1] / med[0], med[2] / med[0]);
@@ -198,19 +201,32 @@ int main(int argc, char **argv) {
   const char *variants = "softmax,lssa,lssar", *masks = "causal,full";
   for (int i = 1; i < argc; i++) {
     const char *a = argv[i], *nx = i + 1 < argc ? argv[i + 1] : NULL;
-    if (!strcmp(a, "--max-len") && nx) max_len = atoll(argv[++i]);
-    else if (!strcmp(a, "--min-len") && nx) min_len = atoll(argv[++i]);
-    else if (!strcmp(a, "--threads") && nx) threads = atoi(argv[++i]);
-    else if (!strcmp(a, "--heads") && nx) H = atoi(argv[++i]);
-    else if (!strcmp(a, "--dim") && nx) d = atoi(argv[++i]);
-    else if (!strcmp(a, "--variants") && nx) variants = argv[++i];
-    else if (!strcmp(a, "--masks") && nx) masks = argv[++i];
-    else if (!strcmp(a, "--naive-gib") && nx) naive_gib = atof(argv[++i]);
-    else if (!strcmp(a, "--no-naive")) naive = 0;
-    else if (!strcmp(a, "--cuda")) cuda = 1;
-    else if (!strcmp(a, "--no-cpu")) cpu = 0, naive = 0;
-    else if (!strcmp(a, "--ratios") && nx) n_ratio = atoi(argv[++i]);
-    else usage();
+    if (!strcmp(a, "--max-len") && nx)
+      max_len = atoll(argv[++i]);
+    else if (!strcmp(a, "--min-len") && nx)
+      min_len = atoll(argv[++i]);
+    else if (!strcmp(a, "--threads") && nx)
+      threads = atoi(argv[++i]);
+    else if (!strcmp(a, "--heads") && nx)
+      H = atoi(argv[++i]);
+    else if (!strcmp(a, "--dim") && nx)
+      d = atoi(argv[++i]);
+    else if (!strcmp(a, "--variants") && nx)
+      variants = argv[++i];
+    else if (!strcmp(a, "--masks") && nx)
+      masks = argv[++i];
+    else if (!strcmp(a, "--naive-gib") && nx)
+      naive_gib = atof(argv[++i]);
+    else if (!strcmp(a, "--no-naive"))
+      naive = 0;
+    else if (!strcmp(a, "--cuda"))
+      cuda = 1;
+    else if (!strcmp(a, "--no-cpu"))
+      cpu = 0, naive = 0;
+    else if (!strcmp(a, "--ratios") && nx)
+      n_ratio = atoi(argv[++i]);
+    else
+      usage();
   }
 #ifndef TALLYD_CUDA
   if (cuda) {
@@ -293,8 +309,8 @@ int main(int argc, char **argv) {
         }
         if (cpu)
           printf("  %-8s %-6s %6lld  %-8s %9.4f %9.1f %10.1f\n", vnames[var],
-               causal ? "causal" : "full", (long long)L, "tiled", best, flop / best * 1e-9,
-               can_peak ? peak / 1024.0 : -1.0);
+                 causal ? "causal" : "full", (long long)L, "tiled", best, flop / best * 1e-9,
+                 can_peak ? peak / 1024.0 : -1.0);
         fflush(stdout);
         if (naive && (double)L * L * 4 * H <= naive_gib * (1 << 30)) {
           float *S = malloc((size_t)H * L * L * 4);

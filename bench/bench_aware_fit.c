@@ -106,23 +106,21 @@ static int run(int C, int64_t N, int epochs, int64_t batch, pool_t *pool) {
          batch > 0 && batch < r.n_train ? (long long)batch : (long long)r.n_train,
          N * 3.0 * Cc * 8 / 1048576.0);
   printf("  forward pass (logits -> P -> y)   %8.1f ms per 1M rows\n", fwd * per * 1e3);
-  printf("  forward pass, tier 1 on %d threads  %8.1f ms per 1M rows\n",
-         pool_threads(pool), fwd_pool * per * 1e3);
-  printf("  tier 2 only (P -> y)               %8.1f ms per 1M rows\n",
-         tier2 * per * 1e3);
+  printf("  forward pass, tier 1 on %d threads  %8.1f ms per 1M rows\n", pool_threads(pool),
+         fwd_pool * per * 1e3);
+  printf("  tier 2 only (P -> y)               %8.1f ms per 1M rows\n", tier2 * per * 1e3);
   printf("  fit epoch (%lld train + %lld val)  %8.1f ms per 1M rows  (%.2fx forward)\n",
          (long long)r.n_train, (long long)r.n_val, fit / r.epochs_run * per * 1e3,
          fit / r.epochs_run / fwd);
   printf("  fit-answer metrics                 %8.1f ms per 1M rows\n", met * per * 1e3);
-  printf(
-      "  epochs %d, alpha %.3f %.3f %.3f, val log loss %.4f (uniform %.4f), auc %.4f\n",
-      r.epochs_run, alpha[0], alpha[1], alpha[2], m.validation.log_loss,
-      m.uniform.log_loss, m.validation.auc);
+  printf("  epochs %d, alpha %.3f %.3f %.3f, val log loss %.4f (uniform %.4f), auc %.4f\n",
+         r.epochs_run, alpha[0], alpha[1], alpha[2], m.validation.log_loss, m.uniform.log_loss,
+         m.validation.auc);
   struct rusage ru;
   getrusage(RUSAGE_SELF, &ru);
   printf("  peak RSS so far %.0f MiB (member logits %.0f MiB, P %.0f MiB, y %.0f MiB)\n",
-         ru.ru_maxrss / 1024.0, N * 9.0 * Cc * 4 / 1048576.0,
-         N * 3.0 * Cc * 8 / 1048576.0, N * 1.0 * Cc * 8 / 1048576.0);
+         ru.ru_maxrss / 1024.0, N * 9.0 * Cc * 4 / 1048576.0, N * 3.0 * Cc * 8 / 1048576.0,
+         N * 1.0 * Cc * 8 / 1048576.0);
   free(z);
   free(P);
   free(y);

@@ -1,8 +1,8 @@
 /* bench_qfit.c - speed of the quantile aggregators: fit time per epoch
  * (rows per second) of the global-fine and local-medium aggregators on
  * 100,000 rows with M = 6 bases and K = 99 levels, and forward throughput
- * at B = 1 and B = 1024 (through a prepared qa_infer), each beside the coarse-global aggregator as the
- * baseline.
+ * at B = 1 and B = 1024 (through a prepared qa_infer), each beside the coarse-global aggregator as
+ * the baseline.
  *
  *   build/bench/bench_qfit [rows] [epochs] [threads] [batch] [only]
  *
@@ -72,9 +72,10 @@ int main(int argc, char **argv) {
   }
   pool_t *pool = NULL;
   if (pool_create(&pool, threads, 0)) return 1;
-  printf("quantile aggregation bench: %lld rows, M=%d, K=%d, D=%d, %d threads, batch %d, sgemm "
-         "path %s\n",
-         (long long)N, M, K, D, pool_threads(pool), batch, cpu_path_name(cpu_best_path()));
+  printf(
+      "quantile aggregation bench: %lld rows, M=%d, K=%d, D=%d, %d threads, batch %d, sgemm "
+      "path %s\n",
+      (long long)N, M, K, D, pool_threads(pool), batch, cpu_path_name(cpu_best_path()));
   printf("%-14s %12s %14s %14s %14s\n", "aggregator", "params", "fit rows/s", "fwd B=1 rows/s",
          "fwd B=1024 rows/s");
   cfg cfgs[] = {{"coarse-global", QA_COARSE, QA_GLOBAL},
@@ -82,8 +83,15 @@ int main(int argc, char **argv) {
                 {"medium-local", QA_MEDIUM, QA_LOCAL}};
   for (size_t c = 0; c < sizeof cfgs / sizeof cfgs[0]; c++) {
     if (only && strcmp(only, cfgs[c].name) != 0) continue;
-    qa_spec s = {.M = M, .K = K, .D = D, .levels = lv, .gran = cfgs[c].g, .scope = cfgs[c].sc,
-                 .simplex = 1, .hidden = 64, .depth = 2};
+    qa_spec s = {.M = M,
+                 .K = K,
+                 .D = D,
+                 .levels = lv,
+                 .gran = cfgs[c].g,
+                 .scope = cfgs[c].sc,
+                 .simplex = 1,
+                 .hidden = 64,
+                 .depth = 2};
     qa_params p;
     ts_err err;
     if (qa_params_init(&p, &s, 1, &err)) {
@@ -115,7 +123,8 @@ int main(int argc, char **argv) {
     }
     int reps1 = 5000;
     t0 = now();
-    for (int i = 0; i < reps1; i++) qa_infer_run(pool, &f, 1, Z + (i % N) * M * K, X + (i % N) * D, Q, &err);
+    for (int i = 0; i < reps1; i++)
+      qa_infer_run(pool, &f, 1, Z + (i % N) * M * K, X + (i % N) * D, Q, &err);
     double f1 = reps1 / (now() - t0);
     int reps = 30;
     t0 = now();

@@ -30,8 +30,8 @@
 #include <cblas.h>
 #endif
 
-typedef void (*gemm_fn)(int, int64_t, int64_t, int64_t, const float *, int64_t,
-                        const float *, int64_t, float, float *, int64_t);
+typedef void (*gemm_fn)(int, int64_t, int64_t, int64_t, const float *, int64_t, const float *,
+                        int64_t, float, float *, int64_t);
 
 static double now(void) {
   struct timespec ts;
@@ -46,16 +46,18 @@ typedef struct shape {
 
 /* Best-of-runs GFLOP/s: fn (or sg_gemm over pool when fn is NULL), run
  * repeatedly for about `secs`. */
-static double gflops(gemm_fn fn, pool_t *pool, const shape *s, const float *A,
-                     const float *B, float *C, double secs) {
+static double gflops(gemm_fn fn, pool_t *pool, const shape *s, const float *A, const float *B,
+                     float *C, double secs) {
   int64_t ldb = s->trans_b ? s->K : s->N;
   double flop = 2.0 * (double)s->M * (double)s->N * (double)s->K, best = 1e30;
   double t_end = now() + secs;
   int runs = 0;
   do {
     double t0 = now();
-    if (fn) fn(s->trans_b, s->M, s->N, s->K, A, s->K, B, ldb, 0.0f, C, s->N);
-    else sg_gemm(pool, s->trans_b, s->M, s->N, s->K, A, s->K, B, ldb, 0.0f, C, s->N);
+    if (fn)
+      fn(s->trans_b, s->M, s->N, s->K, A, s->K, B, ldb, 0.0f, C, s->N);
+    else
+      sg_gemm(pool, s->trans_b, s->M, s->N, s->K, A, s->K, B, ldb, 0.0f, C, s->N);
     double t = now() - t0;
     if (t < best) best = t;
     runs++;
@@ -84,9 +86,8 @@ static double one_call(int impl, pool_t *pool, const tshape *s, const float *A, 
     sg_gemm(pool, s->trans_b, s->M, s->N, s->K, A, s->K, B, ldb, 0.0f, C, s->N);
   } else {
 #ifdef TALLYD_OPENBLAS
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, s->trans_b ? CblasTrans : CblasNoTrans,
-                (int)s->M, (int)s->N, (int)s->K, 1.0f, A, (int)s->K, B, (int)ldb, 0.0f, C,
-                (int)s->N);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, s->trans_b ? CblasTrans : CblasNoTrans, (int)s->M,
+                (int)s->N, (int)s->K, 1.0f, A, (int)s->K, B, (int)ldb, 0.0f, C, (int)s->N);
 #endif
   }
   return now() - t0;
@@ -94,10 +95,10 @@ static double one_call(int impl, pool_t *pool, const tshape *s, const float *A, 
 
 static void model_shapes(pool_t *pool, int calls, const char *only) {
   static const tshape shapes[] = {
-      {"prefill QKV", 4096, 2304, 768, 1},     {"prefill LM-head chunk", 512, 50257, 768, 1},
-      {"prefill MLP up", 4096, 3072, 768, 1},  {"prefill MLP down", 4096, 768, 3072, 1},
-      {"decode attn out", 1, 768, 768, 1},     {"decode QKV", 1, 2304, 768, 1},
-      {"decode MLP up", 1, 3072, 768, 1},      {"decode MLP down", 1, 768, 3072, 1},
+      {"prefill QKV", 4096, 2304, 768, 1},    {"prefill LM-head chunk", 512, 50257, 768, 1},
+      {"prefill MLP up", 4096, 3072, 768, 1}, {"prefill MLP down", 4096, 768, 3072, 1},
+      {"decode attn out", 1, 768, 768, 1},    {"decode QKV", 1, 2304, 768, 1},
+      {"decode MLP up", 1, 3072, 768, 1},     {"decode MLP down", 1, 768, 3072, 1},
   };
 #ifdef TALLYD_OPENBLAS
   int blas = 1;
@@ -106,9 +107,10 @@ static void model_shapes(pool_t *pool, int calls, const char *only) {
 #endif
   if (calls < 1) calls = 1;
   if (calls > 200) calls = 200;
-  printf("\n# transformer shapes (trans_b 1), %d alternating calls each; ms min/median/max;\n"
-         "# ratio = OpenBLAS median / tallyd median (> 1: tallyd faster); path %s\n",
-         calls, sg_ops_active()->name);
+  printf(
+      "\n# transformer shapes (trans_b 1), %d alternating calls each; ms min/median/max;\n"
+      "# ratio = OpenBLAS median / tallyd median (> 1: tallyd faster); path %s\n",
+      calls, sg_ops_active()->name);
   if (!blas) printf("# OpenBLAS not linked (install libopenblas-dev and rebuild): tallyd only\n");
   printf("# %-22s %-16s %3s %26s %26s %7s\n", "shape", "M x N x K", "thr", "tallyd ms",
          "openblas ms", "ratio");
@@ -165,9 +167,9 @@ int main(int argc, char **argv) {
   int calls = argc > 2 ? atoi(argv[2]) : 20;
   const char *only = argc > 3 ? argv[3] : NULL; /* "prefill" or "decode" */
   const shape shapes[] = {
-      {64, 64, 64, 0},     {64, 64, 64, 1},       {256, 256, 256, 0}, {256, 256, 256, 1},
+      {64, 64, 64, 0},       {64, 64, 64, 1},       {256, 256, 256, 0}, {256, 256, 256, 1},
       {1024, 1024, 1024, 0}, {1024, 1024, 1024, 1}, {1, 768, 768, 1},   {1, 768, 768, 0},
-      {32, 768, 3072, 1},  {32, 768, 3072, 0},
+      {32, 768, 3072, 1},    {32, 768, 3072, 0},
   };
   pool_t *pool = NULL;
   if (pool_create(&pool, 0, 64) != 0) {
@@ -199,8 +201,7 @@ int main(int argc, char **argv) {
     /* The scalar reference is slow; one timed run is enough for it. */
     double ref = gflops(sg_gemm_ref, NULL, s, A, B, C, s->M * s->N * s->K > (1 << 24) ? 0 : secs);
     char sz[32];
-    snprintf(sz, sizeof sz, "%lldx%lldx%lld", (long long)s->M, (long long)s->N,
-             (long long)s->K);
+    snprintf(sz, sizeof sz, "%lldx%lldx%lld", (long long)s->M, (long long)s->N, (long long)s->K);
     char c2[16] = "n/a", c5[16] = "n/a";
     if (p2) snprintf(c2, sizeof c2, "%.2f", gflops(p2->gemm, NULL, s, A, B, C, secs));
     if (p5) snprintf(c5, sizeof c5, "%.2f", gflops(p5->gemm, NULL, s, A, B, C, secs));

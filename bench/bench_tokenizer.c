@@ -48,8 +48,8 @@ int main(int argc, char **argv) {
     add_file(&text, file, cap);
   } else {
     static const char *mix =
-        "Café naïve résumé Ångström — 日本語のテキストと中文文本 한국어 😀👍🏽 ∑∞ "
-        "2026-12-04\n";
+        "Caf\xc3\xa9 na\xc3\xafve \xe2\x80\x94 \xe6\x97\xa5\xe6\x9c\xac\xe8\xaa\x9e "
+        "\xec\x95\x88\xeb\x85\x95 \xf0\x9f\x98\x80\xf0\x9f\x91\x8d \xe2\x88\x91\n";
     glob_t g;
     if (glob("/usr/lib/python3.*/*.py", 0, NULL, &g) == 0) {
       for (size_t i = 0; i < g.gl_pathc && text.len < cap; i++) {

@@ -67,10 +67,10 @@ int main(int argc, char **argv) {
     return 2;
   }
   unsigned threads = argc > 2 ? (unsigned)atoi(argv[2]) : 2;
-  struct MHD_Daemon *d = MHD_start_daemon(
-      MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, (uint16_t)atoi(argv[1]), NULL, NULL,
-      on_access, NULL, MHD_OPTION_THREAD_POOL_SIZE, threads, MHD_OPTION_NOTIFY_COMPLETED, on_done,
-      NULL, MHD_OPTION_END);
+  struct MHD_Daemon *d =
+      MHD_start_daemon(MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL, (uint16_t)atoi(argv[1]),
+                       NULL, NULL, on_access, NULL, MHD_OPTION_THREAD_POOL_SIZE, threads,
+                       MHD_OPTION_NOTIFY_COMPLETED, on_done, NULL, MHD_OPTION_END);
   if (!d) {
     perror("MHD_start_daemon");
     return 1;

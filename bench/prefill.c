@@ -53,8 +53,7 @@ static char *build_image(const tdesc *d, int n, size_t *len) {
                                 : json_pack("[I]", d[i].shape[0]);
     json_object_set_new(h, d[i].name,
                         json_pack("{s:s, s:o, s:[I,I]}", "dtype", "F32", "shape", sh,
-                                  "data_offsets", (json_int_t)off,
-                                  (json_int_t)(off + 4 * cnt)));
+                                  "data_offsets", (json_int_t)off, (json_int_t)(off + 4 * cnt)));
     off += 4 * cnt;
   }
   char *hs = json_dumps(h, JSON_COMPACT);
@@ -87,14 +86,22 @@ int main(int argc, char **argv) {
   const char *tokens = "4096,32768", *variants = "softmax,lssar", *device = "cpu";
   int layers = 12, E = 768, H = 12, V = 50257, threads = 0;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--tokens")) tokens = argv[i + 1];
-    else if (!strcmp(argv[i], "--variants")) variants = argv[i + 1];
-    else if (!strcmp(argv[i], "--layers")) layers = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--embd")) E = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--heads")) H = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--vocab")) V = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--threads")) threads = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--device")) device = argv[i + 1];
+    if (!strcmp(argv[i], "--tokens"))
+      tokens = argv[i + 1];
+    else if (!strcmp(argv[i], "--variants"))
+      variants = argv[i + 1];
+    else if (!strcmp(argv[i], "--layers"))
+      layers = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--embd"))
+      E = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--heads"))
+      H = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--vocab"))
+      V = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--threads"))
+      threads = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--device"))
+      device = argv[i + 1];
     else {
       fprintf(stderr, "prefill: unknown option %s (see the comment in bench/prefill.c)\n", argv[i]);
       return 2;
@@ -108,8 +115,12 @@ int main(int argc, char **argv) {
   int n = 0;
   tdesc *d = calloc((size_t)(4 + 12 * layers), sizeof *d);
   float ws = 0.02f, ls = 0.1f;
-#define T1(nm, a, sc, mu) (snprintf(d[n].name, 64, "%s", nm), d[n].ndim = 1, d[n].shape[0] = a, d[n].scale = sc, d[n].mean = mu, n++)
-#define T2(nm, a, b, sc) (snprintf(d[n].name, 64, "%s", nm), d[n].ndim = 2, d[n].shape[0] = a, d[n].shape[1] = b, d[n].scale = sc, n++)
+#define T1(nm, a, sc, mu)                                                                \
+  (snprintf(d[n].name, 64, "%s", nm), d[n].ndim = 1, d[n].shape[0] = a, d[n].scale = sc, \
+   d[n].mean = mu, n++)
+#define T2(nm, a, b, sc)                                                                   \
+  (snprintf(d[n].name, 64, "%s", nm), d[n].ndim = 2, d[n].shape[0] = a, d[n].shape[1] = b, \
+   d[n].scale = sc, n++)
   T2("wte.weight", V, E, ws);
   T1("ln_f.weight", E, ls, 1.0f);
   T1("ln_f.bias", E, ls, 0.0f);
@@ -137,9 +148,9 @@ int main(int argc, char **argv) {
     fprintf(stderr, "prefill: %s\n", img ? err.msg : "out of memory");
     return 1;
   }
-  json_t *cfg = json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:s}", "kind", "transformer",
-                          "n_layer", layers, "n_head", H, "n_embd", E, "vocab_size", V,
-                          "n_positions", 1024, "positions", "rope");
+  json_t *cfg = json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:s}", "kind", "transformer", "n_layer",
+                          layers, "n_head", H, "n_embd", E, "vocab_size", V, "n_positions", 1024,
+                          "positions", "rope");
   tf_model *m;
   if (tf_load(cfg, sf, &m, &err)) {
     fprintf(stderr, "prefill: %s\n", err.msg);
@@ -147,9 +158,10 @@ int main(int argc, char **argv) {
   }
   pool_t *pool;
   pool_create(&pool, threads, 64);
-  printf("prefill: %d layers, %d wide, %d heads, vocabulary %d, %d threads, attention on %s, "
-         "model %.0f MiB\n",
-         layers, E, H, V, pool_threads(pool), md_attn_device_name(), (double)len / 1048576.0);
+  printf(
+      "prefill: %d layers, %d wide, %d heads, vocabulary %d, %d threads, attention on %s, "
+      "model %.0f MiB\n",
+      layers, E, H, V, pool_threads(pool), md_attn_device_name(), (double)len / 1048576.0);
   printf("%8s %-8s %10s %10s %10s %10s %10s %9s\n", "tokens", "variant", "total_s", "tok/s",
          "attn_s", "attn_%", "head_s", "rss_MiB");
   char tl[256];

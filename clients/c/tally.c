@@ -13,8 +13,8 @@
 
 struct tally_client {
   CURL *curl;
-  char *url;   /* without a trailing slash */
-  char *auth;  /* "Authorization: Bearer ..." or NULL */
+  char *url;  /* without a trailing slash */
+  char *auth; /* "Authorization: Bearer ..." or NULL */
   long timeout_ms;
   int64_t binary_min; /* inputs of this many elements or more go as binary tensors */
 };
@@ -37,7 +37,9 @@ static int fail(tally_error *err, int code, int http_status, const char *fmt, ..
 
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static CURLcode global_rc;
-static void global_init(void) { global_rc = curl_global_init(CURL_GLOBAL_DEFAULT); }
+static void global_init(void) {
+  global_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+}
 
 static char *dup_str(const char *s) {
   size_t n = strlen(s) + 1;
@@ -92,7 +94,9 @@ void tally_client_free(tally_client *c) {
   free(c);
 }
 
-const char *tally_client_url(const tally_client *c) { return c->url; }
+const char *tally_client_url(const tally_client *c) {
+  return c->url;
+}
 
 void tally_client_set_binary_min(tally_client *c, int64_t elements) {
   if (c) c->binary_min = elements;
@@ -133,9 +137,12 @@ static void error_message(tally_error *err, long status, const buf *b) {
   json_error_t je;
   json_t *j = b->n ? json_loadb(b->p, b->n, 0, &je) : NULL;
   const char *msg = j ? json_string_value(json_object_get(j, "error")) : NULL;
-  if (msg) fail(err, TALLY_EHTTP, (int)status, "%s", msg);
-  else if (b->n) fail(err, TALLY_EHTTP, (int)status, "HTTP %ld: %.300s", status, b->p);
-  else fail(err, TALLY_EHTTP, (int)status, "HTTP %ld", status);
+  if (msg)
+    fail(err, TALLY_EHTTP, (int)status, "%s", msg);
+  else if (b->n)
+    fail(err, TALLY_EHTTP, (int)status, "HTTP %ld: %.300s", status, b->p);
+  else
+    fail(err, TALLY_EHTTP, (int)status, "HTTP %ld", status);
   json_decref(j);
 }
 
@@ -145,8 +152,8 @@ static int perform_raw(tally_client *c, const char *method, const char *path, js
 
 /* One exchange: the answer's body in *b (the caller frees b->p) and its
  * status; a status >= 400 is an error with the server's message. */
-static int perform(tally_client *c, const char *method, const char *path, json_t *body, const char *accept,
-                   buf *b, long *status, tally_error *err) {
+static int perform(tally_client *c, const char *method, const char *path, json_t *body,
+                   const char *accept, buf *b, long *status, tally_error *err) {
   return perform_raw(c, method, path, body, NULL, 0, accept, b, status, err);
 }
 
@@ -156,7 +163,8 @@ static int perform_raw(tally_client *c, const char *method, const char *path, js
                        const char *raw, size_t raw_len, const char *accept, buf *b, long *status,
                        tally_error *err) {
   *status = 0;
-  if (!c || !method || !path || path[0] != '/') return fail(err, TALLY_EUSAGE, 0, "bad request arguments");
+  if (!c || !method || !path || path[0] != '/')
+    return fail(err, TALLY_EUSAGE, 0, "bad request arguments");
   size_t ulen = strlen(c->url) + strlen(path) + 1;
   char *url = malloc(ulen);
   char *payload = body ? json_dumps(body, JSON_COMPACT) : NULL;
@@ -184,7 +192,7 @@ static int perform_raw(tally_client *c, const char *method, const char *path, js
   snprintf(url, ulen, "%s%s", c->url, path);
   if ((h = curl_slist_append(hdr, accept_hdr))) hdr = h;
   if (payload && (h = curl_slist_append(hdr, raw_len ? "Content-Type: application/octet-stream"
-                                                      : "Content-Type: application/json")))
+                                                     : "Content-Type: application/json")))
     hdr = h;
   /* without this, curl waits a second for "100 Continue" before a large body */
   if ((h = curl_slist_append(hdr, "Expect:"))) hdr = h;
@@ -216,8 +224,10 @@ static int perform_raw(tally_client *c, const char *method, const char *path, js
   }
   CURLcode cc = curl_easy_perform(k);
   if (cc != CURLE_OK) {
-    if (b->too_big) rc = fail(err, TALLY_EPROTO, 0, "the answer is larger than %zu bytes", TALLY_MAX_ANSWER);
-    else rc = fail(err, TALLY_ECONNECT, 0, "%s: %s", url, curl_easy_strerror(cc));
+    if (b->too_big)
+      rc = fail(err, TALLY_EPROTO, 0, "the answer is larger than %zu bytes", TALLY_MAX_ANSWER);
+    else
+      rc = fail(err, TALLY_ECONNECT, 0, "%s: %s", url, curl_easy_strerror(cc));
     goto out;
   }
   curl_easy_getinfo(k, CURLINFO_RESPONSE_CODE, status);
@@ -315,8 +325,9 @@ static int build_path(tally_client *c, char *out, size_t cap, tally_error *err, 
 /* "/v2/models/M" or "/v2/models/M/versions/V", then suffix (not escaped). */
 static int model_path(tally_client *c, char *out, const char *model, const char *version,
                       const char *suffix, tally_error *err) {
-  int rc = version ? build_path(c, out, PATH_CAP, err, "/v2/models/%s/versions/%s", 2, model, version)
-                   : build_path(c, out, PATH_CAP, err, "/v2/models/%s", 1, model);
+  int rc = version
+               ? build_path(c, out, PATH_CAP, err, "/v2/models/%s/versions/%s", 2, model, version)
+               : build_path(c, out, PATH_CAP, err, "/v2/models/%s", 1, model);
   if (rc) return rc;
   size_t n = strlen(out);
   if (n + strlen(suffix) >= PATH_CAP) return fail(err, TALLY_EUSAGE, 0, "a name is too long");
@@ -405,7 +416,8 @@ static int append_raw(const tally_tensor *t, char **raw, size_t *len, size_t *ca
 
 static json_t *binary_entry(const tally_tensor *t, size_t nbytes) {
   json_t *shape = json_array();
-  for (int d = 0; shape && d < t->ndim; d++) json_array_append_new(shape, json_integer(t->shape[d]));
+  for (int d = 0; shape && d < t->ndim; d++)
+    json_array_append_new(shape, json_integer(t->shape[d]));
   return json_pack("{s:s, s:s, s:o, s:{s:I}}", "name", t->name, "datatype",
                    tally_dtype_name(t->datatype), "shape", shape, "parameters", "binary_data_size",
                    (json_int_t)nbytes);
@@ -414,14 +426,15 @@ static json_t *binary_entry(const tally_tensor *t, size_t nbytes) {
 /* {"parameters"?: params, "inputs": [...], "outputs"?: [{"name"}...]}; inputs
  * of binary_min elements or more (binary_min >= 0) go as binary tensors whose
  * bytes are appended to *raw (NULL when none). */
-static int request_body(const tally_tensor *inputs, size_t n, json_t *params, const char *const *outputs,
-                        size_t n_outputs, int64_t binary_min, json_t **out, char **raw,
-                        size_t *raw_len, tally_error *err) {
+static int request_body(const tally_tensor *inputs, size_t n, json_t *params,
+                        const char *const *outputs, size_t n_outputs, int64_t binary_min,
+                        json_t **out, char **raw, size_t *raw_len, tally_error *err) {
   size_t raw_cap = 0;
   *out = NULL;
   *raw = NULL;
   *raw_len = 0;
-  if (params && !json_is_object(params)) return fail(err, TALLY_EUSAGE, 0, "parameters must be a JSON object");
+  if (params && !json_is_object(params))
+    return fail(err, TALLY_EUSAGE, 0, "parameters must be a JSON object");
   if (n > 0 && !inputs) return fail(err, TALLY_EUSAGE, 0, "no input tensors");
   if (n_outputs > 0 && !outputs) return fail(err, TALLY_EUSAGE, 0, "no output names");
   for (size_t i = 0; i < n_outputs; i++)
@@ -438,7 +451,8 @@ static int request_body(const tally_tensor *inputs, size_t n, json_t *params, co
     if (binary_min >= 0 && in->name && in->data && tally_dtype_size(in->datatype) &&
         tally_tensor_count(in) >= binary_min && tally_tensor_count(in) > 0) {
       size_t before = *raw_len;
-      json_t *t = append_raw(in, raw, raw_len, &raw_cap) ? NULL : binary_entry(in, *raw_len - before);
+      json_t *t =
+          append_raw(in, raw, raw_len, &raw_cap) ? NULL : binary_entry(in, *raw_len - before);
       if (!t || json_array_append_new(arr, t)) {
         json_decref(body);
         free(*raw);
@@ -478,8 +492,8 @@ static int request_body(const tally_tensor *inputs, size_t n, json_t *params, co
 }
 
 static int post_tensors(tally_client *c, const char *path, const tally_tensor *inputs, size_t n,
-                        json_t *params, const char *const *outputs, size_t n_outputs, json_t **answer,
-                        tally_error *err) {
+                        json_t *params, const char *const *outputs, size_t n_outputs,
+                        json_t **answer, tally_error *err) {
   if (answer) *answer = NULL;
   json_t *body;
   char *raw;
@@ -494,9 +508,10 @@ static int post_tensors(tally_client *c, const char *path, const tally_tensor *i
   return rc;
 }
 
-int tally_infer_outputs(tally_client *c, const char *model, const char *version, const tally_tensor *inputs,
-                        size_t n, json_t *params, const char *const *outputs, size_t n_outputs,
-                        json_t **answer, tally_error *err) {
+int tally_infer_outputs(tally_client *c, const char *model, const char *version,
+                        const tally_tensor *inputs, size_t n, json_t *params,
+                        const char *const *outputs, size_t n_outputs, json_t **answer,
+                        tally_error *err) {
   char p[PATH_CAP];
   int rc = model_path(c, p, model, version, "/infer", err);
   return rc ? rc : post_tensors(c, p, inputs, n, params, outputs, n_outputs, answer, err);
@@ -534,7 +549,8 @@ int tally_session_create(tally_client *c, const char *model, json_t *params, jso
   char p[PATH_CAP];
   int rc = model_path(c, p, model, NULL, "/sessions", err);
   if (rc) return rc;
-  if (params && !json_is_object(params)) return fail(err, TALLY_EUSAGE, 0, "parameters must be a JSON object");
+  if (params && !json_is_object(params))
+    return fail(err, TALLY_EUSAGE, 0, "parameters must be a JSON object");
   json_t *body = json_object();
   if (!body || (params && json_object_set(body, "parameters", params))) {
     json_decref(body);
@@ -590,7 +606,9 @@ const char *tally_dtype_name(tally_dtype t) {
   return (unsigned)t < TALLY_DTYPE_COUNT ? dtypes[t].name : "?";
 }
 
-size_t tally_dtype_size(tally_dtype t) { return (unsigned)t < TALLY_DTYPE_COUNT ? dtypes[t].size : 0; }
+size_t tally_dtype_size(tally_dtype t) {
+  return (unsigned)t < TALLY_DTYPE_COUNT ? dtypes[t].size : 0;
+}
 
 int tally_dtype_from_name(const char *name, tally_dtype *out) {
   for (int i = 0; i < TALLY_DTYPE_COUNT; i++)
@@ -649,13 +667,15 @@ json_t *tally_tensor_to_json(const tally_tensor *t, tally_error *err) {
   json_t *shape = json_array(), *data = json_array();
   json_t *o = json_object();
   int bad = !shape || !data || !o;
-  for (int i = 0; !bad && i < t->ndim; i++) bad = json_array_append_new(shape, json_integer(t->shape[i]));
+  for (int i = 0; !bad && i < t->ndim; i++)
+    bad = json_array_append_new(shape, json_integer(t->shape[i]));
   for (int64_t i = 0; !bad && i < n; i++) {
     if ((t->datatype == TALLY_FP32 && !isfinite(((const float *)t->data)[i])) ||
         (t->datatype == TALLY_FP64 && !isfinite(((const double *)t->data)[i]))) {
       json_decref(shape), json_decref(data), json_decref(o);
-      fail(err, TALLY_EUSAGE, 0, "tensor '%s': element %lld is NaN or infinite (JSON cannot carry it)",
-           t->name, (long long)i);
+      fail(err, TALLY_EUSAGE, 0,
+           "tensor '%s': element %lld is NaN or infinite (JSON cannot carry it)", t->name,
+           (long long)i);
       return NULL;
     }
     bad = json_array_append_new(data, elem_to_json(t, i));
@@ -675,33 +695,39 @@ json_t *tally_tensor_to_json(const tally_tensor *t, tally_error *err) {
 /* Flattens nested data into t->data in row-major order. */
 static int store_elem(tally_tensor *t, int64_t i, const json_t *v, tally_error *err) {
   double x;
-  if (json_is_boolean(v)) x = json_is_true(v);
+  if (json_is_boolean(v))
+    x = json_is_true(v);
   else if (json_is_integer(v)) {
     json_int_t k = json_integer_value(v);
     if (t->datatype == TALLY_INT64) return ((int64_t *)t->data)[i] = k, 0;
     if (t->datatype == TALLY_UINT64 && k >= 0) return ((uint64_t *)t->data)[i] = (uint64_t)k, 0;
     x = (double)k;
-  } else if (json_is_real(v)) x = json_real_value(v);
-  else return fail(err, TALLY_EPROTO, 0, "tensor '%s': element %lld is not a number", t->name, (long long)i);
+  } else if (json_is_real(v))
+    x = json_real_value(v);
+  else
+    return fail(err, TALLY_EPROTO, 0, "tensor '%s': element %lld is not a number", t->name,
+                (long long)i);
   int integral = t->datatype != TALLY_FP32 && t->datatype != TALLY_FP64;
   if (integral && x != floor(x))
-    return fail(err, TALLY_EPROTO, 0, "tensor '%s' (%s): element %lld = %g is not an integer", t->name,
-                tally_dtype_name(t->datatype), (long long)i, x);
+    return fail(err, TALLY_EPROTO, 0, "tensor '%s' (%s): element %lld = %g is not an integer",
+                t->name, tally_dtype_name(t->datatype), (long long)i, x);
   void *d = t->data;
   switch (t->datatype) {
-#define RANGE(lo, hi) \
-  if (x < (lo) || x > (hi)) \
-    return fail(err, TALLY_EPROTO, 0, "tensor '%s' (%s): element %lld = %g is out of range", t->name, \
-                tally_dtype_name(t->datatype), (long long)i, x);
-    case TALLY_BOOL: RANGE(0, 1) ((uint8_t *)d)[i] = (uint8_t)x; break;
-    case TALLY_UINT8: RANGE(0, 255) ((uint8_t *)d)[i] = (uint8_t)x; break;
-    case TALLY_UINT16: RANGE(0, 65535) ((uint16_t *)d)[i] = (uint16_t)x; break;
-    case TALLY_UINT32: RANGE(0, 4294967295.0) ((uint32_t *)d)[i] = (uint32_t)x; break;
-    case TALLY_UINT64: RANGE(0, 18446744073709549568.0) ((uint64_t *)d)[i] = (uint64_t)x; break;
-    case TALLY_INT8: RANGE(-128, 127) ((int8_t *)d)[i] = (int8_t)x; break;
-    case TALLY_INT16: RANGE(-32768, 32767) ((int16_t *)d)[i] = (int16_t)x; break;
-    case TALLY_INT32: RANGE(-2147483648.0, 2147483647.0) ((int32_t *)d)[i] = (int32_t)x; break;
-    case TALLY_INT64: RANGE(-9223372036854775808.0, 9223372036854774784.0) ((int64_t *)d)[i] = (int64_t)x; break;
+#define RANGE(lo, hi)                                                                        \
+  if (x < (lo) || x > (hi))                                                                  \
+    return fail(err, TALLY_EPROTO, 0, "tensor '%s' (%s): element %lld = %g is out of range", \
+                t->name, tally_dtype_name(t->datatype), (long long)i, x);
+    case TALLY_BOOL: RANGE(0, 1)((uint8_t *)d)[i] = (uint8_t)x; break;
+    case TALLY_UINT8: RANGE(0, 255)((uint8_t *)d)[i] = (uint8_t)x; break;
+    case TALLY_UINT16: RANGE(0, 65535)((uint16_t *)d)[i] = (uint16_t)x; break;
+    case TALLY_UINT32: RANGE(0, 4294967295.0)((uint32_t *)d)[i] = (uint32_t)x; break;
+    case TALLY_UINT64: RANGE(0, 18446744073709549568.0)((uint64_t *)d)[i] = (uint64_t)x; break;
+    case TALLY_INT8: RANGE(-128, 127)((int8_t *)d)[i] = (int8_t)x; break;
+    case TALLY_INT16: RANGE(-32768, 32767)((int16_t *)d)[i] = (int16_t)x; break;
+    case TALLY_INT32: RANGE(-2147483648.0, 2147483647.0)((int32_t *)d)[i] = (int32_t)x; break;
+    case TALLY_INT64:
+      RANGE(-9223372036854775808.0, 9223372036854774784.0)((int64_t *)d)[i] = (int64_t)x;
+      break;
     case TALLY_FP32: ((float *)d)[i] = (float)x; break;
     case TALLY_FP64: ((double *)d)[i] = x; break;
     default: return fail(err, TALLY_EUSAGE, 0, "bad datatype");
@@ -735,7 +761,8 @@ int tally_tensor_from_json(const json_t *j, tally_tensor *t, tally_error *err) {
   if (!name || !dt || !json_is_array(shape) || !data)
     return fail(err, TALLY_EPROTO, 0, "a tensor needs name, datatype, shape and data");
   if (tally_dtype_from_name(dt, &t->datatype))
-    return fail(err, TALLY_EPROTO, 0, "tensor '%s': datatype %s is not carried by this client", name, dt);
+    return fail(err, TALLY_EPROTO, 0, "tensor '%s': datatype %s is not carried by this client",
+                name, dt);
   if (json_array_size(shape) > TALLY_MAX_DIMS)
     return fail(err, TALLY_EPROTO, 0, "tensor '%s': more than %d dimensions", name, TALLY_MAX_DIMS);
   t->ndim = (int)json_array_size(shape);
@@ -747,7 +774,8 @@ int tally_tensor_from_json(const json_t *j, tally_tensor *t, tally_error *err) {
   }
   int64_t n = tally_tensor_count(t);
   size_t es = tally_dtype_size(t->datatype);
-  if (n < 0 || (uint64_t)n > SIZE_MAX / es) return fail(err, TALLY_EPROTO, 0, "tensor '%s': shape too large", name);
+  if (n < 0 || (uint64_t)n > SIZE_MAX / es)
+    return fail(err, TALLY_EPROTO, 0, "tensor '%s': shape too large", name);
   char *nm = dup_str(name);
   t->data = malloc(n ? (size_t)n * es : 1);
   t->name = nm;
@@ -758,8 +786,8 @@ int tally_tensor_from_json(const json_t *j, tally_tensor *t, tally_error *err) {
   int64_t i = 0;
   int rc = flatten(t, data, &i, n, err);
   if (!rc && i != n)
-    rc = fail(err, TALLY_EPROTO, 0, "tensor '%s': %lld elements for a shape of %lld", name, (long long)i,
-              (long long)n);
+    rc = fail(err, TALLY_EPROTO, 0, "tensor '%s': %lld elements for a shape of %lld", name,
+              (long long)i, (long long)n);
   if (rc) tally_tensor_free(t);
   return rc;
 }

@@ -35,16 +35,26 @@ enum {
 };
 
 typedef struct tally_error {
-  int code;        /* one of the statuses above (positive) */
-  int http_status; /* the HTTP status when there was an answer, else 0 */
+  int code;          /* one of the statuses above (positive) */
+  int http_status;   /* the HTTP status when there was an answer, else 0 */
   char message[512]; /* the server's "error" string, or what went wrong locally */
 } tally_error;
 
 /* Datatypes of the OIP (the ones with a fixed C width; FP16 and BYTES are not
  * carried by this library). */
 typedef enum tally_dtype {
-  TALLY_BOOL, TALLY_UINT8, TALLY_UINT16, TALLY_UINT32, TALLY_UINT64, TALLY_INT8, TALLY_INT16,
-  TALLY_INT32, TALLY_INT64, TALLY_FP32, TALLY_FP64, TALLY_DTYPE_COUNT
+  TALLY_BOOL,
+  TALLY_UINT8,
+  TALLY_UINT16,
+  TALLY_UINT32,
+  TALLY_UINT64,
+  TALLY_INT8,
+  TALLY_INT16,
+  TALLY_INT32,
+  TALLY_INT64,
+  TALLY_FP32,
+  TALLY_FP64,
+  TALLY_DTYPE_COUNT
 } tally_dtype;
 
 /* One tensor: row-major data of prod(shape) elements of the datatype's C type
@@ -95,9 +105,10 @@ int tally_unload(tally_client *c, const char *model, tally_error *err);
 int tally_infer(tally_client *c, const char *model, const char *version, const tally_tensor *inputs,
                 size_t n, json_t *params, json_t **answer, tally_error *err);
 /* The same, asking for only the outputs named (n_outputs names; 0: all). */
-int tally_infer_outputs(tally_client *c, const char *model, const char *version, const tally_tensor *inputs,
-                        size_t n, json_t *params, const char *const *outputs, size_t n_outputs,
-                        json_t **answer, tally_error *err);
+int tally_infer_outputs(tally_client *c, const char *model, const char *version,
+                        const tally_tensor *inputs, size_t n, json_t *params,
+                        const char *const *outputs, size_t n_outputs, json_t **answer,
+                        tally_error *err);
 int tally_fit(tally_client *c, const char *model, const tally_tensor *inputs, size_t n,
               json_t *params, json_t **answer, tally_error *err);
 int tally_evaluate(tally_client *c, const char *model, const char *version,
@@ -118,8 +129,7 @@ int tally_session_infer_outputs(tally_client *c, const char *model, const char *
                                 tally_error *err);
 int tally_session_get(tally_client *c, const char *model, const char *session, json_t **answer,
                       tally_error *err);
-int tally_session_delete(tally_client *c, const char *model, const char *session,
-                         tally_error *err);
+int tally_session_delete(tally_client *c, const char *model, const char *session, tally_error *err);
 
 /* Any request: method "GET", "POST" or "DELETE", path from the root ("/v2/...").
  * body: sent as JSON when not NULL (borrowed). answer: NULL to discard it. */

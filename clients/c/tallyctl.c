@@ -42,7 +42,8 @@ static const char usage_text[] =
     "  keygen [--scope infer|admin]     a random API key and its key-file line\n"
     "\n"
     "options:\n"
-    "  --url URL            server (default $TALLY_URL, else " TALLY_DEFAULT_URL ")\n"
+    "  --url URL            server (default $TALLY_URL, else " TALLY_DEFAULT_URL
+    ")\n"
     "  --api-key KEY        sent as Authorization: Bearer (default $TALLY_API_KEY)\n"
     "  --timeout S          seconds for the whole request (default 60; 0 = none)\n"
     "  --format json|table  how answers are printed (default json)\n"
@@ -68,40 +69,52 @@ static const char usage_text[] =
 static const struct {
   const char *cmd, *text;
 } command_help[] = {
-    {"health", "usage: tallyctl health [live|ready]\n\nIs the server live (the process answers) or ready\n"
-               "(every model loaded, not draining)? Prints the answer; exit 0 when it is, 4 on 503.\n"},
-    {"models", "usage: tallyctl models [--format table]\n\nThe repository index: every model and "
-               "version with its state (READY, UNAVAILABLE, ...) and the reason.\n"},
-    {"metadata", "usage: tallyctl metadata [MODEL] [--model-version V]\n\nWithout MODEL: the "
-                 "server's name, version and extensions. With MODEL: its versions,\ninputs and "
-                 "outputs (name, datatype, shape; -1 for any size) and weights' sha256.\n"},
-    {"infer", "usage: tallyctl infer MODEL FILE... [--model-version V] [--output NAME]...\n"
-              "       [--input NAME] [--datatype [NAME=]DT] [--param K=V] [--params JSON|@FILE] [--binary]\n\n"
-              "Runs MODEL on the tensors of the files (JSON: an OIP request or {NAME: nested list};\n"
-              "CSV: columns, or one matrix with --input NAME before it). Datatypes come from the\n"
-              "file, --datatype, or the model's metadata. Inputs of 4096 elements or more (all with\n"
-              "--binary) travel as binary tensors.\n"},
-    {"fit", "usage: tallyctl fit MODEL FILE... [--param epochs=N] [--params JSON|@FILE] [--binary]\n\n"
-            "Learns MODEL's weights from labelled rows (inputs plus labels or targets) and\n"
-            "serves the result as a new version (needs an admin key when keys are on).\n"},
-    {"evaluate", "usage: tallyctl evaluate MODEL FILE... [--model-version V] [--param K=V] [--binary]\n\n"
-                 "Metrics of a version on labelled rows; changes nothing.\n"},
-    {"calibrate", "usage: tallyctl calibrate MODEL FILE... [--param method=cqr] [--binary]\n\n"
-                  "Conformal calibration of a quantile_ensemble on held-out rows (features and\n"
-                  "targets); a new version.\n"},
+    {"health",
+     "usage: tallyctl health [live|ready]\n\nIs the server live (the process answers) or ready\n"
+     "(every model loaded, not draining)? Prints the answer; exit 0 when it is, 4 on 503.\n"},
+    {"models",
+     "usage: tallyctl models [--format table]\n\nThe repository index: every model and "
+     "version with its state (READY, UNAVAILABLE, ...) and the reason.\n"},
+    {"metadata",
+     "usage: tallyctl metadata [MODEL] [--model-version V]\n\nWithout MODEL: the "
+     "server's name, version and extensions. With MODEL: its versions,\ninputs and "
+     "outputs (name, datatype, shape; -1 for any size) and weights' sha256.\n"},
+    {"infer",
+     "usage: tallyctl infer MODEL FILE... [--model-version V] [--output NAME]...\n"
+     "       [--input NAME] [--datatype [NAME=]DT] [--param K=V] [--params JSON|@FILE] "
+     "[--binary]\n\n"
+     "Runs MODEL on the tensors of the files (JSON: an OIP request or {NAME: nested list};\n"
+     "CSV: columns, or one matrix with --input NAME before it). Datatypes come from the\n"
+     "file, --datatype, or the model's metadata. Inputs of 4096 elements or more (all with\n"
+     "--binary) travel as binary tensors.\n"},
+    {"fit",
+     "usage: tallyctl fit MODEL FILE... [--param epochs=N] [--params JSON|@FILE] [--binary]\n\n"
+     "Learns MODEL's weights from labelled rows (inputs plus labels or targets) and\n"
+     "serves the result as a new version (needs an admin key when keys are on).\n"},
+    {"evaluate",
+     "usage: tallyctl evaluate MODEL FILE... [--model-version V] [--param K=V] [--binary]\n\n"
+     "Metrics of a version on labelled rows; changes nothing.\n"},
+    {"calibrate",
+     "usage: tallyctl calibrate MODEL FILE... [--param method=cqr] [--binary]\n\n"
+     "Conformal calibration of a quantile_ensemble on held-out rows (features and\n"
+     "targets); a new version.\n"},
     {"load", "usage: tallyctl load MODEL\n\n(Re)loads MODEL from the repository (admin scope).\n"},
     {"unload", "usage: tallyctl unload MODEL\n\nStops serving MODEL (admin scope).\n"},
-    {"session", "usage: tallyctl session create MODEL [--param attention=lssar]\n"
-                "       tallyctl session infer MODEL ID FILE... [--output NAME]... [--binary]\n"
-                "       tallyctl session get MODEL ID\n"
-                "       tallyctl session delete MODEL ID\n\n"
-                "KV-cache sessions of a transformer: each infer feeds the next tokens (input_ids\n"
-                "[1, n]) and scores them from everything fed before.\n"},
-    {"metrics", "usage: tallyctl metrics [FAMILY...]\n\nThe Prometheus metrics as text, or only "
-                "the families named\n(tallyd_requests_total, ...; a histogram brings _bucket, _sum, _count).\n"},
-    {"keygen", "usage: tallyctl keygen [--scope infer|admin] [--format json]\n\nA new API key "
-               "(32 random bytes, 43 base64url characters: tallyd --keygen's format)\non the first "
-               "line, its key-file line (SHA-256 hex, scope) on the second.\n"},
+    {"session",
+     "usage: tallyctl session create MODEL [--param attention=lssar]\n"
+     "       tallyctl session infer MODEL ID FILE... [--output NAME]... [--binary]\n"
+     "       tallyctl session get MODEL ID\n"
+     "       tallyctl session delete MODEL ID\n\n"
+     "KV-cache sessions of a transformer: each infer feeds the next tokens (input_ids\n"
+     "[1, n]) and scores them from everything fed before.\n"},
+    {"metrics",
+     "usage: tallyctl metrics [FAMILY...]\n\nThe Prometheus metrics as text, or only "
+     "the families named\n(tallyd_requests_total, ...; a histogram brings _bucket, _sum, "
+     "_count).\n"},
+    {"keygen",
+     "usage: tallyctl keygen [--scope infer|admin] [--format json]\n\nA new API key "
+     "(32 random bytes, 43 base64url characters: tallyd --keygen's format)\non the first "
+     "line, its key-file line (SHA-256 hex, scope) on the second.\n"},
 };
 
 typedef struct file_arg {
@@ -122,8 +135,8 @@ typedef struct opts {
   int ndtypes;
   const char *outputs[64]; /* --output NAME, then the names in an OIP file's "outputs" */
   size_t noutputs;
-  json_t *file_outputs;    /* owns the strings taken from files */
-  json_t *params; /* from --param and --params */
+  json_t *file_outputs; /* owns the strings taken from files */
+  json_t *params;       /* from --param and --params */
 } opts;
 
 static int usage_error(const char *fmt, ...) {
@@ -146,8 +159,10 @@ static int exit_of(const tally_error *e) {
 }
 
 static int report(const tally_error *e) {
-  if (e->http_status) fprintf(stderr, "tallyctl: HTTP %d: %s\n", e->http_status, e->message);
-  else fprintf(stderr, "tallyctl: %s\n", e->message);
+  if (e->http_status)
+    fprintf(stderr, "tallyctl: HTTP %d: %s\n", e->http_status, e->message);
+  else
+    fprintf(stderr, "tallyctl: %s\n", e->message);
   return exit_of(e);
 }
 
@@ -170,7 +185,9 @@ static int add_param(opts *o, const char *kv) {
 static json_t *load_json_arg(const char *arg, const char *what, int *rc) {
   json_error_t je;
   json_t *j = arg[0] == '@' ? json_load_file(arg + 1, 0, &je) : json_loads(arg, 0, &je);
-  if (!j) *rc = usage_error("%s: %s: line %d: %s", what, arg[0] == '@' ? arg + 1 : "JSON", je.line, je.text);
+  if (!j)
+    *rc = usage_error("%s: %s: line %d: %s", what, arg[0] == '@' ? arg + 1 : "JSON", je.line,
+                      je.text);
   return j;
 }
 
@@ -179,7 +196,8 @@ static json_t *load_json_arg(const char *arg, const char *what, int *rc) {
 
 /* Shape of nested lists (every row the same length, every number at the same
  * depth) and their values flattened in row-major order. */
-static int nested_shape(const json_t *v, json_t *shape, json_t *flat, int depth, int *leaf, const char *name) {
+static int nested_shape(const json_t *v, json_t *shape, json_t *flat, int depth, int *leaf,
+                        const char *name) {
   if (!json_is_array(v)) {
     if (!json_is_number(v) && !json_is_boolean(v))
       return usage_error("tensor '%s': a value that is not a number", name);
@@ -188,9 +206,11 @@ static int nested_shape(const json_t *v, json_t *shape, json_t *flat, int depth,
     return json_array_append(flat, (json_t *)v) ? EXIT_USAGE : 0;
   }
   if (depth >= TALLY_MAX_DIMS || (*leaf >= 0 && depth >= *leaf))
-    return usage_error("tensor '%s': ragged nesting or more than %d dimensions", name, TALLY_MAX_DIMS);
+    return usage_error("tensor '%s': ragged nesting or more than %d dimensions", name,
+                       TALLY_MAX_DIMS);
   size_t n = json_array_size(v);
-  if ((size_t)depth == json_array_size(shape)) json_array_append_new(shape, json_integer((json_int_t)n));
+  if ((size_t)depth == json_array_size(shape))
+    json_array_append_new(shape, json_integer((json_int_t)n));
   else if (json_integer_value(json_array_get(shape, (size_t)depth)) != (json_int_t)n)
     return usage_error("tensor '%s': rows of different lengths", name);
   for (size_t i = 0; i < n; i++) {
@@ -208,7 +228,8 @@ static int stage_nested(json_t *staged, const char *name, const json_t *v) {
     json_decref(shape), json_decref(flat);
     return rc;
   }
-  json_array_append_new(staged, json_pack("{s:s, s:o, s:o}", "name", name, "shape", shape, "data", flat));
+  json_array_append_new(staged,
+                        json_pack("{s:s, s:o, s:o}", "name", name, "shape", shape, "data", flat));
   return 0;
 }
 
@@ -235,7 +256,8 @@ static int read_json_file(const char *path, json_t *staged, opts *o) {
       if (!shape) { /* no shape: take it from the nesting */
         if ((rc = stage_nested(staged, name, json_object_get(t, "data")))) goto out;
         json_t *dt = json_object_get(t, "datatype");
-        if (dt) json_object_set(json_array_get(staged, json_array_size(staged) - 1), "datatype", dt);
+        if (dt)
+          json_object_set(json_array_get(staged, json_array_size(staged) - 1), "datatype", dt);
       } else {
         json_array_append(staged, t);
       }
@@ -349,8 +371,8 @@ static int read_csv_file(const char *path, const char *input, json_t *staged) {
     size_t i, k;
     json_t *r, *x;
     json_array_foreach(rows, i, r) json_array_foreach(r, k, x) json_array_append(flat, x);
-    json_array_append_new(staged, json_pack("{s:s, s:[I,I], s:o}", "name", input, "shape", (json_int_t)nrow,
-                                            (json_int_t)ncol, "data", flat));
+    json_array_append_new(staged, json_pack("{s:s, s:[I,I], s:o}", "name", input, "shape",
+                                            (json_int_t)nrow, (json_int_t)ncol, "data", flat));
   } else {
     if (!header) {
       rc = usage_error("%s: no header row naming the columns (or use --input NAME)", path);
@@ -358,9 +380,11 @@ static int read_csv_file(const char *path, const char *input, json_t *staged) {
     }
     for (size_t c = 0; c < ncol; c++) {
       json_t *col = json_array();
-      for (size_t i = 0; i < nrow; i++) json_array_append(col, json_array_get(json_array_get(rows, i), c));
-      json_array_append_new(staged, json_pack("{s:O, s:[I], s:o}", "name", json_array_get(header, c), "shape",
-                                              (json_int_t)nrow, "data", col));
+      for (size_t i = 0; i < nrow; i++)
+        json_array_append(col, json_array_get(json_array_get(rows, i), c));
+      json_array_append_new(
+          staged, json_pack("{s:O, s:[I], s:o}", "name", json_array_get(header, c), "shape",
+                            (json_int_t)nrow, "data", col));
     }
   }
 out:
@@ -390,7 +414,8 @@ static int read_files(opts *o, json_t *staged) {
 /* The datatype a staged tensor without one gets: --datatype NAME=DT, then
  * --datatype DT, then the model's metadata, then INT64 for all-integer data
  * and FP32 otherwise (labels, token ids and targets come out right). */
-static const char *pick_dtype(const opts *o, const char *name, const json_t *meta, const json_t *data) {
+static const char *pick_dtype(const opts *o, const char *name, const json_t *meta,
+                              const json_t *data) {
   size_t n = strlen(name);
   for (int i = 0; i < o->ndtypes; i++)
     if (strncmp(o->dtypes[i], name, n) == 0 && o->dtypes[i][n] == '=') return o->dtypes[i] + n + 1;
@@ -438,8 +463,8 @@ static int load_tensors(tally_client *c, opts *o, const char *model, tensors *ts
   json_array_foreach(staged, i, s) {
     if (!json_object_get(s, "datatype"))
       json_object_set_new(s, "datatype",
-                          json_string(pick_dtype(o, json_string_value(json_object_get(s, "name")), meta,
-                                                 json_object_get(s, "data"))));
+                          json_string(pick_dtype(o, json_string_value(json_object_get(s, "name")),
+                                                 meta, json_object_get(s, "data"))));
     tally_error e = {0};
     if (tally_tensor_from_json(s, &ts->t[ts->n], &e)) {
       rc = usage_error("%s", e.message);
@@ -456,7 +481,8 @@ out:
 /* ---- printing ---- */
 
 static void print_scalar(const json_t *v) {
-  if (json_is_string(v)) fputs(json_string_value(v), stdout);
+  if (json_is_string(v))
+    fputs(json_string_value(v), stdout);
   else {
     char *s = json_dumps(v, JSON_ENCODE_ANY | JSON_COMPACT | JSON_REAL_PRECISION(9));
     if (s) fputs(s, stdout);
@@ -530,8 +556,10 @@ static void print_outputs(const json_t *answer) {
         continue;
       }
       json_t *x = json_array_get(stack[sp], idx[sp]++);
-      if (json_is_array(x) && sp + 1 < TALLY_MAX_DIMS + 2) stack[++sp] = x, idx[sp] = 0;
-      else json_array_append(flat, x);
+      if (json_is_array(x) && sp + 1 < TALLY_MAX_DIMS + 2)
+        stack[++sp] = x, idx[sp] = 0;
+      else
+        json_array_append(flat, x);
     }
     size_t n = json_array_size(flat);
     for (size_t e = 0; e < n; e++) {
@@ -615,8 +643,10 @@ static void print_json(const json_t *v, int depth) {
     json_array_foreach(v, i, x) flat &= !json_is_object(x) && !json_is_array(x);
     fputs("[", stdout);
     json_array_foreach(v, i, x) {
-      if (flat) fputs(i ? ", " : "", stdout);
-      else printf("%s\n%*s", i ? "," : "", 2 * (depth + 1), "");
+      if (flat)
+        fputs(i ? ", " : "", stdout);
+      else
+        printf("%s\n%*s", i ? "," : "", 2 * (depth + 1), "");
       print_json(x, depth + 1);
     }
     if (!flat && json_array_size(v)) printf("\n%*s", 2 * depth, "");
@@ -634,10 +664,13 @@ static void print_answer(const opts *o, const json_t *answer) {
     fputs("\n", stdout);
     return;
   }
-  if (json_is_array(answer) && (json_array_size(answer) == 0 || json_object_get(json_array_get(answer, 0), "state")))
+  if (json_is_array(answer) &&
+      (json_array_size(answer) == 0 || json_object_get(json_array_get(answer, 0), "state")))
     print_index(answer);
-  else if (json_is_array(json_object_get(answer, "outputs")) && json_object_get(answer, "model_name")) {
-    printf("model_name\t%s\nmodel_version\t%s\n", json_string_value(json_object_get(answer, "model_name")),
+  else if (json_is_array(json_object_get(answer, "outputs")) &&
+           json_object_get(answer, "model_name")) {
+    printf("model_name\t%s\nmodel_version\t%s\n",
+           json_string_value(json_object_get(answer, "model_name")),
            json_string_value(json_object_get(answer, "model_version")));
     print_outputs(answer);
   } else {
@@ -667,27 +700,27 @@ static int cmd_health(tally_client *c, opts *o) {
   return finish(o, rc, answer, &e);
 }
 
-typedef int (*tensor_fn)(tally_client *, const opts *, const char *model, const tally_tensor *, size_t,
-                         json_t *, json_t **, tally_error *);
+typedef int (*tensor_fn)(tally_client *, const opts *, const char *model, const tally_tensor *,
+                         size_t, json_t *, json_t **, tally_error *);
 
-static int infer_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n, json_t *p,
-                    json_t **a, tally_error *e) {
+static int infer_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n,
+                    json_t *p, json_t **a, tally_error *e) {
   return tally_infer_outputs(c, m, o->model_version, t, n, p, o->outputs, o->noutputs, a, e);
 }
 
-static int fit_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n, json_t *p,
-                  json_t **a, tally_error *e) {
+static int fit_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n,
+                  json_t *p, json_t **a, tally_error *e) {
   (void)o; /* a fit always builds on the newest version */
   return tally_fit(c, m, t, n, p, a, e);
 }
 
-static int evaluate_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n,
-                       json_t *p, json_t **a, tally_error *e) {
+static int evaluate_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t,
+                       size_t n, json_t *p, json_t **a, tally_error *e) {
   return tally_evaluate(c, m, o->model_version, t, n, p, a, e);
 }
 
-static int calibrate_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t, size_t n,
-                        json_t *p, json_t **a, tally_error *e) {
+static int calibrate_fn(tally_client *c, const opts *o, const char *m, const tally_tensor *t,
+                        size_t n, json_t *p, json_t **a, tally_error *e) {
   (void)o;
   return tally_calibrate(c, m, t, n, p, a, e);
 }
@@ -708,9 +741,12 @@ static int cmd_metadata(tally_client *c, opts *o) {
   json_t *answer = NULL;
   tally_error e = {0};
   int rc;
-  if (o->npos == 1) rc = tally_server_metadata(c, &answer, &e);
-  else if (o->npos == 2) rc = tally_model_metadata(c, o->pos[1], o->model_version, &answer, &e);
-  else return usage_error("metadata [MODEL]");
+  if (o->npos == 1)
+    rc = tally_server_metadata(c, &answer, &e);
+  else if (o->npos == 2)
+    rc = tally_model_metadata(c, o->pos[1], o->model_version, &answer, &e);
+  else
+    return usage_error("metadata [MODEL]");
   return finish(o, rc, answer, &e);
 }
 
@@ -726,7 +762,8 @@ static int cmd_load(tally_client *c, opts *o, int load) {
   if (o->npos != 2) return usage_error("%s MODEL", o->pos[0]);
   tally_error e = {0};
   int rc = load ? tally_load(c, o->pos[1], &e) : tally_unload(c, o->pos[1], &e);
-  json_t *answer = json_pack("{s:s, s:s}", "model_name", o->pos[1], "state", load ? "READY" : "UNAVAILABLE");
+  json_t *answer =
+      json_pack("{s:s, s:s}", "model_name", o->pos[1], "state", load ? "READY" : "UNAVAILABLE");
   return finish(o, rc, answer, &e);
 }
 
@@ -736,13 +773,14 @@ static int cmd_session(tally_client *c, opts *o) {
   tally_error e = {0};
   int rc;
   if (strcmp(sub, "create") == 0 && o->npos == 3) {
-    rc = tally_session_create(c, o->pos[2], json_object_size(o->params) ? o->params : NULL, &answer, &e);
+    rc = tally_session_create(c, o->pos[2], json_object_size(o->params) ? o->params : NULL, &answer,
+                              &e);
   } else if (strcmp(sub, "infer") == 0 && o->npos == 4) {
     tensors ts;
     if ((rc = load_tensors(c, o, o->pos[2], &ts))) return tensors_free(&ts), rc;
     rc = tally_session_infer_outputs(c, o->pos[2], o->pos[3], ts.t, ts.n,
-                                     json_object_size(o->params) ? o->params : NULL, o->outputs, o->noutputs,
-                                     &answer, &e);
+                                     json_object_size(o->params) ? o->params : NULL, o->outputs,
+                                     o->noutputs, &answer, &e);
     tensors_free(&ts);
   } else if (strcmp(sub, "get") == 0 && o->npos == 4) {
     rc = tally_session_get(c, o->pos[2], o->pos[3], &answer, &e);
@@ -750,7 +788,8 @@ static int cmd_session(tally_client *c, opts *o) {
     rc = tally_session_delete(c, o->pos[2], o->pos[3], &e);
     if (!rc) answer = json_pack("{s:s, s:b}", "session_id", o->pos[3], "deleted", 1);
   } else {
-    return usage_error("session create MODEL | infer MODEL ID FILE... | get MODEL ID | delete MODEL ID");
+    return usage_error(
+        "session create MODEL | infer MODEL ID FILE... | get MODEL ID | delete MODEL ID");
   }
   return finish(o, rc, answer, &e);
 }
@@ -759,7 +798,8 @@ static int cmd_session(tally_client *c, opts *o) {
  * or value, a "# HELP NAME ..." or "# TYPE NAME ..." comment's NAME. */
 static size_t metric_name(const char *line, const char **name) {
   if (line[0] == '#') {
-    if (strncmp(line, "# HELP ", 7) != 0 && strncmp(line, "# TYPE ", 7) != 0) return *name = line, 0;
+    if (strncmp(line, "# HELP ", 7) != 0 && strncmp(line, "# TYPE ", 7) != 0)
+      return *name = line, 0;
     line += 7;
   }
   *name = line;
@@ -832,7 +872,8 @@ static int cmd_keygen(opts *o) {
   if (o->format_given && strcmp(o->format, "json") == 0) {
     char line[sizeof hex + 16];
     snprintf(line, sizeof line, "%s %s", hex, o->scope);
-    json_t *j = json_pack("{s:s, s:s, s:s, s:s}", "key", key, "scope", o->scope, "sha256", hex, "key_file_line", line);
+    json_t *j = json_pack("{s:s, s:s, s:s, s:s}", "key", key, "scope", o->scope, "sha256", hex,
+                          "key_file_line", line);
     print_answer(o, j);
     json_decref(j);
   } else {
@@ -862,8 +903,9 @@ static int parse_args(int argc, char **argv, opts *o) {
       continue;
     }
     if (strncmp(a, "--", 2) == 0) {
-      static const char *with_value[] = {"url",      "api-key", "timeout", "format", "model-version", "input",
-                                         "datatype", "param",   "params",  "scope",  "output"};
+      static const char *with_value[] = {"url",           "api-key", "timeout",  "format",
+                                         "model-version", "input",   "datatype", "param",
+                                         "params",        "scope",   "output"};
       const char *name = a + 2, *val = NULL;
       char nbuf[32];
       const char *eq = strchr(name, '=');
@@ -872,33 +914,41 @@ static int parse_args(int argc, char **argv, opts *o) {
         name = nbuf, val = eq + 1;
       }
       int known = 0;
-      for (size_t k = 0; k < sizeof with_value / sizeof *with_value; k++) known |= strcmp(name, with_value[k]) == 0;
+      for (size_t k = 0; k < sizeof with_value / sizeof *with_value; k++)
+        known |= strcmp(name, with_value[k]) == 0;
       if (!known) return usage_error("unknown option '%s'", a);
       if (!val) {
         if (i + 1 >= argc) return usage_error("--%s needs a value", name);
         val = argv[++i];
       }
-      if (strcmp(name, "url") == 0) o->url = val;
-      else if (strcmp(name, "api-key") == 0) o->api_key = val;
+      if (strcmp(name, "url") == 0)
+        o->url = val;
+      else if (strcmp(name, "api-key") == 0)
+        o->api_key = val;
       else if (strcmp(name, "timeout") == 0) {
         char *end;
         o->timeout_s = strtod(val, &end);
         if (*end || end == val || o->timeout_s < 0 || o->timeout_s > 86400)
           return usage_error("--timeout wants seconds in [0, 86400], got '%s'", val);
       } else if (strcmp(name, "format") == 0) {
-        if (strcmp(val, "json") != 0 && strcmp(val, "table") != 0) return usage_error("--format json|table");
+        if (strcmp(val, "json") != 0 && strcmp(val, "table") != 0)
+          return usage_error("--format json|table");
         o->format = val, o->format_given = 1;
-      } else if (strcmp(name, "model-version") == 0) o->model_version = val;
-      else if (strcmp(name, "input") == 0) pending_input = val;
+      } else if (strcmp(name, "model-version") == 0)
+        o->model_version = val;
+      else if (strcmp(name, "input") == 0)
+        pending_input = val;
       else if (strcmp(name, "output") == 0) {
-        if (o->noutputs == sizeof o->outputs / sizeof *o->outputs) return usage_error("too many --output");
+        if (o->noutputs == sizeof o->outputs / sizeof *o->outputs)
+          return usage_error("too many --output");
         o->outputs[o->noutputs++] = val;
-      }
-      else if (strcmp(name, "datatype") == 0) {
+      } else if (strcmp(name, "datatype") == 0) {
         tally_dtype dt;
         const char *e = strchr(val, '=');
-        if (tally_dtype_from_name(e ? e + 1 : val, &dt)) return usage_error("unknown datatype in '%s'", val);
-        if (o->ndtypes == (int)(sizeof o->dtypes / sizeof *o->dtypes)) return usage_error("too many --datatype");
+        if (tally_dtype_from_name(e ? e + 1 : val, &dt))
+          return usage_error("unknown datatype in '%s'", val);
+        if (o->ndtypes == (int)(sizeof o->dtypes / sizeof *o->dtypes))
+          return usage_error("too many --datatype");
         o->dtypes[o->ndtypes++] = val;
       } else if (strcmp(name, "param") == 0) {
         int rc = add_param(o, val);
@@ -907,27 +957,33 @@ static int parse_args(int argc, char **argv, opts *o) {
         int rc = 0;
         json_t *p = load_json_arg(val, "--params", &rc);
         if (!p) return rc;
-        if (!json_is_object(p)) return json_decref(p), usage_error("--params must be a JSON object");
+        if (!json_is_object(p))
+          return json_decref(p), usage_error("--params must be a JSON object");
         json_object_update_missing(o->params, p); /* --param KEY=VALUE wins */
         json_decref(p);
-      } else o->scope = val;
+      } else
+        o->scope = val;
       continue;
     }
     /* positional: the command and its words, then files */
     int words = 1;
     if (o->npos > 0) {
       const char *cmd = o->pos[0];
-      if (!strcmp(cmd, "infer") || !strcmp(cmd, "fit") || !strcmp(cmd, "evaluate") || !strcmp(cmd, "calibrate"))
+      if (!strcmp(cmd, "infer") || !strcmp(cmd, "fit") || !strcmp(cmd, "evaluate") ||
+          !strcmp(cmd, "calibrate"))
         words = 2;
       else if (!strcmp(cmd, "session"))
         words = (o->npos > 1 && strcmp(o->pos[1], "infer") == 0) ? 4 : 8;
-      else words = 8;
+      else
+        words = 8;
     }
     if (o->npos < words) {
-      if (o->npos == (int)(sizeof o->pos / sizeof *o->pos)) return usage_error("too many arguments");
+      if (o->npos == (int)(sizeof o->pos / sizeof *o->pos))
+        return usage_error("too many arguments");
       o->pos[o->npos++] = a;
     } else {
-      if (o->nfiles == (int)(sizeof o->files / sizeof *o->files)) return usage_error("too many files");
+      if (o->nfiles == (int)(sizeof o->files / sizeof *o->files))
+        return usage_error("too many files");
       o->files[o->nfiles].path = a;
       o->files[o->nfiles++].input = pending_input;
       pending_input = NULL;
@@ -954,12 +1010,14 @@ int main(int argc, char **argv) {
     goto out;
   }
   int takes_files = !strcmp(cmd, "infer") || !strcmp(cmd, "fit") || !strcmp(cmd, "evaluate") ||
-                    !strcmp(cmd, "calibrate") || (!strcmp(cmd, "session") && o.npos > 1 && !strcmp(o.pos[1], "infer"));
+                    !strcmp(cmd, "calibrate") ||
+                    (!strcmp(cmd, "session") && o.npos > 1 && !strcmp(o.pos[1], "infer"));
   if (o.nfiles && !takes_files) {
     rc = usage_error("%s takes no files", cmd);
     goto out;
   }
-  int infers = !strcmp(cmd, "infer") || (!strcmp(cmd, "session") && o.npos > 1 && !strcmp(o.pos[1], "infer"));
+  int infers = !strcmp(cmd, "infer") ||
+               (!strcmp(cmd, "session") && o.npos > 1 && !strcmp(o.pos[1], "infer"));
   if (o.noutputs && !infers) {
     rc = usage_error("--output is for infer and session infer");
     goto out;
@@ -971,18 +1029,30 @@ int main(int argc, char **argv) {
     goto out;
   }
   if (o.binary) tally_client_set_binary_min(c, 0);
-  if (!strcmp(cmd, "health")) rc = cmd_health(c, &o);
-  else if (!strcmp(cmd, "models")) rc = cmd_models(c, &o);
-  else if (!strcmp(cmd, "metadata")) rc = cmd_metadata(c, &o);
-  else if (!strcmp(cmd, "infer")) rc = cmd_tensors(c, &o, infer_fn);
-  else if (!strcmp(cmd, "fit")) rc = cmd_tensors(c, &o, fit_fn);
-  else if (!strcmp(cmd, "evaluate")) rc = cmd_tensors(c, &o, evaluate_fn);
-  else if (!strcmp(cmd, "calibrate")) rc = cmd_tensors(c, &o, calibrate_fn);
-  else if (!strcmp(cmd, "load")) rc = cmd_load(c, &o, 1);
-  else if (!strcmp(cmd, "unload")) rc = cmd_load(c, &o, 0);
-  else if (!strcmp(cmd, "session")) rc = cmd_session(c, &o);
-  else if (!strcmp(cmd, "metrics")) rc = cmd_metrics(c, &o);
-  else rc = usage_error("unknown command '%s'", cmd);
+  if (!strcmp(cmd, "health"))
+    rc = cmd_health(c, &o);
+  else if (!strcmp(cmd, "models"))
+    rc = cmd_models(c, &o);
+  else if (!strcmp(cmd, "metadata"))
+    rc = cmd_metadata(c, &o);
+  else if (!strcmp(cmd, "infer"))
+    rc = cmd_tensors(c, &o, infer_fn);
+  else if (!strcmp(cmd, "fit"))
+    rc = cmd_tensors(c, &o, fit_fn);
+  else if (!strcmp(cmd, "evaluate"))
+    rc = cmd_tensors(c, &o, evaluate_fn);
+  else if (!strcmp(cmd, "calibrate"))
+    rc = cmd_tensors(c, &o, calibrate_fn);
+  else if (!strcmp(cmd, "load"))
+    rc = cmd_load(c, &o, 1);
+  else if (!strcmp(cmd, "unload"))
+    rc = cmd_load(c, &o, 0);
+  else if (!strcmp(cmd, "session"))
+    rc = cmd_session(c, &o);
+  else if (!strcmp(cmd, "metrics"))
+    rc = cmd_metrics(c, &o);
+  else
+    rc = usage_error("unknown command '%s'", cmd);
   tally_client_free(c);
 out:
   json_decref(o.params);

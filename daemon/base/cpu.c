@@ -50,8 +50,8 @@ cpu_path cpu_best_path(void) {
   static const struct {
     const char *name;
     cpu_path p;
-  } forced[] = {{"scalar", CPU_SCALAR}, {"avx2", CPU_AVX2}, {"avx512", CPU_AVX512},
-                {"neon", CPU_NEON}};
+  } forced[] = {
+      {"scalar", CPU_SCALAR}, {"avx2", CPU_AVX2}, {"avx512", CPU_AVX512}, {"neon", CPU_NEON}};
   const char *s = getenv("TALLYD_SIMD");
   for (size_t i = 0; s && i < sizeof forced / sizeof forced[0]; i++)
     if (strcmp(s, forced[i].name) == 0 && cpu_runs(forced[i].p)) return forced[i].p;

@@ -20,12 +20,12 @@ struct hash_ctx {
   EVP_MD_CTX *md;
 };
 
-#define CHECK(x)                                                          \
-  do {                                                                    \
-    if (!(x)) {                                                           \
-      fprintf(stderr, "tallyd: OpenSSL SHA-256 failed: %s\n", #x);        \
-      abort();                                                            \
-    }                                                                     \
+#define CHECK(x)                                                   \
+  do {                                                             \
+    if (!(x)) {                                                    \
+      fprintf(stderr, "tallyd: OpenSSL SHA-256 failed: %s\n", #x); \
+      abort();                                                     \
+    }                                                              \
   } while (0)
 
 static void to_hex(const unsigned char *d, char hex[HASH_HEX_LEN + 1]) {

@@ -11,8 +11,12 @@ static log_level g_level = LOG_INFO;
 static int g_json;
 static const char *names[] = {"debug", "info", "warn", "error"};
 
-void log_set_level(log_level l) { g_level = l; }
-void log_set_json(int json) { g_json = json; }
+void log_set_level(log_level l) {
+  g_level = l;
+}
+void log_set_json(int json) {
+  g_json = json;
+}
 
 int log_level_from_name(const char *name, log_level *out) {
   for (int i = 0; i < 4; i++)
@@ -95,8 +99,8 @@ void log_request(const char *method, const char *path, int status, unsigned long
                  "\"request_id\":\"%s\",\"model\":\"%s\"}\n",
                  ts, method, p, status, bytes, duration_ms, rid, model ? model : "");
   else
-    n = snprintf(line, sizeof line, "%s info  %s %s %d %llu %.3fms id=%s\n", ts, method, p,
-                 status, bytes, duration_ms, rid);
+    n = snprintf(line, sizeof line, "%s info  %s %s %d %llu %.3fms id=%s\n", ts, method, p, status,
+                 bytes, duration_ms, rid);
   if (n > (int)sizeof line) n = sizeof line;
   emit(line, (size_t)n);
 }

@@ -39,15 +39,21 @@ char *tl_strdup(const char *s) {
   return d;
 }
 
-void tl_free(void *p) { free(p); }
+void tl_free(void *p) {
+  free(p);
+}
 
 size_t tl_held(size_t n) {
   size_t h = (n + sizeof(size_t) + 15) & ~(size_t)15;
   return h < 32 ? 32 : h;
 }
 
-void tl_mem_fail_after(long n) { atomic_store(&fail_countdown, n); }
-void tl_mem_fail_reset(void) { atomic_store(&fail_countdown, -1); }
+void tl_mem_fail_after(long n) {
+  atomic_store(&fail_countdown, n);
+}
+void tl_mem_fail_reset(void) {
+  atomic_store(&fail_countdown, -1);
+}
 
 void tl_mem_init_env(void) {
   const char *s = getenv("TALLYD_FAIL_ALLOC_AFTER");

@@ -42,12 +42,18 @@ struct pool {
 
 static pool_t *g_default;
 
-void pool_set_default(pool_t *p) { g_default = p; }
-pool_t *pool_default(void) { return g_default; }
+void pool_set_default(pool_t *p) {
+  g_default = p;
+}
+pool_t *pool_default(void) {
+  return g_default;
+}
 
 static void task_unlink(pool_t *p, task *t) {
-  if (t->prev) t->prev->nextt = t->nextt;
-  else if (p->tasks == t) p->tasks = t->nextt;
+  if (t->prev)
+    t->prev->nextt = t->nextt;
+  else if (p->tasks == t)
+    p->tasks = t->nextt;
   if (t->nextt) t->nextt->prev = t->prev;
   t->prev = t->nextt = NULL;
 }
@@ -157,8 +163,10 @@ int pool_submit(pool_t *p, pool_job_fn fn, void *arg) {
     tl_free(j);
     return p->stopping ? -TS_EUNAVAIL : -TS_EBUSY;
   }
-  if (p->tail) p->tail->next = j;
-  else p->head = j;
+  if (p->tail)
+    p->tail->next = j;
+  else
+    p->head = j;
   p->tail = j;
   p->queued++;
   uv_cond_signal(&p->wake);
@@ -202,7 +210,9 @@ void pool_parallel_for(pool_t *p, int64_t n, int64_t grain, pool_range_fn fn, vo
   uv_cond_destroy(&t.done);
 }
 
-int pool_threads(const pool_t *p) { return p ? p->nthreads : 1; }
+int pool_threads(const pool_t *p) {
+  return p ? p->nthreads : 1;
+}
 
 int pool_queued(pool_t *p) {
   uv_mutex_lock(&p->mu);

@@ -33,8 +33,8 @@ int pool_submit(pool_t *p, pool_job_fn fn, void *arg);
 void pool_parallel_for(pool_t *p, int64_t n, int64_t grain, pool_range_fn fn, void *arg);
 
 int pool_threads(const pool_t *p);
-int pool_queued(pool_t *p);   /* jobs waiting */
-int pool_running(pool_t *p);  /* jobs running */
+int pool_queued(pool_t *p);  /* jobs waiting */
+int pool_running(pool_t *p); /* jobs running */
 
 /* The process-wide pool that kernels use when a caller passes none
  * (set by the daemon at start; NULL means serial). */

@@ -20,8 +20,8 @@
 #include "err.h"
 
 typedef enum rid_enc {
-  RID_HEX,    /* lowercase hex, 2 characters a byte */
-  RID_B64URL  /* base64url without padding (RFC 4648 section 5), ceil(4n/3) characters */
+  RID_HEX,   /* lowercase hex, 2 characters a byte */
+  RID_B64URL /* base64url without padding (RFC 4648 section 5), ceil(4n/3) characters */
 } rid_enc;
 
 #define RID_POOLED 1 /* from the per-thread block (not for secrets) */

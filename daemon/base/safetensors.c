@@ -53,7 +53,9 @@ struct st_file {
 
 /* ------------------------------------------------------------------ reader */
 
-static int oom(ts_err *err) { return ts_errf(err, TS_ENOMEM, "out of memory"); }
+static int oom(ts_err *err) {
+  return ts_errf(err, TS_ENOMEM, "out of memory");
+}
 
 static int cmp_offset(const void *a, const void *b) {
   const st_entry *x = a, *y = b;
@@ -93,8 +95,8 @@ static int parse_entry(st_entry *e, const char *name, json_t *obj, ts_err *err) 
   if (!json_is_array(js))
     return ts_errf(err, TS_EINVAL, "tensor '%s': \"shape\" is not an array", name);
   if (json_array_size(js) > TS_MAXDIM)
-    return ts_errf(err, TS_EINVAL, "tensor '%s': shape has %zu dimensions, more than %d",
-                   name, json_array_size(js), TS_MAXDIM);
+    return ts_errf(err, TS_EINVAL, "tensor '%s': shape has %zu dimensions, more than %d", name,
+                   json_array_size(js), TS_MAXDIM);
   e->ndim = (int)json_array_size(js);
   for (int i = 0; i < e->ndim; i++) {
     json_t *d = json_array_get(js, (size_t)i);
@@ -109,16 +111,16 @@ static int parse_entry(st_entry *e, const char *name, json_t *obj, ts_err *err) 
     return r;
   }
 
-  if (!json_is_array(jo) || json_array_size(jo) != 2 ||
-      !json_is_integer(json_array_get(jo, 0)) || !json_is_integer(json_array_get(jo, 1)))
+  if (!json_is_array(jo) || json_array_size(jo) != 2 || !json_is_integer(json_array_get(jo, 0)) ||
+      !json_is_integer(json_array_get(jo, 1)))
     return ts_errf(err, TS_EINVAL, "tensor '%s': \"data_offsets\" is not [begin, end]", name);
   if (!json_u64(json_array_get(jo, 0), &e->begin) || !json_u64(json_array_get(jo, 1), &e->end))
     return ts_errf(err, TS_EINVAL, "tensor '%s': data_offsets [%lld, %lld] are negative", name,
                    (long long)json_integer_value(json_array_get(jo, 0)),
                    (long long)json_integer_value(json_array_get(jo, 1)));
   if (e->end < e->begin)
-    return ts_errf(err, TS_EINVAL, "tensor '%s': data_offsets end %llu is before begin %llu",
-                   name, (unsigned long long)e->end, (unsigned long long)e->begin);
+    return ts_errf(err, TS_EINVAL, "tensor '%s': data_offsets end %llu is before begin %llu", name,
+                   (unsigned long long)e->end, (unsigned long long)e->begin);
 
   /* numel <= INT64_MAX / 16 (ts_numel), so this cannot overflow. */
   uint64_t need = (uint64_t)numel * ts_dtype_size(e->dtype);
@@ -127,10 +129,9 @@ static int parse_entry(st_entry *e, const char *name, json_t *obj, ts_err *err) 
     return ts_errf(err, TS_EINVAL,
                    "tensor '%s': shape %s of %s needs %llu bytes, but data_offsets [%llu, %llu] "
                    "span %llu",
-                   name, ts_shape_str(e->shape, e->ndim, sh, sizeof sh),
-                   ts_dtype_st_name(e->dtype), (unsigned long long)need,
-                   (unsigned long long)e->begin, (unsigned long long)e->end,
-                   (unsigned long long)(e->end - e->begin));
+                   name, ts_shape_str(e->shape, e->ndim, sh, sizeof sh), ts_dtype_st_name(e->dtype),
+                   (unsigned long long)need, (unsigned long long)e->begin,
+                   (unsigned long long)e->end, (unsigned long long)(e->end - e->begin));
   }
   if (!(e->name = tl_strdup(name))) return oom(err);
   return 0;
@@ -167,10 +168,9 @@ static int check_layout(const st_file *f, ts_err *err) {
                      e->name, (unsigned long long)e->begin, (unsigned long long)e->end,
                      f->data_len);
     if (e->begin < at)
-      return ts_errf(err, TS_EINVAL,
-                     "tensors '%s' [%llu, %llu] and '%s' [%llu, %llu] overlap", prev->name,
-                     (unsigned long long)prev->begin, (unsigned long long)prev->end, e->name,
-                     (unsigned long long)e->begin, (unsigned long long)e->end);
+      return ts_errf(err, TS_EINVAL, "tensors '%s' [%llu, %llu] and '%s' [%llu, %llu] overlap",
+                     prev->name, (unsigned long long)prev->begin, (unsigned long long)prev->end,
+                     e->name, (unsigned long long)e->begin, (unsigned long long)e->end);
     if (e->begin > at && !prev)
       return ts_errf(err, TS_EINVAL,
                      "gap of %llu bytes before tensor '%s' (the first tensor must start at "
@@ -180,8 +180,8 @@ static int check_layout(const st_file *f, ts_err *err) {
       return ts_errf(err, TS_EINVAL,
                      "gap of %llu bytes before tensor '%s' (tensors must be contiguous: it "
                      "starts at %llu, '%s' ends at %llu)",
-                     (unsigned long long)(e->begin - at), e->name,
-                     (unsigned long long)e->begin, prev->name, (unsigned long long)at);
+                     (unsigned long long)(e->begin - at), e->name, (unsigned long long)e->begin,
+                     prev->name, (unsigned long long)at);
     if (e->end > e->begin || !prev) prev = e;
     at = e->end;
   }
@@ -202,8 +202,8 @@ static int parse_header(st_file *f, const char *hdr, size_t hlen, ts_err *err) {
         return ts_errf(err, TS_EINVAL, "header is not valid UTF-8 (%s)", je.text);
       case json_error_out_of_memory: return oom(err);
       default:
-        return ts_errf(err, TS_EINVAL, "header is not valid JSON: %s (line %d, column %d)",
-                       je.text, je.line, je.column);
+        return ts_errf(err, TS_EINVAL, "header is not valid JSON: %s (line %d, column %d)", je.text,
+                       je.line, je.column);
     }
   }
   int r = 0;
@@ -221,8 +221,10 @@ static int parse_header(st_file *f, const char *hdr, size_t hlen, ts_err *err) {
   const char *k;
   json_t *v;
   json_object_foreach(root, k, v) {
-    if (strcmp(k, META_KEY) == 0) r = parse_meta(f, v, err);
-    else if (!(r = parse_entry(&f->e[f->n], k, v, err))) f->n++;
+    if (strcmp(k, META_KEY) == 0)
+      r = parse_meta(f, v, err);
+    else if (!(r = parse_entry(&f->e[f->n], k, v, err)))
+      f->n++;
     if (r) goto out;
   }
   qsort(f->e, (size_t)f->n, sizeof *f->e, cmp_offset);
@@ -237,8 +239,7 @@ out:
 /* Validates a whole file image; f->map (if any) is already set. */
 static int parse_image(st_file *f, const unsigned char *buf, size_t len, ts_err *err) {
   if (len < 8)
-    return ts_errf(err, TS_EINVAL, "file is %zu bytes, shorter than the 8-byte header length",
-                   len);
+    return ts_errf(err, TS_EINVAL, "file is %zu bytes, shorter than the 8-byte header length", len);
   uint64_t hlen = 0;
   for (int i = 7; i >= 0; i--) hlen = hlen << 8 | buf[i];
   if (hlen > ST_MAX_HEADER)
@@ -342,7 +343,10 @@ int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[H
     if ((e == ENXIO || e == ENODEV) && stat(path, &lst) == 0 && !S_ISREG(lst.st_mode))
       return ts_errf(err, TS_EINVAL, "weights '%s' is a %s, not a regular file", path,
                      fs_type_name(lst.st_mode));
-    return ts_errf(err, e == ENOENT ? TS_ENOTFOUND : e == ELOOP ? TS_EINVAL : TS_EIO,
+    return ts_errf(err,
+                   e == ENOENT  ? TS_ENOTFOUND
+                   : e == ELOOP ? TS_EINVAL
+                                : TS_EIO,
                    "cannot open weights '%s': %s", path,
                    e == ELOOP ? "a loop of symbolic links" : strerror(e));
   }
@@ -378,8 +382,8 @@ int st_open_file(st_file **out, const char *path, st_load how, char sha256_hex[H
   } else if (len > 0) {
     void *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE, fd, 0);
     if (m == MAP_FAILED) {
-      r = ts_errf(err, errno == ENOMEM ? TS_ENOMEM : TS_EIO, "cannot map weights '%s': %s",
-                  path, strerror(errno));
+      r = ts_errf(err, errno == ENOMEM ? TS_ENOMEM : TS_EIO, "cannot map weights '%s': %s", path,
+                  strerror(errno));
       goto fail;
     }
     f->map = m;
@@ -418,7 +422,9 @@ void st_close(st_file *f) {
   tl_free(f);
 }
 
-int st_count(const st_file *f) { return f->n; }
+int st_count(const st_file *f) {
+  return f->n;
+}
 
 const char *st_name(const st_file *f, int i) {
   return i >= 0 && i < f->n ? f->e[i].name : NULL;
@@ -435,7 +441,9 @@ int st_find(const st_file *f, const char *name) {
   return e ? (int)(e - f->e) : -1;
 }
 
-int st_meta_count(const st_file *f) { return f->nmeta; }
+int st_meta_count(const st_file *f) {
+  return f->nmeta;
+}
 const char *st_meta_key(const st_file *f, int i) {
   return i >= 0 && i < f->nmeta ? f->meta[2 * i] : NULL;
 }
@@ -470,8 +478,10 @@ int st_get(st_file *f, const char *name, ts_tensor *out, ts_err *err) {
 static const char *expect_str(const int64_t *s, int ndim, char *buf, size_t n) {
   size_t off = (size_t)snprintf(buf, n, "[");
   for (int i = 0; i < ndim && off < n; i++) {
-    if (s[i] < 0) off += (size_t)snprintf(buf + off, n - off, "%s*", i ? ", " : "");
-    else off += (size_t)snprintf(buf + off, n - off, "%s%lld", i ? ", " : "", (long long)s[i]);
+    if (s[i] < 0)
+      off += (size_t)snprintf(buf + off, n - off, "%s*", i ? ", " : "");
+    else
+      off += (size_t)snprintf(buf + off, n - off, "%s%lld", i ? ", " : "", (long long)s[i]);
   }
   if (off < n) snprintf(buf + off, n - off, "]");
   return buf;
@@ -488,17 +498,17 @@ static int check_shape(const st_entry *e, int ndim, const int64_t *expect, ts_er
   if (expect)
     return ts_errf(err, TS_EINVAL, "tensor '%s': expected shape %s, got %s", e->name,
                    expect_str(expect, ndim, want, sizeof want), got);
-  return ts_errf(err, TS_EINVAL, "tensor '%s': expected %d dimensions, got shape %s", e->name,
-                 ndim, got);
+  return ts_errf(err, TS_EINVAL, "tensor '%s': expected %d dimensions, got shape %s", e->name, ndim,
+                 got);
 }
 
 static int nonfinite(const char *name, int64_t i, double v, ts_err *err) {
-  return ts_errf(err, TS_EINVAL, "tensor '%s': element %lld is %s; weights must be finite",
-                 name, (long long)i, isnan(v) ? "NaN" : "infinite");
+  return ts_errf(err, TS_EINVAL, "tensor '%s': element %lld is %s; weights must be finite", name,
+                 (long long)i, isnan(v) ? "NaN" : "infinite");
 }
 
-int st_get_f32(st_file *f, const char *name, int ndim, const int64_t *expect_shape,
-               ts_tensor *out, ts_err *err) {
+int st_get_f32(st_file *f, const char *name, int ndim, const int64_t *expect_shape, ts_tensor *out,
+               ts_err *err) {
   memset(out, 0, sizeof *out);
   const st_entry *e = find(f, name);
   if (!e) return not_found(name, err);
@@ -577,10 +587,14 @@ static int utf8_valid(const char *s) {
     int more;
     unsigned min, cp;
     if (c < 0x80) continue;
-    if (c >= 0xc2 && c <= 0xdf) more = 1, min = 0x80, cp = c & 0x1f;
-    else if (c >= 0xe0 && c <= 0xef) more = 2, min = 0x800, cp = c & 0x0f;
-    else if (c >= 0xf0 && c <= 0xf4) more = 3, min = 0x10000, cp = c & 0x07;
-    else return 0;
+    if (c >= 0xc2 && c <= 0xdf)
+      more = 1, min = 0x80, cp = c & 0x1f;
+    else if (c >= 0xe0 && c <= 0xef)
+      more = 2, min = 0x800, cp = c & 0x0f;
+    else if (c >= 0xf0 && c <= 0xf4)
+      more = 3, min = 0x10000, cp = c & 0x07;
+    else
+      return 0;
     for (int i = 0; i < more; i++) {
       if ((*p & 0xc0) != 0x80) return 0;
       cp = cp << 6 | (*p++ & 0x3f);
@@ -590,7 +604,9 @@ static int utf8_valid(const char *s) {
   return 1;
 }
 
-st_writer *st_writer_new(void) { return tl_calloc(1, sizeof(st_writer)); }
+st_writer *st_writer_new(void) {
+  return tl_calloc(1, sizeof(st_writer));
+}
 
 void st_writer_free(st_writer *w) {
   if (!w) return;
@@ -604,15 +620,15 @@ void st_writer_free(st_writer *w) {
   tl_free(w);
 }
 
-int st_writer_add(st_writer *w, const char *name, ts_dtype dtype, int ndim,
-                  const int64_t *shape, const void *data, ts_err *err) {
+int st_writer_add(st_writer *w, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+                  const void *data, ts_err *err) {
   if (!utf8_valid(name))
     return ts_errf(err, TS_EINVAL, "tensor name '%s' is not valid UTF-8", name);
   if (strcmp(name, META_KEY) == 0)
     return ts_errf(err, TS_EINVAL, "'" META_KEY "' is reserved and cannot name a tensor");
   if ((unsigned)dtype >= TS_DTYPE_COUNT || dtype == TS_BYTES)
-    return ts_errf(err, TS_EINVAL, "tensor '%s': dtype %s cannot be stored in safetensors",
-                   name, ts_dtype_name(dtype));
+    return ts_errf(err, TS_EINVAL, "tensor '%s': dtype %s cannot be stored in safetensors", name,
+                   ts_dtype_name(dtype));
   int64_t numel;
   int r = ts_numel(shape, ndim, &numel, err);
   if (r) {

@@ -19,12 +19,11 @@
  * Ownership: an st_file owns its image of the file (st_open_file with
  * ST_READ: a private copy read into anonymous memory; ST_MMAP and st_open: a
  * read-only MAP_PRIVATE mmap of the whole file) or borrows the caller's
- * buffer (st_open_mem; it must outlive the st_file). Tensors that st_get / st_get_f32 BORROW point into it,
- * are read-only, and are valid until st_close; tensors they had to copy or
- * convert own their data. Either way the caller calls ts_free on the tensor
- * (which frees only what is owned). A mapped (ST_MMAP) file must not be
- * truncated or rewritten in place while open: the mapping would show the new
- * bytes, or raise SIGBUS past a new end of file. A copy (ST_READ) is immune.
+ * buffer (st_open_mem; it must outlive the st_file). Tensors that st_get / st_get_f32 BORROW point
+ * into it, are read-only, and are valid until st_close; tensors they had to copy or convert own
+ * their data. Either way the caller calls ts_free on the tensor (which frees only what is owned). A
+ * mapped (ST_MMAP) file must not be truncated or rewritten in place while open: the mapping would
+ * show the new bytes, or raise SIGBUS past a new end of file. A copy (ST_READ) is immune.
  *
  * An st_file is immutable after st_open: st_count, st_name, st_find,
  * st_meta_*, st_get and st_get_f32 may be called from several threads at once.
@@ -89,8 +88,8 @@ int st_get(st_file *f, const char *name, ts_tensor *out, ts_err *err);
  * check only ndim; ndim < 0 checks nothing), converts F16, BF16 and F64 into an
  * owned FP32 tensor, borrows F32 when aligned, and refuses integer dtypes,
  * NaN, Inf and F64 values beyond the FP32 range, naming the tensor. */
-int st_get_f32(st_file *f, const char *name, int ndim, const int64_t *expect_shape,
-               ts_tensor *out, ts_err *err);
+int st_get_f32(st_file *f, const char *name, int ndim, const int64_t *expect_shape, ts_tensor *out,
+               ts_err *err);
 
 /* Writer: collects tensors (copied on add) and metadata, then writes a file
  * the reference implementation reads: "__metadata__" first, tensors ordered
@@ -103,8 +102,8 @@ st_writer *st_writer_new(void);
 /* data holds numel x dtype-size bytes (may be NULL when that is 0). Refuses
  * duplicate names, the name "__metadata__", names that are not UTF-8, and
  * the BYTES dtype. */
-int st_writer_add(st_writer *w, const char *name, ts_dtype dtype, int ndim,
-                  const int64_t *shape, const void *data, ts_err *err);
+int st_writer_add(st_writer *w, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+                  const void *data, ts_err *err);
 /* Sets (or replaces) a metadata entry; both strings must be UTF-8. */
 int st_writer_meta(st_writer *w, const char *key, const char *value, ts_err *err);
 /* Creates or truncates path, writes and fsyncs it (the caller fsyncs the

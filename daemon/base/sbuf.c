@@ -10,7 +10,9 @@
 
 #include "mem.h"
 
-void sbuf_init(sbuf *b) { memset(b, 0, sizeof *b); }
+void sbuf_init(sbuf *b) {
+  memset(b, 0, sizeof *b);
+}
 
 void sbuf_free(sbuf *b) {
   tl_free(b->data);
@@ -45,7 +47,9 @@ void sbuf_add(sbuf *b, const void *p, size_t n) {
   b->data[b->len] = 0;
 }
 
-void sbuf_adds(sbuf *b, const char *s) { sbuf_add(b, s, strlen(s)); }
+void sbuf_adds(sbuf *b, const char *s) {
+  sbuf_add(b, s, strlen(s));
+}
 
 void sbuf_printf(sbuf *b, const char *fmt, ...) {
   va_list ap;
@@ -177,7 +181,9 @@ void sbuf_f64(sbuf *b, double v) {
   sbuf_add(b, t, (size_t)n);
 }
 
-int sbuf_failed(const sbuf *b) { return b->failed; }
+int sbuf_failed(const sbuf *b) {
+  return b->failed;
+}
 
 char *sbuf_take(sbuf *b, size_t *len) {
   if (sbuf_reserve(b, 0)) return NULL;

@@ -11,13 +11,13 @@ static const struct {
   const char *oip, *st;
   size_t size;
 } dtypes[TS_DTYPE_COUNT] = {
-    [TS_BOOL] = {"BOOL", "BOOL", 1},     [TS_UINT8] = {"UINT8", "U8", 1},
-    [TS_UINT16] = {"UINT16", "U16", 2},  [TS_UINT32] = {"UINT32", "U32", 4},
-    [TS_UINT64] = {"UINT64", "U64", 8},  [TS_INT8] = {"INT8", "I8", 1},
-    [TS_INT16] = {"INT16", "I16", 2},    [TS_INT32] = {"INT32", "I32", 4},
-    [TS_INT64] = {"INT64", "I64", 8},    [TS_FP16] = {"FP16", "F16", 2},
-    [TS_BF16] = {"BF16", "BF16", 2},     [TS_FP32] = {"FP32", "F32", 4},
-    [TS_FP64] = {"FP64", "F64", 8},      [TS_BYTES] = {"BYTES", NULL, 0},
+    [TS_BOOL] = {"BOOL", "BOOL", 1},    [TS_UINT8] = {"UINT8", "U8", 1},
+    [TS_UINT16] = {"UINT16", "U16", 2}, [TS_UINT32] = {"UINT32", "U32", 4},
+    [TS_UINT64] = {"UINT64", "U64", 8}, [TS_INT8] = {"INT8", "I8", 1},
+    [TS_INT16] = {"INT16", "I16", 2},   [TS_INT32] = {"INT32", "I32", 4},
+    [TS_INT64] = {"INT64", "I64", 8},   [TS_FP16] = {"FP16", "F16", 2},
+    [TS_BF16] = {"BF16", "BF16", 2},    [TS_FP32] = {"FP32", "F32", 4},
+    [TS_FP64] = {"FP64", "F64", 8},     [TS_BYTES] = {"BYTES", NULL, 0},
 };
 
 const char *ts_dtype_name(ts_dtype t) {
@@ -57,8 +57,7 @@ int ts_numel(const int64_t *shape, int ndim, int64_t *out, ts_err *err) {
   int64_t n = 1;
   for (int i = 0; i < ndim; i++) {
     if (shape[i] < 0)
-      return ts_errf(err, TS_EINVAL, "dimension %d is negative (%lld)", i,
-                     (long long)shape[i]);
+      return ts_errf(err, TS_EINVAL, "dimension %d is negative (%lld)", i, (long long)shape[i]);
     if (shape[i] != 0 && n > INT64_MAX / 16 / shape[i])
       return ts_errf(err, TS_EINVAL, "shape's element count overflows");
     n *= shape[i];
@@ -88,8 +87,7 @@ static int set_header(ts_tensor *t, const char *name, ts_dtype dtype, int ndim,
   int64_t n;
   int r = ts_numel(shape, ndim, &n, err);
   if (r) return r;
-  if (name && !(t->name = tl_strdup(name)))
-    return ts_errf(err, TS_ENOMEM, "out of memory");
+  if (name && !(t->name = tl_strdup(name))) return ts_errf(err, TS_ENOMEM, "out of memory");
   t->dtype = dtype;
   t->ndim = ndim;
   memcpy(t->shape, shape, sizeof(int64_t) * (size_t)ndim);
@@ -97,23 +95,23 @@ static int set_header(ts_tensor *t, const char *name, ts_dtype dtype, int ndim,
   return 0;
 }
 
-int ts_alloc(ts_tensor *t, const char *name, ts_dtype dtype, int ndim,
-             const int64_t *shape, ts_err *err) {
+int ts_alloc(ts_tensor *t, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+             ts_err *err) {
   int r = set_header(t, name, dtype, ndim, shape, err);
   if (r) return r;
   t->data = tl_calloc(1, t->nbytes ? t->nbytes : 1);
   if (!t->data) {
     tl_free(t->name);
     t->name = NULL;
-    return ts_errf(err, TS_ENOMEM, "out of memory allocating %zu bytes for tensor '%s'",
-                   t->nbytes, name ? name : "?");
+    return ts_errf(err, TS_ENOMEM, "out of memory allocating %zu bytes for tensor '%s'", t->nbytes,
+                   name ? name : "?");
   }
   t->owns_data = 1;
   return 0;
 }
 
-int ts_wrap(ts_tensor *t, const char *name, ts_dtype dtype, int ndim,
-            const int64_t *shape, void *data, size_t nbytes, ts_err *err) {
+int ts_wrap(ts_tensor *t, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+            void *data, size_t nbytes, ts_err *err) {
   int r = set_header(t, name, dtype, ndim, shape, err);
   if (r) return r;
   if (dtype != TS_BYTES && t->nbytes != nbytes) {
@@ -317,7 +315,9 @@ fail:
   return r;
 }
 
-void ts_list_init(ts_list *l) { memset(l, 0, sizeof *l); }
+void ts_list_init(ts_list *l) {
+  memset(l, 0, sizeof *l);
+}
 
 ts_tensor *ts_list_add(ts_list *l) {
   if (l->n == l->cap) {

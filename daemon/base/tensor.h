@@ -65,11 +65,11 @@ int ts_numel(const int64_t *shape, int ndim, int64_t *out, ts_err *err);
 int64_t ts_tensor_numel(const ts_tensor *t);
 
 /* Allocates a zeroed owned tensor. name may be NULL. */
-int ts_alloc(ts_tensor *t, const char *name, ts_dtype dtype, int ndim,
-             const int64_t *shape, ts_err *err);
+int ts_alloc(ts_tensor *t, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+             ts_err *err);
 /* Wraps borrowed memory. */
-int ts_wrap(ts_tensor *t, const char *name, ts_dtype dtype, int ndim,
-            const int64_t *shape, void *data, size_t nbytes, ts_err *err);
+int ts_wrap(ts_tensor *t, const char *name, ts_dtype dtype, int ndim, const int64_t *shape,
+            void *data, size_t nbytes, ts_err *err);
 void ts_free(ts_tensor *t);
 /* "[4, 11]" into buf. */
 const char *ts_shape_str(const int64_t *shape, int ndim, char *buf, size_t n);

@@ -431,9 +431,8 @@ static double av_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
   ROW_LOOP(lssar_weight_sp(x, c));
 }
 
-const attn_kern attn__kern_avx2 = {"avx2+fma",      av_qk,          av_pv,
-                                  av_rowmax,       av_row_exp,     av_row_softplus,
-                                  av_row_lssar,    av_row_lssar_sp, av_qk_h,
-                                  av_pv_h};
+const attn_kern attn__kern_avx2 = {"avx2+fma", av_qk,           av_pv,        av_rowmax,
+                                   av_row_exp, av_row_softplus, av_row_lssar, av_row_lssar_sp,
+                                   av_qk_h,    av_pv_h};
 
 #endif

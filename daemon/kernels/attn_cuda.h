@@ -26,9 +26,8 @@ int attn_cuda_available(void);
 /* 0, -TS_EINVAL (bad arguments, head dims beyond the device's shared
  * memory), -TS_ENOMEM (device memory), -TS_EUNAVAIL (no device) or
  * -TS_EINTERNAL (a CUDA error, named in err). */
-int attn_cuda_forward(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d,
-                      int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
-                      ts_err *err);
+int attn_cuda_forward(const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk, int d, int dv,
+                      attn_tensor q, attn_tensor k, attn_tensor v, attn_out out, ts_err *err);
 
 #ifdef __cplusplus
 }

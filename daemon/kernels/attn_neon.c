@@ -68,7 +68,9 @@ static float ne_rowmax(const float *s, int nv) {
   return m;
 }
 
-static float ne_softplus(float x) { return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x))); }
+static float ne_softplus(float x) {
+  return fmaxf(x, 0.0f) + log1pf(expf(-fabsf(x)));
+}
 
 static double ne_row_exp(float *s, int nv, int ncols, float m) {
   double sum = 0;
@@ -104,9 +106,8 @@ static double ne_row_lssar_sp(float *s, int nv, int ncols, const attn_rowc *c) {
   return sum;
 }
 
-const attn_kern attn__kern_neon = {"neon",          ne_qk,         ne_pv,
-                                  ne_rowmax,       ne_row_exp,    ne_row_softplus,
-                                  ne_row_lssar,    ne_row_lssar_sp, attn__sc_qk_h,
-                                  attn__sc_pv_h};
+const attn_kern attn__kern_neon = {"neon",        ne_qk,           ne_pv,        ne_rowmax,
+                                   ne_row_exp,    ne_row_softplus, ne_row_lssar, ne_row_lssar_sp,
+                                   attn__sc_qk_h, attn__sc_pv_h};
 
 #endif

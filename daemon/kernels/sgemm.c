@@ -14,7 +14,6 @@
 
 #include "../base/mem.h"
 
-
 /* Products smaller than this many multiply-adds run on the caller alone:
  * handing work to another thread costs more than it saves. */
 #define SG_PARALLEL_MIN ((int64_t)1 << 18)
@@ -71,7 +70,9 @@ static void pack_free(void *v) {
   tl_free(b);
 }
 
-static void pack_key_init(void) { g_pack_key_ok = pthread_key_create(&g_pack_key, pack_free) == 0; }
+static void pack_key_init(void) {
+  g_pack_key_ok = pthread_key_create(&g_pack_key, pack_free) == 0;
+}
 
 float *sg__pack_buffer(size_t floats) {
   pthread_once(&g_pack_once, pack_key_init);
@@ -144,18 +145,16 @@ static void sg_split_run(void *arg, int64_t b, int64_t e) {
   if (s->by_cols) {
     int64_t j0 = b * s->unit, j1 = e * s->unit < s->N ? e * s->unit : s->N;
     const float *B = s->trans_b ? s->B + j0 * s->ldb : s->B + j0;
-    s->fn(s->trans_b, s->M, j1 - j0, s->K, s->A, s->lda, B, s->ldb, s->beta, s->C + j0,
-          s->ldc);
+    s->fn(s->trans_b, s->M, j1 - j0, s->K, s->A, s->lda, B, s->ldb, s->beta, s->C + j0, s->ldc);
   } else {
     int64_t i0 = b * s->unit, i1 = e * s->unit < s->M ? e * s->unit : s->M;
-    s->fn(s->trans_b, i1 - i0, s->N, s->K, s->A + i0 * s->lda, s->lda, s->B, s->ldb,
-          s->beta, s->C + i0 * s->ldc, s->ldc);
+    s->fn(s->trans_b, i1 - i0, s->N, s->K, s->A + i0 * s->lda, s->lda, s->B, s->ldb, s->beta,
+          s->C + i0 * s->ldc, s->ldc);
   }
 }
 
-void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
-             const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
-             float *C, int64_t ldc) {
+void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+             int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   const sg_ops *ops = sg_ops_active();
   sg_fn fn = ops->gemm;
   int nt = pool_threads(pool);

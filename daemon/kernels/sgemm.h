@@ -18,18 +18,15 @@
 #include "../base/cpu.h"
 #include "../base/pool.h"
 
-void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K,
-             const float *A, int64_t lda, const float *B, int64_t ldb,
-             float beta, float *C, int64_t ldc);
+void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+             int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 
 /* The scalar reference (single-threaded, same contract). */
-void sg_gemm_ref(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                 int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                 int64_t ldc);
+void sg_gemm_ref(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                 const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 
-typedef void (*sg_fn)(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                      int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                      int64_t ldc);
+typedef void (*sg_fn)(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc);
 
 /* One path's single-threaded product, so that tests and benchmarks can run
  * a path that is not the best one. */

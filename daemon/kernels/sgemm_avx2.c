@@ -31,7 +31,9 @@
 #define NC 3072 /* multiple of NR */
 #define DIRECT_MAX_M 8
 
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
 
 /* Lane mask selecting the first n (0..8) lanes. */
 static __m256i tail_mask(int64_t n) {
@@ -144,8 +146,8 @@ static void pack_b_t(const float *B, int64_t ldb, int64_t kc, int64_t nc, float 
 /* ---- the 6x16 register block -------------------------------------------- */
 
 /* C[mr, nr] = beta * C + Ap-panel * Bp-panel over kc. */
-static void kernel_6x16(int64_t kc, const float *restrict ap, const float *restrict bp,
-                        float *C, int64_t ldc, int64_t mr, int64_t nr, float beta) {
+static void kernel_6x16(int64_t kc, const float *restrict ap, const float *restrict bp, float *C,
+                        int64_t ldc, int64_t mr, int64_t nr, float beta) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -178,8 +180,7 @@ static void kernel_6x16(int64_t kc, const float *restrict ap, const float *restr
     ap += MR;
     bp += NR;
   }
-  __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21},
-                       {c30, c31}, {c40, c41}, {c50, c51}};
+  __m256 acc[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   if (nr == NR) {
     for (int64_t m = 0; m < mr; m++) {
       float *c = C + m * ldc;
@@ -199,16 +200,18 @@ static void kernel_6x16(int64_t kc, const float *restrict ap, const float *restr
 
 /* ---- packed path ---------------------------------------------------------- */
 
-static void gemm_packed(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                        int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                        int64_t ldc, float *Ap, float *Bp, int64_t nc_max) {
+static void gemm_packed(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                        const float *B, int64_t ldb, float beta, float *C, int64_t ldc, float *Ap,
+                        float *Bp, int64_t nc_max) {
   for (int64_t jc = 0; jc < N; jc += nc_max) {
     int64_t nc = min64(nc_max, N - jc);
     for (int64_t pc = 0; pc < K; pc += KC) {
       int64_t kc = min64(KC, K - pc);
       float bet = pc == 0 ? beta : 1.0f;
-      if (trans_b) pack_b_t(B + jc * ldb + pc, ldb, kc, nc, Bp);
-      else pack_b_n(B + pc * ldb + jc, ldb, kc, nc, Bp);
+      if (trans_b)
+        pack_b_t(B + jc * ldb + pc, ldb, kc, nc, Bp);
+      else
+        pack_b_n(B + pc * ldb + jc, ldb, kc, nc, Bp);
       for (int64_t ic = 0; ic < M; ic += MC) {
         int64_t mc = min64(MC, M - ic);
         pack_a(A + ic * lda + pc, lda, mc, kc, Ap);
@@ -235,8 +238,8 @@ static float hsum8(__m256 v) {
 
 /* One row against B^T [N, K]: c[j] = beta*c[j] + dot(a, B[j, :]), four
  * rows of B at a time so that each load of a feeds four FMAs. */
-static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t ldb,
-                  float beta, float *c) {
+static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t ldb, float beta,
+                  float *c) {
   int64_t kv = K & ~(int64_t)7;
   __m256i mk = tail_mask(K - kv);
   int64_t j = 0;
@@ -268,7 +271,8 @@ static void row_t(int64_t N, int64_t K, const float *a, const float *B, int64_t 
     __m256 s = _mm256_setzero_ps();
     for (int64_t k = 0; k < kv; k += 8)
       s = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), s);
-    if (kv < K) s = _mm256_fmadd_ps(_mm256_maskload_ps(a + kv, mk), _mm256_maskload_ps(b + kv, mk), s);
+    if (kv < K)
+      s = _mm256_fmadd_ps(_mm256_maskload_ps(a + kv, mk), _mm256_maskload_ps(b + kv, mk), s);
     c[j] = merge1(c[j], hsum8(s), beta);
   }
 }
@@ -435,9 +439,8 @@ static void few_t(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, 
 
 /* ---- entry ----------------------------------------------------------------- */
 
-static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                  int64_t ldc) {
+static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; i++)
@@ -445,8 +448,10 @@ static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float 
     return;
   }
   if (M <= DIRECT_MAX_M) {
-    if (trans_b) few_t(M, N, K, A, lda, B, ldb, beta, C, ldc);
-    else few_n(M, N, K, A, lda, B, ldb, beta, C, ldc);
+    if (trans_b)
+      few_t(M, N, K, A, lda, B, ldb, beta, C, ldc);
+    else
+      few_n(M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
   int64_t kc = min64(KC, K);

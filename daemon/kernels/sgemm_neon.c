@@ -17,8 +17,8 @@ static inline float merge1(float c, float v, float beta) {
 
 /* The scalar edge: C[i0..i1, j0..j1) exactly as the reference does it. */
 static void edge(int trans_b, int64_t i0, int64_t i1, int64_t j0, int64_t j1, int64_t K,
-                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
-                 float *C, int64_t ldc) {
+                 const float *A, int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                 int64_t ldc) {
   for (int64_t i = i0; i < i1; i++) {
     for (int64_t j = j0; j < j1; j++) {
       float acc = 0.0f;
@@ -74,9 +74,8 @@ static void block_4x4_t(int64_t K, const float *A, int64_t lda, const float *B, 
   }
 }
 
-static void gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                  int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                  int64_t ldc) {
+static void gemm_neon(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   int64_t nb = trans_b ? 4 : 8; /* columns per block */
   int64_t M4 = M & ~(int64_t)3, Nb = N / nb * nb;

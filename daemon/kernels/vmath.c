@@ -89,8 +89,8 @@ void vm_log_softmax_rows_ref(float *x, int64_t rows, int64_t cols) {
   }
 }
 
-void vm_layernorm_rows_ref(const float *x, float *y, int64_t rows, int64_t cols,
-                           const float *gamma, const float *beta, float eps) {
+void vm_layernorm_rows_ref(const float *x, float *y, int64_t rows, int64_t cols, const float *gamma,
+                           const float *beta, float eps) {
   for (int64_t r = 0; r < rows; r++, x += cols, y += cols) {
     double mean = 0.0, var = 0.0;
     for (int64_t j = 0; j < cols; j++) mean += x[j];
@@ -108,9 +108,17 @@ void vm_layernorm_rows_ref(const float *x, float *y, int64_t rows, int64_t cols,
 }
 
 static const vm_ops g_scalar = {
-    "scalar",        vm_exp_ref,     vm_relu_ref,         vm_gelu_ref,
-    vm_gelu_tanh_ref, vm_elu_ref,    vm_tanh_ref,         vm_sigmoid_ref,
-    vm_softmax_rows_ref, vm_log_softmax_rows_ref, vm_layernorm_rows_ref,
+    "scalar",
+    vm_exp_ref,
+    vm_relu_ref,
+    vm_gelu_ref,
+    vm_gelu_tanh_ref,
+    vm_elu_ref,
+    vm_tanh_ref,
+    vm_sigmoid_ref,
+    vm_softmax_rows_ref,
+    vm_log_softmax_rows_ref,
+    vm_layernorm_rows_ref,
 };
 
 #if defined(__x86_64__)
@@ -136,7 +144,9 @@ const vm_ops *vm_ops_for(cpu_path p) {
 static const vm_ops *g_ops; /* chosen on first use */
 static const vm_ops *vm_pick(void);
 
-const vm_ops *vm_ops_active(void) { return vm_pick(); }
+const vm_ops *vm_ops_active(void) {
+  return vm_pick();
+}
 
 static const vm_ops *vm_pick(void) {
   const vm_ops *o = __atomic_load_n(&g_ops, __ATOMIC_ACQUIRE);
@@ -147,20 +157,34 @@ static const vm_ops *vm_pick(void) {
   return o;
 }
 
-void vm_exp(float *x, int64_t n) { vm_pick()->exp(x, n); }
-void vm_relu(float *x, int64_t n) { vm_pick()->relu(x, n); }
-void vm_gelu(float *x, int64_t n) { vm_pick()->gelu(x, n); }
-void vm_gelu_tanh(float *x, int64_t n) { vm_pick()->gelu_tanh(x, n); }
-void vm_elu(float *x, int64_t n) { vm_pick()->elu(x, n); }
-void vm_tanh(float *x, int64_t n) { vm_pick()->tanh(x, n); }
-void vm_sigmoid(float *x, int64_t n) { vm_pick()->sigmoid(x, n); }
+void vm_exp(float *x, int64_t n) {
+  vm_pick()->exp(x, n);
+}
+void vm_relu(float *x, int64_t n) {
+  vm_pick()->relu(x, n);
+}
+void vm_gelu(float *x, int64_t n) {
+  vm_pick()->gelu(x, n);
+}
+void vm_gelu_tanh(float *x, int64_t n) {
+  vm_pick()->gelu_tanh(x, n);
+}
+void vm_elu(float *x, int64_t n) {
+  vm_pick()->elu(x, n);
+}
+void vm_tanh(float *x, int64_t n) {
+  vm_pick()->tanh(x, n);
+}
+void vm_sigmoid(float *x, int64_t n) {
+  vm_pick()->sigmoid(x, n);
+}
 void vm_softmax_rows(float *x, int64_t rows, int64_t cols) {
   vm_pick()->softmax_rows(x, rows, cols);
 }
 void vm_log_softmax_rows(float *x, int64_t rows, int64_t cols) {
   vm_pick()->log_softmax_rows(x, rows, cols);
 }
-void vm_layernorm_rows(const float *x, float *y, int64_t rows, int64_t cols,
-                       const float *gamma, const float *beta, float eps) {
+void vm_layernorm_rows(const float *x, float *y, int64_t rows, int64_t cols, const float *gamma,
+                       const float *beta, float eps) {
   vm_pick()->layernorm_rows(x, y, rows, cols, gamma, beta, eps);
 }

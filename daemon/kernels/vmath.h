@@ -32,8 +32,8 @@ void vm_softmax_rows(float *x, int64_t rows, int64_t cols);
 void vm_log_softmax_rows(float *x, int64_t rows, int64_t cols);
 /* y = (x - mean) / sqrt(var + eps) * gamma + beta per row, var biased (as
  * torch.nn.LayerNorm). */
-void vm_layernorm_rows(const float *x, float *y, int64_t rows, int64_t cols,
-                       const float *gamma, const float *beta, float eps);
+void vm_layernorm_rows(const float *x, float *y, int64_t rows, int64_t cols, const float *gamma,
+                       const float *beta, float eps);
 
 void vm_exp_ref(float *x, int64_t n);
 void vm_relu_ref(float *x, int64_t n);
@@ -44,8 +44,8 @@ void vm_tanh_ref(float *x, int64_t n);
 void vm_sigmoid_ref(float *x, int64_t n);
 void vm_softmax_rows_ref(float *x, int64_t rows, int64_t cols);
 void vm_log_softmax_rows_ref(float *x, int64_t rows, int64_t cols);
-void vm_layernorm_rows_ref(const float *x, float *y, int64_t rows, int64_t cols,
-                           const float *gamma, const float *beta, float eps);
+void vm_layernorm_rows_ref(const float *x, float *y, int64_t rows, int64_t cols, const float *gamma,
+                           const float *beta, float eps);
 
 /* One path's implementations, so that tests and benchmarks can run a path
  * that is not the best one. */
@@ -60,8 +60,8 @@ typedef struct vm_ops {
   void (*sigmoid)(float *x, int64_t n);
   void (*softmax_rows)(float *x, int64_t rows, int64_t cols);
   void (*log_softmax_rows)(float *x, int64_t rows, int64_t cols);
-  void (*layernorm_rows)(const float *x, float *y, int64_t rows, int64_t cols,
-                         const float *gamma, const float *beta, float eps);
+  void (*layernorm_rows)(const float *x, float *y, int64_t rows, int64_t cols, const float *gamma,
+                         const float *beta, float eps);
 } vm_ops;
 
 /* The table for path p, or NULL when this build does not compile it. The

@@ -23,20 +23,24 @@ static __m256i tail_mask(int64_t n) { /* the first n (0..8) lanes */
   return _mm256_loadu_si256((const __m256i *)(m + 8 - n));
 }
 
-static inline __m256 abs8(__m256 v) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v); }
+static inline __m256 abs8(__m256 v) {
+  return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), v);
+}
 
 /* Applies f to x[0..n) eight at a time; masked-off lanes compute on 0. */
-#define VM_MAP(name, f)                                              \
-  static void name(float *x, int64_t n) {                            \
-    int64_t i = 0;                                                   \
+#define VM_MAP(name, f)                                                            \
+  static void name(float *x, int64_t n) {                                          \
+    int64_t i = 0;                                                                 \
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, f(_mm256_loadu_ps(x + i))); \
-    if (i < n) {                                                     \
-      __m256i m = tail_mask(n - i);                                  \
-      _mm256_maskstore_ps(x + i, m, f(_mm256_maskload_ps(x + i, m))); \
-    }                                                                \
+    if (i < n) {                                                                   \
+      __m256i m = tail_mask(n - i);                                                \
+      _mm256_maskstore_ps(x + i, m, f(_mm256_maskload_ps(x + i, m)));              \
+    }                                                                              \
   }
 
-static inline __m256 relu8(__m256 v) { return _mm256_max_ps(_mm256_setzero_ps(), v); }
+static inline __m256 relu8(__m256 v) {
+  return _mm256_max_ps(_mm256_setzero_ps(), v);
+}
 
 static inline __m256 sigmoid8(__m256 v) {
   __m256 e = exp256_ps(_mm256_sub_ps(_mm256_setzero_ps(), abs8(v)));
@@ -60,9 +64,9 @@ static inline __m256 tanh8(__m256 v) {
   __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(v, u), p, v);
   /* otherwise 1 - 2 / (exp(2|x|) + 1), with the sign of x */
   __m256 e = exp256_ps(_mm256_add_ps(a, a));
-  __m256 t = _mm256_sub_ps(_mm256_set1_ps(1.0f),
-                           _mm256_div_ps(_mm256_set1_ps(2.0f),
-                                         _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
+  __m256 t =
+      _mm256_sub_ps(_mm256_set1_ps(1.0f),
+                    _mm256_div_ps(_mm256_set1_ps(2.0f), _mm256_add_ps(e, _mm256_set1_ps(1.0f))));
   __m256 big = _mm256_or_ps(t, _mm256_and_ps(v, _mm256_set1_ps(-0.0f)));
   return _mm256_blendv_ps(big, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.55f), _CMP_LT_OQ));
 }
@@ -78,8 +82,7 @@ static inline __m256 elu8(__m256 v) {
   p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(0.5f));
   __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(v, v), p, v);
   __m256 big = _mm256_sub_ps(exp256_ps(v), _mm256_set1_ps(1.0f));
-  __m256 neg = _mm256_blendv_ps(big, small,
-                                _mm256_cmp_ps(v, _mm256_set1_ps(-0.35f), _CMP_GT_OQ));
+  __m256 neg = _mm256_blendv_ps(big, small, _mm256_cmp_ps(v, _mm256_set1_ps(-0.35f), _CMP_GT_OQ));
   return _mm256_blendv_ps(neg, v, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
 }
 
@@ -95,10 +98,10 @@ static inline __m256 gelu_tanh8(__m256 v) {
  * of lanes the caller must finish in scalar. */
 static inline __m256 gelu8_part(__m256 v, int *rest) {
   static const float a[16] = {
-      1.0000000000e+00f,  -3.3333333333e-01f, 1.0000000000e-01f,  -2.3809523810e-02f,
-      4.6296296296e-03f,  -7.5757575758e-04f, 1.0683760684e-04f,  -1.3227513228e-05f,
-      1.4589169001e-06f,  -1.4503852223e-07f, 1.3122532964e-08f,  -1.0892221037e-09f,
-      8.3507027951e-11f,  -5.9477940136e-12f, 3.9554295165e-13f,  -2.4668270103e-14f};
+      1.0000000000e+00f, -3.3333333333e-01f, 1.0000000000e-01f, -2.3809523810e-02f,
+      4.6296296296e-03f, -7.5757575758e-04f, 1.0683760684e-04f, -1.3227513228e-05f,
+      1.4589169001e-06f, -1.4503852223e-07f, 1.3122532964e-08f, -1.0892221037e-09f,
+      8.3507027951e-11f, -5.9477940136e-12f, 3.9554295165e-13f, -2.4668270103e-14f};
   __m256 t = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
   __m256 u = _mm256_mul_ps(t, t);
   __m256 p = _mm256_set1_ps(a[15]);
@@ -165,8 +168,7 @@ static float row_max(const float *x, int64_t cols) {
   for (; j + 8 <= cols; j += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + j));
   if (j < cols) {
     __m256i mk = tail_mask(cols - j);
-    m = _mm256_max_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY),
-                                          _mm256_maskload_ps(x + j, mk),
+    m = _mm256_max_ps(m, _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), _mm256_maskload_ps(x + j, mk),
                                           _mm256_castsi256_ps(mk)));
   }
   return hmax8(m);
@@ -257,18 +259,25 @@ static void layernorm_rows_avx2(const float *x, float *y, int64_t rows, int64_t 
       int full = j < cv;
       __m256 xv = full ? _mm256_loadu_ps(x + j) : _mm256_maskload_ps(x + j, mk);
       __m256 v = _mm256_mul_ps(_mm256_sub_ps(xv, mf), inv);
-      if (gamma) v = _mm256_mul_ps(v, full ? _mm256_loadu_ps(gamma + j) : _mm256_maskload_ps(gamma + j, mk));
-      if (beta) v = _mm256_add_ps(v, full ? _mm256_loadu_ps(beta + j) : _mm256_maskload_ps(beta + j, mk));
-      if (full) _mm256_storeu_ps(y + j, v);
-      else _mm256_maskstore_ps(y + j, mk, v);
+      if (gamma)
+        v = _mm256_mul_ps(v, full ? _mm256_loadu_ps(gamma + j) : _mm256_maskload_ps(gamma + j, mk));
+      if (beta)
+        v = _mm256_add_ps(v, full ? _mm256_loadu_ps(beta + j) : _mm256_maskload_ps(beta + j, mk));
+      if (full)
+        _mm256_storeu_ps(y + j, v);
+      else
+        _mm256_maskstore_ps(y + j, mk, v);
     }
   }
 }
 
 const vm_ops vm__ops_avx2 = {
-    "avx2+fma",     exp_avx2,           relu_avx2,           gelu_avx2,
-    gelu_tanh_avx2, elu_avx2,           tanh_avx2,           sigmoid_avx2,
-    softmax_rows_avx2, log_softmax_rows_avx2, layernorm_rows_avx2,
+    "avx2+fma",          exp_avx2,
+    relu_avx2,           gelu_avx2,
+    gelu_tanh_avx2,      elu_avx2,
+    tanh_avx2,           sigmoid_avx2,
+    softmax_rows_avx2,   log_softmax_rows_avx2,
+    layernorm_rows_avx2,
 };
 
 #endif

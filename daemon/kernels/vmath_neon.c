@@ -41,21 +41,23 @@ static inline float32x4_t sigmoid4(float32x4_t v) {
   return vbslq_f32(vcltq_f32(v, vdupq_n_f32(0.0f)), vmulq_f32(e, r), r);
 }
 
-static inline float32x4_t relu4(float32x4_t v) { return vmaxq_f32(vdupq_n_f32(0.0f), v); }
+static inline float32x4_t relu4(float32x4_t v) {
+  return vmaxq_f32(vdupq_n_f32(0.0f), v);
+}
 
 static inline float32x4_t gelu_tanh4(float32x4_t v) {
   v = vmaxq_f32(vdupq_n_f32(-20.0f), v); /* as vmath.c; NaN passes */
   float32x4_t v3 = vmulq_f32(vmulq_f32(v, v), v);
-  float32x4_t u = vmulq_f32(vdupq_n_f32(0.7978845608028654f),
-                            vfmaq_f32(v, vdupq_n_f32(0.044715f), v3));
+  float32x4_t u =
+      vmulq_f32(vdupq_n_f32(0.7978845608028654f), vfmaq_f32(v, vdupq_n_f32(0.044715f), v3));
   return vmulq_f32(v, sigmoid4(vaddq_f32(u, u)));
 }
 
-#define VM_MAP(name, f, ref)                                                     \
-  static void name(float *x, int64_t n) {                                        \
-    int64_t i = 0;                                                               \
-    for (; i + 4 <= n; i += 4) vst1q_f32(x + i, f(vld1q_f32(x + i)));           \
-    ref(x + i, n - i);                                                           \
+#define VM_MAP(name, f, ref)                                          \
+  static void name(float *x, int64_t n) {                             \
+    int64_t i = 0;                                                    \
+    for (; i + 4 <= n; i += 4) vst1q_f32(x + i, f(vld1q_f32(x + i))); \
+    ref(x + i, n - i);                                                \
   }
 
 VM_MAP(exp_neon, exp4, vm_exp_ref)
@@ -114,9 +116,17 @@ static void log_softmax_rows_neon(float *x, int64_t rows, int64_t cols) {
 }
 
 const vm_ops vm__ops_neon = {
-    "neon",         exp_neon,    relu_neon,   vm_gelu_ref,
-    gelu_tanh_neon, vm_elu_ref,  vm_tanh_ref, sigmoid_neon,
-    softmax_rows_neon, log_softmax_rows_neon, vm_layernorm_rows_ref,
+    "neon",
+    exp_neon,
+    relu_neon,
+    vm_gelu_ref,
+    gelu_tanh_neon,
+    vm_elu_ref,
+    vm_tanh_ref,
+    sigmoid_neon,
+    softmax_rows_neon,
+    log_softmax_rows_neon,
+    vm_layernorm_rows_ref,
 };
 
 #endif

@@ -22,7 +22,9 @@
 #define AW_PROB_SUM_TOL 1e-3
 #define AW__SOFTMAX_STACK 64
 
-int aw_cc(const aw_spec *s) { return s->C < 2 ? 1 : s->C; }
+int aw_cc(const aw_spec *s) {
+  return s->C < 2 ? 1 : s->C;
+}
 
 int aw_spec_check(const aw_spec *s, ts_err *err) {
   if (s->F < 1 || s->F > AW_MAX_FAMILIES)
@@ -32,41 +34,37 @@ int aw_spec_check(const aw_spec *s, ts_err *err) {
   int64_t sum = 0;
   for (int f = 0; f < s->F; f++) {
     if (s->family_size[f] < 1)
-      return ts_errf(err, TS_EINVAL,
-                     "ensemble: family %d has %d members; needs at least 1", f,
+      return ts_errf(err, TS_EINVAL, "ensemble: family %d has %d members; needs at least 1", f,
                      s->family_size[f]);
     sum += s->family_size[f];
   }
   if (sum != s->n)
-    return ts_errf(err, TS_EINVAL,
-                   "ensemble: families hold %lld members in all but n = %d",
+    return ts_errf(err, TS_EINVAL, "ensemble: families hold %lld members in all but n = %d",
                    (long long)sum, s->n);
   if (s->C < 1)
-    return ts_errf(err, TS_EINVAL, "ensemble: classes = %d; expected 1 (binary) or >= 2",
-                   s->C);
+    return ts_errf(err, TS_EINVAL, "ensemble: classes = %d; expected 1 (binary) or >= 2", s->C);
   return 0;
 }
 
 /* "member 4 ('xc2', family 'xception')" or "member 4 (family 1, its member 2)". */
 static void aw__who(const aw_spec *s, int member, char *buf, size_t len) {
   int f = 0, first = 0;
-  while (f < s->F - 1 && member >= first + s->family_size[f])
-    first += s->family_size[f++];
+  while (f < s->F - 1 && member >= first + s->family_size[f]) first += s->family_size[f++];
   const char *mn = s->member_names ? s->member_names[member] : NULL;
   const char *fn = s->family_names ? s->family_names[f] : NULL;
-  if (mn && fn) snprintf(buf, len, "member %d ('%s', family '%s')", member, mn, fn);
-  else if (mn) snprintf(buf, len, "member %d ('%s', family %d)", member, mn, f);
+  if (mn && fn)
+    snprintf(buf, len, "member %d ('%s', family '%s')", member, mn, fn);
+  else if (mn)
+    snprintf(buf, len, "member %d ('%s', family %d)", member, mn, f);
   else if (fn)
-    snprintf(buf, len, "member %d (family '%s', its member %d)", member, fn,
-             member - first);
+    snprintf(buf, len, "member %d (family '%s', its member %d)", member, fn, member - first);
   else
     snprintf(buf, len, "member %d (family %d, its member %d)", member, f, member - first);
 }
 
-static int aw__bad(const aw_spec *s, int64_t row, int member, ts_err *err,
-                   const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-static int aw__bad(const aw_spec *s, int64_t row, int member, ts_err *err,
-                   const char *fmt, ...) {
+static int aw__bad(const aw_spec *s, int64_t row, int member, ts_err *err, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static int aw__bad(const aw_spec *s, int64_t row, int member, ts_err *err, const char *fmt, ...) {
   char who[160], what[200];
   va_list ap;
   va_start(ap, fmt);
@@ -78,8 +76,7 @@ static int aw__bad(const aw_spec *s, int64_t row, int member, ts_err *err,
 
 /* Describes what is wrong with one member's output z [Cc] of one row. Only
  * called once aw__member_ok has said no, so formatting stays off the hot path. */
-static int aw__member_err(const aw_spec *s, int64_t row, int member, const float *z,
-                          ts_err *err) {
+static int aw__member_err(const aw_spec *s, int64_t row, int member, const float *z, ts_err *err) {
   const char *kind = s->input_logits ? "logit" : "probability";
   int Cc = aw_cc(s);
   double sum = 0.0;
@@ -90,12 +87,10 @@ static int aw__member_err(const aw_spec *s, int64_t row, int member, const float
     if (isnan(v)) return aw__bad(s, row, member, err, "%s%s is NaN", cls, kind);
     if (isinf(v)) return aw__bad(s, row, member, err, "%s%s is infinite", cls, kind);
     if (!s->input_logits && (v < 0.0f || v > 1.0f))
-      return aw__bad(s, row, member, err, "%sprobability %g is outside [0, 1]", cls,
-                     (double)v);
+      return aw__bad(s, row, member, err, "%sprobability %g is outside [0, 1]", cls, (double)v);
     sum += v;
   }
-  return aw__bad(s, row, member, err,
-                 "class probabilities sum to %.6g, not 1 (tolerance %g)", sum,
+  return aw__bad(s, row, member, err, "class probabilities sum to %.6g, not 1 (tolerance %g)", sum,
                  AW_PROB_SUM_TOL);
 }
 
@@ -116,9 +111,7 @@ static inline int aw__member_ok(int Cc, int logits, const float *z) {
 
 static int aw__check_member(const aw_spec *s, int64_t row, int member, const float *z,
                             ts_err *err) {
-  return aw__member_ok(aw_cc(s), s->input_logits, z)
-             ? 0
-             : aw__member_err(s, row, member, z, err);
+  return aw__member_ok(aw_cc(s), s->input_logits, z) ? 0 : aw__member_err(s, row, member, z, err);
 }
 
 int aw_validate(const aw_spec *s, int64_t B, const float *member_out, ts_err *err) {
@@ -142,8 +135,7 @@ static double aw__sigmoid(double z) {
 }
 
 /* Adds the member's class probabilities (scaled by w) into acc [Cc]. */
-static inline void aw__add_member(int Cc, int logits, const float *z, double w,
-                                  double *acc) {
+static inline void aw__add_member(int Cc, int logits, const float *z, double w, double *acc) {
   if (!logits) {
     for (int c = 0; c < Cc; c++) acc[c] += w * z[c];
   } else if (Cc == 1) {
@@ -165,8 +157,8 @@ static inline void aw__add_member(int Cc, int logits, const float *z, double w,
 }
 
 /* Rows [b0, b1): computes P; returns the first bad row, or -1. */
-static int64_t aw__family_rows(const aw_spec *s, int64_t b0, int64_t b1,
-                               const float *member_out, double *P) {
+static int64_t aw__family_rows(const aw_spec *s, int64_t b0, int64_t b1, const float *member_out,
+                               double *P) {
   const int Cc = aw_cc(s), F = s->F, n = s->n, logits = s->input_logits;
   for (int64_t b = b0; b < b1; b++) {
     const float *zrow = member_out + b * n * Cc;
@@ -197,13 +189,13 @@ static void aw__fp_range(void *arg, int64_t b0, int64_t b1) {
   int64_t bad = aw__family_rows(j->s, b0, b1, j->member_out, j->P);
   if (bad < 0) return;
   int64_t cur = __atomic_load_n(&j->bad, __ATOMIC_RELAXED);
-  while (bad < cur && !__atomic_compare_exchange_n(&j->bad, &cur, bad, 1,
-                                                   __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  while (bad < cur &&
+         !__atomic_compare_exchange_n(&j->bad, &cur, bad, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
   }
 }
 
-int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double *P,
-                    pool_t *pool, ts_err *err) {
+int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double *P, pool_t *pool,
+                    ts_err *err) {
   int rc = aw_spec_check(s, err);
   if (rc) return rc;
   aw__fp_job j = {s, member_out, P, INT64_MAX};
@@ -217,8 +209,7 @@ int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double
   for (int m = 0; m < s->n; m++)
     if (!aw__member_ok(Cc, s->input_logits, zrow + m * Cc))
       return aw__member_err(s, j.bad, m, zrow + m * Cc, err);
-  return ts_errf(err, TS_EINTERNAL, "ensemble: row %lld reported bad but is not",
-                 (long long)j.bad);
+  return ts_errf(err, TS_EINTERNAL, "ensemble: row %lld reported bad but is not", (long long)j.bad);
 }
 
 void aw_alpha(int F, const double *theta, double *alpha) {
@@ -246,13 +237,11 @@ static inline void aw__combine_row(int F, int Cc, const double *prow, const doub
     for (int c = 0; c < Cc; c++) y[c] += alpha[f] * prow[f * Cc + c];
 }
 
-void aw_combine(const aw_spec *s, int64_t B, const double *P, const double *theta,
-                double *y) {
+void aw_combine(const aw_spec *s, int64_t B, const double *P, const double *theta, double *y) {
   int F = s->F, Cc = aw_cc(s);
   double alpha[AW_MAX_FAMILIES];
   aw_alpha(F, theta, alpha);
-  for (int64_t b = 0; b < B; b++)
-    aw__combine_row(F, Cc, P + b * F * Cc, alpha, y + b * Cc);
+  for (int64_t b = 0; b < B; b++) aw__combine_row(F, Cc, P + b * F * Cc, alpha, y + b * Cc);
 }
 
 /* Sum over rows idx[0..m) (idx NULL: 0..m-1) of the clamped per-row loss;
@@ -262,8 +251,7 @@ void aw_combine(const aw_spec *s, int64_t B, const double *P, const double *thet
  * (binary t = 0: dq/dy = -1 and dL/dy = 1/(1 - y) on P_f - y), and 0 when the
  * clamp is active, because clamp(q) is then constant. */
 static double aw__rows_loss_grad(int F, int Cc, const double *P, const int32_t *labels,
-                                 const int64_t *idx, int64_t m, const double *alpha,
-                                 double *g) {
+                                 const int64_t *idx, int64_t m, const double *alpha, double *g) {
   double loss = 0.0;
   for (int64_t k = 0; k < m; k++) {
     int64_t b = idx ? idx[k] : k;
@@ -296,8 +284,7 @@ double aw_loss_grad(const aw_spec *s, int64_t B, const double *P, const int32_t 
   aw_alpha(F, theta, alpha);
   if (grad)
     for (int f = 0; f < F; f++) grad[f] = 0.0;
-  double L =
-      B > 0 ? aw__rows_loss_grad(F, aw_cc(s), P, labels, NULL, B, alpha, grad) / B : 0.0;
+  double L = B > 0 ? aw__rows_loss_grad(F, aw_cc(s), P, labels, NULL, B, alpha, grad) / B : 0.0;
   double r = 0.0;
   for (int f = 0; f < F; f++) {
     double th = theta ? theta[f] : 0.0;
@@ -307,8 +294,7 @@ double aw_loss_grad(const aw_spec *s, int64_t B, const double *P, const int32_t 
   return L + 0.5 * l2 * r;
 }
 
-void aw_split(int64_t N, double validation_fraction, uint64_t seed, int64_t *perm,
-              int64_t *n_val) {
+void aw_split(int64_t N, double validation_fraction, uint64_t seed, int64_t *perm, int64_t *n_val) {
   for (int64_t i = 0; i < N; i++) perm[i] = i;
   uint64_t st = seed ^ 0x5EEDCAFEF00Dull;
   rng_shuffle(perm, N, &st);
@@ -336,23 +322,18 @@ static int aw__check_opts(const aw_fit_opts *o, ts_err *err) {
   if (o->epochs < 0)
     return ts_errf(err, TS_EINVAL, "parameter 'epochs': %d; expected >= 0", o->epochs);
   if (!(o->learning_rate > 0) || !isfinite(o->learning_rate))
-    return ts_errf(err, TS_EINVAL, "parameter 'learning_rate': %g; expected > 0",
-                   o->learning_rate);
+    return ts_errf(err, TS_EINVAL, "parameter 'learning_rate': %g; expected > 0", o->learning_rate);
   if (!(o->weight_decay >= 0) || !isfinite(o->weight_decay))
-    return ts_errf(err, TS_EINVAL, "parameter 'weight_decay': %g; expected >= 0",
-                   o->weight_decay);
+    return ts_errf(err, TS_EINVAL, "parameter 'weight_decay': %g; expected >= 0", o->weight_decay);
   if (!(o->l2 >= 0) || !isfinite(o->l2))
     return ts_errf(err, TS_EINVAL, "parameter 'l2': %g; expected >= 0", o->l2);
   if (!(o->validation_fraction >= 0 && o->validation_fraction < 1))
-    return ts_errf(err, TS_EINVAL,
-                   "parameter 'validation_fraction': %g; expected in [0, 1)",
+    return ts_errf(err, TS_EINVAL, "parameter 'validation_fraction': %g; expected in [0, 1)",
                    o->validation_fraction);
   if (o->patience < 0)
-    return ts_errf(err, TS_EINVAL, "parameter 'patience': %d; expected >= 0",
-                   o->patience);
+    return ts_errf(err, TS_EINVAL, "parameter 'patience': %d; expected >= 0", o->patience);
   if (!(o->min_delta >= 0) || !isfinite(o->min_delta))
-    return ts_errf(err, TS_EINVAL, "parameter 'min_delta': %g; expected >= 0",
-                   o->min_delta);
+    return ts_errf(err, TS_EINVAL, "parameter 'min_delta': %g; expected >= 0", o->min_delta);
   return 0;
 }
 
@@ -381,8 +362,7 @@ int aw_fit(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
 
   int64_t *perm = tl_malloc((size_t)N * sizeof *perm);
   if (!perm)
-    return ts_errf(err, TS_ENOMEM,
-                   "fit: out of memory for the row permutation (%lld rows)",
+    return ts_errf(err, TS_ENOMEM, "fit: out of memory for the row permutation (%lld rows)",
                    (long long)N);
   opt_adam adam;
   rc = opt_adam_init(&adam, F, o->learning_rate, o->weight_decay, 0, 1, err);
@@ -428,9 +408,8 @@ int aw_fit(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
     } else {
       since++;
     }
-    int stop = o->on_epoch ? o->on_epoch(o->on_epoch_arg, epoch, rep->train_loss,
-                                         n_val > 0 ? l : NAN)
-                           : 0;
+    int stop =
+        o->on_epoch ? o->on_epoch(o->on_epoch_arg, epoch, rep->train_loss, n_val > 0 ? l : NAN) : 0;
     if (stop < 0) {
       memcpy(theta, best, sizeof(double) * F);
       opt_adam_free(&adam);
@@ -447,9 +426,9 @@ int aw_fit(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
 
 /* Gathers y for rows idx[0..m) into buf [m, Cc]: the ensemble (f < 0) or
  * family f alone. */
-static int aw__eval(const aw_spec *s, const double *P, const int32_t *labels,
-                    const int64_t *idx, int64_t m, const double *theta, int f,
-                    double threshold, met_scores *out, ts_err *err) {
+static int aw__eval(const aw_spec *s, const double *P, const int32_t *labels, const int64_t *idx,
+                    int64_t m, const double *theta, int f, double threshold, met_scores *out,
+                    ts_err *err) {
   int F = s->F, Cc = aw_cc(s);
   if (m <= 0) return met_all(0, s->C, NULL, NULL, threshold, out, err);
   double *y = tl_malloc((size_t)m * Cc * sizeof *y);
@@ -457,16 +436,17 @@ static int aw__eval(const aw_spec *s, const double *P, const int32_t *labels,
   if (!y || !lab) {
     tl_free(y);
     tl_free(lab);
-    return ts_errf(err, TS_ENOMEM, "evaluate: out of memory for %lld scores",
-                   (long long)m);
+    return ts_errf(err, TS_ENOMEM, "evaluate: out of memory for %lld scores", (long long)m);
   }
   double alpha[AW_MAX_FAMILIES];
   aw_alpha(F, theta, alpha);
   for (int64_t k = 0; k < m; k++) {
     int64_t b = idx ? idx[k] : k;
     const double *prow = P + b * F * Cc;
-    if (f < 0) aw__combine_row(F, Cc, prow, alpha, y + k * Cc);
-    else memcpy(y + k * Cc, prow + f * Cc, sizeof(double) * Cc);
+    if (f < 0)
+      aw__combine_row(F, Cc, prow, alpha, y + k * Cc);
+    else
+      memcpy(y + k * Cc, prow + f * Cc, sizeof(double) * Cc);
     lab[k] = labels[b];
   }
   int rc = met_all(m, s->C, y, lab, threshold, out, err);
@@ -475,32 +455,27 @@ static int aw__eval(const aw_spec *s, const double *P, const int32_t *labels,
   return rc;
 }
 
-int aw_eval(const aw_spec *s, const double *P, const int32_t *labels, const int64_t *idx,
-            int64_t m, const double *theta, double threshold, met_scores *out,
-            ts_err *err) {
+int aw_eval(const aw_spec *s, const double *P, const int32_t *labels, const int64_t *idx, int64_t m,
+            const double *theta, double threshold, met_scores *out, ts_err *err) {
   return aw__eval(s, P, labels, idx, m, theta, -1, threshold, out, err);
 }
 
-int aw_eval_family(const aw_spec *s, const double *P, const int32_t *labels,
-                   const int64_t *idx, int64_t m, int f, double threshold,
-                   met_scores *out, ts_err *err) {
+int aw_eval_family(const aw_spec *s, const double *P, const int32_t *labels, const int64_t *idx,
+                   int64_t m, int f, double threshold, met_scores *out, ts_err *err) {
   if (f < 0 || f >= s->F)
-    return ts_errf(err, TS_EINVAL, "evaluate: family %d does not exist (%d families)", f,
-                   s->F);
+    return ts_errf(err, TS_EINVAL, "evaluate: family %d does not exist (%d families)", f, s->F);
   return aw__eval(s, P, labels, idx, m, NULL, f, threshold, out, err);
 }
 
-int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P,
-                           const int32_t *labels, const aw_fit_opts *o,
-                           const double *theta_before, const double *theta,
+int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
+                           const aw_fit_opts *o, const double *theta_before, const double *theta,
                            double threshold, aw_fit_metrics *out, ts_err *err) {
   int rc = aw_spec_check(s, err);
   if (rc) return rc;
   if (N < 1) return ts_errf(err, TS_EINVAL, "fit metrics: no labelled rows");
   int64_t *perm = tl_malloc((size_t)N * sizeof *perm);
   if (!perm)
-    return ts_errf(err, TS_ENOMEM, "fit metrics: out of memory for %lld row indices",
-                   (long long)N);
+    return ts_errf(err, TS_ENOMEM, "fit metrics: out of memory for %lld row indices", (long long)N);
   int64_t n_val;
   aw_split(N, o->validation_fraction, o->seed, perm, &n_val);
   const int64_t *train = perm + n_val;
@@ -509,8 +484,7 @@ int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P,
   int64_t n_cmp = n_val > 0 ? n_val : n_train;
   rc = aw_eval(s, P, labels, train, n_train, theta_before, threshold, &out->before, err);
   if (!rc) rc = aw_eval(s, P, labels, train, n_train, theta, threshold, &out->after, err);
-  if (!rc)
-    rc = aw_eval(s, P, labels, perm, n_val, theta, threshold, &out->validation, err);
+  if (!rc) rc = aw_eval(s, P, labels, perm, n_val, theta, threshold, &out->validation, err);
   if (!rc) rc = aw_eval(s, P, labels, cmp, n_cmp, NULL, threshold, &out->uniform, err);
   for (int f = 0; f < s->F && !rc; f++)
     rc = aw_eval_family(s, P, labels, cmp, n_cmp, f, threshold, &out->families[f], err);

@@ -69,15 +69,14 @@ int aw_validate(const aw_spec *s, int64_t B, const float *member_out, ts_err *er
  * serial in the caller; the result is the same). Validates as it goes: the
  * error names the lowest bad row as aw_validate would (P is then partly
  * written). */
-int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double *P,
-                    pool_t *pool, ts_err *err);
+int aw_family_probs(const aw_spec *s, int64_t B, const float *member_out, double *P, pool_t *pool,
+                    ts_err *err);
 
 /* alpha [F] = softmax(theta). */
 void aw_alpha(int F, const double *theta, double *alpha);
 
 /* Tier 2: y [B, Cc] = sum_f softmax(theta)_f P_f. theta NULL = uniform. */
-void aw_combine(const aw_spec *s, int64_t B, const double *P, const double *theta,
-                double *y);
+void aw_combine(const aw_spec *s, int64_t B, const double *P, const double *theta, double *y);
 
 /* Mean clamped log loss of aw_combine's y plus (l2/2)|theta|^2; when grad
  * is not NULL writes dL/dtheta [F]. Labels are assumed checked (met_check_labels). */
@@ -121,8 +120,7 @@ typedef struct aw_fit_report {
  * 0..N-1 whose first *n_val entries are the validation rows and the rest the
  * training rows. n_val = floor(fraction * N), at least 1 when fraction > 0
  * and N >= 2, and always leaves a training row. */
-void aw_split(int64_t N, double validation_fraction, uint64_t seed, int64_t *perm,
-              int64_t *n_val);
+void aw_split(int64_t N, double validation_fraction, uint64_t seed, int64_t *perm, int64_t *n_val);
 
 /* Learns theta from P [N, F, Cc] and labels with Adam(W), shuffling the
  * training rows every epoch through an index permutation (P is never
@@ -137,14 +135,12 @@ int aw_fit(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
  * of P (idx NULL: rows 0..m-1), P as aw_family_probs made it; labels are
  * checked (-TS_EINVAL naming the row). Allocates scores [m, Cc], labels [m]
  * and the AUC sort buffer, all freed before return. */
-int aw_eval(const aw_spec *s, const double *P, const int32_t *labels, const int64_t *idx,
-            int64_t m, const double *theta, double threshold, met_scores *out,
-            ts_err *err);
+int aw_eval(const aw_spec *s, const double *P, const int32_t *labels, const int64_t *idx, int64_t m,
+            const double *theta, double threshold, met_scores *out, ts_err *err);
 
 /* Metrics of family f alone (y = P_f) on the same rows. */
-int aw_eval_family(const aw_spec *s, const double *P, const int32_t *labels,
-                   const int64_t *idx, int64_t m, int f, double threshold,
-                   met_scores *out, ts_err *err);
+int aw_eval_family(const aw_spec *s, const double *P, const int32_t *labels, const int64_t *idx,
+                   int64_t m, int f, double threshold, met_scores *out, ts_err *err);
 
 /* Everything a fit answer shows, on aw_fit's split (same N, fraction, seed):
  *   before     theta_before (NULL: uniform, the spec's "before"; or the
@@ -160,9 +156,8 @@ typedef struct aw_fit_metrics {
   met_scores *families;
 } aw_fit_metrics;
 
-int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P,
-                           const int32_t *labels, const aw_fit_opts *o,
-                           const double *theta_before, const double *theta,
+int aw_fit_metrics_compute(const aw_spec *s, int64_t N, const double *P, const int32_t *labels,
+                           const aw_fit_opts *o, const double *theta_before, const double *theta,
                            double threshold, aw_fit_metrics *out, ts_err *err);
 
 #endif

@@ -17,11 +17,10 @@ int met_check_labels(int64_t N, int C, const int32_t *labels, ts_err *err) {
   for (int64_t i = 0; i < N; i++) {
     if (labels[i] < 0 || labels[i] >= hi) {
       if (C < 2)
-        return ts_errf(err, TS_EINVAL,
-                       "labels row %lld: %d is not a binary label (0 or 1)", (long long)i,
-                       labels[i]);
-      return ts_errf(err, TS_EINVAL, "labels row %lld: class %d is outside [0, %d)",
-                     (long long)i, labels[i], C);
+        return ts_errf(err, TS_EINVAL, "labels row %lld: %d is not a binary label (0 or 1)",
+                       (long long)i, labels[i]);
+      return ts_errf(err, TS_EINVAL, "labels row %lld: class %d is outside [0, %d)", (long long)i,
+                     labels[i], C);
     }
   }
   return 0;
@@ -38,8 +37,10 @@ double met_log_loss(int64_t N, int C, const double *y, const int32_t *labels) {
   double s = 0.0;
   for (int64_t i = 0; i < N; i++) {
     double p;
-    if (C < 2) p = labels[i] ? y[i] : 1.0 - y[i];
-    else p = y[i * C + labels[i]];
+    if (C < 2)
+      p = labels[i] ? y[i] : 1.0 - y[i];
+    else
+      p = y[i * C + labels[i]];
     s -= log(met__clamp(p));
   }
   return s / (double)N;
@@ -82,14 +83,15 @@ static void met__radix(uint64_t *a, uint64_t *tmp, int64_t n) {
  * positive and negative keys are sorted apart (buf, tmp: N keys each), then
  * one merge counts for each positive the negatives below it and those tied
  * with it. NaN when one side is empty. */
-static double met__auc_col(int64_t N, const double *y, int stride, int col,
-                           const int32_t *labels, int32_t cls, uint64_t *buf,
-                           uint64_t *tmp) {
+static double met__auc_col(int64_t N, const double *y, int stride, int col, const int32_t *labels,
+                           int32_t cls, uint64_t *buf, uint64_t *tmp) {
   int64_t np = 0, nn = 0;
   for (int64_t i = 0; i < N; i++) {
     uint64_t k = met__key(y[i * stride + col]);
-    if (labels[i] == cls) buf[np++] = k;
-    else buf[N - 1 - nn++] = k;
+    if (labels[i] == cls)
+      buf[np++] = k;
+    else
+      buf[N - 1 - nn++] = k;
   }
   if (np == 0 || nn == 0) return NAN;
   uint64_t *pk = buf, *nk = buf + np;
@@ -109,8 +111,7 @@ static double met__auc_col(int64_t N, const double *y, int stride, int col,
   return wins / ((double)np * (double)nn);
 }
 
-int met_auc(int64_t N, int C, const double *y, const int32_t *labels, double *out,
-            ts_err *err) {
+int met_auc(int64_t N, int C, const double *y, const int32_t *labels, double *out, ts_err *err) {
   *out = NAN;
   if (N <= 0) return 0;
   uint64_t *buf = tl_malloc((size_t)N * 2 * sizeof *buf);
@@ -147,8 +148,8 @@ static double met__f1(double tp, double fp, double fn) {
   return d > 0.0 ? 2.0 * tp / d : 0.0;
 }
 
-int met_accuracy_f1(int64_t N, int C, const double *y, const int32_t *labels,
-                    double threshold, double *accuracy, double *f1, ts_err *err) {
+int met_accuracy_f1(int64_t N, int C, const double *y, const int32_t *labels, double threshold,
+                    double *accuracy, double *f1, ts_err *err) {
   if (N <= 0) {
     *accuracy = *f1 = NAN;
     return 0;
@@ -205,9 +206,8 @@ int met_all(int64_t N, int C, const double *y, const int32_t *labels, double thr
   for (int64_t i = 0; i < N; i++)
     for (int c = 0; c < Cc; c++)
       if (!isfinite(y[i * Cc + c]))
-        return ts_errf(err, TS_EINVAL,
-                       "prediction row %lld, class %d: not a finite number", (long long)i,
-                       c);
+        return ts_errf(err, TS_EINVAL, "prediction row %lld, class %d: not a finite number",
+                       (long long)i, c);
   out->log_loss = met_log_loss(N, C, y, labels);
   rc = met_accuracy_f1(N, C, y, labels, threshold, &out->accuracy, &out->f1, err);
   if (rc) return rc;

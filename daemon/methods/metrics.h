@@ -45,13 +45,12 @@ double met_log_loss(int64_t N, int C, const double *y, const int32_t *labels);
 /* ROC AUC (binary) or one-vs-rest macro AUC; *out = NaN when undefined.
  * Scores must be finite (met_all checks). -TS_ENOMEM when the sort buffer
  * (2N keys) cannot be had. Labels are assumed checked. */
-int met_auc(int64_t N, int C, const double *y, const int32_t *labels, double *out,
-            ts_err *err);
+int met_auc(int64_t N, int C, const double *y, const int32_t *labels, double *out, ts_err *err);
 
 /* Accuracy and F1 (binary at threshold; multi-class argmax + macro F1, which
  * needs C counters: -TS_ENOMEM when they cannot be had). Labels assumed checked. */
-int met_accuracy_f1(int64_t N, int C, const double *y, const int32_t *labels,
-                    double threshold, double *accuracy, double *f1, ts_err *err);
+int met_accuracy_f1(int64_t N, int C, const double *y, const int32_t *labels, double threshold,
+                    double *accuracy, double *f1, ts_err *err);
 
 /* All four, after checking labels and that every probability is finite
  * (-TS_EINVAL naming the row otherwise). N = 0 gives NaN everywhere. */

@@ -6,8 +6,8 @@
 
 #include "../base/mem.h"
 
-int opt_adam_init(opt_adam *o, int64_t n, double lr, double weight_decay,
-                  int amsgrad, int decoupled, ts_err *err) {
+int opt_adam_init(opt_adam *o, int64_t n, double lr, double weight_decay, int amsgrad,
+                  int decoupled, ts_err *err) {
   memset(o, 0, sizeof *o);
   o->lr = lr;
   o->beta1 = 0.9;
@@ -35,8 +35,10 @@ void opt_adam_step(opt_adam *o, double *p, const double *grad) {
   for (int64_t i = 0; i < o->n; i++) {
     double g = grad[i];
     if (o->weight_decay != 0.0) {
-      if (o->decoupled) p[i] -= o->lr * o->weight_decay * p[i];
-      else g += o->weight_decay * p[i];
+      if (o->decoupled)
+        p[i] -= o->lr * o->weight_decay * p[i];
+      else
+        g += o->weight_decay * p[i];
     }
     o->m[i] = o->beta1 * o->m[i] + (1.0 - o->beta1) * g;
     o->v[i] = o->beta2 * o->v[i] + (1.0 - o->beta2) * g * g;

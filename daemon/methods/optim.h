@@ -18,8 +18,8 @@ typedef struct opt_adam {
 } opt_adam;
 
 /* beta1 0.9, beta2 0.999, eps 1e-8. */
-int opt_adam_init(opt_adam *o, int64_t n, double lr, double weight_decay,
-                  int amsgrad, int decoupled, ts_err *err);
+int opt_adam_init(opt_adam *o, int64_t n, double lr, double weight_decay, int amsgrad,
+                  int decoupled, ts_err *err);
 void opt_adam_step(opt_adam *o, double *params, const double *grad);
 void opt_adam_free(opt_adam *o);
 

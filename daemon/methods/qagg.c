@@ -55,36 +55,43 @@ int qa_monotone_from_name(const char *name, qa_monotone *out) {
 int64_t qa_logit_count(const qa_spec *s) {
   int64_t M = s->M, K = s->K;
   switch (s->gran) {
-  case QA_COARSE: return M;
-  case QA_MEDIUM: return M * K;
-  default: return M * K * K;
+    case QA_COARSE: return M;
+    case QA_MEDIUM: return M * K;
+    default: return M * K * K;
   }
 }
 
 int qa_spec_check(const qa_spec *s, ts_err *err) {
-  if (s->M < 1) return ts_errf(err, TS_EINVAL, "aggregator: M (base models) must be >= 1, got %d", s->M);
+  if (s->M < 1)
+    return ts_errf(err, TS_EINVAL, "aggregator: M (base models) must be >= 1, got %d", s->M);
   if (s->K < 1 || s->K > QA_MAX_K)
-    return ts_errf(err, TS_EINVAL, "aggregator: K (levels) must be in [1, %d], got %d", QA_MAX_K, s->K);
-  if ((unsigned)s->gran > QA_FINE) return ts_errf(err, TS_EINVAL, "aggregator: unknown granularity %d", (int)s->gran);
-  if ((unsigned)s->scope > QA_LOCAL) return ts_errf(err, TS_EINVAL, "aggregator: unknown scope %d", (int)s->scope);
+    return ts_errf(err, TS_EINVAL, "aggregator: K (levels) must be in [1, %d], got %d", QA_MAX_K,
+                   s->K);
+  if ((unsigned)s->gran > QA_FINE)
+    return ts_errf(err, TS_EINVAL, "aggregator: unknown granularity %d", (int)s->gran);
+  if ((unsigned)s->scope > QA_LOCAL)
+    return ts_errf(err, TS_EINVAL, "aggregator: unknown scope %d", (int)s->scope);
   if (!s->levels) return ts_errf(err, TS_EINVAL, "aggregator: levels missing");
   for (int k = 0; k < s->K; k++) {
     double t = s->levels[k];
     if (!(t > 0.0 && t < 1.0))
       return ts_errf(err, TS_EINVAL, "aggregator: level %d is %g, must be in (0, 1)", k, t);
     if (k > 0 && !(t > s->levels[k - 1]))
-      return ts_errf(err, TS_EINVAL, "aggregator: levels must increase strictly (level %d: %g after %g)", k,
-                     t, s->levels[k - 1]);
+      return ts_errf(err, TS_EINVAL,
+                     "aggregator: levels must increase strictly (level %d: %g after %g)", k, t,
+                     s->levels[k - 1]);
   }
   if ((int64_t)s->M * s->K * s->K > ((int64_t)1 << 31))
     return ts_errf(err, TS_EINVAL, "aggregator: M*K*K = %lld is too large",
                    (long long)s->M * s->K * s->K);
   if (s->scope == QA_LOCAL) {
-    if (s->D < 1) return ts_errf(err, TS_EINVAL, "local aggregator: D (features) must be >= 1, got %d", s->D);
-    if (s->hidden < 1) return ts_errf(err, TS_EINVAL, "local aggregator: hidden must be >= 1, got %d", s->hidden);
+    if (s->D < 1)
+      return ts_errf(err, TS_EINVAL, "local aggregator: D (features) must be >= 1, got %d", s->D);
+    if (s->hidden < 1)
+      return ts_errf(err, TS_EINVAL, "local aggregator: hidden must be >= 1, got %d", s->hidden);
     if (s->depth < 1 || s->depth > QA_MAX_DEPTH)
-      return ts_errf(err, TS_EINVAL, "local aggregator: depth must be in [1, %d], got %d", QA_MAX_DEPTH,
-                     s->depth);
+      return ts_errf(err, TS_EINVAL, "local aggregator: depth must be in [1, %d], got %d",
+                     QA_MAX_DEPTH, s->depth);
     if (qa_logit_count(s) * s->hidden > ((int64_t)1 << 31))
       return ts_errf(err, TS_EINVAL, "local aggregator: head of %lld x %d weights is too large",
                      (long long)qa_logit_count(s), s->hidden);
@@ -126,9 +133,12 @@ int qa_params_init(qa_params *p, const qa_spec *s, uint64_t seed, ts_err *err) {
   if (rc) return rc;
   int64_t M = s->M, K = s->K, L = qa_logit_count(s);
   if (s->scope == QA_GLOBAL) {
-    if (s->gran == QA_COARSE) add_tensor(p, "aggregator.logits", 1, M, 0);
-    else if (s->gran == QA_MEDIUM) add_tensor(p, "aggregator.logits", 2, M, K);
-    else add_tensor(p, "aggregator.logits", 2, M * K, K);
+    if (s->gran == QA_COARSE)
+      add_tensor(p, "aggregator.logits", 1, M, 0);
+    else if (s->gran == QA_MEDIUM)
+      add_tensor(p, "aggregator.logits", 2, M, K);
+    else
+      add_tensor(p, "aggregator.logits", 2, M * K, K);
   } else {
     char name[48];
     for (int i = 0; i <= s->depth; i++) {
@@ -162,8 +172,10 @@ int qa_params_init(qa_params *p, const qa_spec *s, uint64_t seed, ts_err *err) {
     for (int i = 0; i < p->ntensors; i += 2) {
       qa_tensor *w = &p->t[i], *b = &p->t[i + 1];
       double bound = 1.0 / sqrt((double)w->shape[1]);
-      for (int64_t e = 0; e < w->numel; e++) w->data[e] = (float)((2.0 * rng_unif01(&st) - 1.0) * bound);
-      for (int64_t e = 0; e < b->numel; e++) b->data[e] = (float)((2.0 * rng_unif01(&st) - 1.0) * bound);
+      for (int64_t e = 0; e < w->numel; e++)
+        w->data[e] = (float)((2.0 * rng_unif01(&st) - 1.0) * bound);
+      for (int64_t e = 0; e < b->numel; e++)
+        b->data[e] = (float)((2.0 * rng_unif01(&st) - 1.0) * bound);
     }
   }
   return 0;
@@ -224,7 +236,8 @@ int qa_global_weights(const qa_spec *s, const qa_params *p, double *W, ts_err *e
   int rc = qa_spec_check(s, err);
   if (rc) return rc;
   if (s->scope != QA_GLOBAL)
-    return ts_errf(err, TS_EINVAL, "aggregator: a local aggregator's weights depend on the features");
+    return ts_errf(err, TS_EINVAL,
+                   "aggregator: a local aggregator's weights depend on the features");
   int64_t L = qa_logit_count(s);
   if (p->n != L) return ts_errf(err, TS_EINVAL, "aggregator: parameters do not match the spec");
   for (int64_t i = 0; i < L; i++) W[i] = p->data[i];
@@ -319,24 +332,26 @@ int qa_infer_init(qa_infer *f, const qa_spec *s, const qa_params *p, ts_err *err
   int64_t L = qa_logit_count(s);
   if (s->scope == QA_GLOBAL) {
     if (p->n != L || p->ntensors != 1)
-      return ts_errf(err, TS_EINVAL, "aggregator: parameters (%lld values) do not match the spec (%lld)",
+      return ts_errf(err, TS_EINVAL,
+                     "aggregator: parameters (%lld values) do not match the spec (%lld)",
                      (long long)p->n, (long long)L);
     f->wg = tl_malloc((size_t)L * sizeof(float));
-    if (!f->wg) return ts_errf(err, TS_ENOMEM, "aggregator: out of memory for %lld weights", (long long)L);
+    if (!f->wg)
+      return ts_errf(err, TS_ENOMEM, "aggregator: out of memory for %lld weights", (long long)L);
     memcpy(f->wg, p->data, (size_t)L * sizeof(float));
     if (s->simplex) softmax_f32(s, f->wg);
   } else {
     if (p->ntensors != 2 * (s->depth + 1))
-      return ts_errf(err, TS_EINVAL, "local aggregator: %d parameter tensors, spec needs %d", p->ntensors,
-                     2 * (s->depth + 1));
+      return ts_errf(err, TS_EINVAL, "local aggregator: %d parameter tensors, spec needs %d",
+                     p->ntensors, 2 * (s->depth + 1));
     for (int i = 0; i <= s->depth; i++) {
       int64_t in, out;
       qa__layer_dims(s, i, &in, &out);
       const qa_tensor *w = &p->t[2 * i], *b = &p->t[2 * i + 1];
       if (w->shape[0] != out || w->shape[1] != in || b->numel != out)
-        return ts_errf(err, TS_EINVAL, "local aggregator: '%s' is [%lld, %lld], spec needs [%lld, %lld]",
-                       w->name, (long long)w->shape[0], (long long)w->shape[1], (long long)out,
-                       (long long)in);
+        return ts_errf(
+            err, TS_EINVAL, "local aggregator: '%s' is [%lld, %lld], spec needs [%lld, %lld]",
+            w->name, (long long)w->shape[0], (long long)w->shape[1], (long long)out, (long long)in);
     }
   }
   f->spec = *s;
@@ -344,14 +359,15 @@ int qa_infer_init(qa_infer *f, const qa_spec *s, const qa_params *p, ts_err *err
   return 0;
 }
 
-int qa_infer_run(pool_t *pool, const qa_infer *f, int64_t B, const float *Z, const float *X, float *Q,
-                 ts_err *err) {
+int qa_infer_run(pool_t *pool, const qa_infer *f, int64_t B, const float *Z, const float *X,
+                 float *Q, ts_err *err) {
   const qa_spec *s = &f->spec;
   if (!f->params) return ts_errf(err, TS_EINVAL, "aggregator: inference state not initialised");
   if (B < 0) return ts_errf(err, TS_EINVAL, "aggregator: negative batch %lld", (long long)B);
   if (B == 0) return 0;
   if (!Z || !Q) return ts_errf(err, TS_EINVAL, "aggregator: base predictions or output missing");
-  if (s->scope == QA_LOCAL && !X) return ts_errf(err, TS_EINVAL, "local aggregator: features X missing");
+  if (s->scope == QA_LOCAL && !X)
+    return ts_errf(err, TS_EINVAL, "local aggregator: features X missing");
   int64_t L = qa_logit_count(s), MK = (int64_t)s->M * s->K;
   fw_ctx c = {.s = s, .p = f->params, .B = B, .Z = Z, .X = X, .Q = Q, .Wg = f->wg};
   if (s->scope == QA_GLOBAL) {

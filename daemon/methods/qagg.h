@@ -51,10 +51,10 @@
 #include "../base/err.h"
 #include "../base/pool.h"
 
-#define QA_MAX_K 4096       /* levels per row */
-#define QA_MAX_DEPTH 8      /* hidden layers of the local network */
+#define QA_MAX_K 4096  /* levels per row */
+#define QA_MAX_DEPTH 8 /* hidden layers of the local network */
 #define QA_MAX_TENSORS (2 * (QA_MAX_DEPTH + 1))
-#define QA_LEVEL_TOL 1e-9   /* matching tau with 1 - tau' */
+#define QA_LEVEL_TOL 1e-9 /* matching tau with 1 - tau' */
 /* Parameters of one aggregator (134M floats: 512 MiB, 2 GiB with Adam's
  * state). A fit allocates and touches all of them, so a request asking for
  * a network larger than this is refused instead of exhausting memory. */
@@ -70,27 +70,27 @@ typedef enum {
 } qa_monotone;
 
 typedef struct qa_spec {
-  int M, K, D;            /* base models, levels, features (D unused by global) */
-  const double *levels;   /* [K], strictly increasing in (0, 1); borrowed */
+  int M, K, D;          /* base models, levels, features (D unused by global) */
+  const double *levels; /* [K], strictly increasing in (0, 1); borrowed */
   qa_granularity gran;
   qa_scope scope;
-  int simplex;            /* 1: softmax weights; 0: free (raw) weights */
-  int hidden, depth;      /* local only: H and the number of hidden layers */
+  int simplex;       /* 1: softmax weights; 0: free (raw) weights */
+  int hidden, depth; /* local only: H and the number of hidden layers */
 } qa_spec;
 
 typedef struct qa_tensor {
   char name[48];
-  int ndim;               /* 1 or 2 */
+  int ndim; /* 1 or 2 */
   int64_t shape[2];
-  int64_t offset, numel;  /* position inside qa_params.data */
-  float *data;            /* = params->data + offset */
+  int64_t offset, numel; /* position inside qa_params.data */
+  float *data;           /* = params->data + offset */
 } qa_tensor;
 
 typedef struct qa_params {
   int ntensors;
   qa_tensor t[QA_MAX_TENSORS];
-  int64_t n;              /* floats in data: the parameter count */
-  float *data;            /* owned */
+  int64_t n;   /* floats in data: the parameter count */
+  float *data; /* owned */
 } qa_params;
 
 /* 0, or -TS_EINVAL with a message naming the bad field. */
@@ -118,8 +118,8 @@ void qa_params_from_f64(qa_params *p, const double *theta);
  * b*M*K + j*K + l) with features X[B, D] (local; NULL allowed for global).
  * Float, no dropout. Parallel over pool (NULL: serial). One-shot: prepares
  * a qa_infer, runs it and frees it. */
-int qa_forward(pool_t *pool, const qa_spec *s, const qa_params *p, int64_t B,
-               const float *Z, const float *X, float *Q, ts_err *err);
+int qa_forward(pool_t *pool, const qa_spec *s, const qa_params *p, int64_t B, const float *Z,
+               const float *X, float *Q, ts_err *err);
 /* Prepared inference: checks the parameters against the spec once and,
  * for a global aggregator, computes the effective weights once (the fine
  * softmax has M*K*K entries), so that the model kind pays neither per
@@ -143,9 +143,9 @@ int qa_global_weights(const qa_spec *s, const qa_params *p, double *W, ts_err *e
 /* ---- training math (double) ---- */
 
 typedef struct qa_loss_opts {
-  double lambda, margin;  /* non-crossing penalty; lambda 0 turns it off */
-  double dropout;         /* local only; 0 = off (inference) */
-  uint64_t dropout_seed;  /* the mask of row r depends on (seed, r) only */
+  double lambda, margin; /* non-crossing penalty; lambda 0 turns it off */
+  double dropout;        /* local only; 0 = off (inference) */
+  uint64_t dropout_seed; /* the mask of row r depends on (seed, r) only */
 } qa_loss_opts;
 
 /* Over the n rows rows[0..n) (rows NULL: 0..n-1) of Z, X, y:
@@ -155,12 +155,11 @@ typedef struct qa_loss_opts {
  * and, when grad is not NULL, grad[p->n] = d loss / d theta. Either output
  * pointer may be NULL. Deterministic for given inputs whatever the pool. */
 int qa_loss_grad(pool_t *pool, const qa_spec *s, const double *theta, int64_t n,
-                 const int64_t *rows, const float *Z, const float *X,
-                 const float *y, const qa_loss_opts *o, double *loss,
-                 double *pinball, double *grad, ts_err *err);
+                 const int64_t *rows, const float *Z, const float *X, const float *y,
+                 const qa_loss_opts *o, double *loss, double *pinball, double *grad, ts_err *err);
 /* Q[n, K] in double from theta (no dropout): the training-precision forward. */
-int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n,
-                   const float *Z, const float *X, double *Q, ts_err *err);
+int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n, const float *Z, const float *X,
+                   double *Q, ts_err *err);
 
 /* The fit's gradient (qagg_f32.c): qa_loss_grad's loss, pinball and
  * gradient in float32 (double sums), for up to max_rows rows per call, its
@@ -168,10 +167,9 @@ int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n,
  * thread at a time; s->levels is borrowed for the handle's life. */
 typedef struct qa_grad32 qa_grad32;
 int qa_grad32_new(qa_grad32 **out, const qa_spec *s, int64_t max_rows, ts_err *err);
-int qa_grad32_run(qa_grad32 *g, pool_t *pool, const double *theta, int64_t n,
-                  const int64_t *rows, const float *Z, const float *X, const float *y,
-                  const qa_loss_opts *o, double *loss, double *pinball, double *grad,
-                  ts_err *err);
+int qa_grad32_run(qa_grad32 *g, pool_t *pool, const double *theta, int64_t n, const int64_t *rows,
+                  const float *Z, const float *X, const float *y, const qa_loss_opts *o,
+                  double *loss, double *pinball, double *grad, ts_err *err);
 void qa_grad32_free(qa_grad32 *g);
 
 typedef struct qa_fit_opts {
@@ -196,12 +194,12 @@ typedef struct qa_fit_opts {
 void qa_fit_opts_default(qa_fit_opts *o);
 
 typedef struct qa_fit_report {
-  int epochs_run, best_epoch;  /* 1-based; best_epoch's params are returned */
+  int epochs_run, best_epoch; /* 1-based; best_epoch's params are returned */
   int stopped_early;
   int64_t n_train, n_val;
-  double best_val_loss;        /* NaN without validation rows */
-  double *train_loss;          /* [epochs_run] mean minibatch objective (owned) */
-  double *val_loss;            /* [epochs_run] validation mean pinball, NaN if none */
+  double best_val_loss; /* NaN without validation rows */
+  double *train_loss;   /* [epochs_run] mean minibatch objective (owned) */
+  double *val_loss;     /* [epochs_run] validation mean pinball, NaN if none */
   /* [n_train + n_val] the split (owned): rows[0..n_train) are the training
    * rows (in the last epoch's order), rows[n_train..) the validation rows
    * early stopping measured, so that a caller can score the same held-out
@@ -216,9 +214,8 @@ typedef struct qa_fit_report {
  * pinball with dropout off, measured after each epoch; without validation
  * rows the last epoch is kept. report may be NULL; on success it holds the
  * split (report->rows) until qa_fit_report_free. */
-int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B,
-           const float *Z, const float *X, const float *y,
-           const qa_fit_opts *o, qa_fit_report *report, ts_err *err);
+int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float *Z, const float *X,
+           const float *y, const qa_fit_opts *o, qa_fit_report *report, ts_err *err);
 void qa_fit_report_free(qa_fit_report *r);
 
 /* ---- monotone steps (qmono.c) ---- */
@@ -228,8 +225,8 @@ void qa_fit_report_free(qa_fit_report *r);
  * a median index outside the row. */
 int qa_monotone_apply(qa_monotone m, int K, int median_index, float *q, ts_err *err);
 /* Every row of Q[B, K]. */
-int qa_monotone_rows(pool_t *pool, qa_monotone m, int64_t B, int K,
-                     int median_index, float *Q, ts_err *err);
+int qa_monotone_rows(pool_t *pool, qa_monotone m, int64_t B, int K, int median_index, float *Q,
+                     ts_err *err);
 /* PAV with equal weights, in place, double; n <= QA_MAX_K. */
 void qa_isotonic(int n, double *v);
 
@@ -244,32 +241,30 @@ double qa_interval_score(double alpha, double l, double u, double y);
  * level indices, alpha[i] = 2 tau, ordered from the widest interval in.
  * Arrays have room for K/2 entries. *median_index is the index of the level
  * 0.5 (within tolerance) or -1. Levels left unpaired are ignored. */
-int qa_central_intervals(int K, const double *levels, int *lo, int *hi,
-                         double *alpha, int *n_int, int *median_index,
-                         ts_err *err);
+int qa_central_intervals(int K, const double *levels, int *lo, int *hi, double *alpha, int *n_int,
+                         int *median_index, ts_err *err);
 
 /* Bracher et al.: 1/(n_int + 1/2) (1/2 |y - m| + sum_i alpha_i/2 IS_i), one row. */
-double qa_wis_bracher(int n_int, const int *lo, const int *hi,
-                      const double *alpha, int median_index, const float *q,
-                      double y);
+double qa_wis_bracher(int n_int, const int *lo, const int *hi, const double *alpha,
+                      int median_index, const float *q, double y);
 /* 2/K * sum_k pinball(tau_k, y, q_k): equal to the Bracher WIS when the K
  * levels are the median and n_int symmetric pairs (K = 2 n_int + 1). */
 double qa_wis_pinball(int K, const double *levels, const float *q, double y);
 
 typedef struct qa_metrics {
   int64_t n;
-  double mean_pinball;        /* mean over rows and levels */
-  double wis;                 /* Bracher, mean over rows; NaN without a median */
+  double mean_pinball; /* mean over rows and levels */
+  double wis;          /* Bracher, mean over rows; NaN without a median */
   int n_int;
-  double *nominal;            /* [n_int] 1 - alpha (owned) */
-  double *interval_score;     /* [n_int] mean IS_alpha */
-  double *coverage;           /* [n_int] fraction with l <= y <= u */
-  int *lo, *hi;               /* [n_int] level indices */
+  double *nominal;        /* [n_int] 1 - alpha (owned) */
+  double *interval_score; /* [n_int] mean IS_alpha */
+  double *coverage;       /* [n_int] fraction with l <= y <= u */
+  int *lo, *hi;           /* [n_int] level indices */
 } qa_metrics;
 
 /* Q[N, K] against y[N]. */
-int qa_metrics_compute(int K, const double *levels, int64_t N, const float *Q,
-                       const float *y, qa_metrics *m, ts_err *err);
+int qa_metrics_compute(int K, const double *levels, int64_t N, const float *Q, const float *y,
+                       qa_metrics *m, ts_err *err);
 void qa_metrics_free(qa_metrics *m);
 
 /* ---- conformal calibration (CQR, Romano et al. 2019; qscore.c) ----
@@ -293,9 +288,8 @@ void qa_metrics_free(qa_metrics *m);
  * the level. No silent fallback. */
 typedef enum { QA_CQR_SYMMETRIC = 0, QA_CQR_ASYMMETRIC = 1, QA_CQR_PER_QUANTILE = 2 } qa_cqr_mode;
 
-int qa_cqr_fit(qa_cqr_mode mode, int K, const double *levels, int64_t n,
-               const float *Q, const float *y, int allow_inf, double *lower,
-               double *upper, ts_err *err);
+int qa_cqr_fit(qa_cqr_mode mode, int K, const double *levels, int64_t n, const float *Q,
+               const float *y, int allow_inf, double *lower, double *upper, ts_err *err);
 /* Applies lower/upper to every row of Q[B, K] in place. */
 void qa_cqr_apply(int K, const double *lower, const double *upper, int64_t B, float *Q);
 const char *qa_cqr_mode_name(qa_cqr_mode m);

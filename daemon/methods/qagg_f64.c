@@ -93,7 +93,7 @@ static void agg_dw_accum(const qa_spec *s, const float *z, const double *g, doub
 /* Loss of one row and g = d(row's share of the loss)/dq, where the pinball
  * part is scaled by cp = 1/(n K) and the penalty by cn = lambda/(n pairs). */
 void qa__row_loss(int K, const double *tau, double y, const double *q, double cp, double cn,
-                     double margin, double *pin, double *pen, double *g) {
+                  double margin, double *pin, double *pen, double *g) {
   double ps = 0.0;
   for (int k = 0; k < K; k++) {
     double d = y - q[k];
@@ -130,13 +130,13 @@ void qa__row_loss(int K, const double *tau, double y, const double *q, double cp
 #define QA_TILE 32
 
 typedef struct tile_ws {
-  int64_t R;                        /* rows per tile */
-  double *inp[QA_MAX_DEPTH + 1];    /* [R, in_i], input of Linear i; inp[0] = x */
-  double *pre[QA_MAX_DEPTH];        /* [R, H] before ELU */
-  double *scale[QA_MAX_DEPTH + 1];  /* [R, H] dropout factor on inp[i]; NULL = none */
-  double *S, *W, *DS;               /* [R, L] logits, weights, d loss / d logits */
-  double *da, *db;                  /* [R, max(H, D)] */
-  double *q, *g;                    /* [R, K] */
+  int64_t R;                       /* rows per tile */
+  double *inp[QA_MAX_DEPTH + 1];   /* [R, in_i], input of Linear i; inp[0] = x */
+  double *pre[QA_MAX_DEPTH];       /* [R, H] before ELU */
+  double *scale[QA_MAX_DEPTH + 1]; /* [R, H] dropout factor on inp[i]; NULL = none */
+  double *S, *W, *DS;              /* [R, L] logits, weights, d loss / d logits */
+  double *da, *db;                 /* [R, max(H, D)] */
+  double *q, *g;                   /* [R, K] */
   double *mem;
 } tile_ws;
 
@@ -151,7 +151,8 @@ static int tile_ws_alloc(tile_ws *ws, const qa_spec *s, int dropout) {
   int64_t R = tile_rows(s), K = s->K, need = 2 * R * K;
   int local = s->scope == QA_LOCAL;
   int64_t H = s->hidden, D = s->D, L = qa_logit_count(s), wide = H > D ? H : D;
-  if (local) need += R * (D + 2 * s->depth * H + (dropout ? (s->depth - 1) * H : 0) + 3 * L + 2 * wide);
+  if (local)
+    need += R * (D + 2 * s->depth * H + (dropout ? (s->depth - 1) * H : 0) + 3 * L + 2 * wide);
   ws->mem = tl_malloc((size_t)need * sizeof(double));
   if (!ws->mem) return -1;
   ws->R = R;
@@ -173,7 +174,9 @@ static int tile_ws_alloc(tile_ws *ws, const qa_spec *s, int dropout) {
   return 0;
 }
 
-static double elu(double x) { return x > 0 ? x : expm1(x); }
+static double elu(double x) {
+  return x > 0 ? x : expm1(x);
+}
 
 /* O[R, out] = A[R, in] W[out, in]^T + b */
 static void d_linear(int64_t R, int64_t out, int64_t in, const double *A, const double *W,
@@ -264,8 +267,10 @@ static void tile_net_forward(const qa_spec *s, const double *const *Wl, const do
       }
   }
   for (int64_t t = 0; t < R; t++) {
-    if (s->simplex) qa__softmax_f64(s, ws->S + t * L, ws->W + t * L);
-    else memcpy(ws->W + t * L, ws->S + t * L, (size_t)L * sizeof(double));
+    if (s->simplex)
+      qa__softmax_f64(s, ws->S + t * L, ws->W + t * L);
+    else
+      memcpy(ws->W + t * L, ws->S + t * L, (size_t)L * sizeof(double));
   }
 }
 
@@ -359,7 +364,7 @@ typedef struct lg_ctx {
   const double *gw; /* global: the weights */
   double cp, cn;
   int want_grad;
-  double *acc;   /* [nblocks, P] gradient accumulators */
+  double *acc; /* [nblocks, P] gradient accumulators */
   int64_t P;
   double *pin, *pen; /* [nblocks] */
   int failed;
@@ -391,7 +396,7 @@ static void lg_block(void *arg, int64_t b0, int64_t b1) {
                    c->o->dropout_seed, z, &ws);
       for (int64_t t = 0; t < R; t++) {
         qa__row_loss(K, s->levels, c->y[ids[t]], ws.q + t * K, c->cp, c->cn, c->o->margin, &rp, &re,
-                 ws.g + t * K);
+                     ws.g + t * K);
         pin += rp;
         pen += re;
       }
@@ -418,24 +423,31 @@ static void lg_block(void *arg, int64_t b0, int64_t b1) {
 
 static int global_weights_f64(const qa_spec *s, const double *theta, double *w) {
   int64_t L = qa_logit_count(s);
-  if (s->simplex) qa__softmax_f64(s, theta, w);
-  else memcpy(w, theta, (size_t)L * sizeof(double));
+  if (s->simplex)
+    qa__softmax_f64(s, theta, w);
+  else
+    memcpy(w, theta, (size_t)L * sizeof(double));
   return 0;
 }
 
 int qa_loss_grad(pool_t *pool, const qa_spec *s, const double *theta, int64_t n,
                  const int64_t *rows, const float *Z, const float *X, const float *y,
-                 const qa_loss_opts *o, double *loss, double *pinball, double *grad,
-                 ts_err *err) {
+                 const qa_loss_opts *o, double *loss, double *pinball, double *grad, ts_err *err) {
   int rc = qa_spec_check(s, err);
   if (rc) return rc;
-  if (n < 1) return ts_errf(err, TS_EINVAL, "aggregator loss: needs at least one row, got %lld", (long long)n);
+  if (n < 1)
+    return ts_errf(err, TS_EINVAL, "aggregator loss: needs at least one row, got %lld",
+                   (long long)n);
   if (!Z || !y || (s->scope == QA_LOCAL && !X))
-    return ts_errf(err, TS_EINVAL, "aggregator loss: missing %s", !Z ? "Z" : !y ? "y" : "X (features)");
+    return ts_errf(err, TS_EINVAL, "aggregator loss: missing %s",
+                   !Z   ? "Z"
+                   : !y ? "y"
+                        : "X (features)");
   qa_loss_opts zero = {0};
   if (!o) o = &zero;
   if (s->scope == QA_LOCAL && (o->dropout < 0.0 || o->dropout >= 1.0))
-    return ts_errf(err, TS_EINVAL, "aggregator loss: dropout must be in [0, 1), got %g", o->dropout);
+    return ts_errf(err, TS_EINVAL, "aggregator loss: dropout must be in [0, 1), got %g",
+                   o->dropout);
 
   int64_t L = qa_logit_count(s), P = L;
   if (s->scope == QA_LOCAL) {
@@ -455,8 +467,17 @@ int qa_loss_grad(pool_t *pool, const qa_spec *s, const double *theta, int64_t n,
     if (cap < 1) cap = 1;
     if (nb > cap) nb = cap;
   }
-  lg_ctx c = {.s = s, .theta = theta, .rows = rows, .n = n, .nblocks = nb, .Z = Z, .X = X, .y = y,
-              .o = o, .want_grad = grad != NULL, .P = P};
+  lg_ctx c = {.s = s,
+              .theta = theta,
+              .rows = rows,
+              .n = n,
+              .nblocks = nb,
+              .Z = Z,
+              .X = X,
+              .y = y,
+              .o = o,
+              .want_grad = grad != NULL,
+              .P = P};
   c.cp = 1.0 / ((double)n * s->K);
   int64_t npairs = (int64_t)s->K * (s->K - 1) / 2;
   c.cn = (o->lambda != 0.0 && npairs > 0) ? o->lambda / ((double)n * npairs) : 0.0;
@@ -489,8 +510,10 @@ int qa_loss_grad(pool_t *pool, const qa_spec *s, const double *theta, int64_t n,
       const double *a = c.acc + b * P;
       for (int64_t i = 0; i < P; i++) c.acc[i] += a[i];
     }
-    if (s->scope == QA_GLOBAL && s->simplex) softmax_backward(s, gw, c.acc, grad);
-    else memcpy(grad, c.acc, (size_t)P * sizeof(double));
+    if (s->scope == QA_GLOBAL && s->simplex)
+      softmax_backward(s, gw, c.acc, grad);
+    else
+      memcpy(grad, c.acc, (size_t)P * sizeof(double));
   }
 out:
   tl_free(gw);
@@ -499,12 +522,13 @@ out:
   return rc;
 }
 
-int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n, const float *Z,
-                   const float *X, double *Q, ts_err *err) {
+int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n, const float *Z, const float *X,
+                   double *Q, ts_err *err) {
   int rc = qa_spec_check(s, err);
   if (rc) return rc;
   if (!Z || (s->scope == QA_LOCAL && !X))
-    return ts_errf(err, TS_EINVAL, "aggregator: %s missing", !Z ? "base predictions Z" : "features X");
+    return ts_errf(err, TS_EINVAL, "aggregator: %s missing",
+                   !Z ? "base predictions Z" : "features X");
   int64_t L = qa_logit_count(s);
   tile_ws ws;
   if (tile_ws_alloc(&ws, s, 0)) return ts_errf(err, TS_ENOMEM, "aggregator: out of memory");
@@ -531,4 +555,3 @@ int qa_predict_f64(const qa_spec *s, const double *theta, int64_t n, const float
   tl_free(ws.mem);
   return 0;
 }
-

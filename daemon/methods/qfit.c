@@ -35,11 +35,14 @@ void qa_fit_report_free(qa_fit_report *r) {
 
 static int check_opts(const qa_fit_opts *o, int64_t B, ts_err *err) {
   if (o->epochs < 1) return ts_errf(err, TS_EINVAL, "fit: epochs must be >= 1, got %d", o->epochs);
-  if (o->batch_size < 1) return ts_errf(err, TS_EINVAL, "fit: batch_size must be >= 1, got %d", o->batch_size);
+  if (o->batch_size < 1)
+    return ts_errf(err, TS_EINVAL, "fit: batch_size must be >= 1, got %d", o->batch_size);
   if (!(o->learning_rate > 0.0) || !isfinite(o->learning_rate))
     return ts_errf(err, TS_EINVAL, "fit: learning_rate must be > 0, got %g", o->learning_rate);
-  if (!(o->weight_decay >= 0.0)) return ts_errf(err, TS_EINVAL, "fit: weight_decay must be >= 0, got %g", o->weight_decay);
-  if (!(o->lambda >= 0.0)) return ts_errf(err, TS_EINVAL, "fit: lambda must be >= 0, got %g", o->lambda);
+  if (!(o->weight_decay >= 0.0))
+    return ts_errf(err, TS_EINVAL, "fit: weight_decay must be >= 0, got %g", o->weight_decay);
+  if (!(o->lambda >= 0.0))
+    return ts_errf(err, TS_EINVAL, "fit: lambda must be >= 0, got %g", o->lambda);
   /* with a negative margin the penalty ReLU(q_k - q_k' + margin) would let
    * levels cross by up to |margin| for free: the opposite of its purpose */
   if (!(o->margin >= 0.0) || !isfinite(o->margin))
@@ -47,10 +50,12 @@ static int check_opts(const qa_fit_opts *o, int64_t B, ts_err *err) {
   if (!(o->dropout >= 0.0 && o->dropout < 1.0))
     return ts_errf(err, TS_EINVAL, "fit: dropout must be in [0, 1), got %g", o->dropout);
   if (!(o->validation_fraction >= 0.0 && o->validation_fraction < 1.0))
-    return ts_errf(err, TS_EINVAL, "fit: validation_fraction must be in [0, 1), got %g", o->validation_fraction);
+    return ts_errf(err, TS_EINVAL, "fit: validation_fraction must be in [0, 1), got %g",
+                   o->validation_fraction);
   int64_t nval = (int64_t)floor(o->validation_fraction * (double)B);
   if (B - nval < 1)
-    return ts_errf(err, TS_EINVAL, "fit: %lld rows leave none for training after the validation split",
+    return ts_errf(err, TS_EINVAL,
+                   "fit: %lld rows leave none for training after the validation split",
                    (long long)B);
   return 0;
 }
@@ -77,7 +82,8 @@ static int batch_grad(qa_grad32 *g, int64_t cap, pool_t *pool, const double *the
   for (int64_t i = 0; i < n; i += cap) {
     int64_t c = n - i < cap ? n - i : cap;
     double lc, pc, w = (double)c / (double)n;
-    int rc = qa_grad32_run(g, pool, theta, c, rows + i, Z, X, y, lo, &lc, &pc, grad ? acc : NULL, err);
+    int rc =
+        qa_grad32_run(g, pool, theta, c, rows + i, Z, X, y, lo, &lc, &pc, grad ? acc : NULL, err);
     if (rc) return rc;
     l += w * lc;
     p += w * pc;
@@ -89,16 +95,18 @@ static int batch_grad(qa_grad32 *g, int64_t cap, pool_t *pool, const double *the
   return 0;
 }
 
-int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float *Z,
-           const float *X, const float *y, const qa_fit_opts *o, qa_fit_report *report,
-           ts_err *err) {
+int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float *Z, const float *X,
+           const float *y, const qa_fit_opts *o, qa_fit_report *report, ts_err *err) {
   qa_fit_report local_rep;
   qa_fit_report *rep = report ? report : &local_rep;
   memset(rep, 0, sizeof *rep);
   int rc = qa_spec_check(s, err);
   if (rc) return rc;
   if (!Z || !y || (s->scope == QA_LOCAL && !X))
-    return ts_errf(err, TS_EINVAL, "fit: missing %s", !Z ? "base predictions" : !y ? "targets" : "features");
+    return ts_errf(err, TS_EINVAL, "fit: missing %s",
+                   !Z   ? "base predictions"
+                   : !y ? "targets"
+                        : "features");
   if (B < 1) return ts_errf(err, TS_EINVAL, "fit: needs rows, got %lld", (long long)B);
   if ((rc = check_opts(o, B, err))) return rc;
 
@@ -111,8 +119,8 @@ int qa_fit(pool_t *pool, const qa_spec *s, qa_params *p, int64_t B, const float 
   opt_adam opt;
   memset(&opt, 0, sizeof opt);
   if (!perm || !theta || !rep->train_loss) {
-    rc = ts_errf(err, TS_ENOMEM, "fit: out of memory for %lld rows and %lld parameters", (long long)B,
-                 (long long)P);
+    rc = ts_errf(err, TS_ENOMEM, "fit: out of memory for %lld rows and %lld parameters",
+                 (long long)B, (long long)P);
     goto out;
   }
   if ((rc = opt_adam_init(&opt, P, o->learning_rate, o->weight_decay, 1, 0, err))) goto out;

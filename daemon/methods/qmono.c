@@ -42,28 +42,26 @@ int qa_monotone_apply(qa_monotone m, int K, int median_index, float *q, ts_err *
   if (K < 1 || K > QA_MAX_K)
     return ts_errf(err, TS_EINVAL, "monotone: K must be in [1, %d], got %d", QA_MAX_K, K);
   switch (m) {
-  case QA_MONO_NONE:
-    return 0;
-  case QA_MONO_SORT:
-    qsort(q, (size_t)K, sizeof(float), cmp_float);
-    return 0;
-  case QA_MONO_ISOTONIC: {
-    double v[QA_MAX_K];
-    for (int k = 0; k < K; k++) v[k] = q[k];
-    qa_isotonic(K, v);
-    for (int k = 0; k < K; k++) q[k] = (float)v[k];
-    return 0;
-  }
-  case QA_MONO_MEDIAN:
-    if (median_index < 0 || median_index >= K)
-      return ts_errf(err, TS_EINVAL,
-                     "monotone 'median': the levels have no median (0.5) level; median index %d of K=%d",
-                     median_index, K);
-    for (int k = median_index - 1; k >= 0; k--)
-      if (q[k + 1] < q[k]) q[k] = q[k + 1];
-    for (int k = median_index + 1; k < K; k++)
-      if (q[k - 1] > q[k]) q[k] = q[k - 1];
-    return 0;
+    case QA_MONO_NONE: return 0;
+    case QA_MONO_SORT: qsort(q, (size_t)K, sizeof(float), cmp_float); return 0;
+    case QA_MONO_ISOTONIC: {
+      double v[QA_MAX_K];
+      for (int k = 0; k < K; k++) v[k] = q[k];
+      qa_isotonic(K, v);
+      for (int k = 0; k < K; k++) q[k] = (float)v[k];
+      return 0;
+    }
+    case QA_MONO_MEDIAN:
+      if (median_index < 0 || median_index >= K)
+        return ts_errf(
+            err, TS_EINVAL,
+            "monotone 'median': the levels have no median (0.5) level; median index %d of K=%d",
+            median_index, K);
+      for (int k = median_index - 1; k >= 0; k--)
+        if (q[k + 1] < q[k]) q[k] = q[k + 1];
+      for (int k = median_index + 1; k < K; k++)
+        if (q[k - 1] > q[k]) q[k] = q[k - 1];
+      return 0;
   }
   return ts_errf(err, TS_EINVAL, "monotone: unknown mode %d", (int)m);
 }
@@ -81,13 +79,15 @@ static void mono_rows(void *arg, int64_t b0, int64_t b1) {
 
 int qa_monotone_rows(pool_t *pool, qa_monotone m, int64_t B, int K, int median_index, float *Q,
                      ts_err *err) {
-  if ((unsigned)m > QA_MONO_MEDIAN) return ts_errf(err, TS_EINVAL, "monotone: unknown mode %d", (int)m);
+  if ((unsigned)m > QA_MONO_MEDIAN)
+    return ts_errf(err, TS_EINVAL, "monotone: unknown mode %d", (int)m);
   if (K < 1 || K > QA_MAX_K)
     return ts_errf(err, TS_EINVAL, "monotone: K must be in [1, %d], got %d", QA_MAX_K, K);
   if (m == QA_MONO_MEDIAN && (median_index < 0 || median_index >= K))
-    return ts_errf(err, TS_EINVAL,
-                   "monotone 'median': the levels have no median (0.5) level; median index %d of K=%d",
-                   median_index, K);
+    return ts_errf(
+        err, TS_EINVAL,
+        "monotone 'median': the levels have no median (0.5) level; median index %d of K=%d",
+        median_index, K);
   /* Every row is now valid, so the parallel rows cannot fail. */
   if (m == QA_MONO_NONE || B <= 0) return 0;
   mono_ctx c = {m, K, median_index, Q};

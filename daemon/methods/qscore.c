@@ -48,8 +48,8 @@ int qa_central_intervals(int K, const double *levels, int *lo, int *hi, double *
   return 0;
 }
 
-double qa_wis_bracher(int n_int, const int *lo, const int *hi, const double *alpha, int median_index,
-                      const float *q, double y) {
+double qa_wis_bracher(int n_int, const int *lo, const int *hi, const double *alpha,
+                      int median_index, const float *q, double y) {
   double s = 0.5 * fabs(y - (double)q[median_index]);
   for (int i = 0; i < n_int; i++)
     s += 0.5 * alpha[i] * qa_interval_score(alpha[i], q[lo[i]], q[hi[i]], y);
@@ -72,7 +72,8 @@ void qa_metrics_free(qa_metrics *m) {
 int qa_metrics_compute(int K, const double *levels, int64_t N, const float *Q, const float *y,
                        qa_metrics *m, ts_err *err) {
   memset(m, 0, sizeof *m);
-  if (N < 1) return ts_errf(err, TS_EINVAL, "metrics: need at least one row, got %lld", (long long)N);
+  if (N < 1)
+    return ts_errf(err, TS_EINVAL, "metrics: need at least one row, got %lld", (long long)N);
   int half = K / 2 + 1;
   m->nominal = tl_calloc((size_t)half * 3, sizeof(double));
   m->lo = tl_calloc((size_t)half * 2, sizeof(int));
@@ -117,7 +118,9 @@ int qa_metrics_compute(int K, const double *levels, int64_t N, const float *Q, c
 
 static const char *const cqr_names[] = {"symmetric", "asymmetric", "per_quantile"};
 
-const char *qa_cqr_mode_name(qa_cqr_mode m) { return (unsigned)m < 3 ? cqr_names[m] : "?"; }
+const char *qa_cqr_mode_name(qa_cqr_mode m) {
+  return (unsigned)m < 3 ? cqr_names[m] : "?";
+}
 
 int qa_cqr_mode_from_name(const char *name, qa_cqr_mode *out) {
   for (int i = 0; i < 3; i++)
@@ -144,10 +147,11 @@ static int kth_rank(double *e, int64_t n, double p, int allow_inf, double tau, d
       *out = INFINITY;
       return 0;
     }
-    return ts_errf(err, TS_EINVAL,
-                   "conformal: too few calibration rows (n=%lld) for a finite correction at level %g: "
-                   "rank %lld > n; use more rows or allow infinite corrections",
-                   (long long)n, tau, (long long)rank);
+    return ts_errf(
+        err, TS_EINVAL,
+        "conformal: too few calibration rows (n=%lld) for a finite correction at level %g: "
+        "rank %lld > n; use more rows or allow infinite corrections",
+        (long long)n, tau, (long long)rank);
   }
   qsort(e, (size_t)n, sizeof(double), cmp_double);
   *out = e[rank - 1];
@@ -156,17 +160,21 @@ static int kth_rank(double *e, int64_t n, double p, int allow_inf, double tau, d
 
 int qa_cqr_fit(qa_cqr_mode mode, int K, const double *levels, int64_t n, const float *Q,
                const float *y, int allow_inf, double *lower, double *upper, ts_err *err) {
-  if (n < 1) return ts_errf(err, TS_EINVAL, "conformal: needs calibration rows, got %lld", (long long)n);
-  if ((unsigned)mode > QA_CQR_PER_QUANTILE) return ts_errf(err, TS_EINVAL, "conformal: unknown mode %d", (int)mode);
+  if (n < 1)
+    return ts_errf(err, TS_EINVAL, "conformal: needs calibration rows, got %lld", (long long)n);
+  if ((unsigned)mode > QA_CQR_PER_QUANTILE)
+    return ts_errf(err, TS_EINVAL, "conformal: unknown mode %d", (int)mode);
   int lo[QA_MAX_K / 2 + 1], hi[QA_MAX_K / 2 + 1], nint, med;
   double alpha[QA_MAX_K / 2 + 1];
   int rc = qa_central_intervals(K, levels, lo, hi, alpha, &nint, &med, err);
   if (rc) return rc;
   if (mode != QA_CQR_PER_QUANTILE && nint == 0)
-    return ts_errf(err, TS_EINVAL, "conformal: the levels form no central interval (pairs tau, 1 - tau)");
+    return ts_errf(err, TS_EINVAL,
+                   "conformal: the levels form no central interval (pairs tau, 1 - tau)");
   for (int k = 0; k < K; k++) lower[k] = upper[k] = 0.0;
   double *e = tl_malloc((size_t)n * sizeof(double));
-  if (!e) return ts_errf(err, TS_ENOMEM, "conformal: out of memory for %lld residuals", (long long)n);
+  if (!e)
+    return ts_errf(err, TS_ENOMEM, "conformal: out of memory for %lld residuals", (long long)n);
   if (mode == QA_CQR_PER_QUANTILE) {
     for (int k = 0; k < K && rc == 0; k++) {
       double t = levels[k];
@@ -175,7 +183,8 @@ int qa_cqr_fit(qa_cqr_mode mode, int K, const double *levels, int64_t n, const f
         double qk = Q[i * K + k];
         e[i] = t > 0.5 ? (double)y[i] - qk : qk - (double)y[i];
       }
-      rc = kth_rank(e, n, t > 0.5 ? t : 1.0 - t, allow_inf, t, t > 0.5 ? &upper[k] : &lower[k], err);
+      rc =
+          kth_rank(e, n, t > 0.5 ? t : 1.0 - t, allow_inf, t, t > 0.5 ? &upper[k] : &lower[k], err);
     }
   } else {
     for (int j = 0; j < nint && rc == 0; j++) {

@@ -32,8 +32,7 @@ int smp_check(const smp_params *p, ts_err *err) {
   if (!(p->top_p > 0 && p->top_p <= 1))
     return ts_errf(err, TS_EINVAL, "top_p must be in (0, 1], got %g", p->top_p);
   if (p->top_k < 0)
-    return ts_errf(err, TS_EINVAL, "top_k must be >= 0 (0: off), got %lld",
-                   (long long)p->top_k);
+    return ts_errf(err, TS_EINVAL, "top_k must be >= 0 (0: off), got %lld", (long long)p->top_k);
   if (!(p->min_p >= 0 && p->min_p <= 1))
     return ts_errf(err, TS_EINVAL, "min_p must be in [0, 1], got %g", p->min_p);
   if (!(p->repetition_penalty > 0) || !isfinite(p->repetition_penalty))
@@ -62,8 +61,7 @@ int smp_init(smp_state *s, int64_t V, uint64_t seed, ts_err *err) {
   s->cand = tl_calloc((size_t)V, sizeof *s->cand);
   if (!s->gen_count || !s->seen || !s->seen_ids || !s->gen_ids || !s->work || !s->cand) {
     smp_free(s);
-    return ts_errf(err, TS_ENOMEM, "sampler: out of memory for a vocabulary of %lld",
-                   (long long)V);
+    return ts_errf(err, TS_ENOMEM, "sampler: out of memory for a vocabulary of %lld", (long long)V);
   }
   return 0;
 }

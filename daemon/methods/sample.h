@@ -51,10 +51,10 @@ typedef struct smp_state {
   uint8_t *seen;       /* [V] 1: in the prompt or the output */
   int32_t *seen_ids;   /* the ids with seen == 1, in first-seen order */
   int64_t n_seen;
-  int32_t *gen_ids;    /* the ids with gen_count > 0, in first-generated order */
+  int32_t *gen_ids; /* the ids with gen_count > 0, in first-generated order */
   int64_t n_gen;
-  float *work;         /* [V] the step's processed logits */
-  int32_t *cand;       /* [V] candidate ids of a filtered draw */
+  float *work;   /* [V] the step's processed logits */
+  int32_t *cand; /* [V] candidate ids of a filtered draw */
 } smp_state;
 
 /* Buffers for a vocabulary of V ids and the generator seeded with seed.

@@ -41,17 +41,22 @@ int md_attn_set_device(const char *name, ts_err *err) {
   if (want_cuda) return ts_errf(err, TS_EINVAL, "--device cuda: no CUDA device is available");
 #else
   if (want_cuda)
-    return ts_errf(err, TS_EINVAL, "--device cuda: this build has no CUDA (build with make CUDA=1)");
+    return ts_errf(err, TS_EINVAL,
+                   "--device cuda: this build has no CUDA (build with make CUDA=1)");
 #endif
   return 0;
 }
 
-md_device md_attn_device(void) { return g_device; }
-const char *md_attn_device_name(void) { return g_device == MD_DEVICE_CUDA ? "cuda" : "cpu"; }
+md_device md_attn_device(void) {
+  return g_device;
+}
+const char *md_attn_device_name(void) {
+  return g_device == MD_DEVICE_CUDA ? "cuda" : "cpu";
+}
 
-int md_attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq,
-                    int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v,
-                    attn_out out, ts_err *err) {
+int md_attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk,
+                    int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                    ts_err *err) {
 #ifdef TALLYD_CUDA
   if (g_device == MD_DEVICE_CUDA && Lq > 0)
     return attn_cuda_forward(prm, H, Hkv, Lq, Lk, d, dv, q, k, v, out, err);
@@ -197,10 +202,9 @@ static int check_shapes(const att_state *s, const ts_tensor *q, const ts_tensor 
     return ts_errf(err, TS_EINVAL, "input 'key': head dimension %lld differs from the query's %lld",
                    (long long)k->shape[o + 2], (long long)sh->d);
   if (v->shape[o] != sh->Hkv || v->shape[o + 1] != sh->Lk)
-    return ts_errf(err, TS_EINVAL,
-                   "input 'value': expected %lld heads of %lld rows like 'key', got %s",
-                   (long long)sh->Hkv, (long long)sh->Lk,
-                   ts_shape_str(v->shape, v->ndim, a, sizeof a));
+    return ts_errf(
+        err, TS_EINVAL, "input 'value': expected %lld heads of %lld rows like 'key', got %s",
+        (long long)sh->Hkv, (long long)sh->Lk, ts_shape_str(v->shape, v->ndim, a, sizeof a));
   if (sh->H < 1 || sh->Hkv < 1 || sh->H % sh->Hkv)
     return ts_errf(err, TS_EINVAL,
                    "%lld query heads cannot share %lld key/value heads (heads must be >= 1 "
@@ -272,8 +276,8 @@ static int infer(void *state, md_call *c, ts_err *err) {
     attn_tensor ak = {k + b * kn, sh.Lk * sh.d, sh.d};
     attn_tensor av = {v + b * vn, sh.Lk * sh.dv, sh.dv};
     attn_out ao = {y + b * on, sh.Lq * sh.dv, sh.dv};
-    rc = md_attn_forward(c->pool, &prm, (int)sh.H, (int)sh.Hkv, sh.Lq, sh.Lk, (int)sh.d,
-                         (int)sh.dv, aq, ak, av, ao, err);
+    rc = md_attn_forward(c->pool, &prm, (int)sh.H, (int)sh.Hkv, sh.Lq, sh.Lk, (int)sh.d, (int)sh.dv,
+                         aq, ak, av, ao, err);
     if (!rc) rc = md_check_deadline(c, err);
   }
 out:
@@ -283,11 +287,13 @@ out:
   return rc;
 }
 
-static void free_state(void *state) { tl_free(state); }
+static void free_state(void *state) {
+  tl_free(state);
+}
 
 /* Request parameters (model.h): the variant, its p and offset rows, the
  * causal mask and the queries' offset. */
-static const char *const infer_params[] = {"attention", "p", "offset_rows", "causal",
+static const char *const infer_params[] = {"attention",    "p", "offset_rows", "causal",
                                            "query_offset", NULL};
 
 const md_kind md_kind_attention = {.name = "attention",

@@ -31,9 +31,9 @@ md_device md_attn_device(void);
 const char *md_attn_device_name(void);
 
 /* attn_forward on the chosen device (pool is used only on the CPU). */
-int md_attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq,
-                    int64_t Lk, int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v,
-                    attn_out out, ts_err *err);
+int md_attn_forward(pool_t *pool, const attn_params *prm, int H, int Hkv, int64_t Lq, int64_t Lk,
+                    int d, int dv, attn_tensor q, attn_tensor k, attn_tensor v, attn_out out,
+                    ts_err *err);
 
 /* Attention over a packed KV cache (attn_kvc_forward). On the GPU, a chunk
  * of MD_ATTN_KVC_GPU_ROWS queries or more goes there (the cache's rows

@@ -44,13 +44,13 @@ typedef struct ens_state {
   char *model_name;
   aw_spec spec;
   int Cc;
-  int *family_size;     /* [F] */
-  char **family_names;  /* [F] */
-  char **member_names;  /* [n]: the hosted model or the external name */
-  unsigned char *hosted;/* [n] */
+  int *family_size;      /* [F] */
+  char **family_names;   /* [F] */
+  char **member_names;   /* [n]: the hosted model or the external name */
+  unsigned char *hosted; /* [n] */
   int n_hosted;
   double threshold;
-  double *theta;        /* [F] */
+  double *theta; /* [F] */
 } ens_state;
 
 /* ---- load --------------------------------------------------------------- */
@@ -85,8 +85,7 @@ static int check_obj_keys(const json_t *o, const char *const *allowed, const cha
 static int parse_families(ens_state *s, const json_t *fams, const char *self, ts_err *err) {
   static const char *const fam_keys[] = {"name", "members", NULL};
   static const char *const mem_keys[] = {"model", "external", NULL};
-  if (!json_is_array(fams) || json_array_size(fams) == 0 ||
-      json_array_size(fams) > AW_MAX_FAMILIES)
+  if (!json_is_array(fams) || json_array_size(fams) == 0 || json_array_size(fams) > AW_MAX_FAMILIES)
     return ts_errf(err, TS_EINVAL,
                    "config.json: 'families' must be a list of 1 to %d families, each "
                    "{\"name\": ..., \"members\": [{\"model\": ...} | {\"external\": ...}, ...]}",
@@ -173,8 +172,8 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
   }
   s->spec.input_logits = strcmp(mo, "logit") == 0;
   const json_t *cl = json_object_get(cfg, "classes");
-  if (cl && (!json_is_integer(cl) || json_integer_value(cl) < 1 ||
-             json_integer_value(cl) > 1000000)) {
+  if (cl &&
+      (!json_is_integer(cl) || json_integer_value(cl) < 1 || json_integer_value(cl) > 1000000)) {
     rc = ts_errf(err, TS_EINVAL,
                  "config.json: 'classes' must be 1 (binary: one logit or probability per "
                  "member) or the number of classes C >= 2");
@@ -274,8 +273,8 @@ typedef struct ens_run {
   const ts_tensor *features;
   int64_t B;
   float *Z;
-  int *rc;     /* [n] */
-  ts_err *errs;/* [n] */
+  int *rc;      /* [n] */
+  ts_err *errs; /* [n] */
 } ens_run;
 
 /* Runs hosted member m on the whole batch and writes its column of Z. */
@@ -315,8 +314,7 @@ static int run_member(ens_run *r, int m, ts_err *err) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
     goto out;
   }
-  if ((rc = ts_wrap(t, "features", f->dtype, f->ndim, f->shape, f->data, f->nbytes, err)))
-    goto out;
+  if ((rc = ts_wrap(t, "features", f->dtype, f->ndim, f->shape, f->data, f->nbytes, err))) goto out;
   mc.inputs = &in;
   mc.pool = c->pool;
   mc.host = host;
@@ -336,15 +334,18 @@ static int run_member(ens_run *r, int m, ts_err *err) {
   if (!ok) {
     char got[128];
     if (s->spec.C > 1)
-      rc = ts_errf(err, TS_EINVAL, "output '%s' has shape %s; the ensemble needs [%lld, %d] "
-                   "(one %s per class)", o->name ? o->name : "?",
-                   ts_shape_str(o->shape, o->ndim, got, sizeof got), (long long)r->B, s->spec.C,
-                   s->spec.input_logits ? "logit" : "probability");
+      rc = ts_errf(err, TS_EINVAL,
+                   "output '%s' has shape %s; the ensemble needs [%lld, %d] "
+                   "(one %s per class)",
+                   o->name ? o->name : "?", ts_shape_str(o->shape, o->ndim, got, sizeof got),
+                   (long long)r->B, s->spec.C, s->spec.input_logits ? "logit" : "probability");
     else
-      rc = ts_errf(err, TS_EINVAL, "output '%s' has shape %s; the ensemble needs [%lld, 1] or "
-                   "[%lld] (one %s per row)", o->name ? o->name : "?",
-                   ts_shape_str(o->shape, o->ndim, got, sizeof got), (long long)r->B,
-                   (long long)r->B, s->spec.input_logits ? "logit" : "probability");
+      rc =
+          ts_errf(err, TS_EINVAL,
+                  "output '%s' has shape %s; the ensemble needs [%lld, 1] or "
+                  "[%lld] (one %s per row)",
+                  o->name ? o->name : "?", ts_shape_str(o->shape, o->ndim, got, sizeof got),
+                  (long long)r->B, (long long)r->B, s->spec.input_logits ? "logit" : "probability");
     goto prefix;
   }
   if ((rc = ts_to_f32(o, 1, &tmp, err))) goto prefix;
@@ -415,23 +416,29 @@ static int member_outputs(const ens_state *s, md_call *c, ens_z *z, ts_err *err)
   int n = s->spec.n, C = s->spec.C;
   const char *what = s->spec.input_logits ? "logit" : "probability";
   if (mo && ft)
-    return ts_errf(err, TS_EINVAL, "send either input 'features' (the ensemble runs its hosted "
+    return ts_errf(err, TS_EINVAL,
+                   "send either input 'features' (the ensemble runs its hosted "
                    "members) or input 'member_outputs', not both");
   if (!mo && !ft) {
     if (s->n_hosted == n)
-      return ts_errf(err, TS_EINVAL, "missing input: send 'features' [B, D] (every member is "
-                     "hosted) or 'member_outputs' %s", C > 1 ? "[B, n, C]" : "[B, n]");
-    return ts_errf(err, TS_EINVAL, "missing input 'member_outputs': expected %s with n = %d "
-                   "members in config order%s", C > 1 ? "[B, n, C]" : "[B, n]", n,
-                   C > 1 ? " and C classes" : "");
+      return ts_errf(err, TS_EINVAL,
+                     "missing input: send 'features' [B, D] (every member is "
+                     "hosted) or 'member_outputs' %s",
+                     C > 1 ? "[B, n, C]" : "[B, n]");
+    return ts_errf(err, TS_EINVAL,
+                   "missing input 'member_outputs': expected %s with n = %d "
+                   "members in config order%s",
+                   C > 1 ? "[B, n, C]" : "[B, n]", n, C > 1 ? " and C classes" : "");
   }
   if (ft) {
     if (s->n_hosted < n) {
       int m = 0;
       while (s->hosted[m]) m++;
-      return ts_errf(err, TS_EINVAL, "input 'member_outputs' is required: member '%s' is "
+      return ts_errf(err, TS_EINVAL,
+                     "input 'member_outputs' is required: member '%s' is "
                      "external (the request carries its output), so 'features' alone cannot "
-                     "score it", s->member_names[m]);
+                     "score it",
+                     s->member_names[m]);
     }
     return run_hosted(s, c, ft, z, err);
   }
@@ -441,11 +448,14 @@ static int member_outputs(const ens_state *s, md_call *c, ens_z *z, ts_err *err)
     char got[128];
     ts_shape_str(mo->shape, mo->ndim, got, sizeof got);
     if (C > 1)
-      return ts_errf(err, TS_EINVAL, "input 'member_outputs': expected shape [B, %d, %d] (a %s "
-                     "per class for each of the %d members, in config order), got %s", n, C, what,
-                     n, got);
-    return ts_errf(err, TS_EINVAL, "input 'member_outputs': expected shape [B, %d] (one %s for "
-                   "each of the %d members, in config order), got %s", n, what, n, got);
+      return ts_errf(err, TS_EINVAL,
+                     "input 'member_outputs': expected shape [B, %d, %d] (a %s "
+                     "per class for each of the %d members, in config order), got %s",
+                     n, C, what, n, got);
+    return ts_errf(err, TS_EINVAL,
+                   "input 'member_outputs': expected shape [B, %d] (one %s for "
+                   "each of the %d members, in config order), got %s",
+                   n, what, n, got);
   }
   z->B = mo->shape[0];
   z->source = "input 'member_outputs'";
@@ -497,7 +507,8 @@ static int infer(void *state, md_call *c, ts_err *err) {
   int64_t ps[2] = {B, C}, fs[3] = {B, F, C};
   float *po = md_output(c, "probability", TS_FP32, C > 1 ? 2 : 1, ps, err);
   float *fo = po ? md_output(c, "family_probability", TS_FP32, C > 1 ? 3 : 2, fs, err) : NULL;
-  if (!po || !fo) rc = -TS_ENOMEM;
+  if (!po || !fo)
+    rc = -TS_ENOMEM;
   else {
     for (int64_t i = 0; i < B * Cc; i++) po[i] = (float)y[i];
     for (int64_t i = 0; i < B * F * Cc; i++) fo[i] = (float)P[i];
@@ -521,13 +532,16 @@ static int read_labels(const ens_state *s, const md_call *c, int64_t B, int32_t 
   }
   if (t->ndim != 1 || t->shape[0] != B) {
     char got[128];
-    return ts_errf(err, TS_EINVAL, "input 'labels': expected shape [%lld] (one label for each "
-                   "of the %lld rows), got %s", (long long)B, (long long)B,
-                   ts_shape_str(t->shape, t->ndim, got, sizeof got));
+    return ts_errf(err, TS_EINVAL,
+                   "input 'labels': expected shape [%lld] (one label for each "
+                   "of the %lld rows), got %s",
+                   (long long)B, (long long)B, ts_shape_str(t->shape, t->ndim, got, sizeof got));
   }
   if (t->dtype == TS_BYTES || t->dtype == TS_BOOL)
-    return ts_errf(err, TS_EINVAL, "input 'labels': datatype %s; expected INT32, INT64 or "
-                   "FP32/FP64 holding integers", ts_dtype_name(t->dtype));
+    return ts_errf(err, TS_EINVAL,
+                   "input 'labels': datatype %s; expected INT32, INT64 or "
+                   "FP32/FP64 holding integers",
+                   ts_dtype_name(t->dtype));
   int64_t *l64;
   if ((rc = ts_to_i64(t, &l64, err))) return rc;
   int32_t *l = tl_malloc(sizeof(int32_t) * (size_t)(B ? B : 1));
@@ -539,8 +553,10 @@ static int read_labels(const ens_state *s, const md_call *c, int64_t B, int32_t 
   for (int64_t b = 0; b < B; b++) {
     int64_t v = l64[b];
     if (C > 1 ? (v < 0 || v >= C) : (v != 0 && v != 1)) {
-      rc = C > 1 ? ts_errf(err, TS_EINVAL, "input 'labels': row %lld: %lld is not a class index "
-                           "in [0, %d)", (long long)b, (long long)v, C)
+      rc = C > 1 ? ts_errf(err, TS_EINVAL,
+                           "input 'labels': row %lld: %lld is not a class index "
+                           "in [0, %d)",
+                           (long long)b, (long long)v, C)
                  : ts_errf(err, TS_EINVAL, "input 'labels': row %lld: %lld is not 0 or 1",
                            (long long)b, (long long)v);
       tl_free(l64);
@@ -585,7 +601,9 @@ static int labelled(const ens_state *s, md_call *c, ens_data *d, ts_err *err) {
   return rc;
 }
 
-static json_t *jnum(double v) { return isfinite(v) ? json_real(v) : json_null(); }
+static json_t *jnum(double v) {
+  return isfinite(v) ? json_real(v) : json_null();
+}
 
 static json_t *scores_json(const met_scores *m) {
   return json_pack("{s:o, s:o, s:o, s:o}", "log_loss", jnum(m->log_loss), "auc", jnum(m->auc),
@@ -635,8 +653,8 @@ static int evaluate(void *state, md_call *c, ts_err *err) {
   if (!rc) {
     double alpha[AW_MAX_FAMILIES];
     aw_alpha(F, s->theta, alpha);
-    c->result = json_pack("{s:o, s:o, s:o, s:I, s:{s:o}}", "metrics", scores_json(&ens),
-                          "families", families_json(s, fm), "uniform", scores_json(&uni), "rows",
+    c->result = json_pack("{s:o, s:o, s:o, s:I, s:{s:o}}", "metrics", scores_json(&ens), "families",
+                          families_json(s, fm), "uniform", scores_json(&uni), "rows",
                           (json_int_t)d.N, "weights", "alpha", doubles_json(alpha, F));
     if (!c->result) rc = ts_errf(err, TS_ENOMEM, "out of memory");
   }
@@ -716,9 +734,9 @@ static int fit_opts(const md_call *c, aw_fit_opts *o, int *warm, ts_err *err) {
 }
 
 static json_t *fit_params_json(const aw_fit_opts *o, int warm, double thr) {
-  return json_pack("{s:i, s:f, s:f, s:f, s:I, s:f, s:I, s:i, s:f, s:b, s:f}", "epochs",
-                   o->epochs, "learning_rate", o->learning_rate, "weight_decay", o->weight_decay,
-                   "l2", o->l2, "batch_size", (json_int_t)o->batch_size, "validation_fraction",
+  return json_pack("{s:i, s:f, s:f, s:f, s:I, s:f, s:I, s:i, s:f, s:b, s:f}", "epochs", o->epochs,
+                   "learning_rate", o->learning_rate, "weight_decay", o->weight_decay, "l2", o->l2,
+                   "batch_size", (json_int_t)o->batch_size, "validation_fraction",
                    o->validation_fraction, "seed", (json_int_t)o->seed, "patience", o->patience,
                    "min_delta", o->min_delta, "warm_start", warm, "threshold", thr);
 }
@@ -772,8 +790,10 @@ static int fit(void *state, md_call *c, ts_err *err) {
    * that by name instead of failing later on "not a finite number" */
   for (int f = 0; f < F; f++)
     if (!isfinite(theta[f])) {
-      rc = ts_errf(err, TS_EINVAL, "fit diverged: theta of family '%s' does not fit in FP32; "
-                   "lower 'learning_rate' (%g)", s->family_names[f], o.learning_rate);
+      rc = ts_errf(err, TS_EINVAL,
+                   "fit diverged: theta of family '%s' does not fit in FP32; "
+                   "lower 'learning_rate' (%g)",
+                   s->family_names[f], o.learning_rate);
       goto out;
     }
   aw_alpha(F, theta, alpha);
@@ -785,27 +805,27 @@ static int fit(void *state, md_call *c, ts_err *err) {
    * parent version serves; the parent's own theta is the extra "served" */
   aw_fit_metrics m = {.families = fm};
   met_scores served;
-  if ((rc = aw_fit_metrics_compute(&s->spec, d.N, d.P, d.labels, &o, NULL, theta, thr, &m,
-                                   err)) ||
+  if ((rc = aw_fit_metrics_compute(&s->spec, d.N, d.P, d.labels, &o, NULL, theta, thr, &m, err)) ||
       (rc = eval_served(s, &d, &o, thr, &served, err)))
     goto out;
-  metrics = json_pack("{s:o, s:o, s:o, s:o, s:o, s:o}", "before", scores_json(&m.before),
-                      "after", scores_json(&m.after), "validation", scores_json(&m.validation),
-                      "served", scores_json(&served), "families", families_json(s, fm),
-                      "uniform", scores_json(&m.uniform));
+  metrics = json_pack("{s:o, s:o, s:o, s:o, s:o, s:o}", "before", scores_json(&m.before), "after",
+                      scores_json(&m.after), "validation", scores_json(&m.validation), "served",
+                      scores_json(&served), "families", families_json(s, fm), "uniform",
+                      scores_json(&m.uniform));
   json_t *names = json_array();
-  for (int f = 0; names && f < F; f++) json_array_append_new(names, json_string(s->family_names[f]));
-  c->result = json_pack(
-      "{s:O, s:{s:o, s:o, s:o}, s:{s:I, s:I}, s:i, s:i}", "metrics", metrics, "weights", "alpha",
-      doubles_json(alpha, F), "theta", doubles_json(theta, F), "families", names, "rows",
-      "train", (json_int_t)rep.n_train, "validation", (json_int_t)rep.n_val, "epochs_run",
-      rep.epochs_run, "best_epoch", rep.best_epoch);
+  for (int f = 0; names && f < F; f++)
+    json_array_append_new(names, json_string(s->family_names[f]));
+  c->result =
+      json_pack("{s:O, s:{s:o, s:o, s:o}, s:{s:I, s:I}, s:i, s:i}", "metrics", metrics, "weights",
+                "alpha", doubles_json(alpha, F), "theta", doubles_json(theta, F), "families", names,
+                "rows", "train", (json_int_t)rep.n_train, "validation", (json_int_t)rep.n_val,
+                "epochs_run", rep.epochs_run, "best_epoch", rep.best_epoch);
   c->new_version_info = json_pack(
       "{s:o, s:O, s:{s:o, s:o}, s:I, s:{s:I, s:I}, s:i, s:i, s:s}", "fit",
       fit_params_json(&o, warm, thr), "metrics", metrics, "weights", "alpha",
-      doubles_json(alpha, F), "theta", doubles_json(theta, F), "rows", (json_int_t)d.N,
-      "split", "train", (json_int_t)rep.n_train, "validation", (json_int_t)rep.n_val,
-      "epochs_run", rep.epochs_run, "best_epoch", rep.best_epoch, "sha256_training_data", sha);
+      doubles_json(alpha, F), "theta", doubles_json(theta, F), "rows", (json_int_t)d.N, "split",
+      "train", (json_int_t)rep.n_train, "validation", (json_int_t)rep.n_val, "epochs_run",
+      rep.epochs_run, "best_epoch", rep.best_epoch, "sha256_training_data", sha);
   if (!metrics || !c->result || !c->new_version_info) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
     goto out;
@@ -827,20 +847,21 @@ out:
 }
 
 /* Request parameters (model.h): fit_opts' and read_threshold's names. */
-static const char *const fit_params[] = {"epochs", "batch_size", "seed", "patience",
-                                         "learning_rate", "weight_decay", "l2", "min_delta",
-                                         "validation_fraction", "warm_start", "threshold", NULL};
+static const char *const fit_params[] = {"epochs",     "batch_size",    "seed",
+                                         "patience",   "learning_rate", "weight_decay",
+                                         "l2",         "min_delta",     "validation_fraction",
+                                         "warm_start", "threshold",     NULL};
 static const char *const evaluate_params[] = {"threshold", NULL};
 /* member_outputs (inputs): either input, whatever the signature shows */
 static const char *const infer_inputs[] = {"features", "member_outputs", NULL};
 
-const md_kind md_kind_ensemble = {.name = "ensemble",
-                                  .params = {[MD_OP_FIT] = fit_params,
-                                             [MD_OP_EVALUATE] = evaluate_params},
-                                  .infer_inputs = infer_inputs,
-                                  .load = load,
-                                  .signature = signature,
-                                  .infer = infer,
-                                  .fit = fit,
-                                  .evaluate = evaluate,
-                                  .free = free_state};
+const md_kind md_kind_ensemble = {
+    .name = "ensemble",
+    .params = {[MD_OP_FIT] = fit_params, [MD_OP_EVALUATE] = evaluate_params},
+    .infer_inputs = infer_inputs,
+    .load = load,
+    .signature = signature,
+    .infer = infer,
+    .fit = fit,
+    .evaluate = evaluate,
+    .free = free_state};

@@ -55,11 +55,11 @@ struct gen_engine {
   int n_waiting, stopping;
   gen_req **active; /* scheduler thread only */
   int n_active, active_seqs;
-  float *logits;    /* [max_active, V] */
-  tf_seq **bseq;    /* [max_active] the decode batch */
+  float *logits; /* [max_active, V] */
+  tf_seq **bseq; /* [max_active] the decode batch */
   int64_t *btok;
   int *breq, *bch;
-  gen_stats st;     /* under mu */
+  gen_stats st; /* under mu */
 };
 
 /* ---- requests ------------------------------------------------------------- */
@@ -75,9 +75,15 @@ static void req_unref(gen_req *r) {
   tl_free(r);
 }
 
-void gen_cancel(gen_req *r) { __atomic_store_n(&r->cancelled, 1, __ATOMIC_RELEASE); }
-static int cancelled(gen_req *r) { return __atomic_load_n(&r->cancelled, __ATOMIC_ACQUIRE); }
-void gen_release(gen_req *r) { req_unref(r); }
+void gen_cancel(gen_req *r) {
+  __atomic_store_n(&r->cancelled, 1, __ATOMIC_RELEASE);
+}
+static int cancelled(gen_req *r) {
+  return __atomic_load_n(&r->cancelled, __ATOMIC_ACQUIRE);
+}
+void gen_release(gen_req *r) {
+  req_unref(r);
+}
 
 static gen_event event(int kind, int choice) {
   gen_event ev;
@@ -136,18 +142,21 @@ int gen_submit(gen_engine *e, const int64_t *prompt, int64_t n_prompt, const gen
     return ts_errf(err, TS_EINVAL, "logprobs must be in 0..%d, got %d", GEN_MAX_LOGPROBS,
                    p->logprobs);
   if (p->n > e->cfg.max_active)
-    return ts_errf(err, TS_EINVAL, "n = %d is more than the %d sequences this model decodes at once",
-                   p->n, e->cfg.max_active);
+    return ts_errf(err, TS_EINVAL,
+                   "n = %d is more than the %d sequences this model decodes at once", p->n,
+                   e->cfg.max_active);
   for (int64_t i = 0; i < n_prompt; i++)
     if (prompt[i] < 0 || prompt[i] >= e->V)
-      return ts_errf(err, TS_EINVAL, "prompt: token %lld at position %lld is outside the "
-                     "vocabulary [0, %lld)", (long long)prompt[i], (long long)i, (long long)e->V);
+      return ts_errf(err, TS_EINVAL,
+                     "prompt: token %lld at position %lld is outside the "
+                     "vocabulary [0, %lld)",
+                     (long long)prompt[i], (long long)i, (long long)e->V);
   int64_t maxpos = tf_max_positions(e->m);
   if (n_prompt > maxpos || p->max_tokens > maxpos - n_prompt)
     return ts_errf(err, TS_EINVAL,
                    "prompt (%lld tokens) + max_tokens (%lld) is beyond this model's context of "
-                   "%lld learned positions", (long long)n_prompt, (long long)p->max_tokens,
-                   (long long)maxpos);
+                   "%lld learned positions",
+                   (long long)n_prompt, (long long)p->max_tokens, (long long)maxpos);
   gen_req *r = tl_calloc(1, sizeof *r);
   if (!r) return ts_errf(err, TS_ENOMEM, "out of memory");
   r->prompt = tl_malloc(sizeof(int64_t) * (size_t)n_prompt);
@@ -331,8 +340,7 @@ static int64_t prefill_chunk(gen_engine *e, gen_req *r, int64_t budget) {
     rc = tf_prefill(e->m, e->pool, r->ch[0].seq, r->prompt + r->prefilled, n, lp,
                     last ? r->logits : NULL, want && k > 0 ? &top : NULL, &c, &err);
   if (rc) {
-    end_request(e, r, rc == -TS_ETIMEOUT ? (cancelled(r) ? "cancelled" : "timeout")
-                                         : "error",
+    end_request(e, r, rc == -TS_ETIMEOUT ? (cancelled(r) ? "cancelled" : "timeout") : "error",
                 rc == -TS_ETIMEOUT ? NULL : err.msg);
   } else if (want) {
     int64_t first = r->prefilled; /* prompt index of this chunk's first token */

@@ -56,29 +56,29 @@ typedef struct gen_params {
   smp_params smp;
   int has_seed;
   uint64_t seed;
-  int n;              /* choices, 1..GEN_MAX_N */
-  int logprobs;       /* -1: none; 0..GEN_MAX_LOGPROBS: the sampled token's plus that many top */
-  int echo;           /* report the prompt's tokens (GEN_PROMPT) when logprobs >= 0 */
+  int n;        /* choices, 1..GEN_MAX_N */
+  int logprobs; /* -1: none; 0..GEN_MAX_LOGPROBS: the sampled token's plus that many top */
+  int echo;     /* report the prompt's tokens (GEN_PROMPT) when logprobs >= 0 */
   int ignore_eos;
-  int64_t eos_id;     /* -1: none */
-  double deadline;    /* md_now() seconds; 0: none */
+  int64_t eos_id;  /* -1: none */
+  double deadline; /* md_now() seconds; 0: none */
 } gen_params;
 
 enum gen_event_kind { GEN_PROMPT = 0, GEN_TOKEN = 1, GEN_END = 2, GEN_FINAL = 3 };
 
 typedef struct gen_event {
   int kind;
-  int choice;       /* GEN_TOKEN/GEN_END: 0..n-1; else -1 */
-  int64_t index;    /* GEN_PROMPT: position in the prompt; GEN_TOKEN: in the choice's output */
+  int choice;    /* GEN_TOKEN/GEN_END: 0..n-1; else -1 */
+  int64_t index; /* GEN_PROMPT: position in the prompt; GEN_TOKEN: in the choice's output */
   int64_t token;
-  float logprob;    /* log_softmax of the raw logits; NaN when not asked or undefined */
+  float logprob; /* log_softmax of the raw logits; NaN when not asked or undefined */
   int n_top;
   int32_t top_id[GEN_MAX_LOGPROBS];
   float top_lp[GEN_MAX_LOGPROBS];
   const char *finish; /* GEN_END: "stop", "length", "timeout", "cancelled" or "error" */
   const char *error;  /* finish "error": why */
   int64_t prompt_tokens, completion_tokens; /* GEN_FINAL: usage */
-  double t;           /* md_now() when the event was made */
+  double t;                                 /* md_now() when the event was made */
 } gen_event;
 
 typedef int (*gen_emit_fn)(void *user, const gen_event *ev);

@@ -12,11 +12,8 @@ extern const md_kind md_kind_attention;
 extern const md_kind md_kind_transformer;
 
 static const md_kind *const kinds[] = {
-    &md_kind_mlp,
-    &md_kind_ensemble,
-    &md_kind_quantile_ensemble,
-    &md_kind_attention,
-    &md_kind_transformer,
+    &md_kind_mlp,       &md_kind_ensemble,    &md_kind_quantile_ensemble,
+    &md_kind_attention, &md_kind_transformer,
 };
 
 const md_kind *md_kind_find(const char *name) {

@@ -15,7 +15,7 @@
 #include "mlp.h"
 #include "model.h"
 
-static const char *const act_names[] = {"none", "relu", "gelu", "gelu_tanh", "elu",
+static const char *const act_names[] = {"none", "relu",    "gelu",    "gelu_tanh", "elu",
                                         "tanh", "sigmoid", "softmax", NULL};
 
 int mlp_act_from_name(const char *s, mlp_act *out) {
@@ -56,7 +56,8 @@ int mlp_net_load(mlp_net *net, st_file *w, const char *prefix, const json_t *act
       mlp_net_free(net);
       return ts_errf(err, TS_EINVAL,
                      "config.json: activation %d '%s' is not one of none, relu, gelu, gelu_tanh, "
-                     "elu, tanh, sigmoid, softmax", i, an ? an : "(not a string)");
+                     "elu, tanh, sigmoid, softmax",
+                     i, an ? an : "(not a string)");
     }
     char name[128];
     int64_t wshape[2] = {-1, prev > 0 ? prev : -1};

@@ -16,7 +16,14 @@
 #define MLP_MAX_LAYERS 64
 
 typedef enum mlp_act {
-  MLP_NONE, MLP_RELU, MLP_GELU, MLP_GELU_TANH, MLP_ELU, MLP_TANH, MLP_SIGMOID, MLP_SOFTMAX
+  MLP_NONE,
+  MLP_RELU,
+  MLP_GELU,
+  MLP_GELU_TANH,
+  MLP_ELU,
+  MLP_TANH,
+  MLP_SIGMOID,
+  MLP_SOFTMAX
 } mlp_act;
 
 typedef struct st_file st_file;

@@ -43,13 +43,14 @@ int md_claim(const md_call *c, ts_err *err) {
   if (!c->claim) return 0;
   int running = 0;
   if (atomic_compare_exchange_strong(c->claim, &running, 1) || running == 1) return 0;
-  return ts_errf(err, TS_ETIMEOUT, "the request was abandoned (deadline passed or client gone) "
-                                   "before its result was committed; nothing changed");
+  return ts_errf(err, TS_ETIMEOUT,
+                 "the request was abandoned (deadline passed or client gone) "
+                 "before its result was committed; nothing changed");
 }
 
 const char *md_op_name(int op) {
-  static const char *const names[MD_OP_COUNT] = {"infer", "fit", "evaluate", "calibrate",
-                                                 "session create", "session infer"};
+  static const char *const names[MD_OP_COUNT] = {
+      "infer", "fit", "evaluate", "calibrate", "session create", "session infer"};
   return op >= 0 && op < MD_OP_COUNT ? names[op] : "?";
 }
 
@@ -72,7 +73,10 @@ int md_check_finite_outputs(const md_call *c, ts_err *err) {
       return ts_errf(err, TS_EINVAL,
                      "output '%s' element %lld is %s: the computation overflowed %s (inputs "
                      "or weights too large in magnitude for this model)",
-                     t->name, (long long)k, isnan(v) ? "NaN" : v > 0 ? "+inf" : "-inf",
+                     t->name, (long long)k,
+                     isnan(v) ? "NaN"
+                     : v > 0  ? "+inf"
+                              : "-inf",
                      ts_dtype_name(t->dtype));
     }
   }
@@ -80,8 +84,7 @@ int md_check_finite_outputs(const md_call *c, ts_err *err) {
 }
 
 int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err) {
-  static const char *const common[] = {"kind", "version_policy", "description", "max_batch",
-                                       NULL};
+  static const char *const common[] = {"kind", "version_policy", "description", "max_batch", NULL};
   if (!json_is_object(config)) return ts_errf(err, TS_EINVAL, "config.json is not a JSON object");
   const char *key;
   json_t *v;
@@ -97,8 +100,8 @@ int md_config_check_keys(const json_t *config, const char *const *allowed, ts_er
 int md_config_check_common(const json_t *config, ts_err *err) {
   /* max_batch: the largest leading dimension of an input (0: none) */
   json_t *mb = json_object_get(config, "max_batch");
-  if (mb && (!json_is_integer(mb) || json_integer_value(mb) < 0 ||
-             json_integer_value(mb) > MD_MAX_BATCH))
+  if (mb &&
+      (!json_is_integer(mb) || json_integer_value(mb) < 0 || json_integer_value(mb) > MD_MAX_BATCH))
     return ts_errf(err, TS_EINVAL,
                    "config.json: 'max_batch' must be an integer in [0, %lld] (0: no limit)",
                    (long long)MD_MAX_BATCH);
@@ -153,7 +156,8 @@ int md_param_bool(const json_t *params, const char *key, int def, int *out, ts_e
     *out = def;
     return 0;
   }
-  if (!json_is_boolean(v)) return ts_errf(err, TS_EINVAL, "parameter '%s' must be true or false", key);
+  if (!json_is_boolean(v))
+    return ts_errf(err, TS_EINVAL, "parameter '%s' must be true or false", key);
   *out = json_is_true(v);
   return 0;
 }

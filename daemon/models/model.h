@@ -51,8 +51,8 @@ typedef struct md_kind md_kind;
 typedef struct md_host md_host;
 struct md_host {
   /* On success *handle must be given back with release. */
-  int (*acquire)(md_host *h, const char *model, void **handle, const md_kind **kind,
-                 void **state, ts_err *err);
+  int (*acquire)(md_host *h, const char *model, void **handle, const md_kind **kind, void **state,
+                 ts_err *err);
   void (*release)(md_host *h, void *handle);
   void *data;
 };
@@ -60,20 +60,20 @@ struct md_host {
 typedef struct md_load_ctx {
   const char *model_name;
   int64_t version;
-  const char *version_dir;  /* <repo>/<model>/<version> */
-  const json_t *config;     /* the parsed config.json */
-  st_file *weights;         /* NULL when the version has no model.safetensors */
+  const char *version_dir; /* <repo>/<model>/<version> */
+  const json_t *config;    /* the parsed config.json */
+  st_file *weights;        /* NULL when the version has no model.safetensors */
   md_host *host;
   pool_t *pool;
 } md_load_ctx;
 
 typedef struct md_call {
   /* in */
-  const ts_list *inputs;   /* decoded request tensors, as sent */
-  const json_t *params;    /* the request's "parameters" object, or NULL */
-  pool_t *pool;            /* may be NULL: run serially */
+  const ts_list *inputs; /* decoded request tensors, as sent */
+  const json_t *params;  /* the request's "parameters" object, or NULL */
+  pool_t *pool;          /* may be NULL: run serially */
   md_host *host;
-  double deadline;         /* md_now() seconds after which to give up; 0: none */
+  double deadline;               /* md_now() seconds after which to give up; 0: none */
   const volatile int *cancelled; /* set when the server abandoned the call */
   /* The server's claim on the answer (NULL: none). A call that changes state
    * outliving it (a session's cache position) commits only after md_claim
@@ -83,12 +83,12 @@ typedef struct md_call {
   const char *model_name;
   int64_t version;
   /* out */
-  ts_list outputs;         /* infer: named output tensors */
-  json_t *result;          /* fit/evaluate/calibrate: the answer's fields */
-  st_writer *new_weights;  /* fit/calibrate: weights of the new version */
-  json_t *new_version_info;/* fit/calibrate: extra fields for version.json */
-  int infinite_ok;         /* infer: +-inf in the outputs is documented (a quantile
-                            * model calibrated with allow_infinite); NaN never is */
+  ts_list outputs;          /* infer: named output tensors */
+  json_t *result;           /* fit/evaluate/calibrate: the answer's fields */
+  st_writer *new_weights;   /* fit/calibrate: weights of the new version */
+  json_t *new_version_info; /* fit/calibrate: extra fields for version.json */
+  int infinite_ok;          /* infer: +-inf in the outputs is documented (a quantile
+                             * model calibrated with allow_infinite); NaN never is */
 } md_call;
 
 /* The operations a request can name parameters for (md_kind.params). */
@@ -121,8 +121,7 @@ struct md_kind {
   int (*calibrate)(void *state, md_call *call, ts_err *err); /* optional */
   /* KV-cache sessions (optional): open a session, feed it, free it. *bytes
    * reports the session's current memory. */
-  int (*session_open)(void *state, const json_t *params, void **sess, size_t *bytes,
-                      ts_err *err);
+  int (*session_open)(void *state, const json_t *params, void **sess, size_t *bytes, ts_err *err);
   int (*session_infer)(void *state, void *sess, md_call *call, size_t *bytes, ts_err *err);
   int64_t (*session_position)(void *sess);
   void (*session_free)(void *sess);

@@ -768,8 +768,8 @@ static int metrics_rows(const qk_state *s, const int64_t *idx, int64_t n, const 
                         const float *y, json_t **out, qk_score *sc, ts_err *err) {
   if (!idx) return metrics_json(s, n, Q, y, out, sc, err);
   float *q = tl_malloc((size_t)(n * (s->K + 1)) * sizeof(float));
-  if (!q) return ts_errf(err, TS_ENOMEM, "out of memory for the metrics of %lld rows",
-                         (long long)n);
+  if (!q)
+    return ts_errf(err, TS_ENOMEM, "out of memory for the metrics of %lld rows", (long long)n);
   float *yy = q + n * s->K;
   for (int64_t i = 0; i < n; i++) {
     memcpy(q + i * s->K, Q + idx[i] * s->K, (size_t)s->K * sizeof(float));
@@ -1070,8 +1070,10 @@ static int fit_opts(const json_t *p, qa_fit_opts *o, int *warm, ts_err *err) {
   /* ReLU(q_k - q_k' + margin) with margin < 0 would let levels cross by up
    * to |margin| unpenalised: the opposite of a non-crossing penalty */
   if (!(o->margin >= 0.0))
-    return ts_errf(err, TS_EINVAL, "parameter 'margin' must be >= 0 (the gap the non-crossing "
-                   "penalty asks between neighbouring levels), got %g", o->margin);
+    return ts_errf(err, TS_EINVAL,
+                   "parameter 'margin' must be >= 0 (the gap the non-crossing "
+                   "penalty asks between neighbouring levels), got %g",
+                   o->margin);
   if (pat > 1000000) pat = 1000000;
   o->epochs = (int)ep;
   o->batch_size = (int)bs;
@@ -1130,8 +1132,10 @@ static int fit(void *state, md_call *c, ts_err *err) {
    * written that would fail to load or, worse, load and serve NaN. */
   for (int64_t i = 0; i < p.n; i++)
     if (!isfinite(p.data[i])) {
-      rc = ts_errf(err, TS_EINVAL, "fit diverged: weight %lld is not finite; lower "
-                   "'learning_rate' (%g)", (long long)i, o.learning_rate);
+      rc = ts_errf(err, TS_EINVAL,
+                   "fit diverged: weight %lld is not finite; lower "
+                   "'learning_rate' (%g)",
+                   (long long)i, o.learning_rate);
       goto out;
     }
   /* Every block is scored on qa_fit's own split (rep.rows: the training
@@ -1159,9 +1163,10 @@ static int fit(void *state, md_call *c, ts_err *err) {
     goto out;
   for (int64_t i = 0; i < r.B * s->K; i++)
     if (!isfinite(Q[i])) {
-      rc = ts_errf(err, TS_EINVAL, "fit diverged: the fitted aggregator's quantile %lld of row "
-                   "%lld is not finite; lower 'learning_rate' (%g)", (long long)(i % s->K),
-                   (long long)(i / s->K), o.learning_rate);
+      rc = ts_errf(err, TS_EINVAL,
+                   "fit diverged: the fitted aggregator's quantile %lld of row "
+                   "%lld is not finite; lower 'learning_rate' (%g)",
+                   (long long)(i % s->K), (long long)(i / s->K), o.learning_rate);
       goto out;
     }
   if ((rc = qa_monotone_rows(c->pool, s->mono, r.B, s->K, s->median, Q, err)) ||
@@ -1298,11 +1303,25 @@ static void free_state(void *state) {
 /* Request parameters (model.h): "levels" (checked by gather, every
  * operation), fit_agg's and fit_opts' names, calibrate's. */
 static const char *const levels_params[] = {"levels", NULL};
-static const char *const fit_params[] = {"levels", "aggregator", "granularity", "scope",
-                                         "simplex", "hidden", "depth", "epochs", "batch_size",
-                                         "patience", "seed", "learning_rate", "weight_decay",
-                                         "dropout", "lambda", "margin", "validation_fraction",
-                                         "warm_start", NULL};
+static const char *const fit_params[] = {"levels",
+                                         "aggregator",
+                                         "granularity",
+                                         "scope",
+                                         "simplex",
+                                         "hidden",
+                                         "depth",
+                                         "epochs",
+                                         "batch_size",
+                                         "patience",
+                                         "seed",
+                                         "learning_rate",
+                                         "weight_decay",
+                                         "dropout",
+                                         "lambda",
+                                         "margin",
+                                         "validation_fraction",
+                                         "warm_start",
+                                         NULL};
 /* gather's inputs, whichever the configuration needs */
 static const char *const infer_inputs[] = {"features", "base_quantiles", NULL};
 static const char *const calibrate_params[] = {"levels", "method", "allow_infinite", NULL};

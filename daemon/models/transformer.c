@@ -501,8 +501,10 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
   char model_dir[4096] = "";
   const char *slash = ctx->version_dir ? strrchr(ctx->version_dir, '/') : NULL;
   if (slash && (size_t)(slash - ctx->version_dir) < sizeof model_dir)
-    snprintf(model_dir, sizeof model_dir, "%.*s", (int)(slash - ctx->version_dir), ctx->version_dir);
-  if ((rc = tk_load(ctx->config, ctx->version_dir, model_dir[0] ? model_dir : NULL, &m->tok, err))) {
+    snprintf(model_dir, sizeof model_dir, "%.*s", (int)(slash - ctx->version_dir),
+             ctx->version_dir);
+  if ((rc =
+           tk_load(ctx->config, ctx->version_dir, model_dir[0] ? model_dir : NULL, &m->tok, err))) {
     tf_free(m);
     return rc;
   }

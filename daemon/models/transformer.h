@@ -69,9 +69,9 @@ typedef struct tf_prof {
  * log p(ids[t+1] | ids[0..t]), *nll their negated mean (0 when L == 1),
  * next_logits[0..V) the logits after the last token. c (may be NULL) gives
  * the deadline; prof may be NULL. */
-int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids,
-             int64_t L, float *lp, double *nll, float *next_logits, const md_call *c,
-             tf_prof *prof, ts_err *err);
+int tf_score(const tf_model *m, pool_t *pool, const attn_params *prm, const int64_t *ids, int64_t L,
+             float *lp, double *nll, float *next_logits, const md_call *c, tf_prof *prof,
+             ts_err *err);
 
 /* ---- sequences for generation --------------------------------------------
  * A tf_seq holds one sequence's KV cache (every layer's keys and values in
@@ -107,8 +107,8 @@ typedef struct tf_top {
  * each new token that has one before it (n entries when s was not empty,
  * else n - 1), and top (may be NULL) the k most likely ids at each of those
  * positions; next_logits [V] (may be NULL) the logits after the last. */
-int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n,
-               float *lp, float *next_logits, const tf_top *top, const md_call *c, ts_err *err);
+int tf_prefill(const tf_model *m, pool_t *pool, tf_seq *s, const int64_t *ids, int64_t n, float *lp,
+               float *next_logits, const tf_top *top, const md_call *c, ts_err *err);
 
 /* One token per sequence: ids[b] is appended to seqs[b] and logits
  * [B, V] receive the logits after it. All B sequences advance or none. */

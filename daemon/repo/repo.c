@@ -69,7 +69,7 @@ typedef struct repo_model {
   char config_stamp[128];
   int unloaded; /* explicitly unloaded: sync leaves it alone */
   int fit_running;
-  int present;  /* seen in the last scan */
+  int present; /* seen in the last scan */
   /* The config of the last load that gave one (POST .../load with
    * "parameters": {"config": ...}), used in place of config.json until a
    * load without one; in memory only, never written (repo.h). */
@@ -158,15 +158,31 @@ void repo_release(repo_ver *v) {
   if (v && atomic_fetch_sub(&v->refs, 1) == 1) ver_free(v);
 }
 
-const md_kind *repo_ver_kind(const repo_ver *v) { return v->kind; }
-void *repo_ver_state(const repo_ver *v) { return v->state; }
-int64_t repo_ver_version(const repo_ver *v) { return v->version; }
-const char *repo_ver_model(const repo_ver *v) { return v->model_name; }
-const md_sig *repo_ver_sig(const repo_ver *v) { return &v->sig; }
-int64_t repo_ver_max_batch(const repo_ver *v) { return v->max_batch; }
-const json_t *repo_ver_config(const repo_ver *v) { return v->config; }
+const md_kind *repo_ver_kind(const repo_ver *v) {
+  return v->kind;
+}
+void *repo_ver_state(const repo_ver *v) {
+  return v->state;
+}
+int64_t repo_ver_version(const repo_ver *v) {
+  return v->version;
+}
+const char *repo_ver_model(const repo_ver *v) {
+  return v->model_name;
+}
+const md_sig *repo_ver_sig(const repo_ver *v) {
+  return &v->sig;
+}
+int64_t repo_ver_max_batch(const repo_ver *v) {
+  return v->max_batch;
+}
+const json_t *repo_ver_config(const repo_ver *v) {
+  return v->config;
+}
 
-int repo_reserved_name(const char *name) { return strcmp(name, "stats") == 0; }
+int repo_reserved_name(const char *name) {
+  return strcmp(name, "stats") == 0;
+}
 
 /* ---- statistics ---------------------------------------------------------- */
 
@@ -243,12 +259,16 @@ static int read_max_batch(const json_t *config, int64_t *out, ts_err *err) {
   *out = 0;
   if (!mb) return 0;
   if (!json_is_integer(mb) || json_integer_value(mb) < 0)
-    return ts_errf(err, TS_EINVAL, "config.json: 'max_batch' must be an integer >= 0 (0: no "
-                   "limit), got %s", json_is_integer(mb) ? "a negative number" : "a non-integer");
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: 'max_batch' must be an integer >= 0 (0: no "
+                   "limit), got %s",
+                   json_is_integer(mb) ? "a negative number" : "a non-integer");
   *out = json_integer_value(mb);
   return 0;
 }
-const char *repo_root(const repo_t *r) { return r->root; }
+const char *repo_root(const repo_t *r) {
+  return r->root;
+}
 
 static void file_stamp(const char *path, char *out, size_t n) {
   struct stat st;
@@ -401,11 +421,9 @@ static repo_model *get_model(repo_t *r, const char *name) {
   return m;
 }
 
-
 static void emit_event(repo_t *r, const char *model, int64_t version, int ready) {
   if (r->event_fn) r->event_fn(r->event_data, model, version, ready);
 }
-
 
 static int wanted(repo_t *r, const char *name) {
   if (!r->only) return 1;
@@ -433,22 +451,26 @@ static int apply_policy(const json_t *config, const int64_t *vs, int n, int *kee
   } else if (lat) {
     json_t *nv = json_object_get(lat, "num_versions");
     if (!json_is_integer(nv) || json_integer_value(nv) < 1)
-      return ts_errf(err, TS_EINVAL, "config.json: version_policy.latest.num_versions must be an integer >= 1");
+      return ts_errf(err, TS_EINVAL,
+                     "config.json: version_policy.latest.num_versions must be an integer >= 1");
     for (int i = n - 1, k = 0; i >= 0 && k < json_integer_value(nv); i--, k++) keep[i] = 1;
   } else if (spec) {
     json_t *arr = json_object_get(spec, "versions");
     if (!json_is_array(arr))
-      return ts_errf(err, TS_EINVAL, "config.json: version_policy.specific.versions must be an array");
+      return ts_errf(err, TS_EINVAL,
+                     "config.json: version_policy.specific.versions must be an array");
     size_t j;
     json_t *x;
     json_array_foreach(arr, j, x) {
       if (!json_is_integer(x))
-        return ts_errf(err, TS_EINVAL, "config.json: version_policy.specific.versions holds a non-integer");
+        return ts_errf(err, TS_EINVAL,
+                       "config.json: version_policy.specific.versions holds a non-integer");
       for (int i = 0; i < n; i++)
         if (vs[i] == json_integer_value(x)) keep[i] = 1;
     }
   } else {
-    return ts_errf(err, TS_EINVAL, "config.json: unknown version_policy (use latest, all or specific)");
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: unknown version_policy (use latest, all or specific)");
   }
   return 0;
 }
@@ -551,7 +573,8 @@ static void sync_model(repo_t *r, const char *name, int force) {
 
   fs_clean_tmp(mdir, NULL, NULL);
   int rc = ovr ? (config = ovr, 0) : read_json_file(cpath, MAX_CONFIG_BYTES, &config, &err);
-  if (!rc && !json_is_object(config)) rc = ts_errf(&err, TS_EINVAL, "config.json is not a JSON object");
+  if (!rc && !json_is_object(config))
+    rc = ts_errf(&err, TS_EINVAL, "config.json is not a JSON object");
   if (!rc) rc = fs_list_versions(mdir, &vs, &nv, &err);
   if (!rc && !(keep = tl_calloc((size_t)(nv ? nv : 1), sizeof(int))))
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
@@ -635,8 +658,10 @@ static void sync_model(repo_t *r, const char *name, int force) {
   for (int i = 0; i < m->nfailed;) {
     int on = 0;
     for (int j = 0; j < nv; j++) on |= keep[j] && vs[j] == m->failed[i].version;
-    if (!on) m->failed[i] = m->failed[--m->nfailed];
-    else i++;
+    if (!on)
+      m->failed[i] = m->failed[--m->nfailed];
+    else
+      i++;
   }
   publish(r, m, next, nnext);
   next = NULL;
@@ -647,9 +672,12 @@ static void sync_model(repo_t *r, const char *name, int force) {
     m->reason[0] = 0;
   } else {
     m->state = MS_UNAVAILABLE;
-    if (m->nfailed) snprintf(m->reason, sizeof m->reason, "%s", m->failed[m->nfailed - 1].reason);
-    else if (nv == 0) snprintf(m->reason, sizeof m->reason, "no version directory (1, 2, ...) found");
-    else snprintf(m->reason, sizeof m->reason, "no version matches the version_policy");
+    if (m->nfailed)
+      snprintf(m->reason, sizeof m->reason, "%s", m->failed[m->nfailed - 1].reason);
+    else if (nv == 0)
+      snprintf(m->reason, sizeof m->reason, "no version directory (1, 2, ...) found");
+    else
+      snprintf(m->reason, sizeof m->reason, "no version matches the version_policy");
   }
   repo_unlock(r);
 out:
@@ -662,7 +690,7 @@ out:
   if (config) json_decref(config);
 }
 
-#define RESERVED_REASON                                                                          \
+#define RESERVED_REASON                                                                       \
   "the model name 'stats' is reserved: GET /v2/models/stats answers the statistics of every " \
   "model (Triton's statistics extension); rename the directory"
 
@@ -713,8 +741,10 @@ void repo_sync(repo_t *r) {
     }
     closedir(d);
     for (int i = 0; i < n; i++) {
-      if (repo_reserved_name(names[i])) refuse_reserved(r, names[i]);
-      else sync_model(r, names[i], 0);
+      if (repo_reserved_name(names[i]))
+        refuse_reserved(r, names[i]);
+      else
+        sync_model(r, names[i], 0);
       tl_free(names[i]);
     }
     tl_free(names);
@@ -810,8 +840,8 @@ int repo_load_model_config(repo_t *r, const char *name, const json_t *config, ts
   repo_lock(r);
   m = find_model(r, name);
   if (!m || m->nvers == 0)
-    rc = ts_errf(err, TS_EUNAVAIL, "model '%s' failed to load: %s", name,
-                 m ? m->reason : "unknown");
+    rc =
+        ts_errf(err, TS_EUNAVAIL, "model '%s' failed to load: %s", name, m ? m->reason : "unknown");
   repo_unlock(r);
   return rc;
 }
@@ -884,8 +914,8 @@ int repo_metadata(repo_t *r, const char *name, int64_t version, json_t **out, ts
   char vb[32];
   snprintf(vb, sizeof vb, "%lld", (long long)v->version);
   json_t *j = json_pack("{s:s, s:o, s:s, s:o, s:o}", "name", name, "versions", vers, "platform",
-                        v->kind->name, "inputs", io_json(v->sig.inputs, v->sig.n_inputs),
-                        "outputs", io_json(v->sig.outputs, v->sig.n_outputs));
+                        v->kind->name, "inputs", io_json(v->sig.inputs, v->sig.n_inputs), "outputs",
+                        io_json(v->sig.outputs, v->sig.n_outputs));
   json_t *params = json_object();
   json_object_set_new(params, "version", json_string(vb));
   if (v->sha256[0]) json_object_set_new(params, "sha256", json_string(v->sha256));
@@ -958,10 +988,12 @@ int repo_fit_begin(repo_t *r, const char *name, ts_err *err) {
   repo_lock(r);
   repo_model *m = find_model(r, name);
   int rc = 0;
-  if (!m) rc = ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
+  if (!m)
+    rc = ts_errf(err, TS_ENOTFOUND, "unknown model '%.200s'", name);
   else if (m->fit_running)
     rc = ts_errf(err, TS_ECONFLICT, "a fit or calibration of model '%s' is already running", name);
-  else m->fit_running = 1;
+  else
+    m->fit_running = 1;
   repo_unlock(r);
   return rc;
 }
@@ -987,8 +1019,10 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   int64_t next = nv ? vs[nv - 1] + 1 : 1; /* vs[] <= FS_MAX_VERSION: no overflow */
   tl_free(vs);
   if (next > FS_MAX_VERSION) {
-    rc = ts_errf(err, TS_ECONFLICT, "model '%s' has version %lld, the largest there is: no "
-                 "new version can follow it", name, (long long)(next - 1));
+    rc = ts_errf(err, TS_ECONFLICT,
+                 "model '%s' has version %lld, the largest there is: no "
+                 "new version can follow it",
+                 name, (long long)(next - 1));
     goto out;
   }
   if ((rc = fs_mkdtemp_in(mdir, ".tmp-", &tmp, err))) goto out;
@@ -1041,8 +1075,8 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   /* A model unloaded while its fit ran stays unloaded: the version is on
    * disk and serves at the next load, but the fit does not undo the unload. */
   if (m && m->unloaded) {
-    log_info("model '%s': version %lld saved; not served because the model was unloaded",
-             name, (long long)next);
+    log_info("model '%s': version %lld saved; not served because the model was unloaded", name,
+             (long long)next);
     m = NULL;
   }
   if (m && fs_list_versions(mdir, &all, &nall, NULL) == 0 &&
@@ -1084,10 +1118,11 @@ out:
   return rc;
 }
 
-md_host *repo_host(repo_t *r) { return &r->host; }
+md_host *repo_host(repo_t *r) {
+  return &r->host;
+}
 
-int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *pool,
-              ts_err *err) {
+int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *pool, ts_err *err) {
   struct stat st;
   if (stat(root, &st) != 0 || !S_ISDIR(st.st_mode))
     return ts_errf(err, TS_EINVAL, "model repository '%s' is not a directory", root);
@@ -1122,7 +1157,9 @@ int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *p
   return 0;
 }
 
-void repo_set_weights_load(repo_t *r, st_load how) { r->weights_load = how; }
+void repo_set_weights_load(repo_t *r, st_load how) {
+  r->weights_load = how;
+}
 
 void repo_close(repo_t *r) {
   if (!r) return;

@@ -33,8 +33,7 @@ typedef struct repo repo_t;
 typedef struct repo_ver repo_ver;
 
 /* only: NULL-terminated list of model names to serve (--model), or NULL. */
-int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *pool,
-              ts_err *err);
+int repo_open(repo_t **out, const char *root, const char *const *only, pool_t *pool, ts_err *err);
 void repo_close(repo_t *r);
 
 /* How versions loaded from now on bring in model.safetensors (default
@@ -107,8 +106,7 @@ typedef struct repo_infer_times {
   double total, queue, input, infer, output; /* seconds */
 } repo_infer_times;
 void repo_ver_record(repo_ver *v, const repo_infer_times *t);
-typedef void (*repo_stats_fn)(void *data, const char *model, int64_t version,
-                              const repo_stats *s);
+typedef void (*repo_stats_fn)(void *data, const char *model, int64_t version, const repo_stats *s);
 /* Calls fn with a copy of the statistics of each served version: of every
  * model (name NULL), or of `name` (404/503 as repo_acquire; version 0: all
  * its served versions). fn runs under the repository lock: keep it short. */
@@ -139,7 +137,8 @@ const char *repo_root(const repo_t *r);
 typedef void (*repo_event_fn)(void *data, const char *model, int64_t version, int ready);
 void repo_set_event_hook(repo_t *r, repo_event_fn fn, void *data);
 /* Visits each served version (for metrics), under the lock: keep it short. */
-void repo_foreach_version(repo_t *r, void (*fn)(void *data, const char *model, int64_t version,
-                                                int ready), void *data);
+void repo_foreach_version(repo_t *r,
+                          void (*fn)(void *data, const char *model, int64_t version, int ready),
+                          void *data);
 
 #endif

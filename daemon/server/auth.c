@@ -33,7 +33,9 @@ static int hexval(int c) {
   return -1;
 }
 
-static int is_space(char c) { return c == ' ' || c == '\t' || c == '\r'; }
+static int is_space(char c) {
+  return c == ' ' || c == '\t' || c == '\r';
+}
 
 /* One line without its '\n'; comments already cut. 0 blank, 1 entry, <0 error. */
 static int parse_line(const char *p, size_t n, auth_entry *out, const char *source, int lineno,
@@ -47,7 +49,8 @@ static int parse_line(const char *p, size_t n, auth_entry *out, const char *sour
   if (hlen != 2 * DIGEST_LEN)
     return ts_errf(err, TS_EINVAL,
                    "%s:%d: expected '<sha256 hex digest (64 characters)> <infer|admin>', "
-                   "the first field has %zu characters", source, lineno, hlen);
+                   "the first field has %zu characters",
+                   source, lineno, hlen);
   for (size_t k = 0; k < DIGEST_LEN; k++) {
     int hi = hexval((unsigned char)p[h0 + 2 * k]), lo = hexval((unsigned char)p[h0 + 2 * k + 1]);
     if (hi < 0 || lo < 0)
@@ -58,8 +61,10 @@ static int parse_line(const char *p, size_t n, auth_entry *out, const char *sour
   size_t s0 = i;
   while (i < n && !is_space(p[i])) i++;
   size_t slen = i - s0;
-  if (slen == 5 && memcmp(p + s0, "infer", 5) == 0) out->scope = AUTH_INFER;
-  else if (slen == 5 && memcmp(p + s0, "admin", 5) == 0) out->scope = AUTH_ADMIN;
+  if (slen == 5 && memcmp(p + s0, "infer", 5) == 0)
+    out->scope = AUTH_INFER;
+  else if (slen == 5 && memcmp(p + s0, "admin", 5) == 0)
+    out->scope = AUTH_ADMIN;
   else if (slen == 0)
     return ts_errf(err, TS_EINVAL, "%s:%d: the scope is missing (infer or admin)", source, lineno);
   else
@@ -106,8 +111,10 @@ int auth_parse(const char *text, size_t len, const char *source, auth_keys **out
     pos = end + 1;
   }
   if (k->n == 0) {
-    rc = ts_errf(err, TS_EINVAL, "%s: holds no key (lines '<sha256 hex> <infer|admin>'; make one "
-                 "with tallyd --keygen)", source);
+    rc = ts_errf(err, TS_EINVAL,
+                 "%s: holds no key (lines '<sha256 hex> <infer|admin>'; make one "
+                 "with tallyd --keygen)",
+                 source);
     goto fail;
   }
   *out = k;
@@ -134,7 +141,9 @@ void auth_free(auth_keys *k) {
   tl_free(k);
 }
 
-int auth_count(const auth_keys *k) { return k ? k->n : 0; }
+int auth_count(const auth_keys *k) {
+  return k ? k->n : 0;
+}
 
 static void sha256(const void *data, size_t len, unsigned char out[DIGEST_LEN]) {
   unsigned int n = DIGEST_LEN;
@@ -159,7 +168,9 @@ auth_scope auth_lookup(const auth_keys *k, const char *key, size_t len) {
   return AUTH_NONE;
 }
 
-auth_scope auth_required(int route_id) { return route_get(route_id)->scope; }
+auth_scope auth_required(int route_id) {
+  return route_get(route_id)->scope;
+}
 
 const char *auth_scope_name(auth_scope s) {
   switch (s) {

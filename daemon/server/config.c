@@ -22,40 +22,80 @@ typedef struct opt {
 
 #define O(f) offsetof(srv_config, f)
 static const opt opts[] = {
-    {"config", T_STR, O(config_file), 0, 0, "FILE", "JSON config file with the same keys as the flags"},
-    {"model-repository", T_STR, O(model_repository), 0, 0, "DIR", "model repository root (required)"},
+    {"config", T_STR, O(config_file), 0, 0, "FILE",
+     "JSON config file with the same keys as the flags"},
+    {"model-repository", T_STR, O(model_repository), 0, 0, "DIR",
+     "model repository root (required)"},
     {"model", T_LIST, O(models), 0, 0, "NAME", "serve only this model (repeatable; default: all)"},
     {"listen", T_STR, O(listen), 0, 0, "HOST:PORT", "address to serve (default 127.0.0.1:8000)"},
     {"threads", T_INT, O(threads), 0, 1024, "N", "worker threads (default: number of cores)"},
-    {"queue-depth", T_INT, O(queue_depth), 1, 1 << 20, "N", "waiting requests before 429 (default 256)"},
-    {"max-body-bytes", T_INT, O(max_body_bytes), 1, INT64_MAX, "N", "request body cap, 413 above (default 67108864)"},
-    {"drain-timeout", T_INT, O(drain_timeout_ms), 0, INT64_MAX, "MS", "how long in-flight requests may finish at shutdown (default 30000)"},
-    {"request-timeout-ms", T_INT, O(request_timeout_ms), 0, INT64_MAX, "MS", "default deadline of infer requests, 504 after; 0 = none (default 60000); a request's \"timeout_ms\" parameter overrides it"},
-    {"max-request-elements", T_INT, O(max_request_elements), 0, INT64_MAX, "N", "largest element count of one input tensor (default 268435456)"},
-    {"max-request-memory", T_INT, O(max_request_memory), 0, INT64_MAX, "BYTES", "largest decoded size of a request's input tensors together, 413 above; 0 = none (default 1073741824)"},
-    {"max-json-memory", T_INT, O(max_json_memory), 0, INT64_MAX, "BYTES", "largest parse tree of a request's JSON (about 50 bytes a number), 413 above; 0 = none (default 268435456)"},
-    {"max-inputs", T_INT, O(max_inputs), 0, INT64_MAX, "N", "most entries in a request's \"inputs\", 413 above; 0 = none (default 64)"},
-    {"max-outputs", T_INT, O(max_outputs), 0, INT64_MAX, "N", "most entries in a request's \"outputs\", 413 above; 0 = none (default 64)"},
-    {"max-response-bytes", T_INT, O(max_response_bytes), 0, INT64_MAX, "BYTES", "largest answer to one request, checked before it is built, 413 above; 0 = none (default 268435456)"},
+    {"queue-depth", T_INT, O(queue_depth), 1, 1 << 20, "N",
+     "waiting requests before 429 (default 256)"},
+    {"max-body-bytes", T_INT, O(max_body_bytes), 1, INT64_MAX, "N",
+     "request body cap, 413 above (default 67108864)"},
+    {"drain-timeout", T_INT, O(drain_timeout_ms), 0, INT64_MAX, "MS",
+     "how long in-flight requests may finish at shutdown (default 30000)"},
+    {"request-timeout-ms", T_INT, O(request_timeout_ms), 0, INT64_MAX, "MS",
+     "default deadline of infer requests, 504 after; 0 = none (default 60000); a request's "
+     "\"timeout_ms\" parameter overrides it"},
+    {"max-request-elements", T_INT, O(max_request_elements), 0, INT64_MAX, "N",
+     "largest element count of one input tensor (default 268435456)"},
+    {"max-request-memory", T_INT, O(max_request_memory), 0, INT64_MAX, "BYTES",
+     "largest decoded size of a request's input tensors together, 413 above; 0 = none (default "
+     "1073741824)"},
+    {"max-json-memory", T_INT, O(max_json_memory), 0, INT64_MAX, "BYTES",
+     "largest parse tree of a request's JSON (about 50 bytes a number), 413 above; 0 = none "
+     "(default 268435456)"},
+    {"max-inputs", T_INT, O(max_inputs), 0, INT64_MAX, "N",
+     "most entries in a request's \"inputs\", 413 above; 0 = none (default 64)"},
+    {"max-outputs", T_INT, O(max_outputs), 0, INT64_MAX, "N",
+     "most entries in a request's \"outputs\", 413 above; 0 = none (default 64)"},
+    {"max-response-bytes", T_INT, O(max_response_bytes), 0, INT64_MAX, "BYTES",
+     "largest answer to one request, checked before it is built, 413 above; 0 = none (default "
+     "268435456)"},
     {"log-level", T_STR, O(log_level), 0, 0, "LEVEL", "debug, info, warn or error (default info)"},
     {"log-format", T_STR, O(log_format), 0, 0, "FORMAT", "text or json (default text)"},
-    {"session-ttl-secs", T_INT, O(session_ttl_secs), 1, INT64_C(1) << 40, "S", "KV-cache sessions idle this long expire (default 600)"},
-    {"kv-cache-bytes", T_INT, O(kv_cache_bytes), 1, INT64_MAX, "N", "cap on all sessions' memory (caches and bookkeeping); least recently used idle sessions are evicted above it, a new session that cannot fit is refused 503 (default 4294967296)"},
-    {"max-sessions", T_INT, O(max_sessions), 1, INT64_C(1) << 30, "N", "open KV-cache sessions at most; least recently used idle sessions are evicted above it, a new one is refused 503 when all are busy (default 10000)"},
-    {"device", T_STR, O(device), 0, 0, "DEV", "attention on auto, cpu or cuda (default auto: the GPU when the build has CUDA and one is present)"},
-    {"api-key-file", T_STR, O(api_key_file), 0, 0, "FILE", "credentials: lines '<sha256 hex of a key> <infer|admin>'; reread at SIGHUP (default: none, every endpoint open)"},
-    {"tls-cert", T_STR, O(tls_cert), 0, 0, "FILE", "serve HTTPS with this PEM certificate (chain) (needs --tls-key); TLS 1.2 and 1.3 only"},
+    {"session-ttl-secs", T_INT, O(session_ttl_secs), 1, INT64_C(1) << 40, "S",
+     "KV-cache sessions idle this long expire (default 600)"},
+    {"kv-cache-bytes", T_INT, O(kv_cache_bytes), 1, INT64_MAX, "N",
+     "cap on all sessions' memory (caches and bookkeeping); least recently used idle sessions are "
+     "evicted above it, a new session that cannot fit is refused 503 (default 4294967296)"},
+    {"max-sessions", T_INT, O(max_sessions), 1, INT64_C(1) << 30, "N",
+     "open KV-cache sessions at most; least recently used idle sessions are evicted above it, a "
+     "new one is refused 503 when all are busy (default 10000)"},
+    {"device", T_STR, O(device), 0, 0, "DEV",
+     "attention on auto, cpu or cuda (default auto: the GPU when the build has CUDA and one is "
+     "present)"},
+    {"api-key-file", T_STR, O(api_key_file), 0, 0, "FILE",
+     "credentials: lines '<sha256 hex of a key> <infer|admin>'; reread at SIGHUP (default: none, "
+     "every endpoint open)"},
+    {"tls-cert", T_STR, O(tls_cert), 0, 0, "FILE",
+     "serve HTTPS with this PEM certificate (chain) (needs --tls-key); TLS 1.2 and 1.3 only"},
     {"tls-key", T_STR, O(tls_key), 0, 0, "FILE", "PEM private key of --tls-cert"},
-    {"cors-origin", T_STR, O(cors_origin), 0, 0, "ORIGINS", "allow browsers from these origins (comma list, or *); answers OPTIONS preflights (default: none)"},
-    {"max-connections", T_INT, O(max_connections), 0, 1 << 20, "N", "open connections at most (default 0: libmicrohttpd's limit, about the descriptor limit)"},
-    {"per-ip-connections", T_INT, O(per_ip_connections), 0, 1 << 20, "N", "open connections per client address at most (default 0: no limit)"},
-    {"connection-timeout", T_INT, O(connection_timeout), 0, 86400, "SECONDS", "close a connection idle or stalled this long; a request being computed is exempt; 0 = never (default 60)"},
-    {"max-batch", T_INT, O(max_batch), 0, INT64_MAX, "N", "largest leading dimension of any input tensor, 400 above (default 0: no limit)"},
-    {"max-sequence-length", T_INT, O(max_sequence_length), 0, INT64_MAX, "N", "largest sequence length (input_ids' last, query/key/value's second-to-last dimension), 400 above (default 0: no limit)"},
-    {"weights-load", T_STR, O(weights_load), 0, 0, "HOW", "mmap: map model.safetensors, no copy, the file must never change in place; read: copy it into memory, immune to later writes to the file (default mmap)"},
-    {"repository-poll-secs", T_INT, O(repository_poll_secs), 0, 86400, "N", "rescan the model repository every N seconds, as at SIGHUP (default 0: only at SIGHUP)"},
-    {"keygen", T_FLAG, O(keygen), 0, 0, NULL, "print a new random API key and its key-file line, then exit"},
-    {"scope", T_STR, O(scope), 0, 0, "SCOPE", "scope of the key --keygen makes: infer or admin (default infer)"},
+    {"cors-origin", T_STR, O(cors_origin), 0, 0, "ORIGINS",
+     "allow browsers from these origins (comma list, or *); answers OPTIONS preflights (default: "
+     "none)"},
+    {"max-connections", T_INT, O(max_connections), 0, 1 << 20, "N",
+     "open connections at most (default 0: libmicrohttpd's limit, about the descriptor limit)"},
+    {"per-ip-connections", T_INT, O(per_ip_connections), 0, 1 << 20, "N",
+     "open connections per client address at most (default 0: no limit)"},
+    {"connection-timeout", T_INT, O(connection_timeout), 0, 86400, "SECONDS",
+     "close a connection idle or stalled this long; a request being computed is exempt; 0 = never "
+     "(default 60)"},
+    {"max-batch", T_INT, O(max_batch), 0, INT64_MAX, "N",
+     "largest leading dimension of any input tensor, 400 above (default 0: no limit)"},
+    {"max-sequence-length", T_INT, O(max_sequence_length), 0, INT64_MAX, "N",
+     "largest sequence length (input_ids' last, query/key/value's second-to-last dimension), 400 "
+     "above (default 0: no limit)"},
+    {"weights-load", T_STR, O(weights_load), 0, 0, "HOW",
+     "mmap: map model.safetensors, no copy, the file must never change in place; read: copy it "
+     "into memory, immune to later writes to the file (default mmap)"},
+    {"repository-poll-secs", T_INT, O(repository_poll_secs), 0, 86400, "N",
+     "rescan the model repository every N seconds, as at SIGHUP (default 0: only at SIGHUP)"},
+    {"keygen", T_FLAG, O(keygen), 0, 0, NULL,
+     "print a new random API key and its key-file line, then exit"},
+    {"scope", T_STR, O(scope), 0, 0, "SCOPE",
+     "scope of the key --keygen makes: infer or admin (default infer)"},
     {"help", T_FLAG, O(help), 0, 0, NULL, "print this help"},
     {"version", T_FLAG, O(version), 0, 0, NULL, "print the version"},
 };
@@ -120,7 +160,8 @@ static int set_value(srv_config *c, const opt *o, const char *v, int from_file, 
         for (int i = 0; i < n; i++) tl_free(list[i]), list[i] = NULL;
         n = 0;
       }
-      if (n >= CFG_MAX_LIST) return ts_errf(err, TS_EINVAL, "--%s: more than %d values", o->name, CFG_MAX_LIST);
+      if (n >= CFG_MAX_LIST)
+        return ts_errf(err, TS_EINVAL, "--%s: more than %d values", o->name, CFG_MAX_LIST);
       return set_str(&list[n], v, err);
     }
     default: *(int *)slot = 1; return 0;
@@ -160,10 +201,13 @@ static int load_file(srv_config *c, const char *path, ts_err *err) {
       continue;
     }
     const char *s;
-    if (json_is_string(v)) s = json_string_value(v);
-    else if (json_is_integer(v)) snprintf(buf, sizeof buf, "%lld", (long long)json_integer_value(v)), s = buf;
+    if (json_is_string(v))
+      s = json_string_value(v);
+    else if (json_is_integer(v))
+      snprintf(buf, sizeof buf, "%lld", (long long)json_integer_value(v)), s = buf;
     else {
-      rc = ts_errf(err, TS_EINVAL, "config file %s: '%s' must be a string or an integer", path, key);
+      rc =
+          ts_errf(err, TS_EINVAL, "config file %s: '%s' must be a string or an integer", path, key);
       goto out;
     }
     if ((rc = set_value(c, o, s, 1, err))) goto out;
@@ -188,8 +232,10 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
   /* the file first, so that flags win */
   for (int i = 1; i < argc; i++) {
     const char *path = NULL;
-    if (strncmp(argv[i], "--config=", 9) == 0) path = argv[i] + 9;
-    else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc) path = argv[i + 1];
+    if (strncmp(argv[i], "--config=", 9) == 0)
+      path = argv[i] + 9;
+    else if (strcmp(argv[i], "--config") == 0 && i + 1 < argc)
+      path = argv[i + 1];
     if (path) {
       int rc = load_file(c, path, err);
       if (rc) return rc;
@@ -206,7 +252,8 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
     memcpy(name, a + 2, n);
     name[n] = 0;
     const opt *o = find_opt(name);
-    if (!o || strchr(name, '_')) return ts_errf(err, TS_EINVAL, "unknown flag '%s' (see --help)", a);
+    if (!o || strchr(name, '_'))
+      return ts_errf(err, TS_EINVAL, "unknown flag '%s' (see --help)", a);
     if (o->type == T_FLAG) {
       if (eq) return ts_errf(err, TS_EINVAL, "--%s takes no value", o->name);
       *(int *)((char *)c + o->off) = 1;
@@ -227,7 +274,8 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
     return ts_errf(err, TS_EINVAL, "--scope must be infer or admin, not '%s'", c->scope);
   if (!c->weights_load && set_str(&c->weights_load, "mmap", err)) return -TS_ENOMEM;
   if (strcmp(c->weights_load, "read") != 0 && strcmp(c->weights_load, "mmap") != 0)
-    return ts_errf(err, TS_EINVAL, "--weights-load must be read or mmap, not '%s'", c->weights_load);
+    return ts_errf(err, TS_EINVAL, "--weights-load must be read or mmap, not '%s'",
+                   c->weights_load);
   if (strcmp(c->log_format, "text") != 0 && strcmp(c->log_format, "json") != 0)
     return ts_errf(err, TS_EINVAL, "--log-format must be text or json, not '%s'", c->log_format);
   return 0;
@@ -244,8 +292,10 @@ void cfg_free(srv_config *c) {
 }
 
 void cfg_usage(FILE *out) {
-  fprintf(out, "usage: tallyd --model-repository DIR [options]\n\n"
-               "Serves the Open Inference Protocol v2 (KServe/Triton REST) from a model repository.\n\n");
+  fprintf(
+      out,
+      "usage: tallyd --model-repository DIR [options]\n\n"
+      "Serves the Open Inference Protocol v2 (KServe/Triton REST) from a model repository.\n\n");
   for (size_t i = 0; i < sizeof opts / sizeof *opts; i++) {
     char left[64];
     snprintf(left, sizeof left, "--%s%s%s", opts[i].name, opts[i].arg ? " " : "",
@@ -264,12 +314,14 @@ int cfg_listen(const srv_config *c, char *host, size_t hostlen, int *port, ts_er
     l++;
     hn -= 2;
   }
-  if (hn == 0 || hn >= hostlen) return ts_errf(err, TS_EINVAL, "--listen '%s': bad host", c->listen);
+  if (hn == 0 || hn >= hostlen)
+    return ts_errf(err, TS_EINVAL, "--listen '%s': bad host", c->listen);
   memcpy(host, l, hn);
   host[hn] = 0;
   char *end;
   long p = strtol(colon + 1, &end, 10);
-  if (*end || p < 0 || p > 65535) return ts_errf(err, TS_EINVAL, "--listen '%s': bad port", c->listen);
+  if (*end || p < 0 || p > 65535)
+    return ts_errf(err, TS_EINVAL, "--listen '%s': bad port", c->listen);
   *port = (int)p;
   return 0;
 }

@@ -27,27 +27,27 @@ typedef struct srv_config {
   int64_t request_timeout_ms;
   int64_t max_request_elements;
   int64_t max_request_memory;
-  int64_t max_json_memory;    /* the JSON parse tree of one request body */
+  int64_t max_json_memory;         /* the JSON parse tree of one request body */
   int64_t max_inputs, max_outputs; /* entries of a request's "inputs" / "outputs" */
-  int64_t max_response_bytes; /* one answer's encoded size */
+  int64_t max_response_bytes;      /* one answer's encoded size */
   char *log_level;
   char *log_format;
   int64_t session_ttl_secs; /* KV-cache sessions (server/sessions.h) */
   int64_t kv_cache_bytes;
   int64_t max_sessions;
-  char *device;             /* attention device: auto, cpu, cuda (models/attention.h) */
+  char *device; /* attention device: auto, cpu, cuda (models/attention.h) */
   /* production operation (docs/operations.md) */
-  char *api_key_file;         /* "<sha256 hex> <scope>" lines; NULL: no credentials */
-  char *tls_cert, *tls_key;   /* PEM files; both or neither */
-  char *cors_origin;          /* comma list of origins or "*"; NULL: no CORS */
-  int64_t max_connections;    /* 0: libmicrohttpd's default */
-  int64_t per_ip_connections; /* 0: no per-address limit */
-  int64_t connection_timeout; /* seconds of client silence before a cut; 0: none */
-  int64_t max_batch;          /* largest leading dimension of an input; 0: none */
-  int64_t max_sequence_length;/* largest token/query/key length; 0: none */
+  char *api_key_file;           /* "<sha256 hex> <scope>" lines; NULL: no credentials */
+  char *tls_cert, *tls_key;     /* PEM files; both or neither */
+  char *cors_origin;            /* comma list of origins or "*"; NULL: no CORS */
+  int64_t max_connections;      /* 0: libmicrohttpd's default */
+  int64_t per_ip_connections;   /* 0: no per-address limit */
+  int64_t connection_timeout;   /* seconds of client silence before a cut; 0: none */
+  int64_t max_batch;            /* largest leading dimension of an input; 0: none */
+  int64_t max_sequence_length;  /* largest token/query/key length; 0: none */
   int64_t repository_poll_secs; /* rescan period; 0: only at SIGHUP */
-  char *weights_load;         /* "mmap" (default) or "read" (a private copy) */
-  char *scope;                /* --keygen: the new key's scope */
+  char *weights_load;           /* "mmap" (default) or "read" (a private copy) */
+  char *scope;                  /* --keygen: the new key's scope */
   int keygen;
   int help, version;
 } srv_config;

@@ -21,18 +21,23 @@ int server_check_limits(const srv_config *cfg, const ts_list *inputs, ts_err *er
   for (int i = 0; i < inputs->n; i++) {
     const ts_tensor *t = &inputs->items[i];
     if (cfg->max_batch > 0 && t->ndim >= 1 && t->shape[0] > cfg->max_batch)
-      return ts_errf(err, TS_EINVAL, "input '%s': batch of %lld rows is over the limit of %lld "
-                     "(--max-batch)", t->name, (long long)t->shape[0], (long long)cfg->max_batch);
+      return ts_errf(err, TS_EINVAL,
+                     "input '%s': batch of %lld rows is over the limit of %lld "
+                     "(--max-batch)",
+                     t->name, (long long)t->shape[0], (long long)cfg->max_batch);
     if (cfg->max_sequence_length <= 0) continue;
     int dim = -1;
-    if (strcmp(t->name, "input_ids") == 0 && t->ndim >= 1) dim = t->ndim - 1;
+    if (strcmp(t->name, "input_ids") == 0 && t->ndim >= 1)
+      dim = t->ndim - 1;
     else if ((strcmp(t->name, "query") == 0 || strcmp(t->name, "key") == 0 ||
-              strcmp(t->name, "value") == 0) && t->ndim >= 2)
+              strcmp(t->name, "value") == 0) &&
+             t->ndim >= 2)
       dim = t->ndim - 2;
     if (dim >= 0 && t->shape[dim] > cfg->max_sequence_length)
-      return ts_errf(err, TS_EINVAL, "input '%s': sequence length %lld is over the limit of %lld "
-                     "(--max-sequence-length)", t->name, (long long)t->shape[dim],
-                     (long long)cfg->max_sequence_length);
+      return ts_errf(err, TS_EINVAL,
+                     "input '%s': sequence length %lld is over the limit of %lld "
+                     "(--max-sequence-length)",
+                     t->name, (long long)t->shape[dim], (long long)cfg->max_sequence_length);
   }
   return 0;
 }
@@ -67,8 +72,8 @@ int server_check_params(const md_kind *k, int op, const char *model, const json_
     /* one labelled file serves fit or calibrate and evaluate (fit-from-file.sh
      * --evaluate): evaluate lets the kind's fit and calibrate names pass; a
      * name no operation takes is still refused */
-    if (op == MD_OP_EVALUATE && (md_kind_takes_param(k, MD_OP_FIT, key) ||
-                                 md_kind_takes_param(k, MD_OP_CALIBRATE, key)))
+    if (op == MD_OP_EVALUATE &&
+        (md_kind_takes_param(k, MD_OP_FIT, key) || md_kind_takes_param(k, MD_OP_CALIBRATE, key)))
       continue;
     sbuf b;
     sbuf_init(&b);
@@ -78,8 +83,10 @@ int server_check_params(const md_kind *k, int op, const char *model, const json_
     sbuf_adds(&b, b.len ? "and the protocol's " : "none of the kind's own; the protocol's ");
     for (const char *const *a = oip_request_params; *a; a++)
       sbuf_printf(&b, "%s%s", *a, a[1] ? ", " : "");
-    int rc = ts_errf(err, TS_EINVAL, "unknown parameter '%.60s' for %s on model '%s' (kind %s); "
-                     "accepted: %s", key, md_op_name(op), model, k->name,
+    int rc = ts_errf(err, TS_EINVAL,
+                     "unknown parameter '%.60s' for %s on model '%s' (kind %s); "
+                     "accepted: %s",
+                     key, md_op_name(op), model, k->name,
                      sbuf_failed(&b) || !b.data ? "(out of memory)" : b.data);
     sbuf_free(&b);
     return rc;
@@ -108,7 +115,8 @@ static int check_input_names(const repo_ver *ver, const ts_list *inputs, ts_err 
     const char *missing = NULL; /* the likely intended name, when one is absent */
     for (int k = 0; k < sig->n_inputs && !missing; k++)
       if (!ts_list_find(inputs, sig->inputs[k].name)) missing = sig->inputs[k].name;
-    return ts_errf(err, TS_EINVAL, "unexpected input '%.100s' for model '%s' (its inputs: %s)%s%s%s",
+    return ts_errf(err, TS_EINVAL,
+                   "unexpected input '%.100s' for model '%s' (its inputs: %s)%s%s%s",
                    inputs->items[i].name, repo_ver_model(ver), list,
                    missing ? "; missing input '" : "", missing ? missing : "", missing ? "'" : "");
   }
@@ -121,9 +129,10 @@ static int check_model_batch(const repo_ver *ver, const ts_list *inputs, ts_err 
   for (int i = 0; mb > 0 && i < inputs->n; i++) {
     const ts_tensor *t = &inputs->items[i];
     if (t->ndim >= 1 && t->shape[0] > mb)
-      return ts_errf(err, TS_EINVAL, "input '%s': batch of %lld rows is over model '%s''s "
-                     "max_batch of %lld (config.json)", t->name, (long long)t->shape[0],
-                     repo_ver_model(ver), (long long)mb);
+      return ts_errf(err, TS_EINVAL,
+                     "input '%s': batch of %lld rows is over model '%s''s "
+                     "max_batch of %lld (config.json)",
+                     t->name, (long long)t->shape[0], repo_ver_model(ver), (long long)mb);
   }
   return 0;
 }
@@ -172,8 +181,8 @@ int job_encode(job *j, const oip_request *req, const md_call *call, const json_t
   sbuf b;
   sbuf_init(&b);
   size_t json_len = 0;
-  int rc = oip_encode(call->model_name, call->version, req, &call->outputs, extra, &b, &json_len,
-                      err);
+  int rc =
+      oip_encode(call->model_name, call->version, req, &call->outputs, extra, &b, &json_len, err);
   if (rc) {
     sbuf_free(&b);
     return rc;

@@ -41,11 +41,12 @@ void ep_ready(job *j) {
 }
 
 void ep_server(job *j) {
-  json_t *ext = json_pack("[s,s,s,s,s,s,s,s,s]", "model_repository", "binary_tensor_data",
-                          "classification", "model_configuration", "statistics", "fit",
-                          "evaluate", "calibrate", "sessions");
-  answer_json(j, 200, json_pack("{s:s, s:s, s:o}", "name", "tallyd", "version", TALLYD_VERSION,
-                                "extensions", ext));
+  json_t *ext =
+      json_pack("[s,s,s,s,s,s,s,s,s]", "model_repository", "binary_tensor_data", "classification",
+                "model_configuration", "statistics", "fit", "evaluate", "calibrate", "sessions");
+  answer_json(
+      j, 200,
+      json_pack("{s:s, s:s, s:o}", "name", "tallyd", "version", TALLYD_VERSION, "extensions", ext));
 }
 
 void ep_model_meta(job *j) {
@@ -67,10 +68,13 @@ void ep_model_ready(job *j) {
     return;
   }
   if (!rc) repo_release(v);
-  answer_json(j, rc == 0 ? 200 : 503, json_pack("{s:s, s:b}", "name", j->rt.model, "ready", rc == 0));
+  answer_json(j, rc == 0 ? 200 : 503,
+              json_pack("{s:s, s:b}", "name", j->rt.model, "ready", rc == 0));
 }
 
-void ep_repo_index(job *j) { answer_json(j, 200, repo_index(j->srv->repo)); }
+void ep_repo_index(job *j) {
+  answer_json(j, 200, repo_index(j->srv->repo));
+}
 
 void ep_metrics(job *j) {
   server *s = j->srv;
@@ -131,8 +135,9 @@ static void run_model(job *j, kind_op fn, int tensors) {
     int running = 0;
     if (!atomic_compare_exchange_strong(&j->claim, &running, 1)) {
       json_decref(ans);
-      rc = ts_errf(&err, TS_ETIMEOUT, "the deadline passed before the new version was saved; "
-                                      "nothing was saved");
+      rc = ts_errf(&err, TS_ETIMEOUT,
+                   "the deadline passed before the new version was saved; "
+                   "nothing was saved");
       goto fail;
     }
     if ((rc = repo_commit_version(s->repo, j->ver, &call, &nv, &err))) {
@@ -160,7 +165,15 @@ done:
   oip_request_free(&req);
 }
 
-void ep_infer(job *j) { run_model(j, repo_ver_kind(j->ver)->infer, 1); }
-void ep_fit(job *j) { run_model(j, repo_ver_kind(j->ver)->fit, 0); }
-void ep_evaluate(job *j) { run_model(j, repo_ver_kind(j->ver)->evaluate, 0); }
-void ep_calibrate(job *j) { run_model(j, repo_ver_kind(j->ver)->calibrate, 0); }
+void ep_infer(job *j) {
+  run_model(j, repo_ver_kind(j->ver)->infer, 1);
+}
+void ep_fit(job *j) {
+  run_model(j, repo_ver_kind(j->ver)->fit, 0);
+}
+void ep_evaluate(job *j) {
+  run_model(j, repo_ver_kind(j->ver)->evaluate, 0);
+}
+void ep_calibrate(job *j) {
+  run_model(j, repo_ver_kind(j->ver)->calibrate, 0);
+}

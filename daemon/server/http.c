@@ -66,18 +66,18 @@ typedef struct hreq {
   job *job;
   resp out;
   int suspended;
-  int suspend_next;           /* suspend at the next call (see on_access) */
-  int fd;                     /* the connection's socket (hang-up checks) */
-  int tls, http11;            /* how a hang-up can be told from a half-close */
-  double rdhup_at;            /* when the peer's FIN was first seen; 0 never */
-  int probed;                 /* the 102 probe was sent */
-  int must_close;             /* answer with "Connection: close" */
-  int bad_target;             /* the raw request target holds NUL or a control */
-  int preflight;              /* a CORS preflight (OPTIONS) */
+  int suspend_next;            /* suspend at the next call (see on_access) */
+  int fd;                      /* the connection's socket (hang-up checks) */
+  int tls, http11;             /* how a hang-up can be told from a half-close */
+  double rdhup_at;             /* when the peer's FIN was first seen; 0 never */
+  int probed;                  /* the 102 probe was sent */
+  int must_close;              /* answer with "Connection: close" */
+  int bad_target;              /* the raw request target holds NUL or a control */
+  int preflight;               /* a CORS preflight (OPTIONS) */
   int req_coding, resp_coding; /* zc_coding of the body; the one the answer may use */
-  int64_t served_version;     /* the version a job ran on (metrics) */
-  char cors_origin[256];      /* Access-Control-Allow-Origin to send; "" none */
-  struct hreq *wprev, *wnext; /* list of hreqs waiting on jobs */
+  int64_t served_version;      /* the version a job ran on (metrics) */
+  char cors_origin[256];       /* Access-Control-Allow-Origin to send; "" none */
+  struct hreq *wprev, *wnext;  /* list of hreqs waiting on jobs */
 } hreq;
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -163,13 +163,14 @@ static int check_framing(struct MHD_Connection *conn, ts_err *err) {
   framing f = {0};
   MHD_get_connection_values(conn, MHD_HEADER_KIND, framing_seen, &f);
   if (f.bad_name)
-    return ts_errf(err, TS_EINVAL, "header name '%.40s' is not a token, or a folded framing "
-                                   "header (whitespace before the colon? obs-fold?)", f.name);
+    return ts_errf(err, TS_EINVAL,
+                   "header name '%.40s' is not a token, or a folded framing "
+                   "header (whitespace before the colon? obs-fold?)",
+                   f.name);
   if (f.n_cl > 1) return ts_errf(err, TS_EINVAL, "more than one Content-Length header");
   if (f.bad_cl)
     return ts_errf(err, TS_EINVAL, "Content-Length is not a decimal number (a folded line?)");
-  if (f.n_te && f.n_cl)
-    return ts_errf(err, TS_EINVAL, "both Transfer-Encoding and Content-Length");
+  if (f.n_te && f.n_cl) return ts_errf(err, TS_EINVAL, "both Transfer-Encoding and Content-Length");
   if (f.n_te > 1 || f.bad_te)
     return ts_errf(err, TS_EINVAL, "Transfer-Encoding other than a single 'chunked'");
   return 0;
@@ -201,8 +202,10 @@ static void waiting_add(server *s, hreq *h) {
 }
 
 static void waiting_del(server *s, hreq *h) {
-  if (h->wprev) h->wprev->wnext = h->wnext;
-  else if (s->waiting == h) s->waiting = h->wnext;
+  if (h->wprev)
+    h->wprev->wnext = h->wnext;
+  else if (s->waiting == h)
+    s->waiting = h->wnext;
   if (h->wnext) h->wnext->wprev = h->wprev;
   h->wprev = h->wnext = NULL;
 }
@@ -262,8 +265,10 @@ static int inflate_body(job *j) {
   j->body = plain;
   j->len = n;
   if (j->json_len > n) {
-    resp_errorf(&j->out, TS_EINVAL, "Inference-Header-Content-Length %zu is over the inflated "
-                "body's %zu bytes", j->json_len, n);
+    resp_errorf(&j->out, TS_EINVAL,
+                "Inference-Header-Content-Length %zu is over the inflated "
+                "body's %zu bytes",
+                j->json_len, n);
     return -1;
   }
   return 0;
@@ -299,7 +304,9 @@ static void job_done(job *j) {
   uv_async_send(&s->done_async);
 }
 
-void job_defer(job *j) { atomic_fetch_add(&j->owners, 1); }
+void job_defer(job *j) {
+  atomic_fetch_add(&j->owners, 1);
+}
 
 void job_finish(job *j) {
   if (atomic_fetch_sub(&j->owners, 1) != 1) return;
@@ -395,8 +402,10 @@ static void submit(server *s, hreq *h) {
     long long v = strtoll(hl, &end, 10);
     /* a compressed body's length is checked once inflated (job_run) */
     if (*end || v < 0 || (j->req_coding == ZC_IDENTITY && (size_t)v > j->len)) {
-      error_resp(&h->out, TS_EINVAL, "Inference-Header-Content-Length '%.40s' is not a length "
-                                     "within the body", hl);
+      error_resp(&h->out, TS_EINVAL,
+                 "Inference-Header-Content-Length '%.40s' is not a length "
+                 "within the body",
+                 hl);
       h->phase = H_DONE;
       job_free(j);
       return;
@@ -444,7 +453,9 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max) {
   return stream_read(cls, buf, max);
 }
 
-static void stream_freed(void *cls) { stream_detach(cls); }
+static void stream_freed(void *cls) {
+  stream_detach(cls);
+}
 
 static enum MHD_Result queue(hreq *h) {
   resp *r = &h->out;
@@ -495,7 +506,8 @@ static enum MHD_Result queue(hreq *h) {
                               "X-Request-Id, Inference-Header-Content-Length, Retry-After");
     }
     if (h->preflight && h->cors_origin[0]) {
-      MHD_add_response_header(m, "Access-Control-Allow-Methods", "GET, HEAD, POST, DELETE, OPTIONS");
+      MHD_add_response_header(m, "Access-Control-Allow-Methods",
+                              "GET, HEAD, POST, DELETE, OPTIONS");
       MHD_add_response_header(m, "Access-Control-Allow-Headers",
                               "Authorization, X-Api-Key, Content-Type, X-Request-Id, "
                               "Inference-Header-Content-Length");
@@ -572,8 +584,9 @@ static int authorize(server *s, hreq *h, const char *method, const char *url) {
   if (got >= need) return 1;
   h->rt.id = rt.id; /* for the request metrics; no model name before access */
   if (!key)
-    error_resp(&h->out, TS_EAUTH, "credentials required: send 'Authorization: Bearer <key>' or "
-                                  "'X-Api-Key: <key>'");
+    error_resp(&h->out, TS_EAUTH,
+               "credentials required: send 'Authorization: Bearer <key>' or "
+               "'X-Api-Key: <key>'");
   else if (got == AUTH_NONE)
     error_resp(&h->out, TS_EAUTH, "the API key is not valid");
   else
@@ -602,9 +615,8 @@ static enum MHD_Result refuse_early(hreq *h) {
 }
 
 static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const char *url,
-                                 const char *method, const char *version,
-                                 const char *upload_data, size_t *upload_data_size,
-                                 void **con_cls) {
+                                 const char *method, const char *version, const char *upload_data,
+                                 size_t *upload_data_size, void **con_cls) {
   server *s = cls;
   hreq *h = *con_cls;
   if (!h || h->phase == H_NEW) {
@@ -622,8 +634,10 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     snprintf(h->method, sizeof h->method, "%s", method);
     snprintf(h->path, sizeof h->path, "%s", url);
     const char *rid = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "X-Request-Id");
-    if (header_ok(rid)) snprintf(h->request_id, sizeof h->request_id, "%s", rid);
-    else new_request_id(h->request_id, sizeof h->request_id);
+    if (header_ok(rid))
+      snprintf(h->request_id, sizeof h->request_id, "%s", rid);
+    else
+      new_request_id(h->request_id, sizeof h->request_id);
     metrics_inflight_add(1);
     cors_match(s, h);
     ts_err ferr = {0};
@@ -650,14 +664,15 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     h->req_coding = coding;
     h->resp_coding = zc_choose(
         MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_ACCEPT_ENCODING));
-    const char *cl = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
-                                                 MHD_HTTP_HEADER_CONTENT_LENGTH);
+    const char *cl =
+        MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_CONTENT_LENGTH);
     if (cl) {
       char *end;
       unsigned long long n = strtoull(cl, &end, 10);
       if (*end == 0 && n > (unsigned long long)s->cfg->max_body_bytes) {
-        error_resp(&h->out, TS_ETOOBIG, "the body (%llu bytes) is larger than the limit of %lld bytes",
-                   n, (long long)s->cfg->max_body_bytes);
+        error_resp(&h->out, TS_ETOOBIG,
+                   "the body (%llu bytes) is larger than the limit of %lld bytes", n,
+                   (long long)s->cfg->max_body_bytes);
         return refuse_early(h);
       }
     }
@@ -768,7 +783,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   int64_t ver = h->served_version ? h->served_version : (status < 400 ? h->rt.version : 0);
   metrics_request(named ? h->rt.model : "", named ? ver : 0, route_name(h->rt.id), status, secs);
   metrics_inflight_add(-1);
-  log_request(h->method, h->path, status, (unsigned long long)h->out.len, secs * 1000.0, h->request_id, h->rt.model[0] ? h->rt.model : NULL);
+  log_request(h->method, h->path, status, (unsigned long long)h->out.len, secs * 1000.0,
+              h->request_id, h->rt.model[0] ? h->rt.model : NULL);
   resp_free(&h->out);
   tl_free(h->body);
   tl_free(h);
@@ -776,7 +792,9 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
 
 /* ---- driving MHD from libuv -------------------------------------------- */
 
-static void on_mhd_timer(uv_timer_t *t) { run_mhd(t->data); }
+static void on_mhd_timer(uv_timer_t *t) {
+  run_mhd(t->data);
+}
 
 static void run_mhd(server *s) {
   if (!s->mhd) return;
@@ -792,8 +810,10 @@ static void run_mhd(server *s) {
     have = 1;
     to = 100;
   }
-  if (have) uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);
-  else uv_timer_stop(&s->mhd_timer);
+  if (have)
+    uv_timer_start(&s->mhd_timer, on_mhd_timer, to, 0);
+  else
+    uv_timer_stop(&s->mhd_timer);
 }
 
 static void on_mhd_poll(uv_poll_t *p, int status, int events) {
@@ -916,7 +936,9 @@ void transport_stop(server *s) {
   pf_cap = 0;
 }
 
-void transport_run(server *s) { run_mhd(s); }
+void transport_run(server *s) {
+  run_mhd(s);
+}
 
 void transport_drop_done(server *s) {
   job *list = s->done_head;
@@ -930,8 +952,8 @@ void transport_drop_done(server *s) {
 
 int transport_start(server *s, const struct sockaddr_storage *sa, int v6, int port, ts_err *err) {
   const srv_config *cfg = s->cfg;
-  unsigned flags = MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG |
-                   (v6 ? MHD_USE_IPv6 : 0);
+  unsigned flags =
+      MHD_USE_EPOLL | MHD_ALLOW_SUSPEND_RESUME | MHD_USE_ERROR_LOG | (v6 ? MHD_USE_IPv6 : 0);
   struct MHD_OptionItem ops[8];
   int no = 0;
   if (s->tls_cert_pem) {
@@ -941,8 +963,7 @@ int transport_start(server *s, const struct sockaddr_storage *sa, int v6, int po
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_CERT, 0, s->tls_cert_pem};
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_MEM_KEY, 0, s->tls_key_pem};
     /* TLS 1.2 and 1.3 only: 1.0 and 1.1 are deprecated (RFC 8996) */
-    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0,
-                                        (void *)TLS_PRIORITIES};
+    ops[no++] = (struct MHD_OptionItem){MHD_OPTION_HTTPS_PRIORITIES, 0, (void *)TLS_PRIORITIES};
   }
   if (s->conn_limit > 0)
     ops[no++] = (struct MHD_OptionItem){MHD_OPTION_CONNECTION_LIMIT, (intptr_t)s->conn_limit, NULL};
@@ -957,9 +978,8 @@ int transport_start(server *s, const struct sockaddr_storage *sa, int v6, int po
   /* No MHD_OPTION_LISTENING_ADDRESS_REUSE: with it a second daemon on the
    * same port started and the kernel split the clients between the two. */
   errno = 0;
-  s->mhd = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_access, s,
-                            MHD_OPTION_SOCK_ADDR, (struct sockaddr *)sa,
-                            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+  s->mhd = MHD_start_daemon(flags, (uint16_t)port, NULL, NULL, on_access, s, MHD_OPTION_SOCK_ADDR,
+                            (struct sockaddr *)sa, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
                             MHD_OPTION_URI_LOG_CALLBACK, on_uri, s,
                             /* libmicrohttpd zeroes the whole per-connection pool after
                              * every request: 128 KiB cost 60% of GET throughput in
@@ -967,16 +987,19 @@ int transport_start(server *s, const struct sockaddr_storage *sa, int v6, int po
                             MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(32 * 1024),
                             /* 0 is libmicrohttpd's own "no limit" */
                             MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)cfg->per_ip_connections,
-                            MHD_OPTION_ARRAY, ops,
-                            MHD_OPTION_END);
+                            MHD_OPTION_ARRAY, ops, MHD_OPTION_END);
   if (!s->mhd) {
     int e = errno;
     if (e == EADDRINUSE)
-      return ts_errf(err, TS_EINVAL, "cannot listen on %s: address in use (is another tallyd "
-                                     "running there?)", cfg->listen);
+      return ts_errf(err, TS_EINVAL,
+                     "cannot listen on %s: address in use (is another tallyd "
+                     "running there?)",
+                     cfg->listen);
     if (s->tls_cert_pem && (e == 0 || e == EINVAL))
-      return ts_errf(err, TS_EINVAL, "cannot start TLS on %s: --tls-cert/--tls-key are not a "
-                                     "usable PEM certificate and key", cfg->listen);
+      return ts_errf(err, TS_EINVAL,
+                     "cannot start TLS on %s: --tls-cert/--tls-key are not a "
+                     "usable PEM certificate and key",
+                     cfg->listen);
     return ts_errf(err, TS_EINVAL, "cannot listen on %s: %s", cfg->listen,
                    e ? strerror(e) : "libmicrohttpd refused to start");
   }

@@ -85,8 +85,10 @@ static void sync_job(void *arg) {
 void server_schedule_sync(server *s, const char *why) {
   uv_mutex_lock(&s->sync_mu);
   int busy = s->sync_busy;
-  if (busy) s->sync_again = 1; /* the running rescan goes round once more */
-  else s->sync_busy = 1;
+  if (busy)
+    s->sync_again = 1; /* the running rescan goes round once more */
+  else
+    s->sync_busy = 1;
   uv_mutex_unlock(&s->sync_mu);
   if (busy) return;
   log_debug("%s: rescanning the model repository", why);
@@ -96,11 +98,14 @@ void server_schedule_sync(server *s, const char *why) {
     s->sync_busy = 0;
     uv_mutex_unlock(&s->sync_mu);
     log_warn("%s: the work queue is full; rescan skipped", why);
-    if (atomic_exchange(&s->reloading, 0)) notify_send("READY=1\nSTATUS=reload skipped (queue full)");
+    if (atomic_exchange(&s->reloading, 0))
+      notify_send("READY=1\nSTATUS=reload skipped (queue full)");
   }
 }
 
-static void on_poll_timer(uv_timer_t *t) { server_schedule_sync(t->data, "repository poll"); }
+static void on_poll_timer(uv_timer_t *t) {
+  server_schedule_sync(t->data, "repository poll");
+}
 
 static void on_watchdog(uv_timer_t *t) {
   (void)t;
@@ -159,7 +164,6 @@ static int is_loopback(const struct sockaddr_storage *sa) {
   return 0;
 }
 
-
 /* The listening address from --listen: a numeric IP ("localhost" is
  * 127.0.0.1) and a port. */
 static int listen_addr(const srv_config *cfg, struct sockaddr_storage *sa, int *v6, int *port,
@@ -167,8 +171,8 @@ static int listen_addr(const srv_config *cfg, struct sockaddr_storage *sa, int *
   char host[256];
   int rc = cfg_listen(cfg, host, sizeof host, port, err);
   if (rc) return rc;
-  struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM,
-                           .ai_flags = AI_NUMERICHOST | AI_PASSIVE};
+  struct addrinfo hints = {
+      .ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM, .ai_flags = AI_NUMERICHOST | AI_PASSIVE};
   struct addrinfo *ai = NULL;
   if (strcmp(host, "localhost") == 0) snprintf(host, sizeof host, "127.0.0.1");
   if (getaddrinfo(host, NULL, &hints, &ai) != 0 || !ai)
@@ -177,8 +181,10 @@ static int listen_addr(const srv_config *cfg, struct sockaddr_storage *sa, int *
   memcpy(sa, ai->ai_addr, ai->ai_addrlen);
   *v6 = ai->ai_family == AF_INET6;
   freeaddrinfo(ai);
-  if (*v6) ((struct sockaddr_in6 *)sa)->sin6_port = htons((uint16_t)*port);
-  else ((struct sockaddr_in *)sa)->sin_port = htons((uint16_t)*port);
+  if (*v6)
+    ((struct sockaddr_in6 *)sa)->sin6_port = htons((uint16_t)*port);
+  else
+    ((struct sockaddr_in *)sa)->sin_port = htons((uint16_t)*port);
   return 0;
 }
 
@@ -191,7 +197,8 @@ static int64_t connection_limit(const srv_config *cfg) {
   if (conn_limit > 0) return conn_limit;
   struct rlimit rl;
   if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
-    rlim_t want = rl.rlim_max == RLIM_INFINITY || rl.rlim_max > (1u << 20) ? (1u << 20) : rl.rlim_max;
+    rlim_t want =
+        rl.rlim_max == RLIM_INFINITY || rl.rlim_max > (1u << 20) ? (1u << 20) : rl.rlim_max;
     if (rl.rlim_cur < want) {
       rl.rlim_cur = want;
       setrlimit(RLIMIT_NOFILE, &rl);
@@ -203,15 +210,17 @@ static int64_t connection_limit(const srv_config *cfg) {
   return conn_limit;
 }
 
-static void close_cb(uv_handle_t *h) { (void)h; }
+static void close_cb(uv_handle_t *h) {
+  (void)h;
+}
 
 /* Closes the loop's handles that were made (a made handle has its loop
  * set; s was zeroed first) and lets the loop finish closing them. */
 static void close_handles(server *s) {
-  uv_handle_t *hs[] = {(uv_handle_t *)&s->mhd_poll,  (uv_handle_t *)&s->mhd_timer,
-                       (uv_handle_t *)&s->sweep_timer, (uv_handle_t *)&s->done_async,
-                       (uv_handle_t *)&s->sig_term,   (uv_handle_t *)&s->sig_int,
-                       (uv_handle_t *)&s->sig_hup,    (uv_handle_t *)&s->poll_timer,
+  uv_handle_t *hs[] = {(uv_handle_t *)&s->mhd_poll,      (uv_handle_t *)&s->mhd_timer,
+                       (uv_handle_t *)&s->sweep_timer,   (uv_handle_t *)&s->done_async,
+                       (uv_handle_t *)&s->sig_term,      (uv_handle_t *)&s->sig_int,
+                       (uv_handle_t *)&s->sig_hup,       (uv_handle_t *)&s->poll_timer,
                        (uv_handle_t *)&s->watchdog_timer};
   for (size_t i = 0; i < sizeof hs / sizeof *hs; i++)
     if (hs[i]->loop && !uv_is_closing(hs[i])) uv_close(hs[i], close_cb);
@@ -271,16 +280,16 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   if ((rc = repo_open(&s->repo, cfg->model_repository, (const char *const *)cfg->models, s->pool,
                       err)))
     goto fail_repo;
-  repo_set_weights_load(s->repo, cfg->weights_load && strcmp(cfg->weights_load, "read") == 0
-                                     ? ST_READ
-                                     : ST_MMAP);
+  repo_set_weights_load(
+      s->repo, cfg->weights_load && strcmp(cfg->weights_load, "read") == 0 ? ST_READ : ST_MMAP);
   if (cfg->api_key_file) {
     if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) goto fail_keys;
     log_info("%d API keys from %s", auth_count(s->keys), cfg->api_key_file);
   } else if (!is_loopback(&sa)) {
-    log_warn("*** serving %s WITHOUT credentials: anyone who can reach this address may infer, "
-             "fit, load and unload models. Set --api-key-file (keys from tallyd --keygen). ***",
-             cfg->listen);
+    log_warn(
+        "*** serving %s WITHOUT credentials: anyone who can reach this address may infer, "
+        "fit, load and unload models. Set --api-key-file (keys from tallyd --keygen). ***",
+        cfg->listen);
   }
   if (cfg->tls_cert) {
     size_t n;

@@ -29,8 +29,9 @@ static int keygen(const srv_config *cfg) {
     return 1;
   }
   printf("%s\n%s\n", key, line);
-  fprintf(stderr, "tallyd: give the first line (the key) to the client; add the second line to "
-                  "the --api-key-file and send the daemon SIGHUP\n");
+  fprintf(stderr,
+          "tallyd: give the first line (the key) to the client; add the second line to "
+          "the --api-key-file and send the daemon SIGHUP\n");
   return 0;
 }
 
@@ -94,14 +95,14 @@ int main(int argc, char **argv) {
     return 1;
   }
   log_info("tallyd %s listening on %s (port %d), %d workers, simd %s, attention on %s",
-           TALLYD_VERSION, cfg.listen, s.port, pool_threads(s.pool),
-           cpu_path_name(cpu_best_path()), md_attn_device_name());
+           TALLYD_VERSION, cfg.listen, s.port, pool_threads(s.pool), cpu_path_name(cpu_best_path()),
+           md_attn_device_name());
   repo_sync(s.repo);
   int ready;
   int n = repo_count_models(s.repo, &ready);
   log_info("model repository %s: %d of %d models ready", cfg.model_repository, ready, n);
-  notify_sendf("READY=1\nMAINPID=%d\nSTATUS=serving %d of %d models on %s", (int)getpid(), ready,
-               n, cfg.listen);
+  notify_sendf("READY=1\nMAINPID=%d\nSTATUS=serving %d of %d models on %s", (int)getpid(), ready, n,
+               cfg.listen);
   int rc = server_run(&s);
   server_free(&s);
   sessions_shutdown(); /* after the workers: releases the versions sessions pin */

@@ -35,8 +35,8 @@ enum {
 };
 
 /* Seconds, fit for sub-millisecond answers up to multi-second fits. */
-static const double bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
-                                0.05,   0.1,     0.25,   0.5,   1,      2.5,   5,     10, 30};
+static const double bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30};
 #define NB (sizeof bounds / sizeof *bounds)
 
 typedef struct series {
@@ -101,8 +101,7 @@ static uint32_t hash_key(int family, const char *model, int64_t version, const c
 }
 
 /* Finds or creates a series; NULL when out of memory. Called with mu held. */
-static series *get(int family, const char *model, int64_t version, const char *endpoint,
-                   int code) {
+static series *get(int family, const char *model, int64_t version, const char *endpoint, int code) {
   if (!model) model = "";
   if (!endpoint) endpoint = "";
   if (strlen(model) >= sizeof((series *)0)->model) model = "";
@@ -173,15 +172,21 @@ void metrics_fit(const char *model, int ok) {
   pthread_mutex_unlock(&mu);
 }
 
-void metrics_inflight_add(int delta) { atomic_fetch_add(&requests_inflight, delta); }
+void metrics_inflight_add(int delta) {
+  atomic_fetch_add(&requests_inflight, delta);
+}
 
 void metrics_set_sessions(int64_t n, int64_t bytes) {
   atomic_store(&sessions_open, n);
   atomic_store(&sessions_bytes, bytes);
 }
 
-uint64_t metrics_session_bytes(void) { return (uint64_t)atomic_load(&sessions_bytes); }
-void metrics_set_generate_kv(int64_t bytes) { atomic_store(&generate_kv_bytes, bytes); }
+uint64_t metrics_session_bytes(void) {
+  return (uint64_t)atomic_load(&sessions_bytes);
+}
+void metrics_set_generate_kv(int64_t bytes) {
+  atomic_store(&generate_kv_bytes, bytes);
+}
 
 void metrics_generate_tokens(const char *model, int64_t prompt, int64_t completion) {
   pthread_mutex_lock(&mu);
@@ -233,10 +238,14 @@ void metrics_reset(void) {
 static void add_label(sbuf *b, const char *name, const char *v, int first) {
   sbuf_printf(b, "%s%s=\"", first ? "" : ",", name);
   for (const char *p = v; *p; p++) {
-    if (*p == '\\') sbuf_adds(b, "\\\\");
-    else if (*p == '"') sbuf_adds(b, "\\\"");
-    else if (*p == '\n') sbuf_adds(b, "\\n");
-    else sbuf_add(b, p, 1);
+    if (*p == '\\')
+      sbuf_adds(b, "\\\\");
+    else if (*p == '"')
+      sbuf_adds(b, "\\\"");
+    else if (*p == '\n')
+      sbuf_adds(b, "\\n");
+    else
+      sbuf_add(b, p, 1);
   }
   sbuf_adds(b, "\"");
 }
@@ -281,8 +290,10 @@ static void render_family(sbuf *b, int f) {
         sbuf_printf(b, "%s_bucket{", base);
         add_label(b, "model", s->model, 1);
         if (s->endpoint[0]) add_label(b, "endpoint", s->endpoint, 0);
-        if (i < NB) sbuf_printf(b, ",le=\"%g\"} %llu\n", bounds[i], (unsigned long long)cum);
-        else sbuf_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)s->count);
+        if (i < NB)
+          sbuf_printf(b, ",le=\"%g\"} %llu\n", bounds[i], (unsigned long long)cum);
+        else
+          sbuf_printf(b, ",le=\"+Inf\"} %llu\n", (unsigned long long)s->count);
       }
       sbuf_printf(b, "%s_sum{", base);
       add_label(b, "model", s->model, 1);

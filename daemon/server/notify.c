@@ -26,8 +26,10 @@ int notify_init(void) {
   if (!p || !*p) return 0;
   size_t n = strlen(p);
   if ((p[0] != '/' && p[0] != '@') || n >= sizeof addr.sun_path) {
-    log_warn("NOTIFY_SOCKET '%s' is neither an absolute path nor an abstract name (@...); "
-             "systemd notifications are off", p);
+    log_warn(
+        "NOTIFY_SOCKET '%s' is neither an absolute path nor an abstract name (@...); "
+        "systemd notifications are off",
+        p);
     return -1;
   }
   memset(&addr, 0, sizeof addr);
@@ -58,9 +60,13 @@ void notify_close(void) {
   watchdog_usec = 0;
 }
 
-int notify_enabled(void) { return fd >= 0; }
+int notify_enabled(void) {
+  return fd >= 0;
+}
 
-uint64_t notify_watchdog_usec(void) { return fd >= 0 ? watchdog_usec : 0; }
+uint64_t notify_watchdog_usec(void) {
+  return fd >= 0 ? watchdog_usec : 0;
+}
 
 int notify_send(const char *msg) {
   if (fd < 0) return 0;

@@ -38,7 +38,8 @@ static int put(filler *f, json_t *v, ts_err *err) {
   int64_t i = f->n++;
   ts_dtype dt = f->t->dtype;
   if (dt == TS_BOOL) {
-    if (json_is_boolean(v)) ((uint8_t *)d)[i] = json_is_true(v);
+    if (json_is_boolean(v))
+      ((uint8_t *)d)[i] = json_is_true(v);
     else if (json_is_integer(v) && (json_integer_value(v) == 0 || json_integer_value(v) == 1))
       ((uint8_t *)d)[i] = (uint8_t)json_integer_value(v);
     else
@@ -81,20 +82,45 @@ static int put(filler *f, json_t *v, ts_err *err) {
   } else {
     double r = json_real_value(v);
     if (r != floor(r) || fabs(r) > 9.2e18)
-      return ts_errf(err, TS_EINVAL, "input '%s': element %lld (%g) is not an integer (datatype %s)",
-                     f->name, (long long)i, r, ts_dtype_name(dt));
+      return ts_errf(err, TS_EINVAL,
+                     "input '%s': element %lld (%g) is not an integer (datatype %s)", f->name,
+                     (long long)i, r, ts_dtype_name(dt));
     x = (long long)r;
   }
   long long lo = 0, hi = 0;
   switch (dt) {
-    case TS_UINT8: lo = 0; hi = UINT8_MAX; break;
-    case TS_UINT16: lo = 0; hi = UINT16_MAX; break;
-    case TS_UINT32: lo = 0; hi = UINT32_MAX; break;
-    case TS_UINT64: lo = 0; hi = INT64_MAX; break;
-    case TS_INT8: lo = INT8_MIN; hi = INT8_MAX; break;
-    case TS_INT16: lo = INT16_MIN; hi = INT16_MAX; break;
-    case TS_INT32: lo = INT32_MIN; hi = INT32_MAX; break;
-    default: lo = INT64_MIN; hi = INT64_MAX; break;
+    case TS_UINT8:
+      lo = 0;
+      hi = UINT8_MAX;
+      break;
+    case TS_UINT16:
+      lo = 0;
+      hi = UINT16_MAX;
+      break;
+    case TS_UINT32:
+      lo = 0;
+      hi = UINT32_MAX;
+      break;
+    case TS_UINT64:
+      lo = 0;
+      hi = INT64_MAX;
+      break;
+    case TS_INT8:
+      lo = INT8_MIN;
+      hi = INT8_MAX;
+      break;
+    case TS_INT16:
+      lo = INT16_MIN;
+      hi = INT16_MAX;
+      break;
+    case TS_INT32:
+      lo = INT32_MIN;
+      hi = INT32_MAX;
+      break;
+    default:
+      lo = INT64_MIN;
+      hi = INT64_MAX;
+      break;
   }
   if (x < lo || x > hi)
     return ts_errf(err, TS_EINVAL, "input '%s': element %lld (%lld) is out of range for %s",
@@ -134,7 +160,8 @@ static int fill_bytes(ts_tensor *t, json_t *data, int64_t numel, const char *nam
   json_t *stack[MAX_DATA_DEPTH];
   size_t idx[MAX_DATA_DEPTH];
   int sp = 0;
-  if (!json_is_array(data)) return ts_errf(err, TS_EINVAL, "input '%s': data must be an array", name);
+  if (!json_is_array(data))
+    return ts_errf(err, TS_EINVAL, "input '%s': data must be an array", name);
   stack[0] = data;
   idx[0] = 0;
   while (sp >= 0) {
@@ -164,8 +191,8 @@ static int fill_bytes(ts_tensor *t, json_t *data, int64_t numel, const char *nam
   }
   if (n != numel) {
     sbuf_free(&b);
-    return ts_errf(err, TS_EINVAL, "input '%s': data has %lld elements, its shape needs %lld",
-                   name, (long long)n, (long long)numel);
+    return ts_errf(err, TS_EINVAL, "input '%s': data has %lld elements, its shape needs %lld", name,
+                   (long long)n, (long long)numel);
   }
   if (sbuf_failed(&b)) return ts_errf(err, TS_ENOMEM, "out of memory");
   size_t len;
@@ -236,8 +263,10 @@ static int64_t parse_estimate(const char *s, size_t n) {
   for (size_t i = 0; i < n; i++) {
     char c = s[i];
     if (in_str) {
-      if (c == '\\') i++;
-      else if (c == '"') in_str = 0;
+      if (c == '\\')
+        i++;
+      else if (c == '"')
+        in_str = 0;
     } else if (c == '"') {
       in_str = 1;
     } else if (c == ',' || c == '[' || c == '{') {
@@ -249,9 +278,11 @@ static int64_t parse_estimate(const char *s, size_t n) {
 
 json_t *oip_parse_json(const char *body, size_t len, int64_t limit, ts_err *err) {
   if (limit > 0 && parse_estimate(body, len) > limit) {
-    ts_errf(err, TS_ETOOBIG, "the request's JSON needs more than --max-json-memory (%lld bytes) "
+    ts_errf(err, TS_ETOOBIG,
+            "the request's JSON needs more than --max-json-memory (%lld bytes) "
             "to parse (about %d bytes a number); send large tensors as binary data "
-            "(Inference-Header-Content-Length)", (long long)limit, ESTIMATE_PER_VALUE);
+            "(Inference-Header-Content-Length)",
+            (long long)limit, ESTIMATE_PER_VALUE);
     return NULL;
   }
   json_error_t je;
@@ -263,7 +294,8 @@ json_t *oip_parse_json(const char *body, size_t len, int64_t limit, ts_err *err)
   a_on = 0;
   if (root) return root;
   if (a_over)
-    ts_errf(err, TS_ETOOBIG, "the request's JSON needs more than --max-json-memory (%lld bytes) "
+    ts_errf(err, TS_ETOOBIG,
+            "the request's JSON needs more than --max-json-memory (%lld bytes) "
             "to parse; send large tensors as binary data (Inference-Header-Content-Length)",
             (long long)limit);
   else
@@ -301,7 +333,9 @@ static int nameset_add(nameset *s, const char *name) {
   }
 }
 
-static void nameset_free(nameset *s) { tl_free(s->slot); }
+static void nameset_free(nameset *s) {
+  tl_free(s->slot);
+}
 
 static double now_s(void) {
   struct timespec ts;
@@ -311,9 +345,9 @@ static double now_s(void) {
 
 /* ---- request-level parameters -------------------------------------------- */
 
-const char *const oip_request_params[] = {"timeout_ms",    "timeout",  "binary_data_output",
-                                          "sequence_id",   "sequence_start", "sequence_end",
-                                          "priority",      "headers",  NULL};
+const char *const oip_request_params[] = {"timeout_ms",  "timeout",        "binary_data_output",
+                                          "sequence_id", "sequence_start", "sequence_end",
+                                          "priority",    "headers",        NULL};
 
 int oip_is_request_param(const char *key) {
   for (const char *const *a = oip_request_params; *a; a++)
@@ -338,26 +372,32 @@ static int read_request_params(json_t *params, const oip_limits *lim, oip_reques
   double timeout = -1;
   json_t *tms = json_object_get(params, "timeout_ms"), *tus = json_object_get(params, "timeout");
   if (tms && tus)
-    return ts_errf(err, TS_EINVAL, "parameters 'timeout_ms' and 'timeout' (microseconds) both "
+    return ts_errf(err, TS_EINVAL,
+                   "parameters 'timeout_ms' and 'timeout' (microseconds) both "
                    "given: give one");
   if (tms) {
     if (!json_is_number(tms) || !(json_number_value(tms) > 0) ||
         json_number_value(tms) > MAX_TIMEOUT_S * 1e3)
-      return ts_errf(err, TS_EINVAL, "parameter 'timeout_ms' must be a number of milliseconds "
-                     "in (0, %.0f]", MAX_TIMEOUT_S * 1e3);
+      return ts_errf(err, TS_EINVAL,
+                     "parameter 'timeout_ms' must be a number of milliseconds "
+                     "in (0, %.0f]",
+                     MAX_TIMEOUT_S * 1e3);
     timeout = json_number_value(tms) / 1e3;
   }
   if (tus) { /* Triton's: an unsigned integer of microseconds, 0 = the server's default */
     if (!json_is_integer(tus) || json_integer_value(tus) < 0 ||
         json_integer_value(tus) > (json_int_t)(MAX_TIMEOUT_S * 1e6))
-      return ts_errf(err, TS_EINVAL, "parameter 'timeout' must be an integer number of "
-                     "microseconds in [0, %.0f]", MAX_TIMEOUT_S * 1e6);
+      return ts_errf(err, TS_EINVAL,
+                     "parameter 'timeout' must be an integer number of "
+                     "microseconds in [0, %.0f]",
+                     MAX_TIMEOUT_S * 1e6);
     if (json_integer_value(tus) > 0) timeout = (double)json_integer_value(tus) / 1e6;
   }
   if (timeout > 0) req->deadline = (lim && lim->t_submit > 0 ? lim->t_submit : now_s()) + timeout;
   if ((v = json_object_get(params, "sequence_id")) && !json_is_string(v) &&
       !(json_is_integer(v) && json_integer_value(v) >= 0))
-    return ts_errf(err, TS_EINVAL, "parameter 'sequence_id' must be an unsigned integer or a "
+    return ts_errf(err, TS_EINVAL,
+                   "parameter 'sequence_id' must be an unsigned integer or a "
                    "string");
   static const char *const bools[] = {"sequence_start", "sequence_end"};
   for (int i = 0; i < 2; i++)
@@ -371,8 +411,10 @@ static int read_request_params(json_t *params, const oip_limits *lim, oip_reques
   const char *key;
   json_object_foreach(params, key, v) {
     if (strncmp(key, "triton_", 7) == 0)
-      return ts_errf(err, TS_EINVAL, "parameter '%.60s': names starting with 'triton_' are "
-                     "reserved (as in Triton)", key);
+      return ts_errf(err, TS_EINVAL,
+                     "parameter '%.60s': names starting with 'triton_' are "
+                     "reserved (as in Triton)",
+                     key);
   }
   return 0;
 }
@@ -391,9 +433,10 @@ static int check_io_params(json_t *params, const char *what, const char *name,
     for (const char *const *a = allowed; *a && !ok; a++) ok = strcmp(*a, key) == 0;
     if (ok) continue;
     if (strncmp(key, "shared_memory_", 14) == 0)
-      return ts_errf(err, TS_EINVAL, "%s '%.100s': parameter '%.60s': the shared memory "
-                     "extension is not supported by tallyd; send the data in the body", what,
-                     name, key);
+      return ts_errf(err, TS_EINVAL,
+                     "%s '%.100s': parameter '%.60s': the shared memory "
+                     "extension is not supported by tallyd; send the data in the body",
+                     what, name, key);
     char list[160];
     size_t o = 0;
     list[0] = 0;
@@ -411,7 +454,8 @@ static int decode_input(json_t *in, int idx, const char *bin, size_t bin_len, si
   json_t *jn = json_object_get(in, "name"), *js = json_object_get(in, "shape"),
          *jd = json_object_get(in, "datatype"), *data = json_object_get(in, "data"),
          *params = json_object_get(in, "parameters");
-  if (!json_is_string(jn)) return ts_errf(err, TS_EINVAL, "inputs[%d]: 'name' must be a string", idx);
+  if (!json_is_string(jn))
+    return ts_errf(err, TS_EINVAL, "inputs[%d]: 'name' must be a string", idx);
   const char *name = json_string_value(jn);
   if (strlen(name) > 256 || strlen(name) != json_string_length(jn))
     return ts_errf(err, TS_EINVAL, "inputs[%d]: the name is too long or holds a NUL byte", idx);
@@ -426,11 +470,13 @@ static int decode_input(json_t *in, int idx, const char *bin, size_t bin_len, si
   int64_t shape[TS_MAXDIM];
   int nd = (int)json_array_size(js);
   if (nd > TS_MAXDIM)
-    return ts_errf(err, TS_EINVAL, "input '%s': rank %d is over the limit of %d", name, nd, TS_MAXDIM);
+    return ts_errf(err, TS_EINVAL, "input '%s': rank %d is over the limit of %d", name, nd,
+                   TS_MAXDIM);
   for (int i = 0; i < nd; i++) {
     json_t *x = json_array_get(js, (size_t)i);
     if (!json_is_integer(x) || json_integer_value(x) < 0)
-      return ts_errf(err, TS_EINVAL, "input '%s': shape[%d] must be a non-negative integer", name, i);
+      return ts_errf(err, TS_EINVAL, "input '%s': shape[%d] must be a non-negative integer", name,
+                     i);
     shape[i] = json_integer_value(x);
   }
   int64_t numel;
@@ -446,19 +492,24 @@ static int decode_input(json_t *in, int idx, const char *bin, size_t bin_len, si
   if ((r = check_io_params(params, "input", name, in_params, err))) return r;
   json_t *bsz = params ? json_object_get(params, "binary_data_size") : NULL;
   if (bsz && data)
-    return ts_errf(err, TS_EINVAL, "input '%s': give either 'data' or binary_data_size in "
-                   "'parameters', not both", name);
+    return ts_errf(err, TS_EINVAL,
+                   "input '%s': give either 'data' or binary_data_size in "
+                   "'parameters', not both",
+                   name);
   if (bsz) {
     if (!json_is_integer(bsz) || json_integer_value(bsz) < 0)
-      return ts_errf(err, TS_EINVAL, "input '%s': binary_data_size must be a non-negative integer", name);
+      return ts_errf(err, TS_EINVAL, "input '%s': binary_data_size must be a non-negative integer",
+                     name);
     size_t n = (size_t)json_integer_value(bsz);
     if (n > bin_len - *bin_off)
       return ts_errf(err, TS_EINVAL,
                      "input '%s': binary_data_size %zu is more than the %zu binary bytes left",
                      name, n, bin_len - *bin_off);
     if (dt != TS_BYTES && n != (size_t)numel * ts_dtype_size(dt))
-      return ts_errf(err, TS_EINVAL, "input '%s': binary_data_size %zu does not match shape and "
-                     "datatype (%lld x %zu bytes)", name, n, (long long)numel, ts_dtype_size(dt));
+      return ts_errf(err, TS_EINVAL,
+                     "input '%s': binary_data_size %zu does not match shape and "
+                     "datatype (%lld x %zu bytes)",
+                     name, n, (long long)numel, ts_dtype_size(dt));
     if ((r = ts_alloc(t, name, dt == TS_BYTES ? TS_UINT8 : dt, nd, shape, err))) {
       if (dt != TS_BYTES) return r;
     }
@@ -520,8 +571,10 @@ static int check_request_memory(json_t *inputs, int64_t max_bytes, ts_err *err) 
     if (!ok || ts_numel(shape, nd, &numel, &ignored)) continue;
     int64_t esz = (int64_t)(dt == TS_BYTES ? 4 : ts_dtype_size(dt));
     if (numel > (max_bytes - total) / esz) /* divides: numel x esz may overflow */
-      return ts_errf(err, TS_ETOOBIG, "inputs[%zu]: the request's tensors need more than "
-                     "--max-request-memory (%lld bytes)", i, (long long)max_bytes);
+      return ts_errf(err, TS_ETOOBIG,
+                     "inputs[%zu]: the request's tensors need more than "
+                     "--max-request-memory (%lld bytes)",
+                     i, (long long)max_bytes);
     total += numel * esz;
   }
   return 0;
@@ -576,25 +629,33 @@ static int decode_outputs(json_t *outs, const oip_limits *lim, oip_request *req,
     json_t *bd = op ? json_object_get(op, "binary_data") : NULL;
     if (bd) {
       if (!json_is_boolean(bd)) {
-        rc = ts_errf(err, TS_EINVAL, "output '%.100s': parameter 'binary_data' must be true or "
-                     "false", name);
+        rc = ts_errf(err, TS_EINVAL,
+                     "output '%.100s': parameter 'binary_data' must be true or "
+                     "false",
+                     name);
         break;
       }
       q->binary = json_is_true(bd);
     }
     /* Triton's wire name is "classification"; tritonclient's argument is
      * class_count, and both are read here (one of them at most) */
-    json_t *cc = op ? json_object_get(op, "classification") : NULL, *cc2 = op ? json_object_get(op, "class_count") : NULL;
+    json_t *cc = op ? json_object_get(op, "classification") : NULL,
+           *cc2 = op ? json_object_get(op, "class_count") : NULL;
     if (cc && cc2) {
-      rc = ts_errf(err, TS_EINVAL, "output '%.100s': give 'classification' or 'class_count', "
-                   "not both", name);
+      rc = ts_errf(err, TS_EINVAL,
+                   "output '%.100s': give 'classification' or 'class_count', "
+                   "not both",
+                   name);
       break;
     }
     if (!cc) cc = cc2;
     if (cc) {
-      if (!json_is_integer(cc) || json_integer_value(cc) < 0 || json_integer_value(cc) > INT32_MAX) {
-        rc = ts_errf(err, TS_EINVAL, "output '%.100s': parameter '%s' must be an integer >= 0 "
-                     "(the number of top classes)", name, cc == cc2 ? "class_count" : "classification");
+      if (!json_is_integer(cc) || json_integer_value(cc) < 0 ||
+          json_integer_value(cc) > INT32_MAX) {
+        rc = ts_errf(err, TS_EINVAL,
+                     "output '%.100s': parameter '%s' must be an integer >= 0 "
+                     "(the number of top classes)",
+                     name, cc == cc2 ? "class_count" : "classification");
         break;
       }
       q->class_count = json_integer_value(cc);
@@ -624,8 +685,9 @@ int oip_decode_ex(const char *body, size_t len, size_t json_len, const oip_limit
   req->max_response_bytes = lim->max_response_bytes;
   if (json_len == 0 || json_len > len) {
     if (json_len > len)
-      return ts_errf(err, TS_EINVAL, "Inference-Header-Content-Length %zu exceeds the body (%zu bytes)",
-                     json_len, len);
+      return ts_errf(err, TS_EINVAL,
+                     "Inference-Header-Content-Length %zu exceeds the body (%zu bytes)", json_len,
+                     len);
     json_len = len;
   }
   if (json_len == 0) return ts_errf(err, TS_EINVAL, "the request body is empty");
@@ -668,8 +730,10 @@ int oip_decode_ex(const char *body, size_t len, size_t json_len, const oip_limit
     if ((i & 63) == 0) {
       if ((r = check_time(lim, err))) break;
       if (req->deadline > 0 && now_s() > req->deadline) {
-        r = ts_errf(err, TS_ETIMEOUT, "the request's deadline passed while its %zu inputs were "
-                    "decoded (at input %zu)", n_in, i);
+        r = ts_errf(err, TS_ETIMEOUT,
+                    "the request's deadline passed while its %zu inputs were "
+                    "decoded (at input %zu)",
+                    n_in, i);
         break;
       }
     }
@@ -692,7 +756,8 @@ int oip_decode_ex(const char *body, size_t len, size_t json_len, const oip_limit
   nameset_free(&seen);
   if (r) return r;
   if (bin_off != bin_len)
-    return ts_errf(err, TS_EINVAL, "%zu binary bytes after the JSON header are not claimed by any input",
+    return ts_errf(err, TS_EINVAL,
+                   "%zu binary bytes after the JSON header are not claimed by any input",
                    bin_len - bin_off);
   json_t *outs = json_object_get(req->root, "outputs");
   if (outs && !json_is_null(outs)) return decode_outputs(outs, lim, req, err);
@@ -788,12 +853,16 @@ static size_t output_size_bound(const ts_tensor *t, int binary) {
 
 /* ---- classification (Triton's extension) -------------------------------- */
 
-static double elem_f64(const ts_tensor *t, int64_t i) { return ts_get_f64(t, i); }
+static double elem_f64(const ts_tensor *t, int64_t i) {
+  return ts_get_f64(t, i);
+}
 
 /* "value:index" as Triton writes it (std::to_string: %f for reals). */
 static int class_str(const ts_tensor *t, int64_t i, int64_t idx, char *out, size_t cap) {
   switch (t->dtype) {
-    case TS_INT64: return snprintf(out, cap, "%lld:%lld", (long long)((const int64_t *)t->data)[i], (long long)idx);
+    case TS_INT64:
+      return snprintf(out, cap, "%lld:%lld", (long long)((const int64_t *)t->data)[i],
+                      (long long)idx);
     case TS_UINT64:
       return snprintf(out, cap, "%llu:%lld", (unsigned long long)((const uint64_t *)t->data)[i],
                       (long long)idx);
@@ -809,9 +878,10 @@ static int class_str(const ts_tensor *t, int64_t i, int64_t idx, char *out, size
  * lower index first among equals (NaN last). O(n k). */
 static int classify(const ts_tensor *t, int64_t k, ts_tensor *out, ts_err *err) {
   if (t->dtype == TS_BYTES || t->dtype == TS_BOOL || t->ndim < 1)
-    return ts_errf(err, TS_EINVAL, "output '%s' (%s, rank %d) cannot be classified: the "
-                   "classification extension needs a numeric output of rank >= 1", t->name,
-                   ts_dtype_name(t->dtype), t->ndim);
+    return ts_errf(err, TS_EINVAL,
+                   "output '%s' (%s, rank %d) cannot be classified: the "
+                   "classification extension needs a numeric output of rank >= 1",
+                   t->name, ts_dtype_name(t->dtype), t->ndim);
   /* rank 1: one row of classes; rank >= 2: the first dimension is the batch */
   int64_t rows = t->ndim >= 2 ? t->shape[0] : 1, numel = ts_tensor_numel(t);
   int64_t n = rows ? numel / rows : 0, kk = k < n ? k : n;
@@ -867,9 +937,8 @@ static int classify(const ts_tensor *t, int64_t k, ts_tensor *out, ts_err *err) 
   return 0;
 }
 
-int oip_encode(const char *model, int64_t version, const oip_request *req,
-               const ts_list *outputs, const json_t *extra_params, sbuf *out, size_t *json_len,
-               ts_err *err) {
+int oip_encode(const char *model, int64_t version, const oip_request *req, const ts_list *outputs,
+               const json_t *extra_params, sbuf *out, size_t *json_len, ts_err *err) {
   /* pick outputs: requested ones in request order, or all */
   int n = req && req->n_outputs ? req->n_outputs : outputs->n;
   const ts_tensor **sel = tl_calloc((size_t)(n ? n : 1), sizeof *sel);
@@ -914,13 +983,13 @@ int oip_encode(const char *model, int64_t version, const oip_request *req,
     goto done;
   }
   /* the answer's size, bounded before a byte of it is written */
-  size_t bound = 128 + 6 * strlen(model) + (req && req->id ? 6 * strlen(req->id) : 0) +
-                 extra.len;
+  size_t bound = 128 + 6 * strlen(model) + (req && req->id ? 6 * strlen(req->id) : 0) + extra.len;
   for (int i = 0; i < n; i++) bound += output_size_bound(sel[i], bin[i]);
   if (req && req->max_response_bytes > 0 && bound > (size_t)req->max_response_bytes) {
-    rc = ts_errf(err, TS_ETOOBIG, "the answer would take up to %zu bytes, over "
-                 "--max-response-bytes (%lld); ask for fewer outputs or rows", bound,
-                 (long long)req->max_response_bytes);
+    rc = ts_errf(err, TS_ETOOBIG,
+                 "the answer would take up to %zu bytes, over "
+                 "--max-response-bytes (%lld); ask for fewer outputs or rows",
+                 bound, (long long)req->max_response_bytes);
     goto done;
   }
   sbuf_adds(out, "{\"model_name\":");

@@ -29,28 +29,28 @@ typedef struct oip_out_req {
 } oip_out_req;
 
 typedef struct oip_request {
-  json_t *root;       /* the parsed JSON (kept for parameters) */
-  const char *id;     /* borrowed from root; NULL when absent */
-  json_t *params;     /* borrowed from root; NULL when absent */
+  json_t *root;   /* the parsed JSON (kept for parameters) */
+  const char *id; /* borrowed from root; NULL when absent */
+  json_t *params; /* borrowed from root; NULL when absent */
   ts_list inputs;
   oip_out_req *outputs; /* requested outputs; NULL/0: all */
   int n_outputs;
-  int binary_default; /* parameters.binary_data_output */
-  double deadline;    /* from oip_limits, or the request's "timeout_ms"/"timeout" */
+  int binary_default;         /* parameters.binary_data_output */
+  double deadline;            /* from oip_limits, or the request's "timeout_ms"/"timeout" */
   int64_t max_response_bytes; /* oip_encode's limit (0: none) */
 } oip_request;
 
 /* What one request may cost (0 or NULL: no limit). Every figure is checked
  * before the memory or time it bounds is spent. */
 typedef struct oip_limits {
-  int64_t max_elements;       /* one input's element count (--max-request-elements) */
-  int64_t max_bytes;          /* decoded inputs together (--max-request-memory) */
-  int64_t max_json_bytes;     /* the JSON parse tree (--max-json-memory) */
-  int64_t max_inputs;         /* entries of "inputs" (--max-inputs) */
-  int64_t max_outputs;        /* entries of "outputs" (--max-outputs) */
-  int64_t max_response_bytes; /* the encoded answer (--max-response-bytes) */
-  double t_submit;            /* md_now() at arrival: "timeout_ms"/"timeout" count from it */
-  double deadline;            /* md_now() seconds; 0: none; the request's timeout overrides */
+  int64_t max_elements;          /* one input's element count (--max-request-elements) */
+  int64_t max_bytes;             /* decoded inputs together (--max-request-memory) */
+  int64_t max_json_bytes;        /* the JSON parse tree (--max-json-memory) */
+  int64_t max_inputs;            /* entries of "inputs" (--max-inputs) */
+  int64_t max_outputs;           /* entries of "outputs" (--max-outputs) */
+  int64_t max_response_bytes;    /* the encoded answer (--max-response-bytes) */
+  double t_submit;               /* md_now() at arrival: "timeout_ms"/"timeout" count from it */
+  double deadline;               /* md_now() seconds; 0: none; the request's timeout overrides */
   const volatile int *cancelled; /* set when the server abandons the request */
 } oip_limits;
 
@@ -95,9 +95,8 @@ json_t *oip_parse_json(const char *body, size_t len, int64_t limit, ts_err *err)
  * nothing is built.
  * When any output is binary, the binary parts follow the JSON and
  * *json_len is set to the JSON's length (else 0). */
-int oip_encode(const char *model, int64_t version, const oip_request *req,
-               const ts_list *outputs, const json_t *extra_params, sbuf *out,
-               size_t *json_len, ts_err *err);
+int oip_encode(const char *model, int64_t version, const oip_request *req, const ts_list *outputs,
+               const json_t *extra_params, sbuf *out, size_t *json_len, ts_err *err);
 
 /* Appends one tensor's "data" array as JSON (used by the encoder and for
  * small JSON answers). */

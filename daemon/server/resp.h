@@ -15,14 +15,14 @@
 
 typedef struct resp {
   int status;
-  char *body;      /* tl_malloc'ed; owned */
+  char *body; /* tl_malloc'ed; owned */
   size_t len;
-  size_t json_len; /* binary extension: length of the JSON part, else 0 */
-  const char *content_type; /* static; NULL: application/json */
-  int retry_after;          /* seconds; 0: no Retry-After */
-  const char *allow;        /* static; the Allow header of a 405 */
+  size_t json_len;              /* binary extension: length of the JSON part, else 0 */
+  const char *content_type;     /* static; NULL: application/json */
+  int retry_after;              /* seconds; 0: no Retry-After */
+  const char *allow;            /* static; the Allow header of a 405 */
   const char *content_encoding; /* static; the body's coding ("gzip"); NULL: identity */
-  struct gstream *stream;   /* a body sent while produced (stream.h); body is then NULL */
+  struct gstream *stream;       /* a body sent while produced (stream.h); body is then NULL */
 } resp;
 
 /* The HTTP code of a ts_status (negative or not), from err.h's
@@ -36,7 +36,8 @@ void resp_text(resp *r, int status, const char *json);
 /* {"error": "<message>"} with the status's HTTP code; the message is made
  * ASCII ('?' for other bytes) so the body is always valid JSON. */
 void resp_error(resp *r, const ts_err *err);
-void resp_errorf(resp *r, int ts_status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void resp_errorf(resp *r, int ts_status, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 void resp_free(resp *r);
 
 #endif

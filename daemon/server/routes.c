@@ -15,19 +15,18 @@ static const route_def table[R_COUNT] = {
 #undef ROUTE_ROW
 };
 
-const route_def *route_get(int id) { return &table[id > R_NONE && id < R_COUNT ? id : R_NONE]; }
+const route_def *route_get(int id) {
+  return &table[id > R_NONE && id < R_COUNT ? id : R_NONE];
+}
 
-const char *route_name(int id) { return route_get(id)->name; }
+const char *route_name(int id) {
+  return route_get(id)->name;
+}
 
 const char *route_allow(unsigned methods) {
-  static const char *const allow[8] = {"",
-                                       "GET, HEAD",
-                                       "POST",
-                                       "GET, HEAD, POST",
-                                       "DELETE",
-                                       "GET, HEAD, DELETE",
-                                       "POST, DELETE",
-                                       "GET, HEAD, POST, DELETE"};
+  static const char *const allow[8] = {
+      "",       "GET, HEAD",         "POST",         "GET, HEAD, POST",
+      "DELETE", "GET, HEAD, DELETE", "POST, DELETE", "GET, HEAD, POST, DELETE"};
   return allow[methods & 7u];
 }
 
@@ -101,7 +100,6 @@ static int match(const char *p, char seg[][SEG_LEN], int n, int i, int cap[CAP_C
   }
 }
 
-
 static unsigned method_bit(const char *m) {
   if (strcmp(m, "GET") == 0 || strcmp(m, "HEAD") == 0) return M_GET;
   if (strcmp(m, "POST") == 0) return M_POST;
@@ -137,8 +135,10 @@ int route_parse(const char *method, const char *path, route *r, const char **all
   if (cap[CAP_MODEL] >= 0) {
     const char *m = seg[cap[CAP_MODEL]];
     if (!fs_name_valid(m))
-      return ts_errf(err, TS_EINVAL, "'%.100s' is not a valid model name (1 to %d letters, "
-                     "digits, '_', '-', '.'; not starting with '.')", m, FS_NAME_MAX);
+      return ts_errf(err, TS_EINVAL,
+                     "'%.100s' is not a valid model name (1 to %d letters, "
+                     "digits, '_', '-', '.'; not starting with '.')",
+                     m, FS_NAME_MAX);
     snprintf(r->model, sizeof r->model, "%s", m);
   }
   if (cap[CAP_VERSION] >= 0) {

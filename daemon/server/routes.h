@@ -4,9 +4,9 @@
  * methods, the credentials' scope, where it runs (the loop thread or a
  * worker), what must be claimed before it is queued, whether
  * --request-timeout-ms applies, whether it stays open while draining, which
- * of the kind's operations its parameters belong to, and the handler. Routing (route_parse), the scope check (auth.c), the submit
- * and completion of jobs (http.c) and the dispatch to handlers read this one
- * table, as Redis reads its command table; nothing else decides per route.
+ * of the kind's operations its parameters belong to, and the handler. Routing (route_parse), the
+ * scope check (auth.c), the submit and completion of jobs (http.c) and the dispatch to handlers
+ * read this one table, as Redis reads its command table; nothing else decides per route.
  *
  * A new endpoint is one row here plus one handler `void ep_x(job *j)`
  * (declared by the table itself): a loop-thread handler answers into j->out
@@ -29,14 +29,16 @@
 #include "auth.h"
 
 /* methods */
-#define M_GET 1u    /* GET and HEAD */
+#define M_GET 1u /* GET and HEAD */
 #define M_POST 2u
 #define M_DELETE 4u
 
 /* flags */
-#define RF_LOOP 1u     /* answered on the loop thread: cheap, no body, no compute, no I/O */
-#define RF_VERSION 2u  /* takes a reference to the model version before it is queued (404/503 at once) */
-#define RF_FIT 4u      /* claims the model's one running fit before it is queued (409 at once),
+#define RF_LOOP 1u /* answered on the loop thread: cheap, no body, no compute, no I/O */
+#define RF_VERSION \
+  2u /* takes a reference to the model version before it is queued (404/503 at once) */
+#define RF_FIT                                                                                  \
+  4u                   /* claims the model's one running fit before it is queued (409 at once), \
                         * publishes a new version under the job's claim, counts in tallyd_fits_total */
 #define RF_DEADLINE 8u /* --request-timeout-ms is its default deadline */
 #define RF_DRAIN 16u   /* still answered while the daemon drains (else 503) */
@@ -58,10 +60,11 @@
   X(R_SERVER, "server_metadata", "/v2", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_server)            \
   X(R_STATS_ALL, "statistics", "/v2/models/stats", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_stats)  \
   X(R_MODEL_META, "model_metadata", MV, M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_model_meta)        \
-  X(R_MODEL_READY, "model_ready", MV "/ready", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_model_ready) \
-  X(R_MODEL_CONFIG, "model_config", MV "/config", M_GET, AUTH_INFER, RF_LOOP, OP_NONE,              \
+  X(R_MODEL_READY, "model_ready", MV "/ready", M_GET, AUTH_INFER, RF_LOOP, OP_NONE,                \
+    ep_model_ready)                                                                                \
+  X(R_MODEL_CONFIG, "model_config", MV "/config", M_GET, AUTH_INFER, RF_LOOP, OP_NONE,             \
     ep_model_config)                                                                               \
-  X(R_MODEL_STATS, "statistics", MV "/stats", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_stats)        \
+  X(R_MODEL_STATS, "statistics", MV "/stats", M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_stats)       \
   X(R_INFER, "infer", MV "/infer", M_POST, AUTH_INFER, RF_VERSION | RF_DEADLINE | RF_LIMITS,       \
     MD_OP_INFER, ep_infer)                                                                         \
   X(R_FIT, "fit", "/v2/models/{model}/fit", M_POST, AUTH_ADMIN, RF_VERSION | RF_FIT, MD_OP_FIT,    \
@@ -84,13 +87,13 @@
   X(R_V1_COMPLETIONS, "completions", "/v1/completions", M_POST, AUTH_INFER, RF_DEADLINE, OP_NONE,  \
     ep_v1_completions)                                                                             \
   X(R_V1_MODELS, "v1_models", "/v1/models", M_GET, AUTH_INFER, 0, OP_NONE, ep_v1_models)           \
-  X(R_REPO_INDEX, "repository_index", "/v2/repository/index", M_GET | M_POST, AUTH_INFER,          \
-    RF_LOOP, OP_NONE, ep_repo_index)                                                               \
+  X(R_REPO_INDEX, "repository_index", "/v2/repository/index", M_GET | M_POST, AUTH_INFER, RF_LOOP, \
+    OP_NONE, ep_repo_index)                                                                        \
   X(R_REPO_LOAD, "repository_load", "/v2/repository/models/{model}/load", M_POST, AUTH_ADMIN, 0,   \
     OP_NONE, ep_repo_load)                                                                         \
   X(R_REPO_UNLOAD, "repository_unload", "/v2/repository/models/{model}/unload", M_POST,            \
     AUTH_ADMIN, 0, OP_NONE, ep_repo_unload)                                                        \
-  X(R_METRICS, "metrics", "/metrics", M_GET, AUTH_INFER, RF_LOOP | RF_DRAIN, OP_NONE, ep_metrics) \
+  X(R_METRICS, "metrics", "/metrics", M_GET, AUTH_INFER, RF_LOOP | RF_DRAIN, OP_NONE, ep_metrics)  \
   /* tritonclient calls tallyd does not serve: a 400 that says so (triton.c) */                    \
   X(R_SHM_SYSTEM, "system_shared_memory", "/v2/systemsharedmemory[/region/{name}]/{name}",         \
     M_GET | M_POST, AUTH_INFER, RF_LOOP, OP_NONE, ep_unsupported)                                  \
@@ -106,7 +109,7 @@ enum route_id {
 #define ROUTE_ENUM(id, name, pattern, methods, scope, flags, op, run) id,
   ROUTE_TABLE(ROUTE_ENUM)
 #undef ROUTE_ENUM
-  R_COUNT
+      R_COUNT
 };
 
 struct job;

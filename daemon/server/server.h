@@ -30,23 +30,23 @@ typedef struct job {
   server *srv;
   route rt;
   char method[8];
-  repo_ver *ver;        /* acquired on the loop thread, released by the worker */
+  repo_ver *ver; /* acquired on the loop thread, released by the worker */
   char *body;
   size_t len, json_len;
   double t_submit, t_start, t_end;
-  int req_coding;       /* zc_coding of the body: inflated by the worker before the handler */
-  int resp_coding;      /* zc_coding the client accepts: a 2xx answer is compressed by the worker */
+  int req_coding;  /* zc_coding of the body: inflated by the worker before the handler */
+  int resp_coding; /* zc_coding the client accepts: a 2xx answer is compressed by the worker */
   double t_decoded, t_computed; /* infer: decoding and computing done (statistics) */
-  int64_t batch;        /* infer: rows (leading dimension of the first input) */
-  _Atomic double deadline; /* md_now() seconds; 0: none; set by the worker once known */
+  int64_t batch;                /* infer: rows (leading dimension of the first input) */
+  _Atomic double deadline;      /* md_now() seconds; 0: none; set by the worker once known */
   volatile int cancelled;
   /* 0 running; 1 the worker is publishing a new version (no 504 may be sent
    * any more: the client gets the outcome); 2 the loop gave up on it (the
    * worker must not publish). Moved from 0 by compare-and-swap only. */
   atomic_int claim;
-  int fit_claimed;      /* repo_fit_begin succeeded */
+  int fit_claimed; /* repo_fit_begin succeeded */
   resp out;
-  void *conn_req;       /* the hreq waiting for it (loop thread only) */
+  void *conn_req; /* the hreq waiting for it (loop thread only) */
   /* Owners of the answer still to come: the worker that ran the handler,
    * plus one for a handler that finishes later on another thread
    * (job_defer, job_finish). The last to let go sends it back. */
@@ -69,22 +69,22 @@ struct server {
   atomic_int draining;
   int stopping;
   double drain_started;
-  int inflight;          /* jobs submitted and not yet answered (loop thread) */
-  void *waiting;         /* list of hreqs with a job (loop thread) */
+  int inflight;  /* jobs submitted and not yet answered (loop thread) */
+  void *waiting; /* list of hreqs with a job (loop thread) */
   int exit_code;
-  int port;              /* bound port (useful with --listen :0) */
-  unsigned conn_peak;    /* connections at the last check (memory trim) */
-  int64_t conn_limit;    /* libmicrohttpd's connection limit; 0: its own */
+  int port;                         /* bound port (useful with --listen :0) */
+  unsigned conn_peak;               /* connections at the last check (memory trim) */
+  int64_t conn_limit;               /* libmicrohttpd's connection limit; 0: its own */
   int done_mu_ready, sync_mu_ready; /* made (server_init's unwinding) */
-  int started;           /* server_init succeeded: server_free has work */
+  int started;                      /* server_init succeeded: server_free has work */
   int trim_ticks;
   /* production operation (docs/operations.md) */
-  auth_keys *keys;       /* NULL: no credentials asked (loop thread; swapped at SIGHUP) */
+  auth_keys *keys; /* NULL: no credentials asked (loop thread; swapped at SIGHUP) */
   char *tls_cert_pem, *tls_key_pem; /* kept for MHD's lifetime */
   uv_timer_t poll_timer, watchdog_timer;
-  uv_mutex_t sync_mu;    /* guards sync_busy/sync_again: one rescan at a time */
+  uv_mutex_t sync_mu; /* guards sync_busy/sync_again: one rescan at a time */
   int sync_busy, sync_again;
-  atomic_int reloading;  /* a SIGHUP's rescan is pending: READY=1 follows it */
+  atomic_int reloading; /* a SIGHUP's rescan is pending: READY=1 follows it */
   /* streamed answers (stream.h) */
   struct gstream *wake_head;    /* under done_mu: streams with new bytes */
   struct gstream *live_streams; /* loop thread: streams a response holds */
@@ -97,7 +97,7 @@ void job_defer(job *j);
 void job_finish(job *j);
 
 int server_init(server *s, srv_config *cfg, ts_err *err);
-int server_run(server *s);     /* until SIGTERM/SIGINT drain completes */
+int server_run(server *s); /* until SIGTERM/SIGINT drain completes */
 void server_free(server *s);
 
 /* Schedules a repository rescan on a worker; while one runs, another is

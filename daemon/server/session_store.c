@@ -15,16 +15,16 @@
 #define TOMBS 256 /* ended ids remembered, direct-mapped by hash */
 
 struct ss_entry {
-  ss_entry *hnext;        /* the bucket's chain */
-  ss_entry *prev, *next;  /* the list, most recent first; also the victims' chain */
+  ss_entry *hnext;       /* the bucket's chain */
+  ss_entry *prev, *next; /* the list, most recent first; also the victims' chain */
   uint64_t hash;
   int64_t position;
-  uint64_t bytes;         /* counted: payload_bytes + overhead */
+  uint64_t bytes; /* counted: payload_bytes + overhead */
   uint64_t overhead;
   double last_used;
   int busy, doomed;
   char id[SS_ID_LEN + 1];
-  const char *owner;      /* inside this allocation, after the payload */
+  const char *owner; /* inside this allocation, after the payload */
   alignas(max_align_t) unsigned char payload[];
 };
 
@@ -35,7 +35,7 @@ struct ss_store {
   uv_thread_t reaper;
   int reaper_on, stopping;
   ss_entry **buckets;
-  size_t mask;            /* buckets - 1 (a power of two) */
+  size_t mask; /* buckets - 1 (a power of two) */
   ss_entry *head, *tail;
   int64_t count, busy_count;
   uint64_t bytes, busy_bytes;
@@ -51,7 +51,9 @@ static double mono_now(void) {
   return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
 }
 
-static double now_of(const ss_store *s) { return s->cfg.clock ? s->cfg.clock() : mono_now(); }
+static double now_of(const ss_store *s) {
+  return s->cfg.clock ? s->cfg.clock() : mono_now();
+}
 
 /* FNV-1a with a final mix: ids in the table are random, so a client cannot
  * make them collide; an id it asks for just lands in one bucket. */
@@ -77,10 +79,14 @@ static ss_entry *find(const ss_store *s, const char *id, uint64_t h) {
 }
 
 static void list_unlink(ss_store *s, ss_entry *e) {
-  if (e->prev) e->prev->next = e->next;
-  else s->head = e->next;
-  if (e->next) e->next->prev = e->prev;
-  else s->tail = e->prev;
+  if (e->prev)
+    e->prev->next = e->next;
+  else
+    s->head = e->next;
+  if (e->next)
+    e->next->prev = e->prev;
+  else
+    s->tail = e->prev;
   e->prev = e->next = NULL;
 }
 
@@ -221,8 +227,7 @@ static void info_of(const ss_store *s, const ss_entry *e, double now, ss_info *i
   info->bytes = e->bytes;
   info->payload_bytes = e->bytes - e->overhead;
   info->busy = e->busy;
-  double left = e->busy ? s->cfg.limits.ttl_secs
-                        : s->cfg.limits.ttl_secs - (now - e->last_used);
+  double left = e->busy ? s->cfg.limits.ttl_secs : s->cfg.limits.ttl_secs - (now - e->last_used);
   info->expires_in = left < 0 ? 0 : left;
 }
 
@@ -262,7 +267,8 @@ int ss_open(ss_store **out, const ss_config *cfg, ts_err *err) {
   *out = NULL;
   if (!(cfg->limits.ttl_secs > 0) || cfg->limits.max_bytes == 0 || cfg->limits.max_sessions <= 0 ||
       cfg->limits.max_sessions > (INT64_C(1) << 30))
-    return ts_errf(err, TS_EINVAL, "session store: the TTL, byte limit and count limit must be "
+    return ts_errf(err, TS_EINVAL,
+                   "session store: the TTL, byte limit and count limit must be "
                    "positive (count at most 2^30)");
   ss_store *s = tl_calloc(1, sizeof *s);
   if (!s) return ts_errf(err, TS_ENOMEM, "out of memory");
@@ -312,7 +318,9 @@ void ss_close(ss_store *s) {
   tl_free(s);
 }
 
-ss_limits ss_get_limits(const ss_store *s) { return s->cfg.limits; }
+ss_limits ss_get_limits(const ss_store *s) {
+  return s->cfg.limits;
+}
 
 void ss_stats(ss_store *s, int64_t *count, uint64_t *bytes) {
   uv_mutex_lock(&s->mu);
@@ -353,10 +361,14 @@ int ss_create(ss_store *s, const char *owner, const void *payload, uint64_t payl
   /* busy sessions cannot be evicted: refuse before evicting anything when
    * even evicting every idle one would not make room */
   *full = 0;
-  if (e->bytes > L->max_bytes) *full = SS_FULL_TOO_BIG;
-  else if (s->busy_count + 1 > L->max_sessions) *full = SS_FULL_COUNT;
-  else if (s->busy_bytes + e->bytes > L->max_bytes) *full = SS_FULL_BYTES;
-  else if (find(s, e->id, e->hash)) rc = ts_errf(err, TS_EINTERNAL, "session id collision");
+  if (e->bytes > L->max_bytes)
+    *full = SS_FULL_TOO_BIG;
+  else if (s->busy_count + 1 > L->max_sessions)
+    *full = SS_FULL_COUNT;
+  else if (s->busy_bytes + e->bytes > L->max_bytes)
+    *full = SS_FULL_BYTES;
+  else if (find(s, e->id, e->hash))
+    rc = ts_errf(err, TS_EINTERNAL, "session id collision");
   if (*full || rc) {
     uv_mutex_unlock(&s->mu);
     tl_free(e);
@@ -424,8 +436,10 @@ void ss_release(ss_store *s, ss_entry *e, int64_t position, uint64_t payload_byt
     to_front(s, e, now_of(s));
     evict_to_fit(s, 0, 0, e, &victims);
     ss_gone why;
-    if (over(s, 0, 0, &why)) retire(s, e, why, &victims); /* it alone is over the limit */
-    else changed(s);
+    if (over(s, 0, 0, &why))
+      retire(s, e, why, &victims); /* it alone is over the limit */
+    else
+      changed(s);
   }
   uv_mutex_unlock(&s->mu);
   free_victims(s, victims);

@@ -42,13 +42,13 @@ typedef struct ss_entry ss_entry;
 
 /* Why a session is not there. */
 typedef enum ss_gone {
-  SS_UNKNOWN = 0,    /* never was, or forgotten */
-  SS_EXPIRED,        /* idle past the TTL */
-  SS_EVICTED_BYTES,  /* least recently used when the byte limit was reached */
-  SS_EVICTED_COUNT,  /* least recently used when the count limit was reached */
+  SS_UNKNOWN = 0,   /* never was, or forgotten */
+  SS_EXPIRED,       /* idle past the TTL */
+  SS_EVICTED_BYTES, /* least recently used when the byte limit was reached */
+  SS_EVICTED_COUNT, /* least recently used when the count limit was reached */
   SS_DELETED,
-  SS_STOPPED,        /* the store closed */
-  SS_OTHER_OWNER     /* the id is live but belongs to another owner */
+  SS_STOPPED,    /* the store closed */
+  SS_OTHER_OWNER /* the id is live but belongs to another owner */
 } ss_gone;
 
 /* Why a new session was refused (ss_create's -TS_EUNAVAIL). */
@@ -59,15 +59,15 @@ typedef enum ss_full {
 } ss_full;
 
 typedef struct ss_limits {
-  double ttl_secs;       /* > 0 */
-  uint64_t max_bytes;    /* > 0 */
-  int64_t max_sessions;  /* > 0 */
+  double ttl_secs;      /* > 0 */
+  uint64_t max_bytes;   /* > 0 */
+  int64_t max_sessions; /* > 0 */
 } ss_limits;
 
 typedef struct ss_config {
   ss_limits limits;
-  size_t payload_size;                   /* bytes copied in at ss_create */
-  void (*free_payload)(void *payload);   /* outside the mutex; may be NULL */
+  size_t payload_size;                 /* bytes copied in at ss_create */
+  void (*free_payload)(void *payload); /* outside the mutex; may be NULL */
   /* Called under the mutex whenever the count or bytes change: keep it to a
    * few stores (the gauges). May be NULL. */
   void (*on_change)(int64_t count, uint64_t bytes, void *arg);
@@ -79,9 +79,9 @@ typedef struct ss_config {
 typedef struct ss_info {
   char id[SS_ID_LEN + 1];
   int64_t position;
-  uint64_t bytes;    /* counted: the payload's plus the store's own */
+  uint64_t bytes;         /* counted: the payload's plus the store's own */
   uint64_t payload_bytes; /* the payload's alone, as last reported */
-  double expires_in; /* seconds; the TTL itself while busy */
+  double expires_in;      /* seconds; the TTL itself while busy */
   int busy;
 } ss_info;
 

@@ -27,7 +27,9 @@ static uv_once_t once = UV_ONCE_INIT;
 static uv_mutex_t store_mu;
 static ss_store *store;
 
-static void init_mu(void) { uv_mutex_init(&store_mu); }
+static void init_mu(void) {
+  uv_mutex_init(&store_mu);
+}
 
 static void free_payload(void *p) {
   sess_payload *sp = p;
@@ -87,11 +89,15 @@ static int not_found(ss_store *s, const route *rt, ss_gone gone, ts_err *err) {
       return ts_errf(err, TS_ENOTFOUND, "session %s expired after %.0f s idle (--session-ttl-secs)",
                      id, L.ttl_secs);
     case SS_EVICTED_BYTES:
-      return ts_errf(err, TS_ENOTFOUND, "session %s was evicted: the KV cache cap of %llu bytes "
-                     "(--kv-cache-bytes) was reached", id, (unsigned long long)L.max_bytes);
+      return ts_errf(err, TS_ENOTFOUND,
+                     "session %s was evicted: the KV cache cap of %llu bytes "
+                     "(--kv-cache-bytes) was reached",
+                     id, (unsigned long long)L.max_bytes);
     case SS_EVICTED_COUNT:
-      return ts_errf(err, TS_ENOTFOUND, "session %s was evicted: the limit of %lld sessions "
-                     "(--max-sessions) was reached", id, (long long)L.max_sessions);
+      return ts_errf(err, TS_ENOTFOUND,
+                     "session %s was evicted: the limit of %lld sessions "
+                     "(--max-sessions) was reached",
+                     id, (long long)L.max_sessions);
     case SS_DELETED: return ts_errf(err, TS_ENOTFOUND, "session %s was deleted", id);
     case SS_STOPPED: return ts_errf(err, TS_ENOTFOUND, "session %s ended: the daemon stopped", id);
     case SS_OTHER_OWNER:
@@ -104,27 +110,30 @@ static int refused(ss_store *s, const char *model, ss_full full, uint64_t need, 
   ss_limits L = ss_get_limits(s);
   switch (full) {
     case SS_FULL_TOO_BIG:
-      return ts_errf(err, TS_EUNAVAIL, "a new session of model '%s' needs %llu bytes, more than "
-                     "the KV cache cap of %llu bytes (--kv-cache-bytes)", model,
-                     (unsigned long long)need, (unsigned long long)L.max_bytes);
+      return ts_errf(err, TS_EUNAVAIL,
+                     "a new session of model '%s' needs %llu bytes, more than "
+                     "the KV cache cap of %llu bytes (--kv-cache-bytes)",
+                     model, (unsigned long long)need, (unsigned long long)L.max_bytes);
     case SS_FULL_COUNT:
-      return ts_errf(err, TS_EUNAVAIL, "no room for a new session: %lld sessions are open "
+      return ts_errf(err, TS_EUNAVAIL,
+                     "no room for a new session: %lld sessions are open "
                      "(--max-sessions) and every one is busy; retry shortly",
                      (long long)L.max_sessions);
     default:
-      return ts_errf(err, TS_EUNAVAIL, "no room for a new session of %llu bytes: busy sessions "
+      return ts_errf(err, TS_EUNAVAIL,
+                     "no room for a new session of %llu bytes: busy sessions "
                      "hold the rest of the KV cache cap of %llu bytes (--kv-cache-bytes); retry "
-                     "shortly", (unsigned long long)need, (unsigned long long)L.max_bytes);
+                     "shortly",
+                     (unsigned long long)need, (unsigned long long)L.max_bytes);
   }
 }
 
 static json_t *describe(const ss_info *in, const char *model, int64_t version) {
   char v[32];
   snprintf(v, sizeof v, "%lld", (long long)version);
-  return json_pack("{s:s, s:s, s:s, s:I, s:I, s:f, s:b}", "session_id", in->id, "model_name",
-                   model, "model_version", v, "position", (json_int_t)in->position,
-                   "memory_bytes", (json_int_t)in->bytes, "expires_in_s", in->expires_in,
-                   "busy", in->busy);
+  return json_pack("{s:s, s:s, s:s, s:I, s:I, s:f, s:b}", "session_id", in->id, "model_name", model,
+                   "model_version", v, "position", (json_int_t)in->position, "memory_bytes",
+                   (json_int_t)in->bytes, "expires_in_s", in->expires_in, "busy", in->busy);
 }
 
 static void answer(job *j, int status, json_t *o) {
@@ -181,8 +190,10 @@ void ep_session_create(job *j) {
   if (params && server_check_params(k, MD_OP_SESSION_OPEN, repo_ver_model(j->ver), params, &err))
     goto fail;
   if (!k->session_open) {
-    ts_errf(&err, TS_EINVAL, "model '%s' (kind %s) does not support sessions; only transformer "
-            "models do", repo_ver_model(j->ver), k->name);
+    ts_errf(&err, TS_EINVAL,
+            "model '%s' (kind %s) does not support sessions; only transformer "
+            "models do",
+            repo_ver_model(j->ver), k->name);
     goto fail;
   }
   size_t bytes = 0;
@@ -241,10 +252,13 @@ void ep_session_infer(job *j) {
   ss_info in;
   ss_gone gone;
   int rc = s ? ss_acquire(s, j->rt.model, j->rt.session, &e, &pp, &in, &gone) : -TS_ENOMEM;
-  if (rc == -TS_ENOTFOUND) not_found(s, &j->rt, gone, &err);
+  if (rc == -TS_ENOTFOUND)
+    not_found(s, &j->rt, gone, &err);
   else if (rc == -TS_ECONFLICT)
-    ts_errf(&err, TS_ECONFLICT, "session %s is busy with another request; send its chunks one at "
-            "a time", j->rt.session);
+    ts_errf(&err, TS_ECONFLICT,
+            "session %s is busy with another request; send its chunks one at "
+            "a time",
+            j->rt.session);
   if (rc) {
     resp_error(&j->out, &err);
     return;
@@ -259,8 +273,8 @@ void ep_session_infer(job *j) {
   int64_t pos = p->kind->session_position(p->sess);
   if (!rc) {
     json_t *extra = json_pack("{s:s, s:I}", "session_id", in.id, "position", (json_int_t)pos);
-    rc = extra ? job_encode(j, &req, &call, extra, &err)
-               : ts_errf(&err, TS_ENOMEM, "out of memory");
+    rc =
+        extra ? job_encode(j, &req, &call, extra, &err) : ts_errf(&err, TS_ENOMEM, "out of memory");
     if (extra) json_decref(extra);
   }
   if (rc) resp_error(&j->out, &err);

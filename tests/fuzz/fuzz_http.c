@@ -55,9 +55,13 @@ static void fuzz_http_start(void) {
   snprintf(path, sizeof path, "%s/m/1/model.safetensors", root);
   if (!w || fuzz_weights_mlp(w, &err) || st_writer_save(w, path, &err)) fuzz_die("weights", &err);
   st_writer_free(w);
-  char *argv[] = {"tallyd", "--model-repository", root, "--listen", "127.0.0.1:0",
-                  "--threads", "2", "--max-body-bytes", "1048576", "--request-timeout-ms", "2000",
-                  "--log-level", "error", NULL};
+  char *argv[] = {"tallyd",      "--model-repository",
+                  root,          "--listen",
+                  "127.0.0.1:0", "--threads",
+                  "2",           "--max-body-bytes",
+                  "1048576",     "--request-timeout-ms",
+                  "2000",        "--log-level",
+                  "error",       NULL};
   cfg_defaults(&fuzz_cfg);
   if (cfg_parse(&fuzz_cfg, 13, argv, &err)) fuzz_die("flags", &err);
   if (server_init(&fuzz_srv, &fuzz_cfg, &err)) fuzz_die("server", &err);
@@ -71,7 +75,8 @@ static void fuzz_http_start(void) {
 static int fuzz_http_connect(void) {
   int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) abort();
-  struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)fuzz_http_port),
+  struct sockaddr_in a = {.sin_family = AF_INET,
+                          .sin_port = htons((uint16_t)fuzz_http_port),
                           .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
   if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
     fprintf(stderr, "fuzz_http: connect: %s\n", strerror(errno));
@@ -103,7 +108,8 @@ static size_t fuzz_http_read(int fd, char *buf, size_t cap, const char *until, i
     size_t keep = (size_t)k < cap - len ? (size_t)k : cap - len;
     memcpy(buf + len, tmp, keep);
     len += keep;
-    if (until && len >= strlen(until) && memcmp(buf + len - strlen(until), until, strlen(until)) == 0)
+    if (until && len >= strlen(until) &&
+        memcmp(buf + len - strlen(until), until, strlen(until)) == 0)
       break;
     if (len == cap) len = 0; /* only the tail matters */
   }

@@ -30,7 +30,7 @@ typedef struct entry {
 
 typedef struct conn {
   int fd;
-  int busy;          /* a request is out */
+  int busy; /* a request is out */
   int entry;
   size_t sent;
   char *buf;
@@ -119,18 +119,24 @@ int main(int argc, char **argv) {
   int port = 0, nconn = 16;
   long long total = 1000;
   for (int i = 1; i + 1 < argc; i += 2) {
-    if (!strcmp(argv[i], "--host")) host = argv[i + 1];
-    else if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
-    else if (!strcmp(argv[i], "--mix")) mix_path = argv[i + 1];
-    else if (!strcmp(argv[i], "--requests")) total = atoll(argv[i + 1]);
-    else if (!strcmp(argv[i], "--connections")) nconn = atoi(argv[i + 1]);
+    if (!strcmp(argv[i], "--host"))
+      host = argv[i + 1];
+    else if (!strcmp(argv[i], "--port"))
+      port = atoi(argv[i + 1]);
+    else if (!strcmp(argv[i], "--mix"))
+      mix_path = argv[i + 1];
+    else if (!strcmp(argv[i], "--requests"))
+      total = atoll(argv[i + 1]);
+    else if (!strcmp(argv[i], "--connections"))
+      nconn = atoi(argv[i + 1]);
     else {
       fprintf(stderr, "loadgen: unknown option %s\n", argv[i]);
       return 2;
     }
   }
   if (!port || !mix_path || nconn < 1) {
-    fprintf(stderr, "usage: loadgen --port P --mix FILE [--requests N] [--connections C] [--host H]\n");
+    fprintf(stderr,
+            "usage: loadgen --port P --mix FILE [--requests N] [--connections C] [--host H]\n");
     return 2;
   }
   load_mix(mix_path);
@@ -167,7 +173,8 @@ int main(int argc, char **argv) {
       entry *e = &mix[c->entry];
       if (c->sent < e->len) {
         ssize_t k = send(c->fd, e->data + c->sent, e->len - c->sent, MSG_NOSIGNAL);
-        if (k > 0) c->sent += (size_t)k;
+        if (k > 0)
+          c->sent += (size_t)k;
         else if (k < 0 && errno != EAGAIN) {
           /* closed before this request was taken: send it again */
           conn_reopen(c);
@@ -212,10 +219,11 @@ int main(int argc, char **argv) {
     }
   }
   double dt = now() - t0;
-  printf("requests %lld  2xx %lld  4xx %lld  5xx %lld  other %lld  unexpected-class %lld  "
-         "transport-errors %lld  reconnects %lld  %.1f s  %.0f req/s\n",
-         done, by_class[2], by_class[4], by_class[5], by_class[0] + by_class[1] + by_class[3],
-         mismatched, transport_errors, reconnects, dt, (double)done / dt);
+  printf(
+      "requests %lld  2xx %lld  4xx %lld  5xx %lld  other %lld  unexpected-class %lld  "
+      "transport-errors %lld  reconnects %lld  %.1f s  %.0f req/s\n",
+      done, by_class[2], by_class[4], by_class[5], by_class[0] + by_class[1] + by_class[3],
+      mismatched, transport_errors, reconnects, dt, (double)done / dt);
   for (int i = 0; i < nconn; i++) close(cs[i].fd), free(cs[i].buf);
   for (int i = 0; i < n_mix; i++) free(mix[i].data);
   free(mix);

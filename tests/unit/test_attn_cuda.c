@@ -80,10 +80,10 @@ static void test_cuda_vs_reference(void **state) {
       prm.causal = S->causal;
       prm.query_offset = S->qoff;
       ts_err err;
-      assert_int_equal(attn_reference(&prm, S->H, S->Hkv, S->Lq, S->Lk, S->d, S->dv, tq, tk, tv,
-                                      tr, &err), 0);
-      int rc = attn_cuda_forward(&prm, S->H, S->Hkv, S->Lq, S->Lk, S->d, S->dv, tq, tk, tv, tg,
-                                 &err);
+      assert_int_equal(
+          attn_reference(&prm, S->H, S->Hkv, S->Lq, S->Lk, S->d, S->dv, tq, tk, tv, tr, &err), 0);
+      int rc =
+          attn_cuda_forward(&prm, S->H, S->Hkv, S->Lq, S->Lk, S->d, S->dv, tq, tk, tv, tg, &err);
       if (rc) fail_msg("shape %zu: %s", si, err.msg);
       double worst = 0;
       for (size_t i = 0; i < no; i++) {

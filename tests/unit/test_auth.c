@@ -54,9 +54,10 @@ static void test_parse_and_lookup(void **state) {
   char text[512];
   /* comments, blank lines, tabs, CRLF, upper-case hex, a trailing comment */
   char upper[65];
-  for (int i = 0; i < 65; i++) upper[i] = (char)(d_admin[i] >= 'a' && d_admin[i] <= 'f' ? d_admin[i] - 32 : d_admin[i]);
-  snprintf(text, sizeof text, "# tallyd keys\n\n  %s infer\r\n\t%s\tadmin   # ops team\n#end", d_infer,
-           upper);
+  for (int i = 0; i < 65; i++)
+    upper[i] = (char)(d_admin[i] >= 'a' && d_admin[i] <= 'f' ? d_admin[i] - 32 : d_admin[i]);
+  snprintf(text, sizeof text, "# tallyd keys\n\n  %s infer\r\n\t%s\tadmin   # ops team\n#end",
+           d_infer, upper);
   auth_keys *k = parse_ok(text);
   assert_int_equal(auth_count(k), 2);
   assert_int_equal(auth_lookup(k, "secret-infer", 12), AUTH_INFER);
@@ -120,9 +121,9 @@ static void test_scope_table(void **state) {
   assert_int_equal(auth_required(R_REPO_UNLOAD), AUTH_ADMIN);
   assert_int_equal(auth_required(R_FIT), AUTH_ADMIN);
   assert_int_equal(auth_required(R_CALIBRATE), AUTH_ADMIN);
-  int infer_routes[] = {R_NONE,     R_SERVER,       R_MODEL_META,  R_MODEL_READY, R_INFER,
-                        R_EVALUATE, R_SESSIONS,     R_SESSION,     R_SESSION_DELETE, R_SESSION_INFER,
-                        R_REPO_INDEX, R_METRICS};
+  int infer_routes[] = {R_NONE,           R_SERVER,        R_MODEL_META, R_MODEL_READY,
+                        R_INFER,          R_EVALUATE,      R_SESSIONS,   R_SESSION,
+                        R_SESSION_DELETE, R_SESSION_INFER, R_REPO_INDEX, R_METRICS};
   for (size_t i = 0; i < sizeof infer_routes / sizeof *infer_routes; i++)
     assert_int_equal(auth_required(infer_routes[i]), AUTH_INFER);
   /* every route has an answer, and only the two health routes are open */

@@ -138,8 +138,7 @@ static void gradcheck(int C, const int *sizes, int F, int B, double l2) {
     theta[f] = keep;
     double fd = (lp - lm) / (2 * h);
     double rel = fabs(fd - g[f]) / fmax(fabs(fd) + fabs(g[f]), 1e-8);
-    if (rel >= 1e-4)
-      print_error("C=%d f=%d grad %.10g fd %.10g rel %.3g\n", C, f, g[f], fd, rel);
+    if (rel >= 1e-4) print_error("C=%d f=%d grad %.10g fd %.10g rel %.3g\n", C, f, g[f], fd, rel);
     assert_true(rel < 1e-4);
   }
   free(z);
@@ -204,8 +203,7 @@ static void test_validation_messages(void **state) {
   s.family_names = fam;
   s.member_names = mem;
   assert_int_equal(aw_validate(&s, 3, z, &e), -TS_EINVAL);
-  assert_string_equal(e.msg,
-                      "row 1, member 1 ('xc2', family 'xception'): logit is infinite");
+  assert_string_equal(e.msg, "row 1, member 1 ('xc2', family 'xception'): logit is infinite");
 
   /* probabilities: out of range, then a finite logit that is fine as a logit */
   z[1 * 5 + 1] = 1.5f;
@@ -245,8 +243,7 @@ static void test_pool_matches_serial(void **state) {
   int sizes[] = {2, 3};
   aw_spec s = {.F = 2, .family_size = sizes, .n = 5, .C = 3, .input_logits = 1};
   float *z = malloc(sizeof(float) * B * 5 * 3);
-  double *P1 = malloc(sizeof(double) * B * 2 * 3),
-         *P2 = malloc(sizeof(double) * B * 2 * 3);
+  double *P1 = malloc(sizeof(double) * B * 2 * 3), *P2 = malloc(sizeof(double) * B * 2 * 3);
   for (int k = 0; k < B * 15; k++) z[k] = (float)(8.0 * urand() - 4.0);
   pool_t *pool;
   assert_int_equal(pool_create(&pool, 2, 0), 0);
@@ -257,8 +254,8 @@ static void test_pool_matches_serial(void **state) {
   z[(5000 * 5 + 3) * 3 + 0] = INFINITY;
   ts_err e;
   assert_int_equal(aw_family_probs(&s, B, z, P2, pool, &e), -TS_EINVAL);
-  assert_string_equal(
-      e.msg, "row 5000, member 3 (family 1, its member 1): class 0 logit is infinite");
+  assert_string_equal(e.msg,
+                      "row 5000, member 3 (family 1, its member 1): class 0 logit is infinite");
   pool_destroy(pool);
   free(z);
   free(P1);
@@ -345,8 +342,7 @@ static void fit_informative(int C, int inf) {
 
   met_scores fam[3];
   aw_fit_metrics m = {.families = fam};
-  assert_int_equal(
-      aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, NULL, theta, 0.5, &m, &e), 0);
+  assert_int_equal(aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, NULL, theta, 0.5, &m, &e), 0);
   assert_int_equal(m.validation.n, 2400);
   assert_int_equal(m.uniform.n, 2400);
   assert_int_equal(m.after.n, 9600);
@@ -359,11 +355,9 @@ static void fit_informative(int C, int inf) {
   assert_true(m.validation.accuracy > m.uniform.accuracy);
   /* "before" may be a served theta instead of the uniform one */
   aw_fit_metrics m2 = {.families = fam};
-  assert_int_equal(
-      aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, theta, theta, 0.5, &m2, &e), 0);
+  assert_int_equal(aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, theta, theta, 0.5, &m2, &e), 0);
   assert_true(m2.before.log_loss == m2.after.log_loss && m2.before.auc == m2.after.auc);
-  assert_int_equal(aw_eval_family(&d.s, d.P, d.t, NULL, 10, 3, 0.5, &m2.before, &e),
-                   -TS_EINVAL);
+  assert_int_equal(aw_eval_family(&d.s, d.P, d.t, NULL, 10, 3, 0.5, &m2.before, &e), -TS_EINVAL);
   synth_free(&d);
 }
 
@@ -493,8 +487,7 @@ static void test_alloc_failures(void **state) {
     ts_err e;
     tl_mem_fail_after(k);
     int rc = aw_fit(&d.s, d.N, d.P, d.t, &o, theta, NULL, &e);
-    if (!rc)
-      rc = aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, NULL, theta, 0.5, &m, &e);
+    if (!rc) rc = aw_fit_metrics_compute(&d.s, d.N, d.P, d.t, &o, NULL, theta, 0.5, &m, &e);
     tl_mem_fail_reset();
     if (rc == 0) break;
     assert_int_equal(rc, -TS_ENOMEM);

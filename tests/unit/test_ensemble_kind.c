@@ -45,9 +45,14 @@ static int fake_infer(void *state, md_call *c, ts_err *err) {
     y[b] = (float)(scale * ((const float *)t->data)[b * t->shape[1]]);
   return 0;
 }
-static void fake_free(void *s) { (void)s; }
-static const md_kind fake_kind = {.name = "fake", .load = fake_load, .signature = fake_sig,
-                                  .infer = fake_infer, .free = fake_free};
+static void fake_free(void *s) {
+  (void)s;
+}
+static const md_kind fake_kind = {.name = "fake",
+                                  .load = fake_load,
+                                  .signature = fake_sig,
+                                  .infer = fake_infer,
+                                  .free = fake_free};
 
 static double scales[3] = {1.0, -0.5, 2.0};
 static int acquired;
@@ -81,8 +86,8 @@ static int load_cfg_faulty(const char *cfg, st_file *w, void **state, long fail_
   json_error_t je;
   json_t *config = json_loads(cfg, 0, &je);
   assert_non_null(config);
-  md_load_ctx ctx = {.model_name = "ens", .version = 1, .config = config, .weights = w,
-                     .host = &host};
+  md_load_ctx ctx = {
+      .model_name = "ens", .version = 1, .config = config, .weights = w, .host = &host};
   const md_kind *k = md_kind_find("ensemble");
   assert_non_null(k);
   tl_mem_fail_after(fail_after);
@@ -96,8 +101,7 @@ static int load_cfg(const char *cfg, st_file *w, void **state, ts_err *err) {
   return load_cfg_faulty(cfg, w, state, -1, err);
 }
 
-static void add_f32(ts_list *in, const char *name, int ndim, const int64_t *shape,
-                    const float *v) {
+static void add_f32(ts_list *in, const char *name, int ndim, const int64_t *shape, const float *v) {
   ts_err err = {0};
   ts_tensor *t = ts_list_add(in);
   assert_non_null(t);
@@ -113,7 +117,9 @@ static void add_i32(ts_list *in, const char *name, int64_t n, const int32_t *v) 
   memcpy(t->data, v, t->nbytes);
 }
 
-static double sig(double z) { return 1.0 / (1.0 + exp(-z)); }
+static double sig(double z) {
+  return 1.0 / (1.0 + exp(-z));
+}
 
 static const char *BIN3 =
     "{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":["
@@ -133,22 +139,28 @@ static void test_config_errors(void **st) {
        "'classes'"},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"extra\":1}", "unknown key 'extra'"},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":[{\"name\":\"a\","
-       "\"members\":[]}]}", "non-empty list 'members'"},
+       "\"members\":[]}]}",
+       "non-empty list 'members'"},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":[{\"members\":"
-       "[{\"model\":\"m1\"}]}]}", "'name'"},
+       "[{\"model\":\"m1\"}]}]}",
+       "'name'"},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":[{\"name\":\"a\","
-       "\"members\":[{\"model\":\"m1\",\"external\":\"x\"}]}]}", "{\"model\""},
+       "\"members\":[{\"model\":\"m1\",\"external\":\"x\"}]}]}",
+       "{\"model\""},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":[{\"name\":\"a\","
        "\"members\":[{\"model\":\"m1\"}]},{\"name\":\"a\",\"members\":[{\"model\":\"m2\"}]}]}",
        "used twice"},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":[{\"name\":\"a\","
-       "\"members\":[{\"model\":\"m1\"},{\"external\":\"m1\"}]}]}", "listed twice"},
+       "\"members\":[{\"model\":\"m1\"},{\"external\":\"m1\"}]}]}",
+       "listed twice"},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":[{\"name\":\"a\","
-       "\"members\":[{\"model\":\"ens\"}]}]}", "its own member"},
+       "\"members\":[{\"model\":\"ens\"}]}]}",
+       "its own member"},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"threshold\":2,\"families\":[]}",
        "'threshold'"},
       {"{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":[{\"name\":\"a\","
-       "\"members\":[{\"modle\":\"m1\"}]}]}", "unknown key 'modle'"},
+       "\"members\":[{\"modle\":\"m1\"}]}]}",
+       "unknown key 'modle'"},
   };
   for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
     void *state = NULL;
@@ -259,20 +271,24 @@ static void run_hosted(const char *cfg, int want_rc, const char *want_msg) {
 static void test_infer_hosted(void **st) {
   (void)st;
   run_hosted(BIN3, 0, NULL);
-  run_hosted("{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":["
-             "{\"name\":\"a\",\"members\":[{\"model\":\"m1\"},{\"model\":\"down\"}]}]}",
-             -TS_EUNAVAIL, "member 'down' is unavailable");
+  run_hosted(
+      "{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":["
+      "{\"name\":\"a\",\"members\":[{\"model\":\"m1\"},{\"model\":\"down\"}]}]}",
+      -TS_EUNAVAIL, "member 'down' is unavailable");
   /* a member missing from the repository leaves the ensemble unavailable, not unknown */
-  run_hosted("{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":["
-             "{\"name\":\"a\",\"members\":[{\"model\":\"gone\"}]}]}",
-             -TS_EUNAVAIL, "member 'gone' is unavailable: unknown model 'gone'");
-  run_hosted("{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":["
-             "{\"name\":\"a\",\"members\":[{\"model\":\"m1\"},{\"external\":\"x\"}]}]}",
-             -TS_EINVAL, "member 'x' is external");
+  run_hosted(
+      "{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":["
+      "{\"name\":\"a\",\"members\":[{\"model\":\"gone\"}]}]}",
+      -TS_EUNAVAIL, "member 'gone' is unavailable: unknown model 'gone'");
+  run_hosted(
+      "{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"families\":["
+      "{\"name\":\"a\",\"members\":[{\"model\":\"m1\"},{\"external\":\"x\"}]}]}",
+      -TS_EINVAL, "member 'x' is external");
   /* the fake members output [B, 1]: a 3-class ensemble refuses that shape */
-  run_hosted("{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"classes\":3,\"families\":["
-             "{\"name\":\"a\",\"members\":[{\"model\":\"m1\"}]}]}",
-             -TS_EINVAL, "member 'm1': output 'output' has shape [4, 1]");
+  run_hosted(
+      "{\"kind\":\"ensemble\",\"member_output\":\"logit\",\"classes\":3,\"families\":["
+      "{\"name\":\"a\",\"members\":[{\"model\":\"m1\"}]}]}",
+      -TS_EINVAL, "member 'm1': output 'output' has shape [4, 1]");
 }
 
 /* One fit: returns its status; *c keeps the outputs for the caller to check. */
@@ -320,8 +336,7 @@ static void test_fit(void **st) {
   assert_true(json_real_value(json_object_get(json_object_get(m, "after"), "log_loss")) <
               json_real_value(json_object_get(json_object_get(m, "before"), "log_loss")));
   assert_non_null(json_object_get(json_object_get(m, "families"), "a"));
-  const char *sha =
-      json_string_value(json_object_get(c.new_version_info, "sha256_training_data"));
+  const char *sha = json_string_value(json_object_get(c.new_version_info, "sha256_training_data"));
   assert_non_null(sha);
   assert_int_equal(strlen(sha), 64);
   assert_int_equal(json_integer_value(json_object_get(c.new_version_info, "rows")), 64);
@@ -412,10 +427,8 @@ static void test_alloc_failures(void **st) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_config_errors),
-      cmocka_unit_test(test_infer_member_outputs),
-      cmocka_unit_test(test_infer_hosted),
-      cmocka_unit_test(test_fit),
+      cmocka_unit_test(test_config_errors),  cmocka_unit_test(test_infer_member_outputs),
+      cmocka_unit_test(test_infer_hosted),   cmocka_unit_test(test_fit),
       cmocka_unit_test(test_alloc_failures),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

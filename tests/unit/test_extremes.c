@@ -72,9 +72,12 @@ static json_t *cfg(const char *text) {
 
 static void test_max_batch(void **state) {
   (void)state;
-  const char *bad[] = {"{\"max_batch\": 1e300}", "{\"max_batch\": -1}",
-                       "{\"max_batch\": \"x\"}", "{\"max_batch\": 2147483649}",
-                       "{\"max_batch\": 9223372036854775807}", "{\"max_batch\": 1.5}"};
+  const char *bad[] = {"{\"max_batch\": 1e300}",
+                       "{\"max_batch\": -1}",
+                       "{\"max_batch\": \"x\"}",
+                       "{\"max_batch\": 2147483649}",
+                       "{\"max_batch\": 9223372036854775807}",
+                       "{\"max_batch\": 1.5}"};
   for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
     json_t *j = cfg(bad[i]);
     ts_err err = {0};
@@ -83,8 +86,8 @@ static void test_max_batch(void **state) {
     assert_int_equal(md_config_check_common(j, &err), -TS_EINVAL);
     json_decref(j);
   }
-  const char *good[] = {"{\"max_batch\": 0}", "{\"max_batch\": 16}",
-                        "{\"max_batch\": 2147483648}", "{}"};
+  const char *good[] = {"{\"max_batch\": 0}", "{\"max_batch\": 16}", "{\"max_batch\": 2147483648}",
+                        "{}"};
   for (size_t i = 0; i < sizeof good / sizeof *good; i++) {
     json_t *j = cfg(good[i]);
     ts_err err = {0};
@@ -149,8 +152,11 @@ static void test_attention_query_offset(void **state) {
     assert_non_null(strstr(err.msg, "query_offset"));
   }
   /* the last positions that fit: 6 and 7 of max_sequence_length 8 */
-  assert_int_equal(att_infer(st, "{\"causal\": false, \"query_offset\": 6, \"attention\": "
-                                 "\"lssar\"}", &err), 0);
+  assert_int_equal(att_infer(st,
+                             "{\"causal\": false, \"query_offset\": 6, \"attention\": "
+                             "\"lssar\"}",
+                             &err),
+                   0);
   assert_int_equal(att_infer(st, NULL, &err), 0);
   k->free(st);
   json_decref(c);

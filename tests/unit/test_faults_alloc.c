@@ -103,7 +103,8 @@ static const char request[] =
     "  {\"name\": \"text\", \"shape\": [2], \"datatype\": \"BYTES\", \"data\": [\"ab\", \"c\"]},"
     "  {\"name\": \"bin\", \"shape\": [2], \"datatype\": \"INT32\","
     "   \"parameters\": {\"binary_data_size\": 8}}],"
-    " \"outputs\": [{\"name\": \"features\"}, {\"name\": \"bin\", \"parameters\": {\"binary_data\": true}}]}";
+    " \"outputs\": [{\"name\": \"features\"}, {\"name\": \"bin\", \"parameters\": "
+    "{\"binary_data\": true}}]}";
 
 static int op_decode_encode(ts_err *err) {
   char body[sizeof request + 8];
@@ -111,7 +112,8 @@ static int op_decode_encode(ts_err *err) {
   int32_t bin[2] = {7, -7};
   memcpy(body + sizeof request - 1, bin, 8);
   oip_request req;
-  int rc = oip_decode_capped(body, sizeof request - 1 + 8, sizeof request - 1, 1000, 1 << 20, &req, err);
+  int rc =
+      oip_decode_capped(body, sizeof request - 1 + 8, sizeof request - 1, 1000, 1 << 20, &req, err);
   if (!rc) {
     assert_int_equal(req.inputs.n, 3);
     sbuf b;
@@ -173,11 +175,12 @@ static int op_mlp(ts_err *err) {
   int rc = st_open(&f, weights_path, err);
   if (!rc && !(config = json_loads(config_json, 0, NULL)))
     rc = ts_errf(err, TS_ENOMEM, "out of memory parsing the config");
-  md_load_ctx ctx = {.model_name = "m", .version = 1, .version_dir = dir, .config = config,
-                     .weights = f};
+  md_load_ctx ctx = {
+      .model_name = "m", .version = 1, .version_dir = dir, .config = config, .weights = f};
   if (!rc) rc = k->load(&ctx, &state, err);
-  static const char body[] = "{\"inputs\": [{\"name\": \"features\", \"shape\": [3, 4],"
-                             " \"datatype\": \"FP64\", \"data\": [1,2,3,4,5,6,7,8,9,10,11,12]}]}";
+  static const char body[] =
+      "{\"inputs\": [{\"name\": \"features\", \"shape\": [3, 4],"
+      " \"datatype\": \"FP64\", \"data\": [1,2,3,4,5,6,7,8,9,10,11,12]}]}";
   if (!rc) rc = oip_decode(body, sizeof body - 1, 0, 0, &req, err);
   if (!rc) {
     call.inputs = &req.inputs;
@@ -222,8 +225,10 @@ static int op_repo(ts_err *err) {
     assert_string_equal(repo_ver_kind(v)->name, "mlp");
     repo_release(v);
     json_t *ix = repo_index(r);
-    if (!ix) rc = ts_errf(err, TS_ENOMEM, "out of memory building the index");
-    else json_decref(ix);
+    if (!ix)
+      rc = ts_errf(err, TS_ENOMEM, "out of memory building the index");
+    else
+      json_decref(ix);
   } else {
     /* a load that failed for want of memory leaves the model unavailable */
     assert_true(rc == -TS_EUNAVAIL || rc == -TS_ENOTFOUND);

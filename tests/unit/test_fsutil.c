@@ -45,7 +45,9 @@ static const char *at(const char *rel) {
   return b;
 }
 
-static void mkdir_ok(const char *rel) { assert_int_equal(mkdir(at(rel), 0755), 0); }
+static void mkdir_ok(const char *rel) {
+  assert_int_equal(mkdir(at(rel), 0755), 0);
+}
 
 static void put(const char *rel, const char *text) {
   assert_int_equal(fs_write_file_sync(at(rel), text, strlen(text), NULL), 0);
@@ -59,12 +61,12 @@ static int exists(const char *p) {
 static void test_list_versions(void **state) {
   (void)state;
   mkdir_ok("m");
-  const char *dirs[] = {"m/1", "m/10", "m/2", "m/01", "m/0", "m/abc", "m/.tmp-x", "m/3a",
-                        "m/+4", "m/9007199254740991"};
+  const char *dirs[] = {"m/1",   "m/10",     "m/2",  "m/01", "m/0",
+                        "m/abc", "m/.tmp-x", "m/3a", "m/+4", "m/9007199254740991"};
   for (size_t i = 0; i < sizeof dirs / sizeof *dirs; i++) mkdir_ok(dirs[i]);
   put("m/5", "a file, not a version");
   put("m/config.json", "{}");
-  assert_int_equal(symlink("2", at("m/7")), 0);      /* a link to a version dir counts */
+  assert_int_equal(symlink("2", at("m/7")), 0);           /* a link to a version dir counts */
   assert_int_equal(symlink("config.json", at("m/8")), 0); /* a link to a file does not */
   int64_t *v;
   int n;
@@ -319,8 +321,7 @@ static void test_read_file(void **state) {
 static const char *H_EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 static const char *H_ABC = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
 static const char *H_448 = "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1";
-static const char *H_MILLION_A =
-    "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0";
+static const char *H_MILLION_A = "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0";
 
 static void test_sha256_vectors(void **state) {
   (void)state;
@@ -462,11 +463,11 @@ static void test_name_valid(void **st) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_name_valid), cmocka_unit_test(test_list_versions), cmocka_unit_test(test_rmtree),
-      cmocka_unit_test(test_rmtree_unremovable), cmocka_unit_test(test_publish_version),
-      cmocka_unit_test(test_clean_tmp),     cmocka_unit_test(test_read_file),
-      cmocka_unit_test(test_sha256_vectors), cmocka_unit_test(test_sha256_file),
-      cmocka_unit_test(test_open_regular),
+      cmocka_unit_test(test_name_valid),      cmocka_unit_test(test_list_versions),
+      cmocka_unit_test(test_rmtree),          cmocka_unit_test(test_rmtree_unremovable),
+      cmocka_unit_test(test_publish_version), cmocka_unit_test(test_clean_tmp),
+      cmocka_unit_test(test_read_file),       cmocka_unit_test(test_sha256_vectors),
+      cmocka_unit_test(test_sha256_file),     cmocka_unit_test(test_open_regular),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -87,8 +87,9 @@ static void test_structure(void **state) {
   json_t *j = json_pack("{s:f, s:[f, i, b, n], s:s, s:{}}", "zeta", 0.845, "alpha", 2.5, 7, 1,
                         "q\"uote\n", "tab\t\\", "empty");
   char *t = jtext_dumps(j, JT_COMPACT | JT_SORT_KEYS, NULL);
-  assert_string_equal(t, "{\"alpha\":[2.5,7,true,null],\"empty\":{},"
-                         "\"q\\\"uote\\n\":\"tab\\u0009\\\\\",\"zeta\":0.845}");
+  assert_string_equal(t,
+                      "{\"alpha\":[2.5,7,true,null],\"empty\":{},"
+                      "\"q\\\"uote\\n\":\"tab\\u0009\\\\\",\"zeta\":0.845}");
   json_error_t e;
   json_t *back = json_loads(t, 0, &e);
   assert_non_null(back);

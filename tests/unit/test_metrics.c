@@ -17,8 +17,8 @@
 #define NEAR(a, b, tol) assert_true(fabs((a) - (b)) <= (tol))
 
 /* Independent AUC: count every positive/negative pair. */
-static double brute_auc(int64_t N, const double *s, int stride, int col,
-                        const int32_t *lab, int32_t cls) {
+static double brute_auc(int64_t N, const double *s, int stride, int col, const int32_t *lab,
+                        int32_t cls) {
   double wins = 0, pairs = 0;
   for (int64_t i = 0; i < N; i++) {
     if (lab[i] != cls) continue;

@@ -31,12 +31,13 @@ static void expect_fail(const char *body, int status, const char *needle) {
 static void test_every_datatype(void **s) {
   (void)s;
   static const char *dts[] = {"UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16",
-                              "INT32", "INT64", "FP16",   "BF16",   "FP32",  "FP64"};
+                              "INT32", "INT64",  "FP16",   "BF16",   "FP32", "FP64"};
   for (size_t i = 0; i < sizeof dts / sizeof *dts; i++) {
     char body[256];
     snprintf(body, sizeof body,
              "{\"inputs\":[{\"name\":\"x\",\"shape\":[2,2],\"datatype\":\"%s\","
-             "\"data\":[[1,2],[3,100]]}]}", dts[i]);
+             "\"data\":[[1,2],[3,100]]}]}",
+             dts[i]);
     oip_request req;
     ts_err err = {0};
     assert_int_equal(decode(body, &req, &err), 0);
@@ -53,11 +54,15 @@ static void test_every_datatype(void **s) {
   oip_request req;
   ts_err err = {0};
   assert_int_equal(decode("{\"inputs\":[{\"name\":\"b\",\"shape\":[3],\"datatype\":\"BOOL\","
-                          "\"data\":[true,false,1]}]}", &req, &err), 0);
+                          "\"data\":[true,false,1]}]}",
+                          &req, &err),
+                   0);
   assert_memory_equal(req.inputs.items[0].data, "\1\0\1", 3);
   oip_request_free(&req);
   assert_int_equal(decode("{\"inputs\":[{\"name\":\"s\",\"shape\":[2],\"datatype\":\"BYTES\","
-                          "\"data\":[\"ab\",\"\"]}]}", &req, &err), 0);
+                          "\"data\":[\"ab\",\"\"]}]}",
+                          &req, &err),
+                   0);
   assert_int_equal(req.inputs.items[0].nbytes, 4 + 2 + 4);
   float *f;
   assert_int_equal(ts_to_f32(&req.inputs.items[0], 0, &f, &err), -TS_EINVAL);
@@ -70,9 +75,13 @@ static void test_flat_and_nested_agree(void **s) {
   oip_request a, b;
   ts_err err = {0};
   assert_int_equal(decode("{\"inputs\":[{\"name\":\"x\",\"shape\":[2,3],\"datatype\":\"FP32\","
-                          "\"data\":[1,2,3,4,5,6]}]}", &a, &err), 0);
+                          "\"data\":[1,2,3,4,5,6]}]}",
+                          &a, &err),
+                   0);
   assert_int_equal(decode("{\"inputs\":[{\"name\":\"x\",\"shape\":[2,3],\"datatype\":\"FP32\","
-                          "\"data\":[[1,2,3],[4,5,6]]}]}", &b, &err), 0);
+                          "\"data\":[[1,2,3],[4,5,6]]}]}",
+                          &b, &err),
+                   0);
   assert_memory_equal(a.inputs.items[0].data, b.inputs.items[0].data, 24);
   assert_int_equal(((float *)a.inputs.items[0].data)[5], 6);
   oip_request_free(&a);
@@ -81,39 +90,49 @@ static void test_flat_and_nested_agree(void **s) {
 
 static void test_limits_and_values(void **s) {
   (void)s;
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[2],\"datatype\":\"INT8\",\"data\":[1,200]}]}",
-              TS_EINVAL, "out of range");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[2],\"datatype\":\"INT8\",\"data\":[1,200]}]}",
+      TS_EINVAL, "out of range");
   expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"INT32\",\"data\":[1.5]}]}",
               TS_EINVAL, "not an integer");
   expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"UINT32\",\"data\":[-1]}]}",
               TS_EINVAL, "out of range");
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP16\",\"data\":[70000]}]}",
-              TS_EINVAL, "overflows FP16");
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[\"a\"]}]}",
-              TS_EINVAL, "not a number");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP16\",\"data\":[70000]}]}",
+      TS_EINVAL, "overflows FP16");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[\"a\"]}]}",
+      TS_EINVAL, "not a number");
   expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"BOOL\",\"data\":[2]}]}",
               TS_EINVAL, "BOOL");
 }
 
 static void test_shape_mismatches(void **s) {
   (void)s;
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[2,2],\"datatype\":\"FP32\",\"data\":[1,2,3]}]}",
-              TS_EINVAL, "has 3 elements");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[2,2],\"datatype\":\"FP32\",\"data\":[1,2,3]}]}",
+      TS_EINVAL, "has 3 elements");
   expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1,2]}]}",
               TS_EINVAL, "more elements");
   expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[-2],\"datatype\":\"FP32\",\"data\":[]}]}",
               TS_EINVAL, "non-negative");
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[4294967296,4294967296,4294967296],"
-              "\"datatype\":\"FP32\",\"data\":[]}]}", TS_EINVAL, "overflow");
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1,1,1,1,1,1,1,1,1],\"datatype\":\"FP32\","
-              "\"data\":[1]}]}", TS_EINVAL, "rank");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[4294967296,4294967296,4294967296],"
+      "\"datatype\":\"FP32\",\"data\":[]}]}",
+      TS_EINVAL, "overflow");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[1,1,1,1,1,1,1,1,1],\"datatype\":\"FP32\","
+      "\"data\":[1]}]}",
+      TS_EINVAL, "rank");
   expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":2,\"datatype\":\"FP32\",\"data\":[1]}]}",
               TS_EINVAL, "shape");
   /* zero-sized tensors are legal */
   oip_request r;
   ts_err err = {0};
   assert_int_equal(decode("{\"inputs\":[{\"name\":\"x\",\"shape\":[0,3],\"datatype\":\"FP32\","
-                          "\"data\":[]}]}", &r, &err), 0);
+                          "\"data\":[]}]}",
+                          &r, &err),
+                   0);
   oip_request_free(&r);
 }
 
@@ -125,24 +144,28 @@ static void test_structure_errors(void **s) {
   expect_fail("{\"inputs\":{}}", TS_EINVAL, "'inputs' must be an array");
   expect_fail("{\"inputs\":[],\"inputs\":[]}", TS_EINVAL, "duplicate");
   expect_fail("{\"id\":5,\"inputs\":[]}", TS_EINVAL, "'id'");
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1]},"
-              "{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1]}]}",
-              TS_EINVAL, "twice");
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":"
-              "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]}",
-              TS_EINVAL, "nested");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1]},"
+      "{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1]}]}",
+      TS_EINVAL, "twice");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":"
+      "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}]}",
+      TS_EINVAL, "nested");
   expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\"}]}", TS_EINVAL,
               "no 'data'");
-  expect_fail("{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1e999]}]}",
-              TS_EINVAL, "malformed JSON");
+  expect_fail(
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[1],\"datatype\":\"FP32\",\"data\":[1e999]}]}",
+      TS_EINVAL, "malformed JSON");
 }
 
 static void test_binary_part(void **s) {
   (void)s;
-  const char *js = "{\"inputs\":[{\"name\":\"x\",\"shape\":[2],\"datatype\":\"FP32\","
-                   "\"parameters\":{\"binary_data_size\":8}},"
-                   "{\"name\":\"y\",\"shape\":[1],\"datatype\":\"INT64\","
-                   "\"parameters\":{\"binary_data_size\":8}}]}";
+  const char *js =
+      "{\"inputs\":[{\"name\":\"x\",\"shape\":[2],\"datatype\":\"FP32\","
+      "\"parameters\":{\"binary_data_size\":8}},"
+      "{\"name\":\"y\",\"shape\":[1],\"datatype\":\"INT64\","
+      "\"parameters\":{\"binary_data_size\":8}}]}";
   char body[512];
   size_t n = strlen(js);
   memcpy(body, js, n);
@@ -183,15 +206,16 @@ static void test_encode(void **s) {
   assert_int_equal(ts_alloc(t, "n", TS_INT64, 1, &one, &err), 0);
   ((int64_t *)t->data)[0] = -7;
   oip_request req;
-  assert_int_equal(decode("{\"id\":\"q\\\"1\",\"inputs\":[],\"outputs\":[{\"name\":\"n\"}]}", &req,
-                          &err), 0);
+  assert_int_equal(
+      decode("{\"id\":\"q\\\"1\",\"inputs\":[],\"outputs\":[{\"name\":\"n\"}]}", &req, &err), 0);
   sbuf b;
   sbuf_init(&b);
   size_t jl;
   assert_int_equal(oip_encode("m", 3, &req, &outs, NULL, &b, &jl, &err), 0);
-  assert_string_equal(b.data, "{\"model_name\":\"m\",\"model_version\":\"3\",\"id\":\"q\\\"1\","
-                              "\"outputs\":[{\"name\":\"n\",\"datatype\":\"INT64\",\"shape\":[1],"
-                              "\"data\":[-7]}]}");
+  assert_string_equal(b.data,
+                      "{\"model_name\":\"m\",\"model_version\":\"3\",\"id\":\"q\\\"1\","
+                      "\"outputs\":[{\"name\":\"n\",\"datatype\":\"INT64\",\"shape\":[1],"
+                      "\"data\":[-7]}]}");
   assert_int_equal(jl, 0);
   sbuf_free(&b);
   oip_request_free(&req);
@@ -226,16 +250,28 @@ static void test_float_text_round_trips(void **s) {
     sbuf_init(&b);
     sbuf_f32(&b, v);
     float back = strtof(b.data, NULL);
-    if (back != v) fail_msg("%.9g printed as %s reads back as %.9g", (double)v, b.data, (double)back);
+    if (back != v)
+      fail_msg("%.9g printed as %s reads back as %.9g", (double)v, b.data, (double)back);
     char ref[40];
     snprintf(ref, sizeof ref, "%.9g", (double)v);
     assert_true(b.len <= strlen(ref) + 1);
     sbuf_free(&b);
   }
-  const struct { float v; const char *s; } hand[] = {
-      {0.1f, "0.1"}, {-2.5f, "-2.5"}, {3e-8f, "3e-08"}, {1.0f, "1"}, {100.0f, "100"},
-      {123456.0f, "123456"}, {1e9f, "1e+09"}, {0.0001f, "0.0001"}, {1e-5f, "1e-05"},
-      {16777216.0f, "16777216"}, {0.33333334f, "0.33333334"}, {-0.0f, "-0"}};
+  const struct {
+    float v;
+    const char *s;
+  } hand[] = {{0.1f, "0.1"},
+              {-2.5f, "-2.5"},
+              {3e-8f, "3e-08"},
+              {1.0f, "1"},
+              {100.0f, "100"},
+              {123456.0f, "123456"},
+              {1e9f, "1e+09"},
+              {0.0001f, "0.0001"},
+              {1e-5f, "1e-05"},
+              {16777216.0f, "16777216"},
+              {0.33333334f, "0.33333334"},
+              {-0.0f, "-0"}};
   for (size_t i = 0; i < sizeof hand / sizeof *hand; i++) {
     sbuf b;
     sbuf_init(&b);
@@ -297,8 +333,9 @@ static void test_many_inputs(void **s) {
   free(b);
 }
 
-static const char *X23 = "\"inputs\":[{\"name\":\"x\",\"shape\":[2,3],\"datatype\":\"FP32\","
-                         "\"data\":[1,2,3,4,5,6]}]";
+static const char *X23 =
+    "\"inputs\":[{\"name\":\"x\",\"shape\":[2,3],\"datatype\":\"FP32\","
+    "\"data\":[1,2,3,4,5,6]}]";
 
 static void expect_fail_lim(const char *body, const oip_limits *lim, int status,
                             const char *needle) {
@@ -315,8 +352,8 @@ static void expect_fail_lim(const char *body, const oip_limits *lim, int status,
 static void test_outputs_bounded(void **s) {
   (void)s;
   char body[512];
-  snprintf(body, sizeof body, "{%s,\"outputs\":[{\"name\":\"y\"},{\"name\":\"z\"},{\"name\":\"y\"}]}",
-           X23);
+  snprintf(body, sizeof body,
+           "{%s,\"outputs\":[{\"name\":\"y\"},{\"name\":\"z\"},{\"name\":\"y\"}]}", X23);
   expect_fail(body, TS_EINVAL, "output 'y' is requested twice");
   oip_limits lim = {.max_outputs = 2};
   expect_fail_lim(body, &lim, TS_ETOOBIG, "--max-outputs");
@@ -352,7 +389,8 @@ static void test_parse_memory(void **s) {
   (void)s;
   int n = 100000;
   char *b = malloc((size_t)n * 2 + 200);
-  int o = sprintf(b, "{\"inputs\":[{\"name\":\"x\",\"shape\":[%d],\"datatype\":\"FP32\",\"data\":[", n);
+  int o =
+      sprintf(b, "{\"inputs\":[{\"name\":\"x\",\"shape\":[%d],\"datatype\":\"FP32\",\"data\":[", n);
   for (int i = 0; i < n; i++) o += sprintf(b + o, "%s0", i ? "," : "");
   sprintf(b + o, "]}]}");
   oip_limits lim = {.max_json_bytes = 1 << 20};
@@ -407,13 +445,16 @@ static void test_strict_fields(void **s) {
              bad[i].params ? "\"parameters\":" : "", bad[i].params ? bad[i].params : "",
              bad[i].params ? "," : "", bad[i].in_params ? "\"parameters\":" : "",
              bad[i].in_params ? bad[i].in_params : "", bad[i].in_params ? "," : "",
-             bad[i].out_params ? ",\"parameters\":" : "", bad[i].out_params ? bad[i].out_params : "");
+             bad[i].out_params ? ",\"parameters\":" : "",
+             bad[i].out_params ? bad[i].out_params : "");
     expect_fail(body, TS_EINVAL, bad[i].needle);
   }
   /* Triton's timeout is microseconds from arrival; the protocol's names pass */
-  snprintf(body, sizeof body, "{\"parameters\":{\"timeout\":250000000,\"sequence_id\":\"s1\","
+  snprintf(body, sizeof body,
+           "{\"parameters\":{\"timeout\":250000000,\"sequence_id\":\"s1\","
            "\"sequence_start\":true,\"sequence_end\":false,\"priority\":1,\"headers\":{},"
-           "\"binary_data_output\":true},%s}", X23);
+           "\"binary_data_output\":true},%s}",
+           X23);
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
   double now = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
@@ -449,18 +490,23 @@ static void test_classification(void **s) {
   memset(t->data, 1, 2);
   oip_request req;
   assert_int_equal(decode("{\"inputs\":[],\"outputs\":[{\"name\":\"probs\",\"parameters\":"
-                          "{\"classification\":2}}]}", &req, &err), 0);
+                          "{\"classification\":2}}]}",
+                          &req, &err),
+                   0);
   sbuf b;
   sbuf_init(&b);
   size_t jl;
   assert_int_equal(oip_encode("m", 1, &req, &outs, NULL, &b, &jl, &err), 0);
-  assert_non_null(strstr(b.data, "\"datatype\":\"BYTES\",\"shape\":[2,2],\"data\":"
-                                  "[\"3.300000:1\",\"2.400000:3\",\"8.000000:3\",\"7.000000:0\"]"));
+  assert_non_null(strstr(b.data,
+                         "\"datatype\":\"BYTES\",\"shape\":[2,2],\"data\":"
+                         "[\"3.300000:1\",\"2.400000:3\",\"8.000000:3\",\"7.000000:0\"]"));
   sbuf_free(&b);
   oip_request_free(&req);
   /* k above the class count: every class; binary: length-prefixed strings */
   assert_int_equal(decode("{\"inputs\":[],\"outputs\":[{\"name\":\"probs\",\"parameters\":"
-                          "{\"class_count\":9,\"binary_data\":true}}]}", &req, &err), 0);
+                          "{\"class_count\":9,\"binary_data\":true}}]}",
+                          &req, &err),
+                   0);
   sbuf_init(&b);
   assert_int_equal(oip_encode("m", 1, &req, &outs, NULL, &b, &jl, &err), 0);
   assert_non_null(strstr(b.data, "\"shape\":[2,4]"));
@@ -472,7 +518,9 @@ static void test_classification(void **s) {
   sbuf_free(&b);
   oip_request_free(&req);
   assert_int_equal(decode("{\"inputs\":[],\"outputs\":[{\"name\":\"flags\",\"parameters\":"
-                          "{\"classification\":1}}]}", &req, &err), 0);
+                          "{\"classification\":1}}]}",
+                          &req, &err),
+                   0);
   sbuf_init(&b);
   assert_int_equal(oip_encode("m", 1, &req, &outs, NULL, &b, &jl, &err), -TS_EINVAL);
   assert_non_null(strstr(err.msg, "cannot be classified"));
@@ -484,12 +532,18 @@ static void test_classification(void **s) {
 int main(void) {
   oip_json_alloc_init(); /* as tallyd does: the parse tree is counted */
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_every_datatype),  cmocka_unit_test(test_flat_and_nested_agree),
-      cmocka_unit_test(test_limits_and_values), cmocka_unit_test(test_shape_mismatches),
-      cmocka_unit_test(test_structure_errors), cmocka_unit_test(test_binary_part),
-      cmocka_unit_test(test_encode),      cmocka_unit_test(test_float_text_round_trips),
-      cmocka_unit_test(test_many_inputs), cmocka_unit_test(test_outputs_bounded),
-      cmocka_unit_test(test_parse_memory), cmocka_unit_test(test_strict_fields),
+      cmocka_unit_test(test_every_datatype),
+      cmocka_unit_test(test_flat_and_nested_agree),
+      cmocka_unit_test(test_limits_and_values),
+      cmocka_unit_test(test_shape_mismatches),
+      cmocka_unit_test(test_structure_errors),
+      cmocka_unit_test(test_binary_part),
+      cmocka_unit_test(test_encode),
+      cmocka_unit_test(test_float_text_round_trips),
+      cmocka_unit_test(test_many_inputs),
+      cmocka_unit_test(test_outputs_bounded),
+      cmocka_unit_test(test_parse_memory),
+      cmocka_unit_test(test_strict_fields),
       cmocka_unit_test(test_classification),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -33,8 +33,15 @@ static double nrand(void) {
 
 static qa_spec mkspec(qa_granularity g, qa_scope sc, int simplex, int M, int K, const double *lv,
                       int D, int H, int depth) {
-  qa_spec s = {.M = M, .K = K, .D = D, .levels = lv, .gran = g, .scope = sc, .simplex = simplex,
-               .hidden = H, .depth = depth};
+  qa_spec s = {.M = M,
+               .K = K,
+               .D = D,
+               .levels = lv,
+               .gran = g,
+               .scope = sc,
+               .simplex = simplex,
+               .hidden = H,
+               .depth = depth};
   return s;
 }
 
@@ -66,12 +73,17 @@ static void fine_logits(int simplex, float *L /* [6, 3] */) {
 static const double FINE_Q[2][3] = {{56.0 / 11.0, 32.0 / 9.0, 3.5}, {1.0, 4.5, 3.0}};
 
 static void hand_logits(qa_granularity g, int simplex, float *L) {
-  if (g == QA_COARSE) memcpy(L, COARSE_L[!simplex], 2 * sizeof(float));
-  else if (g == QA_MEDIUM) memcpy(L, MEDIUM_L[!simplex], 6 * sizeof(float));
-  else fine_logits(simplex, L);
+  if (g == QA_COARSE)
+    memcpy(L, COARSE_L[!simplex], 2 * sizeof(float));
+  else if (g == QA_MEDIUM)
+    memcpy(L, MEDIUM_L[!simplex], 6 * sizeof(float));
+  else
+    fine_logits(simplex, L);
 }
 static const double *hand_q(qa_granularity g, int simplex) {
-  return g == QA_COARSE ? COARSE_Q[!simplex] : g == QA_MEDIUM ? MEDIUM_Q[!simplex] : FINE_Q[!simplex];
+  return g == QA_COARSE   ? COARSE_Q[!simplex]
+         : g == QA_MEDIUM ? MEDIUM_Q[!simplex]
+                          : FINE_Q[!simplex];
 }
 
 static void test_forward_global_hand(void **st) {
@@ -227,9 +239,8 @@ static void test_forward_float_matches_double(void **st) {
         tl_free(Q3);
         for (int i = 0; i < B * K; i++) {
           if (fabs(Q[i] - Qd[i]) > 1e-4 * (1.0 + fabs(Qd[i])))
-            fail_msg("%s %s simplex=%d elem %d: float %.7g double %.7g",
-                     sc ? "local" : "global", qa_granularity_name((qa_granularity)g), simplex, i,
-                     Q[i], Qd[i]);
+            fail_msg("%s %s simplex=%d elem %d: float %.7g double %.7g", sc ? "local" : "global",
+                     qa_granularity_name((qa_granularity)g), simplex, i, Q[i], Qd[i]);
           assert_true(fabs(Q[i] - Q2[i]) <= 1e-5 * (1.0 + fabs(Q[i])));
         }
         tl_free(theta);
@@ -256,8 +267,8 @@ static void gradcheck_one(qa_scope sc, qa_granularity g, int simplex, double lam
   int64_t P = p.n;
   double *th = tl_malloc(sizeof(double) * P), *gr = tl_malloc(sizeof(double) * P);
   random_theta(&s, &p, th);
-  qa_loss_opts o = {.lambda = lambda, .margin = 0.05, .dropout = sc == QA_LOCAL ? 0.3 : 0.0,
-                    .dropout_seed = 99};
+  qa_loss_opts o = {
+      .lambda = lambda, .margin = 0.05, .dropout = sc == QA_LOCAL ? 0.3 : 0.0, .dropout_seed = 99};
   int64_t rows[N] = {6, 0, 3, 1, 5, 2, 4};
   double l0;
   ts_err err;
@@ -287,14 +298,16 @@ static void test_gradcheck_global(void **st) {
   (void)st;
   for (int g = 0; g < 3; g++)
     for (int simplex = 0; simplex < 2; simplex++)
-      for (int pen = 0; pen < 2; pen++) gradcheck_one(QA_GLOBAL, (qa_granularity)g, simplex, pen ? 0.7 : 0.0);
+      for (int pen = 0; pen < 2; pen++)
+        gradcheck_one(QA_GLOBAL, (qa_granularity)g, simplex, pen ? 0.7 : 0.0);
 }
 
 static void test_gradcheck_local(void **st) {
   (void)st;
   for (int g = 0; g < 3; g++)
     for (int simplex = 0; simplex < 2; simplex++)
-      for (int pen = 0; pen < 2; pen++) gradcheck_one(QA_LOCAL, (qa_granularity)g, simplex, pen ? 0.7 : 0.0);
+      for (int pen = 0; pen < 2; pen++)
+        gradcheck_one(QA_LOCAL, (qa_granularity)g, simplex, pen ? 0.7 : 0.0);
 }
 
 /* The penalty term alone, by hand: K = 3, q = (2.5, 4.25, 6) for y = 4.25
@@ -363,8 +376,8 @@ static void grad32_one(qa_scope sc, qa_granularity g, int simplex, double lambda
   double *th = tl_malloc(sizeof(double) * P), *gd = tl_malloc(sizeof(double) * P),
          *gf = tl_malloc(sizeof(double) * P), *gp = tl_malloc(sizeof(double) * P);
   random_theta(&s, &p, th);
-  qa_loss_opts o = {.lambda = lambda, .margin = 0.05, .dropout = sc == QA_LOCAL ? 0.25 : 0.0,
-                    .dropout_seed = 17};
+  qa_loss_opts o = {
+      .lambda = lambda, .margin = 0.05, .dropout = sc == QA_LOCAL ? 0.25 : 0.0, .dropout_seed = 17};
   double ld, pd, lf, pf, lp, pp;
   ts_err err;
   assert_int_equal(qa_loss_grad(NULL, &s, th, N, rows, Z, X, y, &o, &ld, &pd, gd, &err), 0);
@@ -458,7 +471,8 @@ static void test_pav_brute_force(void **st) {
     qa_isotonic(n, v);
     for (int i = 0; i < n; i++) {
       double want = brute_isotonic_at(y, n, i);
-      if (fabs(v[i] - want) > 1e-12) fail_msg("trial %d n %d i %d: %.15g vs %.15g", trial, n, i, v[i], want);
+      if (fabs(v[i] - want) > 1e-12)
+        fail_msg("trial %d n %d i %d: %.15g vs %.15g", trial, n, i, v[i], want);
       if (i) assert_true(v[i] >= v[i - 1]);
     }
   }

@@ -107,7 +107,8 @@ static void test_heteroscedastic_beats_best_base(void **st) {
   o.validation_fraction = 0.2;
   o.patience = 8;
   o.seed = 3;
-  qa_spec med = {.M = M, .K = K, .D = 1, .levels = LV, .gran = QA_MEDIUM, .scope = QA_GLOBAL, .simplex = 1};
+  qa_spec med = {
+      .M = M, .K = K, .D = 1, .levels = LV, .gran = QA_MEDIUM, .scope = QA_GLOBAL, .simplex = 1};
   double w_med_init;
   double w_med = fit_and_score(pool, &med, &o, NTR, Z, X, y, NTE, Zt, Xt, yt, &w_med_init);
   qa_spec loc = med;
@@ -118,13 +119,14 @@ static void test_heteroscedastic_beats_best_base(void **st) {
   o.epochs = 60;
   o.patience = 10;
   double w_loc = fit_and_score(pool, &loc, &o, NTR, Z, X, y, NTE, Zt, Xt, yt, NULL);
-  print_message("held-out WIS: best base %.4f, medium-global %.4f (uniform start %.4f), "
-                "medium-local %.4f, true quantiles %.4f\n",
-                best_base, w_med, w_med_init, w_loc, truth);
+  print_message(
+      "held-out WIS: best base %.4f, medium-global %.4f (uniform start %.4f), "
+      "medium-local %.4f, true quantiles %.4f\n",
+      best_base, w_med, w_med_init, w_loc, truth);
   assert_true(w_med < best_base);
   assert_true(w_med < w_med_init); /* the fit itself helped */
   assert_true(w_loc < best_base);
-  assert_true(w_loc < w_med);     /* the local weights use the region */
+  assert_true(w_loc < w_med); /* the local weights use the region */
   assert_true(w_loc < truth * 1.05);
   pool_destroy(pool);
   tl_free(Z), tl_free(X), tl_free(y), tl_free(Zt), tl_free(Xt), tl_free(yt), tl_free(Qb);
@@ -139,7 +141,8 @@ static void test_early_stopping_keeps_best(void **st) {
   make_data(N, Z, X, y);
   /* noisy targets and a large rate make the validation curve turn up */
   for (int i = 0; i < N; i++) y[i] += (float)(2.0 * nrand());
-  qa_spec s = {.M = M, .K = K, .D = 1, .levels = LV, .gran = QA_FINE, .scope = QA_GLOBAL, .simplex = 0};
+  qa_spec s = {
+      .M = M, .K = K, .D = 1, .levels = LV, .gran = QA_FINE, .scope = QA_GLOBAL, .simplex = 0};
   qa_fit_opts o;
   qa_fit_opts_default(&o);
   o.epochs = 300;
@@ -173,12 +176,13 @@ static void test_early_stopping_keeps_best(void **st) {
     double *th = tl_malloc(sizeof(double) * (size_t)a.n), v, t;
     qa_params_to_f64(&a, th);
     qa_loss_opts lo0 = {0};
-    assert_int_equal(qa_loss_grad(NULL, &s, th, ra.n_val, ra.rows + ra.n_train, Z, X, y, &lo0,
-                                  NULL, &v, NULL, &err), 0);
+    assert_int_equal(qa_loss_grad(NULL, &s, th, ra.n_val, ra.rows + ra.n_train, Z, X, y, &lo0, NULL,
+                                  &v, NULL, &err),
+                     0);
     assert_true(fabs(v - ra.best_val_loss) <= 1e-5 * ra.best_val_loss);
     /* and the training part is not: its loss differs */
-    assert_int_equal(qa_loss_grad(NULL, &s, th, ra.n_train, ra.rows, Z, X, y, &lo0, NULL, &t,
-                                  NULL, &err), 0);
+    assert_int_equal(
+        qa_loss_grad(NULL, &s, th, ra.n_train, ra.rows, Z, X, y, &lo0, NULL, &t, NULL, &err), 0);
     assert_true(fabs(t - ra.best_val_loss) > 1e-3 * ra.best_val_loss);
     tl_free(th);
   }
@@ -244,8 +248,15 @@ static void test_fit_errors_and_alloc_failures(void **st) {
   enum { N = 50 };
   float Z[N * M * K], X[N], y[N];
   make_data(N, Z, X, y);
-  qa_spec s = {.M = M, .K = K, .D = 1, .levels = LV, .gran = QA_MEDIUM, .scope = QA_LOCAL,
-               .simplex = 1, .hidden = 4, .depth = 2};
+  qa_spec s = {.M = M,
+               .K = K,
+               .D = 1,
+               .levels = LV,
+               .gran = QA_MEDIUM,
+               .scope = QA_LOCAL,
+               .simplex = 1,
+               .hidden = 4,
+               .depth = 2};
   qa_fit_opts o;
   qa_fit_opts_default(&o);
   o.epochs = 2;
@@ -291,8 +302,15 @@ static void test_diverged_fit_is_refused(void **st) {
   float *Z = tl_malloc(sizeof(float) * N * M * K), X[N], y[N];
   assert_non_null(Z);
   make_data(N, Z, X, y);
-  qa_spec s = {.M = M, .K = K, .D = 1, .levels = LV, .gran = QA_MEDIUM, .scope = QA_LOCAL,
-               .simplex = 1, .hidden = 8, .depth = 2};
+  qa_spec s = {.M = M,
+               .K = K,
+               .D = 1,
+               .levels = LV,
+               .gran = QA_MEDIUM,
+               .scope = QA_LOCAL,
+               .simplex = 1,
+               .hidden = 8,
+               .depth = 2};
   for (int val = 0; val < 2; val++) {
     qa_params p;
     assert_int_equal(qa_params_init(&p, &s, 3, NULL), 0);

@@ -101,7 +101,8 @@ static void test_wis_formulas_agree(void **st) {
     assert_int_equal(qa_central_intervals(K, lv, lo, hi, a, &n, &med, NULL), 0);
     assert_int_equal(n, h);
     double b = qa_wis_bracher(n, lo, hi, a, med, q, y), p = qa_wis_pinball(K, lv, q, y);
-    if (fabs(b - p) > 1e-9 * (1 + b)) fail_msg("trial %d: bracher %.15g pinball %.15g", trial, b, p);
+    if (fabs(b - p) > 1e-9 * (1 + b))
+      fail_msg("trial %d: bracher %.15g pinball %.15g", trial, b, p);
   }
 }
 

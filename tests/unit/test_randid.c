@@ -24,8 +24,9 @@ static void test_lengths_and_alphabets(void **s) {
     assert_int_equal(strspn(out, "0123456789abcdef"), 2 * n);
     assert_int_equal(rid_make(out, sizeof out, n, RID_B64URL, RID_POOLED, &err), 0);
     assert_int_equal(strlen(out), rid_len(n, RID_B64URL));
-    assert_int_equal(strspn(out, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"),
-                     strlen(out));
+    assert_int_equal(
+        strspn(out, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"),
+        strlen(out));
   }
   /* RFC 4648 without padding: 1 byte 2 characters, 2 bytes 3, 3 bytes 4, 32 bytes 43 */
   assert_int_equal(rid_len(1, RID_B64URL), 2);
@@ -50,12 +51,14 @@ static void test_refusals(void **s) {
 static char ids[3][PER][25];
 
 static void fill(void *arg) {
-  char (*mine)[25] = arg;
+  char(*mine)[25] = arg;
   for (int i = 0; i < PER; i++)
     if (rid_make(mine[i], sizeof mine[i], 12, RID_HEX, RID_POOLED, NULL)) mine[i][0] = 0;
 }
 
-static int cmp(const void *a, const void *b) { return strcmp(a, b); }
+static int cmp(const void *a, const void *b) {
+  return strcmp(a, b);
+}
 
 static void test_pooled_ids_never_repeat(void **s) {
   (void)s;

@@ -66,7 +66,9 @@ static int weights_mapped(void) {
   return found;
 }
 
-static void cleanup(void) { fs_rmtree(root, NULL); }
+static void cleanup(void) {
+  fs_rmtree(root, NULL);
+}
 
 /* Load, rescan twice with nothing changed, unload: the version is freed. */
 static void test_rescan_then_unload_frees(void **st) {

@@ -25,7 +25,13 @@ static int parse(const char *m, const char *p) {
 
 static void test_routes(void **s) {
   (void)s;
-  struct { const char *m, *p; int id; const char *model; int64_t v; const char *sess; } ok[] = {
+  struct {
+    const char *m, *p;
+    int id;
+    const char *model;
+    int64_t v;
+    const char *sess;
+  } ok[] = {
       {"GET", "/v2/health/live", R_LIVE, "", 0, ""},
       {"GET", "/v2/health/ready", R_READY, "", 0, ""},
       {"HEAD", "/v2/health/ready", R_READY, "", 0, ""},
@@ -86,11 +92,20 @@ static void test_routes(void **s) {
 
 static void test_not_found_and_methods(void **s) {
   (void)s;
-  const char *nf[] = {"/", "/v3", "/v2/health", "/v2/health/alive", "/v2/models",
-                      "/v2/models/m/infer/x", "/v2/models/m/versions/2/fit",
-                      "/v2/models/m/versions/2/sessions", "/v2/repository/models/m/reload",
-                      "/metrics/x", "/v2/systemsharedmemory", "/v2/systemsharedmemory/region/x",
-                      "/v2/logging/x", "/v2/models/m/trace"};
+  const char *nf[] = {"/",
+                      "/v3",
+                      "/v2/health",
+                      "/v2/health/alive",
+                      "/v2/models",
+                      "/v2/models/m/infer/x",
+                      "/v2/models/m/versions/2/fit",
+                      "/v2/models/m/versions/2/sessions",
+                      "/v2/repository/models/m/reload",
+                      "/metrics/x",
+                      "/v2/systemsharedmemory",
+                      "/v2/systemsharedmemory/region/x",
+                      "/v2/logging/x",
+                      "/v2/models/m/trace"};
   for (size_t i = 0; i < sizeof nf / sizeof *nf; i++) {
     assert_int_equal(parse("GET", nf[i]), -TS_ENOTFOUND);
     assert_non_null(strstr(err.msg, "unknown route"));
@@ -135,14 +150,17 @@ static const struct {
     {R_SERVER, "/v2", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_MODEL_META, "/v2/models/m/versions/3", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_MODEL_READY, "/v2/models/m/ready", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
-    {R_INFER, "/v2/models/m/versions/3/infer", "POST", AUTH_INFER, RF_VERSION | RF_DEADLINE | RF_LIMITS, MD_OP_INFER},
+    {R_INFER, "/v2/models/m/versions/3/infer", "POST", AUTH_INFER,
+     RF_VERSION | RF_DEADLINE | RF_LIMITS, MD_OP_INFER},
     {R_FIT, "/v2/models/m/fit", "POST", AUTH_ADMIN, RF_VERSION | RF_FIT, MD_OP_FIT},
     {R_EVALUATE, "/v2/models/m/evaluate", "POST", AUTH_INFER, RF_VERSION, MD_OP_EVALUATE},
-    {R_CALIBRATE, "/v2/models/m/calibrate", "POST", AUTH_ADMIN, RF_VERSION | RF_FIT, MD_OP_CALIBRATE},
+    {R_CALIBRATE, "/v2/models/m/calibrate", "POST", AUTH_ADMIN, RF_VERSION | RF_FIT,
+     MD_OP_CALIBRATE},
     {R_SESSIONS, "/v2/models/m/sessions", "POST", AUTH_INFER, RF_VERSION, MD_OP_SESSION_OPEN},
     {R_SESSION, "/v2/models/m/sessions/abc", "GET, HEAD, DELETE", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_SESSION_DELETE, "/v2/models/m/sessions/abc", "GET, HEAD, DELETE", AUTH_INFER, 0, OP_NONE},
-    {R_SESSION_INFER, "/v2/models/m/sessions/abc/infer", "POST", AUTH_INFER, RF_DEADLINE | RF_LIMITS, MD_OP_SESSION_INFER},
+    {R_SESSION_INFER, "/v2/models/m/sessions/abc/infer", "POST", AUTH_INFER,
+     RF_DEADLINE | RF_LIMITS, MD_OP_SESSION_INFER},
     {R_REPO_INDEX, "/v2/repository/index", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_REPO_LOAD, "/v2/repository/models/m/load", "POST", AUTH_ADMIN, 0, OP_NONE},
     {R_REPO_UNLOAD, "/v2/repository/models/m/unload", "POST", AUTH_ADMIN, 0, OP_NONE},
@@ -150,7 +168,8 @@ static const struct {
     {R_STATS_ALL, "/v2/models/stats", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_MODEL_STATS, "/v2/models/m/versions/3/stats", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_MODEL_CONFIG, "/v2/models/m/config", "GET, HEAD", AUTH_INFER, RF_LOOP, OP_NONE},
-    {R_SHM_SYSTEM, "/v2/systemsharedmemory/region/x/register", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
+    {R_SHM_SYSTEM, "/v2/systemsharedmemory/region/x/register", "GET, HEAD, POST", AUTH_INFER,
+     RF_LOOP, OP_NONE},
     {R_SHM_CUDA, "/v2/cudasharedmemory/status", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_TRACE, "/v2/trace/setting", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
     {R_LOGGING, "/v2/logging", "GET, HEAD, POST", AUTH_INFER, RF_LOOP, OP_NONE},
@@ -181,7 +200,8 @@ static void test_every_route_method_and_scope(void **s) {
     assert_non_null(d->run);
     assert_true(d->name && *d->name);
     assert_string_equal(route_name(id), d->name);
-    if (d->flags != want[i].flags) fail_msg("%s: flags %#x, expected %#x", d->name, d->flags, want[i].flags);
+    if (d->flags != want[i].flags)
+      fail_msg("%s: flags %#x, expected %#x", d->name, d->flags, want[i].flags);
     assert_int_equal(d->scope, want[i].scope);
     assert_int_equal(d->op, want[i].op);
     assert_int_equal(auth_required(id), want[i].scope);
@@ -192,7 +212,8 @@ static void test_every_route_method_and_scope(void **s) {
         /* the row answering: this one when it takes the method, else the
          * other row of the same path that does */
         unsigned bit = methods[m][0] == 'G' || methods[m][0] == 'H' ? M_GET
-                       : methods[m][0] == 'P' ? M_POST : M_DELETE;
+                       : methods[m][0] == 'P'                       ? M_POST
+                                                                    : M_DELETE;
         assert_true(route_get(rt.id)->methods & bit);
         assert_string_equal(route_get(rt.id)->pattern, d->pattern);
         if (d->methods & bit) assert_int_equal(rt.id, id);
@@ -279,10 +300,12 @@ static void test_status_table(void **s) {
 }
 
 int main(void) {
-  const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_routes), cmocka_unit_test(test_not_found_and_methods),
-      cmocka_unit_test(test_bad_names_and_versions), cmocka_unit_test(test_status_table),
-      cmocka_unit_test(test_every_route_method_and_scope), cmocka_unit_test(test_allow_strings),
-      cmocka_unit_test(test_dispatch)};
+  const struct CMUnitTest tests[] = {cmocka_unit_test(test_routes),
+                                     cmocka_unit_test(test_not_found_and_methods),
+                                     cmocka_unit_test(test_bad_names_and_versions),
+                                     cmocka_unit_test(test_status_table),
+                                     cmocka_unit_test(test_every_route_method_and_scope),
+                                     cmocka_unit_test(test_allow_strings),
+                                     cmocka_unit_test(test_dispatch)};
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

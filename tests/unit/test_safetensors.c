@@ -138,8 +138,8 @@ static void test_bad_entries(void **state) {
          "missing \"data_offsets\"");
   refuse("{\"w\":{\"dtype\":\"F8_E4M3\",\"shape\":[1],\"data_offsets\":[0,1]}}", zeros, 1,
          "tensor 'w'", "unknown dtype 'F8_E4M3'");
-  refuse("{\"w\":{\"dtype\":\"f32\",\"shape\":[1],\"data_offsets\":[0,4]}}", zeros, 4,
-         "tensor 'w'", "unknown dtype 'f32'");
+  refuse("{\"w\":{\"dtype\":\"f32\",\"shape\":[1],\"data_offsets\":[0,4]}}", zeros, 4, "tensor 'w'",
+         "unknown dtype 'f32'");
   refuse("{\"w\":{\"dtype\":32,\"shape\":[1],\"data_offsets\":[0,4]}}", zeros, 4, "tensor 'w'",
          "\"dtype\" is not a string");
 }
@@ -152,13 +152,13 @@ static void test_bad_shape(void **state) {
          zeros, 1, "tensor 'w'", "overflows");
   refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[2.0],\"data_offsets\":[0,8]}}", zeros, 8,
          "tensor 'w'", "shape entry 0 is not an integer");
-  refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":3,\"data_offsets\":[0,12]}}", zeros, 12,
-         "tensor 'w'", "\"shape\" is not an array");
-  refuse("{\"w\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}",
-         zeros, 1, "tensor 'w'", "9 dimensions");
+  refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":3,\"data_offsets\":[0,12]}}", zeros, 12, "tensor 'w'",
+         "\"shape\" is not an array");
+  refuse("{\"w\":{\"dtype\":\"U8\",\"shape\":[1,1,1,1,1,1,1,1,1],\"data_offsets\":[0,1]}}", zeros,
+         1, "tensor 'w'", "9 dimensions");
   /* shape x dtype size must equal the byte length */
-  refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", zeros, 8,
-         "tensor 'w'", "needs 12 bytes");
+  refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", zeros, 8, "tensor 'w'",
+         "needs 12 bytes");
   refuse("{\"w\":{\"dtype\":\"F64\",\"shape\":[2,0],\"data_offsets\":[0,8]}}", zeros, 8,
          "tensor 'w'", "needs 0 bytes");
 }
@@ -167,12 +167,12 @@ static void test_bad_offsets(void **state) {
   (void)state;
   refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", zeros, 8,
          "tensor 'w'", "run past the end of the byte buffer");
-  refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,4]}}", zeros, 8,
-         "tensor 'w'", "end 4 is before begin 8");
+  refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,4]}}", zeros, 8, "tensor 'w'",
+         "end 4 is before begin 8");
   refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[-4,0]}}", zeros, 8,
          "tensor 'w'", "negative");
-  refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0]}}", zeros, 4,
-         "tensor 'w'", "not [begin, end]");
+  refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0]}}", zeros, 4, "tensor 'w'",
+         "not [begin, end]");
   refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4,8]}}", zeros, 4,
          "tensor 'w'", "not [begin, end]");
   refuse("{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":\"0-4\"}}", zeros, 4,
@@ -184,21 +184,25 @@ static void test_bad_offsets(void **state) {
 static void test_bad_layout(void **state) {
   (void)state;
   /* overlapping */
-  refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-         "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
-         zeros, 12, "'a' [0, 8] and 'b' [4, 12] overlap", NULL);
+  refuse(
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+      "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
+      zeros, 12, "'a' [0, 8] and 'b' [4, 12] overlap", NULL);
   /* the same bytes named twice */
-  refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
-         "\"b\":{\"dtype\":\"I32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
-         zeros, 4, "overlap", NULL);
+  refuse(
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+      "\"b\":{\"dtype\":\"I32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+      zeros, 4, "overlap", NULL);
   /* an empty tensor inside another one */
-  refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-         "\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[4,4]}}",
-         zeros, 8, "'a' [0, 8] and 'z' [4, 4] overlap", NULL);
+  refuse(
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+      "\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[4,4]}}",
+      zeros, 8, "'a' [0, 8] and 'z' [4, 4] overlap", NULL);
   /* a gap between tensors */
-  refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
-         "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
-         zeros, 12, "gap of 4 bytes before tensor 'b'", "'a' ends at 4");
+  refuse(
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+      "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
+      zeros, 12, "gap of 4 bytes before tensor 'b'", "'a' ends at 4");
   /* the buffer does not start at 0 */
   refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", zeros, 8,
          "gap of 4 bytes before tensor 'a'", "must start at offset 0");
@@ -210,13 +214,13 @@ static void test_bad_layout(void **state) {
 
 static void test_duplicates_and_metadata(void **state) {
   (void)state;
-  refuse("{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
-         "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
-         zeros, 8, "duplicate", "'\"a\"'");
+  refuse(
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+      "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
+      zeros, 8, "duplicate", "'\"a\"'");
   refuse("{\"__metadata__\":{\"k\":\"1\",\"k\":\"2\"}}", NULL, 0, "duplicate", NULL);
   refuse("{\"__metadata__\":[\"k\"]}", NULL, 0, "\"__metadata__\" is not an object", NULL);
-  refuse("{\"__metadata__\":{\"epochs\":3}}", NULL, 0, "__metadata__",
-         "'epochs' is not a string");
+  refuse("{\"__metadata__\":{\"epochs\":3}}", NULL, 0, "__metadata__", "'epochs' is not a string");
 }
 
 static void test_open_errors(void **state) {
@@ -260,16 +264,17 @@ static void test_valid_dtypes(void **state) {
   data[52] = 1, data[53] = 2, data[54] = 255;
   data[55] = 1, data[56] = 0;
   char hdr[1024];
-  pad8("{\"__metadata__\":{\"format\":\"pt\",\"note\":\"h\xc3\xa9\"},"
-       "\"u8\":{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[52,55]},"
-       "\"f64\":{\"dtype\":\"F64\",\"shape\":[2,1],\"data_offsets\":[0,16]},"
-       "\"i64\":{\"dtype\":\"I64\",\"shape\":[2],\"data_offsets\":[16,32],\"extra\":1},"
-       "\"f32\":{\"dtype\":\"F32\",\"shape\":[1,3],\"data_offsets\":[32,44]},"
-       "\"i32\":{\"dtype\":\"I32\",\"shape\":[],\"data_offsets\":[44,48]},"
-       "\"f16\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[48,52]},"
-       "\"flag\":{\"dtype\":\"BOOL\",\"shape\":[2],\"data_offsets\":[55,57]},"
-       "\"empty\":{\"dtype\":\"F32\",\"shape\":[0,5],\"data_offsets\":[57,57]}}",
-       hdr, sizeof hdr);
+  pad8(
+      "{\"__metadata__\":{\"format\":\"pt\",\"note\":\"h\xc3\xa9\"},"
+      "\"u8\":{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[52,55]},"
+      "\"f64\":{\"dtype\":\"F64\",\"shape\":[2,1],\"data_offsets\":[0,16]},"
+      "\"i64\":{\"dtype\":\"I64\",\"shape\":[2],\"data_offsets\":[16,32],\"extra\":1},"
+      "\"f32\":{\"dtype\":\"F32\",\"shape\":[1,3],\"data_offsets\":[32,44]},"
+      "\"i32\":{\"dtype\":\"I32\",\"shape\":[],\"data_offsets\":[44,48]},"
+      "\"f16\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[48,52]},"
+      "\"flag\":{\"dtype\":\"BOOL\",\"shape\":[2],\"data_offsets\":[55,57]},"
+      "\"empty\":{\"dtype\":\"F32\",\"shape\":[0,5],\"data_offsets\":[57,57]}}",
+      hdr, sizeof hdr);
   write_file(hdr, data, sizeof data);
   st_file *f;
   ts_err err = {0};
@@ -367,9 +372,10 @@ static void test_empty_files(void **state) {
   assert_int_equal(st_count(f), 0);
   st_close(f);
   /* only empty tensors: the buffer is empty */
-  write_file("{\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]},"
-             "\"y\":{\"dtype\":\"I8\",\"shape\":[3,0],\"data_offsets\":[0,0]}}",
-             NULL, 0);
+  write_file(
+      "{\"z\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[0,0]},"
+      "\"y\":{\"dtype\":\"I8\",\"shape\":[3,0],\"data_offsets\":[0,0]}}",
+      NULL, 0);
   assert_int_equal(st_open(&f, path, &err), 0);
   assert_int_equal(st_count(f), 2);
   assert_string_equal(st_name(f, 0), "y"); /* ties broken by name */
@@ -388,11 +394,12 @@ static void test_misaligned(void **state) {
   memcpy(data + 13, f64, 16);
   memcpy(data + 29, f16, 4);
   char hdr[512];
-  pad8("{\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
-       "\"x\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[1,13]},"
-       "\"d\":{\"dtype\":\"F64\",\"shape\":[2],\"data_offsets\":[13,29]},"
-       "\"h\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[29,33]}}",
-       hdr, sizeof hdr);
+  pad8(
+      "{\"b\":{\"dtype\":\"U8\",\"shape\":[1],\"data_offsets\":[0,1]},"
+      "\"x\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[1,13]},"
+      "\"d\":{\"dtype\":\"F64\",\"shape\":[2],\"data_offsets\":[13,29]},"
+      "\"h\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[29,33]}}",
+      hdr, sizeof hdr);
   write_file(hdr, data, sizeof data);
   st_file *f;
   ts_err err = {0};
@@ -454,12 +461,13 @@ static void test_f32_conversion_refusals(void **state) {
   memcpy(data + 18, &bfinf, 2);
   memcpy(data + 20, &hnan, 2);
   char hdr[512];
-  pad8("{\"big\":{\"dtype\":\"F64\",\"shape\":[1],\"data_offsets\":[0,8]},"
-       "\"fnan\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]},"
-       "\"bf\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[12,18]},"
-       "\"binf\":{\"dtype\":\"BF16\",\"shape\":[1],\"data_offsets\":[18,20]},"
-       "\"hnan\":{\"dtype\":\"F16\",\"shape\":[1],\"data_offsets\":[20,22]}}",
-       hdr, sizeof hdr);
+  pad8(
+      "{\"big\":{\"dtype\":\"F64\",\"shape\":[1],\"data_offsets\":[0,8]},"
+      "\"fnan\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]},"
+      "\"bf\":{\"dtype\":\"BF16\",\"shape\":[3],\"data_offsets\":[12,18]},"
+      "\"binf\":{\"dtype\":\"BF16\",\"shape\":[1],\"data_offsets\":[18,20]},"
+      "\"hnan\":{\"dtype\":\"F16\",\"shape\":[1],\"data_offsets\":[20,22]}}",
+      hdr, sizeof hdr);
   write_file(hdr, data, 22);
   st_file *f;
   ts_err err = {0};
@@ -507,7 +515,7 @@ static void test_writer_round_trip(void **state) {
   assert_int_equal(st_writer_meta(w, "format", "pt", &err), 0);
   assert_int_equal(st_writer_meta(w, "epochs", "3", &err), 0);
   assert_int_equal(st_writer_meta(w, "epochs", "4", &err), 0); /* replaces */
-  memset(f32, 0, sizeof f32); /* the writer copied the data */
+  memset(f32, 0, sizeof f32);                                  /* the writer copied the data */
 
   /* refusals */
   assert_int_equal(st_writer_add(w, "a.u8", TS_UINT8, 1, (const int64_t[]){3}, u8, &err),
@@ -541,8 +549,9 @@ static void test_writer_round_trip(void **state) {
   for (int i = 7; i >= 0; i--) hlen = hlen << 8 | (unsigned char)raw[i];
   assert_int_equal(hlen % 8, 0);
   assert_int_equal(rlen, 8 + hlen + 3 + 24 + 16 + 2 + 8);
-  const char *head = "{\"__metadata__\":{\"format\":\"pt\",\"epochs\":\"4\"},"
-                     "\"c.f64\":{\"dtype\":\"F64\",\"shape\":[2],\"data_offsets\":[0,16]},";
+  const char *head =
+      "{\"__metadata__\":{\"format\":\"pt\",\"epochs\":\"4\"},"
+      "\"c.f64\":{\"dtype\":\"F64\",\"shape\":[2],\"data_offsets\":[0,16]},";
   assert_memory_equal(raw + 8, head, strlen(head));
   const char *end = raw + 8 + hlen;
   while (end[-1] == ' ') end--;
@@ -605,10 +614,11 @@ static void test_allocation_failures(void **state) {
   (void)state;
   char hdr[512];
   unsigned char data[16] = {0};
-  pad8("{\"__metadata__\":{\"k\":\"v\"},"
-       "\"a\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[0,4]},"
-       "\"b\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[4,16]}}",
-       hdr, sizeof hdr);
+  pad8(
+      "{\"__metadata__\":{\"k\":\"v\"},"
+      "\"a\":{\"dtype\":\"F16\",\"shape\":[2],\"data_offsets\":[0,4]},"
+      "\"b\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[4,16]}}",
+      hdr, sizeof hdr);
   write_file(hdr, data, sizeof data);
   char src[sizeof path];
   snprintf(src, sizeof src, "%s", path);
@@ -637,8 +647,10 @@ static void test_allocation_failures(void **state) {
     ts_free(&t);
     st_writer_free(w);
     st_close(f);
-    if (r) assert_int_equal(r, -TS_ENOMEM);
-    else done = 1;
+    if (r)
+      assert_int_equal(r, -TS_ENOMEM);
+    else
+      done = 1;
   }
   assert_true(done);
 }
@@ -652,10 +664,11 @@ static void test_mutations(void **state) {
   char hdr[512];
   unsigned char data[24];
   for (int i = 0; i < 24; i++) data[i] = (unsigned char)(i * 37);
-  pad8("{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
-       "\"b\":{\"dtype\":\"BF16\",\"shape\":[2,2],\"data_offsets\":[8,16]},"
-       "\"c\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[16,24]}}",
-       hdr, sizeof hdr);
+  pad8(
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+      "\"b\":{\"dtype\":\"BF16\",\"shape\":[2,2],\"data_offsets\":[8,16]},"
+      "\"c\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[16,24]}}",
+      hdr, sizeof hdr);
   size_t len;
   unsigned char *img = image(hdr, data, sizeof data, &len);
   for (size_t cut = 0; cut < len; cut++) {
@@ -698,7 +711,6 @@ static void test_mutations(void **state) {
   free(img);
   assert_true(accepted > 0); /* flips inside the data keep the file valid */
 }
-
 
 /* The seeds written by tests/fuzz/make_st_seeds.py (an independent writer,
  * Python standard library) must all be read, and our writer must reproduce
@@ -797,7 +809,7 @@ static void test_load_modes(void **state) {
   assert_int_equal(fseek(fp, (long)(len - sizeof other), SEEK_SET), 0);
   assert_int_equal(fwrite(other, sizeof other, 1, fp), 1);
   assert_int_equal(fclose(fp), 0);
-  assert_memory_equal(rt.data, data, sizeof data);  /* the copy: unchanged */
+  assert_memory_equal(rt.data, data, sizeof data);   /* the copy: unchanged */
   assert_memory_equal(mt.data, other, sizeof other); /* the mapping: new bytes */
   ts_free(&mt);
   st_close(mf);

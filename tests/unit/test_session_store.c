@@ -21,7 +21,9 @@ typedef struct pl {
 } pl;
 
 static double fake_now;
-static double fake_clock(void) { return fake_now; }
+static double fake_clock(void) {
+  return fake_now;
+}
 
 static uv_mutex_t freed_mu;
 static int freed, freed_tags[64];
@@ -179,7 +181,7 @@ static void test_lru_eviction_by_bytes(void **st) {
   fake_now += 1;
   assert_int_equal(ss_acquire(s, "m", a.id, &e, &p, &g, &gone), 0);
   assert_int_equal(((pl *)p)->tag, 1);
-  ss_release(s, e, 1, 1000); /* a is now the most recently used */
+  ss_release(s, e, 1, 1000);   /* a is now the most recently used */
   create(s, "m", 3, 1000, &c); /* over the cap: b, the least recently used, goes */
   assert_int_equal(freed, 1);
   assert_int_equal(freed_tags[0], 2);

@@ -19,8 +19,8 @@
 #include "../../daemon/base/pool.h"
 #include "../../daemon/kernels/sgemm.h"
 
-typedef void (*gemm_fn)(int, int64_t, int64_t, int64_t, const float *, int64_t,
-                        const float *, int64_t, float, float *, int64_t);
+typedef void (*gemm_fn)(int, int64_t, int64_t, int64_t, const float *, int64_t, const float *,
+                        int64_t, float, float *, int64_t);
 
 static uint64_t g_rng = 0x9E3779B97F4A7C15ull;
 static float frand(void) { /* uniform in [-1, 1) */
@@ -39,8 +39,7 @@ typedef struct prob {
   double *scale;     /* sum |a||b| + |beta c0|, for the error bound */
 } prob;
 
-static void prob_make(prob *p, int trans_b, int64_t M, int64_t N, int64_t K, int pad,
-                      float beta) {
+static void prob_make(prob *p, int trans_b, int64_t M, int64_t N, int64_t K, int pad, float beta) {
   memset(p, 0, sizeof *p);
   p->trans_b = trans_b;
   p->M = M, p->N = N, p->K = K, p->beta = beta;
@@ -97,25 +96,26 @@ static void check_c(const prob *p, const float *C, const char *what) {
     for (int64_t j = 0; j < p->ldc; j++) {
       float got = C[i * p->ldc + j];
       if (j >= p->N) {
-        if (got != C_SENTINEL) fail_msg("%s: C padding [%lld,%lld] overwritten", what,
-                                         (long long)i, (long long)j);
+        if (got != C_SENTINEL)
+          fail_msg("%s: C padding [%lld,%lld] overwritten", what, (long long)i, (long long)j);
         continue;
       }
       double want = p->want[i * p->N + j];
       double tol = 2.0 * (double)(p->K + 2) * eps * p->scale[i * p->N + j] + 1e-30;
       if (!(fabs(got - want) <= tol))
-        fail_msg("%s trans_b=%d M=%lld N=%lld K=%lld beta=%g: C[%lld,%lld]=%.9g want %.9g "
-                 "(tol %.3g)",
-                 what, p->trans_b, (long long)p->M, (long long)p->N, (long long)p->K,
-                 (double)p->beta, (long long)i, (long long)j, (double)got, want, tol);
+        fail_msg(
+            "%s trans_b=%d M=%lld N=%lld K=%lld beta=%g: C[%lld,%lld]=%.9g want %.9g "
+            "(tol %.3g)",
+            what, p->trans_b, (long long)p->M, (long long)p->N, (long long)p->K, (double)p->beta,
+            (long long)i, (long long)j, (double)got, want, tol);
     }
   }
 }
 
 /* Runs fn (or sg_gemm over pool when fn is NULL) on one problem and checks
  * it against the double answer and against sg_gemm_ref. */
-static void run_one(gemm_fn fn, pool_t *pool, const char *what, int trans_b, int64_t M,
-                    int64_t N, int64_t K, int pad, float beta) {
+static void run_one(gemm_fn fn, pool_t *pool, const char *what, int trans_b, int64_t M, int64_t N,
+                    int64_t K, int pad, float beta) {
   prob p;
   prob_make(&p, trans_b, M, N, K, pad, beta);
   size_t cn = (size_t)(M * p.ldc + 1);
@@ -124,8 +124,10 @@ static void run_one(gemm_fn fn, pool_t *pool, const char *what, int trans_b, int
   assert_non_null(R);
   memcpy(C, p.C0, cn * sizeof(float));
   memcpy(R, p.C0, cn * sizeof(float));
-  if (fn) fn(trans_b, M, N, K, p.A, p.lda, p.B, p.ldb, beta, C, p.ldc);
-  else sg_gemm(pool, trans_b, M, N, K, p.A, p.lda, p.B, p.ldb, beta, C, p.ldc);
+  if (fn)
+    fn(trans_b, M, N, K, p.A, p.lda, p.B, p.ldb, beta, C, p.ldc);
+  else
+    sg_gemm(pool, trans_b, M, N, K, p.A, p.lda, p.B, p.ldb, beta, C, p.ldc);
   sg_gemm_ref(trans_b, M, N, K, p.A, p.lda, p.B, p.ldb, beta, R, p.ldc);
   check_c(&p, C, what);
   check_c(&p, R, "ref");
@@ -145,10 +147,9 @@ static void run_one(gemm_fn fn, pool_t *pool, const char *what, int trans_b, int
 }
 
 static const int64_t g_sizes[][3] = {
-    {1, 1, 1},       {3, 3, 3},       {17, 17, 17},    {255, 256, 257}, {256, 257, 255},
-    {257, 255, 256}, {1, 1000, 7},    {1000, 1, 7},    {7, 1, 1000},    {4, 100, 9},
-    {5, 33, 300},    {6, 16, 256},    {12, 32, 512},   {7, 3100, 5},    {2, 70, 13},
-    {150, 20, 3},    {9, 67, 1},      {3, 5, 0},
+    {1, 1, 1},     {3, 3, 3},    {17, 17, 17}, {255, 256, 257}, {256, 257, 255}, {257, 255, 256},
+    {1, 1000, 7},  {1000, 1, 7}, {7, 1, 1000}, {4, 100, 9},     {5, 33, 300},    {6, 16, 256},
+    {12, 32, 512}, {7, 3100, 5}, {2, 70, 13},  {150, 20, 3},    {9, 67, 1},      {3, 5, 0},
 };
 
 static void sweep(gemm_fn fn, const char *what) {
@@ -158,8 +159,7 @@ static void sweep(gemm_fn fn, const char *what) {
         for (int pad = 0; pad < 2; pad++) {
           /* The big cubes once padded is enough; they dominate the run time. */
           if (g_sizes[s][0] >= 255 && g_sizes[s][2] >= 255 && !pad) continue;
-          run_one(fn, NULL, what, tb, g_sizes[s][0], g_sizes[s][1], g_sizes[s][2], pad,
-                  (float)b);
+          run_one(fn, NULL, what, tb, g_sizes[s][0], g_sizes[s][1], g_sizes[s][2], pad, (float)b);
         }
 }
 
@@ -249,12 +249,16 @@ static void hand_case(gemm_fn fn, pool_t *pool) {
     float C[4] = {NAN, NAN, NAN, NAN};
     const float *b = tb ? Bt : B;
     int64_t ldb = tb ? 3 : 2;
-    if (fn) fn(tb, 2, 2, 3, A, 3, b, ldb, 0.0f, C, 2);
-    else sg_gemm(pool, tb, 2, 2, 3, A, 3, b, ldb, 0.0f, C, 2);
+    if (fn)
+      fn(tb, 2, 2, 3, A, 3, b, ldb, 0.0f, C, 2);
+    else
+      sg_gemm(pool, tb, 2, 2, 3, A, 3, b, ldb, 0.0f, C, 2);
     for (int i = 0; i < 4; i++) assert_true(C[i] == want[i]);
     float D[4] = {1, -1, 0.5f, 2};
-    if (fn) fn(tb, 2, 2, 3, A, 3, b, ldb, 1.0f, D, 2);
-    else sg_gemm(pool, tb, 2, 2, 3, A, 3, b, ldb, 1.0f, D, 2);
+    if (fn)
+      fn(tb, 2, 2, 3, A, 3, b, ldb, 1.0f, D, 2);
+    else
+      sg_gemm(pool, tb, 2, 2, 3, A, 3, b, ldb, 1.0f, D, 2);
     assert_true(D[0] == 59 && D[1] == 63 && D[2] == 139.5f && D[3] == 156);
   }
 }
@@ -319,16 +323,11 @@ static void test_few_rows_batch_invariant(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_hand),
-      cmocka_unit_test(test_add_bias),
-      cmocka_unit_test(test_ref_sweep),
-      cmocka_unit_test(test_avx2_sweep),
-      cmocka_unit_test(test_avx512_sweep),
-      cmocka_unit_test(test_active),
-      cmocka_unit_test(test_neon_sweep),
-      cmocka_unit_test(test_dispatch_serial),
-      cmocka_unit_test(test_dispatch_pool),
-      cmocka_unit_test(test_few_rows_batch_invariant),
+      cmocka_unit_test(test_hand),          cmocka_unit_test(test_add_bias),
+      cmocka_unit_test(test_ref_sweep),     cmocka_unit_test(test_avx2_sweep),
+      cmocka_unit_test(test_avx512_sweep),  cmocka_unit_test(test_active),
+      cmocka_unit_test(test_neon_sweep),    cmocka_unit_test(test_dispatch_serial),
+      cmocka_unit_test(test_dispatch_pool), cmocka_unit_test(test_few_rows_batch_invariant),
   };
   printf("sgemm: best path here is %s\n", cpu_path_name(cpu_best_path()));
   return cmocka_run_group_tests(tests, NULL, NULL);

@@ -31,7 +31,9 @@
 enum { NL = 2, NH = 2, NE = 16, NV = 37, NP = 64 };
 
 static uint64_t rs = 2024;
-static float urand(void) { return (float)(rng_unif01(&rs) * 2 - 1); }
+static float urand(void) {
+  return (float)(rng_unif01(&rs) * 2 - 1);
+}
 
 typedef struct tmodel {
   char *img;
@@ -45,8 +47,8 @@ static void add(json_t *h, float **data, size_t *off, const char *name, int64_t 
   size_t cnt = (size_t)a * (size_t)(b ? b : 1);
   json_t *sh = b ? json_pack("[I,I]", a, b) : json_pack("[I]", a);
   json_object_set_new(h, name,
-                      json_pack("{s:s, s:o, s:[I,I]}", "dtype", "F32", "shape", sh,
-                                "data_offsets", (json_int_t)*off, (json_int_t)(*off + 4 * cnt)));
+                      json_pack("{s:s, s:o, s:[I,I]}", "dtype", "F32", "shape", sh, "data_offsets",
+                                (json_int_t)*off, (json_int_t)(*off + 4 * cnt)));
   *data = realloc(*data, *off + 4 * cnt);
   float *d = (float *)((char *)*data + *off);
   for (size_t i = 0; i < cnt; i++) d[i] = mean + scale * urand();
@@ -93,10 +95,10 @@ static void build(tmodel *t, const char *positions, const char *attention) {
   free(data);
   ts_err err;
   assert_int_equal(st_open_mem(&t->sf, t->img, len, "test model", &err), 0);
-  t->cfg = json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:i, s:s}", "kind",
-                     "transformer", "n_layer", NL, "n_head", NH, "n_embd", NE, "vocab_size", NV,
-                     "n_positions", NP, "positions", positions, "attention", attention,
-                     "offset_rows", 1, "kv_cache_dtype", g_kv_dtype);
+  t->cfg = json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:s, s:s, s:i, s:s}", "kind", "transformer",
+                     "n_layer", NL, "n_head", NH, "n_embd", NE, "vocab_size", NV, "n_positions", NP,
+                     "positions", positions, "attention", attention, "offset_rows", 1,
+                     "kv_cache_dtype", g_kv_dtype);
   if (tf_load(t->cfg, t->sf, &t->m, &err)) fail_msg("tf_load: %s", err.msg);
 }
 
@@ -141,10 +143,11 @@ static void run_case_tol(const char *positions, const char *attention, double to
     assert_non_null(seqs[b]);
     /* the longest prompt goes in two chunks */
     int64_t first = plen[b] > 4 ? 3 : plen[b];
-    assert_int_equal(tf_prefill(t.m, pool, seqs[b], ids[b], first, NULL, NULL, NULL, NULL, &err), 0);
+    assert_int_equal(tf_prefill(t.m, pool, seqs[b], ids[b], first, NULL, NULL, NULL, NULL, &err),
+                     0);
     if (first < plen[b])
-      assert_int_equal(tf_prefill(t.m, pool, seqs[b], ids[b] + first, plen[b] - first, NULL,
-                                  lg, NULL, NULL, &err),
+      assert_int_equal(tf_prefill(t.m, pool, seqs[b], ids[b] + first, plen[b] - first, NULL, lg,
+                                  NULL, NULL, &err),
                        0);
     assert_int_equal(tf_seq_pos(seqs[b]), plen[b]);
   }
@@ -388,7 +391,8 @@ static void test_engine_batched_equals_alone(void **st) {
   gen_req *h[R];
   for (int r = 0; r < R; r++) {
     collect_init(&together[r]);
-    assert_int_equal(gen_submit(e, prompts[r], plen[r], &p[r], on_event, &together[r], &h[r], &err), 0);
+    assert_int_equal(gen_submit(e, prompts[r], plen[r], &p[r], on_event, &together[r], &h[r], &err),
+                     0);
   }
   for (int r = 0; r < R; r++) {
     collect_wait(&together[r]);
@@ -543,8 +547,10 @@ static int b_reserve(void *ctx, size_t n) {
   budget *b = ctx;
   uv_mutex_lock(&b->mu);
   int ok = b->used + n <= b->cap;
-  if (ok) b->used += n;
-  else b->refusals++;
+  if (ok)
+    b->used += n;
+  else
+    b->refusals++;
   uv_mutex_unlock(&b->mu);
   return ok ? 0 : -1;
 }

@@ -35,12 +35,12 @@ static int64_t g_n;
 static int setup(void **state) {
   (void)state;
   static const float special[] = {
-      0.0f,    -0.0f,   1e-30f,  -1e-30f, 1e-8f,    -1e-8f,   FLT_MIN, -FLT_MIN, 1e-45f,
-      -1e-45f, 0.5f,    -0.5f,   0.55f,   -0.55f,   0.35f,    -0.35f,  1.0f,     -1.0f,
-      5.5f,    5.6f,    -15.0f,  -19.9f,  -20.0f,   -20.1f,   88.0f,   88.7f,    88.72f,
-      88.8f,   89.0f,   100.0f,  -87.0f,  -87.5f,   -100.0f,  -103.0f, -104.0f,  -110.0f,
-      1e30f,   -1e30f,  FLT_MAX, -FLT_MAX, INFINITY, -INFINITY, NAN,   -NAN,     1.13f,
-      -1.13f,  2.12f,   -2.12f,  0.3f,     -0.3f,    10.0f,    -10.0f, 11.0f,    -11.0f};
+      0.0f,    -0.0f,  1e-30f,  -1e-30f,  1e-8f,    -1e-8f,    FLT_MIN, -FLT_MIN, 1e-45f,
+      -1e-45f, 0.5f,   -0.5f,   0.55f,    -0.55f,   0.35f,     -0.35f,  1.0f,     -1.0f,
+      5.5f,    5.6f,   -15.0f,  -19.9f,   -20.0f,   -20.1f,    88.0f,   88.7f,    88.72f,
+      88.8f,   89.0f,  100.0f,  -87.0f,   -87.5f,   -100.0f,   -103.0f, -104.0f,  -110.0f,
+      1e30f,   -1e30f, FLT_MAX, -FLT_MAX, INFINITY, -INFINITY, NAN,     -NAN,     1.13f,
+      -1.13f,  2.12f,  -2.12f,  0.3f,     -0.3f,    10.0f,     -10.0f,  11.0f,    -11.0f};
   int64_t ns = (int64_t)(sizeof special / sizeof special[0]);
   int64_t cap = ns + 4400 + 2 * 313 + 2001;
   g_in = tl_malloc((size_t)cap * sizeof(float));
@@ -68,8 +68,8 @@ static int teardown(void **state) {
 /* ---- elementwise: truth in double and a per-function tolerance --------- */
 
 typedef enum { F_EXP, F_RELU, F_GELU, F_GELU_TANH, F_ELU, F_TANH, F_SIGMOID, F_COUNT } fkind;
-static const char *g_fname[F_COUNT] = {"exp", "relu", "gelu", "gelu_tanh", "elu", "tanh",
-                                       "sigmoid"};
+static const char *g_fname[F_COUNT] = {"exp", "relu", "gelu",   "gelu_tanh",
+                                       "elu", "tanh", "sigmoid"};
 
 static double truth(fkind f, double x) {
   switch (f) {
@@ -110,7 +110,9 @@ static double rel_tol(fkind f, double x) {
 /* Absolute slack below FLT_MIN. The gelus multiply x (up to 20 in
  * magnitude where it matters) by a subnormal tail probability, which holds
  * only a few significant bits there. */
-static double abs_tol(fkind f) { return f == F_GELU || f == F_GELU_TANH ? 1e-43 : TINY; }
+static double abs_tol(fkind f) {
+  return f == F_GELU || f == F_GELU_TANH ? 1e-43 : TINY;
+}
 
 static void check_elem(fkind f, const char *path, float x, float got) {
   double want = truth(f, x);
@@ -150,8 +152,8 @@ static float *run_map(map_fn fn, fkind f, const char *path) {
   float *y = tl_malloc((size_t)(g_n + 1) * sizeof(float));
   assert_non_null(y);
   memcpy(y + 1, g_in, (size_t)g_n * sizeof(float));
-  fn(y + 1, 3);            /* a head shorter than a vector */
-  fn(y + 4, g_n - 3);      /* the rest, from an unaligned address */
+  fn(y + 1, 3);       /* a head shorter than a vector */
+  fn(y + 4, g_n - 3); /* the rest, from an unaligned address */
   for (int64_t i = 0; i < g_n; i++) check_elem(f, path, g_in[i], y[i + 1]);
   memmove(y, y + 1, (size_t)g_n * sizeof(float));
   return y;
@@ -184,8 +186,8 @@ static void elementwise(cpu_path p) {
      * truth, so within twice of each other; NaN exactly where the ref is. */
     for (int64_t i = 0; i < g_n; i++) {
       if (isnan(want[i]) != isnan(got[i]))
-        fail_msg("%s %s(%g): %g vs ref %g", o->name, g_fname[f], (double)g_in[i],
-                 (double)got[i], (double)want[i]);
+        fail_msg("%s %s(%g): %g vs ref %g", o->name, g_fname[f], (double)g_in[i], (double)got[i],
+                 (double)want[i]);
       if (isnan(want[i]) || isinf(want[i])) continue;
       double tol = (want[i] == 0.0f ? 0.0 : 2 * rel_tol((fkind)f, g_in[i]) * fabs(want[i])) +
                    2 * abs_tol((fkind)f);
@@ -198,9 +200,18 @@ static void elementwise(cpu_path p) {
   }
 }
 
-static void test_elementwise_scalar(void **s) { (void)s; elementwise(CPU_SCALAR); }
-static void test_elementwise_avx2(void **s) { (void)s; elementwise(CPU_AVX2); }
-static void test_elementwise_neon(void **s) { (void)s; elementwise(CPU_NEON); }
+static void test_elementwise_scalar(void **s) {
+  (void)s;
+  elementwise(CPU_SCALAR);
+}
+static void test_elementwise_avx2(void **s) {
+  (void)s;
+  elementwise(CPU_AVX2);
+}
+static void test_elementwise_neon(void **s) {
+  (void)s;
+  elementwise(CPU_NEON);
+}
 
 /* The dispatched entry points give what their path's table gives. */
 static void test_dispatched(void **s) {
@@ -275,8 +286,8 @@ static void softmax_path(cpu_path p) {
         double got = x[r * cols + j], lgot = l[r * cols + j];
         /* exp amplifies the rounding of in - max by |in - max| */
         if (!(fabs(got - want) <= 8 * EPS * (1.0 + fabs((double)in[j] - m)) * want + TINY))
-          fail_msg("%s softmax cols=%lld [%lld,%lld] = %.9g, want %.9g", o->name,
-                   (long long)cols, (long long)r, (long long)j, got, want);
+          fail_msg("%s softmax cols=%lld [%lld,%lld] = %.9g, want %.9g", o->name, (long long)cols,
+                   (long long)r, (long long)j, got, want);
         if (!(fabs(lgot - lwant) <= 8 * EPS * (fabs((double)in[j] - m) + log(s) + 1.0)))
           fail_msg("%s log_softmax cols=%lld [%lld,%lld] = %.9g, want %.9g", o->name,
                    (long long)cols, (long long)r, (long long)j, lgot, lwant);
@@ -298,8 +309,8 @@ static void softmax_path(cpu_path p) {
   assert_true(b[1] == -INFINITY && isfinite(b[0]));
   float bad[3][9] = {{1, 2, NAN, 4, 5, 6, 7, 8, 9},
                      {1, 2, 3, 4, 5, 6, 7, 8, INFINITY},
-                     {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,
-                      -INFINITY, -INFINITY, -INFINITY}};
+                     {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                      -INFINITY, -INFINITY}};
   o->softmax_rows(&bad[0][0], 3, 9);
   for (int r = 0; r < 3; r++)
     for (int j = 0; j < 9; j++) assert_true(isnan(bad[r][j]));
@@ -312,9 +323,18 @@ static void softmax_path(cpu_path p) {
   assert_true(fabsf(hl[0] + 0.69314718f) <= 1e-7f && fabsf(hl[1] + 0.69314718f) <= 1e-7f);
 }
 
-static void test_softmax_scalar(void **s) { (void)s; softmax_path(CPU_SCALAR); }
-static void test_softmax_avx2(void **s) { (void)s; softmax_path(CPU_AVX2); }
-static void test_softmax_neon(void **s) { (void)s; softmax_path(CPU_NEON); }
+static void test_softmax_scalar(void **s) {
+  (void)s;
+  softmax_path(CPU_SCALAR);
+}
+static void test_softmax_avx2(void **s) {
+  (void)s;
+  softmax_path(CPU_AVX2);
+}
+static void test_softmax_neon(void **s) {
+  (void)s;
+  softmax_path(CPU_NEON);
+}
 
 static void layernorm_path(cpu_path p) {
   const vm_ops *o = ops_or_skip(p);
@@ -329,11 +349,13 @@ static void layernorm_path(cpu_path p) {
     int64_t cols = g_cols[c], rows = 4;
     size_t n = (size_t)(rows * cols);
     float *in = tl_malloc(n * sizeof(float)), *out = tl_malloc(n * sizeof(float));
-    float *gm = tl_malloc((size_t)cols * sizeof(float)), *bt = tl_malloc((size_t)cols * sizeof(float));
+    float *gm = tl_malloc((size_t)cols * sizeof(float)),
+          *bt = tl_malloc((size_t)cols * sizeof(float));
     assert_true(in && out && gm && bt);
     for (size_t i = 0; i < n; i++)
       in[i] = (float)(drand() * 4.0 - 2.0 + (i / (size_t)cols == 2 ? 1e4 : 0.0));
-    for (int64_t j = 0; j < cols; j++) gm[j] = (float)(drand() + 0.5), bt[j] = (float)(drand() - 0.5);
+    for (int64_t j = 0; j < cols; j++)
+      gm[j] = (float)(drand() + 0.5), bt[j] = (float)(drand() - 0.5);
     for (int affine = 0; affine < 2; affine++) {
       o->layernorm_rows(in, out, rows, cols, affine ? gm : NULL, affine ? bt : NULL, 1e-5f);
       for (int64_t r = 0; r < rows; r++) {
@@ -347,8 +369,8 @@ static void layernorm_path(cpu_path p) {
           double z = (xr[j] - mean) / sqrt(var + 1e-5), w = affine ? z * gm[j] + bt[j] : z;
           /* (x - mean) in float carries the rounding of the mean, relative
            * to the row's spread: |mean| eps / sd. */
-          double tol = 1e-5 * (fabs(w) + 1.0) + 4 * EPS * fabs(mean) / sqrt(var + 1e-5) *
-                                                    (affine ? fabs(gm[j]) : 1.0);
+          double tol = 1e-5 * (fabs(w) + 1.0) +
+                       4 * EPS * fabs(mean) / sqrt(var + 1e-5) * (affine ? fabs(gm[j]) : 1.0);
           if (!(fabs(out[r * cols + j] - w) <= tol))
             fail_msg("%s layernorm cols=%lld [%lld,%lld] = %.9g, want %.9g", o->name,
                      (long long)cols, (long long)r, (long long)j, (double)out[r * cols + j], w);
@@ -370,22 +392,26 @@ static void layernorm_path(cpu_path p) {
   }
 }
 
-static void test_layernorm_scalar(void **s) { (void)s; layernorm_path(CPU_SCALAR); }
-static void test_layernorm_avx2(void **s) { (void)s; layernorm_path(CPU_AVX2); }
-static void test_layernorm_neon(void **s) { (void)s; layernorm_path(CPU_NEON); }
+static void test_layernorm_scalar(void **s) {
+  (void)s;
+  layernorm_path(CPU_SCALAR);
+}
+static void test_layernorm_avx2(void **s) {
+  (void)s;
+  layernorm_path(CPU_AVX2);
+}
+static void test_layernorm_neon(void **s) {
+  (void)s;
+  layernorm_path(CPU_NEON);
+}
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_hand_values),
-      cmocka_unit_test(test_elementwise_scalar),
-      cmocka_unit_test(test_elementwise_avx2),
-      cmocka_unit_test(test_elementwise_neon),
-      cmocka_unit_test(test_dispatched),
-      cmocka_unit_test(test_softmax_scalar),
-      cmocka_unit_test(test_softmax_avx2),
-      cmocka_unit_test(test_softmax_neon),
-      cmocka_unit_test(test_layernorm_scalar),
-      cmocka_unit_test(test_layernorm_avx2),
+      cmocka_unit_test(test_hand_values),      cmocka_unit_test(test_elementwise_scalar),
+      cmocka_unit_test(test_elementwise_avx2), cmocka_unit_test(test_elementwise_neon),
+      cmocka_unit_test(test_dispatched),       cmocka_unit_test(test_softmax_scalar),
+      cmocka_unit_test(test_softmax_avx2),     cmocka_unit_test(test_softmax_neon),
+      cmocka_unit_test(test_layernorm_scalar), cmocka_unit_test(test_layernorm_avx2),
       cmocka_unit_test(test_layernorm_neon),
   };
   printf("vmath: best path here is %s\n", cpu_path_name(cpu_best_path()));
