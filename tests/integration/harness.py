@@ -10,6 +10,7 @@ cannot run at all prints "skip: REASON" and its tally line."""
 import http.client
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -55,7 +56,10 @@ class Response:
 class Daemon:
     def __init__(self, repo, args=(), env=None, port=None):
         self.repo = repo
-        self.port = port or free_port()
+        # no port given: tallyd binds port 0 and the harness reads the port
+        # it got from its startup log line (no bind-close-rebind race)
+        self.port = port
+        self.fixed_port = port is not None
         self.args = list(args)
         self.env = dict(os.environ, **(env or {}))
         self.proc = None
@@ -63,7 +67,10 @@ class Daemon:
 
     def start(self, wait_ready=True, timeout=30):
         timeout *= SLOW
-        cmd = [BIN, "--model-repository", self.repo, "--listen", "127.0.0.1:%d" % self.port]
+        if not self.fixed_port:
+            self.port = None
+        listen = "127.0.0.1:%d" % (self.port if self.fixed_port else 0)
+        cmd = [BIN, "--model-repository", self.repo, "--listen", listen]
         cmd += self.args
         # TALLYD_WRAPPER (e.g. "valgrind --leak-check=full"): run tallyd under it
         cmd = shlex.split(self.env.get("TALLYD_WRAPPER", "")) + cmd
@@ -73,6 +80,12 @@ class Daemon:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError("tallyd exited with %s:\n%s" % (self.proc.returncode, self.logs()))
+            if self.port is None:
+                m = re.search(r"listening on \S+ \(port (\d+)\)", self.logs())
+                if not m:
+                    time.sleep(0.02)
+                    continue
+                self.port = int(m.group(1))
             try:
                 r = self.get("/v2/health/live", timeout=1)
                 if r.status == 200:
@@ -85,6 +98,19 @@ class Daemon:
                 pass
             time.sleep(0.05)
         raise RuntimeError("tallyd did not become ready:\n" + self.logs())
+
+    def port_from_log(self, timeout=30):
+        """The port a tallyd started with --listen 127.0.0.1:0 bound, from its log."""
+        deadline = time.time() + timeout * SLOW
+        while time.time() < deadline:
+            m = re.search(r"listening on \S+ \(port (\d+)\)", self.logs())
+            if m:
+                self.port = int(m.group(1))
+                return self.port
+            if self.proc and self.proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        raise RuntimeError("tallyd logged no port:\n" + self.logs())
 
     def logs(self):
         try:

@@ -244,12 +244,13 @@ def test_tls(c):
     cert, key = make_cert(c.tmp)
     d = Daemon(c.repo, ["--tls-cert", cert, "--tls-key", key])
     c.others.append(d)
-    d.port = d.port  # the harness's readiness probe speaks plain HTTP: wait by hand
-    cmd = [BIN, "--model-repository", c.repo, "--listen", "127.0.0.1:%d" % d.port,
+    # the harness's readiness probe speaks plain HTTP: start and wait by hand
+    cmd = [BIN, "--model-repository", c.repo, "--listen", "127.0.0.1:0",
            "--tls-cert", cert, "--tls-key", key]
     log = open(d.log_path, "wb")
     d.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     d.log = log
+    d.port_from_log()
     ctx = ssl.create_default_context(cafile=cert)
 
     def https(method, path, body=None):

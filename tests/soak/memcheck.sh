@@ -19,7 +19,7 @@ failed_files=""
 export TALLYD_BIN="$PWD/$BUILD/tallyd"
 export TALLYD_WRAPPER="valgrind --leak-check=full --errors-for-leak-kinds=definite --error-exitcode=99 --log-file=$logs/vg.%p.log"
 DEFAULT_TESTS="test_server test_hostile test_ensemble test_quantile test_attention test_transformer
-  test_sessions test_review_models test_review_sessions test_reload test_metrics test_notify
+  test_sessions test_fit_divergence test_session_params test_reload test_metrics test_notify
   test_auth_tls"
 for t in ${MEMCHECK_TESTS:-$DEFAULT_TESTS}; do
   echo "memcheck: tests/integration/$t.py"

@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+
+#include "../../daemon/base/rng.h"
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,13 +34,9 @@ typedef struct prob {
 } prob;
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static double urand(void) { /* splitmix64 -> [-1, 1) */
-  uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (double)(z >> 11) / (double)(1ull << 52) - 1.0;
-}
+static double urand(void) {
+  return rng_unif01(&rng_state) * 2 - 1;
+} /* [-1, 1) */
 
 /* Views over [heads, rows, dim] (interleaved = 0) or [rows, heads, dim]. */
 static void view(int interleaved, int heads, int64_t rows, int dim, int64_t *hs, int64_t *rs) {

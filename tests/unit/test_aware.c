@@ -13,22 +13,19 @@
 /* cmocka needs the headers above included first */
 #include <cmocka.h>
 
+#include "../../daemon/base/rng.h"
+
 #include "../../daemon/base/mem.h"
 #include "../../daemon/methods/aware.h"
 
 #define NEAR(a, b, tol) assert_true(fabs((a) - (b)) <= (tol))
 
 static uint64_t rng_state = 12345;
-static double urand(void) { /* splitmix64 -> [0, 1) */
-  uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (double)(z >> 11) * 0x1.0p-53;
+static double urand(void) {
+  return rng_unif01(&rng_state);
 }
-static double nrand(void) { /* Box-Muller */
-  double u = urand(), v = urand();
-  return sqrt(-2.0 * log(u + 1e-300)) * cos(6.283185307179586 * v);
+static double nrand(void) {
+  return rng_normal(&rng_state);
 }
 
 /* ---------- forward pass by hand ---------- */

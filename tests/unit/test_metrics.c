@@ -11,6 +11,8 @@
 /* cmocka needs the headers above included first */
 #include <cmocka.h>
 
+#include "../../daemon/base/rng.h"
+
 #include "../../daemon/base/mem.h"
 #include "../../daemon/methods/metrics.h"
 
@@ -33,12 +35,8 @@ static double brute_auc(int64_t N, const double *s, int stride, int col, const i
 }
 
 static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static double urand(void) { /* splitmix64 -> [0, 1) */
-  uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return (double)(z >> 11) * 0x1.0p-53;
+static double urand(void) {
+  return rng_unif01(&rng_state);
 }
 
 static void test_binary_hand(void **state) {

@@ -13,6 +13,8 @@
 
 #include <cmocka.h>
 
+#include "../../daemon/base/rng.h"
+
 #include "../../daemon/base/mem.h"
 #include "../../daemon/base/pool.h"
 #include "../../daemon/methods/qagg.h"
@@ -23,12 +25,10 @@ static const float Z1[6] = {1, 2, 3, 3, 5, 7};
 
 static uint64_t rs = 12345;
 static double urand(void) {
-  rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rs >> 11) * 0x1.0p-53;
+  return rng_unif01(&rs);
 }
 static double nrand(void) {
-  double u = urand() + 1e-300, v = urand();
-  return sqrt(-2.0 * log(u)) * cos(2.0 * M_PI * v);
+  return rng_normal(&rs);
 }
 
 static qa_spec mkspec(qa_granularity g, qa_scope sc, int simplex, int M, int K, const double *lv,

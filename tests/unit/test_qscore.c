@@ -12,16 +12,16 @@
 
 #include <cmocka.h>
 
+#include "../../daemon/base/rng.h"
+
 #include "../../daemon/methods/qagg.h"
 
 static uint64_t rs = 777;
 static double urand(void) {
-  rs = rs * 6364136223846793005ull + 1442695040888963407ull;
-  return (double)(rs >> 11) * 0x1.0p-53;
+  return rng_unif01(&rs);
 }
 static double nrand(void) {
-  double u = urand() + 1e-300, v = urand();
-  return sqrt(-2.0 * log(u)) * cos(2.0 * M_PI * v);
+  return rng_normal(&rs);
 }
 
 #define NEAR(a, b, tol) assert_true(fabs((double)(a) - (double)(b)) <= (tol))

@@ -1,4 +1,4 @@
-"""Regression tests for defects found in review, over real HTTP: fits that
+"""Fits that diverge, over real HTTP: fits that
 diverge (a learning rate far too large) must be refused with a 400 before any
 version is written, and the served version must keep answering with finite
 numbers. Standard library only."""

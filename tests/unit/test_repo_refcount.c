@@ -1,5 +1,5 @@
-/* test_review_repo.c - reference counting of served versions in the model
- * repository (repo.c), found in review.
+/* test_repo_refcount.c - reference counting of served versions in the model
+ * repository (repo.c).
  *
  * A served version (ST_MMAP, the default) holds its weights file mmap'ed until its last reference
  * is released, so /proc/self/maps tells from outside whether a version was

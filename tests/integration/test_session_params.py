@@ -1,4 +1,4 @@
-"""Regression tests for KV-cache sessions found in review: the request
+"""Request parameters of KV-cache session chunks: the request
 parameters of a chunk ("attention", "p", "offset_rows") were silently ignored,
 so a chunk asking for softmax was scored with the session's LSSAR and a bad
 value was accepted. Standard library only (the model generator needs no
