@@ -241,6 +241,8 @@ class TallyClient:
             msg = None
             try:
                 msg = json.loads(raw).get("error")
+                if isinstance(msg, dict):  # OpenAI's shape on /v1/*
+                    msg = msg.get("message")
             except (ValueError, AttributeError):
                 pass
             raise TallyError(r.status, msg or raw[:300].decode("utf-8", "replace") or r.reason)
@@ -327,6 +329,58 @@ class TallyClient:
 
     def calibrate(self, model, inputs, parameters=None, binary=None):
         return self.request("POST", self._model(model) + "/calibrate", self._body(inputs, parameters, binary))
+
+    # ---- text generation (docs/generation.md) ----
+
+    def complete(self, model, prompt, **fields):
+        """POST /v1/completions (OpenAI's fields: max_tokens, temperature, stop,
+        seed, n, logprobs, echo, ...); the whole answer."""
+        body = dict(fields, model=model, prompt=prompt)
+        body.pop("stream", None)
+        return self.request("POST", "/v1/completions", body)
+
+    def complete_stream(self, model, prompt, **fields):
+        """The same, streamed: yields each server-sent event's decoded JSON as
+        it arrives (choices[i].text holds the new text), until data: [DONE]."""
+        body = json.dumps(dict(fields, model=model, prompt=prompt, stream=True)).encode()
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        c = cls(self._host, self._port, timeout=self.timeout)
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+        if self.api_key:
+            headers["Authorization"] = "Bearer " + self.api_key
+        try:
+            try:
+                c.request("POST", self._prefix + "/v1/completions", body=body, headers=headers)
+                r = c.getresponse()
+            except (ConnectionError, http.client.HTTPException, OSError) as e:
+                raise TallyError(0, "%s/v1/completions: %s" % (self.url, e)) from None
+            if r.status >= 400:
+                raw = r.read()
+                try:
+                    msg = json.loads(raw)["error"]["message"]
+                except (ValueError, KeyError, TypeError):
+                    msg = raw[:300].decode("utf-8", "replace")
+                raise TallyError(r.status, msg)
+            while True:
+                line = r.readline()
+                if not line:
+                    raise TallyError(r.status, "the stream ended without data: [DONE]")
+                line = line.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[6:]
+                if data == b"[DONE]":
+                    return
+                yield json.loads(data)
+        finally:
+            c.close()
+
+    def tokenize(self, model, text):
+        return self.request("POST", "/v2/models/%s/tokenize" % model, {"text": text})["tokens"]
+
+    def detokenize(self, model, tokens):
+        return self.request("POST", "/v2/models/%s/detokenize" % model,
+                            {"tokens": list(tokens)})["text"]
 
     def session_create(self, model, parameters=None):
         return self.request("POST", self._model(model) + "/sessions",
@@ -597,6 +651,16 @@ def _parser():
     sp.add_argument("args", nargs="+", metavar="ARG", help="MODEL [ID [FILE...]]")
     sp.add_argument("--output", action="append", default=[], metavar="NAME",
                     help="session infer: answer only this output (repeatable)")
+    sp = add("complete", "generate text from a prompt (/v1/completions); --stream prints it "
+             "as it comes")
+    sp.add_argument("model", metavar="MODEL")
+    sp.add_argument("prompt", metavar="PROMPT")
+    sp.add_argument("--max-tokens", type=int, default=64)
+    sp.add_argument("--temperature", type=float, default=None)
+    sp.add_argument("--top-p", type=float, default=None)
+    sp.add_argument("--seed", type=int, default=None)
+    sp.add_argument("--stop", action="append", default=[], metavar="TEXT")
+    sp.add_argument("--stream", action="store_true")
     sp = add("metrics", "the Prometheus metrics, or only some families")
     sp.add_argument("families", nargs="*", metavar="FAMILY")
     sp = add("keygen", "a new API key and its key-file line (tallyd --keygen's format)")
@@ -642,6 +706,8 @@ def _parse_args(argv):
         a.args = [a.action] + a.args
     elif cmd == "metrics":
         a.args = a.families
+    elif cmd == "complete":
+        a.args = [a.model, a.prompt]
     else:
         a.args = []
     for k, v in (("output", []), ("input", []), ("datatype", []), ("param", []), ("params", None),
@@ -731,6 +797,26 @@ def _run(a):
             out.append((p, names.pop(0) if p.lower().endswith(".csv") and names else None))
         return out
 
+    if cmd == "complete":
+        fields = {"max_tokens": a.max_tokens}
+        for k in ("temperature", "top_p", "seed"):
+            if getattr(a, k) is not None:
+                fields[k] = getattr(a, k)
+        if a.stop:
+            fields["stop"] = a.stop
+        fields.update(params)
+        if a.stream:
+            for ev in c.complete_stream(args[0], args[1], **fields):
+                sys.stdout.write(ev["choices"][0]["text"])
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return EXIT_OK
+        ans = c.complete(args[0], args[1], **fields)
+        if a.format == "table":
+            print(ans["choices"][0]["text"])
+        else:
+            print(json.dumps(ans, indent=2))
+        return EXIT_OK
     if cmd == "health":
         what = args[0] if args else "ready"
         if len(args) > 1 or what not in ("live", "ready"):

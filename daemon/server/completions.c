@@ -67,8 +67,10 @@ static void answer_error(job *j, int api, const ts_err *e, const char *param) {
 static int text_model(repo_ver *v, tf_model **m, const tk_tokenizer **tok, ts_err *err) {
   const md_kind *k = repo_ver_kind(v);
   if (strcmp(k->name, "transformer") != 0)
-    return ts_errf(err, TS_EINVAL, "model '%s' is of kind %s: text endpoints need a transformer",
-                   repo_ver_model(v), k->name);
+    return ts_errf(
+        err, TS_EINVAL,
+        "model '%s' is of kind %s and has no tokenizer: text endpoints need a transformer with one",
+        repo_ver_model(v), k->name);
   *m = repo_ver_state(v);
   *tok = tf_tokenizer(*m);
   if (!*tok)
@@ -804,10 +806,13 @@ void ep_v1_completions(job *j) {
   start(j, API_OPENAI, v, m, tok, &o, ids, n, ptext, plen);
   return;
 fail:
+  /* param may be a key of the body: copied before the body goes */
+  char pname[128] = "";
+  if (param) snprintf(pname, sizeof pname, "%s", param);
   if (v) repo_release(v);
   opts_free(&o);
   json_decref(b);
-  openai_error(&j->out, &err, param);
+  openai_error(&j->out, &err, param ? pname : NULL);
 }
 
 static void generate(job *j, int stream) {
