@@ -108,6 +108,11 @@ typedef struct buf {
   char *p;
   size_t n, cap;
   int too_big;
+  /* a streamed answer: each complete line goes to on_line and leaves the
+   * buffer (what is left at the end is an error answer's body) */
+  int (*on_line)(const char *line, size_t n, void *user);
+  void *user;
+  int stopped; /* on_line asked to stop */
 } buf;
 
 static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
@@ -128,6 +133,20 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
   memcpy(b->p + b->n, data, n);
   b->n += n;
   b->p[b->n] = 0;
+  if (b->on_line) {
+    size_t start = 0;
+    for (size_t i = 0; i < b->n; i++) {
+      if (b->p[i] != '\n') continue;
+      if (b->on_line(b->p + start, i - start, b->user)) {
+        b->stopped = 1;
+        return 0;
+      }
+      start = i + 1;
+    }
+    memmove(b->p, b->p + start, b->n - start);
+    b->n -= start;
+    b->p[b->n] = 0;
+  }
   return n;
 }
 
@@ -136,7 +155,10 @@ static size_t on_body(char *data, size_t size, size_t nmemb, void *ud) {
 static void error_message(tally_error *err, long status, const buf *b) {
   json_error_t je;
   json_t *j = b->n ? json_loadb(b->p, b->n, 0, &je) : NULL;
-  const char *msg = j ? json_string_value(json_object_get(j, "error")) : NULL;
+  json_t *e = j ? json_object_get(j, "error") : NULL;
+  /* {"error": "..."}, or OpenAI's {"error": {"message": "..."}} on /v1 */
+  const char *msg =
+      json_is_object(e) ? json_string_value(json_object_get(e, "message")) : json_string_value(e);
   if (msg)
     fail(err, TALLY_EHTTP, (int)status, "%s", msg);
   else if (b->n)
@@ -226,6 +248,8 @@ static int perform_raw(tally_client *c, const char *method, const char *path, js
   if (cc != CURLE_OK) {
     if (b->too_big)
       rc = fail(err, TALLY_EPROTO, 0, "the answer is larger than %zu bytes", TALLY_MAX_ANSWER);
+    else if (b->stopped)
+      rc = fail(err, TALLY_EPROTO, 0, "the stream was stopped (an event that is not JSON?)");
     else
       rc = fail(err, TALLY_ECONNECT, 0, "%s: %s", url, curl_easy_strerror(cc));
     goto out;
@@ -807,4 +831,53 @@ const json_t *tally_answer_output(const json_t *answer, const char *name) {
     if (n && strcmp(n, name) == 0) return o;
   }
   return NULL;
+}
+
+/* ---- text generation ---- */
+
+typedef struct sse_ctx {
+  tally_text_fn fn;
+  void *user;
+  int done;
+} sse_ctx;
+
+static int on_sse_line(const char *line, size_t n, void *user) {
+  sse_ctx *x = user;
+  if (n && line[n - 1] == '\r') n--;
+  if (n < 6 || memcmp(line, "data: ", 6) != 0) return 0;
+  if (n == 12 && memcmp(line + 6, "[DONE]", 6) == 0) {
+    x->done = 1;
+    return 0;
+  }
+  json_error_t je;
+  json_t *ev = json_loadb(line + 6, n - 6, 0, &je);
+  if (!ev) return 1;
+  json_t *t = json_object_get(json_array_get(json_object_get(ev, "choices"), 0), "text");
+  if (!t) t = json_object_get(ev, "text_output");
+  if (json_is_string(t) && json_string_length(t))
+    x->fn(json_string_value(t), json_string_length(t), x->user);
+  json_decref(ev);
+  return 0;
+}
+
+int tally_complete(tally_client *c, json_t *body, tally_text_fn fn, void *user, json_t **answer,
+                   tally_error *err) {
+  if (answer) *answer = NULL;
+  if (!json_is_object(body)) return fail(err, TALLY_EUSAGE, 0, "the body must be a JSON object");
+  long status;
+  buf b = {0};
+  int rc;
+  if (!fn) {
+    json_object_del(body, "stream");
+    return tally_request(c, "POST", "/v1/completions", body, answer, err);
+  }
+  json_object_set_new(body, "stream", json_true());
+  sse_ctx x = {fn, user, 0};
+  b.on_line = on_sse_line;
+  b.user = &x;
+  rc = perform(c, "POST", "/v1/completions", body, "text/event-stream", &b, &status, err);
+  if (!rc && !x.done)
+    rc = fail(err, TALLY_EPROTO, (int)status, "the stream ended without data: [DONE]");
+  free(b.p);
+  return rc;
 }

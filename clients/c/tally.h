@@ -140,6 +140,14 @@ int tally_request(tally_client *c, const char *method, const char *path, json_t 
  * its length in *len when len is not NULL. */
 int tally_metrics(tally_client *c, char **text, size_t *len, tally_error *err);
 
+/* Text generation (POST /v1/completions; body: OpenAI's fields, "model" and
+ * "prompt" at least). fn NULL: the whole answer in *answer. fn given: the
+ * answer is streamed (server-sent events) and fn receives each piece of new
+ * text of the first choice as it arrives; *answer stays NULL. */
+typedef void (*tally_text_fn)(const char *text, size_t len, void *user);
+int tally_complete(tally_client *c, json_t *body, tally_text_fn fn, void *user, json_t **answer,
+                   tally_error *err);
+
 /* Tensor helpers. */
 const char *tally_dtype_name(tally_dtype t);
 int tally_dtype_from_name(const char *name, tally_dtype *out); /* 0 or -TALLY_EUSAGE */

@@ -38,6 +38,9 @@ static const char usage_text[] =
     "  session create MODEL             start a KV-cache session\n"
     "  session infer MODEL ID FILE...   feed the next tokens\n"
     "  session get MODEL ID | session delete MODEL ID\n"
+    "  complete MODEL PROMPT            generate text (/v1/completions); fields as --param\n"
+    "                                   (max_tokens=64, temperature=0, stop=...); --stream\n"
+    "                                   prints the text as it arrives\n"
     "  metrics [NAME...]                the Prometheus metrics (only the families NAME)\n"
     "  keygen [--scope infer|admin]     a random API key and its key-file line\n"
     "\n"
@@ -107,6 +110,12 @@ static const struct {
      "       tallyctl session delete MODEL ID\n\n"
      "KV-cache sessions of a transformer: each infer feeds the next tokens (input_ids\n"
      "[1, n]) and scores them from everything fed before.\n"},
+    {"complete",
+     "usage: tallyctl complete MODEL PROMPT [--param max_tokens=N] [--param temperature=T] "
+     "[--stream]\n\nText generation through POST /v1/completions. --param sets any completion "
+     "field\n(max_tokens, temperature, top_p, top_k, seed, stop, ...). Without --stream the\n"
+     "answer is printed as JSON (--format table: only the text); with --stream the text is\n"
+     "written to stdout piece by piece as the server sends it.\n"},
     {"metrics",
      "usage: tallyctl metrics [FAMILY...]\n\nThe Prometheus metrics as text, or only "
      "the families named\n(tallyd_requests_total, ...; a histogram brings _bucket, _sum, "
@@ -127,6 +136,7 @@ typedef struct opts {
   double timeout_s;
   int format_given;
   int binary; /* --binary: every input as a binary tensor */
+  int stream; /* --stream: complete prints text as it arrives */
   const char *pos[8];
   int npos;
   file_arg files[64];
@@ -837,6 +847,43 @@ static int cmd_metrics(tally_client *c, opts *o) {
   return EXIT_OK;
 }
 
+static void print_text(const char *text, size_t len, void *user) {
+  (void)user;
+  fwrite(text, 1, len, stdout);
+  fflush(stdout);
+}
+
+static int cmd_complete(tally_client *c, opts *o) {
+  if (o->npos != 3) return usage_error("complete MODEL PROMPT");
+  json_t *body = o->params ? json_deep_copy(o->params) : json_object();
+  if (!body) return usage_error("out of memory");
+  json_object_set_new(body, "model", json_string(o->pos[1]));
+  json_object_set_new(body, "prompt", json_string(o->pos[2]));
+  if (!json_object_get(body, "max_tokens"))
+    json_object_set_new(body, "max_tokens", json_integer(64));
+  tally_error e = {0};
+  json_t *ans = NULL;
+  int rc = tally_complete(c, body, o->stream ? print_text : NULL, NULL, &ans, &e);
+  json_decref(body);
+  if (rc) {
+    if (o->stream) fputc('\n', stdout);
+    return report(&e);
+  }
+  if (o->stream) {
+    fputc('\n', stdout);
+    return EXIT_OK;
+  }
+  if (o->format_given && strcmp(o->format, "table") == 0) {
+    const char *t = json_string_value(
+        json_object_get(json_array_get(json_object_get(ans, "choices"), 0), "text"));
+    printf("%s\n", t ? t : "");
+  } else {
+    print_answer(o, ans);
+  }
+  json_decref(ans);
+  return EXIT_OK;
+}
+
 /* A key in tallyd --keygen's one format: 32 random bytes as 43 base64url
  * digits (no padding). The key file stores only its SHA-256, so a leaked key
  * file grants nothing. */
@@ -900,6 +947,10 @@ static int parse_args(int argc, char **argv, opts *o) {
     }
     if (strcmp(a, "--binary") == 0) {
       o->binary = 1;
+      continue;
+    }
+    if (strcmp(a, "--stream") == 0) {
+      o->stream = 1;
       continue;
     }
     if (strncmp(a, "--", 2) == 0) {
@@ -1051,6 +1102,8 @@ int main(int argc, char **argv) {
     rc = cmd_session(c, &o);
   else if (!strcmp(cmd, "metrics"))
     rc = cmd_metrics(c, &o);
+  else if (!strcmp(cmd, "complete"))
+    rc = cmd_complete(c, &o);
   else
     rc = usage_error("unknown command '%s'", cmd);
   tally_client_free(c);

@@ -365,6 +365,35 @@ def test_sessions_through_tallyctl_and_tallyclient_py(c):
         expect(tool(c, "session", "infer", "tiny_gpt2", sid, first), 3, "HTTP 404")
 
 
+def test_complete_through_tallyctl_and_tallyclient_py(c):
+    """Text generation: the whole answer, --format table's text, and --stream
+    printing the same text piece by piece (tiny_gpt2, greedy)."""
+    want = ok_json(ctl(c, "complete", "tiny_gpt2", "Hello", "--param", "max_tokens=12",
+                       "--param", "temperature=0"))
+    check(want["object"] == "text_completion" and want["usage"]["completion_tokens"] == 12, want)
+    text = want["choices"][0]["text"]
+    a = ok_json(py(c, "complete", "tiny_gpt2", "Hello", "--max-tokens", "12", "--temperature", "0"))
+    check(a["choices"][0]["text"] == text, (a, want))
+    t = expect(ctl(c, "complete", "tiny_gpt2", "Hello", "--param", "max_tokens=12", "--param",
+                   "temperature=0", "--format", "table"), 0)
+    check(t == text + "\n", (t, text))
+    for name, args in (("tallyctl", ["--param", "max_tokens=12", "--param", "temperature=0"]),
+                       ("tallyclient.py", ["--max-tokens", "12", "--temperature", "0"])):
+        tool = ctl if name == "tallyctl" else py
+        out = expect(tool(c, "complete", "tiny_gpt2", "Hello", "--stream", *args), 0)
+        check(out == text + "\n", "%s --stream: %r != %r" % (name, out, text))
+        expect(tool(c, "complete", "nope", "Hello", *args), 3, "unknown model")
+    expect(ctl(c, "complete", "tiny_gpt2", "Hello", "--param", "temperature=-1", "--stream"), 3,
+           "temperature")
+    # the library: streamed pieces add up to the whole answer
+    cl = tallyclient.TallyClient(c.url, c.admin)
+    pieces = [ev["choices"][0]["text"] for ev in
+              cl.complete_stream("tiny_gpt2", "Hello", max_tokens=12, temperature=0)]
+    check("".join(pieces) == text and len(pieces) >= 2, pieces)
+    check(cl.detokenize("tiny_gpt2", cl.tokenize("tiny_gpt2", "héllo")) == "héllo", "round trip")
+    cl.close()
+
+
 def test_session_int32_flag_and_output_flag(c):
     """--datatype INT32 on ids read without one, --output to ask for one output."""
     f = c.file("ids.json", {"input_ids": [TOKENS]})
