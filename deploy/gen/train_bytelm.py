@@ -125,6 +125,25 @@ class Model(torch.nn.Module):
             x = x + m.mlp_proj(gelu_tanh(m.c_fc(m.ln_2(x))))
         return self.ln_f(x) @ self.wte.T
 
+    def load_hf(self, path):
+        """Loads weights saved by hf_tensors (to continue training)."""
+        hdr, raw = st.load_raw(path)
+        w = {k: torch.from_numpy(np.frombuffer(v[2], dtype=np.float32).reshape(v[1]).copy())
+             for k, v in raw.items()}
+        with torch.no_grad():
+            self.wte.copy_(w["wte.weight"])
+            self.ln_f.weight.copy_(w["ln_f.weight"])
+            self.ln_f.bias.copy_(w["ln_f.bias"])
+            for i, m in enumerate(self.layers):
+                pre = "h.%d." % i
+                for mod, name in ((m.ln_1, "ln_1"), (m.ln_2, "ln_2")):
+                    mod.weight.copy_(w[pre + name + ".weight"])
+                    mod.bias.copy_(w[pre + name + ".bias"])
+                for mod, name in ((m.c_attn, "attn.c_attn"), (m.attn_proj, "attn.c_proj"),
+                                  (m.c_fc, "mlp.c_fc"), (m.mlp_proj, "mlp.c_proj")):
+                    mod.weight.copy_(w[pre + name + ".weight"].T)
+                    mod.bias.copy_(w[pre + name + ".bias"])
+
     def hf_tensors(self):
         """HF GPT-2 names; Conv1D weights are [in, out] (nn.Linear's transposed)."""
         t = {"wte.weight": self.wte, "ln_f.weight": self.ln_f.weight, "ln_f.bias": self.ln_f.bias}
@@ -154,6 +173,7 @@ def main():
     ap.add_argument("--offset-rows", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--init", help="continue from this model.safetensors (same shape)")
     a = ap.parse_args()
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
@@ -162,6 +182,10 @@ def main():
     train, val = data[:split], data[split:]
     rng = np.random.RandomState(a.seed)
     model = Model(a.layers, a.width, a.heads, a.attention, a.p, a.offset_rows, 10000.0)
+    init_sha = None
+    if a.init:
+        model.load_hf(a.init)
+        init_sha = hashlib.sha256(open(a.init, "rb").read()).hexdigest()
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01, betas=(0.9, 0.95))
     t0 = time.time()
     for step in range(a.steps):
@@ -200,6 +224,8 @@ def main():
                          "batch": a.batch, "context": a.ctx, "lr": a.lr, "seed": a.seed,
                          "threads": a.threads, "torch": torch.__version__},
             "validation_loss_at_training_length": round(vloss, 4)}
+    if init_sha:
+        info["training"]["continued_from_sha256"] = init_sha
     with open(os.path.join(a.out, "1", "version.json"), "w") as f:
         json.dump(info, f, indent=2)
         f.write("\n")
