@@ -148,22 +148,13 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
   return 0;
 }
 
-static void sig_io(md_io *io, const char *name) {
-  snprintf(io->name, sizeof io->name, "%s", name);
-  io->dtype = TS_FP32;
-  io->ndim = 3;
-  io->shape[0] = io->shape[1] = io->shape[2] = -1;
-}
-
 static void signature(void *state, md_sig *sig) {
   (void)state;
   memset(sig, 0, sizeof *sig);
-  sig->n_inputs = 3;
-  sig_io(&sig->inputs[0], "query");
-  sig_io(&sig->inputs[1], "key");
-  sig_io(&sig->inputs[2], "value");
-  sig->n_outputs = 1;
-  sig_io(&sig->outputs[0], "output");
+  md_sig_add(sig, MD_IN, "query", TS_FP32, 3, -1, -1, -1);
+  md_sig_add(sig, MD_IN, "key", TS_FP32, 3, -1, -1, -1);
+  md_sig_add(sig, MD_IN, "value", TS_FP32, 3, -1, -1, -1);
+  md_sig_add(sig, MD_OUT, "output", TS_FP32, 3, -1, -1, -1);
 }
 
 /* The shapes of one request, checked against each other. */

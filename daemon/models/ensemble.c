@@ -220,34 +220,11 @@ fail:
 static void signature(void *state, md_sig *sig) {
   ens_state *s = state;
   memset(sig, 0, sizeof *sig);
-  md_io *io;
-  if (s->n_hosted == s->spec.n) {
-    io = &sig->inputs[sig->n_inputs++];
-    snprintf(io->name, sizeof io->name, "features");
-    io->dtype = TS_FP32;
-    io->ndim = 2;
-    io->shape[0] = io->shape[1] = -1;
-  }
-  io = &sig->inputs[sig->n_inputs++];
-  snprintf(io->name, sizeof io->name, "member_outputs");
-  io->dtype = TS_FP32;
-  io->ndim = s->spec.C > 1 ? 3 : 2;
-  io->shape[0] = -1;
-  io->shape[1] = s->spec.n;
-  io->shape[2] = s->spec.C;
-  io = &sig->outputs[sig->n_outputs++];
-  snprintf(io->name, sizeof io->name, "probability");
-  io->dtype = TS_FP32;
-  io->ndim = s->spec.C > 1 ? 2 : 1;
-  io->shape[0] = -1;
-  io->shape[1] = s->spec.C;
-  io = &sig->outputs[sig->n_outputs++];
-  snprintf(io->name, sizeof io->name, "family_probability");
-  io->dtype = TS_FP32;
-  io->ndim = s->spec.C > 1 ? 3 : 2;
-  io->shape[0] = -1;
-  io->shape[1] = s->spec.F;
-  io->shape[2] = s->spec.C;
+  int C = s->spec.C, multi = C > 1;
+  if (s->n_hosted == s->spec.n) md_sig_add(sig, MD_IN, "features", TS_FP32, 2, -1, -1, 0);
+  md_sig_add(sig, MD_IN, "member_outputs", TS_FP32, multi ? 3 : 2, -1, s->spec.n, C);
+  md_sig_add(sig, MD_OUT, "probability", TS_FP32, multi ? 2 : 1, -1, C, 0);
+  md_sig_add(sig, MD_OUT, "family_probability", TS_FP32, multi ? 3 : 2, -1, s->spec.F, C);
 }
 
 /* ---- member outputs ------------------------------------------------------ */
@@ -280,48 +257,17 @@ typedef struct ens_run {
 /* Runs hosted member m on the whole batch and writes its column of Z. */
 static int run_member(ens_run *r, int m, ts_err *err) {
   const ens_state *s = r->s;
-  md_call *c = r->c;
   const char *name = s->member_names[m];
-  md_host *host = c->host;
-  if (!host) return ts_errf(err, TS_EINTERNAL, "member '%s': no model host to run it", name);
-  void *h, *st;
-  const md_kind *k;
-  int rc = host->acquire(host, name, &h, &k, &st, err);
-  if (rc) {
-    /* A member missing from the repository leaves the ensemble unavailable;
-     * a 404 would say the ensemble itself is unknown. */
-    if (rc == -TS_ENOTFOUND) {
-      char msg[TS_ERR_MSG];
-      snprintf(msg, sizeof msg, "%s", err->msg);
-      rc = ts_errf(err, TS_EUNAVAIL, "%s", msg);
-    }
-    ts_err_prefix(err, "member '%s' is unavailable", name);
-    return rc;
-  }
-  ts_list in;
-  ts_list_init(&in);
   md_call mc;
-  md_call_init(&mc);
+  md_hosted held;
+  int rc = md_run_hosted(r->c, "member", name, r->features, &mc, &held, err);
+  if (rc) return rc;
   float *tmp = NULL;
-  const ts_tensor *f = r->features;
-  ts_tensor *t = ts_list_add(&in);
-  if (k == &md_kind_ensemble) {
+  if (held.kind == &md_kind_ensemble) {
     rc = ts_errf(err, TS_EINVAL, "member '%s' is itself an ensemble; list its members instead",
                  name);
     goto out;
   }
-  if (!t) {
-    rc = ts_errf(err, TS_ENOMEM, "out of memory");
-    goto out;
-  }
-  if ((rc = ts_wrap(t, "features", f->dtype, f->ndim, f->shape, f->data, f->nbytes, err))) goto out;
-  mc.inputs = &in;
-  mc.pool = c->pool;
-  mc.host = host;
-  mc.deadline = c->deadline;
-  mc.cancelled = c->cancelled;
-  mc.model_name = name;
-  if ((rc = k->infer(st, &mc, err))) goto prefix;
   if (mc.outputs.n < 1) {
     rc = ts_errf(err, TS_EINVAL, "it returned no output");
     goto prefix;
@@ -357,9 +303,7 @@ prefix:
   ts_err_prefix(err, "member '%s'", name);
 out:
   tl_free(tmp);
-  md_call_free(&mc);
-  ts_list_free(&in);
-  host->release(host, h);
+  md_hosted_done(&mc, &held);
   return rc;
 }
 

@@ -138,18 +138,8 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
 static void signature(void *state, md_sig *sig) {
   mlp_net *net = state;
   memset(sig, 0, sizeof *sig);
-  sig->n_inputs = sig->n_outputs = 1;
-  md_io *i = &sig->inputs[0], *o = &sig->outputs[0];
-  snprintf(i->name, sizeof i->name, "features");
-  i->dtype = TS_FP32;
-  i->ndim = 2;
-  i->shape[0] = -1;
-  i->shape[1] = net->in;
-  snprintf(o->name, sizeof o->name, "output");
-  o->dtype = TS_FP32;
-  o->ndim = 2;
-  o->shape[0] = -1;
-  o->shape[1] = net->out;
+  md_sig_add(sig, MD_IN, "features", TS_FP32, 2, -1, net->in, 0);
+  md_sig_add(sig, MD_OUT, "output", TS_FP32, 2, -1, net->out, 0);
 }
 
 static int infer(void *state, md_call *c, ts_err *err) {

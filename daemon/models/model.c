@@ -25,6 +25,86 @@ void md_call_free(md_call *c) {
   c->new_weights = NULL;
 }
 
+void md_sig_add(md_sig *sig, int which, const char *name, ts_dtype dtype, int ndim, int64_t d0,
+                int64_t d1, int64_t d2) {
+  int *n = which == MD_OUT ? &sig->n_outputs : &sig->n_inputs;
+  if (*n >= MD_MAX_IO) return;
+  md_io *io = which == MD_OUT ? &sig->outputs[*n] : &sig->inputs[*n];
+  (*n)++;
+  memset(io, 0, sizeof *io);
+  snprintf(io->name, sizeof io->name, "%s", name);
+  io->dtype = dtype;
+  io->ndim = ndim;
+  int64_t d[3] = {d0, d1, d2};
+  for (int i = 0; i < ndim && i < 3; i++) io->shape[i] = d[i];
+}
+
+int md_run_hosted(const md_call *c, const char *role, const char *name, const ts_tensor *in,
+                  md_call *sub, md_hosted *held, ts_err *err) {
+  md_call_init(sub);
+  memset(held, 0, sizeof *held);
+  if (!c->host) return ts_errf(err, TS_EINTERNAL, "%s '%s': no model host to run it", role, name);
+  if (c->depth >= MD_MAX_HOSTED_DEPTH)
+    return ts_errf(err, TS_EINVAL,
+                   "%s '%s': hosted models nest more than %d deep (a cycle in the "
+                   "configuration?)",
+                   role, name, MD_MAX_HOSTED_DEPTH);
+  int rc = c->host->acquire(c->host, name, &held->handle, &held->kind, &held->state, err);
+  if (rc) {
+    /* missing or not ready: the caller is unavailable, not unknown */
+    char msg[TS_ERR_MSG];
+    snprintf(msg, sizeof msg, "%s", err->msg);
+    ts_errf(err, TS_EUNAVAIL, "%s '%s' is unavailable: %s", role, name, msg);
+    memset(held, 0, sizeof *held);
+    return -TS_EUNAVAIL;
+  }
+  held->host = c->host;
+  /* the input is borrowed: a list of one wrapped tensor on the stack would
+   * not outlive this call, so the sub-call holds a copy of the header */
+  ts_list *inputs = tl_calloc(1, sizeof *inputs);
+  ts_tensor *t = inputs ? ts_list_add(inputs) : NULL;
+  if (!t) {
+    tl_free(inputs);
+    md_hosted_done(sub, held);
+    return ts_errf(err, TS_ENOMEM, "out of memory");
+  }
+  if ((rc = ts_wrap(t, in->name ? in->name : "features", in->dtype, in->ndim, in->shape, in->data,
+                    in->nbytes, err))) {
+    ts_list_free(inputs);
+    tl_free(inputs);
+    md_hosted_done(sub, held);
+    return rc;
+  }
+  sub->inputs = inputs;
+  sub->pool = c->pool;
+  sub->host = c->host;
+  sub->deadline = c->deadline;
+  sub->cancelled = c->cancelled;
+  sub->model_name = name;
+  sub->depth = c->depth + 1;
+  rc = held->kind->infer(held->state, sub, err);
+  if (rc) {
+    /* nested errors already name their own model */
+    if (!(strncmp(err->msg, role, strlen(role)) == 0 && err->msg[strlen(role)] == ' '))
+      ts_err_prefix(err, "%s '%s'", role, name);
+    md_hosted_done(sub, held);
+    return rc;
+  }
+  return 0;
+}
+
+void md_hosted_done(md_call *sub, md_hosted *held) {
+  if (sub->inputs) {
+    ts_list *in = (ts_list *)sub->inputs;
+    ts_list_free(in);
+    tl_free(in);
+    sub->inputs = NULL;
+  }
+  md_call_free(sub);
+  if (held->host && held->handle) held->host->release(held->host, held->handle);
+  memset(held, 0, sizeof *held);
+}
+
 double md_now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);

@@ -45,6 +45,12 @@ typedef struct md_sig {
   int n_outputs;
 } md_sig;
 
+/* The one way a kind writes its signature: appends an input (MD_IN) or an
+ * output (MD_OUT) of ndim dimensions (up to 3 given here; -1: variable). */
+enum { MD_IN = 0, MD_OUT = 1 };
+void md_sig_add(md_sig *sig, int which, const char *name, ts_dtype dtype, int ndim, int64_t d0,
+                int64_t d1, int64_t d2);
+
 /* Services the repository offers to kinds that use other models (ensemble
  * members, quantile bases): the currently served version of a model. */
 typedef struct md_kind md_kind;
@@ -82,6 +88,7 @@ typedef struct md_call {
   _Atomic int *claim;
   const char *model_name;
   int64_t version;
+  int depth; /* hosted calls above this one (md_run_hosted); 0 for a request */
   /* out */
   ts_list outputs;          /* infer: named output tensors */
   json_t *result;           /* fit/evaluate/calibrate: the answer's fields */
@@ -140,6 +147,28 @@ const md_kind *md_kind_of_config(const json_t *config, const char **what);
 
 void md_call_init(md_call *c);
 void md_call_free(md_call *c);
+
+/* Hosted models (ensemble members, quantile bases) run through this one
+ * function: it acquires `name` from c's host, runs its infer on the single
+ * input tensor `in` as a nested call of c (same pool, host, deadline and
+ * cancel flag; depth + 1), and hands back the call with its outputs in *sub
+ * and the held model in *held. The caller reads sub->outputs, then calls
+ * md_hosted_done. Failures, the same for every kind: the model missing or
+ * not ready -> 503 "<role> '<name>' is unavailable: ..."; nesting deeper
+ * than MD_MAX_HOSTED_DEPTH (a cycle in the configuration) -> 400; the
+ * hosted model's own error -> its status, prefixed "<role> '<name>': ".
+ * The depth travels in the call, so a cycle is caught even when members
+ * run on other threads of the pool. */
+#define MD_MAX_HOSTED_DEPTH 4
+typedef struct md_hosted {
+  md_host *host;
+  void *handle;
+  const md_kind *kind;
+  void *state;
+} md_hosted;
+int md_run_hosted(const md_call *c, const char *role, const char *name, const ts_tensor *in,
+                  md_call *sub, md_hosted *held, ts_err *err);
+void md_hosted_done(md_call *sub, md_hosted *held);
 
 /* The name of an operation ("infer", "fit", ..., "session infer"). */
 const char *md_op_name(int op);

@@ -56,7 +56,6 @@
 #define QK_NAME_MAX 128
 /* How deep hosted bases may nest (a base that is itself a quantile model of
  * hosted bases); more is a cycle in the configuration. */
-#define QK_MAX_NESTING 4
 /* Answers carry the learned arrays up to this many values, a summary above. */
 #define QK_MAX_WEIGHTS_JSON 4096
 
@@ -494,97 +493,50 @@ fail:
 static void signature(void *state, md_sig *sig) {
   qk_state *s = state;
   memset(sig, 0, sizeof *sig);
-  if (s->M_ext) {
-    md_io *i = &sig->inputs[sig->n_inputs++];
-    snprintf(i->name, sizeof i->name, "base_quantiles");
-    i->dtype = TS_FP32;
-    i->ndim = 3;
-    i->shape[0] = -1;
-    i->shape[1] = s->M_ext;
-    i->shape[2] = s->K;
-  }
-  if (s->D > 0) {
-    md_io *i = &sig->inputs[sig->n_inputs++];
-    snprintf(i->name, sizeof i->name, "features");
-    i->dtype = TS_FP32;
-    i->ndim = 2;
-    i->shape[0] = -1;
-    i->shape[1] = s->D;
-  }
-  md_io *o = &sig->outputs[sig->n_outputs++];
-  snprintf(o->name, sizeof o->name, "quantiles");
-  o->dtype = TS_FP32;
-  o->ndim = 2;
-  o->shape[0] = -1;
-  o->shape[1] = s->K;
+  if (s->M_ext) md_sig_add(sig, MD_IN, "base_quantiles", TS_FP32, 3, -1, s->M_ext, s->K);
+  if (s->D > 0) md_sig_add(sig, MD_IN, "features", TS_FP32, 2, -1, s->D, 0);
+  md_sig_add(sig, MD_OUT, "quantiles", TS_FP32, 2, -1, s->K, 0);
 }
 
 /* ---- request rows ------------------------------------------------------- */
-
-static _Thread_local int qk_nesting;
 
 /* Runs hosted base j on X [B, D] and writes its [B, K] into Z's slot j. */
 static int run_hosted(const qk_state *s, int j, const md_call *c, int64_t B, const float *X,
                       float *Z, ts_err *err) {
   const qk_base *b = &s->bases[j];
-  if (!c->host) return ts_errf(err, TS_EINTERNAL, "base '%s': no model host", b->name);
-  if (qk_nesting >= QK_MAX_NESTING)
-    return ts_errf(err, TS_EINVAL,
-                   "base '%s': hosted bases nest more than %d deep (a cycle in "
-                   "the configuration?)",
-                   b->name, QK_MAX_NESTING);
-  void *handle, *bstate;
-  const md_kind *kind;
-  int rc = c->host->acquire(c->host, b->name, &handle, &kind, &bstate, err);
-  if (rc) {
-    ts_err_prefix(err, "base model '%s' is not available", b->name);
-    err->status = TS_EUNAVAIL;
-    return -TS_EUNAVAIL;
-  }
-  md_call sub;
-  md_call_init(&sub);
   ts_tensor t;
   memset(&t, 0, sizeof t);
   int64_t xs[2] = {B, s->D};
-  rc = ts_wrap(&t, "features", TS_FP32, 2, xs, (void *)X, (size_t)(B * s->D) * sizeof(float), err);
-  ts_list in = {.items = &t, .n = 1, .cap = 1};
-  if (!rc) {
-    sub.inputs = &in;
-    sub.pool = c->pool;
-    sub.host = c->host;
-    sub.deadline = c->deadline;
-    sub.cancelled = c->cancelled;
-    sub.model_name = b->name;
-    qk_nesting++;
-    rc = kind->infer(bstate, &sub, err);
-    qk_nesting--;
-  }
-  if (!rc) {
-    const ts_tensor *o = ts_list_find(&sub.outputs, "output");
-    if (!o && sub.outputs.n == 1) o = &sub.outputs.items[0];
-    float *q = NULL;
-    char sh[64];
-    if (!o)
-      rc =
-          ts_errf(err, TS_EINVAL, "base '%s' (kind %s) gave no single output", b->name, kind->name);
-    else if (o->ndim != 2 || o->shape[0] != B || o->shape[1] != s->K)
-      rc = ts_errf(err, TS_EINVAL,
-                   "base '%s': output '%s' is %s, expected [%lld, %d] (its K "
-                   "quantiles)",
-                   b->name, o->name, ts_shape_str(o->shape, o->ndim, sh, sizeof sh), (long long)B,
-                   s->K);
-    else if ((rc = ts_to_f32(o, 0, &q, err)) == 0) {
-      int64_t MK = (int64_t)s->M * s->K;
-      for (int64_t r = 0; r < B; r++)
-        memcpy(Z + r * MK + (int64_t)j * s->K, q + r * s->K, (size_t)s->K * sizeof(float));
-      tl_free(q);
-    }
-  }
-  if (rc && err->msg[0] && strncmp(err->msg, "base ", 5) != 0)
-    ts_err_prefix(err, "base '%s'", b->name);
+  int rc =
+      ts_wrap(&t, "features", TS_FP32, 2, xs, (void *)X, (size_t)(B * s->D) * sizeof(float), err);
+  if (rc) return rc;
+  md_call sub;
+  md_hosted held;
+  rc = md_run_hosted(c, "base", b->name, &t, &sub, &held, err);
   ts_free(&t);
-  md_call_free(&sub);
-  c->host->release(c->host, handle);
+  if (rc) return rc;
+  const ts_tensor *o = ts_list_find(&sub.outputs, "output");
+  if (!o && sub.outputs.n == 1) o = &sub.outputs.items[0];
+  float *q = NULL;
+  char sh[64];
+  if (!o)
+    rc = ts_errf(err, TS_EINVAL, "base '%s' (kind %s) gave no single output", b->name,
+                 held.kind->name);
+  else if (o->ndim != 2 || o->shape[0] != B || o->shape[1] != s->K)
+    rc = ts_errf(err, TS_EINVAL,
+                 "base '%s': output '%s' is %s, expected [%lld, %d] (its K "
+                 "quantiles)",
+                 b->name, o->name, ts_shape_str(o->shape, o->ndim, sh, sizeof sh), (long long)B,
+                 s->K);
+  else if ((rc = ts_to_f32(o, 0, &q, err)) == 0) {
+    int64_t MK = (int64_t)s->M * s->K;
+    for (int64_t r = 0; r < B; r++)
+      memcpy(Z + r * MK + (int64_t)j * s->K, q + r * s->K, (size_t)s->K * sizeof(float));
+    tl_free(q);
+  } else {
+    ts_err_prefix(err, "base '%s'", b->name);
+  }
+  md_hosted_done(&sub, &held);
   return rc;
 }
 

@@ -533,23 +533,13 @@ int tf_engine(tf_model *m, pool_t *pool, const gen_config *cfg, gen_engine **out
   return rc;
 }
 
-static void set_io(md_io *io, const char *name, ts_dtype dt, int ndim, int64_t d0, int64_t d1) {
-  snprintf(io->name, sizeof io->name, "%s", name);
-  io->dtype = dt;
-  io->ndim = ndim;
-  io->shape[0] = d0;
-  io->shape[1] = d1;
-}
-
 static void signature(void *state, md_sig *sig) {
   tf_model *m = state;
   memset(sig, 0, sizeof *sig);
-  sig->n_inputs = 1;
-  set_io(&sig->inputs[0], "input_ids", TS_INT64, 2, -1, -1);
-  sig->n_outputs = 3;
-  set_io(&sig->outputs[0], "token_logprobs", TS_FP32, 2, -1, -1);
-  set_io(&sig->outputs[1], "nll", TS_FP32, 1, -1, 0);
-  set_io(&sig->outputs[2], "next_token_logits", TS_FP32, 2, -1, m->V);
+  md_sig_add(sig, MD_IN, "input_ids", TS_INT64, 2, -1, -1, 0);
+  md_sig_add(sig, MD_OUT, "token_logprobs", TS_FP32, 2, -1, -1, 0);
+  md_sig_add(sig, MD_OUT, "nll", TS_FP32, 1, -1, 0, 0);
+  md_sig_add(sig, MD_OUT, "next_token_logits", TS_FP32, 2, -1, m->V, 0);
 }
 
 /* input_ids [B, L] as int64; 400 for any other rank or a non-integer. */

@@ -106,6 +106,11 @@ def setup():
     write_model(repo, "q_mixed", mixed,
                 {"bases.lin.weight": ("F32", [3, 2], [1, 0, 1, 1, 0, 2]),
                  "bases.lin.bias": ("F32", [3], [-1, 0, 1])})
+    # two models that host each other: a cycle, refused at md_run_hosted's depth limit
+    for me, other in (("cyc_a", "cyc_b"), ("cyc_b", "cyc_a")):
+        cfg = ext_config(L3, 1, "coarse", features=2)
+        cfg["bases"] = [{"model": other}]
+        write_model(repo, me, cfg, {"aggregator.logits": ("F32", [1], [0.0])})
     c.repo = repo
     c.d = Daemon(repo).start()
     c.daemon_logs = c.d.logs
@@ -139,6 +144,15 @@ def test_infer_external_matches_reference(c):
             want = aggregate(gran, LOGITS[gran], z[b])
             for k in range(3):
                 check(close(q[b][k], want[k], 1e-5, 1e-5), (gran, b, k, q[b], want))
+
+
+def test_hosted_cycle_refused(c):
+    """A base that (through others) hosts its own model: a 400 that says so,
+    not a stack overflow; the daemon keeps serving."""
+    r = c.d.infer("cyc_a", [tensor("features", [[0.5, -0.5]], [1, 2])])
+    check_status(r, 400, "nest more than")
+    check("cyc_" in r.json()["error"], r.json())
+    check_status(c.d.get("/v2/health/ready"), 200)
 
 
 def test_infer_hosted_matches_reference(c):
