@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "../base/log.h"
 #include "../base/mem.h"
 #include "../base/safetensors.h"
 #include "../kernels/sgemm.h"
@@ -46,7 +47,8 @@ struct tf_model {
   attn_params attn; /* config.json's variant, p and offset rows */
   ts_tensor wte, wpe, lnf_w, lnf_b;
   tf_layer *layers;
-  tk_tokenizer *tok; /* NULL: no text endpoints */
+  tk_tokenizer *tok;          /* NULL: no text endpoints */
+  char tok_error[TS_ERR_MSG]; /* why tokenizer files found beside the weights were not used */
   pthread_mutex_t engine_mu;
   struct gen_engine *engine; /* made by the first generation (tf_engine) */
 };
@@ -497,24 +499,35 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
   int rc = tf_load(ctx->config, ctx->weights, &m, err);
   if (rc) return rc;
   /* the tokenizer: config.json's "tokenizer", or files in the version
-   * directory, then the model directory */
+   * directory, then the model directory. Named in config.json, it must
+   * load; found only as files beside the weights (an imported checkpoint's
+   * vocabulary, say), a tokenizer that cannot serve this model leaves it
+   * scoring token ids, and the text calls say why. */
   char model_dir[4096] = "";
   const char *slash = ctx->version_dir ? strrchr(ctx->version_dir, '/') : NULL;
   if (slash && (size_t)(slash - ctx->version_dir) < sizeof model_dir)
     snprintf(model_dir, sizeof model_dir, "%.*s", (int)(slash - ctx->version_dir),
              ctx->version_dir);
-  if ((rc =
-           tk_load(ctx->config, ctx->version_dir, model_dir[0] ? model_dir : NULL, &m->tok, err))) {
-    tf_free(m);
-    return rc;
-  }
-  if (m->tok && tk_vocab_size(m->tok) > m->V) {
-    rc = ts_errf(err, TS_EINVAL,
+  int named = json_object_get(ctx->config, "tokenizer") != NULL;
+  ts_err terr = {0};
+  rc = tk_load(ctx->config, ctx->version_dir, model_dir[0] ? model_dir : NULL, &m->tok, &terr);
+  if (!rc && m->tok && tk_vocab_size(m->tok) > m->V) {
+    rc = ts_errf(&terr, TS_EINVAL,
                  "the tokenizer has %lld tokens but the model's vocab_size is %lld: every token "
                  "id must be a row of wte",
                  (long long)tk_vocab_size(m->tok), (long long)m->V);
-    tf_free(m);
-    return rc;
+    tk_free(m->tok);
+    m->tok = NULL;
+  }
+  if (rc) {
+    if (named) {
+      if (err) *err = terr;
+      tf_free(m);
+      return rc;
+    }
+    memcpy(m->tok_error, terr.msg, sizeof m->tok_error);
+    log_warn("model '%s' version %lld: no text calls (it scores token ids): %s",
+             ctx->model_name ? ctx->model_name : "?", (long long)ctx->version, terr.msg);
   }
   *state = m;
   return 0;
@@ -522,6 +535,10 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
 
 const tk_tokenizer *tf_tokenizer(const tf_model *m) {
   return m->tok;
+}
+
+const char *tf_tokenizer_error(const tf_model *m) {
+  return m->tok_error[0] ? m->tok_error : NULL;
 }
 
 int tf_engine(tf_model *m, pool_t *pool, const gen_config *cfg, gen_engine **out, ts_err *err) {

@@ -50,6 +50,8 @@ int64_t tf_vocab(const tf_model *m);
  * the version or model directory; see text/tokenizer.h), or NULL when it
  * has none: then it scores token ids only and has no text endpoints. */
 const tk_tokenizer *tf_tokenizer(const tf_model *m);
+/* Why tokenizer files found beside the weights were not used, or NULL. */
+const char *tf_tokenizer_error(const tf_model *m);
 /* The model's generation engine (generate.h), made on first use with cfg
  * and pool (both only read then) and freed with the model. */
 struct gen_engine;

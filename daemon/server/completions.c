@@ -73,6 +73,9 @@ static int text_model(repo_ver *v, tf_model **m, const tk_tokenizer **tok, ts_er
         repo_ver_model(v), k->name);
   *m = repo_ver_state(v);
   *tok = tf_tokenizer(*m);
+  if (!*tok && tf_tokenizer_error(*m))
+    return ts_errf(err, TS_EINVAL, "model '%s' has no usable tokenizer: %s", repo_ver_model(v),
+                   tf_tokenizer_error(*m));
   if (!*tok)
     return ts_errf(err, TS_EINVAL,
                    "model '%s' has no tokenizer: set \"tokenizer\" in its config.json or add "

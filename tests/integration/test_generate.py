@@ -59,7 +59,21 @@ class Ctx:
         for name in ("encoder.json", "vocab.bpe"):
             shutil.copyfile(os.path.join(GPT2, name), os.path.join(r, "bpe", name))
         write_model(r, "mlp", {"kind": "mlp", "activations": ["none"]}, MLP)
-        self.d = Daemon(r, ["--threads", "2"]).start()
+        # vocabulary files that are no byte-level BPE (no token for most bytes):
+        # found beside the weights they leave the model scoring ids; named in
+        # config.json they keep it from loading
+        for name, named in (("oddvocab", False), ("oddvocab_named", True)):
+            make_tiny_gpt2.make(os.path.join(r, name), vocab_size=40, seed=6)
+            with open(os.path.join(r, name, "vocab.json"), "w") as f:
+                json.dump({chr(65 + i): i for i in range(40)}, f)
+            with open(os.path.join(r, name, "merges.txt"), "w") as f:
+                f.write("#version: 0.2\n")
+            if named:
+                add_to_config(os.path.join(r, name, "config.json"), tokenizer="bpe")
+        self.d = Daemon(r, ["--threads", "2"]).start(wait_ready=False)
+        deadline = time.time() + 30
+        while time.time() < deadline and self.d.get("/v2/models/mlp/ready").status != 200:
+            time.sleep(0.05)
 
     def daemon_logs(self):
         return self.d.logs()
@@ -151,6 +165,17 @@ def test_tokenize_round_trip(c):
     check_status(d.post("/v2/models/bpe/tokenize", {"text": "x", "extra": 1}), 400, "extra")
     check_status(d.post("/v2/models/mlp/tokenize", {"text": "x"}), 400, "no tokenizer")
     check_status(d.post("/v2/models/nope/tokenize", {"text": "x"}), 404)
+
+
+def test_tokenizer_files_that_cannot_serve(c):
+    d = c.d
+    r = check_status(d.infer("oddvocab", [tensor("input_ids", [[1, 2, 3]], datatype="INT64")]), 200)
+    check(len(output(r, "token_logprobs")["data"]) == 2, r)
+    check_status(d.post("/v2/models/oddvocab/tokenize", {"text": "x"}), 400,
+                 "no usable tokenizer")
+    idx = {m["name"]: m for m in d.post("/v2/repository/index").json()}
+    check(idx["oddvocab_named"]["state"] == "UNAVAILABLE" and "byte" in idx["oddvocab_named"]["reason"],
+          idx["oddvocab_named"])
 
 
 def test_v1_models(c):

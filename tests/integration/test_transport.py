@@ -334,9 +334,10 @@ def test_tls_12_and_up_only(c):
     d = Daemon(c.repo)  # started by hand: the harness's readiness check speaks plain HTTP
     c.others.append(d)
     d.proc = subprocess.Popen([BIN, "--model-repository", c.repo, "--listen",
-                               "127.0.0.1:%d" % d.port, "--tls-cert", cert, "--tls-key", key,
+                               "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key,
                                "--log-level", "warn"], stdout=subprocess.DEVNULL,
                               stderr=subprocess.STDOUT)
+    d.port_from_log()
     deadline = time.time() + 20 * SLOW
     while time.time() < deadline:
         try:
