@@ -536,98 +536,140 @@ static int cmp_ver(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-/* Brings one model in line with the disk. Called with sync_mu held, r->mu
- * not held (loading is slow). */
-static void sync_model(repo_t *r, const char *name, int force) {
-  TS_ASSERT(SYNC_HELD(r) && !MU_HELD(r));
-  char mdir[PATH_MAX], cpath[PATH_MAX], cstamp[128];
-  pathf(mdir, sizeof mdir, "%s/%s", r->root, name);
-  pathf(cpath, sizeof cpath, "%s/config.json", mdir);
-  file_stamp(cpath, cstamp, sizeof cstamp);
-  ts_err err = {0};
-  json_t *config = NULL;
-  int64_t *vs = NULL;
-  int nv = 0, *keep = NULL;
-  repo_ver **next = NULL;
-  int nnext = 0;
+/* Publishes `next` (n versions, ascending, one reference each, owned by the
+ * call) as m's served set and sets the model's state: READY when it serves
+ * a version, else UNAVAILABLE with `why_empty` (may be NULL: reason kept).
+ * Shared by a rescan (sync_commit) and a new fitted version
+ * (repo_commit_version). Called with r->mu held. */
+static void set_served(repo_t *r, repo_model *m, repo_ver **next, int n, const char *why_empty) {
+  TS_ASSERT(MU_HELD(r));
+  publish(r, m, next, n);
+  if (m->nvers > 0) {
+    m->state = MS_READY;
+    m->reason[0] = 0;
+  } else {
+    m->state = MS_UNAVAILABLE;
+    if (why_empty) snprintf(m->reason, sizeof m->reason, "%s", why_empty);
+  }
+}
 
+/* A rescan of one model in three phases (sync_model): plan reads the
+ * configuration and the version directories and decides which versions
+ * the policy keeps; load brings each kept version in line with the disk
+ * (slow: r->mu is not held while a version loads); commit publishes the
+ * result. Called with sync_mu held. */
+typedef struct sync_plan {
+  char mdir[PATH_MAX], cpath[PATH_MAX], cstamp[128];
+  json_t *config;
+  int64_t *vs; /* the version directories, ascending */
+  int nv;
+  int *keep; /* [nv] kept by the version policy */
+  int config_changed;
+  repo_ver **next; /* [nv] the versions to serve, one reference each */
+  int nnext;
+} sync_plan;
+
+static void plan_free(sync_plan *p) {
+  if (p->next) {
+    for (int i = 0; i < p->nnext; i++) repo_release(p->next[i]);
+    tl_free(p->next);
+  }
+  tl_free(p->keep);
+  tl_free(p->vs);
+  if (p->config) json_decref(p->config);
+  memset(p, 0, sizeof *p);
+}
+
+/* 0: go on with *m; 1: nothing to do (unknown, unloaded, or a configuration
+ * that cannot be used, recorded as the model's reason). */
+static int sync_plan_make(repo_t *r, const char *name, int force, sync_plan *p, repo_model **mp) {
+  pathf(p->mdir, sizeof p->mdir, "%s/%s", r->root, name);
+  pathf(p->cpath, sizeof p->cpath, "%s/config.json", p->mdir);
+  file_stamp(p->cpath, p->cstamp, sizeof p->cstamp);
+  ts_err err = {0};
   repo_lock(r);
   repo_model *m = get_model(r, name);
   if (!m) {
     repo_unlock(r);
-    return;
+    return 1;
   }
   m->present = 1;
   json_t *ovr = NULL; /* a load's config override stands in for config.json */
   if (m->override) {
     ovr = json_incref(m->override);
-    snprintf(cstamp, sizeof cstamp, "override:%u", m->override_gen);
+    snprintf(p->cstamp, sizeof p->cstamp, "override:%u", m->override_gen);
   }
-  int config_changed = strcmp(cstamp, m->config_stamp) != 0;
+  p->config_changed = strcmp(p->cstamp, m->config_stamp) != 0;
   if (m->unloaded && !force) {
     repo_unlock(r);
     if (ovr) json_decref(ovr);
-    return;
+    return 1;
   }
   repo_unlock(r);
+  *mp = m;
 
-  fs_clean_tmp(mdir, NULL, NULL);
-  int rc = ovr ? (config = ovr, 0) : read_json_file(cpath, MAX_CONFIG_BYTES, &config, &err);
-  if (!rc && !json_is_object(config))
+  fs_clean_tmp(p->mdir, NULL, NULL);
+  int rc =
+      ovr ? (p->config = ovr, 0) : read_json_file(p->cpath, MAX_CONFIG_BYTES, &p->config, &err);
+  if (!rc && !json_is_object(p->config))
     rc = ts_errf(&err, TS_EINVAL, "config.json is not a JSON object");
-  if (!rc) rc = fs_list_versions(mdir, &vs, &nv, &err);
-  if (!rc && !(keep = tl_calloc((size_t)(nv ? nv : 1), sizeof(int))))
+  if (!rc) rc = fs_list_versions(p->mdir, &p->vs, &p->nv, &err);
+  if (!rc && !(p->keep = tl_calloc((size_t)(p->nv ? p->nv : 1), sizeof(int))))
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
-  if (!rc) rc = apply_policy(config, vs, nv, keep, &err);
+  if (!rc) rc = apply_policy(p->config, p->vs, p->nv, p->keep, &err);
   int64_t mb;
-  if (!rc) rc = read_max_batch(config, &mb, &err);
-  if (!rc && !(next = tl_calloc((size_t)(nv ? nv : 1), sizeof *next)))
+  if (!rc) rc = read_max_batch(p->config, &mb, &err);
+  if (!rc && !(p->next = tl_calloc((size_t)(p->nv ? p->nv : 1), sizeof *p->next)))
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
-  if (rc) {
-    /* Without a usable config nothing new loads; versions that work stay. */
-    repo_lock(r);
-    snprintf(m->reason, sizeof m->reason, "%s", err.msg);
-    if (m->nvers == 0) m->state = MS_UNAVAILABLE;
-    snprintf(m->config_stamp, sizeof m->config_stamp, "%s", cstamp);
-    repo_unlock(r);
-    log_error("model '%s': %s", name, err.msg);
-    goto out;
-  }
+  if (!rc) return 0;
+  /* Without a usable config nothing new loads; versions that work stay. */
+  repo_lock(r);
+  snprintf(m->reason, sizeof m->reason, "%s", err.msg);
+  if (m->nvers == 0) m->state = MS_UNAVAILABLE;
+  snprintf(m->config_stamp, sizeof m->config_stamp, "%s", p->cstamp);
+  repo_unlock(r);
+  log_error("model '%s': %s", name, err.msg);
+  return 1;
+}
 
-  for (int i = 0; i < nv; i++) {
-    if (!keep[i]) continue;
+/* Each kept version: the served one when nothing changed, else loaded anew
+ * (a failure is recorded and never displaces a working version). */
+static void sync_load(repo_t *r, repo_model *m, const char *name, int force, sync_plan *p) {
+  TS_ASSERT(!MU_HELD(r));
+  for (int i = 0; i < p->nv; i++) {
+    if (!p->keep[i]) continue;
     char vdir[PATH_MAX], stamp[256];
-    pathf(vdir, sizeof vdir, "%s/%lld", mdir, (long long)vs[i]);
+    pathf(vdir, sizeof vdir, "%s/%lld", p->mdir, (long long)p->vs[i]);
     version_stamp(vdir, stamp, sizeof stamp);
     repo_lock(r);
-    repo_ver *cur = served(m, vs[i]);
-    const failed_ver *fv = find_failed(m, vs[i]);
-    int same = cur && !config_changed && strcmp(cur->stamp, stamp) == 0;
-    int same_failure = !cur && fv && !config_changed && strcmp(fv->stamp, stamp) == 0;
+    repo_ver *cur = served(m, p->vs[i]);
+    const failed_ver *fv = find_failed(m, p->vs[i]);
+    int same = cur && !p->config_changed && strcmp(cur->stamp, stamp) == 0;
+    int same_failure = !cur && fv && !p->config_changed && strcmp(fv->stamp, stamp) == 0;
     /* `next` owns one reference to each version it holds; publish then drops
      * the old table's (every path that adds to next takes one) */
     if (same) atomic_fetch_add(&cur->refs, 1);
     repo_unlock(r);
     if (same) {
-      next[nnext++] = cur;
+      p->next[p->nnext++] = cur;
       continue;
     }
     if (same_failure && !force) continue;
     repo_ver *v;
     ts_err lerr = {0};
-    if (ver_load(r, name, vs[i], config, &v, &lerr) == 0) {
-      next[nnext++] = v;
+    if (ver_load(r, name, p->vs[i], p->config, &v, &lerr) == 0) {
+      p->next[p->nnext++] = v;
       repo_lock(r);
-      clear_failed(m, vs[i]);
+      clear_failed(m, p->vs[i]);
       repo_unlock(r);
-      log_info("model '%s' version %lld: loaded (%s)", name, (long long)vs[i], v->kind->name);
+      log_info("model '%s' version %lld: loaded (%s)", name, (long long)p->vs[i], v->kind->name);
     } else {
-      log_error("model '%s' version %lld: failed to load: %s", name, (long long)vs[i], lerr.msg);
+      log_error("model '%s' version %lld: failed to load: %s", name, (long long)p->vs[i], lerr.msg);
       repo_lock(r);
-      set_failed(m, vs[i], stamp, lerr.msg);
+      set_failed(m, p->vs[i], stamp, lerr.msg);
       if (cur) { /* a broken replacement never displaces a working version */
         atomic_fetch_add(&cur->refs, 1);
-        next[nnext++] = cur;
+        p->next[p->nnext++] = cur;
       }
       repo_unlock(r);
     }
@@ -637,57 +679,60 @@ static void sync_model(repo_t *r, const char *name, int force) {
    * served versions it would have displaced stay, newest first, while their
    * directories are still on disk. */
   int nkeep = 0;
-  for (int i = 0; i < nv; i++) nkeep += keep[i];
-  if (nnext < nkeep) {
+  for (int i = 0; i < p->nv; i++) nkeep += p->keep[i];
+  if (p->nnext < nkeep) {
     repo_lock(r);
-    for (int i = m->nvers - 1; i >= 0 && nnext < nkeep; i--) {
+    for (int i = m->nvers - 1; i >= 0 && p->nnext < nkeep; i--) {
       repo_ver *old = m->vers[i];
       int in_next = 0, on_disk = 0;
-      for (int j = 0; j < nnext; j++) in_next |= next[j] == old;
-      for (int j = 0; j < nv; j++) on_disk |= vs[j] == old->version;
+      for (int j = 0; j < p->nnext; j++) in_next |= p->next[j] == old;
+      for (int j = 0; j < p->nv; j++) on_disk |= p->vs[j] == old->version;
       if (in_next || !on_disk) continue;
       atomic_fetch_add(&old->refs, 1);
-      next[nnext++] = old;
+      p->next[p->nnext++] = old;
     }
     repo_unlock(r);
   }
-  qsort(next, (size_t)nnext, sizeof *next, cmp_ver);
+  qsort(p->next, (size_t)p->nnext, sizeof *p->next, cmp_ver);
+}
 
+/* Forgets failures of versions that left the disk or the policy, and
+ * publishes the plan's versions. */
+static void sync_commit(repo_t *r, repo_model *m, sync_plan *p) {
   repo_lock(r);
-  /* Forget failures of versions that left the disk or the policy. */
   for (int i = 0; i < m->nfailed;) {
     int on = 0;
-    for (int j = 0; j < nv; j++) on |= keep[j] && vs[j] == m->failed[i].version;
+    for (int j = 0; j < p->nv; j++) on |= p->keep[j] && p->vs[j] == m->failed[i].version;
     if (!on)
       m->failed[i] = m->failed[--m->nfailed];
     else
       i++;
   }
-  publish(r, m, next, nnext);
-  next = NULL;
-  snprintf(m->config_stamp, sizeof m->config_stamp, "%s", cstamp);
+  const char *why = m->nfailed   ? m->failed[m->nfailed - 1].reason
+                    : p->nv == 0 ? "no version directory (1, 2, ...) found"
+                                 : "no version matches the version_policy";
+  char reason[sizeof m->reason];
+  snprintf(reason, sizeof reason, "%s", why);
+  set_served(r, m, p->next, p->nnext, reason);
+  p->next = NULL;
+  p->nnext = 0;
+  snprintf(m->config_stamp, sizeof m->config_stamp, "%s", p->cstamp);
   m->unloaded = 0;
-  if (m->nvers > 0) {
-    m->state = MS_READY;
-    m->reason[0] = 0;
-  } else {
-    m->state = MS_UNAVAILABLE;
-    if (m->nfailed)
-      snprintf(m->reason, sizeof m->reason, "%s", m->failed[m->nfailed - 1].reason);
-    else if (nv == 0)
-      snprintf(m->reason, sizeof m->reason, "no version directory (1, 2, ...) found");
-    else
-      snprintf(m->reason, sizeof m->reason, "no version matches the version_policy");
-  }
   repo_unlock(r);
-out:
-  if (next) {
-    for (int i = 0; i < nnext; i++) repo_release(next[i]);
-    tl_free(next);
+}
+
+/* Brings one model in line with the disk: plan, load, commit. Called with
+ * sync_mu held, r->mu not held (loading is slow). */
+static void sync_model(repo_t *r, const char *name, int force) {
+  TS_ASSERT(SYNC_HELD(r) && !MU_HELD(r));
+  sync_plan p;
+  memset(&p, 0, sizeof p);
+  repo_model *m = NULL;
+  if (sync_plan_make(r, name, force, &p, &m) == 0) {
+    sync_load(r, m, name, force, &p);
+    sync_commit(r, m, &p);
   }
-  tl_free(keep);
-  tl_free(vs);
-  if (config) json_decref(config);
+  plan_free(&p);
 }
 
 #define RESERVED_REASON                                                                       \
@@ -887,66 +932,35 @@ int repo_acquire(repo_t *r, const char *name, int64_t version, repo_ver **out, t
   return rc;
 }
 
-static json_t *io_json(const md_io *io, int n) {
-  json_t *a = json_array();
-  for (int i = 0; i < n; i++) {
-    json_t *shape = json_array();
-    for (int k = 0; k < io[i].ndim; k++) json_array_append_new(shape, json_integer(io[i].shape[k]));
-    json_array_append_new(a, json_pack("{s:s, s:s, s:o}", "name", io[i].name, "datatype",
-                                       ts_dtype_name(io[i].dtype), "shape", shape));
+void repo_index_foreach(repo_t *r, repo_index_fn fn, void *data) {
+  repo_lock(r);
+  for (repo_model *m = r->models; m; m = m->next) {
+    for (int i = 0; i < m->nvers; i++) fn(data, m->name, m->vers[i]->version, "READY", "");
+    for (int i = 0; i < m->nfailed; i++)
+      fn(data, m->name, m->failed[i].version, "UNAVAILABLE", m->failed[i].reason);
+    if (m->nvers == 0 && m->nfailed == 0) fn(data, m->name, 0, state_names[m->state], m->reason);
   }
-  return a;
+  repo_unlock(r);
 }
 
-int repo_metadata(repo_t *r, const char *name, int64_t version, json_t **out, ts_err *err) {
-  repo_ver *v;
-  int rc = repo_acquire(r, name, version, &v, err);
-  if (rc) return rc;
-  json_t *vers = json_array();
+int repo_served_versions(repo_t *r, const char *name, int64_t *out, int cap) {
+  int n = 0;
   repo_lock(r);
   repo_model *m = find_model(r, name);
   for (int i = 0; m && i < m->nvers; i++) {
-    char b[32];
-    snprintf(b, sizeof b, "%lld", (long long)m->vers[i]->version);
-    json_array_append_new(vers, json_string(b));
+    if (n < cap) out[n] = m->vers[i]->version;
+    n++;
   }
   repo_unlock(r);
-  char vb[32];
-  snprintf(vb, sizeof vb, "%lld", (long long)v->version);
-  json_t *j = json_pack("{s:s, s:o, s:s, s:o, s:o}", "name", name, "versions", vers, "platform",
-                        v->kind->name, "inputs", io_json(v->sig.inputs, v->sig.n_inputs), "outputs",
-                        io_json(v->sig.outputs, v->sig.n_outputs));
-  json_t *params = json_object();
-  json_object_set_new(params, "version", json_string(vb));
-  if (v->sha256[0]) json_object_set_new(params, "sha256", json_string(v->sha256));
-  if (v->version_info) json_object_set(params, "version_info", v->version_info);
-  json_object_set_new(j, "parameters", params);
-  repo_release(v);
-  *out = j;
-  return 0;
+  return n;
 }
 
-json_t *repo_index(repo_t *r) {
-  json_t *a = json_array();
-  repo_lock(r);
-  for (repo_model *m = r->models; m; m = m->next) {
-    char b[32];
-    for (int i = 0; i < m->nvers; i++) {
-      snprintf(b, sizeof b, "%lld", (long long)m->vers[i]->version);
-      json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:s}", "name", m->name, "version", b,
-                                         "state", "READY", "reason", ""));
-    }
-    for (int i = 0; i < m->nfailed; i++) {
-      snprintf(b, sizeof b, "%lld", (long long)m->failed[i].version);
-      json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:s}", "name", m->name, "version", b,
-                                         "state", "UNAVAILABLE", "reason", m->failed[i].reason));
-    }
-    if (m->nvers == 0 && m->nfailed == 0)
-      json_array_append_new(a, json_pack("{s:s, s:s, s:s, s:s}", "name", m->name, "version", "",
-                                         "state", state_names[m->state], "reason", m->reason));
-  }
-  repo_unlock(r);
-  return a;
+const char *repo_ver_sha256(const repo_ver *v) {
+  return v->sha256;
+}
+
+const json_t *repo_ver_info(const repo_ver *v) {
+  return v->version_info;
 }
 
 int repo_all_ready(repo_t *r) {
@@ -1095,9 +1109,7 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
       int has_new = 0;
       for (int i = 0; i < k; i++) has_new |= set[i] == v;
       if (!has_new) repo_release(v);
-      publish(r, m, set, k);
-      m->state = MS_READY;
-      m->reason[0] = 0;
+      set_served(r, m, set, k, NULL);
       v = NULL;
     }
   }

@@ -113,9 +113,21 @@ typedef void (*repo_stats_fn)(void *data, const char *model, int64_t version, co
 int repo_stats_foreach(repo_t *r, const char *name, int64_t version, repo_stats_fn fn, void *data,
                        ts_err *err);
 
-/* JSON answers (new references). */
-json_t *repo_index(repo_t *r);
-int repo_metadata(repo_t *r, const char *name, int64_t version, json_t **out, ts_err *err);
+/* What the protocol's answers are made of (the server writes the JSON:
+ * server/repo_json.c). repo_index_foreach calls fn for every served version
+ * (state "READY"), every version that failed to load ("UNAVAILABLE" and its
+ * reason), and a model with neither (version 0, the model's state and
+ * reason); fn runs under the repository lock: keep it short.
+ * repo_served_versions writes up to cap of the model's served versions,
+ * ascending, and returns how many there are. */
+typedef void (*repo_index_fn)(void *data, const char *model, int64_t version, const char *state,
+                              const char *reason);
+void repo_index_foreach(repo_t *r, repo_index_fn fn, void *data);
+int repo_served_versions(repo_t *r, const char *name, int64_t *out, int cap);
+/* The version's weights digest ("" when it has no weights file) and its
+ * version.json (NULL when none; borrowed for the reference's life). */
+const char *repo_ver_sha256(const repo_ver *v);
+const json_t *repo_ver_info(const repo_ver *v);
 /* 1 when every model meant to be served has a ready version. */
 int repo_all_ready(repo_t *r);
 int repo_count_models(repo_t *r, int *ready);

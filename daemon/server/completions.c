@@ -28,6 +28,7 @@
 #include "../models/transformer.h"
 #include "../text/tokenizer.h"
 #include "metrics.h"
+#include "repo_json.h"
 #include "server.h"
 #include "stream.h"
 
@@ -885,7 +886,7 @@ void ep_generate_stream(job *j) {
 
 /* GET /v1/models: the served models that have a tokenizer. */
 void ep_v1_models(job *j) {
-  json_t *idx = repo_index(j->srv->repo);
+  json_t *idx = repo_index_json(j->srv->repo);
   json_t *data = json_array();
   size_t i;
   json_t *e;

@@ -16,6 +16,7 @@
 #include "../models/model.h"
 #include "metrics.h"
 #include "oip.h"
+#include "repo_json.h"
 #include "server.h"
 
 /* ---- loop-thread endpoints --------------------------------------------- */
@@ -52,7 +53,7 @@ void ep_server(job *j) {
 void ep_model_meta(job *j) {
   json_t *m = NULL;
   ts_err err = {0};
-  if (repo_metadata(j->srv->repo, j->rt.model, j->rt.version, &m, &err)) {
+  if (model_metadata_json(j->srv->repo, j->rt.model, j->rt.version, &m, &err)) {
     resp_error(&j->out, &err);
     return;
   }
@@ -73,7 +74,7 @@ void ep_model_ready(job *j) {
 }
 
 void ep_repo_index(job *j) {
-  answer_json(j, 200, repo_index(j->srv->repo));
+  answer_json(j, 200, repo_index_json(j->srv->repo));
 }
 
 void ep_metrics(job *j) {

@@ -25,6 +25,7 @@
 #include "../../daemon/base/safetensors.h"
 #include "../../daemon/models/model.h"
 #include "../../daemon/repo/repo.h"
+#include "../../daemon/server/repo_json.h"
 #include "../../daemon/server/oip.h"
 
 #define MAX_STEPS 5000
@@ -224,7 +225,7 @@ static int op_repo(ts_err *err) {
     assert_int_equal(repo_ver_version(v), 1);
     assert_string_equal(repo_ver_kind(v)->name, "mlp");
     repo_release(v);
-    json_t *ix = repo_index(r);
+    json_t *ix = repo_index_json(r);
     if (!ix)
       rc = ts_errf(err, TS_ENOMEM, "out of memory building the index");
     else
