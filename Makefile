@@ -118,7 +118,8 @@ $(BUILD)/bench/%: bench/%.c $(BUILD)/libtallyd.a
 
 # Example models: weights come from a reproducible generator, never blobs.
 models: $(MODELS)/.generated
-$(MODELS)/.generated: deploy/gen_models.py $(wildcard deploy/gen/*.py) tests/reference/st.py tests/reference/make_tiny_gpt2.py
+$(MODELS)/.generated: deploy/gen_models.py $(wildcard deploy/gen/*.py) tests/reference/st.py tests/reference/make_tiny_gpt2.py \
+                      $(wildcard deploy/bytelm/config.json deploy/bytelm/1/*)
 	$(PYTHON) deploy/gen_models.py $(MODELS)
 	@touch $@
 

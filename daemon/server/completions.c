@@ -809,7 +809,7 @@ void ep_v1_completions(job *j) {
   json_decref(b);
   start(j, API_OPENAI, v, m, tok, &o, ids, n, ptext, plen);
   return;
-fail:
+fail:;
   /* param may be a key of the body: copied before the body goes */
   char pname[128] = "";
   if (param) snprintf(pname, sizeof pname, "%s", param);
