@@ -113,6 +113,29 @@ out:
   return r;
 }
 
+int fs_claim_version(const char *model_dir, const char *tmp, int64_t *version,
+                     fs_prepare_fn prepare, void *ctx, ts_err *err) {
+  char to[PATH_MAX];
+  for (int attempt = 0; attempt < 64; attempt++, (*version)++) {
+    if (*version < 1 || *version > FS_MAX_VERSION)
+      return ts_errf(err, TS_ECONFLICT, "no version number is left after %lld",
+                     (long long)(*version - 1));
+    int rc = prepare ? prepare(tmp, *version, ctx, err) : 0;
+    if (rc) return rc;
+    int n = snprintf(to, sizeof to, "%s/%lld", model_dir, (long long)*version);
+    if (n < 0 || (size_t)n >= sizeof to) return ts_errf(err, TS_EINVAL, "path too long");
+    int r = renameat2(AT_FDCWD, tmp, AT_FDCWD, to, RENAME_NOREPLACE);
+    if (r != 0 && (errno == EINVAL || errno == ENOSYS)) r = rename(tmp, to);
+    if (r == 0) return fs_fsync_dir(model_dir, err);
+    int e = errno;
+    if (e != EEXIST && e != ENOTEMPTY)
+      return ts_errf(err, errno_status(e), "cannot rename '%s' to '%s': %s", tmp, to, strerror(e));
+    /* taken by another writer: try the next number */
+  }
+  return ts_errf(err, TS_ECONFLICT,
+                 "64 version numbers in a row were taken by other writers; try again");
+}
+
 /* Removes `name` inside the open directory dirfd (AT_FDCWD for a path). */
 static int rm_at(int dirfd, const char *name, ts_err *err) {
   struct stat st;

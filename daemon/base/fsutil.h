@@ -43,6 +43,19 @@ int fs_mkdtemp_in(const char *dir, const char *prefix, char **out_path, ts_err *
  * overwritten. */
 int fs_rename_atomic(const char *from, const char *to, ts_err *err);
 
+/* Publishes the directory tmp as the first free version of model_dir at or
+ * after *version, atomically and without a race between processes (replicas
+ * on one shared repository): each number is claimed by a rename that fails
+ * when the target exists (renameat2 RENAME_NOREPLACE; where the file system
+ * lacks it, rename(2), which still never replaces a non-empty directory).
+ * Before each attempt, prepare(tmp, version, ctx) writes what depends on the
+ * number (version.json) and makes it durable. *version receives the number
+ * taken. -TS_ECONFLICT after 64 numbers taken by others, or past
+ * FS_MAX_VERSION. */
+typedef int (*fs_prepare_fn)(const char *tmp, int64_t version, void *ctx, ts_err *err);
+int fs_claim_version(const char *model_dir, const char *tmp, int64_t *version,
+                     fs_prepare_fn prepare, void *ctx, ts_err *err);
+
 /* Removes path and everything below it without following symbolic links: a
  * link is removed, never what it points to. A missing path is not an error. */
 int fs_rmtree(const char *path, ts_err *err);

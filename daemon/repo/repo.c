@@ -1019,6 +1019,20 @@ void repo_fit_end(repo_t *r, const char *name) {
   repo_unlock(r);
 }
 
+/* fs_claim_version's step: version.json for the number being claimed. */
+static int write_version_json(const char *tmp, int64_t version, void *ctx, ts_err *err) {
+  json_t *info = ctx;
+  char path[PATH_MAX];
+  json_object_set_new(info, "version", json_integer(version));
+  char *text = jtext_dumps(info, JT_INDENT | JT_SORT_KEYS, NULL);
+  if (!text) return ts_errf(err, TS_ENOMEM, "out of memory");
+  pathf(path, sizeof path, "%s/version.json", tmp);
+  int rc = fs_write_file_sync(path, text, strlen(text), err);
+  free(text);
+  if (!rc) rc = fs_fsync_dir(tmp, err);
+  return rc;
+}
+
 int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_t *new_version,
                         ts_err *err) {
   char mdir[PATH_MAX], path[PATH_MAX], final[PATH_MAX];
@@ -1051,22 +1065,15 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   gmtime_r(&now, &tm);
   strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%SZ", &tm);
   json_object_set_new(info, "parent_version", json_integer(parent->version));
-  json_object_set_new(info, "version", json_integer(next));
   json_object_set_new(info, "created", json_string(ts));
   json_object_set_new(info, "sha256", json_string(sha));
-  char *text = jtext_dumps(info, JT_INDENT | JT_SORT_KEYS, NULL);
+  /* The number is claimed on disk: another replica on the same repository
+   * may publish at the same moment (fs_claim_version takes the next free one
+   * and rewrites version.json for it) */
+  rc = fs_claim_version(mdir, tmp, &next, write_version_json, info, err);
   json_decref(info);
-  if (!text) {
-    rc = ts_errf(err, TS_ENOMEM, "out of memory");
-    goto fail;
-  }
-  pathf(path, sizeof path, "%s/version.json", tmp);
-  rc = fs_write_file_sync(path, text, strlen(text), err);
-  free(text);
   if (rc) goto fail;
-  if ((rc = fs_fsync_dir(tmp, err))) goto fail;
   pathf(final, sizeof final, "%s/%lld", mdir, (long long)next);
-  if ((rc = fs_rename_atomic(tmp, final, err))) goto fail;
   /* Load before publishing; the old version serves until this succeeds. */
   json_t *config = NULL;
   repo_lock(r);

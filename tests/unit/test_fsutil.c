@@ -14,6 +14,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -177,6 +178,65 @@ static void test_rmtree_unremovable(void **state) {
   assert_non_null(strstr(err.msg, "locked"));
   assert_int_equal(chmod(at("locked/sub"), 0755), 0);
   assert_int_equal(fs_rmtree(at("locked"), &err), 0);
+}
+
+/* fs_claim_version's prepare step: a file naming the writer and the number. */
+static int write_who(const char *tmp, int64_t version, void *ctx, ts_err *err) {
+  char path[PATH_MAX + 16], text[64];
+  snprintf(path, sizeof path, "%s/who", tmp);
+  int n = snprintf(text, sizeof text, "%d %lld", *(int *)ctx, (long long)version);
+  return fs_write_file_sync(path, text, (size_t)n, err);
+}
+
+/* Eight processes (replicas on one repository) publish at once, each
+ * starting from the same next number: eight distinct complete versions,
+ * each naming its own number, none lost, no temporary left. */
+static void test_claim_version_race(void **state) {
+  (void)state;
+  mkdir_ok("race");
+  enum { N = 8 };
+  pid_t kids[N];
+  for (int i = 0; i < N; i++) {
+    kids[i] = fork();
+    assert_true(kids[i] >= 0);
+    if (kids[i] == 0) {
+      ts_err e = {0};
+      char *tmp;
+      int me = i, rc = fs_mkdtemp_in(at("race"), FS_TMP_PREFIX, &tmp, &e);
+      int64_t v = 1;
+      if (!rc) rc = fs_claim_version(at("race"), tmp, &v, write_who, &me, &e);
+      _exit(rc ? 1 : 0);
+    }
+  }
+  for (int i = 0; i < N; i++) {
+    int st;
+    assert_int_equal(waitpid(kids[i], &st, 0), kids[i]);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  }
+  ts_err err = {0};
+  int64_t *v;
+  int n;
+  assert_int_equal(fs_list_versions(at("race"), &v, &n, &err), 0);
+  assert_int_equal(n, N);
+  int seen[N] = {0};
+  for (int i = 0; i < n; i++) {
+    assert_true(v[i] == i + 1);
+    char p[64], *txt;
+    size_t len;
+    snprintf(p, sizeof p, "race/%lld/who", (long long)v[i]);
+    assert_int_equal(fs_read_file(at(p), 64, &txt, &len, &err), 0);
+    int who;
+    long long num;
+    assert_int_equal(sscanf(txt, "%d %lld", &who, &num), 2);
+    assert_true(num == v[i]); /* the file was written for the number it got */
+    assert_true(who >= 0 && who < N && !seen[who]);
+    seen[who] = 1;
+    tl_free(txt);
+  }
+  tl_free(v);
+  int removed = 0;
+  assert_int_equal(fs_clean_tmp(at("race"), &removed, &err), 0);
+  assert_int_equal(removed, 0);
 }
 
 static void test_publish_version(void **state) {
@@ -465,9 +525,10 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_name_valid),      cmocka_unit_test(test_list_versions),
       cmocka_unit_test(test_rmtree),          cmocka_unit_test(test_rmtree_unremovable),
-      cmocka_unit_test(test_publish_version), cmocka_unit_test(test_clean_tmp),
-      cmocka_unit_test(test_read_file),       cmocka_unit_test(test_sha256_vectors),
-      cmocka_unit_test(test_sha256_file),     cmocka_unit_test(test_open_regular),
+      cmocka_unit_test(test_publish_version), cmocka_unit_test(test_claim_version_race),
+      cmocka_unit_test(test_clean_tmp),       cmocka_unit_test(test_read_file),
+      cmocka_unit_test(test_sha256_vectors),  cmocka_unit_test(test_sha256_file),
+      cmocka_unit_test(test_open_regular),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }
