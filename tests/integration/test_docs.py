@@ -276,8 +276,9 @@ def test_flag_tables_match_help(c):
 def test_nothing_points_outside_the_repository(c):
     if not os.path.isdir(os.path.join(ROOT, ".git")) and not os.path.isfile(os.path.join(ROOT, ".git")):
         raise SkipTest("not a git checkout")
-    p = subprocess.run(["git", "grep", "-n", "-I", "-E", r"shared/spec|[^a-z_]spec/[a-z]|/work/",
-                        "--", ".", ":!tests/integration/test_docs.py"],
+    # the pattern is assembled so that this file does not match it itself
+    pattern = "|".join(("shared" + "/spec", r"[^a-z_]spec/[a-z]", "/" + "work/"))
+    p = subprocess.run(["git", "grep", "-n", "-I", "-E", pattern, "--", "."],
                        cwd=ROOT, capture_output=True, text=True)
     check(p.stdout == "", "references to files outside the repository:\n" + p.stdout)
 
