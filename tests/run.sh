@@ -82,7 +82,11 @@ for t in tests/integration/test_*.py tests/reference/test_*.py; do
   if [ $rc -ne 0 ]; then
     failed_names+=("$name")
     grep -qaE '^tally: ' "$out" || failed=$((failed + 1))
-    echo "---- $name (exit $rc)"; tail -60 "$out"
+    echo "---- $name (exit $rc)"
+    # which tests failed and why (a failing test's daemon log can push them
+    # out of the tail below)
+    grep -aE -A12 '^FAIL ' "$out" | grep -avE ' (info|debug) ' | head -80
+    echo "---- $name: last lines"; tail -60 "$out"
   else
     echo "ok   $name"
   fi
