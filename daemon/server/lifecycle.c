@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../learn/learn.h"
 #include "../base/fsutil.h"
 #include "../base/log.h"
 #include "../base/mem.h"
@@ -282,6 +283,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
     goto fail_repo;
   repo_set_weights_load(
       s->repo, cfg->weights_load && strcmp(cfg->weights_load, "read") == 0 ? ST_READ : ST_MMAP);
+  if ((rc = learn_create(&s->learn, s->repo, s->pool, err))) goto fail_keys;
   if (cfg->api_key_file) {
     if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) goto fail_keys;
     log_info("%d API keys from %s", auth_count(s->keys), cfg->api_key_file);
@@ -312,6 +314,8 @@ fail_tls:
   auth_free(s->keys);
   s->keys = NULL;
 fail_keys:
+  learn_free(s->learn);
+  s->learn = NULL;
   repo_close(s->repo);
   s->repo = NULL;
 fail_repo:
@@ -340,6 +344,8 @@ void server_free(server *s) {
   pool_destroy(s->pool);
   s->pool = NULL;
   transport_drop_done(s);
+  learn_free(s->learn); /* after the pool: no shadow answer or refit runs */
+  s->learn = NULL;
   repo_close(s->repo);
   s->repo = NULL;
   auth_free(s->keys);
