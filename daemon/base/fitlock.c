@@ -7,6 +7,7 @@
 #include <jansson.h>
 #include <limits.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -27,6 +28,7 @@ struct fl_lock {
   ino_t ino;
   char owner[FL_OWNER_MAX], host[FL_HOST_MAX];
   char token[2 * FL_TOKEN_BYTES + 1];
+  char pidns[64]; /* /proc/self/ns/pid's link, "" when unknown */
   int64_t lease_ms;
   pthread_t renewer;
   int renewer_started;
@@ -43,9 +45,9 @@ int64_t fl_now_ms(void) {
 
 /* The lock's JSON text for an expiry; NULL when out of memory. */
 static char *lock_text(const fl_lock *l, int64_t expires_ms) {
-  json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:I, s:I}", "owner", l->owner, "host", l->host, "pid",
-                        (json_int_t)getpid(), "token", l->token, "lease_ms",
-                        (json_int_t)l->lease_ms, "expires_ms", (json_int_t)expires_ms);
+  json_t *o = json_pack("{s:s, s:s, s:I, s:s, s:s, s:I, s:I}", "owner", l->owner, "host", l->host,
+                        "pid", (json_int_t)getpid(), "pidns", l->pidns, "token", l->token,
+                        "lease_ms", (json_int_t)l->lease_ms, "expires_ms", (json_int_t)expires_ms);
   char *s = o ? json_dumps(o, JSON_COMPACT) : NULL;
   json_decref(o);
   return s;
@@ -80,6 +82,7 @@ static int parse_holder(const char *text, size_t len, fl_holder *h, char *token,
   if (!rc) {
     copy_str(h->owner, sizeof h->owner, json_string_value(json_object_get(o, "owner")));
     copy_str(h->host, sizeof h->host, json_string_value(json_object_get(o, "host")));
+    copy_str(h->pidns, sizeof h->pidns, json_string_value(json_object_get(o, "pidns")));
     h->pid = json_is_integer(json_object_get(o, "pid"))
                  ? (long long)json_integer_value(json_object_get(o, "pid"))
                  : 0;
@@ -161,6 +164,17 @@ static int take_over(fl_lock *l, const struct stat *stale, const fl_holder *h, t
   return 0;
 }
 
+/* The holder is this very replica's previous process (same owner, host and
+ * pid namespace) and that process is gone: a restart after a crash need not
+ * wait out its own lease. Anything less certain waits for the expiry. */
+static int own_dead_predecessor(const fl_lock *l, const fl_holder *h) {
+  if (!l->pidns[0] || h->pid <= 0 || h->pid == (long long)getpid()) return 0;
+  if (strcmp(h->owner, l->owner) != 0 || strcmp(h->host, l->host) != 0 ||
+      strcmp(h->pidns, l->pidns) != 0)
+    return 0;
+  return kill((pid_t)h->pid, 0) != 0 && errno == ESRCH;
+}
+
 static void *renew_main(void *arg) {
   fl_lock *l = arg;
   int64_t period = l->lease_ms / 3 > 0 ? l->lease_ms / 3 : 1;
@@ -229,6 +243,8 @@ int fl_acquire(const char *path, const char *owner, int64_t lease_ms, fl_lock **
   copy_str(l->owner, sizeof l->owner, owner);
   if (gethostname(l->host, sizeof l->host) != 0) copy_str(l->host, sizeof l->host, "unknown");
   l->host[sizeof l->host - 1] = 0;
+  ssize_t nl = readlink("/proc/self/ns/pid", l->pidns, sizeof l->pidns - 1);
+  l->pidns[nl > 0 ? nl : 0] = 0;
   int rc = rid_make(l->token, sizeof l->token, FL_TOKEN_BYTES, RID_HEX, 0, err);
   if (rc) goto fail;
   /* A few rounds: each lost race either finds a live lock (409) or a path
@@ -272,7 +288,7 @@ int fl_acquire(const char *path, const char *owner, int64_t lease_ms, fl_lock **
     if (rc < 0) goto fail;
     if (rc == 0) continue; /* released meanwhile */
     int64_t now = fl_now_ms(), exp = expiry_of(&h, &st, lease_ms);
-    if (exp > now) {
+    if (exp > now && !own_dead_predecessor(l, &h)) {
       if (holder) *holder = h;
       if (h.expires_ms > 0)
         rc = ts_errf(err, TS_ECONFLICT,

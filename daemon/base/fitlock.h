@@ -3,7 +3,7 @@
  * calibration of a model at a time across every replica.
  *
  * The lock is a file created with O_EXCL. It holds one JSON object: the
- * holder's "owner" (replica id), "host", "pid", "token" (random, this
+ * holder's "owner" (replica id), "host", "pid", "pidns", "token" (random, this
  * acquisition's), "lease_ms" and "expires_ms" (wall clock, ms since the
  * epoch). The holder keeps its descriptor open and a thread of its own
  * rewrites "expires_ms" every lease/3 (and fdatasyncs, so that NFS clients
@@ -11,7 +11,10 @@
  *
  * A lock whose "expires_ms" has passed (a holder killed or hung; hosts are
  * assumed to keep their clocks in step, as with NTP, to well under a lease)
- * is stale and is taken over: the taker renames the file to a unique name and
+ * is stale and is taken over. So is the lock of this replica's own previous
+ * process (same owner, host and pid namespace, and that pid is gone: a
+ * restart after a crash), without waiting for its expiry. A stale lock is
+ * taken over: the taker renames the file to a unique name and
  * checks that what it moved is the very file (inode) it judged stale; only
  * then does it remove it and create its own with O_EXCL. Two takers of one
  * stale lock cannot both win: the second one's rename moves the first one's
@@ -42,6 +45,7 @@ typedef struct fl_holder {
   char owner[FL_OWNER_MAX];
   char host[FL_HOST_MAX];
   long long pid;
+  char pidns[64];     /* the holder's pid namespace ("pid:[4026531836]"), "" unknown */
   int64_t expires_ms; /* wall clock; 0: unknown (the contents could not be read) */
   int64_t lease_ms;
 } fl_holder;

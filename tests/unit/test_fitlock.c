@@ -152,6 +152,40 @@ static void test_killed_holder_expires(void **state) {
   close(p[1]);
 }
 
+/* The same replica restarted after a crash (same owner, host and pid
+ * namespace, its old pid gone) takes its own lock back at once; another
+ * replica would wait for the lease (above). */
+static void test_own_dead_predecessor(void **state) {
+  (void)state;
+  int p[2];
+  assert_int_equal(pipe(p), 0);
+  pid_t k = fork();
+  assert_true(k >= 0);
+  if (k == 0) {
+    fl_lock *l;
+    char c = fl_acquire(lockp, "same", 60000, &l, NULL, NULL) == 0 ? 'y' : 'n';
+    if (write(p[1], &c, 1) != 1) _exit(3);
+    for (;;) pause();
+  }
+  char c = 0;
+  assert_int_equal(read(p[0], &c, 1), 1);
+  assert_int_equal(c, 'y');
+  fl_lock *l;
+  ts_err e = {0};
+  /* alive: refused even to the same owner */
+  assert_int_equal(fl_acquire(lockp, "same", 60000, &l, NULL, &e), -TS_ECONFLICT);
+  kill(k, SIGKILL);
+  waitpid(k, NULL, 0);
+  char msg[512];
+  assert_int_equal(try_in_child("other", 60000, msg, sizeof msg), 1); /* not its own */
+  int rc = fl_acquire(lockp, "same", 60000, &l, NULL, &e);
+  if (rc) print_message("%s\n", e.msg);
+  assert_int_equal(rc, 0);
+  fl_release(l);
+  close(p[0]);
+  close(p[1]);
+}
+
 /* A stale lock and sixteen takers released at once, three times over:
  * exactly one wins each time, and the winner's lock is intact. */
 static void test_one_taker_wins(void **state) {
@@ -250,6 +284,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_held_refuses_and_names_holder, setup, teardown),
       cmocka_unit_test_setup_teardown(test_renewal_keeps_it, setup, teardown),
       cmocka_unit_test_setup_teardown(test_killed_holder_expires, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_own_dead_predecessor, setup, teardown),
       cmocka_unit_test_setup_teardown(test_one_taker_wins, setup, teardown),
       cmocka_unit_test_setup_teardown(test_unreadable_lock_uses_mtime, setup, teardown),
       cmocka_unit_test_setup_teardown(test_lost_lock_left_alone, setup, teardown),
