@@ -27,6 +27,7 @@
 #include "../models/model.h"
 #include "notify.h"
 #include "server.h"
+#include "trace.h"
 #include "transport.h"
 
 static void shutdown_now(server *s) {
@@ -271,6 +272,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   int v6 = 0, port = 0;
   int rc = listen_addr(cfg, &sa, &v6, &port, err);
   if (rc) goto fail_addr;
+  if ((rc = trace_start(cfg, err))) goto fail_addr;
   uv_mutex_init(&s->sync_mu);
   s->sync_mu_ready = 1;
   if (pool_create(&s->pool, (int)cfg->threads, (int)cfg->queue_depth)) {
@@ -283,6 +285,9 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
     goto fail_repo;
   repo_set_weights_load(
       s->repo, cfg->weights_load && strcmp(cfg->weights_load, "read") == 0 ? ST_READ : ST_MMAP);
+  repo_set_fit_lock(s->repo, cfg->replica_id, cfg->fit_lock_lease_seconds * 1000);
+  log_info("replica '%s'; fit lock lease %lld s", cfg->replica_id,
+           (long long)cfg->fit_lock_lease_seconds);
   if ((rc = learn_create(&s->learn, s->repo, s->pool, err))) goto fail_keys;
   if (cfg->api_key_file) {
     if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) goto fail_keys;
@@ -322,6 +327,7 @@ fail_repo:
   pool_destroy(s->pool);
   s->pool = NULL;
 fail_pool:
+  trace_stop();
   uv_mutex_destroy(&s->sync_mu);
   s->sync_mu_ready = 0;
 fail_addr:
@@ -351,6 +357,7 @@ void server_free(server *s) {
   auth_free(s->keys);
   s->keys = NULL;
   free_tls(s);
+  trace_stop(); /* every request has completed: flush their spans */
   uv_mutex_destroy(&s->sync_mu);
   uv_mutex_destroy(&s->done_mu);
   uv_loop_close(s->loop);
