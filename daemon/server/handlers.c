@@ -17,6 +17,7 @@
 #include "metrics.h"
 #include "oip.h"
 #include "repo_json.h"
+#include "sched.h"
 #include "server.h"
 
 /* ---- loop-thread endpoints --------------------------------------------- */
@@ -82,6 +83,7 @@ void ep_metrics(job *j) {
   sbuf b;
   sbuf_init(&b);
   metrics_render(&b, s->repo, pool_queued(s->pool), s->inflight);
+  sched_render(&b, s);
   if (sbuf_failed(&b)) {
     sbuf_free(&b);
     resp_errorf(&j->out, TS_ENOMEM, "out of memory");

@@ -355,6 +355,92 @@ int oip_is_request_param(const char *key) {
   return 0;
 }
 
+/* ---- the priority, read ahead of decoding ------------------------------- */
+
+typedef struct scan {
+  const char *p, *end;
+} scan;
+
+static void sc_ws(scan *c) {
+  while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t')) c->p++;
+}
+
+/* Past a string whose opening quote is at c->p; 0 when unterminated. */
+static int sc_string(scan *c) {
+  c->p++;
+  for (;;) {
+    const char *q = memchr(c->p, '"', (size_t)(c->end - c->p));
+    if (!q) return 0;
+    const char *b = q;
+    while (b > c->p && b[-1] == '\\') b--;
+    c->p = q + 1;
+    if (((q - b) & 1) == 0) return 1; /* an even run of backslashes: the quote ends it */
+  }
+}
+
+/* Past one value of any kind (nesting counted, strings skipped). */
+static int sc_value(scan *c) {
+  sc_ws(c);
+  if (c->p >= c->end) return 0;
+  if (*c->p == '"') return sc_string(c);
+  if (*c->p != '{' && *c->p != '[') {
+    while (c->p < c->end && !strchr(",}] \n\r\t", *c->p)) c->p++;
+    return 1;
+  }
+  int64_t depth = 0;
+  while (c->p < c->end) {
+    char ch = *c->p;
+    if (ch == '"') {
+      if (!sc_string(c)) return 0;
+      continue;
+    }
+    if (ch == '{' || ch == '[') depth++;
+    if (ch == '}' || ch == ']') depth--;
+    c->p++;
+    if (depth == 0) return 1;
+  }
+  return 0;
+}
+
+/* Positions c after the key `want` of the object at c->p and its colon;
+ * 1 found, 0 not. */
+static int sc_member(scan *c, const char *want) {
+  size_t wn = strlen(want);
+  sc_ws(c);
+  if (c->p >= c->end || *c->p != '{') return 0;
+  c->p++;
+  for (;;) {
+    sc_ws(c);
+    if (c->p >= c->end || *c->p != '"') return 0;
+    const char *k = c->p + 1;
+    if (!sc_string(c)) return 0;
+    size_t kn = (size_t)(c->p - 1 - k);
+    sc_ws(c);
+    if (c->p >= c->end || *c->p != ':') return 0;
+    c->p++;
+    if (kn == wn && memcmp(k, want, wn) == 0) return 1;
+    if (!sc_value(c)) return 0;
+    sc_ws(c);
+    if (c->p >= c->end || *c->p != ',') return 0;
+    c->p++;
+  }
+}
+
+int oip_scan_priority(const char *body, size_t len, int64_t *prio) {
+  scan c = {body, body + len};
+  if (!sc_member(&c, "parameters") || !sc_member(&c, "priority")) return 0;
+  sc_ws(&c);
+  int64_t v = 0;
+  int digits = 0;
+  while (c.p < c.end && *c.p >= '0' && *c.p <= '9' && digits < 18) {
+    v = v * 10 + (*c.p++ - '0');
+    digits++;
+  }
+  if (!digits || (c.p < c.end && !strchr(",} \n\r\t", *c.p))) return 0;
+  *prio = v;
+  return 1;
+}
+
 /* Longest timeout a request may ask for: a day (keeps the sum finite). */
 #define MAX_TIMEOUT_S 86400.0
 

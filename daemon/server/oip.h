@@ -58,9 +58,17 @@ typedef struct oip_limits {
  * from OIP clients (NULL-terminated): timeout_ms, timeout (Triton's, in
  * microseconds), binary_data_output, and Triton's sequence_id,
  * sequence_start, sequence_end, priority and headers (accepted and
- * type-checked; tallyd has no sequence batcher or priority queue). */
+ * type-checked; priority orders the model's queue: docs/scheduling.md;
+ * tallyd has no sequence batcher). */
 extern const char *const oip_request_params[];
 int oip_is_request_param(const char *key);
+
+/* The request's "parameters"."priority" read without parsing the body:
+ * one pass over the JSON text that skips every value but the top-level
+ * "parameters" object (the scheduler places a request before a worker
+ * decodes it). 1 with *prio set when it is a non-negative integer, else 0
+ * (absent, another type, escaped key, or not JSON: the decoder says why). */
+int oip_scan_priority(const char *body, size_t len, int64_t *prio);
 
 /* json_len == 0 or == len: the whole body is JSON. max_elements bounds the
  * element count of any one tensor (0: none). */
