@@ -355,7 +355,10 @@ int oip_is_request_param(const char *key) {
   return 0;
 }
 
-/* ---- the priority, read ahead of decoding ------------------------------- */
+/* Longest timeout a request may ask for: a day (keeps the sum finite). */
+#define MAX_TIMEOUT_S 86400.0
+
+/* ---- the scheduling parameters, read ahead of decoding ------------------- */
 
 typedef struct scan {
   const char *p, *end;
@@ -426,23 +429,56 @@ static int sc_member(scan *c, const char *want) {
   }
 }
 
-int oip_scan_priority(const char *body, size_t len, int64_t *prio) {
-  scan c = {body, body + len};
-  if (!sc_member(&c, "parameters") || !sc_member(&c, "priority")) return 0;
-  sc_ws(&c);
-  int64_t v = 0;
-  int digits = 0;
-  while (c.p < c.end && *c.p >= '0' && *c.p <= '9' && digits < 18) {
-    v = v * 10 + (*c.p++ - '0');
-    digits++;
-  }
-  if (!digits || (c.p < c.end && !strchr(",} \n\r\t", *c.p))) return 0;
-  *prio = v;
-  return 1;
+/* A number at c->p (JSON's grammar, loosely): 1 with *out set, else 0. */
+static int sc_number(scan *c, double *out) {
+  char buf[64];
+  size_t n = 0;
+  while (c->p < c->end && n < sizeof buf - 1 && strchr("+-.0123456789eE", *c->p))
+    buf[n++] = *c->p++;
+  buf[n] = 0;
+  if (!n || (c->p < c->end && !strchr(",} \n\r\t", *c->p))) return 0;
+  char *end;
+  *out = strtod(buf, &end);
+  return *end == 0;
 }
 
-/* Longest timeout a request may ask for: a day (keeps the sum finite). */
-#define MAX_TIMEOUT_S 86400.0
+void oip_scan_params(const char *body, size_t len, oip_scanned *out) {
+  memset(out, 0, sizeof *out);
+  scan c = {body, body + len};
+  if (!sc_member(&c, "parameters")) return;
+  sc_ws(&c);
+  if (c.p >= c.end || *c.p != '{') return;
+  c.p++;
+  for (;;) {
+    sc_ws(&c);
+    if (c.p >= c.end || *c.p != '"') return;
+    const char *k = c.p + 1;
+    if (!sc_string(&c)) return;
+    size_t kn = (size_t)(c.p - 1 - k);
+    sc_ws(&c);
+    if (c.p >= c.end || *c.p != ':') return;
+    c.p++;
+    sc_ws(&c);
+    double v;
+    const char *at = c.p;
+    if (kn == 8 && memcmp(k, "priority", 8) == 0 && sc_number(&c, &v)) {
+      if (v >= 0 && v == floor(v) && v < 1e15) {
+        out->has_priority = 1;
+        out->priority = (int64_t)v;
+      }
+    } else if (kn == 10 && memcmp(k, "timeout_ms", 10) == 0 && sc_number(&c, &v)) {
+      if (v > 0 && v <= MAX_TIMEOUT_S * 1e3) out->timeout_s = v / 1e3;
+    } else if (kn == 7 && memcmp(k, "timeout", 7) == 0 && sc_number(&c, &v)) {
+      if (v > 0 && v <= MAX_TIMEOUT_S * 1e6) out->timeout_s = v / 1e6;
+    } else {
+      c.p = at;
+      if (!sc_value(&c)) return;
+    }
+    sc_ws(&c);
+    if (c.p >= c.end || *c.p != ',') return;
+    c.p++;
+  }
+}
 
 /* Type-checks the names the codec knows (oip_request_params) and sets the
  * deadline and the binary default from them. Other names are the model

@@ -63,12 +63,18 @@ typedef struct oip_limits {
 extern const char *const oip_request_params[];
 int oip_is_request_param(const char *key);
 
-/* The request's "parameters"."priority" read without parsing the body:
- * one pass over the JSON text that skips every value but the top-level
- * "parameters" object (the scheduler places a request before a worker
- * decodes it). 1 with *prio set when it is a non-negative integer, else 0
- * (absent, another type, escaped key, or not JSON: the decoder says why). */
-int oip_scan_priority(const char *body, size_t len, int64_t *prio);
+/* What the scheduler needs of a request before a worker decodes it, read
+ * from "parameters" in one pass over the JSON text that skips every other
+ * value: "priority" (a non-negative integer) and the request's own timeout
+ * ("timeout_ms", or Triton's "timeout" in microseconds). A value that is
+ * absent, of another type, out of range, behind an escaped key, or a body
+ * that is not JSON leaves the field unset (the decoder then says why). */
+typedef struct oip_scanned {
+  int has_priority;
+  int64_t priority;
+  double timeout_s; /* 0: none */
+} oip_scanned;
+void oip_scan_params(const char *body, size_t len, oip_scanned *out);
 
 /* json_len == 0 or == len: the whole body is JSON. max_elements bounds the
  * element count of any one tensor (0: none). */

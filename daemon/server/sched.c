@@ -28,14 +28,9 @@ static int lane_of(int route_id) {
 /* The pool level of a request: its "priority" (1 first) when it names one,
  * clamped to the model's levels (the worker refuses one above them), else
  * the model's default level. */
-static int level_of(const job *j, const md_sched *sc) {
-  int64_t pr;
-  if (route_get(j->rt.id)->op == OP_NONE || j->req_coding != ZC_IDENTITY || !j->body) {
-    return sc->default_priority_level;
-  }
-  size_t n = j->json_len ? j->json_len : j->len;
-  if (!oip_scan_priority(j->body, n, &pr) || pr == 0) return sc->default_priority_level;
-  return pr > sc->priority_levels ? sc->priority_levels : (int)pr;
+static int level_of(const oip_scanned *p, const md_sched *sc) {
+  if (!p->has_priority || p->priority == 0) return sc->default_priority_level;
+  return p->priority > sc->priority_levels ? sc->priority_levels : (int)p->priority;
 }
 
 int sched_submit(server *s, job *j, void (*run)(void *), ts_err *err) {
@@ -45,9 +40,16 @@ int sched_submit(server *s, job *j, void (*run)(void *), ts_err *err) {
   defaults.priority_levels = 3;
   defaults.default_priority_level = 2;
   const md_sched *sc = j->ver ? repo_ver_sched(j->ver) : &defaults;
+  /* the parameters the scheduler needs, read ahead of decoding (a
+   * compressed body is inflated by its worker: the defaults hold for it) */
+  oip_scanned p = {0};
+  if (d->op != OP_NONE && j->req_coding == ZC_IDENTITY && j->body)
+    oip_scan_params(j->body, j->json_len ? j->json_len : j->len, &p);
   int64_t timeout_ms =
       sc->default_timeout_ms > 0 ? sc->default_timeout_ms : s->cfg->request_timeout_ms;
-  if (timeout_ms > 0 && (d->flags & RF_DEADLINE))
+  if (p.timeout_s > 0)
+    atomic_store(&j->deadline, j->t_submit + p.timeout_s);
+  else if (timeout_ms > 0 && (d->flags & RF_DEADLINE))
     atomic_store(&j->deadline, j->t_submit + (double)timeout_ms / 1000.0);
   const char *name = j->ver ? repo_ver_model(j->ver) : j->rt.model;
   pool_q *q = name[0] ? pool_queue(s->pool, name) : NULL;
@@ -56,7 +58,7 @@ int sched_submit(server *s, job *j, void (*run)(void *), ts_err *err) {
     rc = pool_submit(s->pool, run, j);
   } else {
     if (j->ver) pool_queue_limits(s->pool, q, sc->max_concurrency, sc->max_queue_size);
-    rc = pool_submit_q(s->pool, q, lane_of(j->rt.id), level_of(j, sc), run, j);
+    rc = pool_submit_q(s->pool, q, lane_of(j->rt.id), level_of(&p, sc), run, j);
   }
   if (rc == POOL_QFULL)
     return ts_errf(err, TS_EBUSY,
