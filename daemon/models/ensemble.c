@@ -36,6 +36,7 @@
 #include "../base/mem.h"
 #include "../base/safetensors.h"
 #include "../methods/aware.h"
+#include "../methods/calib.h"
 #include "model.h"
 
 extern const md_kind md_kind_ensemble;
@@ -50,7 +51,8 @@ typedef struct ens_state {
   unsigned char *hosted; /* [n] */
   int n_hosted;
   double threshold;
-  double *theta; /* [F] */
+  double *theta;      /* [F] */
+  double temperature; /* calibration.temperature, 1 when the version has none */
 } ens_state;
 
 /* ---- load --------------------------------------------------------------- */
@@ -209,6 +211,20 @@ static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
     }
     for (int f = 0; f < F; f++) s->theta[f] = ((const float *)t.data)[f];
     ts_free(&t);
+  }
+  s->temperature = 1.0;
+  if (ctx->weights && st_find(ctx->weights, "calibration.temperature") >= 0) {
+    ts_tensor t;
+    int64_t shape[1] = {1};
+    if ((rc = st_get_f32(ctx->weights, "calibration.temperature", 1, shape, &t, err))) goto fail;
+    double T = ((const float *)t.data)[0];
+    ts_free(&t);
+    if (!(T >= CAL_T_MIN && T <= CAL_T_MAX)) {
+      rc = ts_errf(err, TS_EINVAL, "calibration.temperature is %g; expected in [%g, %g]", T,
+                   CAL_T_MIN, CAL_T_MAX);
+      goto fail;
+    }
+    s->temperature = T;
   }
   *state = s;
   return 0;
@@ -448,6 +464,7 @@ static int infer(void *state, md_call *c, ts_err *err) {
     return ts_errf(err, TS_ENOMEM, "out of memory for %lld rows", (long long)B);
   }
   aw_combine(&s->spec, B, P, s->theta, y);
+  if (s->temperature != 1.0) cal_temp_apply(B, C, y, s->temperature, y);
   int64_t ps[2] = {B, C}, fs[3] = {B, F, C};
   float *po = md_output(c, "probability", TS_FP32, C > 1 ? 2 : 1, ps, err);
   float *fo = po ? md_output(c, "family_probability", TS_FP32, C > 1 ? 3 : 2, fs, err) : NULL;
@@ -470,7 +487,7 @@ static int read_labels(const ens_state *s, const md_call *c, int64_t B, int32_t 
   const ts_tensor *t;
   int rc = md_input(c, "labels", &t, err);
   if (rc) {
-    ts_err_prefix(err, "fit and evaluate need labels [B] (%s)",
+    ts_err_prefix(err, "fit, evaluate and calibrate need labels [B] (%s)",
                   s->spec.C > 1 ? "a class index per row" : "0 or 1 per row");
     return rc;
   }
@@ -575,33 +592,109 @@ static json_t *families_json(const ens_state *s, const met_scores *fm) {
   return o;
 }
 
+/* ---- calibration ------------------------------------------------------------ */
+
+/* y [N, Cc] as served: the mixture under theta, then the temperature T. */
+static int served_probs(const ens_state *s, const ens_data *d, const double *theta, double T,
+                        double **out, ts_err *err) {
+  double *y = tl_malloc(sizeof(double) * (size_t)d->N * (size_t)s->Cc);
+  if (!y) return ts_errf(err, TS_ENOMEM, "out of memory for %lld rows", (long long)d->N);
+  aw_combine(&s->spec, d->N, d->P, theta, y);
+  if (T != 1.0) cal_temp_apply(d->N, s->spec.C, y, T, y);
+  *out = y;
+  return 0;
+}
+
+static int read_bins(const md_call *c, int *out, ts_err *err) {
+  int64_t nb;
+  int rc = md_param_int(c->params, "ece_bins", 15, &nb, err);
+  if (!rc && (nb < 1 || nb > CAL_MAX_BINS))
+    rc = ts_errf(err, TS_EINVAL, "parameter 'ece_bins': %lld; expected 1 to %d", (long long)nb,
+                 CAL_MAX_BINS);
+  *out = (int)nb;
+  return rc;
+}
+
+/* {"ece", "mce", "bins": n, "reliability": [{lower, upper, count, confidence,
+ * accuracy}, ...]} of served probabilities y. */
+static json_t *reliability_json(const ens_state *s, const ens_data *d, const double *y, int nb,
+                                ts_err *err) {
+  cal_bin *bins = tl_malloc(sizeof *bins * (size_t)nb);
+  json_t *arr = json_array();
+  if (!bins || !arr) {
+    tl_free(bins);
+    json_decref(arr);
+    ts_errf(err, TS_ENOMEM, "out of memory");
+    return NULL;
+  }
+  double ece, mce;
+  cal_reliability(d->N, s->spec.C, y, d->labels, nb, bins, &ece, &mce);
+  for (int b = 0; b < nb; b++)
+    json_array_append_new(
+        arr, json_pack("{s:f, s:f, s:I, s:o, s:o}", "lower", (double)b / nb, "upper",
+                       (double)(b + 1) / nb, "count", (json_int_t)bins[b].count, "confidence",
+                       jnum(bins[b].confidence), "accuracy", jnum(bins[b].accuracy)));
+  tl_free(bins);
+  json_t *o = json_pack("{s:o, s:o, s:i, s:o}", "ece", jnum(ece), "mce", jnum(mce), "bins", nb,
+                        "reliability", arr);
+  if (!o) ts_errf(err, TS_ENOMEM, "out of memory");
+  return o;
+}
+
+/* The served probabilities' metrics and reliability under (theta, T). */
+static int served_scores(const ens_state *s, const ens_data *d, const double *theta, double T,
+                         double thr, int nb, json_t **metrics, json_t **calib, ts_err *err) {
+  double *y = NULL;
+  int rc = served_probs(s, d, theta, T, &y, err);
+  if (rc) return rc;
+  met_scores m;
+  if (!(rc = met_all(d->N, s->spec.C, y, d->labels, thr, &m, err))) {
+    *metrics = scores_json(&m);
+    *calib = reliability_json(s, d, y, nb, err);
+    if (*calib) json_object_set_new(*calib, "temperature", json_real(T));
+    if (!*metrics || !*calib) {
+      json_decref(*metrics);
+      json_decref(*calib);
+      *metrics = *calib = NULL;
+      rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    }
+  }
+  tl_free(y);
+  return rc;
+}
+
 /* ---- evaluate -------------------------------------------------------------- */
 
 static int evaluate(void *state, md_call *c, ts_err *err) {
   ens_state *s = state;
   double thr;
+  int nb;
   int rc = read_threshold(s, c, &thr, err);
+  if (!rc) rc = read_bins(c, &nb, err);
   if (rc) return rc;
   ens_data d;
   if ((rc = labelled(s, c, &d, err))) return rc;
   int F = s->spec.F;
-  met_scores ens, uni, *fm = tl_calloc((size_t)F, sizeof *fm);
+  met_scores uni, *fm = tl_calloc((size_t)F, sizeof *fm);
   if (!fm) {
     ens_data_free(&d);
     return ts_errf(err, TS_ENOMEM, "out of memory");
   }
-  rc = aw_eval(&s->spec, d.P, d.labels, NULL, d.N, s->theta, thr, &ens, err);
+  json_t *ens = NULL, *cal = NULL;
+  rc = served_scores(s, &d, s->theta, s->temperature, thr, nb, &ens, &cal, err);
   if (!rc) rc = aw_eval(&s->spec, d.P, d.labels, NULL, d.N, NULL, thr, &uni, err);
   for (int f = 0; f < F && !rc; f++)
     rc = aw_eval_family(&s->spec, d.P, d.labels, NULL, d.N, f, thr, &fm[f], err);
   if (!rc) {
     double alpha[AW_MAX_FAMILIES];
     aw_alpha(F, s->theta, alpha);
-    c->result = json_pack("{s:o, s:o, s:o, s:I, s:{s:o}}", "metrics", scores_json(&ens), "families",
-                          families_json(s, fm), "uniform", scores_json(&uni), "rows",
+    c->result = json_pack("{s:O, s:O, s:o, s:o, s:I, s:{s:o}}", "metrics", ens, "calibration", cal,
+                          "families", families_json(s, fm), "uniform", scores_json(&uni), "rows",
                           (json_int_t)d.N, "weights", "alpha", doubles_json(alpha, F));
     if (!c->result) rc = ts_errf(err, TS_ENOMEM, "out of memory");
   }
+  json_decref(ens);
+  json_decref(cal);
   tl_free(fm);
   ens_data_free(&d);
   return rc;
@@ -790,22 +883,105 @@ out:
   return rc;
 }
 
+/* ---- calibrate ---------------------------------------------------------------- */
+
+/* Temperature scaling: T fitted on the labelled rows to the mixture under the
+ * version's theta (from T = 1, whatever T the version has), saved with theta
+ * unchanged as a new version. */
+static int calibrate(void *state, md_call *c, ts_err *err) {
+  ens_state *s = state;
+  const char *method;
+  double thr;
+  int nb;
+  int64_t max_iter;
+  int rc = md_param_string(c->params, "method", "temperature", &method, err);
+  if (!rc) rc = read_threshold(s, c, &thr, err);
+  if (!rc) rc = read_bins(c, &nb, err);
+  if (!rc) rc = int_param(c->params, "max_iter", 100, 1, 10000, &max_iter, err);
+  if (rc) return rc;
+  if (strcmp(method, "temperature") != 0)
+    return ts_errf(err, TS_EINVAL,
+                   "parameter 'method': '%s'; the ensemble kind calibrates by \"temperature\"",
+                   method);
+  char sha[HASH_HEX_LEN + 1];
+  if ((rc = hash_inputs(c->inputs, sha, err))) return rc;
+  ens_data d;
+  if ((rc = labelled(s, c, &d, err))) return rc;
+  int F = s->spec.F;
+  double *y = NULL;
+  json_t *mb = NULL, *cb = NULL, *ma = NULL, *ca = NULL;
+  st_writer *w = NULL;
+  cal_temp_report rep;
+  if ((rc = md_check_deadline(c, err)) || (rc = served_probs(s, &d, s->theta, 1.0, &y, err)) ||
+      (rc = cal_temp_fit(d.N, s->spec.C, y, d.labels, (int)max_iter, 1e-9, &rep, err)))
+    goto out;
+  /* the version stores T as FP32: score and report what will be served */
+  float t32 = (float)rep.temperature, th32[AW_MAX_FAMILIES];
+  double T = t32;
+  if ((rc = served_scores(s, &d, s->theta, s->temperature, thr, nb, &mb, &cb, err)) ||
+      (rc = served_scores(s, &d, s->theta, T, thr, nb, &ma, &ca, err)))
+    goto out;
+  json_t *metrics = json_pack("{s:O, s:O}", "before", mb, "after", ma);
+  json_t *calib = json_pack("{s:O, s:O}", "before", cb, "after", ca);
+  json_t *info =
+      json_pack("{s:s, s:f, s:f, s:i, s:b, s:f, s:f}", "method", "temperature", "temperature", T,
+                "parent_temperature", s->temperature, "iterations", rep.iterations, "at_bound",
+                rep.at_bound, "loss_before", rep.loss_before, "loss_after", rep.loss_after);
+  if (metrics && calib && info) {
+    c->result = json_pack("{s:O, s:O, s:O, s:I}", "calibration", info, "metrics", metrics,
+                          "reliability", calib, "rows", (json_int_t)d.N);
+    c->new_version_info =
+        json_pack("{s:O, s:O, s:O, s:I, s:s}", "calibrate", info, "metrics", metrics, "reliability",
+                  calib, "rows", (json_int_t)d.N, "sha256_calibration_data", sha);
+  }
+  json_decref(metrics);
+  json_decref(calib);
+  json_decref(info);
+  if (!c->result || !c->new_version_info) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    goto out;
+  }
+  for (int f = 0; f < F; f++) th32[f] = (float)s->theta[f];
+  int64_t shape[1] = {F}, one[1] = {1};
+  if (!(w = st_writer_new())) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    goto out;
+  }
+  if ((rc = st_writer_add(w, "tier2.logits", TS_FP32, 1, shape, th32, err)) ||
+      (rc = st_writer_add(w, "calibration.temperature", TS_FP32, 1, one, &t32, err)))
+    goto out;
+  c->new_weights = w;
+  w = NULL;
+out:
+  if (w) st_writer_free(w);
+  json_decref(mb);
+  json_decref(cb);
+  json_decref(ma);
+  json_decref(ca);
+  tl_free(y);
+  ens_data_free(&d);
+  return rc;
+}
+
 /* Request parameters (model.h): fit_opts' and read_threshold's names. */
 static const char *const fit_params[] = {"epochs",     "batch_size",    "seed",
                                          "patience",   "learning_rate", "weight_decay",
                                          "l2",         "min_delta",     "validation_fraction",
                                          "warm_start", "threshold",     NULL};
-static const char *const evaluate_params[] = {"threshold", NULL};
+static const char *const evaluate_params[] = {"threshold", "ece_bins", NULL};
+static const char *const calibrate_params[] = {"method", "threshold", "ece_bins", "max_iter", NULL};
 /* member_outputs (inputs): either input, whatever the signature shows */
 static const char *const infer_inputs[] = {"features", "member_outputs", NULL};
 
-const md_kind md_kind_ensemble = {
-    .name = "ensemble",
-    .params = {[MD_OP_FIT] = fit_params, [MD_OP_EVALUATE] = evaluate_params},
-    .infer_inputs = infer_inputs,
-    .load = load,
-    .signature = signature,
-    .infer = infer,
-    .fit = fit,
-    .evaluate = evaluate,
-    .free = free_state};
+const md_kind md_kind_ensemble = {.name = "ensemble",
+                                  .params = {[MD_OP_FIT] = fit_params,
+                                             [MD_OP_EVALUATE] = evaluate_params,
+                                             [MD_OP_CALIBRATE] = calibrate_params},
+                                  .infer_inputs = infer_inputs,
+                                  .load = load,
+                                  .signature = signature,
+                                  .infer = infer,
+                                  .fit = fit,
+                                  .evaluate = evaluate,
+                                  .calibrate = calibrate,
+                                  .free = free_state};

@@ -17,6 +17,7 @@
 #include <uv.h>
 
 #include "../base/check.h"
+#include "../base/fitlock.h"
 #include "../base/fsutil.h"
 #include "../base/hash.h"
 #include "../base/jtext.h"
@@ -95,7 +96,18 @@ struct repo {
   st_load weights_load; /* how model.safetensors is read */
   repo_event_fn event_fn;
   void *event_data;
+  /* The fit lock across replicas (repo.h, base/fitlock.h): who we are, the
+   * lease, and the locks held by running fits (under mu). */
+  char fit_owner[64];
+  int64_t fit_lease_ms;
+  struct fit_hold *holds;
 };
+
+typedef struct fit_hold {
+  char *name;
+  fl_lock *lock;
+  struct fit_hold *next;
+} fit_hold;
 
 /* The two mutexes, through these so that debug builds know the holder. */
 static void repo_lock(repo_t *r) {
@@ -1014,6 +1026,36 @@ int repo_fit_begin(repo_t *r, const char *name, ts_err *err) {
     rc = ts_errf(err, TS_ECONFLICT, "a fit or calibration of model '%s' is already running", name);
   else
     m->fit_running = 1;
+  int64_t lease = r->fit_lease_ms;
+  repo_unlock(r);
+  if (rc || lease <= 0) return rc;
+  /* Across replicas: the lock file in the model directory. One O_EXCL
+   * create and a write of a few hundred bytes, no fsync (the renewer thread
+   * makes it durable): the claim stays cheap enough for the loop thread. */
+  char path[PATH_MAX];
+  pathf(path, sizeof path, "%s/%s/" REPO_FIT_LOCK, r->root, name);
+  fit_hold *h = tl_calloc(1, sizeof *h);
+  if (!h || !(h->name = tl_strdup(name))) {
+    tl_free(h);
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+  } else if ((rc = fl_acquire(path, r->fit_owner, lease, &h->lock, NULL, err)) != 0) {
+    if (rc == -TS_ECONFLICT)
+      ts_err_prefix(err,
+                    "a fit or calibration of model '%s' is already running on another "
+                    "replica",
+                    name);
+    else
+      ts_err_prefix(err, "model '%s': the fit lock", name);
+    tl_free(h->name);
+    tl_free(h);
+  }
+  repo_lock(r);
+  if (rc) {
+    if ((m = find_model(r, name))) m->fit_running = 0;
+  } else {
+    h->next = r->holds;
+    r->holds = h;
+  }
   repo_unlock(r);
   return rc;
 }
@@ -1022,7 +1064,28 @@ void repo_fit_end(repo_t *r, const char *name) {
   repo_lock(r);
   repo_model *m = find_model(r, name);
   if (m) m->fit_running = 0;
+  fit_hold *h = NULL;
+  for (fit_hold **pp = &r->holds; *pp; pp = &(*pp)->next)
+    if (strcmp((*pp)->name, name) == 0) {
+      h = *pp;
+      *pp = h->next;
+      break;
+    }
   repo_unlock(r);
+  if (!h) return;
+  if (fl_lost(h->lock))
+    log_warn(
+        "model '%s': the fit lock was taken over by another replica while this fit ran "
+        "(it stalled past its lease)",
+        name);
+  fl_release(h->lock);
+  tl_free(h->name);
+  tl_free(h);
+}
+
+void repo_set_fit_lock(repo_t *r, const char *owner, int64_t lease_ms) {
+  snprintf(r->fit_owner, sizeof r->fit_owner, "%s", owner ? owner : "");
+  r->fit_lease_ms = lease_ms;
 }
 
 /* fs_claim_version's step: version.json for the number being claimed. */
@@ -1202,6 +1265,13 @@ void repo_close(repo_t *r) {
   if (r->only)
     for (char **o = r->only; *o; o++) tl_free(*o);
   tl_free(r->only);
+  while (r->holds) {
+    fit_hold *h = r->holds;
+    r->holds = h->next;
+    fl_release(h->lock);
+    tl_free(h->name);
+    tl_free(h);
+  }
   uv_mutex_destroy(&r->mu);
   uv_mutex_destroy(&r->sync_mu);
   tl_free(r->root);

@@ -134,9 +134,17 @@ const json_t *repo_ver_info(const repo_ver *v);
 int repo_all_ready(repo_t *r);
 int repo_count_models(repo_t *r, int *ready);
 
-/* One fit/calibrate per model: -TS_ECONFLICT when one runs. */
+/* One fit/calibrate per model: -TS_ECONFLICT when one runs, in this process
+ * or (with a fit lock, repo_set_fit_lock) on any replica sharing the
+ * repository: the lock file <model>/.fit-lock (base/fitlock.h) is taken
+ * here, renewed while the fit runs and removed by repo_fit_end; the 409
+ * names the replica that holds it. */
 int repo_fit_begin(repo_t *r, const char *name, ts_err *err);
 void repo_fit_end(repo_t *r, const char *name);
+#define REPO_FIT_LOCK ".fit-lock"
+/* owner: this replica's id, written into the lock; lease_ms: the lease
+ * (renewed every third of it); 0: no lock file, the claim is per process. */
+void repo_set_fit_lock(repo_t *r, const char *owner, int64_t lease_ms);
 
 /* Saves call->new_weights and version.json (parent, call->new_version_info,
  * the sha256 of the weights) atomically as the next version of `parent`'s

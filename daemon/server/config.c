@@ -1,12 +1,14 @@
 /* config.c - flags and config file (see config.h). */
 #include "config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../base/mem.h"
 
@@ -96,6 +98,13 @@ static const opt opts[] = {
      "into memory, immune to later writes to the file (default mmap)"},
     {"repository-poll-secs", T_INT, O(repository_poll_secs), 0, 86400, "N",
      "rescan the model repository every N seconds, as at SIGHUP (default 0: only at SIGHUP)"},
+    {"replica-id", T_STR, O(replica_id), 0, 0, "ID",
+     "this replica's name, in fit locks and session ids: 1-63 letters, digits, '_' or '-' "
+     "(default: the host name's first label, other characters as '-')"},
+    {"fit-lock-lease-seconds", T_INT, O(fit_lock_lease_seconds), 0, 86400, "S",
+     "a fit or calibration holds <model>/.fit-lock in the repository, renewed every third of "
+     "this lease; a replica killed mid-fit blocks the model this long at most; 0 = no lock file, "
+     "one fit per model per process only (default 30)"},
     {"keygen", T_FLAG, O(keygen), 0, 0, NULL,
      "print a new random API key and its key-file line, then exit"},
     {"scope", T_STR, O(scope), 0, 0, "SCOPE",
@@ -123,6 +132,31 @@ void cfg_defaults(srv_config *c) {
   c->max_inputs = 64;
   c->max_outputs = 64;
   c->max_response_bytes = 256ll << 20;
+  c->fit_lock_lease_seconds = 30;
+}
+
+int cfg_replica_id_valid(const char *s) {
+  size_t n = s ? strlen(s) : 0;
+  if (n < 1 || n > CFG_REPLICA_ID_MAX) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (!isalnum((unsigned char)s[i]) && s[i] != '_' && s[i] != '-') return 0;
+  return 1;
+}
+
+/* The default replica id: the host name's first label (a pod's name in
+ * Kubernetes), other characters as '-', at most CFG_REPLICA_ID_MAX. */
+static int default_replica_id(char **slot) {
+  char host[256] = "", id[CFG_REPLICA_ID_MAX + 1];
+  if (gethostname(host, sizeof host) != 0) host[0] = 0;
+  host[sizeof host - 1] = 0;
+  size_t n = 0;
+  for (const char *p = host; *p && *p != '.' && n < CFG_REPLICA_ID_MAX; p++)
+    id[n++] = isalnum((unsigned char)*p) || *p == '_' ? *p : '-';
+  id[n] = 0;
+  char *d = tl_strdup(n ? id : "tallyd");
+  if (!d) return -1;
+  *slot = d;
+  return 0;
 }
 
 static const opt *find_opt(const char *name) {
@@ -277,6 +311,12 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
     return ts_errf(err, TS_EINVAL, "--tls-cert and --tls-key go together (one of them is missing)");
   if (c->scope && strcmp(c->scope, "infer") != 0 && strcmp(c->scope, "admin") != 0)
     return ts_errf(err, TS_EINVAL, "--scope must be infer or admin, not '%s'", c->scope);
+  if (!c->replica_id && default_replica_id(&c->replica_id)) return -TS_ENOMEM;
+  if (!cfg_replica_id_valid(c->replica_id))
+    return ts_errf(err, TS_EINVAL,
+                   "--replica-id '%.80s': 1-%d letters, digits, '_' or '-' (it names the replica "
+                   "in session ids and fit locks)",
+                   c->replica_id, CFG_REPLICA_ID_MAX);
   if (!c->weights_load && set_str(&c->weights_load, "mmap", err)) return -TS_ENOMEM;
   if (strcmp(c->weights_load, "read") != 0 && strcmp(c->weights_load, "mmap") != 0)
     return ts_errf(err, TS_EINVAL, "--weights-load must be read or mmap, not '%s'",

@@ -47,8 +47,11 @@ typedef struct srv_config {
   int64_t max_batch;            /* largest leading dimension of an input; 0: none */
   int64_t max_sequence_length;  /* largest token/query/key length; 0: none */
   int64_t repository_poll_secs; /* rescan period; 0: only at SIGHUP */
-  char *weights_load;           /* "mmap" (default) or "read" (a private copy) */
-  char *scope;                  /* --keygen: the new key's scope */
+  /* scale-out (docs/deployment.md, Scaling) */
+  char *replica_id;               /* this replica's name in fit locks and session ids */
+  int64_t fit_lock_lease_seconds; /* the fit lock's lease across replicas; 0: none */
+  char *weights_load;             /* "mmap" (default) or "read" (a private copy) */
+  char *scope;                    /* --keygen: the new key's scope */
   int keygen;
   int help, version;
 } srv_config;
@@ -58,6 +61,10 @@ void cfg_defaults(srv_config *c);
 int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err);
 void cfg_free(srv_config *c);
 void cfg_usage(FILE *out);
+/* 1 when s is a valid replica id: 1..CFG_REPLICA_ID_MAX letters, digits,
+ * '_' and '-' (no '.': it ends the replica part of a session id). */
+#define CFG_REPLICA_ID_MAX 63
+int cfg_replica_id_valid(const char *s);
 /* Splits c->listen into host and port. */
 int cfg_listen(const srv_config *c, char *host, size_t hostlen, int *port, ts_err *err);
 

@@ -284,6 +284,9 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
     goto fail_repo;
   repo_set_weights_load(
       s->repo, cfg->weights_load && strcmp(cfg->weights_load, "read") == 0 ? ST_READ : ST_MMAP);
+  repo_set_fit_lock(s->repo, cfg->replica_id, cfg->fit_lock_lease_seconds * 1000);
+  log_info("replica '%s'; fit lock lease %lld s", cfg->replica_id,
+           (long long)cfg->fit_lock_lease_seconds);
   if (cfg->api_key_file) {
     if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) goto fail_keys;
     log_info("%d API keys from %s", auth_count(s->keys), cfg->api_key_file);

@@ -148,6 +148,10 @@ class Ctx:
                          {"name": "f3", "members": [{"external": "e4"}, {"external": "e5"},
                                                     {"external": "e6"}]}]},
             {"tier2.logits": ("F32", [3], self.theta_tri)})
+        write_model(self.repo, "calext", {
+            "kind": "ensemble", "member_output": "logit", "version_policy": {"latest": {"num_versions": 2}},
+            "families": [{"name": "f", "members": [{"external": "e1"}, {"external": "e2"}]}]},
+            None)
         write_model(self.repo, "mixed", {
             "kind": "ensemble", "member_output": "logit",
             "families": [{"name": "f", "members": [{"model": "a1"}, {"external": "outside"}]}]},
@@ -541,6 +545,85 @@ def test_concurrent_fit_conflict(c):
         time.sleep(0.05)
         r = c.d.post("/v2/models/busy/fit", small)
     check_status(r, 200)
+
+
+def ref_temperature(y, labels):
+    """The log-loss-minimising T by golden-section search in log T (no
+    derivatives): an independent check of the daemon's Newton fit."""
+    eps = 1e-7
+    z = [math.log(min(max(p, eps), 1 - eps)) - math.log(1 - min(max(p, eps), 1 - eps)) for p in y]
+
+    def loss(u):
+        T = math.exp(u)
+        s = 0.0
+        for zi, t in zip(z, labels):
+            a = zi / T
+            sp = max(a, 0) + math.log1p(math.exp(-abs(a)))
+            s += sp - t * a
+        return s / len(z)
+    a, b, g = math.log(0.01), math.log(100), (math.sqrt(5) - 1) / 2
+    for _ in range(120):
+        c_, d_ = b - g * (b - a), a + g * (b - a)
+        if loss(c_) < loss(d_):
+            b = d_
+        else:
+            a = c_
+    return math.exp((a + b) / 2)
+
+
+def test_calibrate_temperature(c):
+    """Temperature scaling: members four times too sure; calibrate fits T
+    (checked against a golden-section search here), writes version 2, which
+    serves sigmoid(logit(y) / T) and whose evaluate shows the lower ECE in
+    its reliability bins (15 by default)."""
+    rng = random.Random(21)
+    rows, labels = [], []
+    for _ in range(300):
+        t = rng.uniform(-2, 2)
+        labels.append(1 if rng.random() < sigmoid(t) else 0)
+        rows.append([4 * t + rng.gauss(0, 0.1), 4 * t + rng.gauss(0, 0.1)])
+    rows = [[f32(v) for v in r] for r in rows]
+    body = {"inputs": [tensor("member_outputs", rows), tensor("labels", labels, datatype="INT32")]}
+    ev1 = check_status(c.d.post("/v2/models/calext/evaluate", body), 200).json()
+    cal1 = ev1["calibration"]
+    check(cal1["temperature"] == 1.0 and cal1["bins"] == 15 and len(cal1["reliability"]) == 15, cal1)
+    check(sum(b["count"] for b in cal1["reliability"]) == 300, cal1)
+    r = check_status(c.d.post("/v2/models/calext/calibrate", body), 200).json()
+    check(r["model_version"] == "2" and r["parent_version"] == 1, r)
+    T = r["calibration"]["temperature"]
+    y = [(sigmoid(a) + sigmoid(b)) / 2 for a, b in rows]
+    want = ref_temperature(y, labels)
+    check(abs(T - want) <= 1e-4 * want, (T, want))
+    check(r["reliability"]["after"]["ece"] < r["reliability"]["before"]["ece"], r["reliability"])
+    check(r["metrics"]["after"]["log_loss"] < r["metrics"]["before"]["log_loss"], r["metrics"])
+    check(r["metrics"]["after"]["auc"] == r["metrics"]["before"]["auc"], r["metrics"])
+    # version 2 serves the scaled probability
+    inf = check_status(c.d.post("/v2/models/calext/infer",
+                                {"inputs": [tensor("member_outputs", [[2.0, 1.0]])]}), 200)
+    p = (sigmoid(2.0) + sigmoid(1.0)) / 2
+    check_close_list(output(inf, "probability")["data"],
+                     [sigmoid((math.log(p) - math.log(1 - p)) / f32(T))], "probability", rel=1e-5)
+    ev2 = check_status(c.d.post("/v2/models/calext/evaluate",
+                                dict(body, parameters={"ece_bins": 5})), 200).json()
+    check(abs(ev2["calibration"]["temperature"] - T) < 1e-6 and ev2["calibration"]["bins"] == 5,
+          ev2["calibration"])
+    check(ev2["calibration"]["ece"] < cal1["ece"], (ev2["calibration"], cal1))
+    # version 1 still serves unscaled
+    v1 = check_status(c.d.post("/v2/models/calext/versions/1/evaluate", body), 200).json()
+    check(v1["calibration"]["temperature"] == 1.0, v1["calibration"])
+    # refusals: by name, as JSON errors
+    e = check_status(c.d.post("/v2/models/calext/calibrate",
+                              dict(body, parameters={"method": "platt"})), 400).json()
+    check("platt" in e["error"], e)
+    e = check_status(c.d.post("/v2/models/calext/calibrate",
+                              dict(body, parameters={"bins": 3})), 400).json()
+    check("bins" in e["error"], e)
+    e = check_status(c.d.post("/v2/models/calext/evaluate",
+                              dict(body, parameters={"ece_bins": 100000})), 400).json()
+    check("ece_bins" in e["error"], e)
+    e = check_status(c.d.post("/v2/models/calext/calibrate",
+                              {"inputs": [tensor("member_outputs", rows)]}), 400).json()
+    check("labels" in e["error"], e)
 
 
 def test_clean_exit(c):

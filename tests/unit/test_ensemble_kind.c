@@ -364,6 +364,103 @@ static void test_fit(void **st) {
   md_kind_find("ensemble")->free(state);
 }
 
+/* calibrate: temperature scaling of overconfident members. The new weights
+ * hold theta unchanged and calibration.temperature; a version loaded from
+ * them serves sigmoid(logit(y) / T) and its evaluate shows a lower ECE. */
+static void test_calibrate_temperature(void **st) {
+  (void)st;
+  ts_err err = {0};
+  void *state;
+  assert_int_equal(load_cfg(BIN3, NULL, &state, &err), 0);
+  const md_kind *k = md_kind_find("ensemble");
+  enum { N = 400 };
+  static float z[N * 3];
+  static int32_t lab[N];
+  uint64_t r = 5;
+  for (int b = 0; b < N; b++) {
+    double t = 4 * (double)((r = r * 6364136223846793005ull + 1442695040888963407ull) >> 11) /
+                   9007199254740992.0 -
+               2;
+    double u = (double)((r = r * 6364136223846793005ull + 1442695040888963407ull) >> 11) /
+               9007199254740992.0;
+    lab[b] = u < 1 / (1 + exp(-t));
+    z[b * 3] = z[b * 3 + 1] = z[b * 3 + 2] = (float)(4 * t); /* four times too sure */
+  }
+  ts_list in;
+  ts_list_init(&in);
+  int64_t sh[2] = {N, 3};
+  add_f32(&in, "member_outputs", 2, sh, z);
+  add_i32(&in, "labels", N, lab);
+  md_call c;
+  md_call_init(&c);
+  c.inputs = &in;
+  c.params = json_pack("{s:s, s:i}", "method", "temperature", "ece_bins", 10);
+  int rc = k->calibrate(state, &c, &err);
+  if (rc) fail_msg("calibrate: %s", err.msg);
+  double T =
+      json_real_value(json_object_get(json_object_get(c.result, "calibration"), "temperature"));
+  assert_true(T > 2.5 && T < 6);
+  json_t *rel = json_object_get(c.result, "reliability");
+  double ece0 = json_real_value(json_object_get(json_object_get(rel, "before"), "ece"));
+  double ece1 = json_real_value(json_object_get(json_object_get(rel, "after"), "ece"));
+  assert_true(ece1 < ece0);
+  assert_int_equal(json_array_size(json_object_get(json_object_get(rel, "after"), "reliability")),
+                   10);
+  json_t *m = json_object_get(c.result, "metrics");
+  assert_true(json_real_value(json_object_get(json_object_get(m, "after"), "log_loss")) <
+              json_real_value(json_object_get(json_object_get(m, "before"), "log_loss")));
+  assert_non_null(json_object_get(c.new_version_info, "sha256_calibration_data"));
+  char path[] = "/tmp/tallyd-test-ens-XXXXXX";
+  close(mkstemp(path));
+  assert_int_equal(st_writer_save(c.new_weights, path, &err), 0);
+  json_decref((json_t *)c.params);
+  md_call_free(&c);
+  st_file *f;
+  assert_int_equal(st_open(&f, path, &err), 0);
+  void *s2;
+  assert_int_equal(load_cfg(BIN3, f, &s2, &err), 0);
+  /* infer: uniform theta, one row whose members all say logit 2 */
+  float z1[3] = {2, 2, 2};
+  ts_list in1;
+  ts_list_init(&in1);
+  int64_t sh1[2] = {1, 3};
+  add_f32(&in1, "member_outputs", 2, sh1, z1);
+  md_call_init(&c);
+  c.inputs = &in1;
+  assert_int_equal(k->infer(s2, &c, &err), 0);
+  double got = ((const float *)c.outputs.items[0].data)[0];
+  assert_true(fabs(got - sig(2.0 / (float)T)) < 1e-6);
+  md_call_free(&c);
+  ts_list_free(&in1);
+  /* evaluate on the same rows: the served ECE is calibrate's "after" */
+  md_call_init(&c);
+  c.inputs = &in;
+  c.params = json_pack("{s:i}", "ece_bins", 10);
+  assert_int_equal(k->evaluate(s2, &c, &err), 0);
+  json_t *cal = json_object_get(c.result, "calibration");
+  assert_true(fabs(json_real_value(json_object_get(cal, "ece")) - ece1) < 1e-9);
+  assert_true(fabs(json_real_value(json_object_get(cal, "temperature")) - T) < 1e-12);
+  json_decref((json_t *)c.params);
+  md_call_free(&c);
+  /* refusals by name */
+  md_call_init(&c);
+  c.inputs = &in;
+  c.params = json_pack("{s:s}", "method", "isotonic");
+  assert_int_equal(k->calibrate(s2, &c, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "isotonic"));
+  json_decref((json_t *)c.params);
+  c.params = json_pack("{s:i}", "ece_bins", 0);
+  assert_int_equal(k->evaluate(s2, &c, &err), -TS_EINVAL);
+  assert_non_null(strstr(err.msg, "ece_bins"));
+  json_decref((json_t *)c.params);
+  md_call_free(&c);
+  ts_list_free(&in);
+  k->free(s2);
+  st_close(f);
+  unlink(path);
+  k->free(state);
+}
+
 /* Every allocation failing in turn (load, then infer on hosted members, then
  * fit, each from its first allocation on): an error value each time, no
  * leak, every member released, and success once enough allocations pass. */
@@ -401,7 +498,9 @@ static int faulty_call(int which, long n, ts_err *err) {
     add_i32(&in, "labels", N, lab);
   }
   tl_mem_fail_after(n); /* the request is built; only the kind's allocations fail */
-  rc = which == 1 ? k->infer(state, &c, err) : k->fit(state, &c, err);
+  rc = which == 1   ? k->infer(state, &c, err)
+       : which == 2 ? k->fit(state, &c, err)
+                    : k->calibrate(state, &c, err);
   tl_mem_fail_reset();
   md_call_free(&c);
   ts_list_free(&in);
@@ -411,7 +510,7 @@ static int faulty_call(int which, long n, ts_err *err) {
 
 static void test_alloc_failures(void **st) {
   (void)st;
-  for (int which = 0; which < 3; which++) {
+  for (int which = 0; which < 4; which++) {
     long n = 0;
     for (;; n++) {
       ts_err err = {0};
@@ -429,7 +528,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_config_errors),  cmocka_unit_test(test_infer_member_outputs),
       cmocka_unit_test(test_infer_hosted),   cmocka_unit_test(test_fit),
-      cmocka_unit_test(test_alloc_failures),
+      cmocka_unit_test(test_alloc_failures), cmocka_unit_test(test_calibrate_temperature),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
