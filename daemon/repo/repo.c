@@ -43,6 +43,7 @@ struct repo_ver {
   st_file *weights;
   json_t *config, *version_info;
   int64_t max_batch; /* config.json's "max_batch"; 0: none */
+  md_sched sched;    /* config.json's "scheduling" and "dynamic_batching" */
   char sha256[65];
   md_sig sig;
   atomic_int refs;
@@ -187,6 +188,10 @@ const md_sig *repo_ver_sig(const repo_ver *v) {
 }
 int64_t repo_ver_max_batch(const repo_ver *v) {
   return v->max_batch;
+}
+
+const md_sched *repo_ver_sched(const repo_ver *v) {
+  return &v->sched;
 }
 const json_t *repo_ver_config(const repo_ver *v) {
   return v->config;
@@ -355,6 +360,7 @@ static int ver_load(repo_t *r, const char *model, int64_t version, const json_t 
   v->kind = md_kind_of_config(config, &kind);
   int rc;
   if ((rc = read_max_batch(config, &v->max_batch, err))) goto fail;
+  if ((rc = md_config_sched(config, &v->sched, err))) goto fail;
   if (!v->kind) {
     rc = json_object_get(config, "kind") || !json_object_get(config, "model_type")
              ? ts_errf(err, TS_EINVAL, "config.json: unknown kind '%s' (known: %s)", kind,

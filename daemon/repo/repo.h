@@ -73,6 +73,8 @@ const char *repo_ver_model(const repo_ver *v);
 const md_sig *repo_ver_sig(const repo_ver *v);
 /* config.json's "max_batch" (checked at load: an integer >= 0); 0: none. */
 int64_t repo_ver_max_batch(const repo_ver *v);
+/* config.json's "scheduling" and "dynamic_batching", checked at load. */
+const md_sched *repo_ver_sched(const repo_ver *v);
 /* The config the version loaded with (config.json or a load's override);
  * borrowed for the life of the reference. */
 const json_t *repo_ver_config(const repo_ver *v);

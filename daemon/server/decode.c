@@ -11,6 +11,7 @@
 #include "../base/mem.h"
 #include "../models/model.h"
 #include "oip.h"
+#include "sched.h"
 #include "server.h"
 #include "trace.h"
 
@@ -160,6 +161,7 @@ int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, 
   const md_kind *k = repo_ver_kind(ver);
   int op = route_op(j->rt.id);
   if ((rc = server_check_params(k, op, repo_ver_model(ver), req->params, err))) return rc;
+  if ((rc = sched_check_priority(ver, req->params, err))) return rc;
   /* the operator's limits first, then the model's own */
   if (check_limits && (rc = server_check_limits(s->cfg, &req->inputs, err))) return rc;
   /* a route without an operation of its own (feedback) takes other inputs */

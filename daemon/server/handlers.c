@@ -18,6 +18,7 @@
 #include "metrics.h"
 #include "oip.h"
 #include "repo_json.h"
+#include "sched.h"
 #include "server.h"
 
 /* ---- loop-thread endpoints --------------------------------------------- */
@@ -83,6 +84,7 @@ void ep_metrics(job *j) {
   sbuf b;
   sbuf_init(&b);
   metrics_render(&b, s->repo, pool_queued(s->pool), s->inflight);
+  sched_render(&b, s);
   learn_metrics(s->learn, &b);
   if (sbuf_failed(&b)) {
     sbuf_free(&b);

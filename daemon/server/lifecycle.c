@@ -26,6 +26,7 @@
 #include "../base/mem.h"
 #include "../models/model.h"
 #include "notify.h"
+#include "sched.h"
 #include "server.h"
 #include "trace.h"
 #include "transport.h"
@@ -280,6 +281,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
     goto fail_pool;
   }
   pool_set_default(s->pool);
+  sched_init(s);
   if ((rc = repo_open(&s->repo, cfg->model_repository, (const char *const *)cfg->models, s->pool,
                       err)))
     goto fail_repo;
