@@ -73,6 +73,18 @@ typedef struct md_load_ctx {
   pool_t *pool;
 } md_load_ctx;
 
+/* Where a call reports the hosted models it ran (the server's tracing,
+ * server/trace.h): md_run_hosted calls `hosted` once per hosted call, from
+ * the thread that ran it (members may run on several threads at once), with
+ * the role and name it was given, the nesting depth of the hosted call (1
+ * for a request's own members), md_now() times around the hosted model's
+ * infer, and its status (0 or a negative TS_ code). NULL: nobody listens. */
+typedef struct md_span_sink md_span_sink;
+struct md_span_sink {
+  void (*hosted)(md_span_sink *sink, const char *role, const char *name, int depth, double t0,
+                 double t1, int status);
+};
+
 typedef struct md_call {
   /* in */
   const ts_list *inputs; /* decoded request tensors, as sent */
@@ -89,6 +101,8 @@ typedef struct md_call {
   const char *model_name;
   int64_t version;
   int depth; /* hosted calls above this one (md_run_hosted); 0 for a request */
+
+  md_span_sink *spans; /* hosted calls are reported here (NULL: not traced) */
   /* out */
   ts_list outputs;          /* infer: named output tensors */
   json_t *result;           /* fit/evaluate/calibrate: the answer's fields */
@@ -209,6 +223,27 @@ int md_config_check_common(const json_t *config, ts_err *err);
 /* The largest max_batch config.json may state (md_config_check_keys refuses
  * more, a real such as 1e300, a string or a negative value). */
 #define MD_MAX_BATCH (INT64_C(1) << 31)
+/* How the server schedules a model's requests: config.json's "scheduling"
+ * and "dynamic_batching" (docs/scheduling.md), which every kind takes.
+ * md_config_check_common refuses wrong values by name; dynamic_batching
+ * only for the kinds whose infer is row-wise (mlp, ensemble,
+ * quantile_ensemble). */
+#define MD_PRIORITY_LEVELS_MAX 9
+#define MD_PREFERRED_MAX 8
+typedef struct md_sched {
+  int max_concurrency;        /* requests of the model running at once; 0: no limit */
+  int max_queue_size;         /* requests of the model waiting; 0: only --queue-depth */
+  int64_t default_timeout_ms; /* 0: --request-timeout-ms */
+  int priority_levels;        /* request priorities 1..levels (1 first); default 3 */
+  int default_priority_level; /* priority 0 or none; default 2 */
+  int batching;               /* "dynamic_batching" is present */
+  int64_t max_queue_delay_us; /* how long a request may wait for others; default 0 */
+  int64_t max_batch_size;     /* rows of one batched call; default: max_batch, else 64 */
+  int64_t preferred[MD_PREFERRED_MAX]; /* ascending */
+  int n_preferred;
+} md_sched;
+int md_config_sched(const json_t *config, md_sched *out, ts_err *err);
+
 /* Reads the request parameter `key` as a number / integer / string, with a
  * default when absent; refuses wrong types with 400. */
 int md_param_double(const json_t *params, const char *key, double def, double *out, ts_err *err);

@@ -73,6 +73,8 @@ const char *repo_ver_model(const repo_ver *v);
 const md_sig *repo_ver_sig(const repo_ver *v);
 /* config.json's "max_batch" (checked at load: an integer >= 0); 0: none. */
 int64_t repo_ver_max_batch(const repo_ver *v);
+/* config.json's "scheduling" and "dynamic_batching", checked at load. */
+const md_sched *repo_ver_sched(const repo_ver *v);
 /* The config the version loaded with (config.json or a load's override);
  * borrowed for the life of the reference. */
 const json_t *repo_ver_config(const repo_ver *v);
@@ -132,15 +134,38 @@ const json_t *repo_ver_info(const repo_ver *v);
 int repo_all_ready(repo_t *r);
 int repo_count_models(repo_t *r, int *ready);
 
-/* One fit/calibrate per model: -TS_ECONFLICT when one runs. */
+/* One fit/calibrate per model: -TS_ECONFLICT when one runs, in this process
+ * or (with a fit lock, repo_set_fit_lock) on any replica sharing the
+ * repository: the lock file <model>/.fit-lock (base/fitlock.h) is taken
+ * here, renewed while the fit runs and removed by repo_fit_end; the 409
+ * names the replica that holds it. */
 int repo_fit_begin(repo_t *r, const char *name, ts_err *err);
 void repo_fit_end(repo_t *r, const char *name);
+#define REPO_FIT_LOCK ".fit-lock"
+/* owner: this replica's id, written into the lock; lease_ms: the lease
+ * (renewed every third of it); 0: no lock file, the claim is per process. */
+void repo_set_fit_lock(repo_t *r, const char *owner, int64_t lease_ms);
 
 /* Saves call->new_weights and version.json (parent, call->new_version_info,
  * the sha256 of the weights) atomically as the next version of `parent`'s
  * model, loads it and serves it. *new_version receives its number. */
 int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_t *new_version,
                         ts_err *err);
+
+/* Candidates (the learning loop, learn/candidate.c). A version whose
+ * version.json holds "candidate": {"state": ...} other than "promoted" is
+ * never served: scans and commits leave it out of the version policy.
+ * repo_commit_version saves a call whose new_version_info has "candidate"
+ * without loading or serving it. repo_load_unserved loads any version of
+ * `name` with the model's config for the caller alone (one reference, given
+ * back with repo_release). repo_rewrite_version_info replaces version.json
+ * atomically (temporary file, fsync, rename, fsync of the directory); with
+ * rescan, the model is rescanned after, so a promoted candidate serves. */
+int repo_load_unserved(repo_t *r, const char *name, int64_t version, repo_ver **out, ts_err *err);
+int repo_rewrite_version_info(repo_t *r, const char *name, int64_t version, const json_t *info,
+                              int rescan, ts_err *err);
+/* One more reference to a version the caller holds (repo_release gives it back). */
+void repo_ver_retain(repo_ver *v);
 
 md_host *repo_host(repo_t *r);
 const char *repo_root(const repo_t *r);

@@ -1,12 +1,14 @@
 /* config.c - flags and config file (see config.h). */
 #include "config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <jansson.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../base/mem.h"
 
@@ -31,6 +33,10 @@ static const opt opts[] = {
     {"threads", T_INT, O(threads), 0, 1024, "N", "worker threads (default: number of cores)"},
     {"queue-depth", T_INT, O(queue_depth), 1, 1 << 20, "N",
      "waiting requests before 429 (default 256)"},
+    {"fit-workers", T_INT, O(fit_workers), 0, 1024, "N",
+     "most worker threads that fits, evaluations and calibrations use at once, helpers of their "
+     "parallel loops included, so that inference keeps the rest (default: half the workers, at "
+     "least 1; 0 = no cap)"},
     {"max-body-bytes", T_INT, O(max_body_bytes), 1, INT64_MAX, "N",
      "request body cap, 413 above (default 67108864)"},
     {"drain-timeout", T_INT, O(drain_timeout_ms), 0, INT64_MAX, "MS",
@@ -92,6 +98,23 @@ static const opt opts[] = {
      "into memory, immune to later writes to the file (default mmap)"},
     {"repository-poll-secs", T_INT, O(repository_poll_secs), 0, 86400, "N",
      "rescan the model repository every N seconds, as at SIGHUP (default 0: only at SIGHUP)"},
+    {"otlp-endpoint", T_STR, O(otlp_endpoint), 0, 0, "URL",
+     "export traces as OTLP/HTTP JSON to this URL (e.g. http://collector:4318/v1/traces); "
+     "default: none, tracing off"},
+    {"otlp-sample-ratio", T_STR, O(otlp_sample_ratio), 0, 0, "R",
+     "share of new traces sampled, 0 to 1; a request's traceparent sampled flag wins "
+     "(default 1)"},
+    {"otlp-queue-size", T_INT, O(otlp_queue_size), 1, 1 << 20, "N",
+     "traced requests waiting for export at most; more are dropped and counted (default 2048)"},
+    {"otlp-timeout-ms", T_INT, O(otlp_timeout_ms), 1, 60000, "MS",
+     "bound on one export (connect and transfer) and on the flush at shutdown (default 2000)"},
+    {"replica-id", T_STR, O(replica_id), 0, 0, "ID",
+     "this replica's name, in fit locks and session ids: 1-63 letters, digits, '_' or '-' "
+     "(default: the host name's first label, other characters as '-')"},
+    {"fit-lock-lease-seconds", T_INT, O(fit_lock_lease_seconds), 0, 86400, "S",
+     "a fit or calibration holds <model>/.fit-lock in the repository, renewed every third of "
+     "this lease; a replica killed mid-fit blocks the model this long at most; 0 = no lock file, "
+     "one fit per model per process only (default 30)"},
     {"keygen", T_FLAG, O(keygen), 0, 0, NULL,
      "print a new random API key and its key-file line, then exit"},
     {"scope", T_STR, O(scope), 0, 0, "SCOPE",
@@ -105,6 +128,7 @@ void cfg_defaults(srv_config *c) {
   memset(c, 0, sizeof *c);
   c->threads = 0;
   c->queue_depth = 256;
+  c->fit_workers = -1; /* half the workers */
   c->max_body_bytes = 64ll << 20;
   c->drain_timeout_ms = 30000;
   c->request_timeout_ms = 60000;
@@ -118,6 +142,33 @@ void cfg_defaults(srv_config *c) {
   c->max_inputs = 64;
   c->max_outputs = 64;
   c->max_response_bytes = 256ll << 20;
+  c->otlp_queue_size = 2048;
+  c->otlp_timeout_ms = 2000;
+  c->fit_lock_lease_seconds = 30;
+}
+
+int cfg_replica_id_valid(const char *s) {
+  size_t n = s ? strlen(s) : 0;
+  if (n < 1 || n > CFG_REPLICA_ID_MAX) return 0;
+  for (size_t i = 0; i < n; i++)
+    if (!isalnum((unsigned char)s[i]) && s[i] != '_' && s[i] != '-') return 0;
+  return 1;
+}
+
+/* The default replica id: the host name's first label (a pod's name in
+ * Kubernetes), other characters as '-', at most CFG_REPLICA_ID_MAX. */
+static int default_replica_id(char **slot) {
+  char host[256] = "", id[CFG_REPLICA_ID_MAX + 1];
+  if (gethostname(host, sizeof host) != 0) host[0] = 0;
+  host[sizeof host - 1] = 0;
+  size_t n = 0;
+  for (const char *p = host; *p && *p != '.' && n < CFG_REPLICA_ID_MAX; p++)
+    id[n++] = isalnum((unsigned char)*p) || *p == '_' ? *p : '-';
+  id[n] = 0;
+  char *d = tl_strdup(n ? id : "tallyd");
+  if (!d) return -1;
+  *slot = d;
+  return 0;
 }
 
 static const opt *find_opt(const char *name) {
@@ -205,9 +256,10 @@ static int load_file(srv_config *c, const char *path, ts_err *err) {
       s = json_string_value(v);
     else if (json_is_integer(v))
       snprintf(buf, sizeof buf, "%lld", (long long)json_integer_value(v)), s = buf;
+    else if (json_is_real(v)) /* an integer key still refuses it */
+      snprintf(buf, sizeof buf, "%.17g", json_real_value(v)), s = buf;
     else {
-      rc =
-          ts_errf(err, TS_EINVAL, "config file %s: '%s' must be a string or an integer", path, key);
+      rc = ts_errf(err, TS_EINVAL, "config file %s: '%s' must be a string or a number", path, key);
       goto out;
     }
     if ((rc = set_value(c, o, s, 1, err))) goto out;
@@ -272,6 +324,12 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
     return ts_errf(err, TS_EINVAL, "--tls-cert and --tls-key go together (one of them is missing)");
   if (c->scope && strcmp(c->scope, "infer") != 0 && strcmp(c->scope, "admin") != 0)
     return ts_errf(err, TS_EINVAL, "--scope must be infer or admin, not '%s'", c->scope);
+  if (!c->replica_id && default_replica_id(&c->replica_id)) return -TS_ENOMEM;
+  if (!cfg_replica_id_valid(c->replica_id))
+    return ts_errf(err, TS_EINVAL,
+                   "--replica-id '%.80s': 1-%d letters, digits, '_' or '-' (it names the replica "
+                   "in session ids and fit locks)",
+                   c->replica_id, CFG_REPLICA_ID_MAX);
   if (!c->weights_load && set_str(&c->weights_load, "mmap", err)) return -TS_ENOMEM;
   if (strcmp(c->weights_load, "read") != 0 && strcmp(c->weights_load, "mmap") != 0)
     return ts_errf(err, TS_EINVAL, "--weights-load must be read or mmap, not '%s'",

@@ -22,6 +22,7 @@ typedef struct srv_config {
   char *listen;                   /* host:port */
   int64_t threads;
   int64_t queue_depth;
+  int64_t fit_workers; /* the fit lane's cap; -1: half the workers; 0: none */
   int64_t max_body_bytes;
   int64_t drain_timeout_ms;
   int64_t request_timeout_ms;
@@ -46,10 +47,19 @@ typedef struct srv_config {
   int64_t max_batch;            /* largest leading dimension of an input; 0: none */
   int64_t max_sequence_length;  /* largest token/query/key length; 0: none */
   int64_t repository_poll_secs; /* rescan period; 0: only at SIGHUP */
-  char *weights_load;           /* "mmap" (default) or "read" (a private copy) */
-  char *scope;                  /* --keygen: the new key's scope */
+  /* scale-out (docs/deployment.md, Scaling) */
+  char *replica_id;               /* this replica's name in fit locks and session ids */
+  int64_t fit_lock_lease_seconds; /* the fit lock's lease across replicas; 0: none */
+  char *weights_load;             /* "mmap" (default) or "read" (a private copy) */
+  char *scope;                    /* --keygen: the new key's scope */
   int keygen;
   int help, version;
+
+  /* tracing (server/trace.h) */
+  char *otlp_endpoint;     /* OTLP/HTTP traces URL; NULL: tracing off */
+  char *otlp_sample_ratio; /* a number in [0, 1], checked by trace_start; NULL: 1 */
+  int64_t otlp_queue_size; /* finished requests waiting for export at most */
+  int64_t otlp_timeout_ms; /* one export's bound */
 } srv_config;
 
 void cfg_defaults(srv_config *c);
@@ -57,6 +67,10 @@ void cfg_defaults(srv_config *c);
 int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err);
 void cfg_free(srv_config *c);
 void cfg_usage(FILE *out);
+/* 1 when s is a valid replica id: 1..CFG_REPLICA_ID_MAX letters, digits,
+ * '_' and '-' (no '.': it ends the replica part of a session id). */
+#define CFG_REPLICA_ID_MAX 63
+int cfg_replica_id_valid(const char *s);
 /* Splits c->listen into host and port. */
 int cfg_listen(const srv_config *c, char *host, size_t hostlen, int *port, ts_err *err);
 

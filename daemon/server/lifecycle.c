@@ -20,12 +20,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../learn/learn.h"
 #include "../base/fsutil.h"
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/model.h"
 #include "notify.h"
+#include "sched.h"
 #include "server.h"
+#include "trace.h"
 #include "transport.h"
 
 static void shutdown_now(server *s) {
@@ -270,6 +273,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   int v6 = 0, port = 0;
   int rc = listen_addr(cfg, &sa, &v6, &port, err);
   if (rc) goto fail_addr;
+  if ((rc = trace_start(cfg, err))) goto fail_addr;
   uv_mutex_init(&s->sync_mu);
   s->sync_mu_ready = 1;
   if (pool_create(&s->pool, (int)cfg->threads, (int)cfg->queue_depth)) {
@@ -277,11 +281,16 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
     goto fail_pool;
   }
   pool_set_default(s->pool);
+  sched_init(s);
   if ((rc = repo_open(&s->repo, cfg->model_repository, (const char *const *)cfg->models, s->pool,
                       err)))
     goto fail_repo;
   repo_set_weights_load(
       s->repo, cfg->weights_load && strcmp(cfg->weights_load, "read") == 0 ? ST_READ : ST_MMAP);
+  repo_set_fit_lock(s->repo, cfg->replica_id, cfg->fit_lock_lease_seconds * 1000);
+  log_info("replica '%s'; fit lock lease %lld s", cfg->replica_id,
+           (long long)cfg->fit_lock_lease_seconds);
+  if ((rc = learn_create(&s->learn, s->repo, s->pool, err))) goto fail_keys;
   if (cfg->api_key_file) {
     if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) goto fail_keys;
     log_info("%d API keys from %s", auth_count(s->keys), cfg->api_key_file);
@@ -312,12 +321,15 @@ fail_tls:
   auth_free(s->keys);
   s->keys = NULL;
 fail_keys:
+  learn_free(s->learn);
+  s->learn = NULL;
   repo_close(s->repo);
   s->repo = NULL;
 fail_repo:
   pool_destroy(s->pool);
   s->pool = NULL;
 fail_pool:
+  trace_stop();
   uv_mutex_destroy(&s->sync_mu);
   s->sync_mu_ready = 0;
 fail_addr:
@@ -340,11 +352,14 @@ void server_free(server *s) {
   pool_destroy(s->pool);
   s->pool = NULL;
   transport_drop_done(s);
+  learn_free(s->learn); /* after the pool: no shadow answer or refit runs */
+  s->learn = NULL;
   repo_close(s->repo);
   s->repo = NULL;
   auth_free(s->keys);
   s->keys = NULL;
   free_tls(s);
+  trace_stop(); /* every request has completed: flush their spans */
   uv_mutex_destroy(&s->sync_mu);
   uv_mutex_destroy(&s->done_mu);
   uv_loop_close(s->loop);

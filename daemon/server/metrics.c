@@ -20,6 +20,7 @@
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/live.h"
+#include "trace.h"
 
 enum {
   F_REQUESTS,
@@ -418,4 +419,5 @@ void metrics_render(sbuf *b, repo_t *repo, int queued, int jobs_inflight) {
   pthread_mutex_unlock(&mu);
   md_live_metrics(b); /* quantile models' rolling scores (models/live.h) */
   render_process(b);
+  trace_render_metrics(b);
 }

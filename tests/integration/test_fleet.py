@@ -1,9 +1,18 @@
-"""Replicas on one shared repository (the start of scale-out): several tallyd
-processes serve the same repository, and fits sent to different replicas at
-the same moment each publish a distinct, complete version: the version
-number is claimed on disk by a rename that cannot replace (no two replicas
-take the same number, none is lost, none half-written). A replica that
-rescans (--repository-poll-secs) then serves the newest version."""
+"""Replicas on one shared repository (scale-out, docs/deployment.md): several
+tallyd processes serve the same repository.
+
+- Fits sent to different replicas at the same moment end as distinct,
+  complete versions or as 409s naming the replica that holds the model's fit
+  lock (<model>/.fit-lock), never a lost or half-written version.
+- A fit running on one replica makes a fit or calibration of the same model
+  on another one a 409 naming the holder; the lock goes when the fit ends
+  (here: its client hangs up and the fit is cancelled).
+- A replica killed with SIGKILL while it holds the lock blocks the model only
+  until its lease runs out (--fit-lock-lease-seconds 2 here): then a fit
+  through another replica succeeds.
+- Every replica serves the newest version after its rescan.
+"""
+import http.client
 import json
 import os
 import shutil
@@ -16,6 +25,35 @@ from harness import ROOT, Daemon, check, check_status, collect, make_repo, run_t
 
 
 EXAMPLES = os.path.join(ROOT, "deploy", "examples")
+LEASE = 2  # seconds: --fit-lock-lease-seconds of every replica here
+LOCK = ".fit-lock"
+
+
+def fit_body(epochs, patience=None):
+    with open(os.path.join(EXAMPLES, "aware_labelled.json")) as f:
+        body = json.load(f)
+    body["parameters"]["epochs"] = epochs
+    if patience is not None:
+        body["parameters"].update(patience=patience, batch_size=8)
+    return body
+
+
+def start_long_fit(d, model="aware_ensemble"):
+    """Sends a fit of a million epochs (many seconds) to d and returns its
+    connection once the fit holds the model's lock; closing it cancels the fit."""
+    c = http.client.HTTPConnection("127.0.0.1", d.port, timeout=120)
+    c.request("POST", "/v2/models/%s/fit" % model, body=json.dumps(fit_body(1000000, 1000000)),
+              headers={"Content-Type": "application/json"})
+    return c
+
+
+def wait_for(cond, secs, what):
+    deadline = time.time() + secs
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out after %.1f s waiting for %s" % (secs, what))
 
 
 class Ctx:
@@ -23,8 +61,11 @@ class Ctx:
         self.repo = make_repo()
         subprocess.run([sys.executable, os.path.join(ROOT, "deploy", "gen_models.py"), self.repo],
                        check=True, stdout=subprocess.DEVNULL)
-        self.ds = [Daemon(self.repo, ["--threads", "1", "--repository-poll-secs", "1"]).start()
-                   for _ in range(3)]
+        self.ds = [self.replica(i).start() for i in range(3)]
+
+    def replica(self, i):
+        return Daemon(self.repo, ["--threads", "1", "--repository-poll-secs", "1",
+                                  "--replica-id", "r%d" % i, "--fit-lock-lease-seconds", str(LEASE)])
 
     def daemon_logs(self):
         return "\n".join(d.logs() for d in self.ds)
@@ -42,9 +83,9 @@ def teardown(c):
 
 
 def test_concurrent_fits_on_replicas_make_distinct_versions(c):
-    with open(os.path.join(EXAMPLES, "aware_labelled.json")) as f:
-        body = json.load(f)
-    body.setdefault("parameters", {})["epochs"] = 3
+    mdir = os.path.join(c.repo, "aware_ensemble")
+    before = set(os.listdir(mdir))
+    body = fit_body(20000, 1000000)  # a few tenths of a second: the fits overlap
     results = [None] * len(c.ds)
 
     def fit(i):
@@ -56,27 +97,91 @@ def test_concurrent_fits_on_replicas_make_distinct_versions(c):
     for t in ts:
         t.join(180)
     versions = []
-    for r in results:
-        check_status(r, 200)
-        versions.append(int(r.json()["model_version"]))
-    check(sorted(versions) == [2, 3, 4], "versions %r: each fit must get its own" % versions)
-    mdir = os.path.join(c.repo, "aware_ensemble")
+    for i, r in enumerate(results):
+        check(r is not None and r.status in (200, 409), "replica %d: %r" % (i, r))
+        if r.status == 409:
+            msg = r.json()["error"]
+            check("another replica" in msg or "already running" in msg, msg)
+        else:
+            versions.append(int(r.json()["model_version"]))
+    check(versions, "no fit succeeded: %r" % results)
+    check(len(set(versions)) == len(versions), "versions %r: each fit must get its own" % versions)
     for v in versions:
         with open(os.path.join(mdir, str(v), "version.json")) as f:
             info = json.load(f)
         check(info["version"] == v and info["parent_version"] == 1, info)
         check(os.path.getsize(os.path.join(mdir, str(v), "model.safetensors")) > 0, v)
-    check(not [n for n in os.listdir(mdir) if n.startswith(".tmp-")], os.listdir(mdir))
+    new = set(os.listdir(mdir)) - before
+    check(new == {str(v) for v in versions}, "left in the model directory: %r" % sorted(new))
     # every replica serves the newest within a few poll periods
-    deadline = time.time() + 15
+    newest = str(max(versions))
     pending = set(range(len(c.ds)))
-    while pending and time.time() < deadline:
+
+    def all_serve():
         for i in list(pending):
-            m = c.ds[i].get("/v2/models/aware_ensemble").json()
-            if "4" in m.get("versions", []):
+            if newest in c.ds[i].get("/v2/models/aware_ensemble").json().get("versions", []):
                 pending.discard(i)
-        time.sleep(0.2)
-    check(not pending, "replicas %s do not serve version 4" % sorted(pending))
+        return not pending
+    wait_for(all_serve, 15, "every replica to serve version %s (left: %s)" % (newest, pending))
+
+
+def test_fit_on_another_replica_is_409_naming_holder(c):
+    lock = os.path.join(c.repo, "aware_ensemble", LOCK)
+    conn = start_long_fit(c.ds[0])
+    try:
+        wait_for(lambda: os.path.exists(lock), 10, "the fit lock")
+        with open(lock) as f:
+            held = json.load(f)
+        check(held["owner"] == "r0" and held["pid"] == c.ds[0].proc.pid, held)
+        check(held["expires_ms"] > time.time() * 1000, held)
+        for d in c.ds[1:]:
+            r = d.post("/v2/models/aware_ensemble/fit", fit_body(3))
+            check_status(r, 409, "replica 'r0'")
+            r = d.post("/v2/models/aware_ensemble/calibrate", fit_body(3))
+            check_status(r, 409, "replica 'r0'")
+        # the holder itself refuses a second one as before
+        check_status(c.ds[0].post("/v2/models/aware_ensemble/fit", fit_body(3)), 409)
+        # other models are not blocked
+        r = c.ds[1].post("/v2/models/quantile_demo/fit",
+                         json.load(open(os.path.join(EXAMPLES, "quantile_fit.json"))))
+        check(r.status != 409, r)
+        # renewed: still held well past the lease
+        time.sleep(LEASE * 1.5)
+        check_status(c.ds[1].post("/v2/models/aware_ensemble/fit", fit_body(3)), 409, "'r0'")
+    finally:
+        conn.close()  # the fit is cancelled between epochs and its lock released
+    wait_for(lambda: not os.path.exists(lock), 10, "the lock to go with the cancelled fit")
+    check_status(c.ds[1].post("/v2/models/aware_ensemble/fit", fit_body(3)), 200)
+    check(not os.path.exists(lock), "the lock outlived a finished fit")
+
+
+def test_killed_holder_blocks_only_for_the_lease(c):
+    lock = os.path.join(c.repo, "aware_ensemble", LOCK)
+    victim = c.ds[2]
+    conn = start_long_fit(victim)
+    try:
+        wait_for(lambda: os.path.exists(lock), 10, "the fit lock")
+        victim.proc.kill()  # SIGKILL: no release, no renewal
+        victim.proc.wait()
+        t0 = time.time()
+        check_status(c.ds[0].post("/v2/models/aware_ensemble/fit", fit_body(3)), 409, "'r2'")
+        r = None
+        while time.time() - t0 < LEASE + 5:
+            r = c.ds[0].post("/v2/models/aware_ensemble/fit", fit_body(3))
+            if r.status != 409:
+                break
+            time.sleep(0.1)
+        check_status(r, 200)
+        waited = time.time() - t0
+        check(waited <= LEASE + 1.5, "blocked %.1f s with a lease of %d s" % (waited, LEASE))
+        v = r.json()["model_version"]
+        with open(os.path.join(c.repo, "aware_ensemble", v, "version.json")) as f:
+            check(json.load(f)["version"] == int(v))
+        check(not os.path.exists(lock), "the lock outlived the fit that took it over")
+    finally:
+        conn.close()
+        victim.stop()
+        c.ds[2] = c.replica(2).start()
 
 
 if __name__ == "__main__":
