@@ -23,7 +23,7 @@ LISTEN ?= 127.0.0.1:8000
 MODELS ?= deploy/models
 SECONDS ?= 10
 
-PKGS := libmicrohttpd jansson libuv openssl zlib libpcre2-8
+PKGS := libmicrohttpd jansson libuv openssl zlib libpcre2-8 libcurl
 ARCH := $(shell uname -m)
 VERSION := $(shell cat VERSION 2>/dev/null || echo 0.0.0)
 

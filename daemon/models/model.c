@@ -82,7 +82,10 @@ int md_run_hosted(const md_call *c, const char *role, const char *name, const ts
   sub->cancelled = c->cancelled;
   sub->model_name = name;
   sub->depth = c->depth + 1;
+  sub->spans = c->spans;
+  double t0 = c->spans ? md_now() : 0;
   rc = held->kind->infer(held->state, sub, err);
+  if (c->spans) c->spans->hosted(c->spans, role, name, sub->depth, t0, md_now(), rc);
   if (rc) {
     /* nested errors already name their own model */
     if (!(strncmp(err->msg, role, strlen(role)) == 0 && err->msg[strlen(role)] == ' '))

@@ -73,6 +73,18 @@ typedef struct md_load_ctx {
   pool_t *pool;
 } md_load_ctx;
 
+/* Where a call reports the hosted models it ran (the server's tracing,
+ * server/trace.h): md_run_hosted calls `hosted` once per hosted call, from
+ * the thread that ran it (members may run on several threads at once), with
+ * the role and name it was given, the nesting depth of the hosted call (1
+ * for a request's own members), md_now() times around the hosted model's
+ * infer, and its status (0 or a negative TS_ code). NULL: nobody listens. */
+typedef struct md_span_sink md_span_sink;
+struct md_span_sink {
+  void (*hosted)(md_span_sink *sink, const char *role, const char *name, int depth, double t0,
+                 double t1, int status);
+};
+
 typedef struct md_call {
   /* in */
   const ts_list *inputs; /* decoded request tensors, as sent */
@@ -89,6 +101,8 @@ typedef struct md_call {
   const char *model_name;
   int64_t version;
   int depth; /* hosted calls above this one (md_run_hosted); 0 for a request */
+
+  md_span_sink *spans; /* hosted calls are reported here (NULL: not traced) */
   /* out */
   ts_list outputs;          /* infer: named output tensors */
   json_t *result;           /* fit/evaluate/calibrate: the answer's fields */

@@ -99,6 +99,16 @@ static const opt opts[] = {
      "about 0.1 s; on NFS, CephFS, SMB or FUSE it polls as well, every --repository-poll-secs "
      "or 2 s), poll (every --repository-poll-secs, or 2 s) or off (SIGHUP, the load endpoint and "
      "--repository-poll-secs only) (default inotify)"},
+    {"otlp-endpoint", T_STR, O(otlp_endpoint), 0, 0, "URL",
+     "export traces as OTLP/HTTP JSON to this URL (e.g. http://collector:4318/v1/traces); "
+     "default: none, tracing off"},
+    {"otlp-sample-ratio", T_STR, O(otlp_sample_ratio), 0, 0, "R",
+     "share of new traces sampled, 0 to 1; a request's traceparent sampled flag wins "
+     "(default 1)"},
+    {"otlp-queue-size", T_INT, O(otlp_queue_size), 1, 1 << 20, "N",
+     "traced requests waiting for export at most; more are dropped and counted (default 2048)"},
+    {"otlp-timeout-ms", T_INT, O(otlp_timeout_ms), 1, 60000, "MS",
+     "bound on one export (connect and transfer) and on the flush at shutdown (default 2000)"},
     {"replica-id", T_STR, O(replica_id), 0, 0, "ID",
      "this replica's name, in fit locks and session ids: 1-63 letters, digits, '_' or '-' "
      "(default: the host name's first label, other characters as '-')"},
@@ -132,6 +142,8 @@ void cfg_defaults(srv_config *c) {
   c->max_inputs = 64;
   c->max_outputs = 64;
   c->max_response_bytes = 256ll << 20;
+  c->otlp_queue_size = 2048;
+  c->otlp_timeout_ms = 2000;
   c->fit_lock_lease_seconds = 30;
 }
 
@@ -244,9 +256,10 @@ static int load_file(srv_config *c, const char *path, ts_err *err) {
       s = json_string_value(v);
     else if (json_is_integer(v))
       snprintf(buf, sizeof buf, "%lld", (long long)json_integer_value(v)), s = buf;
+    else if (json_is_real(v)) /* an integer key still refuses it */
+      snprintf(buf, sizeof buf, "%.17g", json_real_value(v)), s = buf;
     else {
-      rc =
-          ts_errf(err, TS_EINVAL, "config file %s: '%s' must be a string or an integer", path, key);
+      rc = ts_errf(err, TS_EINVAL, "config file %s: '%s' must be a string or a number", path, key);
       goto out;
     }
     if ((rc = set_value(c, o, s, 1, err))) goto out;

@@ -54,6 +54,12 @@ typedef struct srv_config {
   char *scope;                    /* --keygen: the new key's scope */
   int keygen;
   int help, version;
+
+  /* tracing (server/trace.h) */
+  char *otlp_endpoint;     /* OTLP/HTTP traces URL; NULL: tracing off */
+  char *otlp_sample_ratio; /* a number in [0, 1], checked by trace_start; NULL: 1 */
+  int64_t otlp_queue_size; /* finished requests waiting for export at most */
+  int64_t otlp_timeout_ms; /* one export's bound */
 } srv_config;
 
 void cfg_defaults(srv_config *c);

@@ -12,6 +12,7 @@
 #include "../models/model.h"
 #include "oip.h"
 #include "server.h"
+#include "trace.h"
 
 /* Limits are checked here, before any kind sees the tensors, so that every
  * kind (and every future one) is held to them the same way. The sequence
@@ -167,6 +168,7 @@ int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, 
   }
   call->inputs = &req->inputs;
   call->params = req->params;
+  call->spans = j->trace ? &j->trace->sink : NULL; /* hosted models' spans */
   call->pool = s->pool;
   call->host = repo_host(s->repo);
   call->deadline = atomic_load(&j->deadline);

@@ -43,6 +43,7 @@
 #include "metrics.h"
 #include "server.h"
 #include "stream.h"
+#include "trace.h"
 #include "transport.h"
 
 enum { H_NEW, H_BODY, H_WAITING, H_DONE };
@@ -78,6 +79,11 @@ typedef struct hreq {
   int64_t served_version;      /* the version a job ran on (metrics) */
   char cors_origin[256];       /* Access-Control-Allow-Origin to send; "" none */
   struct hreq *wprev, *wnext;  /* list of hreqs waiting on jobs */
+
+  /* tracing (trace.h) */
+  trace_req *tr;                      /* a sampled request's spans; NULL */
+  double t_answer;                    /* the answer was queued (the send span) */
+  char traceparent[TRACE_HEADER_LEN]; /* to answer with; "" when tracing is off */
 } hreq;
 
 /* ---- small helpers ------------------------------------------------------ */
@@ -332,6 +338,7 @@ static void job_run(void *arg) {
 static void job_free(job *j) {
   if (j->fit_claimed) repo_fit_end(j->srv->repo, j->rt.model);
   if (j->ver) repo_release(j->ver);
+  trace_release(j->trace);
   tl_free(j->body);
   resp_free(&j->out);
   tl_free(j);
@@ -367,6 +374,7 @@ static void on_done(uv_async_t *a) {
       repo_ver_record(j->ver, &t);
     }
     if (h) {
+      trace_job_times(h->tr, j->t_submit, j->t_start, j->t_decoded, j->t_computed, j->t_end);
       h->served_version = j->ver ? repo_ver_version(j->ver) : 0;
       h->job = NULL;
       waiting_del(s, h);
@@ -388,6 +396,8 @@ static void submit(server *s, hreq *h) {
   }
   j->srv = s;
   j->rt = h->rt;
+  trace_hold(h->tr); /* the job may outlive the request (a 504) */
+  j->trace = h->tr;
   memcpy(j->method, h->method, sizeof j->method);
   j->body = h->body;
   j->len = h->len;
@@ -460,6 +470,7 @@ static void stream_freed(void *cls) {
 static enum MHD_Result queue(hreq *h) {
   resp *r = &h->out;
   struct MHD_Response *m;
+  if (h->tr) h->t_answer = md_now();
   if (r->stream) {
     /* a body produced while it is sent: chunked, read from the stream */
     gstream *st = r->stream;
@@ -481,6 +492,7 @@ static enum MHD_Result queue(hreq *h) {
   MHD_add_response_header(m, MHD_HTTP_HEADER_CONTENT_TYPE,
                           r->content_type ? r->content_type : "application/json");
   MHD_add_response_header(m, "X-Request-Id", h->request_id);
+  if (h->traceparent[0]) MHD_add_response_header(m, "traceparent", h->traceparent);
   if (r->retry_after) {
     char b[16];
     snprintf(b, sizeof b, "%d", r->retry_after);
@@ -503,14 +515,15 @@ static enum MHD_Result queue(hreq *h) {
     if (h->cors_origin[0]) {
       MHD_add_response_header(m, MHD_HTTP_HEADER_ACCESS_CONTROL_ALLOW_ORIGIN, h->cors_origin);
       MHD_add_response_header(m, "Access-Control-Expose-Headers",
-                              "X-Request-Id, Inference-Header-Content-Length, Retry-After");
+                              "X-Request-Id, Inference-Header-Content-Length, Retry-After, "
+                              "traceparent");
     }
     if (h->preflight && h->cors_origin[0]) {
       MHD_add_response_header(m, "Access-Control-Allow-Methods",
                               "GET, HEAD, POST, DELETE, OPTIONS");
       MHD_add_response_header(m, "Access-Control-Allow-Headers",
                               "Authorization, X-Api-Key, Content-Type, X-Request-Id, "
-                              "Inference-Header-Content-Length");
+                              "Inference-Header-Content-Length, traceparent, tracestate");
       MHD_add_response_header(m, "Access-Control-Max-Age", "600");
     }
   }
@@ -626,6 +639,10 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     h->conn = conn;
     h->t0 = md_now();
     h->phase = H_BODY;
+    if (trace_on())
+      h->tr = trace_begin(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "traceparent"),
+                          MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "tracestate"), h->t0,
+                          h->traceparent);
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     h->fd = ci ? ci->connect_fd : -1;
@@ -706,6 +723,7 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     return MHD_YES;
   }
   if (h->phase == H_BODY) { /* the whole request is here */
+    if (h->tr) trace_set_phase(h->tr, TRP_RECEIVE, h->t0, md_now());
     if (h->reject_status == 413) {
       error_resp(&h->out, TS_ETOOBIG, "the body is larger than the limit of %lld bytes",
                  (long long)s->cfg->max_body_bytes);
@@ -783,6 +801,13 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
   int64_t ver = h->served_version ? h->served_version : (status < 400 ? h->rt.version : 0);
   metrics_request(named ? h->rt.model : "", named ? ver : 0, route_name(h->rt.id), status, secs);
   metrics_inflight_add(-1);
+  if (h->tr) {
+    double now = md_now();
+    trace_set_phase(h->tr, TRP_SEND, h->t_answer, now);
+    trace_end(h->tr, h->rt.id != R_NONE ? route_get(h->rt.id)->pattern : NULL, h->method,
+              named ? h->rt.model : NULL, named ? ver : 0, status, h->request_id, now);
+    h->tr = NULL;
+  }
   log_request(h->method, h->path, status, (unsigned long long)h->out.len, secs * 1000.0,
               h->request_id, h->rt.model[0] ? h->rt.model : NULL);
   resp_free(&h->out);

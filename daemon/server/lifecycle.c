@@ -26,6 +26,7 @@
 #include "../models/model.h"
 #include "notify.h"
 #include "server.h"
+#include "trace.h"
 #include "transport.h"
 #include "watch.h"
 
@@ -272,6 +273,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   int v6 = 0, port = 0;
   int rc = listen_addr(cfg, &sa, &v6, &port, err);
   if (rc) goto fail_addr;
+  if ((rc = trace_start(cfg, err))) goto fail_addr;
   uv_mutex_init(&s->sync_mu);
   s->sync_mu_ready = 1;
   if (pool_create(&s->pool, (int)cfg->threads, (int)cfg->queue_depth)) {
@@ -323,6 +325,7 @@ fail_repo:
   pool_destroy(s->pool);
   s->pool = NULL;
 fail_pool:
+  trace_stop();
   uv_mutex_destroy(&s->sync_mu);
   s->sync_mu_ready = 0;
 fail_addr:
@@ -352,6 +355,7 @@ void server_free(server *s) {
   auth_free(s->keys);
   s->keys = NULL;
   free_tls(s);
+  trace_stop(); /* every request has completed: flush their spans */
   uv_mutex_destroy(&s->sync_mu);
   uv_mutex_destroy(&s->done_mu);
   uv_loop_close(s->loop);

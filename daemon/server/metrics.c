@@ -19,6 +19,7 @@
 #include "../base/cpu.h"
 #include "../base/log.h"
 #include "../base/mem.h"
+#include "trace.h"
 
 enum {
   F_REQUESTS,
@@ -416,4 +417,5 @@ void metrics_render(sbuf *b, repo_t *repo, int queued, int jobs_inflight) {
   for (int f = 0; f < F_COUNT; f++) render_family(b, f);
   pthread_mutex_unlock(&mu);
   render_process(b);
+  trace_render_metrics(b);
 }

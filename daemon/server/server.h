@@ -51,6 +51,7 @@ typedef struct job {
    * plus one for a handler that finishes later on another thread
    * (job_defer, job_finish). The last to let go sends it back. */
   atomic_int owners;
+  struct trace_req *trace; /* the request's spans (trace.h), held; NULL: not traced */
   struct job *next;
 } job;
 

@@ -414,8 +414,9 @@ void ep_unsupported(job *j) {
       break;
     case R_TRACE:
       why =
-          "trace settings are not supported by tallyd: every request is logged on one line "
-          "with its X-Request-Id (--log-level), and timed in /metrics and /v2/models/stats";
+          "trace settings are not supported by tallyd: it exports OpenTelemetry traces "
+          "(--otlp-endpoint, W3C traceparent), logs every request on one line with its "
+          "X-Request-Id (--log-level), and times them in /metrics and /v2/models/stats";
       break;
     case R_LOGGING:
       why =
