@@ -33,6 +33,10 @@ static const opt opts[] = {
     {"threads", T_INT, O(threads), 0, 1024, "N", "worker threads (default: number of cores)"},
     {"queue-depth", T_INT, O(queue_depth), 1, 1 << 20, "N",
      "waiting requests before 429 (default 256)"},
+    {"fit-workers", T_INT, O(fit_workers), 0, 1024, "N",
+     "most worker threads that fits, evaluations and calibrations use at once, helpers of their "
+     "parallel loops included, so that inference keeps the rest (default: half the workers, at "
+     "least 1; 0 = no cap)"},
     {"max-body-bytes", T_INT, O(max_body_bytes), 1, INT64_MAX, "N",
      "request body cap, 413 above (default 67108864)"},
     {"drain-timeout", T_INT, O(drain_timeout_ms), 0, INT64_MAX, "MS",
@@ -129,6 +133,7 @@ void cfg_defaults(srv_config *c) {
   memset(c, 0, sizeof *c);
   c->threads = 0;
   c->queue_depth = 256;
+  c->fit_workers = -1; /* half the workers */
   c->max_body_bytes = 64ll << 20;
   c->drain_timeout_ms = 30000;
   c->request_timeout_ms = 60000;

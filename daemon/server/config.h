@@ -22,6 +22,7 @@ typedef struct srv_config {
   char *listen;                   /* host:port */
   int64_t threads;
   int64_t queue_depth;
+  int64_t fit_workers; /* the fit lane's cap; -1: half the workers; 0: none */
   int64_t max_body_bytes;
   int64_t drain_timeout_ms;
   int64_t request_timeout_ms;

@@ -20,11 +20,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../learn/learn.h"
 #include "../base/fsutil.h"
 #include "../base/log.h"
 #include "../base/mem.h"
 #include "../models/model.h"
 #include "notify.h"
+#include "sched.h"
 #include "server.h"
 #include "trace.h"
 #include "transport.h"
@@ -281,6 +283,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
     goto fail_pool;
   }
   pool_set_default(s->pool);
+  sched_init(s);
   if ((rc = repo_open(&s->repo, cfg->model_repository, (const char *const *)cfg->models, s->pool,
                       err)))
     goto fail_repo;
@@ -289,6 +292,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   repo_set_fit_lock(s->repo, cfg->replica_id, cfg->fit_lock_lease_seconds * 1000);
   log_info("replica '%s'; fit lock lease %lld s", cfg->replica_id,
            (long long)cfg->fit_lock_lease_seconds);
+  if ((rc = learn_create(&s->learn, s->repo, s->pool, err))) goto fail_keys;
   if (cfg->api_key_file) {
     if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) goto fail_keys;
     log_info("%d API keys from %s", auth_count(s->keys), cfg->api_key_file);
@@ -319,6 +323,8 @@ fail_tls:
   auth_free(s->keys);
   s->keys = NULL;
 fail_keys:
+  learn_free(s->learn);
+  s->learn = NULL;
   repo_close(s->repo);
   s->repo = NULL;
 fail_repo:
@@ -350,6 +356,8 @@ void server_free(server *s) {
   pool_destroy(s->pool);
   s->pool = NULL;
   transport_drop_done(s);
+  learn_free(s->learn); /* after the pool: no shadow answer or refit runs */
+  s->learn = NULL;
   repo_close(s->repo);
   s->repo = NULL;
   auth_free(s->keys);

@@ -46,7 +46,8 @@ typedef struct job {
   atomic_int claim;
   int fit_claimed; /* repo_fit_begin succeeded */
   resp out;
-  void *conn_req; /* the hreq waiting for it (loop thread only) */
+  char request_id[80]; /* X-Request-Id (the learning loop's key when the body has no "id") */
+  void *conn_req;      /* the hreq waiting for it (loop thread only) */
   /* Owners of the answer still to come: the worker that ran the handler,
    * plus one for a handler that finishes later on another thread
    * (job_defer, job_finish). The last to let go sends it back. */
@@ -61,6 +62,7 @@ struct server {
   void *mhd;
   pool_t *pool;
   repo_t *repo;
+  struct learn *learn; /* the learning loop (learn/learn.h) */
   uv_poll_t mhd_poll;
   uv_timer_t mhd_timer, sweep_timer, drain_timer;
   uv_async_t done_async;
