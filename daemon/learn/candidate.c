@@ -495,7 +495,17 @@ int learn_refit(learn_t *L, repo_ver *ver, const json_t *params, _Atomic int *cl
                    name);
   if (!repo_ver_kind(ver)->fit)
     return ts_errf(err, TS_EINVAL, "model '%s' does not support fit", name);
-  return refit_core(L, m, ver, params, claim, deadline, "request", result, err);
+  /* no parameters: the policy's (refit.params), as a policy refit would */
+  json_t *own = NULL;
+  if (!params || json_object_size(params) == 0) {
+    pthread_mutex_lock(&m->mu);
+    own = m->cfg.params ? json_deep_copy(m->cfg.params) : NULL;
+    pthread_mutex_unlock(&m->mu);
+    params = own;
+  }
+  int rc = refit_core(L, m, ver, params, claim, deadline, "request", result, err);
+  if (own) json_decref(own);
+  return rc;
 }
 
 typedef struct policy_job {

@@ -309,5 +309,184 @@ def test_worse_candidate_never_promoted():
         c.d.stop()
 
 
+# ---- drift ---------------------------------------------------------------------------
+
+
+def evaluate(d, model, Z, y):
+    body = {"inputs": [tensor("member_outputs", Z), tensor("labels", y, datatype="INT64")]}
+    return check_status(d.post("/v2/models/%s/evaluate" % model, body), 200).json()["metrics"]["log_loss"]
+
+
+def fit(d, model, Z, y):
+    body = {"inputs": [tensor("member_outputs", Z), tensor("labels", y, datatype="INT64")],
+            "parameters": {"epochs": 150, "learning_rate": 0.1, "seed": 1}}
+    return check_status(d.post("/v2/models/%s/fit" % model, body), 200).json()
+
+
+def test_drift_ensemble_loop_recovers():
+    """Family A knows the label in the first half, family B in the second.
+    Both models start from the fit on the first half. With the loop on
+    (refit every 200 labelled rows on the newest 200, compare on 100 fresh
+    rows), the served log loss on held-out second-half rows comes within 10%
+    of a model fitted on the second half alone within DRIFT_BUDGET labelled
+    rows; with the loop off (the same log, no refit) it stays far above."""
+    log = {"max_rows": 20000}
+    refit = {"every_rows": 200, "window_rows": 200, "min_rows": 200, "compare_rows": 100,
+             "margin": 0.02, "params": {"epochs": 150, "learning_rate": 0.1, "seed": 1}}
+    c = start({"on": (ens_config(log=log, refit=refit), theta_tensors([0, 0])),
+               "off": (ens_config(log=log), theta_tensors([0, 0])),
+               "oracle": (ens_config(), theta_tensors([0, 0]))})
+    try:
+        rng = random.Random(2024)
+        Z1, y1 = rows(rng, 600, 0)
+        for m in ("on", "off"):
+            fit(c.d, m, Z1, y1)  # version 2: the first half's model
+        Zo, yo = rows(rng, 600, 1)
+        fit(c.d, "oracle", Zo, yo)  # fitted on the second half alone
+        Zt, yt = rows(rng, 1000, 1)  # held-out second-half rows
+        best = evaluate(c.d, "oracle", Zt, yt)
+        start_loss = evaluate(c.d, "on", Zt, yt)
+        check(start_loss > 1.5 * best, (start_loss, best))
+        labelled, recovered_at, batch = 0, None, 50
+        while labelled < DRIFT_BUDGET:
+            Z, y = rows(rng, batch, 1)
+            for m in ("on", "off"):
+                rid = "%s-%d" % (m, labelled)
+                check_status(c.d.infer(m, [tensor("member_outputs", Z)], id=rid), 200)
+                feedback(c.d, m, ["%s:%d" % (rid, i) for i in range(batch)], y)
+            labelled += batch
+            time.sleep(0.05)  # the policy refit and the shadow answers run on the pool
+            if recovered_at is None and evaluate(c.d, "on", Zt, yt) <= 1.10 * best:
+                recovered_at = labelled
+                break
+        on_loss = evaluate(c.d, "on", Zt, yt)
+        off_loss = evaluate(c.d, "off", Zt, yt)
+        st = check_status(c.d.get("/v2/models/on/candidates"), 200).json()
+        print("drift: oracle %.4f, start %.4f, loop on %.4f after %s labelled rows, loop off %.4f"
+              % (best, start_loss, on_loss, recovered_at, off_loss))
+        check(recovered_at is not None,
+              "the loop did not recover within %d labelled rows: %.4f against %.4f; %r"
+              % (DRIFT_BUDGET, on_loss, best, st))
+        check(st["promoted"] >= 1, st)
+        check(off_loss > 1.10 * best, (off_loss, best))
+        served = check_status(c.d.get("/v2/models/on"), 200).json()["versions"]
+        info = version_json(c.repo, "on", int(served[-1]))
+        check(info["candidate"]["state"] == "promoted", info)
+        check(info["candidate"]["trigger"].startswith("policy"), info)
+    finally:
+        c.d.stop()
+
+
+def test_kill9_during_promotion():
+    """kill -9 while the feedback that promotes a candidate is answered: after
+    a restart, version.json parses, the served version agrees with it
+    (promoted: served; pending: not served and compared again), and the row
+    log reads back."""
+    cfg = ens_config(log={"max_rows": 5000},
+                     refit={"window_rows": 200, "min_rows": 100, "compare_rows": 50, "margin": 0.0})
+    for delay in (0.0, 0.003, 0.01, 0.03):
+        c = start({"k": (cfg, theta_tensors([4.0, -4.0]))})
+        rng = random.Random(3)
+        Z, y = rows(rng, 200, 1)
+        ids = ["k-%d" % i for i in range(200)]
+        check_status(c.d.infer("k", [tensor("member_outputs", Z)], id="w"), 200)
+        feedback(c.d, "k", ["w:%d" % i for i in range(200)], y)
+        check_status(c.d.post("/v2/models/k/refit", {"parameters": {"epochs": 80,
+                                                                   "learning_rate": 0.1}}), 200)
+        Z2, y2 = rows(rng, 60, 1)
+        check_status(c.d.infer("k", [tensor("member_outputs", Z2)], id="f"), 200)
+        time.sleep(0.3)
+        import threading
+        def send():
+            try:
+                c.d.post("/v2/models/k/feedback",
+                         {"inputs": [bytes_tensor("id", ["f:%d" % i for i in range(60)]),
+                                     tensor("labels", y2, datatype="INT64")]}, timeout=5)
+            except OSError:
+                pass  # killed before it answered
+
+        t = threading.Thread(target=send)
+        t.start()
+        time.sleep(delay)
+        c.d.proc.send_signal(signal.SIGKILL)
+        c.d.proc.wait()
+        t.join()
+        info = version_json(c.repo, "k", 2)  # parses: written by rename, never torn
+        state = info["candidate"]["state"]
+        print("kill -9 %.3f s into the deciding feedback: candidate %s" % (delay, state))
+        check(state in ("pending", "promoted"), info)
+        d2 = Daemon(c.repo).start()
+        try:
+            served = check_status(d2.get("/v2/models/k"), 200).json()["versions"]
+            st = check_status(d2.get("/v2/models/k/candidates"), 200).json()
+            if state == "promoted":
+                check(served == ["2"] and st["candidate"] is None, (served, st))
+            else:
+                check(served == ["1"] and st["candidate"]["version"] == "2", (served, st))
+            check(st["log"]["rows_indexed"] >= 200, st)
+            check(d2.infer("k", [tensor("member_outputs", Z2[:1])]).status == 200, "infer")
+        finally:
+            d2.stop()
+
+
+# ---- quantile models ------------------------------------------------------------------
+
+LEVELS = [0.1, 0.5, 0.9]
+ZS = [-1.2816, 0.0, 1.2816]
+
+
+def q_rows(rng, n, good):
+    """3 external bases of 3 quantiles each; base `good` is the true quantile
+    function of y = x + N(0, 1), the others are off by +-2."""
+    z, y = [], []
+    for _ in range(n):
+        x = rng.uniform(-1, 1)
+        yy = x + rng.gauss(0, 1)
+        bases = []
+        for j in range(3):
+            off = 0.0 if j == good else (2.0 if j < good else -2.0) if j != good else 0.0
+            bases.append([x + off + t for t in ZS])
+        z.append(bases)
+        y.append(yy)
+    return z, y
+
+
+def test_quantile_feedback_refit_wis():
+    """targets join like labels; a refit's candidate is scored by WIS and
+    promoted when the bases' truth changed."""
+    cfg = {"kind": "quantile_ensemble", "levels": LEVELS,
+           "bases": [{"external": "e%d" % j} for j in range(3)],
+           "aggregator": {"granularity": "coarse", "scope": "global", "simplex": True},
+           "log": {"max_rows": 5000},
+           "refit": {"window_rows": 300, "min_rows": 100, "compare_rows": 60, "margin": 0.05}}
+    c = start({"q": (cfg, {"aggregator.logits": ("F32", [3], [6.0, 0.0, 0.0])})})  # trusts e0
+    try:
+        rng = random.Random(9)
+        z, y = q_rows(rng, 300, 1)  # e1 is right
+        r = check_status(c.d.infer("q", [tensor("base_quantiles", z)], id="q"), 200)
+        body = {"inputs": [bytes_tensor("id", ["q:%d" % i for i in range(300)]),
+                           tensor("targets", y, datatype="FP64")]}
+        j = check_status(c.d.post("/v2/models/q/feedback", body), 200).json()
+        check(j["accepted"] == 300, j)
+        body["inputs"][1] = tensor("labels", y)
+        check_status(c.d.post("/v2/models/q/feedback", body), 400, "targets")
+        r = check_status(c.d.post("/v2/models/q/refit", {"parameters": {"epochs": 60,
+                                                                       "learning_rate": 0.1}}),
+                         200).json()
+        check(r["candidate_version"] == "2", r)
+        z2, y2 = q_rows(rng, 80, 1)
+        check_status(c.d.infer("q", [tensor("base_quantiles", z2)], id="q2"), 200)
+        time.sleep(0.5)
+        body = {"inputs": [bytes_tensor("id", ["q2:%d" % i for i in range(80)] + ["other"]),
+                           tensor("targets", y2 + [0.0], datatype="FP64")]}
+        j = check_status(c.d.post("/v2/models/q/feedback", body), 200).json()
+        check(j["unknown"]["ids"] == ["other"], j)
+        check(j["decision"]["decision"] == "promoted" and j["decision"]["metric"] == "wis", j)
+        check(j["decision"]["candidate_score"] < 0.95 * j["decision"]["served_score"], j)
+        check(check_status(c.d.get("/v2/models/q"), 200).json()["versions"] == ["2"], "served")
+    finally:
+        c.d.stop()
+
+
 if __name__ == "__main__":
     run_tests(collect(globals()))
