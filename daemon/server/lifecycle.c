@@ -25,6 +25,7 @@
 #include "../base/mem.h"
 #include "../models/model.h"
 #include "notify.h"
+#include "batch.h"
 #include "sched.h"
 #include "server.h"
 #include "trace.h"
@@ -281,6 +282,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   }
   pool_set_default(s->pool);
   sched_init(s);
+  if ((rc = batch_start(s, err))) goto fail_batch;
   if ((rc = repo_open(&s->repo, cfg->model_repository, (const char *const *)cfg->models, s->pool,
                       err)))
     goto fail_repo;
@@ -322,7 +324,10 @@ fail_keys:
   repo_close(s->repo);
   s->repo = NULL;
 fail_repo:
+  batch_stop(s);
+fail_batch:
   pool_destroy(s->pool);
+  batch_free(s);
   s->pool = NULL;
 fail_pool:
   trace_stop();
@@ -344,9 +349,12 @@ void server_free(server *s) {
   s->started = 0;
   shutdown_now(s);
   close_handles(s);
-  /* workers finish what they hold; their results are dropped */
+  /* batches still waiting are queued; workers finish what they hold; their
+   * results are dropped */
+  batch_stop(s);
   pool_destroy(s->pool);
   s->pool = NULL;
+  batch_free(s);
   transport_drop_done(s);
   repo_close(s->repo);
   s->repo = NULL;

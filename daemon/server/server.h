@@ -60,6 +60,7 @@ struct server {
   uv_loop_t *loop;
   void *mhd;
   pool_t *pool;
+  struct batcher *batcher; /* the dynamic batcher (batch.h) */
   repo_t *repo;
   uv_poll_t mhd_poll;
   uv_timer_t mhd_timer, sweep_timer, drain_timer;
