@@ -440,8 +440,8 @@ static void few_t(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, 
 /* ---- entry ----------------------------------------------------------------- */
 
 static void gemm_avx2_impl(int direct, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                      int64_t lda, 
-                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+                           int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                           int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; i++)
@@ -477,7 +477,7 @@ static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float 
 
 /* Every M through the packed kernels: a row's sums do not depend on M. */
 static void gemm_avx2_inv(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+                          const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   gemm_avx2_impl(0, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 

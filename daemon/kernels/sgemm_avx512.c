@@ -183,9 +183,9 @@ static void gemm_packed(int trans_b, int64_t M, int64_t N, int64_t K, const floa
 
 /* ---- entry ----------------------------------------------------------------- */
 
-static void gemm_avx512_impl(int direct, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                      int64_t lda, 
-                        const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+static void gemm_avx512_impl(int direct, int trans_b, int64_t M, int64_t N, int64_t K,
+                             const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
+                             float *C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; i++)
@@ -212,13 +212,14 @@ static void gemm_avx512_impl(int direct, int trans_b, int64_t M, int64_t N, int6
 }
 
 static void gemm_avx512(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+                        const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   gemm_avx512_impl(1, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
 /* Every M through the packed kernels: a row's sums do not depend on M. */
-static void gemm_avx512_inv(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
+static void gemm_avx512_inv(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
+                            int64_t lda, const float *B, int64_t ldb, float beta, float *C,
+                            int64_t ldc) {
   gemm_avx512_impl(0, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 

@@ -275,8 +275,8 @@ int batch_offer(job *j, oip_request *req, md_call *call) {
   bgroup *run_now = NULL;
   uv_mutex_lock(&b->mu);
   bgroup *g = b->groups;
-  while (g && !(g->ver == j->ver && g->rows + rows <= sc->max_batch_size &&
-                strcmp(g->key, key) == 0))
+  while (g &&
+         !(g->ver == j->ver && g->rows + rows <= sc->max_batch_size && strcmp(g->key, key) == 0))
     g = g->next;
   if (g) {
     tl_free(key);

@@ -380,11 +380,16 @@ static void test_row_invariant(void **state) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_row_invariant),
-      cmocka_unit_test(test_hand),          cmocka_unit_test(test_add_bias),
-      cmocka_unit_test(test_ref_sweep),     cmocka_unit_test(test_avx2_sweep),
-      cmocka_unit_test(test_avx512_sweep),  cmocka_unit_test(test_active),
-      cmocka_unit_test(test_neon_sweep),    cmocka_unit_test(test_dispatch_serial),
-      cmocka_unit_test(test_dispatch_pool), cmocka_unit_test(test_few_rows_batch_invariant),
+      cmocka_unit_test(test_hand),
+      cmocka_unit_test(test_add_bias),
+      cmocka_unit_test(test_ref_sweep),
+      cmocka_unit_test(test_avx2_sweep),
+      cmocka_unit_test(test_avx512_sweep),
+      cmocka_unit_test(test_active),
+      cmocka_unit_test(test_neon_sweep),
+      cmocka_unit_test(test_dispatch_serial),
+      cmocka_unit_test(test_dispatch_pool),
+      cmocka_unit_test(test_few_rows_batch_invariant),
   };
   printf("sgemm: best path here is %s\n", cpu_path_name(cpu_best_path()));
   return cmocka_run_group_tests(tests, NULL, NULL);
