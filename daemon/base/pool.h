@@ -32,6 +32,44 @@ int pool_submit(pool_t *p, pool_job_fn fn, void *arg);
  * (runs serially in the caller). Returns when every chunk is done. */
 void pool_parallel_for(pool_t *p, int64_t n, int64_t grain, pool_range_fn fn, void *arg);
 
+/* ---- scheduling (docs/scheduling.md) -------------------------------------
+ *
+ * Jobs wait in named queues (the server makes one per model), each with a
+ * limit on how many of its jobs run at once and how many may wait, at a
+ * priority level (0 is taken first, then 1, ...; first in, first out within
+ * a level, across queues too) and in a lane. A lane may have a cap on the
+ * threads working in it, counting the helpers of its parallel-for chunks:
+ * fits run in POOL_LANE_FIT under a cap so that inference always has
+ * workers. A worker takes, among queues under their running limit and lanes
+ * under their cap, the job of the best level submitted first. pool_submit
+ * is pool_submit_q on the pool's own unnamed queue at level 0. */
+#define POOL_LEVELS 10 /* levels 0..9 */
+enum { POOL_LANE_INFER = 0, POOL_LANE_FIT = 1, POOL_LANES = 2 };
+#define POOL_QFULL 1
+
+typedef struct pool_q pool_q;
+
+/* The queue called `name` (made on first use; it lives as long as the
+ * pool). NULL only when out of memory. */
+pool_q *pool_queue(pool_t *p, const char *name);
+/* 0 means no limit (max_queued: only the pool's depth). Takes effect for
+ * the next job taken or submitted. */
+void pool_queue_limits(pool_t *p, pool_q *q, int max_running, int max_queued);
+/* 0; -TS_EBUSY when the pool's depth is reached; POOL_QFULL when q
+ * already holds its max_queued waiting jobs; -TS_EUNAVAIL when stopping. Jobs at level 0 are the
+ * daemon's own follow-up work and pass both limits. */
+int pool_submit_q(pool_t *p, pool_q *q, int lane, int level, pool_job_fn fn, void *arg);
+/* At most `cap` threads work in the lane at once (0: no cap). */
+void pool_lane_cap(pool_t *p, int lane, int cap);
+int pool_lane_cap_get(pool_t *p, int lane);
+/* The lane the calling thread works in (POOL_LANE_INFER outside jobs). */
+int pool_current_lane(void);
+/* Calls fn for every named queue with its waiting and running jobs (under
+ * the pool's lock: fn must not call into the pool). */
+void pool_queue_foreach(pool_t *p, void (*fn)(void *arg, const char *name, int queued, int running),
+                        void *arg);
+int pool_queue_queued(pool_t *p, pool_q *q);
+
 int pool_threads(const pool_t *p);
 int pool_queued(pool_t *p);  /* jobs waiting */
 int pool_running(pool_t *p); /* jobs running */

@@ -167,7 +167,8 @@ int md_check_finite_outputs(const md_call *c, ts_err *err) {
 }
 
 int md_config_check_keys(const json_t *config, const char *const *allowed, ts_err *err) {
-  static const char *const common[] = {"kind", "version_policy", "description", "max_batch", NULL};
+  static const char *const common[] = {"kind",       "version_policy",   "description", "max_batch",
+                                       "scheduling", "dynamic_batching", NULL};
   if (!json_is_object(config)) return ts_errf(err, TS_EINVAL, "config.json is not a JSON object");
   const char *key;
   json_t *v;
@@ -188,6 +189,110 @@ int md_config_check_common(const json_t *config, ts_err *err) {
     return ts_errf(err, TS_EINVAL,
                    "config.json: 'max_batch' must be an integer in [0, %lld] (0: no limit)",
                    (long long)MD_MAX_BATCH);
+  md_sched sc;
+  return md_config_sched(config, &sc, err);
+}
+
+/* An integer member of obj in [lo, hi], or def when absent. */
+static int sched_int(const json_t *obj, const char *sect, const char *key, int64_t lo, int64_t hi,
+                     int64_t def, int64_t *out, ts_err *err) {
+  json_t *v = json_object_get(obj, key);
+  if (!v) {
+    *out = def;
+    return 0;
+  }
+  if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi)
+    return ts_errf(err, TS_EINVAL, "config.json: '%s.%s' must be an integer in [%lld, %lld]", sect,
+                   key, (long long)lo, (long long)hi);
+  *out = json_integer_value(v);
+  return 0;
+}
+
+static int check_keys(const json_t *obj, const char *sect, const char *const *allowed,
+                      ts_err *err) {
+  if (!json_is_object(obj))
+    return ts_errf(err, TS_EINVAL, "config.json: '%s' must be an object", sect);
+  const char *key;
+  json_t *v;
+  json_object_foreach((json_t *)obj, key, v) {
+    int ok = 0;
+    for (const char *const *a = allowed; *a && !ok; a++) ok = strcmp(*a, key) == 0;
+    if (!ok) return ts_errf(err, TS_EINVAL, "config.json: unknown key '%s.%.60s'", sect, key);
+  }
+  return 0;
+}
+
+int md_config_sched(const json_t *config, md_sched *out, ts_err *err) {
+  memset(out, 0, sizeof *out);
+  out->priority_levels = 3;
+  out->default_priority_level = 2;
+  const json_t *s = json_object_get(config, "scheduling");
+  int64_t v;
+  if (s) {
+    static const char *const keys[] = {"max_concurrency",        "max_queue_size",
+                                       "default_timeout_ms",     "priority_levels",
+                                       "default_priority_level", NULL};
+    int rc;
+    if ((rc = check_keys(s, "scheduling", keys, err))) return rc;
+    if ((rc = sched_int(s, "scheduling", "max_concurrency", 0, 1 << 20, 0, &v, err))) return rc;
+    out->max_concurrency = (int)v;
+    if ((rc = sched_int(s, "scheduling", "max_queue_size", 0, 1 << 20, 0, &v, err))) return rc;
+    out->max_queue_size = (int)v;
+    if ((rc = sched_int(s, "scheduling", "default_timeout_ms", 0, 86400000, 0, &v, err))) return rc;
+    out->default_timeout_ms = v;
+    if ((rc = sched_int(s, "scheduling", "priority_levels", 1, MD_PRIORITY_LEVELS_MAX, 3, &v, err)))
+      return rc;
+    out->priority_levels = (int)v;
+    int64_t def = out->priority_levels < 2 ? out->priority_levels : 2;
+    if ((rc = sched_int(s, "scheduling", "default_priority_level", 1, out->priority_levels, def, &v,
+                        err)))
+      return rc;
+    out->default_priority_level = (int)v;
+  }
+  const json_t *b = json_object_get(config, "dynamic_batching");
+  if (!b) return 0;
+  static const char *const bkeys[] = {"max_queue_delay_us", "preferred_batch_sizes",
+                                      "max_batch_size", NULL};
+  int rc;
+  if ((rc = check_keys(b, "dynamic_batching", bkeys, err))) return rc;
+  const char *kind = json_string_value(json_object_get(config, "kind"));
+  if (!kind ||
+      (strcmp(kind, "mlp") && strcmp(kind, "ensemble") && strcmp(kind, "quantile_ensemble")))
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: 'dynamic_batching' is for the kinds mlp, ensemble and "
+                   "quantile_ensemble, not '%.40s'",
+                   kind ? kind : "(none)");
+  out->batching = 1;
+  if ((rc = sched_int(b, "dynamic_batching", "max_queue_delay_us", 0, 10000000, 0, &v, err)))
+    return rc;
+  out->max_queue_delay_us = v;
+  json_t *mbj = json_object_get(config, "max_batch");
+  int64_t mb = mbj && json_is_integer(mbj) ? json_integer_value(mbj) : 0;
+  int64_t hi = mb > 0 ? mb : 65536;
+  if ((rc = sched_int(b, "dynamic_batching", "max_batch_size", 1, hi, mb > 0 && mb < 64 ? mb : 64,
+                      &v, err)))
+    return rc;
+  out->max_batch_size = v;
+  json_t *pref = json_object_get(b, "preferred_batch_sizes");
+  if (pref) {
+    if (!json_is_array(pref) || json_array_size(pref) > MD_PREFERRED_MAX)
+      return ts_errf(err, TS_EINVAL,
+                     "config.json: 'dynamic_batching.preferred_batch_sizes' must be an array of "
+                     "at most %d sizes",
+                     MD_PREFERRED_MAX);
+    size_t i;
+    json_t *e;
+    json_array_foreach(pref, i, e) {
+      if (!json_is_integer(e) || json_integer_value(e) < 1 ||
+          json_integer_value(e) > out->max_batch_size ||
+          (i > 0 && json_integer_value(e) <= out->preferred[i - 1]))
+        return ts_errf(err, TS_EINVAL,
+                       "config.json: 'dynamic_batching.preferred_batch_sizes' must be ascending "
+                       "integers in [1, max_batch_size %lld]",
+                       (long long)out->max_batch_size);
+      out->preferred[out->n_preferred++] = json_integer_value(e);
+    }
+  }
   return 0;
 }
 

@@ -52,8 +52,11 @@
 #include "../base/safetensors.h"
 #include "../kernels/sgemm.h"
 #include "../methods/qagg.h"
+#include "learn_cfg.h"
 #include "model.h"
 #include "quantile_int.h"
+
+extern const md_kind md_kind_quantile_ensemble;
 
 /* ---- names and settings ------------------------------------------------ */
 
@@ -314,9 +317,11 @@ static int load_bases_linear(qk_state *s, st_file *w, ts_err *err) {
 }
 
 int qk_load(const md_load_ctx *ctx, void **state, ts_err *err) {
-  static const char *const keys[] = {"levels",   "bases",     "features", "aggregator",
-                                     "monotone", "conformal", NULL};
+  static const char *const keys[] = {"levels",    "bases", "features", "aggregator", "monotone",
+                                     "conformal", "log",   "refit",    NULL};
   int rc = md_config_check_keys(ctx->config, keys, err);
+  lc_config lcfg; /* the learning loop's keys, checked here (daemon/learn reads them) */
+  if (!rc) rc = lc_parse(ctx->config, &md_kind_quantile_ensemble, &lcfg, err);
   if (rc) return rc;
   qk_state *s = tl_calloc(1, sizeof *s);
   if (!s) return ts_errf(err, TS_ENOMEM, "out of memory");

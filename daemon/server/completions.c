@@ -30,6 +30,7 @@
 #include "metrics.h"
 #include "repo_json.h"
 #include "server.h"
+#include "sched.h"
 #include "stream.h"
 
 enum { API_OPENAI = 0, API_TRITON = 1 };
@@ -107,8 +108,8 @@ static json_t *parse_body(job *j, ts_err *err) {
 static atomic_llong gen_kv_bytes;
 static int64_t gen_kv_cap;
 
+/* ctx: the model's counter (sched_kv_slot), or NULL */
 static int kv_reserve(void *ctx, size_t bytes) {
-  (void)ctx;
   int64_t cap = gen_kv_cap - (int64_t)metrics_session_bytes();
   long long cur = atomic_load(&gen_kv_bytes);
   for (;;) {
@@ -116,11 +117,12 @@ static int kv_reserve(void *ctx, size_t bytes) {
     if (atomic_compare_exchange_weak(&gen_kv_bytes, &cur, cur + (long long)bytes)) break;
   }
   metrics_set_generate_kv((int64_t)(cur + (long long)bytes));
+  if (ctx) atomic_fetch_add((atomic_llong *)ctx, (long long)bytes);
   return 0;
 }
 
 static void kv_release(void *ctx, size_t bytes) {
-  (void)ctx;
+  if (ctx) atomic_fetch_sub((atomic_llong *)ctx, (long long)bytes);
   long long now = atomic_fetch_sub(&gen_kv_bytes, (long long)bytes) - (long long)bytes;
   metrics_set_generate_kv((int64_t)now);
 }
@@ -133,6 +135,7 @@ static int get_engine(job *j, tf_model *m, gen_engine **e, ts_err *err) {
   gen_kv_cap = j->srv->cfg->kv_cache_bytes;
   cfg.kv_reserve = kv_reserve;
   cfg.kv_release = kv_release;
+  cfg.kv_ctx = sched_kv_slot(j->rt.model);
   return tf_engine(m, j->srv->pool, &cfg, e, err);
 }
 

@@ -22,6 +22,7 @@ typedef struct srv_config {
   char *listen;                   /* host:port */
   int64_t threads;
   int64_t queue_depth;
+  int64_t fit_workers; /* the fit lane's cap; -1: half the workers; 0: none */
   int64_t max_body_bytes;
   int64_t drain_timeout_ms;
   int64_t request_timeout_ms;
@@ -46,6 +47,7 @@ typedef struct srv_config {
   int64_t max_batch;            /* largest leading dimension of an input; 0: none */
   int64_t max_sequence_length;  /* largest token/query/key length; 0: none */
   int64_t repository_poll_secs; /* rescan period; 0: only at SIGHUP */
+  char *repository_watch;       /* inotify (default), poll or off (server/watch.h) */
   /* scale-out (docs/deployment.md, Scaling) */
   char *replica_id;               /* this replica's name in fit locks and session ids */
   int64_t fit_lock_lease_seconds; /* the fit lock's lease across replicas; 0: none */

@@ -11,6 +11,7 @@
 #include "../base/mem.h"
 #include "../models/model.h"
 #include "oip.h"
+#include "sched.h"
 #include "server.h"
 #include "trace.h"
 
@@ -160,9 +161,12 @@ int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, 
   const md_kind *k = repo_ver_kind(ver);
   int op = route_op(j->rt.id);
   if ((rc = server_check_params(k, op, repo_ver_model(ver), req->params, err))) return rc;
+  if ((rc = sched_check_priority(ver, req->params, err))) return rc;
   /* the operator's limits first, then the model's own */
   if (check_limits && (rc = server_check_limits(s->cfg, &req->inputs, err))) return rc;
-  if (op == MD_OP_INFER || op == MD_OP_SESSION_INFER) {
+  /* a route without an operation of its own (feedback) takes other inputs */
+  int own = route_get(j->rt.id)->op;
+  if (own == MD_OP_INFER || own == MD_OP_SESSION_INFER) {
     if ((rc = check_model_batch(ver, &req->inputs, err))) return rc;
     if ((rc = check_input_names(ver, &req->inputs, err))) return rc;
   }

@@ -42,6 +42,7 @@
 #include "../models/model.h"
 #include "metrics.h"
 #include "server.h"
+#include "sched.h"
 #include "stream.h"
 #include "trace.h"
 #include "transport.h"
@@ -403,6 +404,7 @@ static void submit(server *s, hreq *h) {
   j->len = h->len;
   j->req_coding = h->req_coding;
   j->resp_coding = h->resp_coding;
+  memcpy(j->request_id, h->request_id, sizeof j->request_id);
   h->body = NULL;
   h->len = h->cap = 0;
   const char *hl =
@@ -424,8 +426,6 @@ static void submit(server *s, hreq *h) {
   }
   j->t_submit = md_now();
   const route_def *d = route_get(j->rt.id);
-  if (s->cfg->request_timeout_ms > 0 && (d->flags & RF_DEADLINE))
-    atomic_store(&j->deadline, j->t_submit + (double)s->cfg->request_timeout_ms / 1000.0);
   /* claims that must fail fast, on the loop thread */
   ts_err err = {0};
   int rc = 0;
@@ -435,16 +435,11 @@ static void submit(server *s, hreq *h) {
   }
   if (!rc && (d->flags & RF_VERSION))
     rc = repo_acquire(s->repo, j->rt.model, j->rt.version, &j->ver, &err);
-  if (!rc && (rc = pool_submit(s->pool, job_run, j)) != 0) {
-    if (rc == -TS_EBUSY)
-      ts_errf(&err, TS_EBUSY, "the work queue is full (%d waiting); retry shortly",
-              (int)s->cfg->queue_depth);
-    else
-      ts_errf(&err, -rc, "the daemon is shutting down");
-  }
+  /* the model's queue, lane and priority level (sched.c) */
+  if (!rc) rc = sched_submit(s, j, job_run, &err);
   if (rc) {
     resp_error(&h->out, &err);
-    if (rc == -TS_EBUSY) h->out.retry_after = 1;
+    if (err.status == TS_EBUSY) h->out.retry_after = 1;
     h->phase = H_DONE;
     job_free(j);
     return;

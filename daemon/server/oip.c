@@ -358,6 +358,128 @@ int oip_is_request_param(const char *key) {
 /* Longest timeout a request may ask for: a day (keeps the sum finite). */
 #define MAX_TIMEOUT_S 86400.0
 
+/* ---- the scheduling parameters, read ahead of decoding ------------------- */
+
+typedef struct scan {
+  const char *p, *end;
+} scan;
+
+static void sc_ws(scan *c) {
+  while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t')) c->p++;
+}
+
+/* Past a string whose opening quote is at c->p; 0 when unterminated. */
+static int sc_string(scan *c) {
+  c->p++;
+  for (;;) {
+    const char *q = memchr(c->p, '"', (size_t)(c->end - c->p));
+    if (!q) return 0;
+    const char *b = q;
+    while (b > c->p && b[-1] == '\\') b--;
+    c->p = q + 1;
+    if (((q - b) & 1) == 0) return 1; /* an even run of backslashes: the quote ends it */
+  }
+}
+
+/* Past one value of any kind (nesting counted, strings skipped). */
+static int sc_value(scan *c) {
+  sc_ws(c);
+  if (c->p >= c->end) return 0;
+  if (*c->p == '"') return sc_string(c);
+  if (*c->p != '{' && *c->p != '[') {
+    while (c->p < c->end && !strchr(",}] \n\r\t", *c->p)) c->p++;
+    return 1;
+  }
+  int64_t depth = 0;
+  while (c->p < c->end) {
+    char ch = *c->p;
+    if (ch == '"') {
+      if (!sc_string(c)) return 0;
+      continue;
+    }
+    if (ch == '{' || ch == '[') depth++;
+    if (ch == '}' || ch == ']') depth--;
+    c->p++;
+    if (depth == 0) return 1;
+  }
+  return 0;
+}
+
+/* Positions c after the key `want` of the object at c->p and its colon;
+ * 1 found, 0 not. */
+static int sc_member(scan *c, const char *want) {
+  size_t wn = strlen(want);
+  sc_ws(c);
+  if (c->p >= c->end || *c->p != '{') return 0;
+  c->p++;
+  for (;;) {
+    sc_ws(c);
+    if (c->p >= c->end || *c->p != '"') return 0;
+    const char *k = c->p + 1;
+    if (!sc_string(c)) return 0;
+    size_t kn = (size_t)(c->p - 1 - k);
+    sc_ws(c);
+    if (c->p >= c->end || *c->p != ':') return 0;
+    c->p++;
+    if (kn == wn && memcmp(k, want, wn) == 0) return 1;
+    if (!sc_value(c)) return 0;
+    sc_ws(c);
+    if (c->p >= c->end || *c->p != ',') return 0;
+    c->p++;
+  }
+}
+
+/* A number at c->p (JSON's grammar, loosely): 1 with *out set, else 0. */
+static int sc_number(scan *c, double *out) {
+  char buf[64];
+  size_t n = 0;
+  while (c->p < c->end && n < sizeof buf - 1 && strchr("+-.0123456789eE", *c->p))
+    buf[n++] = *c->p++;
+  buf[n] = 0;
+  if (!n || (c->p < c->end && !strchr(",} \n\r\t", *c->p))) return 0;
+  char *end;
+  *out = strtod(buf, &end);
+  return *end == 0;
+}
+
+void oip_scan_params(const char *body, size_t len, oip_scanned *out) {
+  memset(out, 0, sizeof *out);
+  scan c = {body, body + len};
+  if (!sc_member(&c, "parameters")) return;
+  sc_ws(&c);
+  if (c.p >= c.end || *c.p != '{') return;
+  c.p++;
+  for (;;) {
+    sc_ws(&c);
+    if (c.p >= c.end || *c.p != '"') return;
+    const char *k = c.p + 1;
+    if (!sc_string(&c)) return;
+    size_t kn = (size_t)(c.p - 1 - k);
+    sc_ws(&c);
+    if (c.p >= c.end || *c.p != ':') return;
+    c.p++;
+    sc_ws(&c);
+    double v;
+    const char *at = c.p;
+    if (kn == 8 && memcmp(k, "priority", 8) == 0 && sc_number(&c, &v)) {
+      if (v >= 0 && v == floor(v) && v < 1e15) {
+        out->has_priority = 1;
+        out->priority = (int64_t)v;
+      }
+    } else if (kn == 10 && memcmp(k, "timeout_ms", 10) == 0 && sc_number(&c, &v)) {
+      if (v > 0 && v <= MAX_TIMEOUT_S * 1e3) out->timeout_s = v / 1e3;
+    } else if (kn == 7 && memcmp(k, "timeout", 7) == 0 && sc_number(&c, &v)) {
+      if (v > 0 && v <= MAX_TIMEOUT_S * 1e6) out->timeout_s = v / 1e6;
+    } else {
+      c.p = at;
+      if (!sc_value(&c)) return;
+    }
+    sc_ws(&c);
+    if (c.p >= c.end || *c.p != ',') return;
+    c.p++;
+  }
+}
+
 /* Type-checks the names the codec knows (oip_request_params) and sets the
  * deadline and the binary default from them. Other names are the model
  * kind's to accept or refuse (decode.c). */

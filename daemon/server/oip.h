@@ -58,9 +58,23 @@ typedef struct oip_limits {
  * from OIP clients (NULL-terminated): timeout_ms, timeout (Triton's, in
  * microseconds), binary_data_output, and Triton's sequence_id,
  * sequence_start, sequence_end, priority and headers (accepted and
- * type-checked; tallyd has no sequence batcher or priority queue). */
+ * type-checked; priority orders the model's queue: docs/scheduling.md;
+ * tallyd has no sequence batcher). */
 extern const char *const oip_request_params[];
 int oip_is_request_param(const char *key);
+
+/* What the scheduler needs of a request before a worker decodes it, read
+ * from "parameters" in one pass over the JSON text that skips every other
+ * value: "priority" (a non-negative integer) and the request's own timeout
+ * ("timeout_ms", or Triton's "timeout" in microseconds). A value that is
+ * absent, of another type, out of range, behind an escaped key, or a body
+ * that is not JSON leaves the field unset (the decoder then says why). */
+typedef struct oip_scanned {
+  int has_priority;
+  int64_t priority;
+  double timeout_s; /* 0: none */
+} oip_scanned;
+void oip_scan_params(const char *body, size_t len, oip_scanned *out);
 
 /* json_len == 0 or == len: the whole body is JSON. max_elements bounds the
  * element count of any one tensor (0: none). */

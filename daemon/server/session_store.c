@@ -329,6 +329,13 @@ void ss_stats(ss_store *s, int64_t *count, uint64_t *bytes) {
   uv_mutex_unlock(&s->mu);
 }
 
+void ss_owner_bytes(ss_store *s, void (*fn)(void *arg, const char *owner, uint64_t bytes),
+                    void *arg) {
+  uv_mutex_lock(&s->mu);
+  for (ss_entry *e = s->head; e; e = e->next) fn(arg, e->owner, e->bytes);
+  uv_mutex_unlock(&s->mu);
+}
+
 static size_t entry_size(const ss_store *s, const char *owner) {
   return offsetof(ss_entry, payload) + s->cfg.payload_size + strlen(owner) + 1;
 }

@@ -90,6 +90,10 @@ int ss_open(ss_store **out, const ss_config *cfg, ts_err *err);
  * payloads, then the store. No session may be busy. NULL is a no-op. */
 void ss_close(ss_store *s);
 ss_limits ss_get_limits(const ss_store *s);
+/* Calls fn for every session with its owner and counted bytes (under the
+ * store's lock: fn must not call into the store). */
+void ss_owner_bytes(ss_store *s, void (*fn)(void *arg, const char *owner, uint64_t bytes),
+                    void *arg);
 void ss_stats(ss_store *s, int64_t *count, uint64_t *bytes);
 /* What the store holds per session on top of the payload's bytes. */
 uint64_t ss_overhead(const ss_store *s, const char *owner);

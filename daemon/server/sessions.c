@@ -79,6 +79,12 @@ static ss_store *the_store(ts_err *err) {
   return s;
 }
 
+void sessions_owner_bytes(void (*fn)(void *arg, const char *model, uint64_t bytes), void *arg) {
+  ts_err err = {0};
+  ss_store *s = the_store(&err);
+  if (s) ss_owner_bytes(s, fn, arg);
+}
+
 /* ---- messages --------------------------------------------------------------- */
 
 static int not_found(ss_store *s, const route *rt, ss_gone gone, ts_err *err) {

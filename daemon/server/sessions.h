@@ -48,5 +48,7 @@ int sessions_configure(int64_t ttl_secs, int64_t cap_bytes, int64_t max_sessions
 /* Ends every session (releasing the pinned versions) and closes the store.
  * Called after the worker pool has stopped. */
 void sessions_shutdown(void);
+/* Calls fn for every open session with its model and counted bytes. */
+void sessions_owner_bytes(void (*fn)(void *arg, const char *model, uint64_t bytes), void *arg);
 
 #endif
