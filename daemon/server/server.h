@@ -85,6 +85,10 @@ struct server {
   auth_keys *keys; /* NULL: no credentials asked (loop thread; swapped at SIGHUP) */
   char *tls_cert_pem, *tls_key_pem; /* kept for MHD's lifetime */
   uv_timer_t poll_timer, watchdog_timer;
+  /* repository change notifications (watch.h); watch_fd -1: none */
+  uv_poll_t watch_poll;
+  uv_timer_t watch_timer;
+  int watch_fd, watch_warned;
   uv_mutex_t sync_mu; /* guards sync_busy/sync_again: one rescan at a time */
   int sync_busy, sync_again;
   atomic_int reloading; /* a SIGHUP's rescan is pending: READY=1 follows it */
