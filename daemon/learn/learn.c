@@ -371,7 +371,7 @@ parsed:;
     return;
   }
   char dir[4096];
-  snprintf(dir, sizeof dir, "%s/%s/rowlog", repo_root(L->repo), m->name);
+  snprintf(dir, sizeof dir, "%s/%s/.rowlog", repo_root(L->repo), m->name);
   rl_opts o = {.max_rows = m->cfg.max_rows};
   if (rl_open(&m->store, dir, &o, replay, m, &err)) {
     snprintf(m->reason, sizeof m->reason, "%s", err.msg);
