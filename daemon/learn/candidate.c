@@ -94,10 +94,10 @@ static void record(learn_t *L, const char *model, repo_ver *cv, int64_t version,
   json_object_set_new(c, "why", json_string(why));
   json_object_set_new(c, "decided", json_string(ts));
   json_object_set_new(c, "compared_rows", json_integer(rows));
-  json_object_set_new(
-      c, "scores",
-      json_pack("{s:s, s:f, s:f}", "metric", metric, "served", isfinite(served) ? served : 0.0,
-                "candidate", isfinite(cand) ? cand : 0.0));
+  json_object_set_new(c, "scores",
+                      json_pack("{s:s, s:o, s:o}", "metric", metric, "served",
+                                isfinite(served) ? json_real(served) : json_null(), "candidate",
+                                isfinite(cand) ? json_real(cand) : json_null()));
   ts_err err = {0};
   int promote = strcmp(decision, "promoted") == 0;
   if (repo_rewrite_version_info(L->repo, model, version, info, promote, &err))
@@ -246,6 +246,10 @@ static void shadow_run(void *arg) {
   md_call_free(&c);
   learn_t *L = j->L;
   shadow_free(j);
+  /* off the request's path: a candidate whose labels came before its shadow
+   * answers, or one grown too old, is decided here */
+  json_t *d = cand_decide(L, m);
+  if (d) json_decref(d);
   atomic_fetch_sub(&L->jobs, 1);
 }
 

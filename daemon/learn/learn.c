@@ -371,7 +371,7 @@ parsed:;
     return;
   }
   char dir[4096];
-  snprintf(dir, sizeof dir, "%s/%s/rowlog", repo_root(L->repo), m->name);
+  snprintf(dir, sizeof dir, "%s/%s/.rowlog", repo_root(L->repo), m->name);
   rl_opts o = {.max_rows = m->cfg.max_rows};
   if (rl_open(&m->store, dir, &o, replay, m, &err)) {
     snprintf(m->reason, sizeof m->reason, "%s", err.msg);
@@ -412,8 +412,18 @@ lmodel *learn_model(learn_t *L, repo_ver *ver) {
     fresh = 1;
   }
   pthread_mutex_unlock(&L->mu);
-  char *key = cfg_key_of(cfg);
+  /* the config text is compared only when the version or its config object
+   * changed since the last look (a request must not pay a JSON dump) */
+  int64_t vnum = repo_ver_version(ver);
   pthread_mutex_lock(&m->mu);
+  int same = m->cfg_seen == (const void *)cfg && m->cfg_seen_version == vnum && m->cfg_key;
+  pthread_mutex_unlock(&m->mu);
+  char *key = same ? NULL : cfg_key_of(cfg);
+  pthread_mutex_lock(&m->mu);
+  if (!same) {
+    m->cfg_seen = cfg;
+    m->cfg_seen_version = vnum;
+  }
   if (key && (!m->cfg_key || strcmp(key, m->cfg_key) != 0)) {
     m->lk = lk;
     lm_open(L, m, cfg);
@@ -595,7 +605,7 @@ int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **re
                  lk->label_input, ts_dtype_name(yt->dtype));
     goto out;
   }
-  if ((rc = ts_to_f64(yt, 0, &y, err))) goto out;
+  if ((rc = ts_to_f64(yt, 1, &y, err))) goto out; /* a non-finite one is reported per id */
   json_t *unknown = json_array(), *bad = json_array();
   int64_t accepted = 0, n_unknown = 0, n_bad = 0;
   double now = learn_wall();
@@ -613,7 +623,8 @@ int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **re
     if (!ok) {
       n_bad++;
       if (json_array_size(bad) < 20)
-        json_array_append_new(bad, json_pack("{s:s, s:f}", "id", ids[i], "value", v));
+        json_array_append_new(bad, json_pack("{s:s, s:o}", "id", ids[i], "value",
+                                             isfinite(v) ? json_real(v) : json_null()));
       continue;
     }
     wbuf w = {0};
@@ -679,9 +690,10 @@ int learn_candidates(learn_t *L, repo_ver *ver, json_t **result, ts_err *err) {
     char v[32];
     snprintf(v, sizeof v, "%lld", (long long)x->version);
     json_array_append_new(
-        decs, json_pack("{s:s, s:s, s:s, s:I, s:f, s:f, s:f}", "version", v, "decision",
+        decs, json_pack("{s:s, s:s, s:s, s:I, s:o, s:o, s:f}", "version", v, "decision",
                         x->decision, "why", x->why, "rows", (json_int_t)x->rows, "served_score",
-                        x->served, "candidate_score", x->cand, "time", x->t));
+                        isfinite(x->served) ? json_real(x->served) : json_null(), "candidate_score",
+                        isfinite(x->cand) ? json_real(x->cand) : json_null(), "time", x->t));
   }
   json_t *refit =
       m->cfg.refit

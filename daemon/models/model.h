@@ -140,6 +140,15 @@ struct md_kind {
   int (*fit)(void *state, md_call *call, ts_err *err);       /* optional */
   int (*evaluate)(void *state, md_call *call, ts_err *err);  /* optional */
   int (*calibrate)(void *state, md_call *call, ts_err *err); /* optional */
+  /* Outcomes of rows this version served (optional; the feedback path calls
+   * it, on the version that answered the rows). call->inputs: the rows'
+   * infer inputs plus their outcome (`targets` [N] for quantile models);
+   * served: the outputs the version answered them with (its first output
+   * read, [N, ...]), or NULL: then the version's answer now stands for it.
+   * Updates the version's live state (rolling scores, adaptive conformal;
+   * the only state a kind may change after load, behind its own lock) and
+   * puts a summary in call->result. Safe to call concurrently with infer. */
+  int (*observe)(void *state, md_call *call, const ts_list *served, ts_err *err);
   /* KV-cache sessions (optional): open a session, feed it, free it. *bytes
    * reports the session's current memory. */
   int (*session_open)(void *state, const json_t *params, void **sess, size_t *bytes, ts_err *err);

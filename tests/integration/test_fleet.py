@@ -52,6 +52,16 @@ def start_long_fit(d, model="aware_ensemble"):
     return c
 
 
+def lock_holder(path):
+    """The fit lock's contents, or None while there is none or it is being
+    written (it is created empty with O_EXCL, then filled)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def wait_for(cond, secs, what):
     deadline = time.time() + secs
     while time.time() < deadline:
@@ -197,9 +207,8 @@ def test_fit_on_another_replica_is_409_naming_holder(c):
     lock = os.path.join(c.repo, "aware_ensemble", LOCK)
     conn = start_long_fit(c.ds[0])
     try:
-        wait_for(lambda: os.path.exists(lock), 10, "the fit lock")
-        with open(lock) as f:
-            held = json.load(f)
+        wait_for(lambda: lock_holder(lock), 10, "the fit lock")
+        held = lock_holder(lock)
         check(held["owner"] == "r0" and held["pid"] == c.ds[0].proc.pid, held)
         check(held["expires_ms"] > time.time() * 1000, held)
         for d in c.ds[1:]:
@@ -228,7 +237,7 @@ def test_killed_holder_blocks_only_for_the_lease(c):
     victim = c.ds[2]
     conn = start_long_fit(victim)
     try:
-        wait_for(lambda: os.path.exists(lock), 10, "the fit lock")
+        wait_for(lambda: (lock_holder(lock) or {}).get("owner") == "r2", 10, "r2's fit lock")
         victim.proc.kill()  # SIGKILL: no release, no renewal
         victim.proc.wait()
         t0 = time.time()
