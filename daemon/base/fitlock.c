@@ -148,11 +148,19 @@ static int take_over(fl_lock *l, const struct stat *stale, const fl_holder *h, t
   struct stat st;
   if (lstat(aside, &st) == 0 && st.st_dev == stale->st_dev && st.st_ino == stale->st_ino) {
     unlink(aside);
-    log_warn(
-        "fit lock %s: took over a stale lock of replica '%s' (host %s, pid %lld), expired "
-        "%lld ms ago",
-        l->path, h->owner, h->host, h->pid,
-        (long long)(fl_now_ms() - expiry_of(h, stale, l->lease_ms)));
+    int64_t ago = fl_now_ms() - expiry_of(h, stale, l->lease_ms);
+    if (!h->owner[0])
+      log_warn("fit lock %s: took over an unreadable lock unchanged for over a lease", l->path);
+    else if (ago < 0)
+      log_warn(
+          "fit lock %s: took over the lock of this replica's previous process (pid %lld, "
+          "gone)",
+          l->path, h->pid);
+    else
+      log_warn(
+          "fit lock %s: took over a stale lock of replica '%s' (host %s, pid %lld), "
+          "expired %lld ms ago",
+          l->path, h->owner, h->host, h->pid, (long long)ago);
     return 0;
   }
   /* We moved a fresh lock that another taker had just made: put it back

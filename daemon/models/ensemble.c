@@ -37,6 +37,7 @@
 #include "../base/safetensors.h"
 #include "../methods/aware.h"
 #include "../methods/calib.h"
+#include "learn_cfg.h"
 #include "model.h"
 
 extern const md_kind md_kind_ensemble;
@@ -155,9 +156,12 @@ static int parse_families(ens_state *s, const json_t *fams, const char *self, ts
 }
 
 static int load(const md_load_ctx *ctx, void **state, ts_err *err) {
-  static const char *const keys[] = {"member_output", "classes", "families", "threshold", NULL};
+  static const char *const keys[] = {"member_output", "classes", "families", "threshold",
+                                     "log",           "refit",   NULL};
   const json_t *cfg = ctx->config;
   int rc = md_config_check_keys(cfg, keys, err);
+  lc_config lcfg; /* the learning loop's keys, checked here (daemon/learn reads them) */
+  if (!rc) rc = lc_parse(cfg, &md_kind_ensemble, &lcfg, err);
   if (rc) return rc;
   ens_state *s = tl_calloc(1, sizeof *s);
   if (!s) return ts_errf(err, TS_ENOMEM, "out of memory");

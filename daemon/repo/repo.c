@@ -417,6 +417,31 @@ fail:
   return rc;
 }
 
+/* ---- candidates (learn/: a refit's version that is not served) ---------- */
+
+/* 1 when <mdir>/<version>/version.json marks a candidate that was not
+ * promoted ("candidate": {"state": "pending" | "dropped"}): such a version
+ * is on disk for shadow scoring and the record, never served. */
+static int is_unserved_candidate(const char *mdir, int64_t version) {
+  char path[PATH_MAX];
+  pathf(path, sizeof path, "%s/%lld/version.json", mdir, (long long)version);
+  json_t *info = NULL;
+  if (read_json_file(path, MAX_VERSION_JSON_BYTES, &info, NULL)) return 0;
+  const json_t *c = json_object_get(info, "candidate");
+  const char *state = json_string_value(json_object_get(c, "state"));
+  int yes = json_is_object(c) && !(state && strcmp(state, "promoted") == 0);
+  json_decref(info);
+  return yes;
+}
+
+/* Removes unserved candidates from a version list (the policy never sees them). */
+static void drop_candidates(const char *mdir, int64_t *vs, int *nv) {
+  int k = 0;
+  for (int i = 0; i < *nv; i++)
+    if (!is_unserved_candidate(mdir, vs[i])) vs[k++] = vs[i];
+  *nv = k;
+}
+
 /* ---- the table --------------------------------------------------------- */
 
 static repo_model *find_model(repo_t *r, const char *name) {
@@ -632,6 +657,7 @@ static int sync_plan_make(repo_t *r, const char *name, int force, sync_plan *p, 
   if (!rc && !json_is_object(p->config))
     rc = ts_errf(&err, TS_EINVAL, "config.json is not a JSON object");
   if (!rc) rc = fs_list_versions(p->mdir, &p->vs, &p->nv, &err);
+  if (!rc) drop_candidates(p->mdir, p->vs, &p->nv);
   if (!rc && !(p->keep = tl_calloc((size_t)(p->nv ? p->nv : 1), sizeof(int))))
     rc = ts_errf(&err, TS_ENOMEM, "out of memory");
   if (!rc) rc = apply_policy(p->config, p->vs, p->nv, p->keep, &err);
@@ -837,6 +863,7 @@ static int check_override(repo_t *r, const char *name, const json_t *config, ts_
   if (!json_is_object(config)) return ts_errf(err, TS_EINVAL, "config is not a JSON object");
   if ((rc = read_max_batch(config, &mb, err))) return rc;
   if ((rc = fs_list_versions(mdir, &vs, &nv, err))) return rc;
+  drop_candidates(mdir, vs, &nv);
   if (!(keep = tl_calloc((size_t)(nv ? nv : 1), sizeof(int)))) {
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
     goto out;
@@ -1128,6 +1155,7 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   char sha[65];
   if ((rc = hash_sha256_file(path, sha, err))) goto fail;
   json_t *info = call->new_version_info ? json_deep_copy(call->new_version_info) : json_object();
+  int is_candidate = json_is_object(json_object_get(info, "candidate"));
   char ts[64];
   time_t now = time(NULL);
   struct tm tm;
@@ -1143,6 +1171,12 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
   json_decref(info);
   if (rc) goto fail;
   pathf(final, sizeof final, "%s/%lld", mdir, (long long)next);
+  if (is_candidate) { /* saved for the learning loop; not served (learn/candidate.c) */
+    *new_version = next;
+    log_info("model '%s': version %lld saved as a candidate (not served)", name, (long long)next);
+    rc = 0;
+    goto out;
+  }
   /* Load before publishing; the old version serves until this succeeds. */
   json_t *config = NULL;
   repo_lock(r);
@@ -1170,7 +1204,7 @@ int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_
     m = NULL;
   }
   if (m && fs_list_versions(mdir, &all, &nall, NULL) == 0 &&
-      (keep = tl_calloc((size_t)nall, sizeof(int))) &&
+      (drop_candidates(mdir, all, &nall), 1) && (keep = tl_calloc((size_t)nall, sizeof(int))) &&
       apply_policy(config, all, nall, keep, NULL) == 0) {
     repo_ver **set = tl_calloc((size_t)nall + 1, sizeof *set);
     int k = 0;
@@ -1202,6 +1236,43 @@ fail:
   fs_rmtree(tmp, NULL);
 out:
   tl_free(tmp);
+  sync_unlock(r);
+  return rc;
+}
+
+int repo_load_unserved(repo_t *r, const char *name, int64_t version, repo_ver **out, ts_err *err) {
+  char path[PATH_MAX];
+  json_t *config = NULL;
+  repo_lock(r);
+  repo_model *m = find_model(r, name);
+  if (m && m->override) config = json_incref(m->override);
+  repo_unlock(r);
+  pathf(path, sizeof path, "%s/%s/config.json", r->root, name);
+  int rc = config ? 0 : read_json_file(path, MAX_CONFIG_BYTES, &config, err);
+  if (rc) return rc;
+  rc = ver_load(r, name, version, config, out, err);
+  json_decref(config);
+  return rc;
+}
+
+void repo_ver_retain(repo_ver *v) {
+  atomic_fetch_add(&v->refs, 1);
+}
+
+int repo_rewrite_version_info(repo_t *r, const char *name, int64_t version, const json_t *info,
+                              int rescan, ts_err *err) {
+  char vdir[PATH_MAX], path[PATH_MAX], tmp[PATH_MAX];
+  pathf(vdir, sizeof vdir, "%s/%s/%lld", r->root, name, (long long)version);
+  pathf(path, sizeof path, "%s/version.json", vdir);
+  pathf(tmp, sizeof tmp, "%s/.version.json.tmp", vdir);
+  char *text = jtext_dumps(info, JT_INDENT | JT_SORT_KEYS, NULL);
+  if (!text) return ts_errf(err, TS_ENOMEM, "out of memory");
+  sync_lock(r);
+  int rc = fs_write_file_sync(tmp, text, strlen(text), err);
+  free(text);
+  if (!rc) rc = fs_rename_atomic(tmp, path, err);
+  if (!rc) rc = fs_fsync_dir(vdir, err);
+  if (!rc && rescan) sync_model(r, name, 1);
   sync_unlock(r);
   return rc;
 }

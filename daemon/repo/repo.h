@@ -152,6 +152,21 @@ void repo_set_fit_lock(repo_t *r, const char *owner, int64_t lease_ms);
 int repo_commit_version(repo_t *r, const repo_ver *parent, md_call *call, int64_t *new_version,
                         ts_err *err);
 
+/* Candidates (the learning loop, learn/candidate.c). A version whose
+ * version.json holds "candidate": {"state": ...} other than "promoted" is
+ * never served: scans and commits leave it out of the version policy.
+ * repo_commit_version saves a call whose new_version_info has "candidate"
+ * without loading or serving it. repo_load_unserved loads any version of
+ * `name` with the model's config for the caller alone (one reference, given
+ * back with repo_release). repo_rewrite_version_info replaces version.json
+ * atomically (temporary file, fsync, rename, fsync of the directory); with
+ * rescan, the model is rescanned after, so a promoted candidate serves. */
+int repo_load_unserved(repo_t *r, const char *name, int64_t version, repo_ver **out, ts_err *err);
+int repo_rewrite_version_info(repo_t *r, const char *name, int64_t version, const json_t *info,
+                              int rescan, ts_err *err);
+/* One more reference to a version the caller holds (repo_release gives it back). */
+void repo_ver_retain(repo_ver *v);
+
 md_host *repo_host(repo_t *r);
 const char *repo_root(const repo_t *r);
 

@@ -98,6 +98,11 @@ static const opt opts[] = {
      "into memory, immune to later writes to the file (default mmap)"},
     {"repository-poll-secs", T_INT, O(repository_poll_secs), 0, 86400, "N",
      "rescan the model repository every N seconds, as at SIGHUP (default 0: only at SIGHUP)"},
+    {"repository-watch", T_STR, O(repository_watch), 0, 0, "MODE",
+     "how new versions, models and removals in the repository are noticed: inotify (within "
+     "about 0.1 s; on NFS, CephFS, SMB or FUSE it polls as well, every --repository-poll-secs "
+     "or 2 s), poll (every --repository-poll-secs, or 2 s) or off (SIGHUP, the load endpoint and "
+     "--repository-poll-secs only) (default inotify)"},
     {"otlp-endpoint", T_STR, O(otlp_endpoint), 0, 0, "URL",
      "export traces as OTLP/HTTP JSON to this URL (e.g. http://collector:4318/v1/traces); "
      "default: none, tracing off"},
@@ -324,6 +329,11 @@ int cfg_parse(srv_config *c, int argc, char **argv, ts_err *err) {
     return ts_errf(err, TS_EINVAL, "--tls-cert and --tls-key go together (one of them is missing)");
   if (c->scope && strcmp(c->scope, "infer") != 0 && strcmp(c->scope, "admin") != 0)
     return ts_errf(err, TS_EINVAL, "--scope must be infer or admin, not '%s'", c->scope);
+  if (!c->repository_watch && set_str(&c->repository_watch, "inotify", err)) return -TS_ENOMEM;
+  if (strcmp(c->repository_watch, "inotify") != 0 && strcmp(c->repository_watch, "poll") != 0 &&
+      strcmp(c->repository_watch, "off") != 0)
+    return ts_errf(err, TS_EINVAL, "--repository-watch must be inotify, poll or off, not '%.80s'",
+                   c->repository_watch);
   if (!c->replica_id && default_replica_id(&c->replica_id)) return -TS_ENOMEM;
   if (!cfg_replica_id_valid(c->replica_id))
     return ts_errf(err, TS_EINVAL,

@@ -47,6 +47,7 @@ typedef struct srv_config {
   int64_t max_batch;            /* largest leading dimension of an input; 0: none */
   int64_t max_sequence_length;  /* largest token/query/key length; 0: none */
   int64_t repository_poll_secs; /* rescan period; 0: only at SIGHUP */
+  char *repository_watch;       /* inotify (default), poll or off (server/watch.h) */
   /* scale-out (docs/deployment.md, Scaling) */
   char *replica_id;               /* this replica's name in fit locks and session ids */
   int64_t fit_lock_lease_seconds; /* the fit lock's lease across replicas; 0: none */

@@ -164,7 +164,9 @@ int job_decode(job *j, const repo_ver *ver, int check_limits, oip_request *req, 
   if ((rc = sched_check_priority(ver, req->params, err))) return rc;
   /* the operator's limits first, then the model's own */
   if (check_limits && (rc = server_check_limits(s->cfg, &req->inputs, err))) return rc;
-  if (op == MD_OP_INFER || op == MD_OP_SESSION_INFER) {
+  /* a route without an operation of its own (feedback) takes other inputs */
+  int own = route_get(j->rt.id)->op;
+  if (own == MD_OP_INFER || own == MD_OP_SESSION_INFER) {
     if ((rc = check_model_batch(ver, &req->inputs, err))) return rc;
     if ((rc = check_input_names(ver, &req->inputs, err))) return rc;
   }

@@ -13,6 +13,7 @@
 
 #include "../base/log.h"
 #include "../base/mem.h"
+#include "../learn/learn.h"
 #include "../models/model.h"
 #include "metrics.h"
 #include "oip.h"
@@ -85,6 +86,7 @@ void ep_metrics(job *j) {
   sbuf_init(&b);
   metrics_render(&b, s->repo, pool_queued(s->pool), s->inflight);
   sched_render(&b, s);
+  learn_metrics(s->learn, &b);
   if (sbuf_failed(&b)) {
     sbuf_free(&b);
     resp_errorf(&j->out, TS_ENOMEM, "out of memory");
@@ -131,6 +133,9 @@ static void run_model(job *j, kind_op fn, int tensors) {
   if (tensors) {
     if ((rc = md_check_finite_outputs(&call, &err))) goto fail;
     if ((rc = job_encode(j, &req, &call, NULL, &err))) goto fail;
+    if (j->rt.id == R_INFER) /* the served-row log and the candidate's shadow answer */
+      learn_after_infer(s->learn, j->ver, req.id ? req.id : j->request_id, call.inputs,
+                        &call.outputs);
     goto done;
   }
   json_t *ans = call.result ? json_incref(call.result) : json_object();

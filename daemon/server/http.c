@@ -404,6 +404,7 @@ static void submit(server *s, hreq *h) {
   j->len = h->len;
   j->req_coding = h->req_coding;
   j->resp_coding = h->resp_coding;
+  memcpy(j->request_id, h->request_id, sizeof j->request_id);
   h->body = NULL;
   h->len = h->cap = 0;
   const char *hl =

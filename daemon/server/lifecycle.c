@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "../learn/learn.h"
 #include "../base/fsutil.h"
 #include "../base/log.h"
 #include "../base/mem.h"
@@ -30,6 +31,7 @@
 #include "server.h"
 #include "trace.h"
 #include "transport.h"
+#include "watch.h"
 
 static void shutdown_now(server *s) {
   if (s->stopping) return;
@@ -70,6 +72,7 @@ static void on_sweep(uv_timer_t *t) {
 static void sync_job(void *arg) {
   server *s = arg;
   for (;;) {
+    watch_rearm(s); /* before the scan: what appears after it is seen */
     repo_sync(s->repo);
     uv_mutex_lock(&s->sync_mu);
     int again = s->sync_again;
@@ -148,6 +151,7 @@ static void on_signal(uv_signal_t *sig, int signum) {
   if (atomic_load(&s->draining)) return;
   notify_sendf("STOPPING=1\nSTATUS=draining %d requests", s->inflight);
   uv_timer_stop(&s->poll_timer);
+  watch_stop(s);
   log_info("%s: draining (%d requests in flight, up to %lld ms)",
            signum == SIGTERM ? "SIGTERM" : "SIGINT", s->inflight,
            (long long)s->cfg->drain_timeout_ms);
@@ -220,11 +224,12 @@ static void close_cb(uv_handle_t *h) {
 /* Closes the loop's handles that were made (a made handle has its loop
  * set; s was zeroed first) and lets the loop finish closing them. */
 static void close_handles(server *s) {
-  uv_handle_t *hs[] = {(uv_handle_t *)&s->mhd_poll,      (uv_handle_t *)&s->mhd_timer,
-                       (uv_handle_t *)&s->sweep_timer,   (uv_handle_t *)&s->done_async,
-                       (uv_handle_t *)&s->sig_term,      (uv_handle_t *)&s->sig_int,
-                       (uv_handle_t *)&s->sig_hup,       (uv_handle_t *)&s->poll_timer,
-                       (uv_handle_t *)&s->watchdog_timer};
+  uv_handle_t *hs[] = {(uv_handle_t *)&s->mhd_poll,       (uv_handle_t *)&s->mhd_timer,
+                       (uv_handle_t *)&s->sweep_timer,    (uv_handle_t *)&s->done_async,
+                       (uv_handle_t *)&s->sig_term,       (uv_handle_t *)&s->sig_int,
+                       (uv_handle_t *)&s->sig_hup,        (uv_handle_t *)&s->poll_timer,
+                       (uv_handle_t *)&s->watchdog_timer, (uv_handle_t *)&s->watch_poll,
+                       (uv_handle_t *)&s->watch_timer};
   for (size_t i = 0; i < sizeof hs / sizeof *hs; i++)
     if (hs[i]->loop && !uv_is_closing(hs[i])) uv_close(hs[i], close_cb);
   uv_run(s->loop, UV_RUN_NOWAIT);
@@ -238,7 +243,6 @@ static void free_tls(server *s) {
 }
 
 static void start_timers_and_signals(server *s) {
-  const srv_config *cfg = s->cfg;
   uv_timer_init(s->loop, &s->sweep_timer);
   s->sweep_timer.data = s;
   uv_timer_start(&s->sweep_timer, on_sweep, 10, 10);
@@ -251,10 +255,8 @@ static void start_timers_and_signals(server *s) {
   uv_signal_start(&s->sig_hup, on_signal, SIGHUP);
   uv_timer_init(s->loop, &s->poll_timer);
   s->poll_timer.data = s;
-  if (cfg->repository_poll_secs > 0) {
-    uint64_t ms = (uint64_t)cfg->repository_poll_secs * 1000;
-    uv_timer_start(&s->poll_timer, on_poll_timer, ms, ms);
-  }
+  uint64_t poll_ms = watch_start(s); /* --repository-watch, --repository-poll-secs */
+  if (poll_ms) uv_timer_start(&s->poll_timer, on_poll_timer, poll_ms, poll_ms);
   uv_timer_init(s->loop, &s->watchdog_timer);
   s->watchdog_timer.data = s;
   uint64_t wd = notify_watchdog_usec();
@@ -267,6 +269,7 @@ static void start_timers_and_signals(server *s) {
 
 int server_init(server *s, srv_config *cfg, ts_err *err) {
   memset(s, 0, sizeof *s);
+  s->watch_fd = -1;
   s->cfg = cfg;
   s->loop = uv_default_loop();
   struct sockaddr_storage sa;
@@ -291,6 +294,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   repo_set_fit_lock(s->repo, cfg->replica_id, cfg->fit_lock_lease_seconds * 1000);
   log_info("replica '%s'; fit lock lease %lld s", cfg->replica_id,
            (long long)cfg->fit_lock_lease_seconds);
+  if ((rc = learn_create(&s->learn, s->repo, s->pool, err))) goto fail_keys;
   if (cfg->api_key_file) {
     if ((rc = auth_load(cfg->api_key_file, &s->keys, err))) goto fail_keys;
     log_info("%d API keys from %s", auth_count(s->keys), cfg->api_key_file);
@@ -321,6 +325,8 @@ fail_tls:
   auth_free(s->keys);
   s->keys = NULL;
 fail_keys:
+  learn_free(s->learn);
+  s->learn = NULL;
   repo_close(s->repo);
   s->repo = NULL;
 fail_repo:
@@ -349,6 +355,8 @@ void server_free(server *s) {
   s->started = 0;
   shutdown_now(s);
   close_handles(s);
+  if (s->watch_fd >= 0) close(s->watch_fd);
+  s->watch_fd = -1;
   /* batches still waiting are queued; workers finish what they hold; their
    * results are dropped */
   batch_stop(s);
@@ -356,6 +364,8 @@ void server_free(server *s) {
   s->pool = NULL;
   batch_free(s);
   transport_drop_done(s);
+  learn_free(s->learn); /* after the pool: no shadow answer or refit runs */
+  s->learn = NULL;
   repo_close(s->repo);
   s->repo = NULL;
   auth_free(s->keys);

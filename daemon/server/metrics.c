@@ -19,6 +19,7 @@
 #include "../base/cpu.h"
 #include "../base/log.h"
 #include "../base/mem.h"
+#include "../models/live.h"
 #include "trace.h"
 
 enum {
@@ -436,6 +437,7 @@ void metrics_render(sbuf *b, repo_t *repo, int queued, int jobs_inflight) {
   pthread_mutex_lock(&mu);
   for (int f = 0; f < F_COUNT; f++) render_family(b, f);
   pthread_mutex_unlock(&mu);
+  md_live_metrics(b); /* quantile models' rolling scores (models/live.h) */
   render_process(b);
   trace_render_metrics(b);
 }

@@ -73,6 +73,12 @@
     ep_evaluate)                                                                                   \
   X(R_CALIBRATE, "calibrate", "/v2/models/{model}/calibrate", M_POST, AUTH_ADMIN,                  \
     RF_VERSION | RF_FIT, MD_OP_CALIBRATE, ep_calibrate)                                            \
+  X(R_FEEDBACK, "feedback", "/v2/models/{model}/feedback", M_POST, AUTH_INFER, RF_VERSION,         \
+    OP_NONE, ep_feedback)                                                                          \
+  X(R_REFIT, "refit", "/v2/models/{model}/refit", M_POST, AUTH_ADMIN, RF_VERSION | RF_FIT,         \
+    MD_OP_FIT, ep_refit)                                                                           \
+  X(R_CANDIDATES, "candidates", "/v2/models/{model}/candidates", M_GET, AUTH_INFER, RF_VERSION,    \
+    OP_NONE, ep_candidates)                                                                        \
   X(R_SESSIONS, "session_create", "/v2/models/{model}/sessions", M_POST, AUTH_INFER, RF_VERSION,   \
     MD_OP_SESSION_OPEN, ep_session_create)                                                         \
   X(R_SESSION, "session", MS, M_GET, AUTH_INFER, RF_LOOP, OP_NONE, ep_session_get)                 \

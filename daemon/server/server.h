@@ -46,7 +46,8 @@ typedef struct job {
   atomic_int claim;
   int fit_claimed; /* repo_fit_begin succeeded */
   resp out;
-  void *conn_req; /* the hreq waiting for it (loop thread only) */
+  char request_id[80]; /* X-Request-Id (the learning loop's key when the body has no "id") */
+  void *conn_req;      /* the hreq waiting for it (loop thread only) */
   /* Owners of the answer still to come: the worker that ran the handler,
    * plus one for a handler that finishes later on another thread
    * (job_defer, job_finish). The last to let go sends it back. */
@@ -62,6 +63,7 @@ struct server {
   pool_t *pool;
   struct batcher *batcher; /* the dynamic batcher (batch.h) */
   repo_t *repo;
+  struct learn *learn; /* the learning loop (learn/learn.h) */
   uv_poll_t mhd_poll;
   uv_timer_t mhd_timer, sweep_timer, drain_timer;
   uv_async_t done_async;
@@ -84,6 +86,10 @@ struct server {
   auth_keys *keys; /* NULL: no credentials asked (loop thread; swapped at SIGHUP) */
   char *tls_cert_pem, *tls_key_pem; /* kept for MHD's lifetime */
   uv_timer_t poll_timer, watchdog_timer;
+  /* repository change notifications (watch.h); watch_fd -1: none */
+  uv_poll_t watch_poll;
+  uv_timer_t watch_timer;
+  int watch_fd, watch_warned;
   uv_mutex_t sync_mu; /* guards sync_busy/sync_again: one rescan at a time */
   int sync_busy, sync_again;
   atomic_int reloading; /* a SIGHUP's rescan is pending: READY=1 follows it */
