@@ -57,7 +57,7 @@ typedef struct lmodel {
   char *name;
   const lkind *lk;
   pthread_mutex_t mu;
-  char *cfg_key; /* "log" and "refit" as JSON text: the settings the state was built with */
+  char *cfg_key;        /* "log" and "refit" as JSON text: the settings the state was built with */
   const void *cfg_seen; /* the config object and version last checked against cfg_key */
   int64_t cfg_seen_version;
   json_t *cfg_json;
