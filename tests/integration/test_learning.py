@@ -498,6 +498,11 @@ def test_quantile_feedback_refit_wis():
                            tensor("targets", y, datatype="FP64")]}
         j = check_status(c.d.post("/v2/models/q/feedback", body), 200).json()
         check(j["accepted"] == 300, j)
+        # the kind's live scores took the rows, on the version that answered them
+        obs = j["observed"]
+        check(len(obs) == 1 and obs[0]["version"] == "1" and obs[0]["rows"] == 300, obs)
+        check("error" not in obs[0] and obs[0]["result"] is not None, obs)
+        print("observed:", json.dumps(obs[0])[:400])
         body["inputs"][1] = tensor("labels", y)
         check_status(c.d.post("/v2/models/q/feedback", body), 400, "targets")
         r = check_status(c.d.post("/v2/models/q/refit", {"parameters": {"epochs": 60,
