@@ -9,10 +9,12 @@
 #include "trace.h"
 
 #include <curl/curl.h>
+#include <microhttpd.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -107,6 +109,8 @@ int trace_state_valid(const char *v) {
   size_t len = strlen(v);
   if (len > TRACE_STATE_MAX) return 0;
   int members = 0;
+  const char *keys[32];
+  size_t key_len[32];
   for (const char *p = v; *p;) {
     const char *e = strchr(p, ',');
     if (!e) e = p + strlen(p);
@@ -117,7 +121,11 @@ int trace_state_valid(const char *v) {
       const char *eq = memchr(a, '=', (size_t)(b - a));
       if (!eq || !key_valid(a, (size_t)(eq - a)) || !value_valid(eq + 1, (size_t)(b - eq - 1)))
         return 0;
-      if (++members > 32) return 0;
+      if (members == 32) return 0;
+      for (int i = 0; i < members; i++) /* a key twice: invalid */
+        if (key_len[i] == (size_t)(eq - a) && memcmp(keys[i], a, key_len[i]) == 0) return 0;
+      keys[members] = a;
+      key_len[members++] = (size_t)(eq - a);
     }
     p = *e ? e + 1 : e;
   }
@@ -245,6 +253,46 @@ trace_req *trace_begin(const char *traceparent, const char *tracestate, double n
   r->t0 = now;
   r->wall0_ns = wall_ns();
   return r;
+}
+
+typedef struct seen_headers {
+  const char *parent;
+  int n_parent;
+  char state[TRACE_STATE_MAX + 1];
+  size_t state_len;
+  int state_bad; /* the joined lines are over TRACE_STATE_MAX */
+} seen_headers;
+
+static enum MHD_Result header_seen(void *cls, enum MHD_ValueKind kind, const char *key,
+                                   const char *value) {
+  (void)kind;
+  seen_headers *s = cls;
+  if (strcasecmp(key, "traceparent") == 0) {
+    s->parent = value;
+    s->n_parent++;
+  } else if (strcasecmp(key, "tracestate") == 0 && value) {
+    /* several tracestate lines are one list (RFC 9110 5.3) */
+    size_t n = strlen(value), sep = s->state_len ? 1 : 0;
+    if (s->state_len + sep + n > TRACE_STATE_MAX) {
+      s->state_bad = 1;
+    } else {
+      if (sep) s->state[s->state_len++] = ',';
+      memcpy(s->state + s->state_len, value, n + 1);
+      s->state_len += n;
+    }
+  }
+  return MHD_YES;
+}
+
+trace_req *trace_begin_conn(struct MHD_Connection *conn, double now,
+                            char answer[TRACE_HEADER_LEN]) {
+  answer[0] = 0;
+  if (!T.on) return NULL;
+  seen_headers s = {0};
+  MHD_get_connection_values(conn, MHD_HEADER_KIND, header_seen, &s);
+  /* two traceparent headers cannot be told apart: both are ignored */
+  return trace_begin(s.n_parent == 1 ? s.parent : NULL,
+                     s.state_len && !s.state_bad ? s.state : NULL, now, answer);
 }
 
 void trace_set_phase(trace_req *r, trace_phase p, double t0, double t1) {
