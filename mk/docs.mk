@@ -14,6 +14,6 @@ docs: $(BUILD)/tallyd
 	$(PYTHON) docs/tools/flags.py --tallyd $(BUILD)/tallyd
 
 reset-models:
-	rm -rf $(MODELS)/*/[0-9]*/ $(MODELS)/*/rowlog/ $(MODELS)/.generated
+	rm -rf $(MODELS)/*/[0-9]*/ $(MODELS)/*/.rowlog/ $(MODELS)/.generated
 	$(PYTHON) deploy/gen_models.py $(MODELS)
 	@touch $(MODELS)/.generated

@@ -94,10 +94,10 @@ static void record(learn_t *L, const char *model, repo_ver *cv, int64_t version,
   json_object_set_new(c, "why", json_string(why));
   json_object_set_new(c, "decided", json_string(ts));
   json_object_set_new(c, "compared_rows", json_integer(rows));
-  json_object_set_new(
-      c, "scores",
-      json_pack("{s:s, s:f, s:f}", "metric", metric, "served", isfinite(served) ? served : 0.0,
-                "candidate", isfinite(cand) ? cand : 0.0));
+  json_object_set_new(c, "scores",
+                      json_pack("{s:s, s:o, s:o}", "metric", metric, "served",
+                                isfinite(served) ? json_real(served) : json_null(), "candidate",
+                                isfinite(cand) ? json_real(cand) : json_null()));
   ts_err err = {0};
   int promote = strcmp(decision, "promoted") == 0;
   if (repo_rewrite_version_info(L->repo, model, version, info, promote, &err))
@@ -246,6 +246,10 @@ static void shadow_run(void *arg) {
   md_call_free(&c);
   learn_t *L = j->L;
   shadow_free(j);
+  /* off the request's path: a candidate whose labels came before its shadow
+   * answers, or one grown too old, is decided here */
+  json_t *d = cand_decide(L, m);
+  if (d) json_decref(d);
   atomic_fetch_sub(&L->jobs, 1);
 }
 
@@ -354,6 +358,33 @@ static int build_window(lmodel *m, int64_t window, ts_list *list, int64_t *W, ch
   if (n == 0) goto out;
   snprintf(last_id, idn, "%s", rows[0]->id);
   snprintf(first_id, idn, "%s", rows[n - 1]->id);
+  /* oldest first */
+  for (int64_t i = 0; i < n / 2; i++) {
+    lrow *t = rows[i];
+    rows[i] = rows[n - 1 - i];
+    rows[n - 1 - i] = t;
+  }
+  rc = learn_rows_tensors(m, rows, n, list, NULL, err);
+out:
+  tl_free(rows);
+  return rc;
+}
+
+int learn_same_inputs(const lrow *a, const lrow *b) {
+  enum { MAXT = 8 };
+  tdesc x[MAXT], y[MAXT];
+  int na = parse_tens(a->tens, a->tens_len, x, MAXT),
+      nb = parse_tens(b->tens, b->tens_len, y, MAXT);
+  return na >= 1 && same_shape(x, na, y, nb);
+}
+
+int learn_rows_tensors(lmodel *m, lrow **rows, int64_t n, ts_list *list, ts_list *served,
+                       ts_err *err) {
+  enum { MAXT = 8 };
+  tdesc sig[MAXT], cur[MAXT];
+  int ns = parse_tens(rows[0]->tens, rows[0]->tens_len, sig, MAXT);
+  if (ns < 1) return ts_errf(err, TS_EINTERNAL, "a logged row has no inputs");
+  int rc = 0;
   for (int t = 0; t < ns; t++) {
     int64_t shape[TS_MAXDIM];
     shape[0] = n;
@@ -362,20 +393,22 @@ static int build_window(lmodel *m, int64_t window, ts_list *list, int64_t *W, ch
     memcpy(name, sig[t].name, sig[t].nl);
     name[sig[t].nl] = 0;
     ts_tensor *x = ts_list_add(list);
-    if (!x || (rc = ts_alloc(x, name, (ts_dtype)sig[t].dtype, sig[t].nd + 1, shape, err))) {
-      if (!x) rc = ts_errf(err, TS_ENOMEM, "out of memory");
-      goto out;
-    }
+    if (!x) return ts_errf(err, TS_ENOMEM, "out of memory");
+    if ((rc = ts_alloc(x, name, (ts_dtype)sig[t].dtype, sig[t].nd + 1, shape, err))) return rc;
   }
-  int64_t shape[1] = {n};
+  int64_t shape[2] = {n, rows[0]->nout};
   ts_tensor *y = ts_list_add(list);
   int integer = m->lk->integer_labels;
-  if (!y || (rc = ts_alloc(y, m->lk->label_input, integer ? TS_INT64 : TS_FP64, 1, shape, err))) {
-    if (!y) rc = ts_errf(err, TS_ENOMEM, "out of memory");
-    goto out;
+  if (!y) return ts_errf(err, TS_ENOMEM, "out of memory");
+  if ((rc = ts_alloc(y, m->lk->label_input, integer ? TS_INT64 : TS_FP64, 1, shape, err)))
+    return rc;
+  ts_tensor *o = NULL;
+  if (served) {
+    if (!(o = ts_list_add(served))) return ts_errf(err, TS_ENOMEM, "out of memory");
+    if ((rc = ts_alloc(o, m->lk->output, TS_FP32, 2, shape, err))) return rc;
   }
-  for (int64_t j = 0; j < n; j++) { /* oldest first */
-    lrow *r = rows[n - 1 - j];
+  for (int64_t j = 0; j < n; j++) {
+    lrow *r = rows[j];
     parse_tens(r->tens, r->tens_len, cur, MAXT);
     for (int t = 0; t < ns; t++)
       memcpy((unsigned char *)list->items[t].data + (size_t)j * cur[t].nbytes, cur[t].data,
@@ -384,10 +417,9 @@ static int build_window(lmodel *m, int64_t window, ts_list *list, int64_t *W, ch
       ((int64_t *)y->data)[j] = (int64_t)r->label;
     else
       ((double *)y->data)[j] = r->label;
+    if (o) memcpy((float *)o->data + j * r->nout, r->out, sizeof(float) * (size_t)r->nout);
   }
-out:
-  tl_free(rows);
-  return rc;
+  return 0;
 }
 
 static int refit_core(learn_t *L, lmodel *m, repo_ver *ver, const json_t *params,

@@ -371,7 +371,7 @@ parsed:;
     return;
   }
   char dir[4096];
-  snprintf(dir, sizeof dir, "%s/%s/rowlog", repo_root(L->repo), m->name);
+  snprintf(dir, sizeof dir, "%s/%s/.rowlog", repo_root(L->repo), m->name);
   rl_opts o = {.max_rows = m->cfg.max_rows};
   if (rl_open(&m->store, dir, &o, replay, m, &err)) {
     snprintf(m->reason, sizeof m->reason, "%s", err.msg);
@@ -412,8 +412,18 @@ lmodel *learn_model(learn_t *L, repo_ver *ver) {
     fresh = 1;
   }
   pthread_mutex_unlock(&L->mu);
-  char *key = cfg_key_of(cfg);
+  /* the config text is compared only when the version or its config object
+   * changed since the last look (a request must not pay a JSON dump) */
+  int64_t vnum = repo_ver_version(ver);
   pthread_mutex_lock(&m->mu);
+  int same = m->cfg_seen == (const void *)cfg && m->cfg_seen_version == vnum && m->cfg_key;
+  pthread_mutex_unlock(&m->mu);
+  char *key = same ? NULL : cfg_key_of(cfg);
+  pthread_mutex_lock(&m->mu);
+  if (!same) {
+    m->cfg_seen = cfg;
+    m->cfg_seen_version = vnum;
+  }
   if (key && (!m->cfg_key || strcmp(key, m->cfg_key) != 0)) {
     m->lk = lk;
     lm_open(L, m, cfg);
@@ -553,6 +563,81 @@ bad:
                  (long long)N);
 }
 
+/* ---- live scores (the kind's observe) ------------------------------------- */
+
+#define OBS_GROUPS 8
+/* Rows answered by one version, with one input shape: the kind's observe
+ * takes them as one call. */
+typedef struct obs_group {
+  int64_t version, n;
+  ts_list inputs, served;
+  int rc;
+  ts_err err;
+} obs_group;
+
+/* Groups the accepted rows (m->mu held) and copies them out as tensors:
+ * rows of a ninth version or shape in one batch wait for the next feedback
+ * (they are labelled; only the live scores miss them). */
+static int obs_collect(lmodel *m, lrow **acc, int64_t n, obs_group *g) {
+  int ng = 0;
+  lrow **rows = tl_calloc((size_t)(n ? n : 1), sizeof *rows);
+  unsigned char *done = tl_calloc((size_t)(n ? n : 1), 1);
+  for (int64_t i = 0; rows && done && i < n && ng < OBS_GROUPS; i++) {
+    if (done[i]) continue;
+    int64_t k = 0;
+    for (int64_t j = i; j < n; j++)
+      if (!done[j] && acc[j]->version == acc[i]->version && learn_same_inputs(acc[i], acc[j])) {
+        rows[k++] = acc[j];
+        done[j] = 1;
+      }
+    obs_group *o = &g[ng++];
+    memset(o, 0, sizeof *o);
+    o->version = acc[i]->version;
+    o->n = k;
+    ts_list_init(&o->inputs);
+    ts_list_init(&o->served);
+    o->rc = learn_rows_tensors(m, rows, k, &o->inputs, &o->served, &o->err);
+  }
+  tl_free(rows);
+  tl_free(done);
+  return ng;
+}
+
+/* Runs observe on each group's version (when it is still served) and
+ * answers what each said; frees the groups. */
+static json_t *obs_run(learn_t *L, const char *model, obs_group *g, int ng) {
+  json_t *out = json_array();
+  for (int i = 0; i < ng; i++) {
+    obs_group *o = &g[i];
+    repo_ver *v = NULL;
+    json_t *res = NULL;
+    if (!o->rc) o->rc = repo_acquire(L->repo, model, o->version, &v, &o->err);
+    if (!o->rc) {
+      md_call c;
+      md_call_init(&c);
+      c.inputs = &o->inputs;
+      c.pool = L->pool;
+      c.host = repo_host(L->repo);
+      c.model_name = model;
+      c.version = o->version;
+      o->rc = repo_ver_kind(v)->observe(repo_ver_state(v), &c, &o->served, &o->err);
+      if (!o->rc && c.result) res = json_incref(c.result);
+      md_call_free(&c);
+      repo_release(v);
+    }
+    char vs[32];
+    snprintf(vs, sizeof vs, "%lld", (long long)o->version);
+    json_array_append_new(
+        out, o->rc ? json_pack("{s:s, s:I, s:s}", "version", vs, "rows", (json_int_t)o->n, "error",
+                               o->err.msg)
+                   : json_pack("{s:s, s:I, s:o}", "version", vs, "rows", (json_int_t)o->n, "result",
+                               res ? res : json_null()));
+    ts_list_free(&o->inputs);
+    ts_list_free(&o->served);
+  }
+  return out ? out : json_null();
+}
+
 int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **result, ts_err *err) {
   const char *name = repo_ver_model(ver);
   const lkind *lk = kind_of(repo_ver_kind(ver));
@@ -595,10 +680,16 @@ int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **re
                  lk->label_input, ts_dtype_name(yt->dtype));
     goto out;
   }
-  if ((rc = ts_to_f64(yt, 0, &y, err))) goto out;
+  if ((rc = ts_to_f64(yt, 1, &y, err))) goto out; /* a non-finite one is reported per id */
   json_t *unknown = json_array(), *bad = json_array();
   int64_t accepted = 0, n_unknown = 0, n_bad = 0;
   double now = learn_wall();
+  /* the kind's live scores (observe) take the accepted rows, by the version
+   * that answered them */
+  int observing = repo_ver_kind(ver)->observe != NULL;
+  lrow **acc = observing ? tl_calloc((size_t)(N ? N : 1), sizeof *acc) : NULL;
+  obs_group groups[OBS_GROUPS];
+  int ngroups = 0;
   pthread_mutex_lock(&m->mu);
   for (int64_t i = 0; i < N; i++) {
     lrow *r = m->store ? lm_find(m, ids[i]) : NULL;
@@ -613,7 +704,8 @@ int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **re
     if (!ok) {
       n_bad++;
       if (json_array_size(bad) < 20)
-        json_array_append_new(bad, json_pack("{s:s, s:f}", "id", ids[i], "value", v));
+        json_array_append_new(bad, json_pack("{s:s, s:o}", "id", ids[i], "value",
+                                             isfinite(v) ? json_real(v) : json_null()));
       continue;
     }
     wbuf w = {0};
@@ -629,20 +721,24 @@ int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **re
     r->labelled = 1;
     r->label = v;
     m->labels_since_refit++;
+    if (acc) acc[accepted] = r;
     accepted++;
     cand_score_row(m, r);
   }
   m->feedback_accepted += (uint64_t)accepted;
   m->feedback_unknown += (uint64_t)n_unknown;
   int64_t labelled = m->labelled;
+  if (acc) ngroups = obs_collect(m, acc, accepted, groups);
   pthread_mutex_unlock(&m->mu);
+  tl_free(acc);
+  json_t *observed = observing ? obs_run(L, repo_ver_model(ver), groups, ngroups) : json_null();
   json_t *decision = cand_decide(L, m);
   cand_policy(L, m);
-  *result =
-      json_pack("{s:I, s:{s:I, s:o}, s:{s:I, s:o}, s:I, s:o}", "accepted", (json_int_t)accepted,
-                "unknown", "count", (json_int_t)n_unknown, "ids", unknown, "invalid", "count",
-                (json_int_t)n_bad, "labels", bad, "labelled_rows", (json_int_t)labelled, "decision",
-                decision ? decision : json_null());
+  *result = json_pack("{s:I, s:{s:I, s:o}, s:{s:I, s:o}, s:I, s:o, s:o}", "accepted",
+                      (json_int_t)accepted, "unknown", "count", (json_int_t)n_unknown, "ids",
+                      unknown, "invalid", "count", (json_int_t)n_bad, "labels", bad,
+                      "labelled_rows", (json_int_t)labelled, "decision",
+                      decision ? decision : json_null(), "observed", observed);
   if (!*result) rc = ts_errf(err, TS_ENOMEM, "out of memory");
 out:
   for (int64_t k = 0; k < N; k++) tl_free(ids[k]);
@@ -679,9 +775,10 @@ int learn_candidates(learn_t *L, repo_ver *ver, json_t **result, ts_err *err) {
     char v[32];
     snprintf(v, sizeof v, "%lld", (long long)x->version);
     json_array_append_new(
-        decs, json_pack("{s:s, s:s, s:s, s:I, s:f, s:f, s:f}", "version", v, "decision",
+        decs, json_pack("{s:s, s:s, s:s, s:I, s:o, s:o, s:f}", "version", v, "decision",
                         x->decision, "why", x->why, "rows", (json_int_t)x->rows, "served_score",
-                        x->served, "candidate_score", x->cand, "time", x->t));
+                        isfinite(x->served) ? json_real(x->served) : json_null(), "candidate_score",
+                        isfinite(x->cand) ? json_real(x->cand) : json_null(), "time", x->t));
   }
   json_t *refit =
       m->cfg.refit

@@ -8,7 +8,7 @@
  * and for the feedback, refit and candidates endpoints.
  *
  * Per model (created when a served version's config.json has "log"): a
- * row log on disk (<repository>/<model>/rowlog, rowlog.h) and an index in
+ * row log on disk (<repository>/<model>/.rowlog, rowlog.h) and an index in
  * memory of the newest log.max_rows rows by id, rebuilt from the log at
  * start; labels are kept on their rows (the later label for an id wins)
  * and appended to the log too, so joined rows survive a restart.

@@ -57,7 +57,9 @@ typedef struct lmodel {
   char *name;
   const lkind *lk;
   pthread_mutex_t mu;
-  char *cfg_key; /* "log" and "refit" as JSON text: the settings the state was built with */
+  char *cfg_key;        /* "log" and "refit" as JSON text: the settings the state was built with */
+  const void *cfg_seen; /* the config object and version last checked against cfg_key */
+  int64_t cfg_seen_version;
   json_t *cfg_json;
   lc_config cfg;
   int K;           /* quantile levels in the config; 0 for ensembles */
@@ -117,6 +119,14 @@ void cand_policy(learn_t *L, lmodel *m);
 /* At a model's first sight: the newest pending candidate on disk resumes. */
 void cand_resume(learn_t *L, lmodel *m);
 json_t *cand_state_json(lmodel *m);
+/* 1 when two rows' inputs have the same names, types and shapes. */
+int learn_same_inputs(const lrow *a, const lrow *b);
+/* The rows (all of one input shape, in the order given) as request tensors:
+ * every input [n, ...] and the labels / targets [n] appended to list; with
+ * served, the answers they were given ([n, nout] FP32, the kind's output
+ * name) appended to it. m->mu held. */
+int learn_rows_tensors(lmodel *m, lrow **rows, int64_t n, ts_list *list, ts_list *served,
+                       ts_err *err);
 void cand_release(lmodel *m);
 
 #endif

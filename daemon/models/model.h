@@ -140,6 +140,15 @@ struct md_kind {
   int (*fit)(void *state, md_call *call, ts_err *err);       /* optional */
   int (*evaluate)(void *state, md_call *call, ts_err *err);  /* optional */
   int (*calibrate)(void *state, md_call *call, ts_err *err); /* optional */
+  /* Outcomes of rows this version served (optional; the feedback path calls
+   * it, on the version that answered the rows). call->inputs: the rows'
+   * infer inputs plus their outcome (`targets` [N] for quantile models);
+   * served: the outputs the version answered them with (its first output
+   * read, [N, ...]), or NULL: then the version's answer now stands for it.
+   * Updates the version's live state (rolling scores, adaptive conformal;
+   * the only state a kind may change after load, behind its own lock) and
+   * puts a summary in call->result. Safe to call concurrently with infer. */
+  int (*observe)(void *state, md_call *call, const ts_list *served, ts_err *err);
   /* KV-cache sessions (optional): open a session, feed it, free it. *bytes
    * reports the session's current memory. */
   int (*session_open)(void *state, const json_t *params, void **sess, size_t *bytes, ts_err *err);
@@ -222,14 +231,14 @@ int md_config_check_common(const json_t *config, ts_err *err);
 #define MD_PRIORITY_LEVELS_MAX 9
 #define MD_PREFERRED_MAX 8
 typedef struct md_sched {
-  int max_concurrency;        /* requests of the model running at once; 0: no limit */
-  int max_queue_size;         /* requests of the model waiting; 0: only --queue-depth */
-  int64_t default_timeout_ms; /* 0: --request-timeout-ms */
-  int priority_levels;        /* request priorities 1..levels (1 first); default 3 */
-  int default_priority_level; /* priority 0 or none; default 2 */
-  int batching;               /* "dynamic_batching" is present */
-  int64_t max_queue_delay_us; /* how long a request may wait for others; default 0 */
-  int64_t max_batch_size;     /* rows of one batched call; default: max_batch, else 64 */
+  int max_concurrency;                 /* requests of the model running at once; 0: no limit */
+  int max_queue_size;                  /* requests of the model waiting; 0: only --queue-depth */
+  int64_t default_timeout_ms;          /* 0: --request-timeout-ms */
+  int priority_levels;                 /* request priorities 1..levels (1 first); default 3 */
+  int default_priority_level;          /* priority 0 or none; default 2 */
+  int batching;                        /* "dynamic_batching" is present */
+  int64_t max_queue_delay_us;          /* how long a request may wait for others; default 0 */
+  int64_t max_batch_size;              /* rows of one batched call; default: max_batch, else 64 */
   int64_t preferred[MD_PREFERRED_MAX]; /* ascending */
   int n_preferred;
 } md_sched;

@@ -162,6 +162,7 @@ static void state_free(qk_state *s) {
     ts_free(&s->bases[j].b);
   }
   tl_free(s->bases);
+  qk_live_close(s->live);
   tl_free(s->levels);
   tl_free(s->conf_lo);
   tl_free(s);
@@ -232,7 +233,7 @@ static int check_known_tensors(const qk_state *s, st_file *w, ts_err *err) {
   for (int i = 0; i < st_count(w); i++) {
     const char *n = st_name(w, i);
     int ok = qa_params_find(&s->params, n) != NULL || strcmp(n, "conformal.lower") == 0 ||
-             strcmp(n, "conformal.upper") == 0;
+             strcmp(n, "conformal.upper") == 0 || strcmp(n, "conformal.scores") == 0;
     for (int j = 0; !ok && j < s->M; j++) {
       char e[QK_NAME_MAX + 32];
       if (s->bases[j].kind != QB_LINEAR) continue;
@@ -390,24 +391,39 @@ int qk_load(const md_load_ctx *ctx, void **state, ts_err *err) {
     goto fail;
   }
   json_t *cv = json_object_get(cfg, "conformal");
+  s->window = QK_WINDOW_DEFAULT;
+  s->aci_window_default = QK_ACI_WINDOW;
   if (cv) {
     const char *m = json_string_value(json_object_get(cv, "method"));
     json_t *ai = json_object_get(cv, "allow_infinite");
+    json_t *wv = json_object_get(cv, "window"), *ad = json_object_get(cv, "adaptive");
     const char *k2;
     json_t *v2;
     int bad = !json_is_object(cv) ||
               (json_object_get(cv, "method") && qk_cqr_from_http(m, &s->cqr_default)) ||
-              (ai && !json_is_boolean(ai));
+              (ai && !json_is_boolean(ai)) ||
+              (wv && (!json_is_integer(wv) || json_integer_value(wv) < 1 ||
+                      json_integer_value(wv) > QK_WINDOW_MAX));
     if (json_is_object(cv))
       json_object_foreach((json_t *)cv, k2, v2) bad |=
-          strcmp(k2, "method") && strcmp(k2, "allow_infinite");
+          strcmp(k2, "method") && strcmp(k2, "allow_infinite") && strcmp(k2, "window") &&
+          strcmp(k2, "adaptive");
     if (bad) {
       rc = ts_errf(err, TS_EINVAL,
                    "config.json: 'conformal' must be {\"method\": \"cqr\" | "
-                   "\"cqr_asymmetric\" | \"per_quantile\", \"allow_infinite\": false}");
+                   "\"cqr_asymmetric\" | \"per_quantile\", \"allow_infinite\": false, "
+                   "\"window\": 1 to %d rows, \"adaptive\": {\"gamma\": g, \"window\": W} | "
+                   "false}",
+                   QK_WINDOW_MAX);
       goto fail;
     }
     s->allow_inf_default = ai && json_is_true(ai);
+    if (wv) s->window = json_integer_value(wv);
+    if (ad && !json_is_false(ad)) {
+      if ((rc = qk_adaptive_parse(ad, "config.json: 'conformal.adaptive'", &s->gamma_default,
+                                  &s->aci_window_default, err)))
+        goto fail;
+    }
   }
   qk_spec_of(s, &s->agg, s->D, &s->spec);
   if ((rc = qa_params_init(&s->params, &s->spec, 0, err))) goto fail;
@@ -437,6 +453,7 @@ int qk_load(const md_load_ctx *ctx, void **state, ts_err *err) {
   }
   if ((rc = load_bases_linear(s, w, err))) goto fail;
   if ((rc = qa_infer_init(&s->inf, &s->spec, &s->params, err))) goto fail;
+  if ((rc = qk_live_open(s, ctx, w, err))) goto fail;
   *state = s;
   return 0;
 fail:
@@ -480,12 +497,14 @@ static const char *const fit_params[] = {"levels",
                                          NULL};
 /* qk_gather's inputs, whichever the configuration needs */
 static const char *const infer_inputs[] = {"features", "base_quantiles", NULL};
-static const char *const calibrate_params[] = {"levels", "method", "allow_infinite", NULL};
+static const char *const calibrate_params[] = {"levels", "method", "allow_infinite", "adaptive",
+                                               NULL};
+static const char *const evaluate_params[] = {"levels", "observe", NULL};
 
 const md_kind md_kind_quantile_ensemble = {.name = "quantile_ensemble",
                                            .params = {[MD_OP_INFER] = levels_params,
                                                       [MD_OP_FIT] = fit_params,
-                                                      [MD_OP_EVALUATE] = levels_params,
+                                                      [MD_OP_EVALUATE] = evaluate_params,
                                                       [MD_OP_CALIBRATE] = calibrate_params},
                                            .infer_inputs = infer_inputs,
                                            .load = qk_load,
@@ -494,4 +513,5 @@ const md_kind md_kind_quantile_ensemble = {.name = "quantile_ensemble",
                                            .fit = qk_fit,
                                            .evaluate = qk_evaluate,
                                            .calibrate = qk_calibrate,
+                                           .observe = qk_observe,
                                            .free = free_state};

@@ -11,6 +11,7 @@
 #include "../base/safetensors.h"
 #include "../kernels/sgemm.h"
 #include "../methods/qagg.h"
+#include "../methods/qlive.h"
 #include "model.h"
 #include "quantile_int.h"
 
@@ -345,6 +346,21 @@ int qk_calibrate(void *state, md_call *c, ts_err *err) {
                    "parameter 'method' must be cqr, cqr_asymmetric or per_quantile, "
                    "got '%s'",
                    mname);
+  /* adaptive conformal inference: {"gamma": g}, false, or the config's */
+  double gamma = s->gamma_default;
+  int64_t aw = s->aci_window_default;
+  const json_t *ad = c->params ? json_object_get(c->params, "adaptive") : NULL;
+  if (ad && json_is_false(ad))
+    gamma = 0;
+  else if (ad && (rc = qk_adaptive_parse(ad, "parameter 'adaptive'", &gamma, &aw, err)))
+    return rc;
+  if (gamma > 0 && mode != QA_CQR_SYMMETRIC)
+    return ts_errf(err, TS_EINVAL,
+                   "parameter 'adaptive' needs method cqr (one correction per central "
+                   "interval), got '%s'",
+                   mname);
+  ql_aci aci;
+  memset(&aci, 0, sizeof aci);
   qk_rows r;
   if ((rc = qk_gather(s, c, 1, s->agg.scope == QA_LOCAL ? s->D : 0, &r, err))) return rc;
   float *Q = tl_malloc((size_t)(r.B * s->K) * 2 * sizeof(float));
@@ -365,6 +381,9 @@ int qk_calibrate(void *state, md_call *c, ts_err *err) {
    * applied to when serving (before the monotone step) */
   if ((rc = qa_infer_run(c->pool, &s->inf, r.B, r.Z, r.X, raw, err))) goto out;
   if ((rc = qa_cqr_fit(mode, s->K, s->levels, r.B, raw, r.y, allow_inf, lo, hi, err))) goto out;
+  if (gamma > 0 &&
+      (rc = ql_aci_init(&aci, s->K, s->levels, r.B, raw, r.y, aw, gamma, allow_inf, err)))
+    goto out;
   /* a finite correction must qk_fit the FP32 the weights store, and applied
    * to these rows it must leave them finite; only allow_infinite's +inf
    * (a rank beyond n) is a documented infinity */
@@ -394,6 +413,26 @@ int qk_calibrate(void *state, md_call *c, ts_err *err) {
   json_object_set_new(metrics, "after", ma);
   if ((rc = new_writer(s, &s->params, &s->agg, s->D, lo, hi, mname, &c->new_weights, err)))
     goto out;
+  json_t *adj = NULL;
+  if (gamma > 0) {
+    int64_t sh[2] = {aci.n_int, aci.n};
+    adj = json_pack("{s:f, s:b, s:I}", "gamma", gamma, "allow_infinite", allow_inf, "window",
+                    (json_int_t)aw);
+    char *txt = adj ? jtext_dumps(adj, JT_COMPACT | JT_SORT_KEYS, NULL) : NULL;
+    /* a fresh state's ring is in arrival order (pos 0) */
+    rc = txt ? st_writer_add(c->new_weights, "conformal.scores", TS_FP32, 2, sh, aci.ring, err)
+             : ts_errf(err, TS_ENOMEM, "out of memory");
+    if (!rc) rc = st_writer_meta(c->new_weights, "adaptive", txt, err);
+    free(txt);
+    if (!rc) {
+      json_object_set_new(adj, "scores", json_integer(aci.n));
+      json_object_set_new(adj, "intervals", json_integer(aci.n_int));
+    }
+    if (rc) {
+      json_decref(adj);
+      goto out;
+    }
+  }
   json_t *jl = json_array(), *ju = json_array();
   for (int k = 0; k < s->K; k++) {
     json_array_append_new(jl, qk_jnum(lo[k]));
@@ -401,16 +440,20 @@ int qk_calibrate(void *state, md_call *c, ts_err *err) {
   }
   json_t *corr = json_pack("{s:s, s:b, s:o, s:o}", "method", mname, "allow_infinite", allow_inf,
                            "lower", jl, "upper", ju);
+  if (corr && adj) json_object_set(corr, "adaptive", adj);
   char hex[HASH_HEX_LEN + 1];
   qk_hash_inputs(c, hex);
-  c->new_version_info = json_pack("{s:{s:s, s:b}, s:O, s:I, s:s}", "calibrate", "method", mname,
-                                  "allow_infinite", allow_inf, "metrics", metrics, "rows",
-                                  (json_int_t)r.B, "sha256_calibration_data", hex);
+  c->new_version_info =
+      json_pack("{s:{s:s, s:b, s:o}, s:O, s:I, s:s}", "calibrate", "method", mname,
+                "allow_infinite", allow_inf, "adaptive", adj ? json_incref(adj) : json_false(),
+                "metrics", metrics, "rows", (json_int_t)r.B, "sha256_calibration_data", hex);
+  json_decref(adj);
   c->result = json_pack("{s:O, s:o, s:I}", "metrics", metrics, "corrections", corr, "rows",
                         (json_int_t)r.B);
   if (!c->result || !c->new_version_info) rc = ts_errf(err, TS_ENOMEM, "out of memory");
 out:
   json_decref(metrics);
+  ql_aci_free(&aci);
   tl_free(Q);
   tl_free(lo);
   rows_free(&r);

@@ -35,6 +35,8 @@ typedef struct qk_agg {
   int simplex, hidden, depth;
 } qk_agg;
 
+typedef struct qk_live qk_live; /* quantile_live.c: mutable, behind its own mutex */
+
 typedef struct qk_state {
   int M, K, M_ext, D; /* D = 0: no features known (global aggregator, external bases) */
   int n_hosted;       /* bases of kind model or linear: they need features */
@@ -51,6 +53,10 @@ typedef struct qk_state {
   char conf_method[32];      /* the version's calibration method, "" if none */
   qa_cqr_mode cqr_default;
   int allow_inf_default;
+  double gamma_default; /* config conformal.adaptive.gamma; 0: calibrate is not adaptive */
+  int64_t aci_window_default;
+  int64_t window; /* config conformal.window: rows of the rolling scores */
+  qk_live *live;  /* rolling scores and adaptive conformal state (owned) */
 } qk_state;
 
 /* Rows of one request: Z [B, M, K], X [B, D] (NULL when not sent or not
@@ -87,6 +93,29 @@ int qk_bases_json(const qk_state *s, const qk_rows *r, const int64_t *idx, int64
                   json_t *metrics, qk_score *best, const char **best_name, ts_err *err);
 
 int qk_calibrate(void *state, md_call *c, ts_err *err);
+
+/* ---- live scores (quantile_live.c) ---- */
+/* Most rows of scores an adaptive version keeps (its window). */
+#define QK_ACI_MAX_ROWS 100000
+#define QK_WINDOW_DEFAULT 1000
+#define QK_WINDOW_MAX 1000000
+/* Creates s->live: the rolling tracker, and the adaptive state when the
+ * weights hold conformal.scores (restored from the version directory's
+ * adaptive.json when present). */
+int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err);
+void qk_live_close(qk_live *l);
+/* The corrections to serve now: 1 with lower/upper [K] filled when the
+ * version is adaptive, 0 otherwise (then the static ones apply). */
+int qk_live_corrections(const qk_state *s, double *lower, double *upper);
+/* md_kind.observe (model.h). */
+int qk_observe(void *state, md_call *c, const ts_list *served, ts_err *err);
+/* Reads {"gamma": g, "window": W} (g in (0, 1], default 0.005; W in 1 ..
+ * QK_ACI_MAX_ROWS, default QK_ACI_WINDOW) naming `where` in errors. */
+#define QK_ACI_WINDOW 1000
+int qk_adaptive_parse(const json_t *v, const char *where, double *gamma, int64_t *window,
+                      ts_err *err);
+/* The live state as JSON (evaluate's "live" block). */
+json_t *qk_live_json(const qk_state *s);
 
 int qk_cqr_from_http(const char *s, qa_cqr_mode *out);
 

@@ -194,7 +194,16 @@ int qk_predict(const qk_state *s, pool_t *pool, const qk_rows *r, int with_conf,
                      "row %lld: the aggregated quantile %d is not finite: the base quantiles or "
                      "features overflow FP32 in the aggregation (values too large in magnitude)",
                      (long long)(i / s->K), (int)(i % s->K));
-  if (with_conf && s->has_conf) qa_cqr_apply(s->K, s->conf_lo, s->conf_hi, r->B, Q);
+  if (with_conf && s->has_conf) {
+    /* an adaptive version serves the corrections of its current levels */
+    double *live = tl_malloc(sizeof(double) * 2 * (size_t)s->K);
+    if (!live) return ts_errf(err, TS_ENOMEM, "out of memory");
+    if (qk_live_corrections(s, live, live + s->K))
+      qa_cqr_apply(s->K, live, live + s->K, r->B, Q);
+    else
+      qa_cqr_apply(s->K, s->conf_lo, s->conf_hi, r->B, Q);
+    tl_free(live);
+  }
   return qa_monotone_rows(pool, s->mono, r->B, s->K, s->median, Q, err);
 }
 
@@ -334,7 +343,9 @@ int qk_infer(void *state, md_call *c, ts_err *err) {
 int qk_evaluate(void *state, md_call *c, ts_err *err) {
   qk_state *s = state;
   qk_rows r;
-  int rc = qk_gather(s, c, 1, s->agg.scope == QA_LOCAL ? s->D : 0, &r, err);
+  int observe;
+  int rc = md_param_bool(c->params, "observe", 0, &observe, err);
+  if (!rc) rc = qk_gather(s, c, 1, s->agg.scope == QA_LOCAL ? s->D : 0, &r, err);
   if (rc) return rc;
   float *Q = tl_malloc((size_t)(r.B * s->K) * sizeof(float));
   json_t *metrics = json_object(), *mm = NULL;
@@ -352,6 +363,17 @@ int qk_evaluate(void *state, md_call *c, ts_err *err) {
     c->result = json_pack("{s:O, s:I, s:o}", "metrics", metrics, "rows", (json_int_t)r.B,
                           "aggregator", qk_agg_json(&s->agg, s->D));
     if (s->has_conf) json_object_set_new(c->result, "conformal", json_string(s->conf_method));
+  }
+  if (!rc && observe) {
+    /* the rows' outcomes go to the live state, as feedback would send them */
+    json_t *ans = c->result;
+    c->result = NULL;
+    rc = qk_observe(s, c, NULL, err);
+    json_t *live = c->result;
+    c->result = ans;
+    if (!rc) json_object_set_new(ans, "live", live);
+  } else if (!rc) {
+    json_object_set_new(c->result, "live", qk_live_json(s));
   }
   json_decref(metrics);
   tl_free(Q);

@@ -634,10 +634,7 @@ static enum MHD_Result on_access(void *cls, struct MHD_Connection *conn, const c
     h->conn = conn;
     h->t0 = md_now();
     h->phase = H_BODY;
-    if (trace_on())
-      h->tr = trace_begin(MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "traceparent"),
-                          MHD_lookup_connection_value(conn, MHD_HEADER_KIND, "tracestate"), h->t0,
-                          h->traceparent);
+    if (trace_on()) h->tr = trace_begin_conn(conn, h->t0, h->traceparent);
     const union MHD_ConnectionInfo *ci =
         MHD_get_connection_info(conn, MHD_CONNECTION_INFO_CONNECTION_FD);
     h->fd = ci ? ci->connect_fd : -1;

@@ -61,6 +61,7 @@ struct server {
   uv_loop_t *loop;
   void *mhd;
   pool_t *pool;
+  struct batcher *batcher; /* the dynamic batcher (batch.h) */
   repo_t *repo;
   struct learn *learn; /* the learning loop (learn/learn.h) */
   uv_poll_t mhd_poll;

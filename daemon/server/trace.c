@@ -9,10 +9,12 @@
 #include "trace.h"
 
 #include <curl/curl.h>
+#include <microhttpd.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -107,6 +109,8 @@ int trace_state_valid(const char *v) {
   size_t len = strlen(v);
   if (len > TRACE_STATE_MAX) return 0;
   int members = 0;
+  const char *keys[32];
+  size_t key_len[32];
   for (const char *p = v; *p;) {
     const char *e = strchr(p, ',');
     if (!e) e = p + strlen(p);
@@ -117,7 +121,11 @@ int trace_state_valid(const char *v) {
       const char *eq = memchr(a, '=', (size_t)(b - a));
       if (!eq || !key_valid(a, (size_t)(eq - a)) || !value_valid(eq + 1, (size_t)(b - eq - 1)))
         return 0;
-      if (++members > 32) return 0;
+      if (members == 32) return 0;
+      for (int i = 0; i < members; i++) /* a key twice: invalid */
+        if (key_len[i] == (size_t)(eq - a) && memcmp(keys[i], a, key_len[i]) == 0) return 0;
+      keys[members] = a;
+      key_len[members++] = (size_t)(eq - a);
     }
     p = *e ? e + 1 : e;
   }
@@ -189,8 +197,12 @@ static void sink_hosted(md_span_sink *s, const char *role, const char *name, int
   int i = atomic_fetch_add(&r->n_hosted, 1);
   if (i >= TRACE_MAX_HOSTED) return;
   trace_hosted *h = &r->hosted[i];
-  snprintf(h->role, sizeof h->role, "%s", role ? role : "");
-  snprintf(h->name, sizeof h->name, "%s", name ? name : "");
+  size_t n = role ? strnlen(role, sizeof h->role - 1) : 0;
+  memcpy(h->role, role ? role : "", n);
+  h->role[n] = 0;
+  n = name ? strnlen(name, sizeof h->name - 1) : 0;
+  memcpy(h->name, name ? name : "", n);
+  h->name[n] = 0;
   h->depth = depth;
   h->status = status;
   h->t0 = t0;
@@ -241,6 +253,46 @@ trace_req *trace_begin(const char *traceparent, const char *tracestate, double n
   r->t0 = now;
   r->wall0_ns = wall_ns();
   return r;
+}
+
+typedef struct seen_headers {
+  const char *parent;
+  int n_parent;
+  char state[TRACE_STATE_MAX + 1];
+  size_t state_len;
+  int state_bad; /* the joined lines are over TRACE_STATE_MAX */
+} seen_headers;
+
+static enum MHD_Result header_seen(void *cls, enum MHD_ValueKind kind, const char *key,
+                                   const char *value) {
+  (void)kind;
+  seen_headers *s = cls;
+  if (strcasecmp(key, "traceparent") == 0) {
+    s->parent = value;
+    s->n_parent++;
+  } else if (strcasecmp(key, "tracestate") == 0 && value) {
+    /* several tracestate lines are one list (RFC 9110 5.3) */
+    size_t n = strlen(value), sep = s->state_len ? 1 : 0;
+    if (s->state_len + sep + n > TRACE_STATE_MAX) {
+      s->state_bad = 1;
+    } else {
+      if (sep) s->state[s->state_len++] = ',';
+      memcpy(s->state + s->state_len, value, n + 1);
+      s->state_len += n;
+    }
+  }
+  return MHD_YES;
+}
+
+trace_req *trace_begin_conn(struct MHD_Connection *conn, double now,
+                            char answer[TRACE_HEADER_LEN]) {
+  answer[0] = 0;
+  if (!T.on) return NULL;
+  seen_headers s = {0};
+  MHD_get_connection_values(conn, MHD_HEADER_KIND, header_seen, &s);
+  /* two traceparent headers cannot be told apart: both are ignored */
+  return trace_begin(s.n_parent == 1 ? s.parent : NULL,
+                     s.state_len && !s.state_bad ? s.state : NULL, now, answer);
 }
 
 void trace_set_phase(trace_req *r, trace_phase p, double t0, double t1) {
@@ -308,21 +360,98 @@ void trace_end(trace_req *r, const char *route, const char *method, const char *
 
 /* ---- OTLP/HTTP JSON ------------------------------------------------------- */
 
-static void put_ns(sbuf *b, const char *key, const trace_req *r, double t) {
-  int64_t ns = r->wall0_ns + (int64_t)((t - r->t0) * 1e9);
-  sbuf_printf(b, "\"%s\":\"%lld\"", key, (long long)ns);
+/* The encoder writes through a plain pointer into space reserved once per
+ * record (enc_bound): at full sampling it writes every span of every
+ * request, and per-piece appends and printf were most of its cost. */
+#define W(p, s) (memcpy((p), (s), sizeof(s) - 1), (p) + sizeof(s) - 1)
+
+static char *w_int(char *p, long long v) {
+  char d[24];
+  int n = 0;
+  unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
+  do d[sizeof d - 1 - n++] = (char)('0' + u % 10);
+  while ((u /= 10) && n < 22);
+  if (v < 0) d[sizeof d - 1 - n++] = '-';
+  memcpy(p, d + sizeof d - n, (size_t)n);
+  return p + n;
 }
 
-static void attr_str(sbuf *b, int *first, const char *k, const char *v) {
-  sbuf_printf(b, "%s{\"key\":\"%s\",\"value\":{\"stringValue\":", *first ? "" : ",", k);
-  sbuf_json_str(b, v);
-  sbuf_adds(b, "}}");
-  *first = 0;
+static char *w_hex(char *p, const uint8_t *x, size_t n) {
+  static const char d[] = "0123456789abcdef";
+  for (size_t i = 0; i < n; i++) {
+    *p++ = d[x[i] >> 4];
+    *p++ = d[x[i] & 15];
+  }
+  return p;
 }
 
-static void attr_int(sbuf *b, int *first, const char *k, long long v) {
-  sbuf_printf(b, "%s{\"key\":\"%s\",\"value\":{\"intValue\":\"%lld\"}}", *first ? "" : ",", k, v);
+/* s's characters, JSON-escaped, without quotes: at most 6 bytes each */
+static char *w_esc(char *p, const char *s) {
+  static const char d[] = "0123456789abcdef";
+  for (; *s; s++) {
+    unsigned char c = (unsigned char)*s;
+    if (c >= 0x20 && c != '"' && c != '\\') {
+      *p++ = (char)c;
+    } else if (c == '"' || c == '\\') {
+      *p++ = '\\';
+      *p++ = (char)c;
+    } else {
+      p = W(p, "\\u00");
+      *p++ = d[c >> 4];
+      *p++ = d[c & 15];
+    }
+  }
+  return p;
+}
+
+static char *w_str(char *p, const char *s) {
+  *p++ = '"';
+  p = w_esc(p, s);
+  *p++ = '"';
+  return p;
+}
+
+/* ,"startTimeUnixNano":"<ns>","endTimeUnixNano":"<ns>" for md_now() times */
+static char *w_times(char *p, const trace_req *r, double t0, double t1) {
+  p = W(p, ",\"startTimeUnixNano\":\"");
+  p = w_int(p, (long long)(r->wall0_ns + (int64_t)((t0 - r->t0) * 1e9)));
+  p = W(p, "\",\"endTimeUnixNano\":\"");
+  p = w_int(p, (long long)(r->wall0_ns + (int64_t)((t1 - r->t0) * 1e9)));
+  *p++ = '"';
+  return p;
+}
+
+static char *w_key(char *p, int *first, const char *k) {
+  if (!*first) *p++ = ',';
   *first = 0;
+  p = W(p, "{\"key\":\"");
+  size_t n = strlen(k); /* keys are this file's literals */
+  memcpy(p, k, n);
+  return W(p + n, "\",\"value\":{");
+}
+
+static char *attr_str(char *p, int *first, const char *k, const char *v) {
+  p = w_key(p, first, k);
+  p = W(p, "\"stringValue\":");
+  p = w_str(p, v);
+  return W(p, "}}");
+}
+
+static char *attr_int(char *p, int *first, const char *k, long long v) {
+  p = w_key(p, first, k);
+  p = W(p, "\"intValue\":\"");
+  p = w_int(p, v);
+  return W(p, "\"}}");
+}
+
+static void attr_str_sb(sbuf *b, int *first, const char *k, const char *v) {
+  if (sbuf_reserve(b, 128 + strlen(k) + 6 * strlen(v))) return;
+  b->len = (size_t)(attr_str(b->data + b->len, first, k, v) - b->data);
+}
+
+static void attr_int_sb(sbuf *b, int *first, const char *k, long long v) {
+  if (sbuf_reserve(b, 128 + strlen(k))) return;
+  b->len = (size_t)(attr_int(b->data + b->len, first, k, v) - b->data);
 }
 
 /* A child's span id: a mix of the server span's id and the child's index,
@@ -349,105 +478,125 @@ static const char *phase_name(int p) {
   }
 }
 
-static void span_open(sbuf *b, int *first_span, const trace_req *r, const char *tid,
-                      const uint8_t id[8], const char *parent, const char *name, int kind) {
-  char sid[17];
-  trace_hex(id, 8, sid);
-  sbuf_printf(b, "%s{\"traceId\":\"%s\",\"spanId\":\"%s\"", *first_span ? "" : ",", tid, sid);
-  if (parent && *parent) sbuf_printf(b, ",\"parentSpanId\":\"%s\"", parent);
-  (void)r;
-  sbuf_adds(b, ",\"name\":");
-  sbuf_json_str(b, name);
-  sbuf_printf(b, ",\"kind\":%d,", kind);
+/* {"traceId":..,"spanId":..[,"parentSpanId":..],"name":"<name>[ <name2>]","kind":k */
+static char *span_open(char *p, int *first_span, const uint8_t tid[16], const uint8_t id[8],
+                       const uint8_t *parent, const char *name, const char *name2, int kind) {
+  if (!*first_span) *p++ = ',';
   *first_span = 0;
+  p = W(p, "{\"traceId\":\"");
+  p = w_hex(p, tid, 16);
+  p = W(p, "\",\"spanId\":\"");
+  p = w_hex(p, id, 8);
+  *p++ = '"';
+  if (parent) {
+    p = W(p, ",\"parentSpanId\":\"");
+    p = w_hex(p, parent, 8);
+    *p++ = '"';
+  }
+  p = W(p, ",\"name\":\"");
+  p = w_esc(p, name);
+  if (name2) {
+    *p++ = ' ';
+    p = w_esc(p, name2);
+  }
+  p = W(p, "\",\"kind\":");
+  *p++ = (char)('0' + kind);
+  return p;
+}
+
+/* Bytes encode_one may write for r: fixed parts plus every string at its
+ * escaped worst (6 bytes a character). */
+static size_t enc_bound(const trace_req *r, int nh) {
+  size_t s = strlen(r->method) + strlen(r->route) + strlen(r->model) + strlen(r->request_id) +
+             strlen(r->state);
+  size_t n = 1024 + 12 * s; /* the name repeats method and route */
+  n += (size_t)TRP_COUNT * 320;
+  n += (size_t)nh * (640 + 12 * (sizeof r->hosted[0].role + sizeof r->hosted[0].name));
+  return n;
 }
 
 static size_t encode_one(sbuf *b, int *first_span, const trace_req *r) {
-  char tid[33], root[17], parent[17] = "", compute[17] = "";
-  trace_hex(r->ctx.trace_id, 16, tid);
-  trace_hex(r->span_id, 8, root);
-  if (r->has_parent) trace_hex(r->ctx.parent_id, 8, parent);
+  int nh = atomic_load((atomic_int *)&r->n_hosted);
+  if (nh > TRACE_MAX_HOSTED) nh = TRACE_MAX_HOSTED;
+  if (sbuf_reserve(b, enc_bound(r, nh))) return trace_span_count(r); /* b failed: counted */
+  char *p = b->data + b->len;
+  const uint8_t *tid = r->ctx.trace_id;
   size_t spans = 1;
-  /* the server span */
-  char name[128];
-  if (r->route[0])
-    snprintf(name, sizeof name, "%s %s", r->method, r->route);
-  else
-    snprintf(name, sizeof name, "%s", r->method[0] ? r->method : "HTTP");
-  span_open(b, first_span, r, tid, r->span_id, parent, name, 2);
+  /* the server span: "<METHOD> <route>" */
+  p = span_open(p, first_span, tid, r->span_id, r->has_parent ? r->ctx.parent_id : NULL,
+                r->method[0] ? r->method : "HTTP", r->route[0] ? r->route : NULL, 2);
   if (r->state[0]) {
-    sbuf_adds(b, "\"traceState\":");
-    sbuf_json_str(b, r->state);
-    sbuf_adds(b, ",");
+    p = W(p, ",\"traceState\":");
+    p = w_str(p, r->state);
   }
-  put_ns(b, "startTimeUnixNano", r, r->t0);
-  sbuf_adds(b, ",");
-  put_ns(b, "endTimeUnixNano", r, r->t1 > r->t0 ? r->t1 : r->t0);
-  sbuf_adds(b, ",\"attributes\":[");
+  p = w_times(p, r, r->t0, r->t1 > r->t0 ? r->t1 : r->t0);
+  p = W(p, ",\"attributes\":[");
   int f = 1;
-  attr_str(b, &f, "http.request.method", r->method);
-  if (r->route[0]) attr_str(b, &f, "http.route", r->route);
-  attr_int(b, &f, "http.response.status_code", r->status);
-  if (r->model[0]) attr_str(b, &f, "tallyd.model", r->model);
-  if (r->version > 0) attr_int(b, &f, "tallyd.model.version", (long long)r->version);
-  if (r->request_id[0]) attr_str(b, &f, "tallyd.request_id", r->request_id);
-  sbuf_adds(b, "]");
+  p = attr_str(p, &f, "http.request.method", r->method);
+  if (r->route[0]) p = attr_str(p, &f, "http.route", r->route);
+  p = attr_int(p, &f, "http.response.status_code", r->status);
+  if (r->model[0]) p = attr_str(p, &f, "tallyd.model", r->model);
+  if (r->version > 0) p = attr_int(p, &f, "tallyd.model.version", (long long)r->version);
+  if (r->request_id[0]) p = attr_str(p, &f, "tallyd.request_id", r->request_id);
+  *p++ = ']';
   /* OTel's HTTP server rule: 5xx is an error, 4xx is the client's */
-  if (r->status >= 500)
-    sbuf_printf(b, ",\"status\":{\"code\":2,\"message\":\"HTTP %d\"}}", r->status);
-  else
-    sbuf_adds(b, ",\"status\":{}}");
-  /* the phases */
-  for (int p = 0; p < TRP_COUNT; p++) {
-    if (r->ph[p][0] <= 0) continue;
+  if (r->status >= 500) {
+    p = W(p, ",\"status\":{\"code\":2,\"message\":\"HTTP ");
+    p = w_int(p, r->status);
+    p = W(p, "\"}}");
+  } else {
+    p = W(p, ",\"status\":{}}");
+  }
+  /* the phases: no attributes, status unset (both left out) */
+  uint8_t compute[8];
+  int have_compute = 0;
+  for (int ph = 0; ph < TRP_COUNT; ph++) {
+    if (r->ph[ph][0] <= 0) continue;
     uint8_t id[8];
-    child_id(r, p, id);
-    if (p == TRP_COMPUTE) trace_hex(id, 8, compute);
-    span_open(b, first_span, r, tid, id, root, phase_name(p), 1);
-    put_ns(b, "startTimeUnixNano", r, r->ph[p][0]);
-    sbuf_adds(b, ",");
-    put_ns(b, "endTimeUnixNano", r, r->ph[p][1]);
-    sbuf_adds(b, ",\"attributes\":[],\"status\":{}}");
+    child_id(r, ph, id);
+    if (ph == TRP_COMPUTE) memcpy(compute, id, 8), have_compute = 1;
+    p = span_open(p, first_span, tid, id, r->span_id, phase_name(ph), NULL, 1);
+    p = w_times(p, r, r->ph[ph][0], r->ph[ph][1]);
+    *p++ = '}';
     spans++;
   }
   /* the hosted models, children of compute */
-  int nh = atomic_load((atomic_int *)&r->n_hosted);
-  if (nh > TRACE_MAX_HOSTED) nh = TRACE_MAX_HOSTED;
   for (int i = 0; i < nh; i++) {
     const trace_hosted *h = &r->hosted[i];
     if (!atomic_load_explicit((atomic_int *)&h->ready, memory_order_acquire)) continue;
     uint8_t id[8];
     child_id(r, TRP_COUNT + i, id);
-    char nm[48];
-    snprintf(nm, sizeof nm, "compute %s", h->role);
-    span_open(b, first_span, r, tid, id, compute[0] ? compute : root, nm, 1);
-    put_ns(b, "startTimeUnixNano", r, h->t0);
-    sbuf_adds(b, ",");
-    put_ns(b, "endTimeUnixNano", r, h->t1);
-    sbuf_adds(b, ",\"attributes\":[");
+    p = span_open(p, first_span, tid, id, have_compute ? compute : r->span_id, "compute", h->role,
+                  1);
+    p = w_times(p, r, h->t0, h->t1);
+    /* the role is in the name; the depth only when nested; an unset
+     * status left out: a request's members are most of its bytes */
+    p = W(p, ",\"attributes\":[");
     f = 1;
-    attr_str(b, &f, "tallyd.hosted.role", h->role);
-    attr_str(b, &f, "tallyd.hosted.model", h->name);
-    attr_int(b, &f, "tallyd.hosted.depth", h->depth);
-    sbuf_adds(b, "]");
-    if (h->status)
-      sbuf_printf(b, ",\"status\":{\"code\":2,\"message\":\"%s\"}}",
-                  ts_status_name(h->status < 0 ? -h->status : h->status));
-    else
-      sbuf_adds(b, ",\"status\":{}}");
+    p = attr_str(p, &f, "tallyd.hosted.model", h->name);
+    if (h->depth > 1) p = attr_int(p, &f, "tallyd.hosted.depth", h->depth);
+    *p++ = ']';
+    if (h->status) {
+      p = W(p, ",\"status\":{\"code\":2,\"message\":");
+      p = w_str(p, ts_status_name(h->status < 0 ? -h->status : h->status));
+      *p++ = '}';
+    }
+    *p++ = '}';
     spans++;
   }
+  b->len = (size_t)(p - b->data);
+  b->data[b->len] = 0;
   return spans;
 }
 
 size_t trace_encode(trace_req *const *recs, size_t n, const char *instance, sbuf *out) {
   sbuf_adds(out, "{\"resourceSpans\":[{\"resource\":{\"attributes\":[");
   int f = 1;
-  attr_str(out, &f, "service.name", "tallyd");
-  attr_str(out, &f, "service.version", TALLYD_VERSION);
-  attr_str(out, &f, "service.instance.id", instance ? instance : "");
-  if (T.host[0]) attr_str(out, &f, "host.name", T.host);
-  attr_int(out, &f, "process.pid", (long long)getpid());
+  attr_str_sb(out, &f, "service.name", "tallyd");
+  attr_str_sb(out, &f, "service.version", TALLYD_VERSION);
+  attr_str_sb(out, &f, "service.instance.id", instance ? instance : "");
+  if (T.host[0]) attr_str_sb(out, &f, "host.name", T.host);
+  attr_int_sb(out, &f, "process.pid", (long long)getpid());
   sbuf_adds(out, "]},\"scopeSpans\":[{\"scope\":{\"name\":\"tallyd\",\"version\":\"" TALLYD_VERSION
                  "\"},\"spans\":[");
   size_t spans = 0;
@@ -492,6 +641,10 @@ static void *exporter(void *arg) {
   (void)arg;
   CURL *c = curl_easy_init();
   struct curl_slist *hdr = curl_slist_append(NULL, "Content-Type: application/json");
+  /* no "Expect: 100-continue": a receiver that never answers 100 would
+   * cost every large batch a one-second wait */
+  struct curl_slist *more = hdr ? curl_slist_append(hdr, "Expect:") : NULL;
+  if (more) hdr = more;
   if (c) {
     curl_easy_setopt(c, CURLOPT_URL, T.endpoint);
     curl_easy_setopt(c, CURLOPT_NOSIGNAL, 1L);
@@ -526,8 +679,11 @@ static void *exporter(void *arg) {
         double left = stop_by - mono();
         to = left > 0.001 ? (long)(left * 1000.0) : 0;
       }
-      sbuf_free(&b);
-      sbuf_init(&b);
+      if (sbuf_failed(&b)) {
+        sbuf_free(&b);
+        sbuf_init(&b);
+      }
+      b.len = 0; /* the buffer is reused: it grows to a batch's size once */
       size_t spans = trace_encode(batch, n, T.instance, &b);
       if (to <= 0)
         atomic_fetch_add(&spans_dropped, spans); /* shutdown's bound is spent */

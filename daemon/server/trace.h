@@ -119,6 +119,10 @@ trace_req *trace_begin(const char *traceparent, const char *tracestate, double n
 /* Sets up a zeroed record: its sink and the one reference (trace_begin
  * calls it; tests build records with it). */
 void trace_req_init(trace_req *r);
+/* trace_begin on a connection's headers: one traceparent (two or more are
+ * ignored, a new trace), every tracestate line joined as one list. */
+struct MHD_Connection;
+trace_req *trace_begin_conn(struct MHD_Connection *conn, double now, char answer[TRACE_HEADER_LEN]);
 void trace_set_phase(trace_req *r, trace_phase p, double t0, double t1);
 /* A worker job's times (t_submit, t_start, t_decoded, t_computed, t_end;
  * 0: did not happen) become the queue, decode, compute and encode phases. */

@@ -5,7 +5,7 @@ AWARE-NET ensemble of gen_aware.py's nine hosted members with the loop on
 
     generate(repo_dir)                 (called by deploy/gen_models.py)
 
-Its served rows are logged under deploy/models/aware_learning/rowlog/
+Its served rows are logged under deploy/models/aware_learning/.rowlog/
 (ignored by git; `make reset-models` removes it)."""
 import os
 import sys

@@ -143,7 +143,7 @@ class Ctx:
         src = os.path.join(ROOT, "deploy", "models")
         if not os.path.isfile(os.path.join(src, "demo_mlp", "1", "model.safetensors")):
             raise SkipTest("deploy/models has no weights: run `make models` first")
-        shutil.copytree(src, self.repo, ignore=shutil.ignore_patterns("[2-9]", "[1-9][0-9]*", "rowlog"))
+        shutil.copytree(src, self.repo, ignore=shutil.ignore_patterns("[2-9]", "[1-9][0-9]*", ".rowlog"))
         self.d = Daemon(self.repo).start()
         return self.d
 

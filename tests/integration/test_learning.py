@@ -309,6 +309,36 @@ def test_worse_candidate_never_promoted():
         c.d.stop()
 
 
+def test_candidate_replaced_and_too_old():
+    """A second refit replaces a pending candidate (recorded); a candidate
+    undecided after max_age_seconds is dropped as too old."""
+    cfg = ens_config(log={"max_rows": 5000},
+                     refit={"window_rows": 100, "min_rows": 50, "compare_rows": 500,
+                            "max_age_seconds": 1, "params": {"epochs": 20}})
+    c = start({"o": (cfg, theta_tensors([0.0, 0.0]))})
+    try:
+        rng = random.Random(4)
+        Z, y = rows(rng, 100, 1)
+        check_status(c.d.infer("o", [tensor("member_outputs", Z)], id="a"), 200)
+        j = feedback(c.d, "o", ["a:%d" % i for i in range(100)], y).json()
+        check(j["accepted"] == 100, j)
+        check_status(c.d.post("/v2/models/o/refit", {}), 200)  # refit.params: epochs 20
+        info = version_json(c.repo, "o", 2)
+        check(info["fit"]["epochs"] == 20, info["fit"])
+        r = check_status(c.d.post("/v2/models/o/refit"), 200).json()
+        check(r["candidate_version"] == "3", r)
+        check(version_json(c.repo, "o", 2)["candidate"]["decision"] == "replaced", "replaced")
+        time.sleep(1.2)
+        st = check_status(c.d.get("/v2/models/o/candidates"), 200).json()
+        check(st["candidate"] is None, st)
+        check(st["decisions"][-1]["decision"] == "dropped" and "too old" in st["decisions"][-1]["why"],
+              st)
+        check(version_json(c.repo, "o", 3)["candidate"]["state"] == "dropped", "dropped")
+        check(check_status(c.d.get("/v2/models/o"), 200).json()["versions"] == ["1"], "served")
+    finally:
+        c.d.stop()
+
+
 # ---- drift ---------------------------------------------------------------------------
 
 
@@ -468,6 +498,11 @@ def test_quantile_feedback_refit_wis():
                            tensor("targets", y, datatype="FP64")]}
         j = check_status(c.d.post("/v2/models/q/feedback", body), 200).json()
         check(j["accepted"] == 300, j)
+        # the kind's live scores took the rows, on the version that answered them
+        obs = j["observed"]
+        check(len(obs) == 1 and obs[0]["version"] == "1" and obs[0]["rows"] == 300, obs)
+        check("error" not in obs[0] and obs[0]["result"] is not None, obs)
+        print("observed:", json.dumps(obs[0])[:400])
         body["inputs"][1] = tensor("labels", y)
         check_status(c.d.post("/v2/models/q/feedback", body), 400, "targets")
         r = check_status(c.d.post("/v2/models/q/refit", {"parameters": {"epochs": 60,

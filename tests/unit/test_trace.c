@@ -120,6 +120,8 @@ static void test_tracestate(void **s) {
   assert_false(trace_state_valid("t@Sys=x"));             /* uppercase system id */
   assert_false(trace_state_valid("t@abcdefghijklmno=x")); /* system id over 14 */
   assert_false(trace_state_valid("congo=x\x01"));
+  assert_false(trace_state_valid("congo=x,rojo=y,congo=z")); /* a key twice */
+  assert_true(trace_state_valid("congo=x,t@congo=y"));       /* another key */
   char many[512];
   size_t n = 0;
   for (int i = 0; i < 33; i++) n += (size_t)snprintf(many + n, sizeof many - n, "k%d=v,", i);

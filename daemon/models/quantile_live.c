@@ -1,0 +1,515 @@
+/* quantile_live.c - the quantile_ensemble kind's live state: the rolling
+ * coverage / pinball / WIS of the rows it served whose outcomes came back
+ * (observe), and adaptive conformal inference (methods/qlive.h) for a
+ * version calibrated with "adaptive". The rest of the state is immutable
+ * after load; this part changes with every observed row, behind its mutex.
+ *
+ * Persistence: an adaptive version's working levels a_t, rows and misses are
+ * written after every observe call to "<version dir>/adaptive.json"
+ * (written to a temporary file, fsynced, renamed over the old one), and read
+ * back at load, so that they survive a restart. The rolling window is not
+ * kept: it starts empty.
+ *
+ * Metrics: every live state is on one list (registry below) that
+ * md_live_metrics renders for /metrics. */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "../base/fsutil.h"
+#include "../base/jtext.h"
+#include "../base/log.h"
+#include "../base/mem.h"
+#include "../methods/qlive.h"
+#include "live.h"
+#include "quantile_int.h"
+
+struct qk_live {
+  pthread_mutex_t mu;
+  char *model;
+  int64_t version;
+  char *path; /* adaptive.json, NULL when the version has no directory */
+  int K;
+  const double *levels; /* the state's, borrowed */
+  ql_track track;
+  int adaptive;
+  ql_aci aci;
+  int64_t rows; /* observed since load */
+  qk_live *prev, *next;
+};
+
+static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
+static qk_live *reg_head;
+
+/* ---- adaptive.json ------------------------------------------------------- */
+
+static json_t *aci_json(const qk_live *l) {
+  json_t *at = json_array(), *mi = json_array(), *iv = json_array(), *wd = json_array();
+  const ql_aci *a = &l->aci;
+  for (int i = 0; at && mi && iv && wd && i < a->n_int; i++) {
+    json_array_append_new(at, json_real(a->alpha_t[i]));
+    json_array_append_new(mi, json_integer(a->misses[i]));
+    char b[32];
+    snprintf(b, sizeof b, "%.6g", 1.0 - a->alpha[i]);
+    json_array_append_new(iv, json_string(b));
+    json_array_append_new(wd, qk_jnum(ql_aci_width(a, i)));
+  }
+  return json_pack("{s:f, s:o, s:o, s:o, s:o, s:I, s:I, s:I}", "gamma", a->gamma, "intervals", iv,
+                   "alpha_t", at, "misses", mi, "width", wd, "rows", (json_int_t)a->t, "window",
+                   (json_int_t)a->n, "scores_taken", (json_int_t)a->pushed);
+}
+
+/* aci_json plus the scores in arrival order (adaptive.json). */
+static json_t *aci_file_json(const qk_live *l) {
+  json_t *j = aci_json(l), *sc = json_array();
+  float *tmp = tl_malloc(sizeof(float) * (size_t)l->aci.n);
+  for (int i = 0; j && sc && tmp && i < l->aci.n_int; i++) {
+    ql_aci_scores_in_order(&l->aci, i, tmp);
+    json_t *row = json_array();
+    for (int64_t r = 0; row && r < l->aci.n; r++) json_array_append_new(row, json_real(tmp[r]));
+    json_array_append_new(sc, row);
+  }
+  tl_free(tmp);
+  if (!j || !sc || !tmp) {
+    json_decref(j);
+    json_decref(sc);
+    return NULL;
+  }
+  json_object_set_new(j, "scores", sc);
+  return j;
+}
+
+/* Called with l->mu held. Failures are logged, never an error for the
+ * rows already applied in memory. */
+static void save_state(qk_live *l) {
+  if (!l->path) return;
+  json_t *j = aci_file_json(l);
+  char *txt = j ? jtext_dumps(j, JT_COMPACT, NULL) : NULL;
+  json_decref(j);
+  if (!txt) return;
+  size_t n = strlen(l->path);
+  char *tmp = tl_malloc(n + 8);
+  ts_err err = {0};
+  if (tmp) {
+    snprintf(tmp, n + 8, "%s.tmp", l->path);
+    if (fs_write_file_sync(tmp, txt, strlen(txt), &err) == 0 &&
+        fs_rename_atomic(tmp, l->path, &err) == 0)
+      err.status = 0;
+    if (err.status)
+      log_warn("model '%s' version %lld: %s", l->model, (long long)l->version, err.msg);
+  }
+  tl_free(tmp);
+  free(txt); /* jansson's allocator: free(3) */
+}
+
+/* Restores a_t, misses and rows from adaptive.json when it matches. */
+static void load_state(qk_live *l) {
+  if (!l->path) return;
+  json_error_t je;
+  json_t *j = json_load_file(l->path, 0, &je);
+  if (!j) return; /* none yet */
+  ql_aci *a = &l->aci;
+  json_t *at = json_object_get(j, "alpha_t"), *mi = json_object_get(j, "misses");
+  json_t *rows = json_object_get(j, "rows"), *sc = json_object_get(j, "scores");
+  int ok = json_is_array(at) && json_is_array(mi) && json_is_integer(rows) &&
+           (int)json_array_size(at) == a->n_int && (int)json_array_size(mi) == a->n_int &&
+           json_integer_value(rows) >= 0 && json_is_array(sc) &&
+           (int)json_array_size(sc) == a->n_int;
+  for (int i = 0; ok && i < a->n_int; i++) {
+    json_t *row = json_array_get(sc, (size_t)i);
+    ok = json_is_array(row) && (int64_t)json_array_size(row) == a->n;
+    for (int64_t r = 0; ok && r < a->n; r++) {
+      json_t *v = json_array_get(row, (size_t)r);
+      ok = json_is_number(v) && isfinite((float)json_number_value(v));
+    }
+  }
+  for (int i = 0; ok && i < a->n_int; i++) {
+    json_t *v = json_array_get(at, (size_t)i), *m = json_array_get(mi, (size_t)i);
+    ok = json_is_number(v) && isfinite(json_number_value(v)) && json_number_value(v) >= -1 &&
+         json_number_value(v) <= 2 && json_is_integer(m) && json_integer_value(m) >= 0;
+  }
+  float *tmp = ok ? tl_malloc(sizeof(float) * (size_t)a->n * (size_t)a->n_int) : NULL;
+  ql_aci b;
+  if (tmp) {
+    for (int i = 0; i < a->n_int; i++)
+      for (int64_t r = 0; r < a->n; r++)
+        tmp[i * a->n + r] =
+            (float)json_number_value(json_array_get(json_array_get(sc, (size_t)i), (size_t)r));
+    ts_err e2 = {0};
+    /* the restored scores, sorted, replace the calibration's */
+    if (ql_aci_init_scores(&b, a->K, l->levels, a->n_int, a->n, tmp, a->gamma, a->allow_inf, &e2) ==
+        0) {
+      float *r1 = a->ring, *s1 = a->sorted;
+      a->ring = b.ring;
+      a->sorted = b.sorted;
+      a->pos = 0;
+      b.ring = r1;
+      b.sorted = s1;
+      ql_aci_free(&b);
+    } else {
+      ok = 0;
+    }
+    tl_free(tmp);
+  }
+  if (ok) {
+    for (int i = 0; i < a->n_int; i++) {
+      a->alpha_t[i] = json_number_value(json_array_get(at, (size_t)i));
+      a->misses[i] = json_integer_value(json_array_get(mi, (size_t)i));
+    }
+    a->t = json_integer_value(rows);
+    json_t *pu = json_object_get(j, "scores_taken");
+    a->pushed = json_is_integer(pu) && json_integer_value(pu) >= 0 ? json_integer_value(pu) : 0;
+  } else {
+    log_warn(
+        "model '%s' version %lld: %s does not match this version; starting from the "
+        "calibrated levels",
+        l->model, (long long)l->version, l->path);
+  }
+  json_decref(j);
+}
+
+/* ---- open / close ---------------------------------------------------------- */
+
+int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err) {
+  qk_live *l = tl_calloc(1, sizeof *l);
+  if (!l) return ts_errf(err, TS_ENOMEM, "out of memory");
+  pthread_mutex_init(&l->mu, NULL);
+  l->K = s->K;
+  l->levels = s->levels;
+  l->version = ctx->version;
+  int rc = 0;
+  if (!(l->model = tl_strdup(ctx->model_name ? ctx->model_name : ""))) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    goto fail;
+  }
+  if ((rc = ql_track_init(&l->track, s->K, s->levels, s->window, err))) goto fail;
+  if (w && st_find(w, "conformal.scores") >= 0) {
+    const char *meta = st_meta_get(w, "adaptive");
+    json_error_t je;
+    json_t *mj = meta ? json_loads(meta, 0, &je) : NULL;
+    double gamma = json_number_value(json_object_get(mj, "gamma"));
+    int allow_inf = json_is_true(json_object_get(mj, "allow_infinite"));
+    json_decref(mj);
+    if (!s->has_conf || !(gamma > 0 && gamma <= 1)) {
+      rc = ts_errf(err, TS_EINVAL,
+                   "weights: 'conformal.scores' needs the conformal corrections and __metadata__ "
+                   "'adaptive' {\"gamma\": g} with g in (0, 1]");
+      goto fail;
+    }
+    ts_tensor t;
+    if ((rc = st_get_f32(w, "conformal.scores", 2, NULL, &t, err))) goto fail;
+    int64_t shape[2] = {t.shape[0], t.shape[1]};
+    if (shape[1] < 1 || shape[1] > QK_ACI_MAX_ROWS) {
+      ts_free(&t);
+      rc = ts_errf(err, TS_EINVAL,
+                   "weights: 'conformal.scores' must be [intervals, rows] with 1 to %d rows",
+                   QK_ACI_MAX_ROWS);
+      goto fail;
+    }
+    rc = ql_aci_init_scores(&l->aci, s->K, s->levels, shape[0], shape[1], t.data, gamma, allow_inf,
+                            err);
+    ts_free(&t);
+    if (rc) {
+      ts_err_prefix(err, "weights: 'conformal.scores'");
+      goto fail;
+    }
+    l->adaptive = 1;
+    if (ctx->version_dir) {
+      size_t n = strlen(ctx->version_dir) + 32;
+      if (!(l->path = tl_malloc(n))) {
+        rc = ts_errf(err, TS_ENOMEM, "out of memory");
+        goto fail;
+      }
+      snprintf(l->path, n, "%s/adaptive.json", ctx->version_dir);
+      load_state(l);
+    }
+  }
+  pthread_mutex_lock(&reg_mu);
+  l->next = reg_head;
+  if (reg_head) reg_head->prev = l;
+  reg_head = l;
+  pthread_mutex_unlock(&reg_mu);
+  s->live = l;
+  return 0;
+fail:
+  ql_track_free(&l->track);
+  ql_aci_free(&l->aci);
+  tl_free(l->model);
+  tl_free(l->path);
+  pthread_mutex_destroy(&l->mu);
+  tl_free(l);
+  return rc;
+}
+
+void qk_live_close(qk_live *l) {
+  if (!l) return;
+  pthread_mutex_lock(&reg_mu);
+  if (l->prev)
+    l->prev->next = l->next;
+  else
+    reg_head = l->next;
+  if (l->next) l->next->prev = l->prev;
+  pthread_mutex_unlock(&reg_mu);
+  ql_track_free(&l->track);
+  ql_aci_free(&l->aci);
+  tl_free(l->model);
+  tl_free(l->path);
+  pthread_mutex_destroy(&l->mu);
+  tl_free(l);
+}
+
+int qk_live_corrections(const qk_state *s, double *lower, double *upper) {
+  qk_live *l = s->live;
+  if (!l || !l->adaptive) return 0;
+  pthread_mutex_lock(&l->mu);
+  ql_aci_corrections(&l->aci, lower, upper);
+  pthread_mutex_unlock(&l->mu);
+  return 1;
+}
+
+/* ---- observe ------------------------------------------------------------------ */
+
+/* The served answers as FP32 [B, K] (a copy), checked against the rows. */
+static int served_rows(const qk_state *s, const ts_list *served, int64_t B, float **out,
+                       ts_err *err) {
+  const ts_tensor *t = ts_list_find(served, "quantiles");
+  if (!t && served->n > 0) t = &served->items[0];
+  if (!t) return ts_errf(err, TS_EINVAL, "observe: the served answer has no output");
+  if (t->ndim != 2 || t->shape[0] != B || t->shape[1] != s->K) {
+    char got[128];
+    return ts_errf(err, TS_EINVAL,
+                   "observe: the served answer has shape %s; expected [%lld, %d] (one row of "
+                   "quantiles for each observed row)",
+                   ts_shape_str(t->shape, t->ndim, got, sizeof got), (long long)B, s->K);
+  }
+  int rc = ts_to_f32(t, 1, out, err);
+  for (int64_t i = 0; !rc && i < B * s->K; i++)
+    if (isnan((*out)[i])) {
+      tl_free(*out);
+      rc = ts_errf(err, TS_EINVAL, "observe: served row %lld holds NaN", (long long)(i / s->K));
+    }
+  return rc;
+}
+
+int qk_observe(void *state, md_call *c, const ts_list *served, ts_err *err) {
+  qk_state *s = state;
+  qk_live *l = s->live;
+  if (!l) return ts_errf(err, TS_EINTERNAL, "observe: the version has no live state");
+  int K = s->K;
+  qk_rows r;
+  memset(&r, 0, sizeof r);
+  float *Q = NULL, *raw = NULL;
+  double *corr = NULL;
+  int rc;
+  int have_inputs = c->inputs && (ts_list_find(c->inputs, "features") ||
+                                  ts_list_find(c->inputs, "base_quantiles"));
+  if (served && !have_inputs) {
+    /* the answers given and the targets: scored, and a_t moved; the
+     * adaptive scores need the raw aggregate, which needs the inputs */
+    const ts_tensor *y;
+    if ((rc = md_input(c, "targets", &y, err))) return rc;
+    if (!((y->ndim == 1) || (y->ndim == 2 && y->shape[1] == 1)))
+      return ts_errf(err, TS_EINVAL, "input 'targets': expected shape [B] or [B, 1]");
+    r.B = y->shape[0];
+    if ((rc = ts_to_f32(y, 1, &r.y, err))) return rc;
+    for (int64_t b = 0; b < r.B; b++)
+      if (!isfinite(r.y[b])) {
+        rc = ts_errf(err, TS_EINVAL, "input 'targets': row %lld is not finite", (long long)b);
+        goto out;
+      }
+    if ((rc = served_rows(s, served, r.B, &Q, err))) goto out;
+  } else {
+    /* the raw aggregate of the rows; without the served answers, the
+     * version's answer now stands for them, row by row, each with the
+     * corrections of the moment (an adaptive version moves them after
+     * every row) */
+    if ((rc = qk_gather(s, c, 1, s->agg.scope == QA_LOCAL ? s->D : 0, &r, err))) return rc;
+    raw = tl_malloc(sizeof(float) * (size_t)(r.B ? r.B : 1) * (size_t)K);
+    if (served && (rc = served_rows(s, served, r.B, &Q, err))) goto out;
+    if (!served) Q = tl_malloc(sizeof(float) * (size_t)K);
+    corr = tl_malloc(sizeof(double) * 2 * (size_t)K);
+    if (!raw || !Q || !corr) {
+      rc = ts_errf(err, TS_ENOMEM, "out of memory for %lld rows", (long long)r.B);
+      goto out;
+    }
+    if ((rc = qa_infer_run(c->pool, &s->inf, r.B, r.Z, r.X, raw, err))) goto out;
+    for (int64_t i = 0; i < r.B * K; i++)
+      if (!isfinite(raw[i])) {
+        rc = ts_errf(err, TS_EINVAL,
+                     "row %lld: the aggregated quantile is not finite (values too large in "
+                     "magnitude)",
+                     (long long)(i / K));
+        goto out;
+      }
+  }
+  if ((rc = md_claim(c, err))) goto out;
+  pthread_mutex_lock(&l->mu);
+  for (int64_t b = 0; b < r.B; b++) {
+    const float *q = served ? Q + b * K : Q;
+    if (!served) {
+      memcpy(Q, raw + b * K, sizeof(float) * (size_t)K);
+      if (l->adaptive) {
+        ql_aci_corrections(&l->aci, corr, corr + K);
+        qa_cqr_apply(K, corr, corr + K, 1, Q);
+      } else if (s->has_conf) {
+        qa_cqr_apply(K, s->conf_lo, s->conf_hi, 1, Q);
+      }
+      ts_err e2 = {0};
+      qa_monotone_rows(NULL, s->mono, 1, K, s->median, Q, &e2);
+    }
+    ql_track_add(&l->track, q, r.y[b]);
+    if (l->adaptive) ql_aci_observe(&l->aci, q, r.y[b]);
+    if (l->adaptive && raw) ql_aci_push(&l->aci, raw + b * K, r.y[b]);
+    l->rows++;
+  }
+  if (l->adaptive) save_state(l);
+  pthread_mutex_unlock(&l->mu);
+  c->result = qk_live_json(s);
+  if (c->result)
+    json_object_set_new(c->result, "observed", json_integer(r.B));
+  else
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+out:
+  tl_free(Q);
+  tl_free(raw);
+  tl_free(corr);
+  rows_free(&r);
+  return rc;
+}
+
+/* ---- reading it -------------------------------------------------------------- */
+
+json_t *qk_live_json(const qk_state *s) {
+  qk_live *l = s->live;
+  if (!l) return json_object();
+  pthread_mutex_lock(&l->mu);
+  int ni = l->track.n_int;
+  double cov[QA_MAX_K / 2 + 1], pin, wis;
+  ql_track_get(&l->track, cov, &pin, &wis);
+  json_t *c = json_object();
+  for (int i = 0; c && i < ni; i++) {
+    char b[32];
+    snprintf(b, sizeof b, "%.6g", 1.0 - l->track.alpha[i]);
+    json_object_set_new(c, b, qk_jnum(cov[i]));
+  }
+  json_t *o = json_pack("{s:I, s:I, s:I}", "window", (json_int_t)l->track.window, "rows_in_window",
+                        (json_int_t)l->track.filled, "rows", (json_int_t)l->track.total);
+  /* the rolling scores once a row is in the window (WIS with a median level) */
+  if (o && l->track.filled) {
+    json_object_set_new(o, "coverage", c);
+    json_object_set_new(o, "pinball", qk_jnum(pin));
+    if (l->track.median >= 0) json_object_set_new(o, "wis", qk_jnum(wis));
+    c = NULL;
+  }
+  json_decref(c);
+  if (o && l->adaptive) json_object_set_new(o, "adaptive", aci_json(l));
+  pthread_mutex_unlock(&l->mu);
+  return o;
+}
+
+/* ---- metrics ------------------------------------------------------------------ */
+
+static void label_value(sbuf *b, const char *v) {
+  for (; *v; v++) {
+    if (*v == '\\' || *v == '"')
+      sbuf_printf(b, "\\%c", *v);
+    else if (*v == '\n')
+      sbuf_adds(b, "\\n");
+    else
+      sbuf_printf(b, "%c", *v);
+  }
+}
+
+static void series(sbuf *b, const char *name, const qk_live *l, const char *interval, double v) {
+  sbuf_printf(b, "%s{model=\"", name);
+  label_value(b, l->model);
+  sbuf_printf(b, "\",version=\"%lld\"", (long long)l->version);
+  if (interval) sbuf_printf(b, ",interval=\"%s\"", interval);
+  if (isnan(v))
+    sbuf_adds(b, "} NaN\n");
+  else if (isinf(v))
+    sbuf_adds(b, v > 0 ? "} +Inf\n" : "} -Inf\n");
+  else
+    sbuf_printf(b, "} %.9g\n", v);
+}
+
+enum { F_COV, F_PIN, F_WIS, F_ROWS, F_ALPHA, F_WIDTH, F_N };
+static const char *const fam[F_N][3] = {
+    {"tallyd_quantile_rolling_coverage", "gauge",
+     "fraction of the last observed rows (window) inside each central interval as served"},
+    {"tallyd_quantile_rolling_pinball", "gauge",
+     "mean pinball loss over the levels, over the last observed rows (window)"},
+    {"tallyd_quantile_rolling_wis", "gauge",
+     "mean weighted interval score over the last observed rows (window)"},
+    {"tallyd_quantile_observed_rows_total", "counter",
+     "rows whose outcome the version observed since it was loaded"},
+    {"tallyd_quantile_adaptive_alpha", "gauge",
+     "adaptive conformal inference: the working miscoverage level of each central interval"},
+    {"tallyd_quantile_adaptive_width", "gauge",
+     "adaptive conformal inference: the correction each end of the interval gets now"},
+};
+
+void md_live_metrics(sbuf *b) {
+  pthread_mutex_lock(&reg_mu);
+  for (int f = 0; f < F_N; f++) {
+    int any = 0;
+    for (qk_live *l = reg_head; l; l = l->next) {
+      if (f >= F_ALPHA && !l->adaptive) continue;
+      if (f != F_ROWS && f < F_ALPHA && l->track.filled == 0) continue;
+      if (!any)
+        sbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", fam[f][0], fam[f][2], fam[f][0], fam[f][1]);
+      any = 1;
+      pthread_mutex_lock(&l->mu);
+      double cov[QA_MAX_K / 2 + 1], pin, wis;
+      ql_track_get(&l->track, cov, &pin, &wis);
+      int ni = f >= F_ALPHA ? l->aci.n_int : l->track.n_int;
+      if (f == F_COV || f >= F_ALPHA) {
+        for (int i = 0; i < ni; i++) {
+          char iv[32];
+          double a = f >= F_ALPHA ? l->aci.alpha[i] : l->track.alpha[i];
+          snprintf(iv, sizeof iv, "%.6g", 1.0 - a);
+          double v = f == F_COV     ? cov[i]
+                     : f == F_ALPHA ? l->aci.alpha_t[i]
+                                    : ql_aci_width(&l->aci, i);
+          series(b, fam[f][0], l, iv, v);
+        }
+      } else if (f == F_PIN) {
+        series(b, fam[f][0], l, NULL, pin);
+      } else if (f == F_WIS) {
+        if (l->track.median >= 0) series(b, fam[f][0], l, NULL, wis);
+      } else {
+        series(b, fam[f][0], l, NULL, (double)l->track.total);
+      }
+      pthread_mutex_unlock(&l->mu);
+    }
+  }
+  pthread_mutex_unlock(&reg_mu);
+}
+
+int qk_adaptive_parse(const json_t *v, const char *where, double *gamma, int64_t *window,
+                      ts_err *err) {
+  const char *k;
+  json_t *x;
+  if (!json_is_object(v))
+    return ts_errf(err, TS_EINVAL,
+                   "%s must be {\"gamma\": g, \"window\": W} (g in (0, 1], W rows), or false",
+                   where);
+  json_object_foreach((json_t *)v, k, x) {
+    if (strcmp(k, "gamma") != 0 && strcmp(k, "window") != 0)
+      return ts_errf(err, TS_EINVAL, "%s: unknown key '%s' (it takes \"gamma\" and \"window\")",
+                     where, k);
+  }
+  json_t *g = json_object_get(v, "gamma"), *w = json_object_get(v, "window");
+  double gv = g ? json_number_value(g) : 0.005;
+  if ((g && !json_is_number(g)) || !(gv > 0 && gv <= 1))
+    return ts_errf(err, TS_EINVAL, "%s: gamma must be a number in (0, 1]", where);
+  int64_t wv = w ? json_integer_value(w) : QK_ACI_WINDOW;
+  if ((w && !json_is_integer(w)) || wv < 1 || wv > QK_ACI_MAX_ROWS)
+    return ts_errf(err, TS_EINVAL, "%s: window must be an integer from 1 to %d rows", where,
+                   QK_ACI_MAX_ROWS);
+  *gamma = gv;
+  *window = wv;
+  return 0;
+}
