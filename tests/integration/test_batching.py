@@ -67,6 +67,10 @@ def setup():
     write_model(c.repo, "q_b", dict(quantile_config(), dynamic_batching=BATCHING), {})
     write_model(c.repo, "ens_logged", dict(ensemble_config(), dynamic_batching=BATCHING,
                                            log={"sample_rate": 1.0, "max_rows": 10000}), theta)
+    write_model(c.repo, "triton_names", dict(mlp, dynamic_batching={
+        "max_queue_delay_microseconds": 1000, "preferred_batch_size": [8]}), mlp_weights(1))
+    write_model(c.repo, "bad_twice", dict(mlp, dynamic_batching={
+        "max_queue_delay_microseconds": 1000, "max_queue_delay_us": 1000}), mlp_weights(1))
     write_model(c.repo, "bad_kind", {"kind": "attention", "dynamic_batching": {}}, None)
     write_model(c.repo, "bad_key", dict(mlp, dynamic_batching={"max_queue_delay": 5}),
                 mlp_weights(1))
@@ -77,7 +81,7 @@ def setup():
     deadline = time.time() + 30 * SLOW
     while time.time() < deadline:
         idx = c.d.post("/v2/repository/index").json()
-        if sum(1 for e in idx if e["state"] == "READY" and not e["name"].startswith("bad_")) >= 7:
+        if sum(1 for e in idx if e["state"] == "READY" and not e["name"].startswith("bad_")) >= 8:
             break
         time.sleep(0.05)
     c.daemon_logs = c.d.logs
@@ -129,6 +133,12 @@ def test_bad_configs_refused_by_name(c):
     check("mlp, ensemble and quantile_ensemble" in by["bad_kind"].get("reason", ""), by["bad_kind"])
     check("dynamic_batching.max_queue_delay" in by["bad_key"].get("reason", ""), by["bad_key"])
     check("preferred_batch_sizes" in by["bad_pref"].get("reason", ""), by["bad_pref"])
+    check("twice" in by["bad_twice"].get("reason", ""), by["bad_twice"])
+    # Triton's spellings (a tritonclient config override) load
+    check(by["triton_names"]["state"] == "READY", by["triton_names"])
+    r = check_status(c.d.infer("triton_names", [tensor("features", [[0.5] * D_IN])]), 200)
+    check(counter(c.d, "tallyd_batches_total", "triton_names") == 1, "not through the batcher")
+    check(len(output(r, "output")["data"]) == D_OUT)
 
 
 def test_mlp_split_back_exact(c):
