@@ -96,7 +96,15 @@ float *sg__pack_buffer(size_t floats) {
   return (float *)(((uintptr_t)b->raw + 63) & ~(uintptr_t)63);
 }
 
-static const sg_ops g_scalar = {"scalar", sg_gemm_ref, 6, 16};
+static const sg_ops g_scalar = {"scalar", sg_gemm_ref, sg_gemm_ref, 6, 16};
+
+static _Thread_local int tl_row_invariant;
+
+int sg_row_invariant(int on) {
+  int was = tl_row_invariant;
+  tl_row_invariant = on != 0;
+  return was;
+}
 
 #if defined(__x86_64__)
 extern const sg_ops sg__ops_avx2;   /* sgemm_avx2.c */
@@ -156,7 +164,7 @@ static void sg_split_run(void *arg, int64_t b, int64_t e) {
 void sg_gemm(pool_t *pool, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
              int64_t lda, const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   const sg_ops *ops = sg_ops_active();
-  sg_fn fn = ops->gemm;
+  sg_fn fn = tl_row_invariant ? ops->gemm_inv : ops->gemm;
   int nt = pool_threads(pool);
   if (M <= 0 || N <= 0) return;
   double macs = (double)M * (double)N * (double)K;

@@ -33,6 +33,10 @@ typedef void (*sg_fn)(int trans_b, int64_t M, int64_t N, int64_t K, const float 
 typedef struct sg_ops {
   const char *name;
   sg_fn gemm;
+  /* The same product with each element of C summed in one order whatever
+   * M is (no few-row kernels), so a row's result does not depend on the
+   * rows beside it (sg_row_invariant). */
+  sg_fn gemm_inv;
   int mr, nr; /* its register block: the pool splits rows or columns in these units */
 } sg_ops;
 
@@ -47,6 +51,13 @@ const sg_ops *sg_ops_active(void);
  * allocates nothing once warm); NULL when it cannot be had. Valid until the
  * thread's next call. */
 float *sg__pack_buffer(size_t floats);
+
+/* Row invariance for the calling thread (on != 0): sg_gemm then gives
+ * each row of C bit for bit the value it would have in a product of any
+ * other number of rows (the dynamic batcher sets it, so that a request's
+ * answer is the same alone and batched with others). Returns the previous
+ * setting. */
+int sg_row_invariant(int on);
 
 /* Adds bias[N] to every row of C[M,N] (ldc). */
 void sg_add_bias(int64_t M, int64_t N, float *C, int64_t ldc, const float *bias);

@@ -140,6 +140,20 @@ json_t *cand_decide(learn_t *L, lmodel *m) {
     snprintf(why, sizeof why, "too old: undecided after %.0f s (max_age_seconds %g) with %lld rows",
              age, c->max_age_seconds, (long long)n);
   }
+  if (decision && strcmp(decision, "promoted") == 0) {
+    /* a /fit since the refit serves a newer version: under a latest-N policy
+     * the candidate would be saved as promoted and still not served */
+    int64_t vs[16];
+    int nv = repo_served_versions(L->repo, m->name, vs, 16);
+    int64_t newest = nv > 0 ? vs[(nv < 16 ? nv : 16) - 1] : 0;
+    if (newest > m->cand_version) {
+      decision = "dropped";
+      snprintf(why, sizeof why,
+               "superseded: version %lld, newer than the candidate, is served since the refit "
+               "(%s %.6g against %.6g on %lld rows)",
+               (long long)newest, metric, mc, ms, (long long)n);
+    }
+  }
   if (!decision) {
     pthread_mutex_unlock(&m->mu);
     return NULL;

@@ -231,14 +231,14 @@ int md_config_check_common(const json_t *config, ts_err *err);
 #define MD_PRIORITY_LEVELS_MAX 9
 #define MD_PREFERRED_MAX 8
 typedef struct md_sched {
-  int max_concurrency;        /* requests of the model running at once; 0: no limit */
-  int max_queue_size;         /* requests of the model waiting; 0: only --queue-depth */
-  int64_t default_timeout_ms; /* 0: --request-timeout-ms */
-  int priority_levels;        /* request priorities 1..levels (1 first); default 3 */
-  int default_priority_level; /* priority 0 or none; default 2 */
-  int batching;               /* "dynamic_batching" is present */
-  int64_t max_queue_delay_us; /* how long a request may wait for others; default 0 */
-  int64_t max_batch_size;     /* rows of one batched call; default: max_batch, else 64 */
+  int max_concurrency;                 /* requests of the model running at once; 0: no limit */
+  int max_queue_size;                  /* requests of the model waiting; 0: only --queue-depth */
+  int64_t default_timeout_ms;          /* 0: --request-timeout-ms */
+  int priority_levels;                 /* request priorities 1..levels (1 first); default 3 */
+  int default_priority_level;          /* priority 0 or none; default 2 */
+  int batching;                        /* "dynamic_batching" is present */
+  int64_t max_queue_delay_us;          /* how long a request may wait for others; default 0 */
+  int64_t max_batch_size;              /* rows of one batched call; default: max_batch, else 64 */
   int64_t preferred[MD_PREFERRED_MAX]; /* ascending */
   int n_preferred;
 } md_sched;

@@ -17,6 +17,7 @@
 #include "../models/model.h"
 #include "metrics.h"
 #include "oip.h"
+#include "batch.h"
 #include "repo_json.h"
 #include "sched.h"
 #include "server.h"
@@ -118,6 +119,8 @@ static void run_model(job *j, kind_op fn, int tensors) {
   j->t_decoded = md_now(); /* the statistics' compute_input ends here */
   if (call.inputs && call.inputs->n > 0 && call.inputs->items[0].ndim >= 1)
     j->batch = call.inputs->items[0].shape[0];
+  /* a model with dynamic batching: the batcher runs it with others */
+  if (tensors && fn && j->rt.id == R_INFER && batch_offer(j, &req, &call)) return;
   const md_kind *k = repo_ver_kind(j->ver);
   const char *what = d->name;
   if (!fn) {

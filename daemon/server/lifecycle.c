@@ -26,6 +26,7 @@
 #include "../base/mem.h"
 #include "../models/model.h"
 #include "notify.h"
+#include "batch.h"
 #include "sched.h"
 #include "server.h"
 #include "trace.h"
@@ -284,6 +285,7 @@ int server_init(server *s, srv_config *cfg, ts_err *err) {
   }
   pool_set_default(s->pool);
   sched_init(s);
+  if ((rc = batch_start(s, err))) goto fail_batch;
   if ((rc = repo_open(&s->repo, cfg->model_repository, (const char *const *)cfg->models, s->pool,
                       err)))
     goto fail_repo;
@@ -328,7 +330,10 @@ fail_keys:
   repo_close(s->repo);
   s->repo = NULL;
 fail_repo:
+  batch_stop(s);
+fail_batch:
   pool_destroy(s->pool);
+  batch_free(s);
   s->pool = NULL;
 fail_pool:
   trace_stop();
@@ -352,9 +357,12 @@ void server_free(server *s) {
   close_handles(s);
   if (s->watch_fd >= 0) close(s->watch_fd);
   s->watch_fd = -1;
-  /* workers finish what they hold; their results are dropped */
+  /* batches still waiting are queued; workers finish what they hold; their
+   * results are dropped */
+  batch_stop(s);
   pool_destroy(s->pool);
   s->pool = NULL;
+  batch_free(s);
   transport_drop_done(s);
   learn_free(s->learn); /* after the pool: no shadow answer or refit runs */
   s->learn = NULL;

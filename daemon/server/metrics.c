@@ -33,6 +33,9 @@ enum {
   F_GEN_ACTIVE,
   F_GEN_TTFT,
   F_GEN_ITL,
+  F_BATCHES,
+  F_BATCH_REQUESTS,
+  F_BATCH_ROWS,
   F_COUNT
 };
 
@@ -85,6 +88,13 @@ static const struct {
                     "time from a generation's submission to its first token"},
     [F_GEN_ITL] = {"tallyd_generate_inter_token_seconds", "histogram",
                    "time between consecutive tokens of a generation"},
+    [F_BATCHES] = {"tallyd_batches_total", "counter",
+                   "joint calls the dynamic batcher ran, by model (one request alone counts too)"},
+    [F_BATCH_REQUESTS] = {"tallyd_batched_requests_total", "counter",
+                          "requests the dynamic batcher ran, by model (over tallyd_batches_total: "
+                          "the mean batch)"},
+    [F_BATCH_ROWS] = {"tallyd_batched_rows_total", "counter",
+                      "rows of the requests the dynamic batcher ran, by model"},
 };
 
 static uint32_t hash_key(int family, const char *model, int64_t version, const char *endpoint,
@@ -171,6 +181,15 @@ void metrics_fit(const char *model, int ok) {
   series *s = get(F_FITS, model, 0, NULL, 0);
   if (s) s->count++;
   if (!ok && (s = get(F_FITS_FAILED, model, 0, NULL, 0))) s->count++;
+  pthread_mutex_unlock(&mu);
+}
+
+void metrics_batch(const char *model, int requests, int64_t rows) {
+  pthread_mutex_lock(&mu);
+  series *s = get(F_BATCHES, model, 0, NULL, 0);
+  if (s) s->count++;
+  if ((s = get(F_BATCH_REQUESTS, model, 0, NULL, 0))) s->count += (uint64_t)requests;
+  if ((s = get(F_BATCH_ROWS, model, 0, NULL, 0))) s->count += (uint64_t)rows;
   pthread_mutex_unlock(&mu);
 }
 
@@ -280,7 +299,8 @@ static void render_family(sbuf *b, int f) {
       sbuf_printf(b, "%s{", families[f].name);
       add_label(b, "model", s->model, 1);
       sbuf_printf(b, "} %lld\n", (long long)s->sum);
-    } else if (f == F_FITS || f == F_FITS_FAILED) {
+    } else if (f == F_FITS || f == F_FITS_FAILED || f == F_BATCHES || f == F_BATCH_REQUESTS ||
+               f == F_BATCH_ROWS) {
       sbuf_printf(b, "%s{", families[f].name);
       add_label(b, "model", s->model, 1);
       sbuf_printf(b, "} %llu\n", (unsigned long long)s->count);

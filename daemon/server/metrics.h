@@ -30,6 +30,8 @@ void metrics_request(const char *model, int64_t version, const char *endpoint, i
 void metrics_job(const char *model, const char *endpoint, double queue_wait, double compute);
 /* A fit or calibration finished (ok: it made a new version). */
 void metrics_fit(const char *model, int ok);
+/* The dynamic batcher ran one joint call of `requests` requests, `rows` rows. */
+void metrics_batch(const char *model, int requests, int64_t rows);
 /* HTTP requests being read, computed or answered right now. */
 void metrics_inflight_add(int delta);
 /* Open KV-cache sessions and the bytes counted for them: the session store

@@ -45,6 +45,7 @@ typedef struct job {
    * worker must not publish). Moved from 0 by compare-and-swap only. */
   atomic_int claim;
   int fit_claimed; /* repo_fit_begin succeeded */
+  uint64_t place;  /* a compressed body's place in the pool's order, until sched_requeue */
   resp out;
   char request_id[80]; /* X-Request-Id (the learning loop's key when the body has no "id") */
   void *conn_req;      /* the hreq waiting for it (loop thread only) */
@@ -61,6 +62,7 @@ struct server {
   uv_loop_t *loop;
   void *mhd;
   pool_t *pool;
+  struct batcher *batcher; /* the dynamic batcher (batch.h) */
   repo_t *repo;
   struct learn *learn; /* the learning loop (learn/learn.h) */
   uv_poll_t mhd_poll;

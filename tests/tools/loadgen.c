@@ -8,8 +8,10 @@
  * <expect> is the status class the request should get (2 or 4). A connection
  * that the server closes ("Connection: close" or EOF between requests) is
  * reopened; one closed or reset in the middle of an answer counts as a
- * transport error. Prints one line of counts and exits 1 on any 5xx or
- * transport error, so that a soak script only has to check the exit code. */
+ * transport error. Prints one line of counts, throughput and the p50/p99 of
+ * the answered requests' latencies (from the request's first byte sent to
+ * its answer's last byte read), and exits 1 on any 5xx or transport error,
+ * so that a soak script only has to check the exit code. */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -32,6 +34,7 @@ typedef struct conn {
   int fd;
   int busy; /* a request is out */
   int entry;
+  double t_start;
   size_t sent;
   char *buf;
   size_t len, cap;
@@ -41,6 +44,11 @@ static entry *mix;
 static int n_mix;
 static struct sockaddr_in addr;
 static long long by_class[6], mismatched, transport_errors, reconnects;
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return x < y ? -1 : x > y;
+}
 
 static double now(void) {
   struct timespec t;
@@ -147,7 +155,9 @@ int main(int argc, char **argv) {
   struct pollfd *pf = calloc((size_t)nconn, sizeof *pf);
   if (!cs || !pf) die("calloc");
   for (int i = 0; i < nconn; i++) conn_open(&cs[i]);
-  long long issued = 0, done = 0;
+  double *lat = calloc((size_t)(total > 0 ? total : 1), sizeof *lat);
+  if (!lat) die("calloc");
+  long long issued = 0, done = 0, nlat = 0;
   double t0 = now();
   while (done < total) {
     for (int i = 0; i < nconn; i++) {
@@ -155,6 +165,7 @@ int main(int argc, char **argv) {
       if (!c->busy && issued < total) {
         c->busy = 1;
         c->entry = (int)(issued++ % n_mix);
+        c->t_start = now();
         c->sent = 0;
         c->len = 0;
       }
@@ -211,6 +222,7 @@ int main(int argc, char **argv) {
         continue;
       }
       done++;
+      if (nlat < total) lat[nlat++] = now() - c->t_start;
       int cls = status / 100;
       by_class[cls >= 1 && cls <= 5 ? cls : 0]++;
       if (cls != e->expect) mismatched++;
@@ -219,12 +231,15 @@ int main(int argc, char **argv) {
     }
   }
   double dt = now() - t0;
+  qsort(lat, (size_t)nlat, sizeof *lat, cmp_double);
   printf(
       "requests %lld  2xx %lld  4xx %lld  5xx %lld  other %lld  unexpected-class %lld  "
-      "transport-errors %lld  reconnects %lld  %.1f s  %.0f req/s\n",
+      "transport-errors %lld  reconnects %lld  %.1f s  %.0f req/s  p50 %.3f ms  p99 %.3f ms\n",
       done, by_class[2], by_class[4], by_class[5], by_class[0] + by_class[1] + by_class[3],
-      mismatched, transport_errors, reconnects, dt, (double)done / dt);
+      mismatched, transport_errors, reconnects, dt, (double)done / dt,
+      nlat ? 1e3 * lat[nlat / 2] : 0.0, nlat ? 1e3 * lat[(nlat * 99) / 100] : 0.0);
   for (int i = 0; i < nconn; i++) close(cs[i].fd), free(cs[i].buf);
+  free(lat);
   for (int i = 0; i < n_mix; i++) free(mix[i].data);
   free(mix);
   free(cs);

@@ -321,13 +321,75 @@ static void test_few_rows_batch_invariant(void **state) {
   pool_destroy(pool);
 }
 
+/* Row invariance (the dynamic batcher's): with sg_row_invariant on, row m
+ * of a product of M rows is bit for bit the product of that row alone, for
+ * every M (few rows and many, on one thread and on the pool), and every
+ * path's gemm_inv agrees with the scalar reference. */
+static void test_row_invariant(void **state) {
+  (void)state;
+  pool_t *pool = NULL;
+  assert_int_equal(pool_create(&pool, 2, 16), 0);
+  const int64_t N = 300, K = 1030, MAXM = 150;
+  float *A = tl_malloc(sizeof(float) * (size_t)(MAXM * K));
+  float *B = tl_malloc(sizeof(float) * (size_t)(N * K));
+  float *CM = tl_malloc(sizeof(float) * (size_t)(MAXM * N));
+  float *C1 = tl_malloc(sizeof(float) * (size_t)N);
+  float *CR = tl_malloc(sizeof(float) * (size_t)(MAXM * N));
+  assert_non_null(A);
+  assert_non_null(B);
+  assert_non_null(CM);
+  assert_non_null(C1);
+  assert_non_null(CR);
+  for (int64_t i = 0; i < MAXM * K; i++) A[i] = (float)((i * 7919 % 1000) - 500) / 300.0f;
+  for (int64_t i = 0; i < N * K; i++) B[i] = (float)((i * 104729 % 997) - 498) / 400.0f;
+  assert_int_equal(sg_row_invariant(1), 0);
+  static const int Ms[] = {2, 7, 9, 40, 150};
+  for (int tb = 0; tb < 2; tb++)
+    for (size_t mi = 0; mi < sizeof Ms / sizeof Ms[0]; mi++)
+      for (int use_pool = 0; use_pool < 2; use_pool++) {
+        int M = Ms[mi];
+        pool_t *pl = use_pool ? pool : NULL;
+        sg_gemm(pl, tb, M, N, K, A, K, B, tb ? K : N, 0.0f, CM, N);
+        for (int m = 0; m < M; m += (M > 20 ? 13 : 1)) {
+          sg_gemm(pl, tb, 1, N, K, A + m * K, K, B, tb ? K : N, 0.0f, C1, N);
+          if (memcmp(C1, CM + m * N, sizeof(float) * (size_t)N) != 0)
+            fail_msg("trans_b=%d: row %d of %d differs from the row alone", tb, m, M);
+        }
+      }
+  assert_int_equal(sg_row_invariant(0), 1);
+  for (int p = CPU_SCALAR; p <= CPU_AVX512; p++) {
+    const sg_ops *ops = sg_ops_for((cpu_path)p);
+    if (!ops || !cpu_runs((cpu_path)p)) continue;
+    for (int tb = 0; tb < 2; tb++) {
+      ops->gemm_inv(tb, 37, N, K, A, K, B, tb ? K : N, 0.0f, CM, N);
+      sg_gemm_ref(tb, 37, N, K, A, K, B, tb ? K : N, 0.0f, CR, N);
+      for (int64_t i = 0; i < 37 * N; i++)
+        if (fabsf(CM[i] - CR[i]) > 1e-3f * (1.0f + fabsf(CR[i])))
+          fail_msg("%s gemm_inv trans_b=%d element %lld: %g, reference %g", ops->name, tb,
+                   (long long)i, CM[i], CR[i]);
+    }
+  }
+  tl_free(A);
+  tl_free(B);
+  tl_free(CM);
+  tl_free(C1);
+  tl_free(CR);
+  pool_destroy(pool);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(test_hand),          cmocka_unit_test(test_add_bias),
-      cmocka_unit_test(test_ref_sweep),     cmocka_unit_test(test_avx2_sweep),
-      cmocka_unit_test(test_avx512_sweep),  cmocka_unit_test(test_active),
-      cmocka_unit_test(test_neon_sweep),    cmocka_unit_test(test_dispatch_serial),
-      cmocka_unit_test(test_dispatch_pool), cmocka_unit_test(test_few_rows_batch_invariant),
+      cmocka_unit_test(test_row_invariant),
+      cmocka_unit_test(test_hand),
+      cmocka_unit_test(test_add_bias),
+      cmocka_unit_test(test_ref_sweep),
+      cmocka_unit_test(test_avx2_sweep),
+      cmocka_unit_test(test_avx512_sweep),
+      cmocka_unit_test(test_active),
+      cmocka_unit_test(test_neon_sweep),
+      cmocka_unit_test(test_dispatch_serial),
+      cmocka_unit_test(test_dispatch_pool),
+      cmocka_unit_test(test_few_rows_batch_invariant),
   };
   printf("sgemm: best path here is %s\n", cpu_path_name(cpu_best_path()));
   return cmocka_run_group_tests(tests, NULL, NULL);
