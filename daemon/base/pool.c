@@ -251,6 +251,7 @@ int pool_submit_q(pool_t *p, pool_q *q, int lane, int level, pool_job_fn fn, voi
 int pool_submit_at(pool_t *p, pool_q *q, int lane, int level, uint64_t *seq, pool_job_fn fn,
                    void *arg) {
   if (lane < 0 || lane >= POOL_LANES) lane = POOL_LANE_INFER;
+  if (!q) q = p->queues; /* the unnamed one */
   if (level < 0) level = 0;
   if (level >= POOL_LEVELS) level = POOL_LEVELS - 1;
   job *j = tl_malloc(sizeof *j);

@@ -55,7 +55,8 @@ pool_q *pool_queue(pool_t *p, const char *name);
 /* 0 means no limit (max_queued: only the pool's depth). Takes effect for
  * the next job taken or submitted. */
 void pool_queue_limits(pool_t *p, pool_q *q, int max_running, int max_queued);
-/* 0; -TS_EBUSY when the pool's depth is reached; POOL_QFULL when q
+/* q NULL: the pool's unnamed queue (work of no model).
+ * 0; -TS_EBUSY when the pool's depth is reached; POOL_QFULL when q
  * already holds its max_queued waiting jobs; -TS_EUNAVAIL when stopping. Jobs at level 0 are the
  * daemon's own follow-up work and pass both limits. */
 int pool_submit_q(pool_t *p, pool_q *q, int lane, int level, pool_job_fn fn, void *arg);
