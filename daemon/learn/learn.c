@@ -518,6 +518,7 @@ skip:
   m->rows_skipped += (uint64_t)(o->shape[0] > 0 ? o->shape[0] : 1);
 out:
   pthread_mutex_unlock(&m->mu);
+  cand_policy(L, m); /* every_seconds is due with traffic, not only with feedback */
 }
 
 /* ---- feedback ------------------------------------------------------------- */

@@ -339,6 +339,36 @@ def test_candidate_replaced_and_too_old():
         c.d.stop()
 
 
+def test_candidate_superseded_by_fit():
+    """A /fit while a candidate is pending serves a newer version: the
+    candidate, however good, is dropped as superseded, never served."""
+    cfg = ens_config(log={"max_rows": 5000},
+                     refit={"window_rows": 200, "min_rows": 100, "compare_rows": 50, "margin": 0.0})
+    c = start({"s": (cfg, theta_tensors([4.0, -4.0]))})
+    try:
+        rng = random.Random(21)
+        Z, y = rows(rng, 200, 1)
+        check_status(c.d.infer("s", [tensor("member_outputs", Z)], id="a"), 200)
+        feedback(c.d, "s", ["a:%d" % i for i in range(200)], y)
+        r = check_status(c.d.post("/v2/models/s/refit", {"parameters": {"epochs": 100,
+                                                                       "learning_rate": 0.1}}),
+                         200).json()
+        check(r["candidate_version"] == "2", r)
+        Zf, yf = rows(rng, 100, 0)
+        fit(c.d, "s", Zf, yf)  # version 3, served at once
+        check(check_status(c.d.get("/v2/models/s"), 200).json()["versions"] == ["3"], "fit")
+        Z2, y2 = rows(rng, 60, 1)
+        check_status(c.d.infer("s", [tensor("member_outputs", Z2)], id="b"), 200)
+        time.sleep(0.5)
+        j = feedback(c.d, "s", ["b:%d" % i for i in range(60)], y2).json()
+        d = j["decision"] or check_status(c.d.get("/v2/models/s/candidates"), 200).json()["decisions"][-1]
+        check(d["decision"] == "dropped" and "superseded" in d["why"], j)
+        check(check_status(c.d.get("/v2/models/s"), 200).json()["versions"] == ["3"], "served")
+        check(version_json(c.repo, "s", 2)["candidate"]["state"] == "dropped", "state")
+    finally:
+        c.d.stop()
+
+
 # ---- drift ---------------------------------------------------------------------------
 
 
