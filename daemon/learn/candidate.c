@@ -288,7 +288,8 @@ void cand_shadow(learn_t *L, lmodel *m, const ts_list *inputs, char **ids, int64
   repo_ver_retain(m->cand);
   j->cv = m->cand;
   atomic_fetch_add(&L->jobs, 1);
-  if (pool_submit(L->pool, shadow_run, j) == 0) return;
+  /* background work: after every request waiting (the lowest level) */
+  if (pool_submit_q(L->pool, NULL, POOL_LANE_INFER, POOL_LEVELS - 1, shadow_run, j) == 0) return;
   atomic_fetch_sub(&L->jobs, 1);
 fail:
   shadow_free(j);
@@ -613,7 +614,8 @@ void cand_policy(learn_t *L, lmodel *m) {
              "policy: %.0f s since the last refit (every_seconds %g)", since, c->every_seconds);
   m->refit_running = 1;
   atomic_fetch_add(&L->jobs, 1);
-  if (pool_submit(L->pool, policy_run, p) != 0) {
+  /* a fit: in the fit lane, under --fit-workers like every other */
+  if (pool_submit_q(L->pool, NULL, POOL_LANE_FIT, 1, policy_run, p) != 0) {
     atomic_fetch_sub(&L->jobs, 1);
     m->refit_running = 0;
     if (p->params) json_decref(p->params);

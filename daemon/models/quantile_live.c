@@ -28,6 +28,11 @@
 
 struct qk_live {
   pthread_mutex_t mu;
+  /* adaptive.json is written outside mu (infer waits on mu for the
+   * corrections, never on a disk): each snapshot has a number, and the
+   * file is only ever replaced by a newer one (save_mu) */
+  pthread_mutex_t save_mu;
+  uint64_t seq, saved_seq;
   char *model;
   int64_t version;
   char *path; /* adaptive.json, NULL when the version has no directory */
@@ -81,14 +86,26 @@ static json_t *aci_file_json(const qk_live *l) {
   return j;
 }
 
-/* Called with l->mu held. Failures are logged, never an error for the
- * rows already applied in memory. */
-static void save_state(qk_live *l) {
-  if (!l->path) return;
-  json_t *j = aci_file_json(l);
-  char *txt = j ? jtext_dumps(j, JT_COMPACT, NULL) : NULL;
+/* Writes a snapshot (aci_file_json, taken under mu with its number seq)
+ * unless a newer one was written already. Without mu held. Failures are
+ * logged, never an error for the rows already applied in memory. */
+static void save_state(qk_live *l, json_t *j, uint64_t seq) {
+  if (!l->path || !j) {
+    json_decref(j);
+    return;
+  }
+  pthread_mutex_lock(&l->save_mu);
+  if (seq <= l->saved_seq) {
+    pthread_mutex_unlock(&l->save_mu);
+    json_decref(j);
+    return;
+  }
+  char *txt = jtext_dumps(j, JT_COMPACT, NULL);
   json_decref(j);
-  if (!txt) return;
+  if (!txt) {
+    pthread_mutex_unlock(&l->save_mu);
+    return;
+  }
   size_t n = strlen(l->path);
   char *tmp = tl_malloc(n + 8);
   ts_err err = {0};
@@ -99,7 +116,10 @@ static void save_state(qk_live *l) {
       err.status = 0;
     if (err.status)
       log_warn("model '%s' version %lld: %s", l->model, (long long)l->version, err.msg);
+    else
+      l->saved_seq = seq;
   }
+  pthread_mutex_unlock(&l->save_mu);
   tl_free(tmp);
   free(txt); /* jansson's allocator: free(3) */
 }
@@ -176,6 +196,7 @@ int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err) {
   qk_live *l = tl_calloc(1, sizeof *l);
   if (!l) return ts_errf(err, TS_ENOMEM, "out of memory");
   pthread_mutex_init(&l->mu, NULL);
+  pthread_mutex_init(&l->save_mu, NULL);
   l->K = s->K;
   l->levels = s->levels;
   l->version = ctx->version;
@@ -239,6 +260,7 @@ fail:
   tl_free(l->model);
   tl_free(l->path);
   pthread_mutex_destroy(&l->mu);
+  pthread_mutex_destroy(&l->save_mu);
   tl_free(l);
   return rc;
 }
@@ -257,6 +279,7 @@ void qk_live_close(qk_live *l) {
   tl_free(l->model);
   tl_free(l->path);
   pthread_mutex_destroy(&l->mu);
+  pthread_mutex_destroy(&l->save_mu);
   tl_free(l);
 }
 
@@ -364,8 +387,14 @@ int qk_observe(void *state, md_call *c, const ts_list *served, ts_err *err) {
     if (l->adaptive && raw) ql_aci_push(&l->aci, raw + b * K, r.y[b]);
     l->rows++;
   }
-  if (l->adaptive) save_state(l);
+  json_t *snap = NULL;
+  uint64_t seq = 0;
+  if (l->adaptive && l->path) {
+    snap = aci_file_json(l);
+    seq = ++l->seq;
+  }
   pthread_mutex_unlock(&l->mu);
+  if (snap) save_state(l, snap, seq);
   c->result = qk_live_json(s);
   if (c->result)
     json_object_set_new(c->result, "observed", json_integer(r.B));

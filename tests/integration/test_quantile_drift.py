@@ -1,11 +1,14 @@
 """Live coverage of quantile models under drift (docs/quantile.md, "Live
 scores and adaptive conformal inference"): a stream whose noise doubles
-half-way is fed back to two copies of one model, both calibrated by CQR on
-rows from before the shift, one with adaptive conformal inference (ACI). The
-rolling coverage of the 80% interval (a /metrics gauge) of the adaptive one
-returns to 0.80 +- 0.03; the static one stays below. Also: the adaptive
+half-way is served and its outcomes fed back to two copies of one model,
+both calibrated by CQR on rows from before the shift, one with adaptive
+conformal inference (ACI). The rolling coverage of the 80% interval (a
+/metrics gauge) of the adaptive one returns to 0.80 +- 0.03; the static one
+stays below. Twice: through the learning loop (infer with request ids, then
+POST /feedback with the ids and targets, docs/learning.md) and through
+evaluate's observe (callers that keep their own inputs). Also: the adaptive
 state survives a restart, the gauges' names and labels, and the 400s of the
-new parameters. Standard library only; about 10 s on 2 cores."""
+new parameters. Standard library only; about 15 s on 2 cores."""
 import math
 import random
 import re
@@ -20,12 +23,15 @@ WINDOW = 2000  # rows of the rolling gauges
 BATCH = 100
 
 
-def config():
+def config(log=False):
     # one external base whose quantiles are right for the noise before the
     # shift; the uniform aggregator passes them through
-    return {"kind": "quantile_ensemble", "levels": LEVELS, "bases": [{"external": "b"}],
-            "monotone": "sort", "conformal": {"window": WINDOW},
-            "version_policy": {"latest": {"num_versions": 1}}}
+    c = {"kind": "quantile_ensemble", "levels": LEVELS, "bases": [{"external": "b"}],
+         "monotone": "sort", "conformal": {"window": WINDOW},
+         "version_policy": {"latest": {"num_versions": 1}}}
+    if log:
+        c["log"] = {"sample_rate": 1.0, "max_rows": 20000}
+    return c
 
 
 def rows(n, sd, rng):
@@ -47,6 +53,8 @@ class Ctx:
         self.repo = make_repo()
         for name in ("drift_on", "drift_off", "refusals"):
             write_model(self.repo, name, config(), None)
+        for name in ("loop_on", "loop_off"):
+            write_model(self.repo, name, config(log=True), None)
         self.d = Daemon(self.repo).start()
 
     def daemon_logs(self):
@@ -81,53 +89,99 @@ def feed(c, model, bq, ys):
     return out
 
 
-def test_drift(c):
-    rng = random.Random(7)
+def feed_loop(c, model, bq, ys, tag):
+    """The learning loop's way: each batch is served (infer with a request
+    id: its rows are logged as <id>:<row>), then its targets come back
+    through POST /feedback, which hands the rows, the answers they got and
+    their targets to the version's live state. Returns the live state after
+    each batch."""
+    out = []
+    for i in range(0, len(ys), BATCH):
+        rid = "%s-%d" % (tag, i)
+        check_status(c.d.infer(model, [tensor("base_quantiles", bq[i:i + BATCH])], id=rid), 200)
+        n = len(ys[i:i + BATCH])
+        fb = check_status(c.d.post("/v2/models/%s/feedback" % model, {"inputs": [
+            {"name": "id", "shape": [n], "datatype": "BYTES",
+             "data": ["%s:%d" % (rid, k) for k in range(n)]},
+            tensor("targets", ys[i:i + BATCH])]}), 200).json()
+        check(fb["accepted"] == n, fb)
+        obs = fb["observed"]
+        check(len(obs) == 1 and obs[0]["rows"] == n and "error" not in obs[0], obs)
+        out.append(obs[0]["result"])
+    return out
+
+
+def calibrate_pair(c, on, off, rng):
     bq, ys = rows(N_CAL, 1.0, rng)
-    on = check_status(c.d.post("/v2/models/drift_on/calibrate", body(
+    a = check_status(c.d.post("/v2/models/%s/calibrate" % on, body(
         bq, ys, {"method": "cqr", "adaptive": {"gamma": 0.01, "window": 1000}})), 200).json()
-    check(on["model_version"] == "2", on)
-    ad = on["corrections"]["adaptive"]
-    check(ad["gamma"] == 0.01 and ad["window"] == 1000 and ad["scores"] == 1000, ad)
-    off = check_status(c.d.post("/v2/models/drift_off/calibrate",
-                                body(bq, ys, {"method": "cqr"})), 200).json()
-    check("adaptive" not in off["corrections"], off)
-    # the same corrections at the start: ACI begins where CQR is
-    check(abs(on["corrections"]["lower"][0] - off["corrections"]["lower"][0]) < 1e-6, (on, off))
+    check(a["model_version"] == "2", a)
+    b = check_status(c.d.post("/v2/models/%s/calibrate" % off, body(
+        bq, ys, {"method": "cqr"})), 200).json()
+    check("adaptive" not in b["corrections"], b)
+    check(abs(a["corrections"]["lower"][0] - b["corrections"]["lower"][0]) < 1e-6, (a, b))
+    return a
 
-    stream_bq, stream_y = rows(N_BEFORE, 1.0, rng)
-    b2, y2 = rows(N_AFTER, 2.0, rng)  # the noise doubles
-    stream_bq += b2
-    stream_y += y2
-    live_on = feed(c, "drift_on", stream_bq, stream_y)
-    live_off = feed(c, "drift_off", stream_bq, stream_y)
 
+def check_recovery(live_on, live_off, how):
     cov_on = [x["coverage"]["0.8"] for x in live_on]
     cov_off = [x["coverage"]["0.8"] for x in live_off]
     before = N_BEFORE // BATCH - 1  # the last batch before the shift
-    print("rolling coverage of the 80%% interval (window %d): before the shift %.3f / %.3f "
-          "(adaptive / static); lowest after it %.3f / %.3f; at the end %.3f / %.3f; "
-          "alpha_t at the end %.4f" % (WINDOW, cov_on[before], cov_off[before],
-                                      min(cov_on[before:]), min(cov_off[before:]), cov_on[-1],
-                                      cov_off[-1], live_on[-1]["adaptive"]["alpha_t"][0]))
+    miss = [x["adaptive"]["misses"][0] for x in live_on]
+    first = miss[before + 1] - miss[before]
+    print("%s: rolling coverage of the 80%% interval (window %d): before the shift %.3f / %.3f "
+          "(adaptive / static); lowest after it %.3f / %.3f; at the end %.3f / %.3f; alpha_t at "
+          "the end %.4f; misses in the %d rows after the shift %d"
+          % (how, WINDOW, cov_on[before], cov_off[before], min(cov_on[before:]),
+             min(cov_off[before:]), cov_on[-1], cov_off[-1], live_on[-1]["adaptive"]["alpha_t"][0],
+             BATCH, first))
     check(abs(cov_on[before] - 0.8) <= 0.03 and abs(cov_off[before] - 0.8) <= 0.03,
           (cov_on[before], cov_off[before]))
     # the shift showed: the first batch after it missed far more than 20%
     # (the misses count every row ever observed; the window hides a short dip)
-    miss = [x["adaptive"]["misses"][0] for x in live_on]
-    first = miss[before + 1] - miss[before]
-    print("misses of the adaptive interval in the %d rows after the shift: %d" % (BATCH, first))
     check(first >= 0.3 * BATCH, miss[before - 2:before + 5])
     check(abs(cov_on[-1] - 0.8) <= 0.03, "adaptive: %r" % cov_on[-WINDOW // BATCH:])
     check(max(cov_off[-(N_AFTER - WINDOW) // BATCH:]) < 0.77,
           "static: %r" % cov_off[-(N_AFTER - WINDOW) // BATCH:])
     check(live_on[-1]["rows"] == N_BEFORE + N_AFTER, live_on[-1])
     check(live_on[-1]["rows_in_window"] == WINDOW, live_on[-1])
-    # the adaptive interval widened: alpha_t below 0.2 or a wider score window
     check(live_on[-1]["adaptive"]["width"][0] > live_on[0]["adaptive"]["width"][0], live_on[-1])
     # WIS follows: the adaptive model scores better after the shift
     check(live_on[-1]["wis"] < live_off[-1]["wis"], (live_on[-1], live_off[-1]))
+    return cov_on, cov_off
 
+
+def stream(rng):
+    bq, ys = rows(N_BEFORE, 1.0, rng)
+    b2, y2 = rows(N_AFTER, 2.0, rng)  # the noise doubles
+    return bq + b2, ys + y2
+
+
+def test_drift_through_feedback(c):
+    """The issue's test: served rows, outcomes through the learning loop's
+    feedback, the coverage gauge in /metrics."""
+    rng = random.Random(6)
+    calibrate_pair(c, "loop_on", "loop_off", rng)
+    sbq, sy = stream(rng)
+    live_on = feed_loop(c, "loop_on", sbq, sy, "on")
+    live_off = feed_loop(c, "loop_off", sbq, sy, "off")
+    cov_on, cov_off = check_recovery(live_on, live_off, "feedback")
+    m = check_status(c.d.get("/metrics"), 200).body.decode()
+    for model, cov in (("loop_on", cov_on[-1]), ("loop_off", cov_off[-1])):
+        g = gauge(m, "tallyd_quantile_rolling_coverage", model, "0.8")
+        check(g is not None and abs(g - cov) < 1e-9, (model, g, cov))
+
+
+def test_drift(c):
+    """The same through evaluate's observe."""
+    rng = random.Random(7)
+    on = calibrate_pair(c, "drift_on", "drift_off", rng)
+    ad = on["corrections"]["adaptive"]
+    check(ad["gamma"] == 0.01 and ad["window"] == 1000 and ad["scores"] == 1000, ad)
+    sbq, sy = stream(rng)
+    live_on = feed(c, "drift_on", sbq, sy)
+    live_off = feed(c, "drift_off", sbq, sy)
+    cov_on, cov_off = check_recovery(live_on, live_off, "evaluate observe")
     m = check_status(c.d.get("/metrics"), 200).body.decode()
     for model, cov in (("drift_on", cov_on[-1]), ("drift_off", cov_off[-1])):
         g = gauge(m, "tallyd_quantile_rolling_coverage", model, "0.8")
