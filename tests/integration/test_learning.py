@@ -167,6 +167,7 @@ def test_config_refused_by_name():
         "b3": ens_config(refit={"every_rows": 10}),
         "b4": ens_config(log={}, refit={"every_rows": 10, "windows": 3}),
         "b5": ens_config(log={}, refit={"params": {"epoch": 3}}),
+        "b6": ens_config(log={}, refit={"metric": "wis"}),
     }
     for n, cfg in bad.items():
         write_model(repo, n, cfg, theta_tensors([0, 0]))
@@ -176,7 +177,7 @@ def test_config_refused_by_name():
         idx = {m["name"]: m for m in check_status(d.post("/v2/repository/index", {}), 200).json()}
         check(idx["ok"]["state"] == "READY", idx["ok"])
         want = {"b1": "max_row", "b2": "sample_rate", "b3": "needs 'log'", "b4": "windows",
-                "b5": "epoch"}
+                "b5": "epoch", "b6": "\"log_loss\" or \"brier\""}
         for n, word in want.items():
             check(idx[n]["state"] == "UNAVAILABLE" and word in idx[n].get("reason", ""), idx[n])
     finally:
@@ -341,9 +342,11 @@ def test_candidate_replaced_and_too_old():
 
 def test_candidate_superseded_by_fit():
     """A /fit while a candidate is pending serves a newer version: the
-    candidate, however good, is dropped as superseded, never served."""
+    candidate, however good, is dropped as superseded, never served. (Scored
+    by the Brier score here: refit.metric.)"""
     cfg = ens_config(log={"max_rows": 5000},
-                     refit={"window_rows": 200, "min_rows": 100, "compare_rows": 50, "margin": 0.0})
+                     refit={"window_rows": 200, "min_rows": 100, "compare_rows": 50, "margin": 0.0,
+                            "metric": "brier"})
     c = start({"s": (cfg, theta_tensors([4.0, -4.0]))})
     try:
         rng = random.Random(21)
@@ -364,7 +367,9 @@ def test_candidate_superseded_by_fit():
         d = j["decision"] or check_status(c.d.get("/v2/models/s/candidates"), 200).json()["decisions"][-1]
         check(d["decision"] == "dropped" and "superseded" in d["why"], j)
         check(check_status(c.d.get("/v2/models/s"), 200).json()["versions"] == ["3"], "served")
-        check(version_json(c.repo, "s", 2)["candidate"]["state"] == "dropped", "state")
+        cj = version_json(c.repo, "s", 2)["candidate"]
+        check(cj["state"] == "dropped" and cj["scores"]["metric"] == "brier", cj)
+        check(0 <= cj["scores"]["candidate"] < cj["scores"]["served"] <= 1, cj)
     finally:
         c.d.stop()
 
