@@ -374,6 +374,34 @@ def test_candidate_superseded_by_fit():
         c.d.stop()
 
 
+def test_python_client():
+    """tallyclient's infer(id=...), feedback, refit and candidates."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                    "clients", "python"))
+    from tallyclient import TallyClient, TallyError
+    c = start({"py": (ens_config(log={"max_rows": 1000}, refit={"window_rows": 100,
+                                                                 "min_rows": 50}),
+                      theta_tensors([0, 0]))})
+    try:
+        cl = TallyClient("http://127.0.0.1:%d" % c.d.port)
+        rng = random.Random(8)
+        Z, y = rows(rng, 60, 1)
+        cl.infer("py", {"member_outputs": Z}, id="pyb")
+        j = cl.feedback("py", ["pyb:%d" % i for i in range(60)] + ["zz"], labels=y + [0])
+        check(j["accepted"] == 60 and j["unknown"]["ids"] == ["zz"], j)
+        r = cl.refit("py", {"epochs": 10})
+        check(r["candidate_version"] == "2", r)
+        check(cl.candidates("py")["candidate"]["version"] == "2", "candidate")
+        try:
+            cl.feedback("py", ["a"], targets=[1.0])
+            check(False, "targets on an ensemble should be a 400")
+        except TallyError as e:
+            check("labels" in str(e), str(e))
+    finally:
+        c.d.stop()
+
+
 # ---- drift ---------------------------------------------------------------------------
 
 
