@@ -245,7 +245,13 @@ void pool_destroy(pool_t *p) {
 }
 
 int pool_submit_q(pool_t *p, pool_q *q, int lane, int level, pool_job_fn fn, void *arg) {
+  return pool_submit_at(p, q, lane, level, NULL, fn, arg);
+}
+
+int pool_submit_at(pool_t *p, pool_q *q, int lane, int level, uint64_t *seq, pool_job_fn fn,
+                   void *arg) {
   if (lane < 0 || lane >= POOL_LANES) lane = POOL_LANE_INFER;
+  if (!q) q = p->queues; /* the unnamed one */
   if (level < 0) level = 0;
   if (level >= POOL_LEVELS) level = POOL_LEVELS - 1;
   job *j = tl_malloc(sizeof *j);
@@ -255,18 +261,23 @@ int pool_submit_q(pool_t *p, pool_q *q, int lane, int level, pool_job_fn fn, voi
   j->next = NULL;
   uv_mutex_lock(&p->mu);
   int rc = 0;
+  int admitted = level == 0 || (seq && *seq); /* follow-up work passes the limits */
   if (p->stopping)
     rc = -TS_EUNAVAIL;
-  else if (level > 0 && p->queued >= p->depth)
+  else if (!admitted && p->queued >= p->depth)
     rc = -TS_EBUSY;
-  else if (level > 0 && q->max_queued > 0 && q->queued >= q->max_queued)
+  else if (!admitted && q->max_queued > 0 && q->queued >= q->max_queued)
     rc = POOL_QFULL;
   if (rc) {
     uv_mutex_unlock(&p->mu);
     tl_free(j);
     return rc;
   }
-  j->seq = p->seq++;
+  if (seq && *seq)
+    j->seq = *seq;
+  else
+    j->seq = ++p->seq;
+  if (seq) *seq = j->seq;
   if (q->tail[lane][level])
     q->tail[lane][level]->next = j;
   else

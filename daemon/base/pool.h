@@ -55,10 +55,18 @@ pool_q *pool_queue(pool_t *p, const char *name);
 /* 0 means no limit (max_queued: only the pool's depth). Takes effect for
  * the next job taken or submitted. */
 void pool_queue_limits(pool_t *p, pool_q *q, int max_running, int max_queued);
-/* 0; -TS_EBUSY when the pool's depth is reached; POOL_QFULL when q
+/* q NULL: the pool's unnamed queue (work of no model).
+ * 0; -TS_EBUSY when the pool's depth is reached; POOL_QFULL when q
  * already holds its max_queued waiting jobs; -TS_EUNAVAIL when stopping. Jobs at level 0 are the
  * daemon's own follow-up work and pass both limits. */
 int pool_submit_q(pool_t *p, pool_q *q, int lane, int level, pool_job_fn fn, void *arg);
+/* The same, keeping a job's place: with *seq 0 it is given a new place in
+ * the order (written to *seq); with the *seq of an earlier submission it
+ * takes that place again, at the level given, past both limits (it was
+ * admitted already: a job that goes back to its queue once it knows its
+ * priority). */
+int pool_submit_at(pool_t *p, pool_q *q, int lane, int level, uint64_t *seq, pool_job_fn fn,
+                   void *arg);
 /* At most `cap` threads work in the lane at once (0: no cap). */
 void pool_lane_cap(pool_t *p, int lane, int cap);
 int pool_lane_cap_get(pool_t *p, int lane);

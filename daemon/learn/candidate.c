@@ -120,7 +120,7 @@ json_t *cand_decide(learn_t *L, lmodel *m) {
   double age = learn_wall() - m->cand_created;
   const char *decision = NULL;
   char why[200];
-  const char *metric = m->lk->metric;
+  const char *metric = m->metric;
   if (n >= c->compare_rows && mc <= ms * (1 - c->margin)) {
     decision = "promoted";
     snprintf(why, sizeof why,
@@ -288,7 +288,8 @@ void cand_shadow(learn_t *L, lmodel *m, const ts_list *inputs, char **ids, int64
   repo_ver_retain(m->cand);
   j->cv = m->cand;
   atomic_fetch_add(&L->jobs, 1);
-  if (pool_submit(L->pool, shadow_run, j) == 0) return;
+  /* background work: after every request waiting (the lowest level) */
+  if (pool_submit_q(L->pool, NULL, POOL_LANE_INFER, POOL_LEVELS - 1, shadow_run, j) == 0) return;
   atomic_fetch_sub(&L->jobs, 1);
 fail:
   shadow_free(j);
@@ -473,8 +474,8 @@ static int refit_core(learn_t *L, lmodel *m, repo_ver *ver, const json_t *params
   if (!c.new_version_info) c.new_version_info = json_object();
   json_t *cj =
       json_pack("{s:s, s:I, s:s, s:s, s:{s:I, s:s, s:s}}", "state", "pending", "served_version",
-                (json_int_t)c.version, "trigger", trigger, "metric", m->lk->metric, "window",
-                "rows", (json_int_t)W, "first_id", first_id, "last_id", last_id);
+                (json_int_t)c.version, "trigger", trigger, "metric", m->metric, "window", "rows",
+                (json_int_t)W, "first_id", first_id, "last_id", last_id);
   if (!cj || !c.new_version_info) {
     if (cj) json_decref(cj);
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
@@ -508,7 +509,7 @@ static int refit_core(learn_t *L, lmodel *m, repo_ver *ver, const json_t *params
   }
   pthread_mutex_unlock(&m->mu);
   if (old) {
-    record(L, m->name, old, old_v, "replaced", why, m->lk->metric, NAN, NAN, 0);
+    record(L, m->name, old, old_v, "replaced", why, m->metric, NAN, NAN, 0);
     repo_release(old);
   }
   char vs[32];
@@ -613,7 +614,8 @@ void cand_policy(learn_t *L, lmodel *m) {
              "policy: %.0f s since the last refit (every_seconds %g)", since, c->every_seconds);
   m->refit_running = 1;
   atomic_fetch_add(&L->jobs, 1);
-  if (pool_submit(L->pool, policy_run, p) != 0) {
+  /* a fit: in the fit lane, under --fit-workers like every other */
+  if (pool_submit_q(L->pool, NULL, POOL_LANE_FIT, 1, policy_run, p) != 0) {
     atomic_fetch_sub(&L->jobs, 1);
     m->refit_running = 0;
     if (p->params) json_decref(p->params);

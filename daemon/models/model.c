@@ -251,8 +251,10 @@ int md_config_sched(const json_t *config, md_sched *out, ts_err *err) {
   }
   const json_t *b = json_object_get(config, "dynamic_batching");
   if (!b) return 0;
-  static const char *const bkeys[] = {"max_queue_delay_us", "preferred_batch_sizes",
-                                      "max_batch_size", NULL};
+  /* Triton's own spellings are taken too (a Triton config override) */
+  static const char *const bkeys[] = {"max_queue_delay_us",    "max_queue_delay_microseconds",
+                                      "preferred_batch_sizes", "preferred_batch_size",
+                                      "max_batch_size",        NULL};
   int rc;
   if ((rc = check_keys(b, "dynamic_batching", bkeys, err))) return rc;
   const char *kind = json_string_value(json_object_get(config, "kind"));
@@ -263,8 +265,18 @@ int md_config_sched(const json_t *config, md_sched *out, ts_err *err) {
                    "quantile_ensemble, not '%.40s'",
                    kind ? kind : "(none)");
   out->batching = 1;
-  if ((rc = sched_int(b, "dynamic_batching", "max_queue_delay_us", 0, 10000000, 0, &v, err)))
-    return rc;
+  const char *delay_key = json_object_get(b, "max_queue_delay_microseconds")
+                              ? "max_queue_delay_microseconds"
+                              : "max_queue_delay_us";
+  const char *pref_key =
+      json_object_get(b, "preferred_batch_size") ? "preferred_batch_size" : "preferred_batch_sizes";
+  if ((json_object_get(b, "max_queue_delay_microseconds") &&
+       json_object_get(b, "max_queue_delay_us")) ||
+      (json_object_get(b, "preferred_batch_size") && json_object_get(b, "preferred_batch_sizes")))
+    return ts_errf(err, TS_EINVAL,
+                   "config.json: 'dynamic_batching' names a setting twice (tallyd's and Triton's "
+                   "spelling): give one");
+  if ((rc = sched_int(b, "dynamic_batching", delay_key, 0, 10000000, 0, &v, err))) return rc;
   out->max_queue_delay_us = v;
   json_t *mbj = json_object_get(config, "max_batch");
   int64_t mb = mbj && json_is_integer(mbj) ? json_integer_value(mbj) : 0;
@@ -273,13 +285,12 @@ int md_config_sched(const json_t *config, md_sched *out, ts_err *err) {
                       &v, err)))
     return rc;
   out->max_batch_size = v;
-  json_t *pref = json_object_get(b, "preferred_batch_sizes");
+  json_t *pref = json_object_get(b, pref_key);
   if (pref) {
     if (!json_is_array(pref) || json_array_size(pref) > MD_PREFERRED_MAX)
       return ts_errf(err, TS_EINVAL,
-                     "config.json: 'dynamic_batching.preferred_batch_sizes' must be an array of "
-                     "at most %d sizes",
-                     MD_PREFERRED_MAX);
+                     "config.json: 'dynamic_batching.%s' must be an array of at most %d sizes",
+                     pref_key, MD_PREFERRED_MAX);
     size_t i;
     json_t *e;
     json_array_foreach(pref, i, e) {
@@ -287,9 +298,9 @@ int md_config_sched(const json_t *config, md_sched *out, ts_err *err) {
           json_integer_value(e) > out->max_batch_size ||
           (i > 0 && json_integer_value(e) <= out->preferred[i - 1]))
         return ts_errf(err, TS_EINVAL,
-                       "config.json: 'dynamic_batching.preferred_batch_sizes' must be ascending "
-                       "integers in [1, max_batch_size %lld]",
-                       (long long)out->max_batch_size);
+                       "config.json: 'dynamic_batching.%s' must be ascending integers in [1, "
+                       "max_batch_size %lld]",
+                       pref_key, (long long)out->max_batch_size);
       out->preferred[out->n_preferred++] = json_integer_value(e);
     }
   }

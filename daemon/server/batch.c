@@ -14,6 +14,7 @@
 #include "../base/mem.h"
 #include "../base/sbuf.h"
 #include "../kernels/sgemm.h"
+#include "../learn/learn.h"
 #include "metrics.h"
 #include "sched.h"
 
@@ -56,6 +57,9 @@ static void finish_item(bitem *it, int rc, ts_err *err) {
   j->t_computed = md_now();
   if (!rc) rc = md_check_finite_outputs(&it->call, err);
   if (!rc) rc = job_encode(j, &it->req, &it->call, NULL, err);
+  if (!rc) /* the served-row log and the candidate's shadow answer, as run_model's */
+    learn_after_infer(j->srv->learn, j->ver, it->req.id ? it->req.id : j->request_id,
+                      it->call.inputs, &it->call.outputs);
   if (rc) {
     if (err->status == TS_EINTERNAL) log_error("infer %s (batched): %s", j->rt.model, err->msg);
     resp_error(&j->out, err);
@@ -153,6 +157,7 @@ static void run_group(void *arg) {
     mc.pool = c0->pool;
     mc.host = c0->host;
     mc.model_name = c0->model_name;
+    mc.spans = c0->spans; /* hosted calls are traced once, with the first request */
     mc.version = c0->version;
     /* the latest deadline of its requests (each one's own is kept by the
      * transport's sweep, which answers 504 for it) */

@@ -58,7 +58,15 @@ int sched_submit(server *s, job *j, void (*run)(void *), ts_err *err) {
     rc = pool_submit(s->pool, run, j);
   } else {
     if (j->ver) pool_queue_limits(s->pool, q, sc->max_concurrency, sc->max_queue_size);
-    rc = pool_submit_q(s->pool, q, lane_of(j->rt.id), level_of(&p, sc), run, j);
+    if (d->op != OP_NONE && j->req_coding != ZC_IDENTITY && j->ver) {
+      /* a compressed body: its priority is read once a worker inflates it,
+       * so it waits at the best level and goes back to its place at its own
+       * level then (sched_requeue) */
+      j->place = 0;
+      rc = pool_submit_at(s->pool, q, lane_of(j->rt.id), 1, &j->place, run, j);
+    } else {
+      rc = pool_submit_q(s->pool, q, lane_of(j->rt.id), level_of(&p, sc), run, j);
+    }
   }
   if (rc == POOL_QFULL)
     return ts_errf(err, TS_EBUSY,
@@ -70,6 +78,20 @@ int sched_submit(server *s, job *j, void (*run)(void *), ts_err *err) {
                    (int)s->cfg->queue_depth);
   if (rc) return ts_errf(err, -rc, "the daemon is shutting down");
   return 0;
+}
+
+int sched_requeue(server *s, job *j, void (*run)(void *)) {
+  if (!j->place || !j->ver || !j->body) return 0;
+  const md_sched *sc = repo_ver_sched(j->ver);
+  oip_scanned p = {0};
+  oip_scan_params(j->body, j->json_len ? j->json_len : j->len, &p);
+  if (p.timeout_s > 0) atomic_store(&j->deadline, j->t_submit + p.timeout_s);
+  int level = level_of(&p, sc);
+  uint64_t place = j->place;
+  j->place = 0; /* once */
+  pool_q *q = pool_queue(s->pool, repo_ver_model(j->ver));
+  if (level <= 1 || !q) return 0; /* it is at the best level already: run it */
+  return pool_submit_at(s->pool, q, lane_of(j->rt.id), level, &place, run, j) == 0;
 }
 
 int sched_check_priority(const repo_ver *ver, const json_t *params, ts_err *err) {

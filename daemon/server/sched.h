@@ -25,6 +25,13 @@ void sched_init(server *s);
  * (the message says which), 503 while stopping. */
 int sched_submit(server *s, job *j, void (*run)(void *), ts_err *err);
 
+/* A compressed request waits at the best level until a worker inflates it
+ * (its priority is in the compressed text); then this puts it back in its
+ * model's queue, in its first place, at its own level (once; 1: the caller
+ * returns without finishing j), or answers 0 when that level is the best
+ * (run it now). Its own timeout applies from here either way. */
+int sched_requeue(server *s, job *j, void (*run)(void *));
+
 /* The worker side of a request's "priority" parameter: 400 when it is over
  * the model's scheduling.priority_levels. */
 int sched_check_priority(const repo_ver *ver, const json_t *params, ts_err *err);

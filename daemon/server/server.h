@@ -45,6 +45,7 @@ typedef struct job {
    * worker must not publish). Moved from 0 by compare-and-swap only. */
   atomic_int claim;
   int fit_claimed; /* repo_fit_begin succeeded */
+  uint64_t place;  /* a compressed body's place in the pool's order, until sched_requeue */
   resp out;
   char request_id[80]; /* X-Request-Id (the learning loop's key when the body has no "id") */
   void *conn_req;      /* the hreq waiting for it (loop thread only) */

@@ -207,10 +207,12 @@ static void sink_hosted(md_span_sink *s, const char *role, const char *name, int
   h->status = status;
   h->t0 = t0;
   h->t1 = t1;
-  atomic_store_explicit(&h->ready, 1, memory_order_release);
+  atomic_fetch_or_explicit(&r->hosted_ready, 1u << i, memory_order_release);
 }
 
 void trace_req_init(trace_req *r) {
+  memset(r, 0, offsetof(trace_req, method));
+  r->method[0] = r->route[0] = r->model[0] = r->request_id[0] = r->state[0] = 0;
   r->sink.hosted = sink_hosted;
   atomic_init(&r->refs, 1);
 }
@@ -241,7 +243,7 @@ trace_req *trace_begin(const char *traceparent, const char *tracestate, double n
   random_bytes(span, 8);
   trace_format_parent(ctx.trace_id, span, sampled, answer);
   if (!sampled) return NULL;
-  trace_req *r = tl_calloc(1, sizeof *r);
+  trace_req *r = tl_malloc(sizeof *r);
   if (!r) return NULL;
   trace_req_init(r);
   r->ctx = ctx;
@@ -329,9 +331,7 @@ size_t trace_span_count(const trace_req *r) {
   size_t n = 1;
   for (int p = 0; p < TRP_COUNT; p++)
     if (r->ph[p][0] > 0) n++;
-  int h = atomic_load((atomic_int *)&r->n_hosted);
-  n += (size_t)(h < TRACE_MAX_HOSTED ? h : TRACE_MAX_HOSTED);
-  return n;
+  return n + (size_t)__builtin_popcount(atomic_load((atomic_uint *)&r->hosted_ready));
 }
 
 void trace_end(trace_req *r, const char *route, const char *method, const char *model,
@@ -561,9 +561,10 @@ static size_t encode_one(sbuf *b, int *first_span, const trace_req *r) {
     spans++;
   }
   /* the hosted models, children of compute */
+  unsigned ready = atomic_load_explicit((atomic_uint *)&r->hosted_ready, memory_order_acquire);
   for (int i = 0; i < nh; i++) {
     const trace_hosted *h = &r->hosted[i];
-    if (!atomic_load_explicit((atomic_int *)&h->ready, memory_order_acquire)) continue;
+    if (!(ready & (1u << i))) continue; /* claimed, still being written */
     uint8_t id[8];
     child_id(r, TRP_COUNT + i, id);
     p = span_open(p, first_span, tid, id, have_compute ? compute : r->span_id, "compute", h->role,

@@ -65,6 +65,12 @@ def setup():
     theta = {"tier2.logits": ("F32", [2], [0.4, -0.2])}
     write_model(c.repo, "ens_b", dict(ensemble_config(), dynamic_batching=BATCHING), theta)
     write_model(c.repo, "q_b", dict(quantile_config(), dynamic_batching=BATCHING), {})
+    write_model(c.repo, "ens_logged", dict(ensemble_config(), dynamic_batching=BATCHING,
+                                           log={"sample_rate": 1.0, "max_rows": 10000}), theta)
+    write_model(c.repo, "triton_names", dict(mlp, dynamic_batching={
+        "max_queue_delay_microseconds": 1000, "preferred_batch_size": [8]}), mlp_weights(1))
+    write_model(c.repo, "bad_twice", dict(mlp, dynamic_batching={
+        "max_queue_delay_microseconds": 1000, "max_queue_delay_us": 1000}), mlp_weights(1))
     write_model(c.repo, "bad_kind", {"kind": "attention", "dynamic_batching": {}}, None)
     write_model(c.repo, "bad_key", dict(mlp, dynamic_batching={"max_queue_delay": 5}),
                 mlp_weights(1))
@@ -75,7 +81,7 @@ def setup():
     deadline = time.time() + 30 * SLOW
     while time.time() < deadline:
         idx = c.d.post("/v2/repository/index").json()
-        if sum(1 for e in idx if e["state"] == "READY" and not e["name"].startswith("bad_")) >= 6:
+        if sum(1 for e in idx if e["state"] == "READY" and not e["name"].startswith("bad_")) >= 8:
             break
         time.sleep(0.05)
     c.daemon_logs = c.d.logs
@@ -127,6 +133,12 @@ def test_bad_configs_refused_by_name(c):
     check("mlp, ensemble and quantile_ensemble" in by["bad_kind"].get("reason", ""), by["bad_kind"])
     check("dynamic_batching.max_queue_delay" in by["bad_key"].get("reason", ""), by["bad_key"])
     check("preferred_batch_sizes" in by["bad_pref"].get("reason", ""), by["bad_pref"])
+    check("twice" in by["bad_twice"].get("reason", ""), by["bad_twice"])
+    # Triton's spellings (a tritonclient config override) load
+    check(by["triton_names"]["state"] == "READY", by["triton_names"])
+    r = check_status(c.d.infer("triton_names", [tensor("features", [[0.5] * D_IN])]), 200)
+    check(counter(c.d, "tallyd_batches_total", "triton_names") == 1, "not through the batcher")
+    check(len(output(r, "output")["data"]) == D_OUT)
 
 
 def test_mlp_split_back_exact(c):
@@ -244,6 +256,27 @@ def test_quantile_split_back_exact(c):
     check(not errors, "%d wrong answers, first: %s" % (len(errors), errors[:3]))
     check(counter(c.d, "tallyd_batched_requests_total", "q_b") >
           counter(c.d, "tallyd_batches_total", "q_b"), "no two requests were joined")
+
+
+def test_batched_requests_are_logged(c):
+    """The served-row log (docs/learning.md) sees batched requests as it sees
+    lone ones: every id answered in a batch takes its feedback."""
+    rng = random.Random(9)
+    jobs, ids = [], []
+    for k in range(96):
+        Z = [[rng.gauss(0, 2) for _ in range(5)]]
+        ids.append("batched-%d" % k)
+        jobs.append(("/v2/models/ens_logged/infer",
+                     {"id": ids[-1], "inputs": [tensor("member_outputs", Z)]},
+                     lambda r: check_status(r, 200)))
+    errors = hammer(c, jobs, clients=32)
+    check(not errors, errors[:3])
+    check(counter(c.d, "tallyd_batched_requests_total", "ens_logged") >
+          counter(c.d, "tallyd_batches_total", "ens_logged"), "no two requests were joined")
+    body = {"inputs": [{"name": "id", "datatype": "BYTES", "shape": [len(ids)], "data": ids},
+                       tensor("labels", [k % 2 for k in range(len(ids))], datatype="INT32")]}
+    r = check_status(c.d.post("/v2/models/ens_logged/feedback", body), 200).json()
+    check(r["accepted"] == len(ids) and r["unknown"]["count"] == 0, r)
 
 
 def test_errors_stay_per_request(c):

@@ -184,6 +184,44 @@ def test_priority_taken_first(c):
                  "priority")
 
 
+def test_priority_of_compressed_requests(c):
+    """A gzip body's priority is read once a worker inflates it: it waits at
+    the best level for that, then goes back to its first place at its own
+    level, so the order is the same as for plain bodies."""
+    import gzip
+    for attempt in range(3):
+        blocker = in_thread(c.d.post, "/v2/models/ordered/infer", heavy_body(4 * HEAVY_ROWS))
+        wait_gauge(c.d, "tallyd_model_running_requests", "ordered", 1)
+        order, lock = [], threading.Lock()
+
+        def send(tag, prio, zipped):
+            body = json.dumps(heavy_body(192, priority=prio)).encode()
+            h = {"Content-Type": "application/json"}
+            if zipped:
+                body, h["Content-Encoding"] = gzip.compress(body), "gzip"
+            r = c.d.post("/v2/models/ordered/infer", body, headers=h)
+            with lock:
+                order.append(tag)
+            return r
+
+        threads = [in_thread(send, "low%d" % i, 3, True) for i in range(3)]
+        wait_gauge(c.d, "tallyd_model_queued_requests", "ordered", 3)
+        threads += [in_thread(send, "default%d" % i, 0, False) for i in range(2)]
+        wait_gauge(c.d, "tallyd_model_queued_requests", "ordered", 5)
+        threads += [in_thread(send, "high%d" % i, 1, True) for i in range(2)]
+        queued = None
+        while blocker[0].is_alive() and queued != 7:
+            queued = gauge(c.d, "tallyd_model_queued_requests", "ordered")
+        blocker[0].join()
+        for t, o in threads:
+            t.join()
+            check_status(o["r"], 200)
+        if queued == 7:
+            break
+    check(queued == 7, "the blocker finished before all 7 were queued: %r" % queued)
+    check([t[:-1] for t in order] == ["high"] * 2 + ["default"] * 2 + ["low"] * 3, order)
+
+
 def test_model_default_deadline(c):
     r = check_status(c.d.post("/v2/models/short/infer", heavy_body(8 * HEAVY_ROWS)), 504)
     # the request's own timeout overrides the model's default

@@ -210,6 +210,7 @@ static void test_encode(void **s) {
   r2->span_id[0] = 0x99;
   for (int p = TRP_QUEUE; p < TRP_COUNT; p++) r2->ph[p][0] = r2->ph[p][1] = 0;
   atomic_store(&r2->n_hosted, 0);
+  atomic_store(&r2->hosted_ready, 0);
   assert_int_equal(trace_span_count(r), 1 + TRP_COUNT + 3);
   assert_int_equal(trace_span_count(r2), 2);
   trace_req *recs[2] = {r, r2};
@@ -317,6 +318,7 @@ static void test_hosted_sink_caps(void **s) {
   trace_req *r = make_rec();
   memset(r->hosted, 0, sizeof r->hosted);
   atomic_store(&r->n_hosted, 0);
+  atomic_store(&r->hosted_ready, 0);
   for (int i = 0; i < TRACE_MAX_HOSTED + 5; i++)
     r->sink.hosted(&r->sink, "base", "q", 1, 100.0 + i, 100.5 + i, 0);
   assert_int_equal(atomic_load(&r->n_hosted), TRACE_MAX_HOSTED + 5);
