@@ -53,6 +53,7 @@ struct rl_store {
   int fd;
   seg *segs; /* oldest first; the last is the one written */
   int nseg, capseg;
+  uint64_t next_no; /* no new segment below this number (those found at open) */
   int64_t rows;
   int dirty;
   double last_sync;
@@ -194,6 +195,7 @@ static void drop_over_bound(rl_store *s) {
 
 static int open_new_segment(rl_store *s, ts_err *err) {
   uint64_t no = s->nseg ? s->segs[s->nseg - 1].no + 1 : 1;
+  if (no < s->next_no) no = s->next_no; /* past any segment left unread at open */
   char p[PATH_MAX];
   seg_path(s, no, p, sizeof p);
   int fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_APPEND, 0644);
@@ -374,6 +376,7 @@ int rl_open(rl_store **out, const char *dir, const rl_opts *o, rl_replay_fn fn, 
   }
   closedir(d);
   if (nf) qsort(found, (size_t)nf, sizeof *found, cmp_seg);
+  if (nf) s->next_no = found[nf - 1].no + 1;
   for (int i = 0; i < nf; i++) {
     char p[PATH_MAX];
     seg_path(s, found[i].no, p, sizeof p);
