@@ -520,13 +520,17 @@ void learn_after_infer(learn_t *L, repo_ver *ver, const char *id, const ts_list 
       break;
     }
     tl_free(w.p);
-    ids[b] = row->id;
+    /* a copy: a batch larger than the index evicts its own first rows */
+    ids[b] = m->cand ? tl_strdup(rid) : NULL;
     index_add(m, row);
     logged++;
   }
   m->rows_logged += (uint64_t)logged;
   m->rows_skipped += (uint64_t)(B - logged);
-  if (logged == B && m->cand) cand_shadow(L, m, inputs, ids, B);
+  int all_ids = 1;
+  for (int64_t b = 0; b < B && m->cand; b++) all_ids &= ids[b] != NULL;
+  if (logged == B && m->cand && all_ids) cand_shadow(L, m, inputs, ids, B);
+  for (int64_t b = 0; b < B; b++) tl_free(ids[b]);
   tl_free(ids);
   goto out;
 skip1:

@@ -402,6 +402,30 @@ def test_python_client():
         c.d.stop()
 
 
+def test_batch_larger_than_the_log():
+    """A batch of more rows than log.max_rows while a candidate is pending:
+    the index keeps the newest max_rows, the shadow answer covers the batch
+    (its ids are copies: the batch evicted its own first rows), nothing breaks."""
+    cfg = ens_config(log={"max_rows": 20}, refit={"window_rows": 20, "min_rows": 10})
+    c = start({"tiny": (cfg, theta_tensors([0, 0]))})
+    try:
+        rng = random.Random(12)
+        Z, y = rows(rng, 20, 1)
+        check_status(c.d.infer("tiny", [tensor("member_outputs", Z)], id="a"), 200)
+        feedback(c.d, "tiny", ["a:%d" % i for i in range(20)], y)
+        check_status(c.d.post("/v2/models/tiny/refit", {"parameters": {"epochs": 5}}), 200)
+        Z2, y2 = rows(rng, 50, 1)
+        check_status(c.d.infer("tiny", [tensor("member_outputs", Z2)], id="big"), 200)
+        time.sleep(0.3)
+        j = feedback(c.d, "tiny", ["big:%d" % i for i in range(50)], y2).json()
+        check(j["accepted"] == 20 and j["unknown"]["count"] == 30, j)
+        check(j["unknown"]["ids"][0] == "big:0", j)
+        st = check_status(c.d.get("/v2/models/tiny/candidates"), 200).json()
+        check(st["log"]["rows_indexed"] == 20 and st["candidate"]["compared_rows"] == 20, st)
+    finally:
+        c.d.stop()
+
+
 # ---- drift ---------------------------------------------------------------------------
 
 
