@@ -675,6 +675,8 @@ int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **re
                    "model '%s' does not log its served rows, so feedback has nothing to join: add "
                    "\"log\": {\"sample_rate\": 1.0, \"max_rows\": 100000} to its config.json",
                    name);
+  if (!m->store) /* configured, but the log did not open (its reason) */
+    return ts_errf(err, TS_EUNAVAIL, "model '%s': the row log is not open: %s", name, m->reason);
   for (int i = 0; i < inputs->n; i++) {
     const char *in = inputs->items[i].name;
     if (strcmp(in, "id") != 0 && strcmp(in, lk->label_input) != 0)

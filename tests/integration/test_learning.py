@@ -426,6 +426,28 @@ def test_batch_larger_than_the_log():
         c.d.stop()
 
 
+def test_second_daemon_does_not_log():
+    """Two daemons on one repository: the first to serve the model holds its
+    row log; the other serves but does not log, and its feedback is a 503
+    naming why."""
+    c = start({"two": (ens_config(log={"max_rows": 100}), theta_tensors([0, 0]))})
+    d2 = Daemon(c.repo, args=["--replica-id", "other"]).start()
+    try:
+        rng = random.Random(13)
+        Z, y = rows(rng, 2, 1)
+        check_status(c.d.infer("two", [tensor("member_outputs", Z)], id="one"), 200)
+        check_status(d2.infer("two", [tensor("member_outputs", Z)], id="two"), 200)
+        check_status(d2.post("/v2/models/two/feedback",
+                             {"inputs": [bytes_tensor("id", ["two:0"]),
+                                         tensor("labels", [1], datatype="INT64")]}),
+                     503, "in use by another process")
+        j = feedback(c.d, "two", ["one:0", "one:1", "two:0"], y + [1]).json()
+        check(j["accepted"] == 2 and j["unknown"]["ids"] == ["two:0"], j)
+    finally:
+        d2.stop()
+        c.d.stop()
+
+
 # ---- drift ---------------------------------------------------------------------------
 
 
