@@ -520,13 +520,17 @@ void learn_after_infer(learn_t *L, repo_ver *ver, const char *id, const ts_list 
       break;
     }
     tl_free(w.p);
-    ids[b] = row->id;
+    /* a copy: a batch larger than the index evicts its own first rows */
+    ids[b] = m->cand ? tl_strdup(rid) : NULL;
     index_add(m, row);
     logged++;
   }
   m->rows_logged += (uint64_t)logged;
   m->rows_skipped += (uint64_t)(B - logged);
-  if (logged == B && m->cand) cand_shadow(L, m, inputs, ids, B);
+  int all_ids = 1;
+  for (int64_t b = 0; b < B && m->cand; b++) all_ids &= ids[b] != NULL;
+  if (logged == B && m->cand && all_ids) cand_shadow(L, m, inputs, ids, B);
+  for (int64_t b = 0; b < B; b++) tl_free(ids[b]);
   tl_free(ids);
   goto out;
 skip1:
@@ -671,6 +675,8 @@ int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **re
                    "model '%s' does not log its served rows, so feedback has nothing to join: add "
                    "\"log\": {\"sample_rate\": 1.0, \"max_rows\": 100000} to its config.json",
                    name);
+  if (!m->store) /* configured, but the log did not open (its reason) */
+    return ts_errf(err, TS_EUNAVAIL, "model '%s': the row log is not open: %s", name, m->reason);
   for (int i = 0; i < inputs->n; i++) {
     const char *in = inputs->items[i].name;
     if (strcmp(in, "id") != 0 && strcmp(in, lk->label_input) != 0)

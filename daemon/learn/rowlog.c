@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,7 +52,8 @@ struct rl_store {
   int th_started;
   /* the writer's (read under mu for statistics) */
   int fd;
-  seg *segs; /* oldest first; the last is the one written */
+  int lock_fd; /* <dir>/lock, flock'ed: one process logs into a directory */
+  seg *segs;   /* oldest first; the last is the one written */
   int nseg, capseg;
   uint64_t next_no; /* no new segment below this number (those found at open) */
   int64_t rows;
@@ -340,6 +342,7 @@ int rl_open(rl_store **out, const char *dir, const rl_opts *o, rl_replay_fn fn, 
     return ts_errf(err, TS_ENOMEM, "out of memory");
   }
   s->fd = -1;
+  s->lock_fd = -1;
   s->o = *o;
   if (s->o.seg_rows <= 0) s->o.seg_rows = s->o.max_rows / 8 > 0 ? s->o.max_rows / 8 : 1;
   if (s->o.seg_rows > s->o.max_rows) s->o.seg_rows = s->o.max_rows;
@@ -349,6 +352,22 @@ int rl_open(rl_store **out, const char *dir, const rl_opts *o, rl_replay_fn fn, 
   pthread_cond_init(&s->cv, NULL);
   pthread_cond_init(&s->done_cv, NULL);
   int rc = 0;
+  char lp[PATH_MAX];
+  snprintf(lp, sizeof lp, "%s/lock", dir);
+  s->lock_fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (s->lock_fd < 0) {
+    rc = ts_errf(err, TS_EIO, "row log: cannot open %s: %s", lp, strerror(errno));
+    goto fail;
+  }
+  if (flock(s->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    rc = errno == EWOULDBLOCK
+             ? ts_errf(err, TS_ECONFLICT,
+                       "row log %s is in use by another process (one tallyd logs into a model "
+                       "directory: on a repository shared by replicas, one of them logs)",
+                       dir)
+             : ts_errf(err, TS_EIO, "row log: cannot lock %s: %s", lp, strerror(errno));
+    goto fail;
+  }
   DIR *d = opendir(dir);
   if (!d) {
     rc = ts_errf(err, TS_EIO, "row log: cannot open %s: %s", dir, strerror(errno));
@@ -497,6 +516,7 @@ void rl_close(rl_store *s) {
     q = n;
   }
   if (s->fd >= 0) close(s->fd);
+  if (s->lock_fd >= 0) close(s->lock_fd); /* and its flock with it */
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
   pthread_cond_destroy(&s->done_cv);

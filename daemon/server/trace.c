@@ -191,18 +191,21 @@ static void random_bytes(uint8_t *out, size_t n) {
   out[0] |= 1;
 }
 
+/* s, or its first n - 1 bytes, NUL-terminated, into out[n]; NULL as "" */
+static void copy_cut(char *out, size_t n, const char *s) {
+  size_t k = s ? strnlen(s, n - 1) : 0;
+  memcpy(out, s ? s : "", k);
+  out[k] = 0;
+}
+
 static void sink_hosted(md_span_sink *s, const char *role, const char *name, int depth, double t0,
                         double t1, int status) {
   trace_req *r = (trace_req *)s;
   int i = atomic_fetch_add(&r->n_hosted, 1);
   if (i >= TRACE_MAX_HOSTED) return;
   trace_hosted *h = &r->hosted[i];
-  size_t n = role ? strnlen(role, sizeof h->role - 1) : 0;
-  memcpy(h->role, role ? role : "", n);
-  h->role[n] = 0;
-  n = name ? strnlen(name, sizeof h->name - 1) : 0;
-  memcpy(h->name, name ? name : "", n);
-  h->name[n] = 0;
+  copy_cut(h->role, sizeof h->role, role);
+  copy_cut(h->name, sizeof h->name, name);
   h->depth = depth;
   h->status = status;
   h->t0 = t0;
@@ -338,10 +341,10 @@ void trace_end(trace_req *r, const char *route, const char *method, const char *
                int64_t version, int status, const char *request_id, double now) {
   if (!r) return;
   r->t1 = now;
-  snprintf(r->route, sizeof r->route, "%s", route ? route : "");
-  snprintf(r->method, sizeof r->method, "%s", method ? method : "");
-  snprintf(r->model, sizeof r->model, "%s", model ? model : "");
-  snprintf(r->request_id, sizeof r->request_id, "%s", request_id ? request_id : "");
+  copy_cut(r->route, sizeof r->route, route);
+  copy_cut(r->method, sizeof r->method, method);
+  copy_cut(r->model, sizeof r->model, model);
+  copy_cut(r->request_id, sizeof r->request_id, request_id);
   r->version = version;
   r->status = status;
   int pushed = 0;
@@ -365,12 +368,27 @@ void trace_end(trace_req *r, const char *route, const char *method, const char *
  * request, and per-piece appends and printf were most of its cost. */
 #define W(p, s) (memcpy((p), (s), sizeof(s) - 1), (p) + sizeof(s) - 1)
 
+/* two digits a step: every span has two 19-digit times */
 static char *w_int(char *p, long long v) {
+  static const char pairs[201] =
+      "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+      "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+      "8081828384858687888990919293949596979899";
   char d[24];
   int n = 0;
   unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
-  do d[sizeof d - 1 - n++] = (char)('0' + u % 10);
-  while ((u /= 10) && n < 22);
+  while (u >= 100) {
+    unsigned k = (unsigned)(u % 100) * 2;
+    u /= 100;
+    d[sizeof d - 1 - n++] = pairs[k + 1];
+    d[sizeof d - 1 - n++] = pairs[k];
+  }
+  if (u >= 10) {
+    d[sizeof d - 1 - n++] = pairs[u * 2 + 1];
+    d[sizeof d - 1 - n++] = pairs[u * 2];
+  } else {
+    d[sizeof d - 1 - n++] = (char)('0' + u);
+  }
   if (v < 0) d[sizeof d - 1 - n++] = '-';
   memcpy(p, d + sizeof d - n, (size_t)n);
   return p + n;

@@ -402,6 +402,52 @@ def test_python_client():
         c.d.stop()
 
 
+def test_batch_larger_than_the_log():
+    """A batch of more rows than log.max_rows while a candidate is pending:
+    the index keeps the newest max_rows, the shadow answer covers the batch
+    (its ids are copies: the batch evicted its own first rows), nothing breaks."""
+    cfg = ens_config(log={"max_rows": 20}, refit={"window_rows": 20, "min_rows": 10})
+    c = start({"tiny": (cfg, theta_tensors([0, 0]))})
+    try:
+        rng = random.Random(12)
+        Z, y = rows(rng, 20, 1)
+        check_status(c.d.infer("tiny", [tensor("member_outputs", Z)], id="a"), 200)
+        feedback(c.d, "tiny", ["a:%d" % i for i in range(20)], y)
+        check_status(c.d.post("/v2/models/tiny/refit", {"parameters": {"epochs": 5}}), 200)
+        Z2, y2 = rows(rng, 50, 1)
+        check_status(c.d.infer("tiny", [tensor("member_outputs", Z2)], id="big"), 200)
+        time.sleep(0.3)
+        j = feedback(c.d, "tiny", ["big:%d" % i for i in range(50)], y2).json()
+        check(j["accepted"] == 20 and j["unknown"]["count"] == 30, j)
+        check(j["unknown"]["ids"][0] == "big:0", j)
+        st = check_status(c.d.get("/v2/models/tiny/candidates"), 200).json()
+        check(st["log"]["rows_indexed"] == 20 and st["candidate"]["compared_rows"] == 20, st)
+    finally:
+        c.d.stop()
+
+
+def test_second_daemon_does_not_log():
+    """Two daemons on one repository: the first to serve the model holds its
+    row log; the other serves but does not log, and its feedback is a 503
+    naming why."""
+    c = start({"two": (ens_config(log={"max_rows": 100}), theta_tensors([0, 0]))})
+    d2 = Daemon(c.repo, args=["--replica-id", "other"]).start()
+    try:
+        rng = random.Random(13)
+        Z, y = rows(rng, 2, 1)
+        check_status(c.d.infer("two", [tensor("member_outputs", Z)], id="one"), 200)
+        check_status(d2.infer("two", [tensor("member_outputs", Z)], id="two"), 200)
+        check_status(d2.post("/v2/models/two/feedback",
+                             {"inputs": [bytes_tensor("id", ["two:0"]),
+                                         tensor("labels", [1], datatype="INT64")]}),
+                     503, "in use by another process")
+        j = feedback(c.d, "two", ["one:0", "one:1", "two:0"], y + [1]).json()
+        check(j["accepted"] == 2 and j["unknown"]["ids"] == ["two:0"], j)
+    finally:
+        d2.stop()
+        c.d.stop()
+
+
 # ---- drift ---------------------------------------------------------------------------
 
 

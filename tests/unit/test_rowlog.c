@@ -358,6 +358,23 @@ static void test_alloc_failures(void **state) {
   assert_true(done);
 }
 
+/* One process at a time: a second open of the directory is refused while
+ * the first holds it, and succeeds once it is closed. */
+static void test_one_writer(void **state) {
+  (void)state;
+  char dir[512];
+  dir_of(dir, sizeof dir, "lock");
+  rl_opts o = {.max_rows = 10};
+  rl_store *a, *b;
+  ts_err err = {0};
+  assert_int_equal(rl_open(&a, dir, &o, NULL, NULL, &err), 0);
+  assert_int_equal(rl_open(&b, dir, &o, NULL, NULL, &err), -TS_ECONFLICT);
+  assert_non_null(strstr(err.msg, "in use by another process"));
+  rl_close(a);
+  assert_int_equal(rl_open(&b, dir, &o, NULL, NULL, &err), 0);
+  rl_close(b);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(test_round_trip, setup, teardown),
@@ -367,6 +384,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_refusals, setup, teardown),
       cmocka_unit_test_setup_teardown(test_kill9_during_logging, setup, teardown),
       cmocka_unit_test_setup_teardown(test_alloc_failures, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_one_writer, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
