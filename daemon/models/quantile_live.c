@@ -29,11 +29,26 @@
 #include "live.h"
 #include "quantile_int.h"
 
+/* What readers see (infer's corrections, evaluate's live block, /metrics on
+ * the loop thread): a copy published under pub_mu after every observed row,
+ * so that no reader waits behind a long observe call holding mu. Lock order:
+ * mu, then pub_mu. */
+typedef struct qk_pub {
+  double *corr;            /* [2K] lower, upper (adaptive) */
+  double *cov;             /* [track n_int] rolling coverage */
+  double pin, wis;         /* rolling means */
+  int64_t filled, total;   /* rows in the window, rows ever */
+  double *alpha_t, *width; /* [aci n_int] */
+  int64_t *misses;         /* [aci n_int] */
+  int64_t aci_rows, pushed;
+} qk_pub;
+
 struct qk_live {
-  pthread_mutex_t mu;
-  /* the state file is written outside mu (infer waits on mu for the
-   * corrections, never on a disk): each snapshot has a number, and the
-   * file is only ever replaced by a newer one (save_mu) */
+  pthread_mutex_t mu; /* the tracker and the adaptive state */
+  pthread_mutex_t pub_mu;
+  qk_pub pub;
+  /* the state file is written outside mu: each snapshot has a number, and
+   * the file is only ever replaced by a newer one (save_mu) */
   pthread_mutex_t save_mu;
   uint64_t seq, saved_seq;
   char *model;
@@ -53,20 +68,47 @@ static qk_live *reg_head;
 
 /* ---- the adaptive state and its file ------------------------------------------ */
 
+/* Copies the state readers see into l->pub; mu held. */
+static void publish(qk_live *l) {
+  qk_pub *p = &l->pub;
+  double cov[QA_MAX_K / 2 + 1], pin, wis;
+  ql_track_get(&l->track, cov, &pin, &wis);
+  pthread_mutex_lock(&l->pub_mu);
+  memcpy(p->cov, cov, sizeof(double) * (size_t)l->track.n_int);
+  p->pin = pin;
+  p->wis = wis;
+  p->filled = l->track.filled;
+  p->total = l->track.total;
+  if (l->adaptive) {
+    const ql_aci *a = &l->aci;
+    ql_aci_corrections(a, p->corr, p->corr + l->K);
+    for (int i = 0; i < a->n_int; i++) {
+      p->alpha_t[i] = a->alpha_t[i];
+      p->width[i] = ql_aci_width(a, i);
+      p->misses[i] = a->misses[i];
+    }
+    p->aci_rows = a->t;
+    p->pushed = a->pushed;
+  }
+  pthread_mutex_unlock(&l->pub_mu);
+}
+
+/* evaluate's live.adaptive; pub_mu held. */
 static json_t *aci_json(const qk_live *l) {
   json_t *at = json_array(), *mi = json_array(), *iv = json_array(), *wd = json_array();
-  const ql_aci *a = &l->aci;
+  const ql_aci *a = &l->aci; /* its fixed parts only: gamma, alpha, n */
+  const qk_pub *p = &l->pub;
   for (int i = 0; at && mi && iv && wd && i < a->n_int; i++) {
-    json_array_append_new(at, json_real(a->alpha_t[i]));
-    json_array_append_new(mi, json_integer(a->misses[i]));
+    json_array_append_new(at, json_real(p->alpha_t[i]));
+    json_array_append_new(mi, json_integer(p->misses[i]));
     char b[32];
     snprintf(b, sizeof b, "%.6g", 1.0 - a->alpha[i]);
     json_array_append_new(iv, json_string(b));
-    json_array_append_new(wd, qk_jnum(ql_aci_width(a, i)));
+    json_array_append_new(wd, qk_jnum(p->width[i]));
   }
   return json_pack("{s:f, s:o, s:o, s:o, s:o, s:I, s:I, s:I}", "gamma", a->gamma, "intervals", iv,
-                   "alpha_t", at, "misses", mi, "width", wd, "rows", (json_int_t)a->t, "window",
-                   (json_int_t)a->n, "scores_taken", (json_int_t)a->pushed);
+                   "alpha_t", at, "misses", mi, "width", wd, "rows", (json_int_t)p->aci_rows,
+                   "window", (json_int_t)a->n, "scores_taken", (json_int_t)p->pushed);
 }
 
 /* A snapshot of the adaptive state as a safetensors writer (taken under
@@ -194,6 +236,7 @@ int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err) {
   qk_live *l = tl_calloc(1, sizeof *l);
   if (!l) return ts_errf(err, TS_ENOMEM, "out of memory");
   pthread_mutex_init(&l->mu, NULL);
+  pthread_mutex_init(&l->pub_mu, NULL);
   pthread_mutex_init(&l->save_mu, NULL);
   l->K = s->K;
   l->levels = s->levels;
@@ -245,6 +288,17 @@ int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err) {
       load_state(l);
     }
   }
+  size_t na = (size_t)(l->aci.n_int ? l->aci.n_int : 1);
+  l->pub.corr = tl_calloc((size_t)s->K * 2, sizeof(double));
+  l->pub.cov = tl_calloc((size_t)(l->track.n_int ? l->track.n_int : 1), sizeof(double));
+  l->pub.alpha_t = tl_calloc(na * 2, sizeof(double));
+  l->pub.misses = tl_calloc(na, sizeof(int64_t));
+  if (!l->pub.corr || !l->pub.cov || !l->pub.alpha_t || !l->pub.misses) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    goto fail;
+  }
+  l->pub.width = l->pub.alpha_t + na;
+  publish(l);
   pthread_mutex_lock(&reg_mu);
   l->next = reg_head;
   if (reg_head) reg_head->prev = l;
@@ -253,22 +307,18 @@ int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err) {
   s->live = l;
   return 0;
 fail:
-  ql_track_free(&l->track);
-  ql_aci_free(&l->aci);
-  tl_free(l->model);
-  tl_free(l->path);
-  pthread_mutex_destroy(&l->mu);
-  pthread_mutex_destroy(&l->save_mu);
-  tl_free(l);
+  qk_live_close(l);
   return rc;
 }
 
+/* Also frees a half-opened state (not on the list: prev, next NULL and
+ * reg_head elsewhere). */
 void qk_live_close(qk_live *l) {
   if (!l) return;
   pthread_mutex_lock(&reg_mu);
   if (l->prev)
     l->prev->next = l->next;
-  else
+  else if (reg_head == l)
     reg_head = l->next;
   if (l->next) l->next->prev = l->prev;
   pthread_mutex_unlock(&reg_mu);
@@ -276,7 +326,12 @@ void qk_live_close(qk_live *l) {
   ql_aci_free(&l->aci);
   tl_free(l->model);
   tl_free(l->path);
+  tl_free(l->pub.corr);
+  tl_free(l->pub.cov);
+  tl_free(l->pub.alpha_t);
+  tl_free(l->pub.misses);
   pthread_mutex_destroy(&l->mu);
+  pthread_mutex_destroy(&l->pub_mu);
   pthread_mutex_destroy(&l->save_mu);
   tl_free(l);
 }
@@ -284,9 +339,10 @@ void qk_live_close(qk_live *l) {
 int qk_live_corrections(const qk_state *s, double *lower, double *upper) {
   qk_live *l = s->live;
   if (!l || !l->adaptive) return 0;
-  pthread_mutex_lock(&l->mu);
-  ql_aci_corrections(&l->aci, lower, upper);
-  pthread_mutex_unlock(&l->mu);
+  pthread_mutex_lock(&l->pub_mu);
+  memcpy(lower, l->pub.corr, sizeof(double) * (size_t)l->K);
+  memcpy(upper, l->pub.corr + l->K, sizeof(double) * (size_t)l->K);
+  pthread_mutex_unlock(&l->pub_mu);
   return 1;
 }
 
@@ -384,6 +440,7 @@ int qk_observe(void *state, md_call *c, const ts_list *served, ts_err *err) {
     if (l->adaptive) ql_aci_observe(&l->aci, q, r.y[b]);
     if (l->adaptive && raw) ql_aci_push(&l->aci, raw + b * K, r.y[b]);
     l->rows++;
+    publish(l); /* infer sees the new corrections from the next row on */
   }
   st_writer *snap = NULL;
   uint64_t seq = 0;
@@ -411,28 +468,28 @@ out:
 json_t *qk_live_json(const qk_state *s) {
   qk_live *l = s->live;
   if (!l) return json_object();
-  pthread_mutex_lock(&l->mu);
+  /* the published copy: the tracker's sizes and levels are fixed at load */
+  pthread_mutex_lock(&l->pub_mu);
+  const qk_pub *p = &l->pub;
   int ni = l->track.n_int;
-  double cov[QA_MAX_K / 2 + 1], pin, wis;
-  ql_track_get(&l->track, cov, &pin, &wis);
   json_t *c = json_object();
   for (int i = 0; c && i < ni; i++) {
     char b[32];
     snprintf(b, sizeof b, "%.6g", 1.0 - l->track.alpha[i]);
-    json_object_set_new(c, b, qk_jnum(cov[i]));
+    json_object_set_new(c, b, qk_jnum(p->cov[i]));
   }
   json_t *o = json_pack("{s:I, s:I, s:I}", "window", (json_int_t)l->track.window, "rows_in_window",
-                        (json_int_t)l->track.filled, "rows", (json_int_t)l->track.total);
+                        (json_int_t)p->filled, "rows", (json_int_t)p->total);
   /* the rolling scores once a row is in the window (WIS with a median level) */
-  if (o && l->track.filled) {
+  if (o && p->filled) {
     json_object_set_new(o, "coverage", c);
-    json_object_set_new(o, "pinball", qk_jnum(pin));
-    if (l->track.median >= 0) json_object_set_new(o, "wis", qk_jnum(wis));
+    json_object_set_new(o, "pinball", qk_jnum(p->pin));
+    if (l->track.median >= 0) json_object_set_new(o, "wis", qk_jnum(p->wis));
     c = NULL;
   }
   json_decref(c);
   if (o && l->adaptive) json_object_set_new(o, "adaptive", aci_json(l));
-  pthread_mutex_unlock(&l->mu);
+  pthread_mutex_unlock(&l->pub_mu);
   return o;
 }
 
@@ -484,32 +541,32 @@ void md_live_metrics(sbuf *b) {
     int any = 0;
     for (qk_live *l = reg_head; l; l = l->next) {
       if (f >= F_ALPHA && !l->adaptive) continue;
-      if (f != F_ROWS && f < F_ALPHA && l->track.filled == 0) continue;
+      pthread_mutex_lock(&l->pub_mu); /* the published copy: no wait behind observe */
+      const qk_pub *p = &l->pub;
+      if (f != F_ROWS && f < F_ALPHA && p->filled == 0) {
+        pthread_mutex_unlock(&l->pub_mu);
+        continue;
+      }
       if (!any)
         sbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", fam[f][0], fam[f][2], fam[f][0], fam[f][1]);
       any = 1;
-      pthread_mutex_lock(&l->mu);
-      double cov[QA_MAX_K / 2 + 1], pin, wis;
-      ql_track_get(&l->track, cov, &pin, &wis);
       int ni = f >= F_ALPHA ? l->aci.n_int : l->track.n_int;
       if (f == F_COV || f >= F_ALPHA) {
         for (int i = 0; i < ni; i++) {
           char iv[32];
           double a = f >= F_ALPHA ? l->aci.alpha[i] : l->track.alpha[i];
           snprintf(iv, sizeof iv, "%.6g", 1.0 - a);
-          double v = f == F_COV     ? cov[i]
-                     : f == F_ALPHA ? l->aci.alpha_t[i]
-                                    : ql_aci_width(&l->aci, i);
+          double v = f == F_COV ? p->cov[i] : f == F_ALPHA ? p->alpha_t[i] : p->width[i];
           series(b, fam[f][0], l, iv, v);
         }
       } else if (f == F_PIN) {
-        series(b, fam[f][0], l, NULL, pin);
+        series(b, fam[f][0], l, NULL, p->pin);
       } else if (f == F_WIS) {
-        if (l->track.median >= 0) series(b, fam[f][0], l, NULL, wis);
+        if (l->track.median >= 0) series(b, fam[f][0], l, NULL, p->wis);
       } else {
-        series(b, fam[f][0], l, NULL, (double)l->track.total);
+        series(b, fam[f][0], l, NULL, (double)p->total);
       }
-      pthread_mutex_unlock(&l->mu);
+      pthread_mutex_unlock(&l->pub_mu);
     }
   }
   pthread_mutex_unlock(&reg_mu);
