@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """bench/tracing.py - what tracing costs: requests/s and latency of the same
-load against three tallyd processes started side by side on the example
+load against five tallyd processes started side by side on the example
 repository (deploy/models), in one run:
 
   off        no --otlp-endpoint (the baseline)
+  off again  a second such process: its "cost" is the run's noise floor
   on, r=0    --otlp-endpoint set, --otlp-sample-ratio 0: headers parsed and
              answered, nothing recorded
+  on, r=0.1  a tenth of the requests recorded and exported
   on, r=1    --otlp-endpoint set, every request recorded and exported to an
              OTLP/HTTP receiver in this script (it reads each POST and
              answers 200 without parsing, as a collector's receiver would
@@ -13,9 +15,9 @@ repository (deploy/models), in one run:
 
 Load: wrk, C keep-alive connections for S seconds per measurement, on two
 requests: a one-row demo_mlp infer (6 spans a request) and a one-row
-aware_ensemble infer (15 spans: 9 hosted members). The three processes are
+aware_ensemble infer (15 spans: 9 hosted members). The processes are
 measured in turn, ROUNDS times over (load drifts on a shared machine hit all
-three alike); each figure is the median of its rounds, and the cost is
+five alike); each figure is the median of its rounds, and the cost is
 against "off" of the same request. The exporter's counters of the r=1 daemon
 are printed at the end (spans exported, failed, dropped). Beside requests/s,
 the daemon's CPU time per request (every thread's, from schedstat, the
@@ -166,17 +168,22 @@ def main():
     threading.Thread(target=sink.serve_forever, daemon=True).start()
     url = "http://127.0.0.1:%d/v1/traces" % sink.server_address[1]
     configs = [("off", []),
+               ("off again", []),
                ("on, r=0", ["--otlp-endpoint", url, "--otlp-sample-ratio", "0"]),
+               ("on, r=0.1", ["--otlp-endpoint", url, "--otlp-sample-ratio", "0.1"]),
                ("on, r=1", ["--otlp-endpoint", url])]
     procs = [start(a) for _, a in configs]
     try:
         res = {}
-        for _ in range(ROUNDS):
+        for rnd in range(ROUNDS):
             for li, (_, path, body) in enumerate(LOADS):
-                for ci, (p, port) in enumerate(procs):
+                # every other round in reverse, so that no configuration is
+                # always measured right after the same one
+                order = list(enumerate(procs))
+                for ci, (p, port) in order if rnd % 2 == 0 else order[::-1]:
                     res.setdefault((li, ci), []).append(wrk(port, path, body, p.pid))
         time.sleep(0.5)  # the last batch leaves the exporter
-        counters = metrics(procs[2][1])
+        counters = metrics(procs[-1][1])
     finally:
         for p, _ in procs:
             p.terminate()

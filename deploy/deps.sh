@@ -19,13 +19,13 @@
 # denies every start is in place unless the machine already has one.
 # Elsewhere than Debian/Ubuntu, install the equivalents by hand: a C11 compiler,
 # make, pkg-config, libmicrohttpd >= 0.9.75, jansson, libuv >= 1.40, OpenSSL 3,
-# libcurl, zlib, PCRE2, python3 (run); cmocka, numpy, PyYAML, curl, openssl (test).
+# libcurl, zlib, PCRE2, python3 (run); cmocka, numpy, PyYAML, curl, openssl, nginx (test).
 set -eu
 cd "$(dirname "$0")/.."
 
 RUN="build-essential pkg-config libmicrohttpd-dev libjansson-dev libuv1-dev libssl-dev
 libcurl4-openssl-dev zlib1g-dev libpcre2-dev python3"
-TEST="$RUN libcmocka-dev python3-numpy python3-yaml curl openssl"
+TEST="$RUN libcmocka-dev python3-numpy python3-yaml curl openssl nginx"
 
 want=""
 promtool=0

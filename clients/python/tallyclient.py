@@ -310,12 +310,15 @@ class TallyClient:
         return self.request("POST", "/v2/repository/models/%s/unload" % self._q(model), {})
 
     def infer(self, model, inputs, parameters=None, version=None, outputs=None, binary=None,
-              binary_outputs=False):
+              binary_outputs=False, id=None):
         """inputs: {name: nested list or numpy array} or a list of OIP tensors
         (see tensor()). binary: send inputs as binary tensors (None: the large
         ones); binary_outputs: ask for every output as raw bytes (decoded into
-        numpy arrays where numpy is installed)."""
+        numpy arrays where numpy is installed). id: the request's OIP "id"
+        (the key feedback joins labels to: docs/learning.md)."""
         body = self._body(inputs, parameters, binary, binary_outputs)
+        if id is not None:
+            body["id"] = id
         if outputs:
             body["outputs"] = [{"name": n} for n in outputs]
         return self.request("POST", self._model(model, version) + "/infer", body)
@@ -329,6 +332,28 @@ class TallyClient:
 
     def calibrate(self, model, inputs, parameters=None, binary=None):
         return self.request("POST", self._model(model) + "/calibrate", self._body(inputs, parameters, binary))
+
+    # ---- the learning loop (docs/learning.md) ----
+
+    def feedback(self, model, ids, labels=None, targets=None):
+        """Labels (ensembles) or observed targets (quantile models) for served
+        request ids ("<id>:<row>" for a row of a batch)."""
+        if (labels is None) == (targets is None):
+            raise ValueError("feedback takes labels or targets, one of them")
+        y = tensor("labels", list(labels), datatype="INT64") if labels is not None else \
+            tensor("targets", list(targets), datatype="FP64")
+        ids = [str(i) for i in ids]
+        return self.request("POST", self._model(model) + "/feedback",
+                            {"inputs": [{"name": "id", "shape": [len(ids)], "datatype": "BYTES",
+                                         "data": ids}, y]})
+
+    def refit(self, model, parameters=None):
+        """A candidate version fitted on the newest labelled rows (not served)."""
+        body = {"parameters": dict(parameters)} if parameters else {}
+        return self.request("POST", self._model(model) + "/refit", body)
+
+    def candidates(self, model):
+        return self.request("GET", self._model(model) + "/candidates")
 
     # ---- text generation (docs/generation.md) ----
 

@@ -4,6 +4,7 @@
 #include <openssl/crypto.h>
 #include <openssl/rand.h>
 #include <string.h>
+#include <unistd.h>
 
 #define POOL_BYTES 4096
 
@@ -15,12 +16,19 @@ size_t rid_len(size_t nbytes, rid_enc enc) {
  * fills one. */
 static _Thread_local unsigned char pool[POOL_BYTES];
 static _Thread_local size_t pool_used = POOL_BYTES;
+/* The process that filled the block: a child of fork(2) inherits the block
+ * and would hand out the very ids its parent hands out next (replicas
+ * started by a forking supervisor), so it refills its own first. */
+static _Thread_local pid_t pool_pid;
 
 static int draw(unsigned char *b, size_t n, int pooled) {
   if (!pooled) return RAND_bytes(b, (int)n) == 1 ? 0 : -1;
+  pid_t me = getpid();
+  if (pool_pid != me) pool_used = POOL_BYTES;
   if (pool_used + n > POOL_BYTES) {
     if (RAND_bytes(pool, POOL_BYTES) != 1) return -1;
     pool_used = 0;
+    pool_pid = me;
   }
   memcpy(b, pool + pool_used, n);
   memset(pool + pool_used, 0, n); /* the same bytes are never handed out twice */

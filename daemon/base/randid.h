@@ -6,7 +6,8 @@
  * ids asked for with RID_POOLED (request ids, drawn on the loop thread for
  * every request) are cut from a per-thread 4 KiB block of random bytes; each
  * id is still fresh random bytes, and the bytes handed out are wiped from the
- * block. Secrets (API keys) and session ids are drawn directly and the raw
+ * block, which a process made by fork(2) never shares with its parent.
+ * Secrets (API keys) and session ids are drawn directly and the raw
  * bytes are wiped from the stack.
  *
  * When the generator fails there is no id: the caller refuses (a session,

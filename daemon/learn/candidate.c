@@ -120,7 +120,7 @@ json_t *cand_decide(learn_t *L, lmodel *m) {
   double age = learn_wall() - m->cand_created;
   const char *decision = NULL;
   char why[200];
-  const char *metric = m->lk->metric;
+  const char *metric = m->metric;
   if (n >= c->compare_rows && mc <= ms * (1 - c->margin)) {
     decision = "promoted";
     snprintf(why, sizeof why,
@@ -474,8 +474,8 @@ static int refit_core(learn_t *L, lmodel *m, repo_ver *ver, const json_t *params
   if (!c.new_version_info) c.new_version_info = json_object();
   json_t *cj =
       json_pack("{s:s, s:I, s:s, s:s, s:{s:I, s:s, s:s}}", "state", "pending", "served_version",
-                (json_int_t)c.version, "trigger", trigger, "metric", m->lk->metric, "window",
-                "rows", (json_int_t)W, "first_id", first_id, "last_id", last_id);
+                (json_int_t)c.version, "trigger", trigger, "metric", m->metric, "window", "rows",
+                (json_int_t)W, "first_id", first_id, "last_id", last_id);
   if (!cj || !c.new_version_info) {
     if (cj) json_decref(cj);
     rc = ts_errf(err, TS_ENOMEM, "out of memory");
@@ -509,7 +509,7 @@ static int refit_core(learn_t *L, lmodel *m, repo_ver *ver, const json_t *params
   }
   pthread_mutex_unlock(&m->mu);
   if (old) {
-    record(L, m->name, old, old_v, "replaced", why, m->lk->metric, NAN, NAN, 0);
+    record(L, m->name, old, old_v, "replaced", why, m->metric, NAN, NAN, 0);
     repo_release(old);
   }
   char vs[32];

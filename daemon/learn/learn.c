@@ -283,6 +283,14 @@ static void replay(void *data, const void *payload, size_t len, int is_row) {
 /* ---- scores --------------------------------------------------------------- */
 
 double lm_score(const lmodel *m, const float *out, int nout, double y) {
+  if (strcmp(m->metric, "brier") == 0) { /* sum over the classes of (p - [class = y])^2 */
+    if (nout == 1) return (out[0] - y) * (out[0] - y);
+    double b = 0;
+    for (int c = 0; c < nout; c++) b += (out[c] - (c == (int)y)) * (out[c] - (c == (int)y));
+    return b;
+  }
+  if (strcmp(m->metric, "mae") == 0)
+    return m->median >= 0 && nout == m->K ? fabs(y - out[m->median]) : NAN;
   if (m->lk->integer_labels) { /* log loss, probabilities clipped to [1e-7, 1 - 1e-7] */
     double p;
     if (nout == 1)
@@ -338,6 +346,8 @@ static void lm_close(lmodel *m) {
 static void lm_open(learn_t *L, lmodel *m, const json_t *config) {
   lm_close(m);
   m->reason[0] = 0;
+  m->metric = m->lk->metric;
+  m->median = -1;
   ts_err err = {0};
   m->cfg_json = json_deep_copy(config);
   if (!m->cfg_json || lc_parse(m->cfg_json, NULL, &m->cfg, &err)) {
@@ -356,12 +366,20 @@ static void lm_open(learn_t *L, lmodel *m, const json_t *config) {
     return;
   }
 parsed:;
+  static const char *const names[] = {"log_loss", "brier", "wis", "mae"};
+  m->metric = m->lk->metric;
+  for (int i = 0; i < 4; i++)
+    if (strcmp(m->cfg.metric, names[i]) == 0) m->metric = names[i];
+  m->median = -1;
   const json_t *lv = json_object_get(config, "levels");
   if (!m->lk->integer_labels && json_is_array(lv) && json_array_size(lv) > 0) {
     m->K = (int)json_array_size(lv);
     m->levels = tl_malloc(sizeof(double) * (size_t)m->K);
     if (!m->levels) m->K = 0;
-    for (int k = 0; k < m->K; k++) m->levels[k] = json_number_value(json_array_get(lv, (size_t)k));
+    for (int k = 0; k < m->K; k++) {
+      m->levels[k] = json_number_value(json_array_get(lv, (size_t)k));
+      if (m->levels[k] == 0.5) m->median = k;
+    }
   }
   if (!m->cfg.log) return;
   if (index_init(m, m->cfg.max_rows)) {
@@ -502,13 +520,17 @@ void learn_after_infer(learn_t *L, repo_ver *ver, const char *id, const ts_list 
       break;
     }
     tl_free(w.p);
-    ids[b] = row->id;
+    /* a copy: a batch larger than the index evicts its own first rows */
+    ids[b] = m->cand ? tl_strdup(rid) : NULL;
     index_add(m, row);
     logged++;
   }
   m->rows_logged += (uint64_t)logged;
   m->rows_skipped += (uint64_t)(B - logged);
-  if (logged == B && m->cand) cand_shadow(L, m, inputs, ids, B);
+  int all_ids = 1;
+  for (int64_t b = 0; b < B && m->cand; b++) all_ids &= ids[b] != NULL;
+  if (logged == B && m->cand && all_ids) cand_shadow(L, m, inputs, ids, B);
+  for (int64_t b = 0; b < B; b++) tl_free(ids[b]);
   tl_free(ids);
   goto out;
 skip1:
@@ -653,6 +675,8 @@ int learn_feedback(learn_t *L, repo_ver *ver, const ts_list *inputs, json_t **re
                    "model '%s' does not log its served rows, so feedback has nothing to join: add "
                    "\"log\": {\"sample_rate\": 1.0, \"max_rows\": 100000} to its config.json",
                    name);
+  if (!m->store) /* configured, but the log did not open (its reason) */
+    return ts_errf(err, TS_EUNAVAIL, "model '%s': the row log is not open: %s", name, m->reason);
   for (int i = 0; i < inputs->n; i++) {
     const char *in = inputs->items[i].name;
     if (strcmp(in, "id") != 0 && strcmp(in, lk->label_input) != 0)
@@ -791,7 +815,7 @@ int learn_candidates(learn_t *L, repo_ver *ver, json_t **result, ts_err *err) {
                       "labels_since_refit", (json_int_t)m->labels_since_refit)
           : json_null();
   *result = json_pack("{s:s, s:s, s:o, s:I, s:o, s:o, s:o, s:I, s:I}", "model_name", name, "metric",
-                      m->lk->metric, "log", log, "labelled_rows", (json_int_t)m->labelled, "refit",
+                      m->metric, "log", log, "labelled_rows", (json_int_t)m->labelled, "refit",
                       refit, "candidate", cand, "decisions", decs, "promoted",
                       (json_int_t)m->promoted, "dropped", (json_int_t)m->dropped);
   pthread_mutex_unlock(&m->mu);

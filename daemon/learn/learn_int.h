@@ -56,6 +56,8 @@ typedef struct lmodel {
   struct lmodel *next;
   char *name;
   const lkind *lk;
+  const char *metric; /* refit.metric or the kind's default (static strings) */
+  int median;         /* the level 0.5's index (quantile models), -1 none */
   pthread_mutex_t mu;
   char *cfg_key;        /* "log" and "refit" as JSON text: the settings the state was built with */
   const void *cfg_seen; /* the config object and version last checked against cfg_key */

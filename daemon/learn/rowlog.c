@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -51,8 +52,10 @@ struct rl_store {
   int th_started;
   /* the writer's (read under mu for statistics) */
   int fd;
-  seg *segs; /* oldest first; the last is the one written */
+  int lock_fd; /* <dir>/lock, flock'ed: one process logs into a directory */
+  seg *segs;   /* oldest first; the last is the one written */
   int nseg, capseg;
+  uint64_t next_no; /* no new segment below this number (those found at open) */
   int64_t rows;
   int dirty;
   double last_sync;
@@ -194,6 +197,7 @@ static void drop_over_bound(rl_store *s) {
 
 static int open_new_segment(rl_store *s, ts_err *err) {
   uint64_t no = s->nseg ? s->segs[s->nseg - 1].no + 1 : 1;
+  if (no < s->next_no) no = s->next_no; /* past any segment left unread at open */
   char p[PATH_MAX];
   seg_path(s, no, p, sizeof p);
   int fd = open(p, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_APPEND, 0644);
@@ -338,6 +342,7 @@ int rl_open(rl_store **out, const char *dir, const rl_opts *o, rl_replay_fn fn, 
     return ts_errf(err, TS_ENOMEM, "out of memory");
   }
   s->fd = -1;
+  s->lock_fd = -1;
   s->o = *o;
   if (s->o.seg_rows <= 0) s->o.seg_rows = s->o.max_rows / 8 > 0 ? s->o.max_rows / 8 : 1;
   if (s->o.seg_rows > s->o.max_rows) s->o.seg_rows = s->o.max_rows;
@@ -347,6 +352,22 @@ int rl_open(rl_store **out, const char *dir, const rl_opts *o, rl_replay_fn fn, 
   pthread_cond_init(&s->cv, NULL);
   pthread_cond_init(&s->done_cv, NULL);
   int rc = 0;
+  char lp[PATH_MAX];
+  snprintf(lp, sizeof lp, "%s/lock", dir);
+  s->lock_fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (s->lock_fd < 0) {
+    rc = ts_errf(err, TS_EIO, "row log: cannot open %s: %s", lp, strerror(errno));
+    goto fail;
+  }
+  if (flock(s->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+    rc = errno == EWOULDBLOCK
+             ? ts_errf(err, TS_ECONFLICT,
+                       "row log %s is in use by another process (one tallyd logs into a model "
+                       "directory: on a repository shared by replicas, one of them logs)",
+                       dir)
+             : ts_errf(err, TS_EIO, "row log: cannot lock %s: %s", lp, strerror(errno));
+    goto fail;
+  }
   DIR *d = opendir(dir);
   if (!d) {
     rc = ts_errf(err, TS_EIO, "row log: cannot open %s: %s", dir, strerror(errno));
@@ -374,6 +395,7 @@ int rl_open(rl_store **out, const char *dir, const rl_opts *o, rl_replay_fn fn, 
   }
   closedir(d);
   if (nf) qsort(found, (size_t)nf, sizeof *found, cmp_seg);
+  if (nf) s->next_no = found[nf - 1].no + 1;
   for (int i = 0; i < nf; i++) {
     char p[PATH_MAX];
     seg_path(s, found[i].no, p, sizeof p);
@@ -494,6 +516,7 @@ void rl_close(rl_store *s) {
     q = n;
   }
   if (s->fd >= 0) close(s->fd);
+  if (s->lock_fd >= 0) close(s->lock_fd); /* and its flock with it */
   pthread_mutex_destroy(&s->mu);
   pthread_cond_destroy(&s->cv);
   pthread_cond_destroy(&s->done_cv);

@@ -19,6 +19,10 @@
  *   segments, oldest first, are deleted while the rows of the others would
  *   still exceed max_rows.
  *
+ * One process at a time: rl_open takes an flock on <dir>/lock (released by
+ * rl_close or the process's death) and refuses with -TS_ECONFLICT while
+ * another process holds it.
+ *
  * Threads: rl_append copies the record into a bounded queue (max_queue_bytes;
  * beyond it the record is dropped and counted) and returns; one writer
  * thread per store writes the queue out and fsyncs the segment at most once

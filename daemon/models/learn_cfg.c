@@ -49,9 +49,9 @@ static int get_num(const json_t *o, const char *what, const char *key, double lo
 
 int lc_parse(const json_t *config, const md_kind *kind, lc_config *c, ts_err *err) {
   static const char *const log_keys[] = {"sample_rate", "max_rows", NULL};
-  static const char *const refit_keys[] = {"every_rows",      "every_seconds", "window_rows",
-                                           "min_rows",        "margin",        "compare_rows",
-                                           "max_age_seconds", "params",        NULL};
+  static const char *const refit_keys[] = {
+      "every_rows",   "every_seconds",   "window_rows", "min_rows", "margin",
+      "compare_rows", "max_age_seconds", "params",      "metric",   NULL};
   memset(c, 0, sizeof *c);
   c->sample_rate = 1.0;
   c->max_rows = 100000;
@@ -84,6 +84,35 @@ int lc_parse(const json_t *config, const md_kind *kind, lc_config *c, ts_err *er
       (rc = get_int(rf, "refit", "compare_rows", 1, LC_MAX_ROWS, &c->compare_rows, err)) ||
       (rc = get_num(rf, "refit", "max_age_seconds", 0, 1e9, 0, &c->max_age_seconds, err)))
     return rc;
+  const json_t *mt = json_object_get(rf, "metric");
+  if (mt) {
+    /* ensembles: log loss or the Brier score; quantile models: WIS or the
+     * absolute error of the median level */
+    static const char *const ens[] = {"log_loss", "brier", NULL}, *const qnt[] = {"wis", "mae",
+                                                                                  NULL};
+    int is_q = kind && strcmp(kind->name, "quantile_ensemble") == 0;
+    int is_e = kind && strcmp(kind->name, "ensemble") == 0;
+    const char *v = json_string_value(mt);
+    int ok = 0;
+    for (const char *const *a = ens; v && *a && !ok; a++) ok = strcmp(*a, v) == 0 && !is_q;
+    for (const char *const *a = qnt; v && *a && !ok; a++) ok = strcmp(*a, v) == 0 && !is_e;
+    if (!ok)
+      return ts_errf(err, TS_EINVAL, "config.json: refit.metric must be %s",
+                     is_q   ? "\"wis\" or \"mae\""
+                     : is_e ? "\"log_loss\" or \"brier\""
+                            : "log_loss, brier, wis or mae");
+    if (strcmp(v, "mae") == 0) {
+      const json_t *lv = json_object_get(config, "levels");
+      int has = 0;
+      for (size_t k = 0; json_is_array(lv) && k < json_array_size(lv) && !has; k++)
+        has = json_number_value(json_array_get(lv, k)) == 0.5;
+      if (!has)
+        return ts_errf(err, TS_EINVAL,
+                       "config.json: refit.metric \"mae\" needs the level 0.5 in 'levels' (the "
+                       "median it scores)");
+    }
+    snprintf(c->metric, sizeof c->metric, "%s", v);
+  }
   const json_t *p = json_object_get(rf, "params");
   if (p && !json_is_object(p))
     return ts_errf(err, TS_EINVAL,

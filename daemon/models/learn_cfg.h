@@ -27,6 +27,7 @@ typedef struct lc_config {
   int64_t compare_rows;   /* fresh labelled rows scored before a decision; default 100 */
   double max_age_seconds; /* a candidate undecided this long is dropped; default 3600; 0 none */
   const json_t *params;   /* the fit's parameters for policy refits (borrowed); NULL: none */
+  char metric[16];        /* the comparison's score; "": the kind's default (log_loss, wis) */
 } lc_config;
 
 /* Reads "log" and "refit" from config (both optional; "refit" needs "log").

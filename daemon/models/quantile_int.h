@@ -101,7 +101,7 @@ int qk_calibrate(void *state, md_call *c, ts_err *err);
 #define QK_WINDOW_MAX 1000000
 /* Creates s->live: the rolling tracker, and the adaptive state when the
  * weights hold conformal.scores (restored from the version directory's
- * adaptive.json when present). */
+ * .adaptive.safetensors when present). */
 int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err);
 void qk_live_close(qk_live *l);
 /* The corrections to serve now: 1 with lower/upper [K] filled when the

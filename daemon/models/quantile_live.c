@@ -4,11 +4,13 @@
  * version calibrated with "adaptive". The rest of the state is immutable
  * after load; this part changes with every observed row, behind its mutex.
  *
- * Persistence: an adaptive version's working levels a_t, rows and misses are
- * written after every observe call to "<version dir>/adaptive.json"
- * (written to a temporary file, fsynced, renamed over the old one), and read
- * back at load, so that they survive a restart. The rolling window is not
- * kept: it starts empty.
+ * Persistence: an adaptive version's working levels a_t, misses, rows and
+ * score window are written after every observe call to "<version
+ * dir>/.adaptive.safetensors" (a temporary file, fsynced, renamed over the
+ * old one), and read back at load, so that they survive a restart. The
+ * name is hidden so that the repository watch (which skips names starting
+ * with a dot) does not rescan after every feedback call. The rolling window
+ * of scores is not kept: it starts empty.
  *
  * Metrics: every live state is on one list (registry below) that
  * md_live_metrics renders for /metrics. */
@@ -17,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "../base/fsutil.h"
 #include "../base/jtext.h"
@@ -26,16 +29,31 @@
 #include "live.h"
 #include "quantile_int.h"
 
+/* What readers see (infer's corrections, evaluate's live block, /metrics on
+ * the loop thread): a copy published under pub_mu after every observed row,
+ * so that no reader waits behind a long observe call holding mu. Lock order:
+ * mu, then pub_mu. */
+typedef struct qk_pub {
+  double *corr;            /* [2K] lower, upper (adaptive) */
+  double *cov;             /* [track n_int] rolling coverage */
+  double pin, wis;         /* rolling means */
+  int64_t filled, total;   /* rows in the window, rows ever */
+  double *alpha_t, *width; /* [aci n_int] */
+  int64_t *misses;         /* [aci n_int] */
+  int64_t aci_rows, pushed;
+} qk_pub;
+
 struct qk_live {
-  pthread_mutex_t mu;
-  /* adaptive.json is written outside mu (infer waits on mu for the
-   * corrections, never on a disk): each snapshot has a number, and the
-   * file is only ever replaced by a newer one (save_mu) */
+  pthread_mutex_t mu; /* the tracker and the adaptive state */
+  pthread_mutex_t pub_mu;
+  qk_pub pub;
+  /* the state file is written outside mu: each snapshot has a number, and
+   * the file is only ever replaced by a newer one (save_mu) */
   pthread_mutex_t save_mu;
   uint64_t seq, saved_seq;
   char *model;
   int64_t version;
-  char *path; /* adaptive.json, NULL when the version has no directory */
+  char *path; /* .adaptive.safetensors, NULL when the version has no directory */
   int K;
   const double *levels; /* the state's, borrowed */
   ql_track track;
@@ -48,146 +66,168 @@ struct qk_live {
 static pthread_mutex_t reg_mu = PTHREAD_MUTEX_INITIALIZER;
 static qk_live *reg_head;
 
-/* ---- adaptive.json ------------------------------------------------------- */
+/* ---- the adaptive state and its file ------------------------------------------ */
 
+/* Copies the state readers see into l->pub; mu held. */
+static void publish(qk_live *l) {
+  qk_pub *p = &l->pub;
+  double cov[QA_MAX_K / 2 + 1], pin, wis;
+  ql_track_get(&l->track, cov, &pin, &wis);
+  pthread_mutex_lock(&l->pub_mu);
+  memcpy(p->cov, cov, sizeof(double) * (size_t)l->track.n_int);
+  p->pin = pin;
+  p->wis = wis;
+  p->filled = l->track.filled;
+  p->total = l->track.total;
+  if (l->adaptive) {
+    const ql_aci *a = &l->aci;
+    ql_aci_corrections(a, p->corr, p->corr + l->K);
+    for (int i = 0; i < a->n_int; i++) {
+      p->alpha_t[i] = a->alpha_t[i];
+      p->width[i] = ql_aci_width(a, i);
+      p->misses[i] = a->misses[i];
+    }
+    p->aci_rows = a->t;
+    p->pushed = a->pushed;
+  }
+  pthread_mutex_unlock(&l->pub_mu);
+}
+
+/* evaluate's live.adaptive; pub_mu held. */
 static json_t *aci_json(const qk_live *l) {
   json_t *at = json_array(), *mi = json_array(), *iv = json_array(), *wd = json_array();
-  const ql_aci *a = &l->aci;
+  const ql_aci *a = &l->aci; /* its fixed parts only: gamma, alpha, n */
+  const qk_pub *p = &l->pub;
   for (int i = 0; at && mi && iv && wd && i < a->n_int; i++) {
-    json_array_append_new(at, json_real(a->alpha_t[i]));
-    json_array_append_new(mi, json_integer(a->misses[i]));
+    json_array_append_new(at, json_real(p->alpha_t[i]));
+    json_array_append_new(mi, json_integer(p->misses[i]));
     char b[32];
     snprintf(b, sizeof b, "%.6g", 1.0 - a->alpha[i]);
     json_array_append_new(iv, json_string(b));
-    json_array_append_new(wd, qk_jnum(ql_aci_width(a, i)));
+    json_array_append_new(wd, qk_jnum(p->width[i]));
   }
   return json_pack("{s:f, s:o, s:o, s:o, s:o, s:I, s:I, s:I}", "gamma", a->gamma, "intervals", iv,
-                   "alpha_t", at, "misses", mi, "width", wd, "rows", (json_int_t)a->t, "window",
-                   (json_int_t)a->n, "scores_taken", (json_int_t)a->pushed);
+                   "alpha_t", at, "misses", mi, "width", wd, "rows", (json_int_t)p->aci_rows,
+                   "window", (json_int_t)a->n, "scores_taken", (json_int_t)p->pushed);
 }
 
-/* aci_json plus the scores in arrival order (adaptive.json). */
-static json_t *aci_file_json(const qk_live *l) {
-  json_t *j = aci_json(l), *sc = json_array();
-  float *tmp = tl_malloc(sizeof(float) * (size_t)l->aci.n);
-  for (int i = 0; j && sc && tmp && i < l->aci.n_int; i++) {
-    ql_aci_scores_in_order(&l->aci, i, tmp);
-    json_t *row = json_array();
-    for (int64_t r = 0; row && r < l->aci.n; r++) json_array_append_new(row, json_real(tmp[r]));
-    json_array_append_new(sc, row);
+/* A snapshot of the adaptive state as a safetensors writer (taken under
+ * mu): tensor "scores" [intervals, W] oldest first, and the metadata
+ * "adaptive_state", {"alpha_t", "misses", "rows", "scores_taken"}. NULL
+ * when out of memory. */
+static st_writer *aci_snapshot(const qk_live *l) {
+  const ql_aci *a = &l->aci;
+  st_writer *w = st_writer_new();
+  float *sc = tl_malloc(sizeof(float) * (size_t)a->n * (size_t)a->n_int);
+  json_t *j = json_pack("{s:[], s:[], s:I, s:I}", "alpha_t", "misses", "rows", (json_int_t)a->t,
+                        "scores_taken", (json_int_t)a->pushed);
+  char *txt = NULL;
+  int ok = w && sc && j;
+  for (int i = 0; ok && i < a->n_int; i++) {
+    ql_aci_scores_in_order(a, i, sc + (int64_t)i * a->n);
+    json_array_append_new(json_object_get(j, "alpha_t"), json_real(a->alpha_t[i]));
+    json_array_append_new(json_object_get(j, "misses"), json_integer(a->misses[i]));
   }
-  tl_free(tmp);
-  if (!j || !sc || !tmp) {
-    json_decref(j);
-    json_decref(sc);
-    return NULL;
+  ts_err err = {0};
+  int64_t shape[2] = {a->n_int, a->n};
+  ok = ok && (txt = jtext_dumps(j, JT_COMPACT, NULL)) != NULL &&
+       st_writer_add(w, "scores", TS_FP32, 2, shape, sc, &err) == 0 &&
+       st_writer_meta(w, "adaptive_state", txt, &err) == 0;
+  free(txt); /* jansson's allocator: free(3) */
+  json_decref(j);
+  tl_free(sc);
+  if (!ok && w) {
+    st_writer_free(w);
+    w = NULL;
   }
-  json_object_set_new(j, "scores", sc);
-  return j;
+  return w;
 }
 
-/* Writes a snapshot (aci_file_json, taken under mu with its number seq)
- * unless a newer one was written already. Without mu held. Failures are
- * logged, never an error for the rows already applied in memory. */
-static void save_state(qk_live *l, json_t *j, uint64_t seq) {
-  if (!l->path || !j) {
-    json_decref(j);
+/* Writes a snapshot (aci_snapshot, taken under mu with its number seq)
+ * unless a newer one was written already: to "<path>.tmp", fsynced, then
+ * renamed over path. Without mu held. Failures are logged, never an error
+ * for the rows already applied in memory. Frees w. */
+static void save_state(qk_live *l, st_writer *w, uint64_t seq) {
+  if (!l->path || !w) {
+    if (w) st_writer_free(w);
     return;
   }
   pthread_mutex_lock(&l->save_mu);
-  if (seq <= l->saved_seq) {
-    pthread_mutex_unlock(&l->save_mu);
-    json_decref(j);
-    return;
-  }
-  char *txt = jtext_dumps(j, JT_COMPACT, NULL);
-  json_decref(j);
-  if (!txt) {
-    pthread_mutex_unlock(&l->save_mu);
-    return;
-  }
-  size_t n = strlen(l->path);
-  char *tmp = tl_malloc(n + 8);
-  ts_err err = {0};
-  if (tmp) {
-    snprintf(tmp, n + 8, "%s.tmp", l->path);
-    if (fs_write_file_sync(tmp, txt, strlen(txt), &err) == 0 &&
-        fs_rename_atomic(tmp, l->path, &err) == 0)
-      err.status = 0;
+  if (seq > l->saved_seq) {
+    size_t n = strlen(l->path) + 8;
+    char *tmp = tl_malloc(n);
+    ts_err err = {0};
+    if (!tmp)
+      ts_errf(&err, TS_ENOMEM, "out of memory");
+    else {
+      snprintf(tmp, n, "%s.tmp", l->path);
+      if (st_writer_save(w, tmp, &err) == 0 && fs_rename_atomic(tmp, l->path, &err) == 0)
+        l->saved_seq = seq;
+    }
     if (err.status)
-      log_warn("model '%s' version %lld: %s", l->model, (long long)l->version, err.msg);
-    else
-      l->saved_seq = seq;
+      log_warn("model '%s' version %lld: the adaptive state was not saved: %s", l->model,
+               (long long)l->version, err.msg);
+    tl_free(tmp);
   }
   pthread_mutex_unlock(&l->save_mu);
-  tl_free(tmp);
-  free(txt); /* jansson's allocator: free(3) */
+  st_writer_free(w);
 }
 
-/* Restores a_t, misses and rows from adaptive.json when it matches. */
+/* Restores a_t, the misses, the rows and the scores from the state file
+ * when it matches this version (else logs why and keeps the calibration's). */
 static void load_state(qk_live *l) {
-  if (!l->path) return;
-  json_error_t je;
-  json_t *j = json_load_file(l->path, 0, &je);
-  if (!j) return; /* none yet */
+  if (!l->path || access(l->path, F_OK) != 0) return; /* none yet */
   ql_aci *a = &l->aci;
+  ts_err err = {0};
+  st_file *f = NULL;
+  json_t *j = NULL;
+  ts_tensor t;
+  memset(&t, 0, sizeof t);
+  int ok = st_open(&f, l->path, &err) == 0;
+  const char *meta = ok ? st_meta_get(f, "adaptive_state") : NULL;
+  json_error_t je;
+  if (ok) ok = meta && (j = json_loads(meta, 0, &je)) != NULL;
+  int64_t shape[2] = {a->n_int, a->n};
+  if (ok) ok = st_get_f32(f, "scores", 2, shape, &t, &err) == 0;
   json_t *at = json_object_get(j, "alpha_t"), *mi = json_object_get(j, "misses");
-  json_t *rows = json_object_get(j, "rows"), *sc = json_object_get(j, "scores");
-  int ok = json_is_array(at) && json_is_array(mi) && json_is_integer(rows) &&
-           (int)json_array_size(at) == a->n_int && (int)json_array_size(mi) == a->n_int &&
-           json_integer_value(rows) >= 0 && json_is_array(sc) &&
-           (int)json_array_size(sc) == a->n_int;
-  for (int i = 0; ok && i < a->n_int; i++) {
-    json_t *row = json_array_get(sc, (size_t)i);
-    ok = json_is_array(row) && (int64_t)json_array_size(row) == a->n;
-    for (int64_t r = 0; ok && r < a->n; r++) {
-      json_t *v = json_array_get(row, (size_t)r);
-      ok = json_is_number(v) && isfinite((float)json_number_value(v));
-    }
-  }
+  json_t *rows = json_object_get(j, "rows"), *pu = json_object_get(j, "scores_taken");
+  ok = ok && json_is_array(at) && json_is_array(mi) && json_is_integer(rows) &&
+       json_is_integer(pu) && (int)json_array_size(at) == a->n_int &&
+       (int)json_array_size(mi) == a->n_int && json_integer_value(rows) >= 0 &&
+       json_integer_value(pu) >= 0;
   for (int i = 0; ok && i < a->n_int; i++) {
     json_t *v = json_array_get(at, (size_t)i), *m = json_array_get(mi, (size_t)i);
     ok = json_is_number(v) && isfinite(json_number_value(v)) && json_number_value(v) >= -1 &&
          json_number_value(v) <= 2 && json_is_integer(m) && json_integer_value(m) >= 0;
   }
-  float *tmp = ok ? tl_malloc(sizeof(float) * (size_t)a->n * (size_t)a->n_int) : NULL;
   ql_aci b;
-  if (tmp) {
-    for (int i = 0; i < a->n_int; i++)
-      for (int64_t r = 0; r < a->n; r++)
-        tmp[i * a->n + r] =
-            (float)json_number_value(json_array_get(json_array_get(sc, (size_t)i), (size_t)r));
-    ts_err e2 = {0};
-    /* the restored scores, sorted, replace the calibration's */
-    if (ql_aci_init_scores(&b, a->K, l->levels, a->n_int, a->n, tmp, a->gamma, a->allow_inf, &e2) ==
-        0) {
-      float *r1 = a->ring, *s1 = a->sorted;
-      a->ring = b.ring;
-      a->sorted = b.sorted;
-      a->pos = 0;
-      b.ring = r1;
-      b.sorted = s1;
-      ql_aci_free(&b);
-    } else {
-      ok = 0;
-    }
-    tl_free(tmp);
-  }
-  if (ok) {
+  if (ok)
+    ok = ql_aci_init_scores(&b, a->K, l->levels, a->n_int, a->n, t.data, a->gamma, a->allow_inf,
+                            &err) == 0;
+  if (ok) { /* the restored scores replace the calibration's */
+    float *r1 = a->ring, *s1 = a->sorted;
+    a->ring = b.ring;
+    a->sorted = b.sorted;
+    a->pos = 0;
+    b.ring = r1;
+    b.sorted = s1;
+    ql_aci_free(&b);
     for (int i = 0; i < a->n_int; i++) {
       a->alpha_t[i] = json_number_value(json_array_get(at, (size_t)i));
       a->misses[i] = json_integer_value(json_array_get(mi, (size_t)i));
     }
     a->t = json_integer_value(rows);
-    json_t *pu = json_object_get(j, "scores_taken");
-    a->pushed = json_is_integer(pu) && json_integer_value(pu) >= 0 ? json_integer_value(pu) : 0;
+    a->pushed = json_integer_value(pu);
   } else {
     log_warn(
-        "model '%s' version %lld: %s does not match this version; starting from the "
-        "calibrated levels",
-        l->model, (long long)l->version, l->path);
+        "model '%s' version %lld: %s does not hold this version's adaptive state%s%s; "
+        "starting from the calibration's",
+        l->model, (long long)l->version, l->path, err.status ? ": " : "",
+        err.status ? err.msg : "");
   }
+  ts_free(&t);
   json_decref(j);
+  if (f) st_close(f);
 }
 
 /* ---- open / close ---------------------------------------------------------- */
@@ -196,6 +236,7 @@ int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err) {
   qk_live *l = tl_calloc(1, sizeof *l);
   if (!l) return ts_errf(err, TS_ENOMEM, "out of memory");
   pthread_mutex_init(&l->mu, NULL);
+  pthread_mutex_init(&l->pub_mu, NULL);
   pthread_mutex_init(&l->save_mu, NULL);
   l->K = s->K;
   l->levels = s->levels;
@@ -243,10 +284,21 @@ int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err) {
         rc = ts_errf(err, TS_ENOMEM, "out of memory");
         goto fail;
       }
-      snprintf(l->path, n, "%s/adaptive.json", ctx->version_dir);
+      snprintf(l->path, n, "%s/.adaptive.safetensors", ctx->version_dir);
       load_state(l);
     }
   }
+  size_t na = (size_t)(l->aci.n_int ? l->aci.n_int : 1);
+  l->pub.corr = tl_calloc((size_t)s->K * 2, sizeof(double));
+  l->pub.cov = tl_calloc((size_t)(l->track.n_int ? l->track.n_int : 1), sizeof(double));
+  l->pub.alpha_t = tl_calloc(na * 2, sizeof(double));
+  l->pub.misses = tl_calloc(na, sizeof(int64_t));
+  if (!l->pub.corr || !l->pub.cov || !l->pub.alpha_t || !l->pub.misses) {
+    rc = ts_errf(err, TS_ENOMEM, "out of memory");
+    goto fail;
+  }
+  l->pub.width = l->pub.alpha_t + na;
+  publish(l);
   pthread_mutex_lock(&reg_mu);
   l->next = reg_head;
   if (reg_head) reg_head->prev = l;
@@ -255,22 +307,18 @@ int qk_live_open(qk_state *s, const md_load_ctx *ctx, st_file *w, ts_err *err) {
   s->live = l;
   return 0;
 fail:
-  ql_track_free(&l->track);
-  ql_aci_free(&l->aci);
-  tl_free(l->model);
-  tl_free(l->path);
-  pthread_mutex_destroy(&l->mu);
-  pthread_mutex_destroy(&l->save_mu);
-  tl_free(l);
+  qk_live_close(l);
   return rc;
 }
 
+/* Also frees a half-opened state (not on the list: prev, next NULL and
+ * reg_head elsewhere). */
 void qk_live_close(qk_live *l) {
   if (!l) return;
   pthread_mutex_lock(&reg_mu);
   if (l->prev)
     l->prev->next = l->next;
-  else
+  else if (reg_head == l)
     reg_head = l->next;
   if (l->next) l->next->prev = l->prev;
   pthread_mutex_unlock(&reg_mu);
@@ -278,7 +326,12 @@ void qk_live_close(qk_live *l) {
   ql_aci_free(&l->aci);
   tl_free(l->model);
   tl_free(l->path);
+  tl_free(l->pub.corr);
+  tl_free(l->pub.cov);
+  tl_free(l->pub.alpha_t);
+  tl_free(l->pub.misses);
   pthread_mutex_destroy(&l->mu);
+  pthread_mutex_destroy(&l->pub_mu);
   pthread_mutex_destroy(&l->save_mu);
   tl_free(l);
 }
@@ -286,9 +339,10 @@ void qk_live_close(qk_live *l) {
 int qk_live_corrections(const qk_state *s, double *lower, double *upper) {
   qk_live *l = s->live;
   if (!l || !l->adaptive) return 0;
-  pthread_mutex_lock(&l->mu);
-  ql_aci_corrections(&l->aci, lower, upper);
-  pthread_mutex_unlock(&l->mu);
+  pthread_mutex_lock(&l->pub_mu);
+  memcpy(lower, l->pub.corr, sizeof(double) * (size_t)l->K);
+  memcpy(upper, l->pub.corr + l->K, sizeof(double) * (size_t)l->K);
+  pthread_mutex_unlock(&l->pub_mu);
   return 1;
 }
 
@@ -386,11 +440,12 @@ int qk_observe(void *state, md_call *c, const ts_list *served, ts_err *err) {
     if (l->adaptive) ql_aci_observe(&l->aci, q, r.y[b]);
     if (l->adaptive && raw) ql_aci_push(&l->aci, raw + b * K, r.y[b]);
     l->rows++;
+    publish(l); /* infer sees the new corrections from the next row on */
   }
-  json_t *snap = NULL;
+  st_writer *snap = NULL;
   uint64_t seq = 0;
   if (l->adaptive && l->path) {
-    snap = aci_file_json(l);
+    snap = aci_snapshot(l);
     seq = ++l->seq;
   }
   pthread_mutex_unlock(&l->mu);
@@ -413,28 +468,28 @@ out:
 json_t *qk_live_json(const qk_state *s) {
   qk_live *l = s->live;
   if (!l) return json_object();
-  pthread_mutex_lock(&l->mu);
+  /* the published copy: the tracker's sizes and levels are fixed at load */
+  pthread_mutex_lock(&l->pub_mu);
+  const qk_pub *p = &l->pub;
   int ni = l->track.n_int;
-  double cov[QA_MAX_K / 2 + 1], pin, wis;
-  ql_track_get(&l->track, cov, &pin, &wis);
   json_t *c = json_object();
   for (int i = 0; c && i < ni; i++) {
     char b[32];
     snprintf(b, sizeof b, "%.6g", 1.0 - l->track.alpha[i]);
-    json_object_set_new(c, b, qk_jnum(cov[i]));
+    json_object_set_new(c, b, qk_jnum(p->cov[i]));
   }
   json_t *o = json_pack("{s:I, s:I, s:I}", "window", (json_int_t)l->track.window, "rows_in_window",
-                        (json_int_t)l->track.filled, "rows", (json_int_t)l->track.total);
+                        (json_int_t)p->filled, "rows", (json_int_t)p->total);
   /* the rolling scores once a row is in the window (WIS with a median level) */
-  if (o && l->track.filled) {
+  if (o && p->filled) {
     json_object_set_new(o, "coverage", c);
-    json_object_set_new(o, "pinball", qk_jnum(pin));
-    if (l->track.median >= 0) json_object_set_new(o, "wis", qk_jnum(wis));
+    json_object_set_new(o, "pinball", qk_jnum(p->pin));
+    if (l->track.median >= 0) json_object_set_new(o, "wis", qk_jnum(p->wis));
     c = NULL;
   }
   json_decref(c);
   if (o && l->adaptive) json_object_set_new(o, "adaptive", aci_json(l));
-  pthread_mutex_unlock(&l->mu);
+  pthread_mutex_unlock(&l->pub_mu);
   return o;
 }
 
@@ -486,32 +541,32 @@ void md_live_metrics(sbuf *b) {
     int any = 0;
     for (qk_live *l = reg_head; l; l = l->next) {
       if (f >= F_ALPHA && !l->adaptive) continue;
-      if (f != F_ROWS && f < F_ALPHA && l->track.filled == 0) continue;
+      pthread_mutex_lock(&l->pub_mu); /* the published copy: no wait behind observe */
+      const qk_pub *p = &l->pub;
+      if (f != F_ROWS && f < F_ALPHA && p->filled == 0) {
+        pthread_mutex_unlock(&l->pub_mu);
+        continue;
+      }
       if (!any)
         sbuf_printf(b, "# HELP %s %s\n# TYPE %s %s\n", fam[f][0], fam[f][2], fam[f][0], fam[f][1]);
       any = 1;
-      pthread_mutex_lock(&l->mu);
-      double cov[QA_MAX_K / 2 + 1], pin, wis;
-      ql_track_get(&l->track, cov, &pin, &wis);
       int ni = f >= F_ALPHA ? l->aci.n_int : l->track.n_int;
       if (f == F_COV || f >= F_ALPHA) {
         for (int i = 0; i < ni; i++) {
           char iv[32];
           double a = f >= F_ALPHA ? l->aci.alpha[i] : l->track.alpha[i];
           snprintf(iv, sizeof iv, "%.6g", 1.0 - a);
-          double v = f == F_COV     ? cov[i]
-                     : f == F_ALPHA ? l->aci.alpha_t[i]
-                                    : ql_aci_width(&l->aci, i);
+          double v = f == F_COV ? p->cov[i] : f == F_ALPHA ? p->alpha_t[i] : p->width[i];
           series(b, fam[f][0], l, iv, v);
         }
       } else if (f == F_PIN) {
-        series(b, fam[f][0], l, NULL, pin);
+        series(b, fam[f][0], l, NULL, p->pin);
       } else if (f == F_WIS) {
-        if (l->track.median >= 0) series(b, fam[f][0], l, NULL, wis);
+        if (l->track.median >= 0) series(b, fam[f][0], l, NULL, p->wis);
       } else {
-        series(b, fam[f][0], l, NULL, (double)l->track.total);
+        series(b, fam[f][0], l, NULL, (double)p->total);
       }
-      pthread_mutex_unlock(&l->mu);
+      pthread_mutex_unlock(&l->pub_mu);
     }
   }
   pthread_mutex_unlock(&reg_mu);

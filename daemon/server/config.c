@@ -114,7 +114,7 @@ static const opt opts[] = {
     {"otlp-timeout-ms", T_INT, O(otlp_timeout_ms), 1, 60000, "MS",
      "bound on one export (connect and transfer) and on the flush at shutdown (default 2000)"},
     {"replica-id", T_STR, O(replica_id), 0, 0, "ID",
-     "this replica's name, in fit locks and session ids: 1-63 letters, digits, '_' or '-' "
+     "this replica's name, in fit locks and session ids: 1-48 letters, digits, '_' or '-' "
      "(default: the host name's first label, other characters as '-')"},
     {"fit-lock-lease-seconds", T_INT, O(fit_lock_lease_seconds), 0, 86400, "S",
      "a fit or calibration holds <model>/.fit-lock in the repository, renewed every third of "

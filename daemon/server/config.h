@@ -70,7 +70,7 @@ void cfg_free(srv_config *c);
 void cfg_usage(FILE *out);
 /* 1 when s is a valid replica id: 1..CFG_REPLICA_ID_MAX letters, digits,
  * '_' and '-' (no '.': it ends the replica part of a session id). */
-#define CFG_REPLICA_ID_MAX 63
+#define CFG_REPLICA_ID_MAX 48
 int cfg_replica_id_valid(const char *s);
 /* Splits c->listen into host and port. */
 int cfg_listen(const srv_config *c, char *host, size_t hostlen, int *port, ts_err *err);

@@ -75,7 +75,7 @@ int main(int argc, char **argv) {
     cfg_free(&cfg);
     return 2;
   }
-  if (md_attn_set_device(cfg.device, &err) ||
+  if (md_attn_set_device(cfg.device, &err) || sessions_set_replica(cfg.replica_id, &err) ||
       sessions_configure(cfg.session_ttl_secs, cfg.kv_cache_bytes, cfg.max_sessions, &err)) {
     fprintf(stderr, "tallyd: %s\n", err.msg);
     cfg_free(&cfg);

@@ -23,7 +23,7 @@ struct ss_entry {
   uint64_t overhead;
   double last_used;
   int busy, doomed;
-  char id[SS_ID_LEN + 1];
+  char id[SS_ID_MAX + 1];
   const char *owner; /* inside this allocation, after the payload */
   alignas(max_align_t) unsigned char payload[];
 };
@@ -40,7 +40,7 @@ struct ss_store {
   int64_t count, busy_count;
   uint64_t bytes, busy_bytes;
   struct {
-    char id[SS_ID_LEN + 1];
+    char id[SS_ID_MAX + 1];
     unsigned char gone;
   } tomb[TOMBS];
 };
@@ -349,7 +349,12 @@ int ss_create(ss_store *s, const char *owner, const void *payload, uint64_t payl
   size_t size = entry_size(s, owner);
   ss_entry *e = tl_calloc(1, size);
   if (!e) return ts_errf(err, TS_ENOMEM, "out of memory");
-  int rc = rid_make(e->id, sizeof e->id, SS_ID_LEN / 2, RID_HEX, 0, err);
+  size_t np = strlen(s->cfg.id_prefix);
+  if (np) {
+    memcpy(e->id, s->cfg.id_prefix, np);
+    e->id[np++] = '.';
+  }
+  int rc = rid_make(e->id + np, sizeof e->id - np, SS_ID_LEN / 2, RID_HEX, 0, err);
   if (rc) {
     tl_free(e);
     return rc;

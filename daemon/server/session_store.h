@@ -36,6 +36,11 @@
 #include "../base/err.h"
 
 #define SS_ID_LEN 32 /* 128 random bits in hex */
+/* With a prefix (the replica id, ss_config.id_prefix) an id is
+ * "<prefix>.<32 hex>", so that a balancer can route a session's requests to
+ * the replica that holds it, and another replica can say who does. */
+#define SS_PREFIX_MAX 48
+#define SS_ID_MAX (SS_PREFIX_MAX + 1 + SS_ID_LEN)
 
 typedef struct ss_store ss_store;
 typedef struct ss_entry ss_entry;
@@ -74,10 +79,11 @@ typedef struct ss_config {
   void *arg;
   double (*clock)(void); /* monotonic seconds; NULL: CLOCK_MONOTONIC (tests pass their own) */
   int reaper;            /* start a thread that expires idle sessions */
+  char id_prefix[SS_PREFIX_MAX + 1]; /* "": ids are SS_ID_LEN hex characters alone */
 } ss_config;
 
 typedef struct ss_info {
-  char id[SS_ID_LEN + 1];
+  char id[SS_ID_MAX + 1];
   int64_t position;
   uint64_t bytes;         /* counted: the payload's plus the store's own */
   uint64_t payload_bytes; /* the payload's alone, as last reported */

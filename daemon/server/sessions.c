@@ -26,6 +26,7 @@ typedef struct sess_payload {
 static uv_once_t once = UV_ONCE_INIT;
 static uv_mutex_t store_mu;
 static ss_store *store;
+static char replica[SS_PREFIX_MAX + 1]; /* this replica's id: the prefix of its session ids */
 
 static void init_mu(void) {
   uv_mutex_init(&store_mu);
@@ -50,7 +51,23 @@ static int open_store(int64_t ttl, int64_t cap, int64_t max, int reaper, ts_err 
                  .free_payload = free_payload,
                  .on_change = on_change,
                  .reaper = reaper};
+  snprintf(c.id_prefix, sizeof c.id_prefix, "%s", replica);
   return ss_open(&store, &c, err);
+}
+
+int sessions_set_replica(const char *id, ts_err *err) {
+  uv_once(&once, init_mu);
+  uv_mutex_lock(&store_mu);
+  int rc = 0;
+  if (store)
+    rc = ts_errf(err, TS_EINVAL, "the session store is already open");
+  else if (strlen(id) > SS_PREFIX_MAX || strchr(id, '.'))
+    rc = ts_errf(err, TS_EINVAL, "replica id '%.80s': at most %d characters and no '.'", id,
+                 SS_PREFIX_MAX);
+  else
+    snprintf(replica, sizeof replica, "%s", id);
+  uv_mutex_unlock(&store_mu);
+  return rc;
 }
 
 int sessions_configure(int64_t ttl_secs, int64_t cap_bytes, int64_t max_sessions, ts_err *err) {
@@ -108,6 +125,19 @@ static int not_found(ss_store *s, const route *rt, ss_gone gone, ts_err *err) {
     case SS_STOPPED: return ts_errf(err, TS_ENOTFOUND, "session %s ended: the daemon stopped", id);
     case SS_OTHER_OWNER:
       return ts_errf(err, TS_ENOTFOUND, "unknown session '%s' for model '%s'", id, rt->model);
+    default: break;
+  }
+  /* An id made by another replica: say which one holds it, so that the
+   * client (or whoever runs the balancer) knows the request was misrouted
+   * rather than the session lost. */
+  const char *dot = strchr(id, '.');
+  if (dot && (strncmp(id, replica, (size_t)(dot - id)) != 0 || replica[dot - id] != 0))
+    return ts_errf(err, TS_ENOTFOUND,
+                   "session '%s' is held by replica '%.*s', not this one ('%s'): route a "
+                   "session's requests by the replica part of its id, before the '.' "
+                   "(docs/deployment.md, Scaling)",
+                   id, (int)(dot - id), id, replica[0] ? replica : "(none)");
+  switch (gone) {
     default: return ts_errf(err, TS_ENOTFOUND, "unknown session '%s'", id);
   }
 }

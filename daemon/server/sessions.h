@@ -44,6 +44,11 @@
  * defaults) and starts its reaper. Called once at start, before serving;
  * without it the first session opens a store with the defaults and no
  * reaper (expiry then noticed when a session is used). */
+/* The replica id (--replica-id) that prefixes every session id made from
+ * now on ("<replica>.<32 hex>"), so that a balancer can route by it; a
+ * request for an id of another replica gets 404 naming that replica. Call
+ * before sessions_configure. */
+int sessions_set_replica(const char *id, ts_err *err);
 int sessions_configure(int64_t ttl_secs, int64_t cap_bytes, int64_t max_sessions, ts_err *err);
 /* Ends every session (releasing the pinned versions) and closes the store.
  * Called after the worker pool has stopped. */

@@ -191,26 +191,31 @@ static void random_bytes(uint8_t *out, size_t n) {
   out[0] |= 1;
 }
 
+/* s, or its first n - 1 bytes, NUL-terminated, into out[n]; NULL as "" */
+static void copy_cut(char *out, size_t n, const char *s) {
+  size_t k = s ? strnlen(s, n - 1) : 0;
+  memcpy(out, s ? s : "", k);
+  out[k] = 0;
+}
+
 static void sink_hosted(md_span_sink *s, const char *role, const char *name, int depth, double t0,
                         double t1, int status) {
   trace_req *r = (trace_req *)s;
   int i = atomic_fetch_add(&r->n_hosted, 1);
   if (i >= TRACE_MAX_HOSTED) return;
   trace_hosted *h = &r->hosted[i];
-  size_t n = role ? strnlen(role, sizeof h->role - 1) : 0;
-  memcpy(h->role, role ? role : "", n);
-  h->role[n] = 0;
-  n = name ? strnlen(name, sizeof h->name - 1) : 0;
-  memcpy(h->name, name ? name : "", n);
-  h->name[n] = 0;
+  copy_cut(h->role, sizeof h->role, role);
+  copy_cut(h->name, sizeof h->name, name);
   h->depth = depth;
   h->status = status;
   h->t0 = t0;
   h->t1 = t1;
-  atomic_store_explicit(&h->ready, 1, memory_order_release);
+  atomic_fetch_or_explicit(&r->hosted_ready, 1u << i, memory_order_release);
 }
 
 void trace_req_init(trace_req *r) {
+  memset(r, 0, offsetof(trace_req, method));
+  r->method[0] = r->route[0] = r->model[0] = r->request_id[0] = r->state[0] = 0;
   r->sink.hosted = sink_hosted;
   atomic_init(&r->refs, 1);
 }
@@ -241,7 +246,7 @@ trace_req *trace_begin(const char *traceparent, const char *tracestate, double n
   random_bytes(span, 8);
   trace_format_parent(ctx.trace_id, span, sampled, answer);
   if (!sampled) return NULL;
-  trace_req *r = tl_calloc(1, sizeof *r);
+  trace_req *r = tl_malloc(sizeof *r);
   if (!r) return NULL;
   trace_req_init(r);
   r->ctx = ctx;
@@ -329,19 +334,17 @@ size_t trace_span_count(const trace_req *r) {
   size_t n = 1;
   for (int p = 0; p < TRP_COUNT; p++)
     if (r->ph[p][0] > 0) n++;
-  int h = atomic_load((atomic_int *)&r->n_hosted);
-  n += (size_t)(h < TRACE_MAX_HOSTED ? h : TRACE_MAX_HOSTED);
-  return n;
+  return n + (size_t)__builtin_popcount(atomic_load((atomic_uint *)&r->hosted_ready));
 }
 
 void trace_end(trace_req *r, const char *route, const char *method, const char *model,
                int64_t version, int status, const char *request_id, double now) {
   if (!r) return;
   r->t1 = now;
-  snprintf(r->route, sizeof r->route, "%s", route ? route : "");
-  snprintf(r->method, sizeof r->method, "%s", method ? method : "");
-  snprintf(r->model, sizeof r->model, "%s", model ? model : "");
-  snprintf(r->request_id, sizeof r->request_id, "%s", request_id ? request_id : "");
+  copy_cut(r->route, sizeof r->route, route);
+  copy_cut(r->method, sizeof r->method, method);
+  copy_cut(r->model, sizeof r->model, model);
+  copy_cut(r->request_id, sizeof r->request_id, request_id);
   r->version = version;
   r->status = status;
   int pushed = 0;
@@ -365,12 +368,27 @@ void trace_end(trace_req *r, const char *route, const char *method, const char *
  * request, and per-piece appends and printf were most of its cost. */
 #define W(p, s) (memcpy((p), (s), sizeof(s) - 1), (p) + sizeof(s) - 1)
 
+/* two digits a step: every span has two 19-digit times */
 static char *w_int(char *p, long long v) {
+  static const char pairs[201] =
+      "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+      "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+      "8081828384858687888990919293949596979899";
   char d[24];
   int n = 0;
   unsigned long long u = v < 0 ? 0ull - (unsigned long long)v : (unsigned long long)v;
-  do d[sizeof d - 1 - n++] = (char)('0' + u % 10);
-  while ((u /= 10) && n < 22);
+  while (u >= 100) {
+    unsigned k = (unsigned)(u % 100) * 2;
+    u /= 100;
+    d[sizeof d - 1 - n++] = pairs[k + 1];
+    d[sizeof d - 1 - n++] = pairs[k];
+  }
+  if (u >= 10) {
+    d[sizeof d - 1 - n++] = pairs[u * 2 + 1];
+    d[sizeof d - 1 - n++] = pairs[u * 2];
+  } else {
+    d[sizeof d - 1 - n++] = (char)('0' + u);
+  }
   if (v < 0) d[sizeof d - 1 - n++] = '-';
   memcpy(p, d + sizeof d - n, (size_t)n);
   return p + n;
@@ -561,9 +579,10 @@ static size_t encode_one(sbuf *b, int *first_span, const trace_req *r) {
     spans++;
   }
   /* the hosted models, children of compute */
+  unsigned ready = atomic_load_explicit((atomic_uint *)&r->hosted_ready, memory_order_acquire);
   for (int i = 0; i < nh; i++) {
     const trace_hosted *h = &r->hosted[i];
-    if (!atomic_load_explicit((atomic_int *)&h->ready, memory_order_acquire)) continue;
+    if (!(ready & (1u << i))) continue; /* claimed, still being written */
     uint8_t id[8];
     child_id(r, TRP_COUNT + i, id);
     p = span_open(p, first_span, tid, id, have_compute ? compute : r->span_id, "compute", h->role,

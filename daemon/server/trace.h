@@ -42,6 +42,8 @@
 #define TRACE_MAX_HOSTED 32    /* hosted-model spans recorded per request; more are counted */
 #define TRACE_EXPORT_BATCH 256 /* records per POST */
 
+_Static_assert(TRACE_MAX_HOSTED <= 32, "hosted_ready is a 32-bit mask");
+
 typedef struct trace_ctx {
   uint8_t trace_id[16];
   uint8_t parent_id[8]; /* the caller's span id */
@@ -78,26 +80,29 @@ typedef struct trace_hosted {
   char name[64];
   int depth, status;
   double t0, t1;
-  atomic_int ready; /* 1 once the fields above are written */
 } trace_hosted;
 
+/* Only the part before `state` is cleared when a record is made (a request
+ * touches a few hundred bytes, not the whole record); state and hosted[]
+ * are read only as far as they were written. */
 typedef struct trace_req {
   md_span_sink sink; /* first: the worker's view */
   atomic_int refs;
   trace_ctx ctx;
   int has_parent;
   uint8_t span_id[8]; /* the server span */
-  char state[TRACE_STATE_MAX + 1];
-  int64_t wall0_ns; /* CLOCK_REALTIME at t0 */
-  double t0, t1;    /* md_now() at the first byte and when the request completed */
+  int64_t wall0_ns;   /* CLOCK_REALTIME at t0 */
+  double t0, t1;      /* md_now() at the first byte and when the request completed */
   double ph[TRP_COUNT][2];
-  char method[8];
-  char route[96];  /* the route's pattern; "" when none matched */
-  char model[128]; /* "" none */
-  int64_t version; /* 0 none */
-  int status;      /* HTTP status answered */
+  int64_t version;          /* 0 none */
+  int status;               /* HTTP status answered */
+  atomic_int n_hosted;      /* slots claimed (may exceed TRACE_MAX_HOSTED) */
+  atomic_uint hosted_ready; /* bit i: hosted[i] is written */
+  char method[8];           /* the next four: set by trace_end */
+  char route[96];           /* the route's pattern; "" when none matched */
+  char model[128];          /* "" none */
   char request_id[80];
-  atomic_int n_hosted; /* slots claimed (may exceed TRACE_MAX_HOSTED) */
+  char state[TRACE_STATE_MAX + 1]; /* "" none */
   trace_hosted hosted[TRACE_MAX_HOSTED];
 } trace_req;
 

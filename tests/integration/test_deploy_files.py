@@ -399,6 +399,44 @@ def check_probes(c, container, ports, where):
     return n
 
 
+def check_fleet(c, docs, dep, ctr, cfg, hpa):
+    """Scale-out (docs/deployment.md, Scaling): several replicas, each with a
+    replica id that the headless Service resolves, the router's nginx
+    routing sessions by it, the fit lock and the repository watch on, and
+    the autoscaler on tallyd's own queue metric."""
+    check(dep["spec"]["replicas"] >= 2, "one replica")
+    cmd = ctr.get("command", [])
+    check(cmd[:2] == ["/bin/sh", "-c"] and "--replica-id" in cmd[2] and 'exec tallyd "$@"' in cmd[2],
+          "the container must exec tallyd with its args and a --replica-id: %r" % cmd)
+    check({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in ctr["env"], ctr["env"])
+    # the shell line run here: a pod IP becomes a valid replica id
+    p = subprocess.run(["/bin/sh", "-c", cmd[2].replace("exec tallyd", "echo"), "tallyd", "--config", "x"],
+                       env={"POD_IP": "10.244.1.17", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    check(p.stdout.split() == ["--config", "x", "--replica-id", "10-244-1-17"], p.stdout)
+    svcs = {d["metadata"]["name"]: d for f, d in docs if d["kind"] == "Service"}
+    head = svcs["tallyd-replicas"]
+    check(head["spec"].get("clusterIP") == "None", "tallyd-replicas must be headless")
+    check(head["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"], "headless selector")
+    (rcm,) = [d for f, d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tallyd-router"]
+    conf = rcm["data"]["tallyd.conf"]
+    check(".tallyd-replicas." in conf and "$tallyd_session_replica" in conf, "router config")
+    check("tallyd-router" in svcs, "router Service")
+    check(cfg.get("repository_watch") == "inotify" and cfg.get("repository_poll_secs", 0) > 0,
+          "replicas on a network volume need polling beside inotify")
+    check(cfg.get("fit_lock_lease_seconds", 30) > 0, "the fit lock is off")
+    names = [m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"]
+    check(names == ["tallyd_queued_requests"], names)
+    with open(os.path.join(ROOT, "deploy", "k8s", "hpa.yaml")) as f:
+        check("tallyd_model_queued_requests" in f.read(), "the adapter rule names tallyd's metric")
+    keda = load_yaml(os.path.join(ROOT, "deploy", "k8s", "keda", "scaledobject.yaml"))[0]
+    check(keda["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"], "KEDA target")
+    check("tallyd_model_queued_requests" in keda["spec"]["triggers"][0]["metadata"]["query"], "KEDA query")
+    # tallyd serves the metric the autoscalers read
+    m = c.d.get("/metrics").body.decode() if hasattr(c, "d") else None
+    if m is not None:
+        check("tallyd_model_queued_requests" in m, "no tallyd_model_queued_requests in /metrics")
+
+
 def test_k8s_manifests(c):
     need_yaml()
     docs = []
@@ -409,9 +447,13 @@ def test_k8s_manifests(c):
         check("apiVersion" in d and "kind" in d and d.get("metadata", {}).get("name"), "%s: not a k8s object" % f)
         by_kind.setdefault(d["kind"], []).append(d)
     for k in ("Deployment", "Service", "ConfigMap", "PersistentVolumeClaim", "HorizontalPodAutoscaler"):
-        check(len(by_kind.get(k, [])) == 1, "%s: %d objects" % (k, len(by_kind.get(k, []))))
-    dep, svc = by_kind["Deployment"][0], by_kind["Service"][0]
-    cm, pvc, hpa = by_kind["ConfigMap"][0], by_kind["PersistentVolumeClaim"][0], by_kind["HorizontalPodAutoscaler"][0]
+        check(by_kind.get(k), "%s: none" % k)
+
+    def named(kind, name):
+        (o,) = [d for d in by_kind[kind] if d["metadata"]["name"] == name]
+        return o
+    dep, svc = named("Deployment", "tallyd"), named("Service", "tallyd")
+    cm, pvc, hpa = named("ConfigMap", "tallyd-config"), by_kind["PersistentVolumeClaim"][0], by_kind["HorizontalPodAutoscaler"][0]
     pod = dep["spec"]["template"]["spec"]
     (ctr,) = [x for x in pod["containers"] if x["name"] == "tallyd"]
     fa = check_flags(c, ctr.get("args", []), "deployment.yaml args")
@@ -445,6 +487,7 @@ def test_k8s_manifests(c):
     check(hpa["apiVersion"] == "autoscaling/v2", hpa["apiVersion"])
     check(hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"], "HPA target")
     check(any(m["type"] == "Resource" and m["resource"]["name"] == "cpu" for m in hpa["spec"]["metrics"]), "cpu")
+    check_fleet(c, docs, dep, ctr, cfg, hpa)
     # the ConfigMap's file starts a daemon (address and repository swapped for the test's)
     c.start_with([], config=cfg)
 

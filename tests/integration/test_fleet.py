@@ -10,6 +10,12 @@ tallyd processes serve the same repository.
 - A replica killed with SIGKILL while it holds the lock blocks the model only
   until its lease runs out (--fit-lock-lease-seconds 2 here): then a fit
   through another replica succeeds.
+- Sessions: ids name their replica ("r1.<32 hex>"); another replica answers
+  404 naming the holder. Behind nginx running deploy/nginx/tallyd.conf (as
+  the current user, in a temporary prefix; skipped with the reason where
+  nginx is absent or cannot run), a session fed 50 chunks equals one request
+  over the same tokens, and concurrent fits through it end as distinct
+  versions or 409s.
 - Every replica serves a version fitted on another within PROPAGATE seconds
   of the fit's answer (inotify, no polling), stops serving a removed one as
   promptly, and loads a model copied into the repository; with
@@ -18,14 +24,17 @@ tallyd processes serve the same repository.
 import http.client
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
-from harness import ROOT, Daemon, check, check_status, collect, make_repo, run_tests
+from harness import (ROOT, Daemon, Response, SkipTest, check, check_status, collect, free_port,
+                     make_repo, output, run_tests)
 
 
 EXAMPLES = os.path.join(ROOT, "deploy", "examples")
@@ -81,7 +90,7 @@ class Ctx:
     def replica(self, i):
         # no polling: the replicas learn of changes from inotify alone
         return Daemon(self.repo, ["--threads", "1", "--repository-poll-secs", "0",
-                                  "--replica-id", "r%d" % i, "--fit-lock-lease-seconds", str(LEASE)])
+                                  "--replica-id", "r%d" % (i + 1), "--fit-lock-lease-seconds", str(LEASE)])
 
     def daemon_logs(self):
         return "\n".join(d.logs() for d in self.ds)
@@ -198,6 +207,197 @@ def test_poll_and_off_modes(c):
         off.stop()
 
 
+def feed(d, sid, ids, model="tiny_gpt2"):
+    return d.post("/v2/models/%s/sessions/%s/infer" % (model, sid),
+                  {"inputs": [{"name": "input_ids", "shape": [1, len(ids)], "datatype": "INT64",
+                               "data": ids}]})
+
+
+def test_session_on_another_replica_is_404_naming_holder(c):
+    r = check_status(c.ds[0].post("/v2/models/tiny_gpt2/sessions", {}), 201)
+    sid = r.json()["session_id"]
+    check(re.fullmatch(r"r1\.[0-9a-f]{32}", sid), sid)
+    check_status(feed(c.ds[0], sid, [1, 2, 3]), 200)
+    for d in c.ds[1:]:
+        check_status(d.get("/v2/models/tiny_gpt2/sessions/" + sid), 404, "held by replica 'r1'")
+        check_status(feed(d, sid, [4]), 404, "held by replica 'r1'")
+        check_status(d.request("DELETE", "/v2/models/tiny_gpt2/sessions/" + sid), 404, "'r1'")
+    # not a silent new session: the holder still has it where it was
+    check(check_status(c.ds[0].get("/v2/models/tiny_gpt2/sessions/" + sid), 200)
+          .json()["position"] == 3)
+    # an id of this replica that is gone says so, without blaming another
+    check_status(c.ds[1].get("/v2/models/tiny_gpt2/sessions/r2." + "0" * 32), 404, "unknown session")
+    check_status(c.ds[0].request("DELETE", "/v2/models/tiny_gpt2/sessions/" + sid), 200)
+    # session ids from different replicas (processes) never collide
+    ids = {check_status(d.post("/v2/models/tiny_gpt2/sessions", {}), 201).json()["session_id"]
+           for d in c.ds for _ in range(3)}
+    check(len(ids) == 9, ids)
+
+
+class Balancer:
+    """nginx running deploy/nginx/tallyd.conf in front of c.ds, as the
+    current user: a temporary prefix, its own error log and pid file,
+    `daemon off`. SkipTest (with the reason) where nginx is absent or cannot
+    run here."""
+
+    def __init__(self, ds):
+        exe = shutil.which("nginx") or next(
+            (p for p in ("/usr/sbin/nginx", "/sbin/nginx") if os.path.exists(p)), None)
+        if exe is None:
+            raise SkipTest("nginx is not installed (deploy/deps.sh test installs Debian's nginx)")
+        self.tmp = tempfile.mkdtemp(prefix="tallyd-nginx-")
+        with open(os.path.join(ROOT, "deploy", "nginx", "tallyd.conf")) as f:
+            conf = f.read()
+        for i, d in enumerate(ds):
+            want = "127.0.0.1:800%d" % (i + 1)
+            check(want in conf, "deploy/nginx/tallyd.conf lost %s" % want)
+            conf = conf.replace(want, "127.0.0.1:%d" % d.port)
+        self.port = free_port()
+        check("listen 127.0.0.1:8000;" in conf, "deploy/nginx/tallyd.conf: listen changed")
+        conf = conf.replace("listen 127.0.0.1:8000;", "listen 127.0.0.1:%d;" % self.port)
+        with open(os.path.join(self.tmp, "tallyd.conf"), "w") as f:
+            f.write(conf)
+        t = self.tmp
+        temps = "".join("    %s_temp_path %s/%s;\n" % (k, t, k)
+                        for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        with open(os.path.join(t, "nginx.conf"), "w") as f:
+            f.write("%sworker_processes 1;\npid %s/nginx.pid;\nerror_log %s/error.log warn;\n"
+                    "events { worker_connections 1024; }\nhttp {\n    access_log off;\n%s"
+                    "    include %s/tallyd.conf;\n}\n"
+                    % ("user root;\n" if os.geteuid() == 0 else "", t, t, temps, t))
+        self.stderr = open(os.path.join(t, "stderr"), "wb")
+        self.proc = subprocess.Popen([exe, "-p", t, "-e", t + "/error.log", "-c", t + "/nginx.conf",
+                                      "-g", "daemon off;"], stdout=subprocess.DEVNULL,
+                                     stderr=self.stderr)
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                why = self.errors()
+                self.stop()
+                raise SkipTest("nginx cannot run here: %s" % why)
+            try:
+                if self.get("/v2/health/ready").status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        why = self.errors()
+        self.stop()
+        raise AssertionError("nginx did not answer: %s" % why)
+
+    def errors(self):
+        out = []
+        for n in ("stderr", "error.log"):
+            try:
+                with open(os.path.join(self.tmp, n), errors="replace") as f:
+                    out.append(f.read()[-1500:])
+            except OSError:
+                pass
+        return " ".join(" ".join(out).split())
+
+    def request(self, method, path, body=None, timeout=120):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        h = {}
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            h["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=body, headers=h)
+            r = conn.getresponse()
+            return Response(r.status, r.getheaders(), r.read())
+        finally:
+            conn.close()
+
+    def get(self, path):
+        return self.request("GET", path)
+
+    def post(self, path, body=None, timeout=120):
+        return self.request("POST", path, body, timeout)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.stderr.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def test_session_through_the_balancer_equals_one_request(c):
+    lb = Balancer(c.ds)
+    try:
+        seq = [(i * 37 + 11) % 256 for i in range(100)]
+        r = check_status(lb.post("/v2/models/tiny_gpt2/sessions", {}), 201)
+        sid = r.json()["session_id"]
+        holder = sid.partition(".")[0]
+        check(holder in ("r1", "r2", "r3"), sid)
+        lps = []
+        for k in range(50):  # 50 chunks of 2 tokens, each on a new connection
+            r = check_status(lb.post("/v2/models/tiny_gpt2/sessions/%s/infer" % sid, {
+                "inputs": [{"name": "input_ids", "shape": [1, 2], "datatype": "INT64",
+                            "data": seq[2 * k:2 * k + 2]}]}), 200)
+            lps += output(r, "token_logprobs")["data"]
+            check(r.json()["parameters"]["position"] == 2 * k + 2, r.json().get("parameters"))
+        whole = check_status(lb.post("/v2/models/tiny_gpt2/infer", {
+            "inputs": [{"name": "input_ids", "shape": [1, 100], "datatype": "INT64",
+                        "data": seq}]}), 200)
+        want = output(whole, "token_logprobs")["data"]
+        check(len(lps) == len(want) == 99, (len(lps), len(want)))
+        worst = max(abs(a - b) / max(1.0, abs(b)) for a, b in zip(lps, want))
+        check(worst <= 1e-5, "chunked through the balancer differs from one request by %g" % worst)
+        check(check_status(lb.get("/v2/models/tiny_gpt2/sessions/" + sid), 200)
+              .json()["position"] == 100)
+        # the other replicas were never asked: they do not have it
+        for i, d in enumerate(c.ds):
+            if "r%d" % (i + 1) != holder:
+                check_status(d.get("/v2/models/tiny_gpt2/sessions/" + sid), 404, holder)
+        # an id naming a replica the balancer does not know reaches some
+        # replica, which says who holds it
+        check_status(lb.get("/v2/models/tiny_gpt2/sessions/r9." + "0" * 32), 404,
+                     "held by replica 'r9'")
+        check_status(lb.request("DELETE", "/v2/models/tiny_gpt2/sessions/" + sid), 200)
+    finally:
+        lb.stop()
+
+
+def test_concurrent_fits_through_the_balancer(c):
+    lb = Balancer(c.ds)
+    try:
+        mdir = os.path.join(c.repo, "aware_ensemble")
+        before = set(os.listdir(mdir))
+        results = [None] * 6
+        body = fit_body(20000, 1000000)
+
+        def fit(i):
+            results[i] = lb.post("/v2/models/aware_ensemble/fit", body)
+        ts = [threading.Thread(target=fit, args=(i,)) for i in range(len(results))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(180)
+        versions = []
+        for r in results:
+            check(r is not None and r.status in (200, 409), r)
+            if r.status == 200:
+                versions.append(int(r.json()["model_version"]))
+            else:
+                check("already running" in r.json()["error"], r.json())
+        check(versions and len(set(versions)) == len(versions), versions)
+        new = set(os.listdir(mdir)) - before
+        check(new == {str(v) for v in versions}, (sorted(new), versions))
+        newest = str(max(versions))
+        wait_for(lambda: all(serves(d, "aware_ensemble", newest) for d in c.ds), PROPAGATE,
+                 "every replica to serve %s" % newest)
+        # and an infer through the balancer, whichever replica answers
+        r = check_status(lb.post("/v2/models/aware_ensemble/infer", infer_body()), 200)
+        check(r.json()["model_version"] == newest, r.json())
+    finally:
+        lb.stop()
+
+
 def infer_body():
     with open(os.path.join(EXAMPLES, "aware_infer.json")) as f:
         return json.load(f)
@@ -209,13 +409,13 @@ def test_fit_on_another_replica_is_409_naming_holder(c):
     try:
         wait_for(lambda: lock_holder(lock), 10, "the fit lock")
         held = lock_holder(lock)
-        check(held["owner"] == "r0" and held["pid"] == c.ds[0].proc.pid, held)
+        check(held["owner"] == "r1" and held["pid"] == c.ds[0].proc.pid, held)
         check(held["expires_ms"] > time.time() * 1000, held)
         for d in c.ds[1:]:
             r = d.post("/v2/models/aware_ensemble/fit", fit_body(3))
-            check_status(r, 409, "replica 'r0'")
+            check_status(r, 409, "replica 'r1'")
             r = d.post("/v2/models/aware_ensemble/calibrate", fit_body(3))
-            check_status(r, 409, "replica 'r0'")
+            check_status(r, 409, "replica 'r1'")
         # the holder itself refuses a second one as before
         check_status(c.ds[0].post("/v2/models/aware_ensemble/fit", fit_body(3)), 409)
         # other models are not blocked
@@ -224,7 +424,7 @@ def test_fit_on_another_replica_is_409_naming_holder(c):
         check(r.status != 409, r)
         # renewed: still held well past the lease
         time.sleep(LEASE * 1.5)
-        check_status(c.ds[1].post("/v2/models/aware_ensemble/fit", fit_body(3)), 409, "'r0'")
+        check_status(c.ds[1].post("/v2/models/aware_ensemble/fit", fit_body(3)), 409, "'r1'")
     finally:
         conn.close()  # the fit is cancelled between epochs and its lock released
     wait_for(lambda: not os.path.exists(lock), 10, "the lock to go with the cancelled fit")
@@ -237,11 +437,11 @@ def test_killed_holder_blocks_only_for_the_lease(c):
     victim = c.ds[2]
     conn = start_long_fit(victim)
     try:
-        wait_for(lambda: (lock_holder(lock) or {}).get("owner") == "r2", 10, "r2's fit lock")
+        wait_for(lambda: (lock_holder(lock) or {}).get("owner") == "r3", 10, "r3's fit lock")
         victim.proc.kill()  # SIGKILL: no release, no renewal
         victim.proc.wait()
         t0 = time.time()
-        check_status(c.ds[0].post("/v2/models/aware_ensemble/fit", fit_body(3)), 409, "'r2'")
+        check_status(c.ds[0].post("/v2/models/aware_ensemble/fit", fit_body(3)), 409, "'r3'")
         r = None
         while time.time() - t0 < LEASE + 5:
             r = c.ds[0].post("/v2/models/aware_ensemble/fit", fit_body(3))

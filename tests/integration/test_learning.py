@@ -167,6 +167,7 @@ def test_config_refused_by_name():
         "b3": ens_config(refit={"every_rows": 10}),
         "b4": ens_config(log={}, refit={"every_rows": 10, "windows": 3}),
         "b5": ens_config(log={}, refit={"params": {"epoch": 3}}),
+        "b6": ens_config(log={}, refit={"metric": "wis"}),
     }
     for n, cfg in bad.items():
         write_model(repo, n, cfg, theta_tensors([0, 0]))
@@ -176,7 +177,7 @@ def test_config_refused_by_name():
         idx = {m["name"]: m for m in check_status(d.post("/v2/repository/index", {}), 200).json()}
         check(idx["ok"]["state"] == "READY", idx["ok"])
         want = {"b1": "max_row", "b2": "sample_rate", "b3": "needs 'log'", "b4": "windows",
-                "b5": "epoch"}
+                "b5": "epoch", "b6": "\"log_loss\" or \"brier\""}
         for n, word in want.items():
             check(idx[n]["state"] == "UNAVAILABLE" and word in idx[n].get("reason", ""), idx[n])
     finally:
@@ -341,9 +342,11 @@ def test_candidate_replaced_and_too_old():
 
 def test_candidate_superseded_by_fit():
     """A /fit while a candidate is pending serves a newer version: the
-    candidate, however good, is dropped as superseded, never served."""
+    candidate, however good, is dropped as superseded, never served. (Scored
+    by the Brier score here: refit.metric.)"""
     cfg = ens_config(log={"max_rows": 5000},
-                     refit={"window_rows": 200, "min_rows": 100, "compare_rows": 50, "margin": 0.0})
+                     refit={"window_rows": 200, "min_rows": 100, "compare_rows": 50, "margin": 0.0,
+                            "metric": "brier"})
     c = start({"s": (cfg, theta_tensors([4.0, -4.0]))})
     try:
         rng = random.Random(21)
@@ -364,8 +367,84 @@ def test_candidate_superseded_by_fit():
         d = j["decision"] or check_status(c.d.get("/v2/models/s/candidates"), 200).json()["decisions"][-1]
         check(d["decision"] == "dropped" and "superseded" in d["why"], j)
         check(check_status(c.d.get("/v2/models/s"), 200).json()["versions"] == ["3"], "served")
-        check(version_json(c.repo, "s", 2)["candidate"]["state"] == "dropped", "state")
+        cj = version_json(c.repo, "s", 2)["candidate"]
+        check(cj["state"] == "dropped" and cj["scores"]["metric"] == "brier", cj)
+        check(0 <= cj["scores"]["candidate"] < cj["scores"]["served"] <= 1, cj)
     finally:
+        c.d.stop()
+
+
+def test_python_client():
+    """tallyclient's infer(id=...), feedback, refit and candidates."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..",
+                                    "clients", "python"))
+    from tallyclient import TallyClient, TallyError
+    c = start({"py": (ens_config(log={"max_rows": 1000}, refit={"window_rows": 100,
+                                                                 "min_rows": 50}),
+                      theta_tensors([0, 0]))})
+    try:
+        cl = TallyClient("http://127.0.0.1:%d" % c.d.port)
+        rng = random.Random(8)
+        Z, y = rows(rng, 60, 1)
+        cl.infer("py", {"member_outputs": Z}, id="pyb")
+        j = cl.feedback("py", ["pyb:%d" % i for i in range(60)] + ["zz"], labels=y + [0])
+        check(j["accepted"] == 60 and j["unknown"]["ids"] == ["zz"], j)
+        r = cl.refit("py", {"epochs": 10})
+        check(r["candidate_version"] == "2", r)
+        check(cl.candidates("py")["candidate"]["version"] == "2", "candidate")
+        try:
+            cl.feedback("py", ["a"], targets=[1.0])
+            check(False, "targets on an ensemble should be a 400")
+        except TallyError as e:
+            check("labels" in str(e), str(e))
+    finally:
+        c.d.stop()
+
+
+def test_batch_larger_than_the_log():
+    """A batch of more rows than log.max_rows while a candidate is pending:
+    the index keeps the newest max_rows, the shadow answer covers the batch
+    (its ids are copies: the batch evicted its own first rows), nothing breaks."""
+    cfg = ens_config(log={"max_rows": 20}, refit={"window_rows": 20, "min_rows": 10})
+    c = start({"tiny": (cfg, theta_tensors([0, 0]))})
+    try:
+        rng = random.Random(12)
+        Z, y = rows(rng, 20, 1)
+        check_status(c.d.infer("tiny", [tensor("member_outputs", Z)], id="a"), 200)
+        feedback(c.d, "tiny", ["a:%d" % i for i in range(20)], y)
+        check_status(c.d.post("/v2/models/tiny/refit", {"parameters": {"epochs": 5}}), 200)
+        Z2, y2 = rows(rng, 50, 1)
+        check_status(c.d.infer("tiny", [tensor("member_outputs", Z2)], id="big"), 200)
+        time.sleep(0.3)
+        j = feedback(c.d, "tiny", ["big:%d" % i for i in range(50)], y2).json()
+        check(j["accepted"] == 20 and j["unknown"]["count"] == 30, j)
+        check(j["unknown"]["ids"][0] == "big:0", j)
+        st = check_status(c.d.get("/v2/models/tiny/candidates"), 200).json()
+        check(st["log"]["rows_indexed"] == 20 and st["candidate"]["compared_rows"] == 20, st)
+    finally:
+        c.d.stop()
+
+
+def test_second_daemon_does_not_log():
+    """Two daemons on one repository: the first to serve the model holds its
+    row log; the other serves but does not log, and its feedback is a 503
+    naming why."""
+    c = start({"two": (ens_config(log={"max_rows": 100}), theta_tensors([0, 0]))})
+    d2 = Daemon(c.repo, args=["--replica-id", "other"]).start()
+    try:
+        rng = random.Random(13)
+        Z, y = rows(rng, 2, 1)
+        check_status(c.d.infer("two", [tensor("member_outputs", Z)], id="one"), 200)
+        check_status(d2.infer("two", [tensor("member_outputs", Z)], id="two"), 200)
+        check_status(d2.post("/v2/models/two/feedback",
+                             {"inputs": [bytes_tensor("id", ["two:0"]),
+                                         tensor("labels", [1], datatype="INT64")]}),
+                     503, "in use by another process")
+        j = feedback(c.d, "two", ["one:0", "one:1", "two:0"], y + [1]).json()
+        check(j["accepted"] == 2 and j["unknown"]["ids"] == ["two:0"], j)
+    finally:
+        d2.stop()
         c.d.stop()
 
 

@@ -9,7 +9,7 @@ POST /feedback with the ids and targets, docs/learning.md) and through
 evaluate's observe (callers that keep their own inputs). Also: the adaptive
 state survives a restart, the gauges' names and labels, and the 400s of the
 new parameters. Standard library only; about 15 s on 2 cores."""
-import math
+import os
 import random
 import re
 
@@ -197,7 +197,7 @@ def test_drift(c):
 
 
 def test_state_survives_restart(c):
-    """a_t, the misses and the score window are in <version>/adaptive.json:
+    """a_t, the misses and the score window are in <version>/.adaptive.safetensors:
     a restarted daemon serves the same corrections."""
     before = c.state_on
     rng = random.Random(8)
@@ -206,6 +206,8 @@ def test_state_survives_restart(c):
         tensor("base_quantiles", bq)]}), 200).json()["outputs"][0]["data"]
     rc = c.d.stop()
     check(rc == 0 and "ERROR: " not in c.d.logs(), c.d.logs()[-3000:])
+    state = os.path.join(c.repo, "drift_on", "2", ".adaptive.safetensors")
+    check(os.path.getsize(state) > 4 * 1000, state)  # 1000 FP32 scores and more
     c.d = Daemon(c.repo).start()
     q2 = check_status(c.d.post("/v2/models/drift_on/infer", {"inputs": [
         tensor("base_quantiles", bq)]}), 200).json()["outputs"][0]["data"]
@@ -216,6 +218,18 @@ def test_state_survives_restart(c):
         check(after[k] == before[k], (k, before[k], after[k]))
     check(ev["live"]["rows"] == 0, ev["live"])  # the rolling window starts empty
     check("coverage" not in ev["live"], ev["live"])
+    # a state file that is not this version's (here: torn) is set aside with
+    # a warning; the version serves from its calibration
+    rc = c.d.stop()
+    check(rc == 0, c.d.logs()[-3000:])
+    state = os.path.join(c.repo, "drift_on", "2", ".adaptive.safetensors")
+    with open(state, "r+b") as f:
+        f.truncate(os.path.getsize(state) // 2)
+    c.d = Daemon(c.repo).start()
+    ev = check_status(c.d.post("/v2/models/drift_on/evaluate", body(bq, ys)), 200).json()
+    check(ev["live"]["adaptive"]["rows"] == 0, ev["live"])
+    check(ev["live"]["adaptive"]["alpha_t"][0] == 0.2, ev["live"])
+    check("does not hold this version's adaptive state" in c.d.logs(), c.d.logs()[-3000:])
 
 
 def test_refusals(c):

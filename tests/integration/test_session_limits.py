@@ -61,7 +61,7 @@ def create(d, model="g"):
 def sid_of(r):
     check_status(r, 201)
     j = r.json()
-    check(re.fullmatch(r"[0-9a-f]{32}", j["session_id"]) and j["position"] == 0, j)
+    check(re.fullmatch(r"([A-Za-z0-9_-]{1,48}\.)?[0-9a-f]{32}", j["session_id"]) and j["position"] == 0, j)
     return j["session_id"]
 
 

@@ -1,13 +1,15 @@
 /* test_randid.c - the one random-id maker (base/randid.h): lengths and
  * alphabets of both encodings, base64url of known bytes' lengths, refusal of
  * short buffers, and no id handed out twice from the pooled block, within a
- * thread and across threads. */
+ * thread and across threads, nor shared by a forked child with its parent. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <uv.h>
 
 #include <cmocka.h>
@@ -75,9 +77,42 @@ static void test_pooled_ids_never_repeat(void **s) {
     if (strcmp(all[i - 1], all[i]) == 0) fail_msg("id %s handed out twice", all[i]);
 }
 
+/* A forked child must not hand out the ids its parent hands out next: the
+ * pooled block is refilled in the child, and direct draws differ too. */
+static void test_forked_processes_differ(void **s) {
+  (void)s;
+  char a[33], b[33], c[33], d[33];
+  ts_err err = {0};
+  assert_int_equal(rid_make(a, sizeof a, 16, RID_HEX, RID_POOLED, &err), 0); /* block filled */
+  int p[2];
+  assert_int_equal(pipe(p), 0);
+  pid_t k = fork();
+  assert_true(k >= 0);
+  if (k == 0) {
+    char x[66];
+    if (rid_make(x, 33, 16, RID_HEX, RID_POOLED, NULL) ||
+        rid_make(x + 33, 33, 16, RID_HEX, 0, NULL) || write(p[1], x, 66) != 66)
+      _exit(1);
+    _exit(0);
+  }
+  char got[66];
+  assert_int_equal(read(p[0], got, 66), 66);
+  int st;
+  assert_int_equal(waitpid(k, &st, 0), k);
+  assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+  assert_int_equal(rid_make(b, sizeof b, 16, RID_HEX, RID_POOLED, &err), 0);
+  assert_int_equal(rid_make(d, sizeof d, 16, RID_HEX, 0, &err), 0);
+  memcpy(c, got, 33);
+  assert_string_not_equal(c, b); /* the parent's next pooled id */
+  assert_string_not_equal(got + 33, d);
+  close(p[0]);
+  close(p[1]);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {cmocka_unit_test(test_lengths_and_alphabets),
                                      cmocka_unit_test(test_refusals),
-                                     cmocka_unit_test(test_pooled_ids_never_repeat)};
+                                     cmocka_unit_test(test_pooled_ids_never_repeat),
+                                     cmocka_unit_test(test_forked_processes_differ)};
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

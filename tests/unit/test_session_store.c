@@ -68,6 +68,27 @@ static void create(ss_store *s, const char *owner, int tag, uint64_t bytes, ss_i
   if (ss_create(s, owner, &p, bytes, in, &full, &err)) fail_msg("ss_create: %s", err.msg);
 }
 
+/* With a prefix (the replica id) ids read "<prefix>.<32 hex>" and are
+ * looked up whole; the bare random part is not the session. */
+static void test_prefixed_ids(void **st) {
+  (void)st;
+  ss_config c = {.limits = {60, 1 << 20, 100}, .payload_size = sizeof(pl), .free_payload = free_pl};
+  snprintf(c.id_prefix, sizeof c.id_prefix, "replica-7");
+  ss_store *s = NULL;
+  ts_err err = {0};
+  assert_int_equal(ss_open(&s, &c, &err), 0);
+  ss_info a, g;
+  create(s, "m", 1, 100, &a);
+  assert_int_equal(strlen(a.id), strlen("replica-7.") + SS_ID_LEN);
+  assert_memory_equal(a.id, "replica-7.", 10);
+  assert_int_equal(strspn(a.id + 10, "0123456789abcdef"), SS_ID_LEN);
+  ss_gone gone;
+  assert_int_equal(ss_get(s, "m", a.id, &g, NULL, &gone), 0);
+  assert_string_equal(g.id, a.id);
+  assert_int_equal(ss_get(s, "m", a.id + 10, &g, NULL, &gone), -TS_ENOTFOUND);
+  ss_close(s);
+}
+
 static void test_ids_lookup_delete(void **st) {
   (void)st;
   ss_store *s = open_store(60, 1 << 20, 100, 0, 1);
@@ -397,6 +418,7 @@ int main(void) {
   uv_mutex_init(&freed_mu);
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_ids_lookup_delete),
+      cmocka_unit_test(test_prefixed_ids),
       cmocka_unit_test(test_ttl_on_a_fake_clock),
       cmocka_unit_test(test_reaper),
       cmocka_unit_test(test_lru_eviction_by_bytes),

@@ -210,6 +210,7 @@ static void test_encode(void **s) {
   r2->span_id[0] = 0x99;
   for (int p = TRP_QUEUE; p < TRP_COUNT; p++) r2->ph[p][0] = r2->ph[p][1] = 0;
   atomic_store(&r2->n_hosted, 0);
+  atomic_store(&r2->hosted_ready, 0);
   assert_int_equal(trace_span_count(r), 1 + TRP_COUNT + 3);
   assert_int_equal(trace_span_count(r2), 2);
   trace_req *recs[2] = {r, r2};
@@ -310,6 +311,54 @@ static void test_encode(void **s) {
   trace_release(r2);
 }
 
+static void test_encode_numbers(void **s) {
+  (void)s;
+  /* integers are written two digits a step: every length, both parities */
+  static const long long vals[] = {1,
+                                   9,
+                                   10,
+                                   99,
+                                   100,
+                                   101,
+                                   999,
+                                   1000,
+                                   12345,
+                                   1000000,
+                                   987654321,
+                                   1234567890,
+                                   INT64_C(9223372036854775807)};
+  for (size_t i = 0; i < sizeof vals / sizeof *vals; i++) {
+    trace_req *r = make_rec();
+    r->version = vals[i];
+    r->status = (int)(vals[i] % 1000);
+    sbuf b;
+    sbuf_init(&b);
+    trace_encode(&r, 1, "i", &b);
+    json_t *doc = json_loadb(b.data, b.len, 0, NULL);
+    assert_non_null(doc);
+    json_t *sp = json_array_get(
+        json_object_get(
+            json_array_get(json_object_get(json_array_get(json_object_get(doc, "resourceSpans"), 0),
+                                           "scopeSpans"),
+                           0),
+            "spans"),
+        0);
+    json_t *a = json_object_get(sp, "attributes");
+    char want[32];
+    snprintf(want, sizeof want, "%lld", vals[i]);
+    assert_string_equal(
+        json_string_value(json_object_get(attr(a, "tallyd.model.version"), "intValue")), want);
+    snprintf(want, sizeof want, "%d", r->status);
+    if (r->status)
+      assert_string_equal(
+          json_string_value(json_object_get(attr(a, "http.response.status_code"), "intValue")),
+          want);
+    json_decref(doc);
+    sbuf_free(&b);
+    trace_release(r);
+  }
+}
+
 static void test_hosted_sink_caps(void **s) {
   (void)s;
   /* the record's sink as a worker sees it: more hosted calls than slots are
@@ -317,6 +366,7 @@ static void test_hosted_sink_caps(void **s) {
   trace_req *r = make_rec();
   memset(r->hosted, 0, sizeof r->hosted);
   atomic_store(&r->n_hosted, 0);
+  atomic_store(&r->hosted_ready, 0);
   for (int i = 0; i < TRACE_MAX_HOSTED + 5; i++)
     r->sink.hosted(&r->sink, "base", "q", 1, 100.0 + i, 100.5 + i, 0);
   assert_int_equal(atomic_load(&r->n_hosted), TRACE_MAX_HOSTED + 5);
@@ -333,6 +383,7 @@ int main(void) {
                                      cmocka_unit_test(test_tracestate),
                                      cmocka_unit_test(test_off_costs_nothing),
                                      cmocka_unit_test(test_encode),
+                                     cmocka_unit_test(test_encode_numbers),
                                      cmocka_unit_test(test_hosted_sink_caps)};
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
