@@ -789,7 +789,26 @@ static int eval_served(const ens_state *s, const ens_data *d, const aw_fit_opts 
   int64_t *perm = tl_malloc(sizeof *perm * (size_t)d->N), n_val;
   if (!perm) return ts_errf(err, TS_ENOMEM, "out of memory for %lld row indices", (long long)d->N);
   aw_split(d->N, o->validation_fraction, o->seed, perm, &n_val);
-  int rc = aw_eval(&s->spec, d->P, d->labels, perm + n_val, d->N - n_val, s->theta, thr, out, err);
+  int rc;
+  if (s->temperature == 1.0) {
+    rc = aw_eval(&s->spec, d->P, d->labels, perm + n_val, d->N - n_val, s->theta, thr, out, err);
+  } else {
+    /* a calibrated parent serves its temperature too: score what it serves */
+    int64_t m = d->N - n_val, Cc = s->Cc;
+    double *y = NULL, *ys = tl_malloc(sizeof(double) * (size_t)(m ? m : 1) * (size_t)Cc);
+    int32_t *ls = tl_malloc(sizeof(int32_t) * (size_t)(m ? m : 1));
+    rc = ys && ls ? served_probs(s, d, s->theta, s->temperature, &y, err)
+                  : ts_errf(err, TS_ENOMEM, "out of memory for %lld rows", (long long)m);
+    for (int64_t i = 0; !rc && i < m; i++) {
+      int64_t r = perm[n_val + i];
+      memcpy(ys + i * Cc, y + r * Cc, sizeof(double) * (size_t)Cc);
+      ls[i] = d->labels[r];
+    }
+    if (!rc) rc = met_all(m, s->spec.C, ys, ls, thr, out, err);
+    tl_free(y);
+    tl_free(ys);
+    tl_free(ls);
+  }
   tl_free(perm);
   return rc;
 }

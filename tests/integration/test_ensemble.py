@@ -624,6 +624,14 @@ def test_calibrate_temperature(c):
     e = check_status(c.d.post("/v2/models/calext/calibrate",
                               {"inputs": [tensor("member_outputs", rows)]}), 400).json()
     check("labels" in e["error"], e)
+    # a fit from the calibrated version: "served" scores what version 2
+    # serves (its temperature included); the new version drops the temperature
+    f = check_status(c.d.post("/v2/models/calext/fit", dict(body, parameters={
+        "epochs": 3, "validation_fraction": 0})), 200).json()
+    check(abs(f["metrics"]["served"]["log_loss"] - ev2["metrics"]["log_loss"]) < 1e-9,
+          (f["metrics"]["served"], ev2["metrics"]))
+    ev3 = check_status(c.d.post("/v2/models/calext/evaluate", body), 200).json()
+    check(ev3["model_version"] == "3" and ev3["calibration"]["temperature"] == 1.0, ev3)
 
 
 def test_clean_exit(c):
