@@ -33,7 +33,7 @@ import tempfile
 import threading
 import time
 
-from harness import (ROOT, Daemon, Response, SkipTest, check, check_status, collect, free_port,
+from harness import (BIN, ROOT, Daemon, Response, SkipTest, check, check_status, collect, free_port,
                      make_repo, output, run_tests)
 
 
@@ -196,15 +196,33 @@ def test_poll_and_off_modes(c):
         check(not serves(off, "aware_ensemble", v), "--repository-watch off noticed a change")
         off.proc.send_signal(signal.SIGHUP)
         wait_for(lambda: serves(off, "aware_ensemble", v), 5, "the SIGHUP rescan")
-        r = Daemon(c.repo, ["--repository-watch", "sometimes"]).start
-        try:
-            r()
-            check(False, "--repository-watch sometimes was accepted")
-        except RuntimeError as e:
-            check("--repository-watch must be inotify, poll or off" in str(e), str(e))
     finally:
         polled.stop()
         off.stop()
+
+
+def test_flag_refusals(c):
+    for args, msg in ((["--replica-id", "a.b"], "--replica-id 'a.b'"),
+                      (["--replica-id", "x" * 49], "1-48 letters"),
+                      (["--replica-id", ""], "--replica-id"),
+                      (["--fit-lock-lease-seconds", "-1"], "--fit-lock-lease-seconds"),
+                      (["--repository-watch", "sometimes"], "must be inotify, poll or off")):
+        p = subprocess.run([BIN, "--model-repository", c.repo, "--listen", "127.0.0.1:0"] + args,
+                           capture_output=True, text=True, timeout=30)
+        check(p.returncode == 2 and msg in p.stderr, (args, p.returncode, p.stderr[-300:]))
+    # lease 0: no lock file, one fit per model per process only
+    d = Daemon(c.repo, ["--threads", "1", "--fit-lock-lease-seconds", "0",
+                        "--repository-watch", "off", "--replica-id", "nolock"]).start()
+    try:
+        conn = start_long_fit(d)
+        try:
+            time.sleep(0.5)
+            check(not os.path.exists(os.path.join(c.repo, "aware_ensemble", LOCK)), "a lock file")
+            check_status(d.post("/v2/models/aware_ensemble/fit", fit_body(3)), 409, "already running")
+        finally:
+            conn.close()
+    finally:
+        d.stop()
 
 
 def feed(d, sid, ids, model="tiny_gpt2"):
