@@ -287,8 +287,7 @@ static void test_lane_cap(void **s) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_parallel_for), cmocka_unit_test(test_queue_bound),
-      cmocka_unit_test(test_levels), cmocka_unit_test(test_place_kept),
-      cmocka_unit_test(test_queue_limits),
-      cmocka_unit_test(test_lane_cap)};
+      cmocka_unit_test(test_levels),       cmocka_unit_test(test_place_kept),
+      cmocka_unit_test(test_queue_limits), cmocka_unit_test(test_lane_cap)};
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
