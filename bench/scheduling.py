@@ -130,8 +130,9 @@ def fit_body(rows, seconds):
 
 
 def batching_round(a, port, mixes, form):
-    print("1. dynamic batching, %s bodies: %d clients, 1-row requests, mlp 256-1024-1024-1, "
-          "delay %d us, %d threads" % (form, a.clients, a.delay_us, a.threads or os.cpu_count()))
+    print("1. dynamic batching, %s bodies: %d clients, 1-row requests, mlp 256-%d-%d-1, "
+          "delay %d us, %d threads" % (form, a.clients, a.hidden, a.hidden, a.delay_us,
+                                       a.threads or os.cpu_count()))
     loadgen(a.loadgen, port, mixes["plain"], 2000, a.clients)  # warm up
     loadgen(a.loadgen, port, mixes["batched"], 2000, a.clients)
     before = batch_counters(port)
@@ -176,10 +177,12 @@ def main():
     ap.add_argument("--fit-rows", type=int, default=1000000)
     ap.add_argument("--fit-seconds", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--hidden", type=int, default=1024, help="width of the two hidden layers")
+    ap.add_argument("--skip-fit", action="store_true")
     a = ap.parse_args()
     rng = random.Random(1)
     repo = tempfile.mkdtemp(prefix="tallyd-bench-sched-")
-    sizes = [256, 1024, 1024, 1]
+    sizes = [256, a.hidden, a.hidden, 1]
     w = mlp_tensors(rng, sizes)
     mlp = {"kind": "mlp", "activations": ["relu", "relu", "none"]}
     write_model(repo, "plain", mlp, w)
@@ -214,6 +217,8 @@ def main():
             for f in mixes.values():
                 os.unlink(f)
 
+        if a.skip_fit:
+            return
         small = mix_file(request_bytes(
             "/v2/models/small/infer",
             {"inputs": [{"name": "features", "shape": [1, 16], "datatype": "FP32",
