@@ -355,13 +355,14 @@ void server_free(server *s) {
   s->started = 0;
   shutdown_now(s);
   close_handles(s);
-  if (s->watch_fd >= 0) close(s->watch_fd);
-  s->watch_fd = -1;
   /* batches still waiting are queued; workers finish what they hold; their
    * results are dropped */
   batch_stop(s);
   pool_destroy(s->pool);
   s->pool = NULL;
+  /* after the workers: a rescan adds watches through this descriptor */
+  if (s->watch_fd >= 0) close(s->watch_fd);
+  s->watch_fd = -1;
   batch_free(s);
   transport_drop_done(s);
   learn_free(s->learn); /* after the pool: no shadow answer or refit runs */
