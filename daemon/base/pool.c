@@ -278,11 +278,16 @@ int pool_submit_at(pool_t *p, pool_q *q, int lane, int level, uint64_t *seq, poo
   else
     j->seq = ++p->seq;
   if (seq) *seq = j->seq;
-  if (q->tail[lane][level])
-    q->tail[lane][level]->next = j;
+  /* the list stays in submission order: a job given its earlier place goes
+   * before every job submitted after it */
+  job **at = &q->head[lane][level];
+  if (!q->tail[lane][level] || q->tail[lane][level]->seq < j->seq)
+    at = q->tail[lane][level] ? &q->tail[lane][level]->next : at;
   else
-    q->head[lane][level] = j;
-  q->tail[lane][level] = j;
+    while (*at && (*at)->seq < j->seq) at = &(*at)->next;
+  j->next = *at;
+  *at = j;
+  if (!j->next) q->tail[lane][level] = j;
   q->queued++;
   p->queued++;
   uv_cond_signal(&p->wake);

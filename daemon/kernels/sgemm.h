@@ -34,8 +34,9 @@ typedef struct sg_ops {
   const char *name;
   sg_fn gemm;
   /* The same product with each element of C summed in one order whatever
-   * M is (no few-row kernels), so a row's result does not depend on the
-   * rows beside it (sg_row_invariant). */
+   * M is (the few-row kernels, a few rows at a time), so a row's result
+   * does not depend on the rows beside it and equals a 1-row product's
+   * (sg_row_invariant). */
   sg_fn gemm_inv;
   int mr, nr; /* its register block: the pool splits rows or columns in these units */
 } sg_ops;

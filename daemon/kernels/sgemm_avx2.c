@@ -439,16 +439,15 @@ static void few_t(int64_t M, int64_t N, int64_t K, const float *A, int64_t lda, 
 
 /* ---- entry ----------------------------------------------------------------- */
 
-static void gemm_avx2_impl(int direct, int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
-                           int64_t lda, const float *B, int64_t ldb, float beta, float *C,
-                           int64_t ldc) {
+static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; i++)
       for (int64_t j = 0; j < N; j++) C[i * ldc + j] = merge1(C[i * ldc + j], 0.0f, beta);
     return;
   }
-  if (direct && M <= DIRECT_MAX_M) {
+  if (M <= DIRECT_MAX_M) {
     if (trans_b)
       few_t(M, N, K, A, lda, B, ldb, beta, C, ldc);
     else
@@ -470,15 +469,23 @@ static void gemm_avx2_impl(int direct, int trans_b, int64_t M, int64_t N, int64_
   gemm_packed(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, Ap, Bp, nc);
 }
 
-static void gemm_avx2(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                      const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
-  gemm_avx2_impl(1, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
-}
-
-/* Every M through the packed kernels: a row's sums do not depend on M. */
+/* Row-invariant: every M through the few-row kernels, DIRECT_MAX_M rows at
+ * a time; they sum each element as for its row alone, so a row's result is
+ * the same bits in a product of any number of rows (and the same as a
+ * 1-row product through gemm_avx2). */
 static void gemm_avx2_inv(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
                           const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
-  gemm_avx2_impl(0, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  if (M <= DIRECT_MAX_M || K <= 0) {
+    gemm_avx2(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  for (int64_t i = 0; i < M; i += DIRECT_MAX_M) {
+    int64_t m = min64(DIRECT_MAX_M, M - i);
+    if (trans_b)
+      few_t(m, N, K, A + i * lda, lda, B, ldb, beta, C + i * ldc, ldc);
+    else
+      few_n(m, N, K, A + i * lda, lda, B, ldb, beta, C + i * ldc, ldc);
+  }
 }
 
 const sg_ops sg__ops_avx2 = {"avx2+fma", gemm_avx2, gemm_avx2_inv, MR, NR};

@@ -183,16 +183,15 @@ static void gemm_packed(int trans_b, int64_t M, int64_t N, int64_t K, const floa
 
 /* ---- entry ----------------------------------------------------------------- */
 
-static void gemm_avx512_impl(int direct, int trans_b, int64_t M, int64_t N, int64_t K,
-                             const float *A, int64_t lda, const float *B, int64_t ldb, float beta,
-                             float *C, int64_t ldc) {
+static void gemm_avx512(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
+                        const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) {
     for (int64_t i = 0; i < M; i++)
       for (int64_t j = 0; j < N; j++) C[i * ldc + j] = merge1(C[i * ldc + j], 0.0f, beta);
     return;
   }
-  if (direct && M <= DIRECT_MAX_M) { /* the AVX2 path's unpacked few-row products */
+  if (M <= DIRECT_MAX_M) { /* the AVX2 path's unpacked few-row products */
     sg__ops_avx2.gemm(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
     return;
   }
@@ -211,16 +210,12 @@ static void gemm_avx512_impl(int direct, int trans_b, int64_t M, int64_t N, int6
   gemm_packed(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc, Ap, Bp, nc);
 }
 
-static void gemm_avx512(int trans_b, int64_t M, int64_t N, int64_t K, const float *A, int64_t lda,
-                        const float *B, int64_t ldb, float beta, float *C, int64_t ldc) {
-  gemm_avx512_impl(1, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
-}
-
-/* Every M through the packed kernels: a row's sums do not depend on M. */
+/* Row-invariant products are the AVX2 path's (its few-row kernels, which
+ * this path uses for few rows too): the same bits as a 1-row product. */
 static void gemm_avx512_inv(int trans_b, int64_t M, int64_t N, int64_t K, const float *A,
                             int64_t lda, const float *B, int64_t ldb, float beta, float *C,
                             int64_t ldc) {
-  gemm_avx512_impl(0, trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
+  sg__ops_avx2.gemm_inv(trans_b, M, N, K, A, lda, B, ldb, beta, C, ldc);
 }
 
 const sg_ops sg__ops_avx512 = {"avx512", gemm_avx512, gemm_avx512_inv, MR, NR};

@@ -88,6 +88,11 @@ static void unscore(lmodel *m, lrow *r) {
 static void index_add(lmodel *m, lrow *r) {
   lrow *old = lm_find(m, r->id);
   if (old) hash_remove(m, old); /* stays in the ring until it is the oldest */
+  if (old && old->labelled) {   /* an id served again starts unlabelled */
+    old->labelled = 0;
+    m->labelled--;
+    unscore(m, old);
+  }
   if (m->count == m->cap) {
     lrow *gone = m->ring[m->head];
     if (lm_find(m, gone->id) == gone) hash_remove(m, gone);
@@ -100,11 +105,7 @@ static void index_add(lmodel *m, lrow *r) {
     m->ring[(m->head + m->count) % m->cap] = r;
     m->count++;
   }
-  if (old && old->labelled) { /* an id served again starts unlabelled */
-    old->labelled = 0;
-    m->labelled--;
-    unscore(m, old);
-  }
+  /* (old may be the oldest row, freed above when the ring was full) */
   size_t b = fnv1a(r->id) & (m->nb - 1);
   r->hnext = m->buckets[b];
   m->buckets[b] = r;
@@ -551,6 +552,11 @@ static int read_ids(const ts_tensor *t, char ***out, int64_t *n, ts_err *err) {
     return ts_errf(err, TS_EINVAL, "input 'id': expected BYTES of shape [N], got %s of rank %d",
                    ts_dtype_name(t->dtype), t->ndim);
   int64_t N = t->shape[0];
+  /* every element takes at least its 4-byte length: a shape the bytes
+   * cannot hold is refused before anything is allocated for it */
+  if (N < 0 || (uint64_t)N > t->nbytes / 4)
+    return ts_errf(err, TS_EINVAL, "input 'id': its bytes end before its %lld elements do",
+                   (long long)N);
   char **ids = tl_calloc((size_t)(N ? N : 1), sizeof(char *));
   if (!ids) return ts_errf(err, TS_ENOMEM, "out of memory for %lld ids", (long long)N);
   const unsigned char *p = t->data;

@@ -154,13 +154,14 @@ static void save_state(qk_live *l, st_writer *w, uint64_t seq) {
   }
   pthread_mutex_lock(&l->save_mu);
   if (seq > l->saved_seq) {
-    size_t n = strlen(l->path) + 8;
+    size_t n = strlen(l->path) + 32;
     char *tmp = tl_malloc(n);
     ts_err err = {0};
     if (!tmp)
       ts_errf(&err, TS_ENOMEM, "out of memory");
     else {
-      snprintf(tmp, n, "%s.tmp", l->path);
+      /* per process: replicas on one repository never write one temporary file */
+      snprintf(tmp, n, "%s.%ld.tmp", l->path, (long)getpid());
       if (st_writer_save(w, tmp, &err) == 0 && fs_rename_atomic(tmp, l->path, &err) == 0)
         l->saved_seq = seq;
     }
@@ -365,6 +366,7 @@ static int served_rows(const qk_state *s, const ts_list *served, int64_t B, floa
   for (int64_t i = 0; !rc && i < B * s->K; i++)
     if (isnan((*out)[i])) {
       tl_free(*out);
+      *out = NULL;
       rc = ts_errf(err, TS_EINVAL, "observe: served row %lld holds NaN", (long long)(i / s->K));
     }
   return rc;

@@ -276,9 +276,15 @@ int batch_offer(job *j, oip_request *req, md_call *call) {
   it->req = *req;
   it->call = *call;
   it->call.inputs = &it->req.inputs;
-  job_defer(j); /* the group's run finishes it */
   bgroup *run_now = NULL;
   uv_mutex_lock(&b->mu);
+  if (b->stopping) { /* the timer is gone: an open group would never run */
+    uv_mutex_unlock(&b->mu);
+    tl_free(key);
+    tl_free(it);
+    return 0;
+  }
+  job_defer(j); /* the group's run finishes it */
   bgroup *g = b->groups;
   while (g &&
          !(g->ver == j->ver && g->rows + rows <= sc->max_batch_size && strcmp(g->key, key) == 0))

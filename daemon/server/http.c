@@ -330,13 +330,11 @@ static void job_run(void *arg) {
     ts_err e;
     ts_errf(&e, TS_ETIMEOUT, "the request waited in the queue past its deadline");
     resp_error(&j->out, &e);
-  } else if (j->req_coding == ZC_IDENTITY) {
-    handle_job(j);
-  } else if (inflate_body(j) == 0) {
+  } else if (j->req_coding == ZC_IDENTITY || inflate_body(j) == 0) {
     j->req_coding = ZC_IDENTITY;
-    /* its priority could only be read now: a better one goes back to the
-     * queue at its level (once) instead of running ahead of its turn */
-    if (sched_requeue(j->srv, j, job_run)) return;
+    /* a body whose priority could only be read here (compressed, or too
+     * long for the loop thread) goes back to its place at its own level */
+    if (j->place && sched_requeue(j->srv, j, job_run)) return;
     handle_job(j);
   }
   job_finish(j);

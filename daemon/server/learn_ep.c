@@ -29,7 +29,8 @@ void ep_feedback(job *j) {
   md_call call;
   md_call_init(&call);
   json_t *res = NULL;
-  int rc = job_decode(j, j->ver, 0, &req, &call, &err);
+  /* held to --max-batch like an infer's rows */
+  int rc = job_decode(j, j->ver, 1, &req, &call, &err);
   if (!rc && req.params) {
     const char *key;
     json_t *v;

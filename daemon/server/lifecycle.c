@@ -364,6 +364,9 @@ void server_free(server *s) {
   if (s->watch_fd >= 0) close(s->watch_fd);
   s->watch_fd = -1;
   batch_free(s);
+  /* after the pool: a rescan still running re-arms its watches */
+  if (s->watch_fd >= 0) close(s->watch_fd);
+  s->watch_fd = -1;
   transport_drop_done(s);
   learn_free(s->learn); /* after the pool: no shadow answer or refit runs */
   s->learn = NULL;

@@ -11,6 +11,10 @@
 #include "oip.h"
 #include "sessions.h"
 
+/* The longest JSON text read on the loop thread for a request's priority
+ * and timeout; longer ones are read by their worker. */
+#define SCHED_SCAN_MAX ((size_t)256 << 10)
+
 void sched_init(server *s) {
   int n = pool_threads(s->pool);
   int64_t cap = s->cfg->fit_workers;
@@ -40,33 +44,38 @@ int sched_submit(server *s, job *j, void (*run)(void *), ts_err *err) {
   defaults.priority_levels = 3;
   defaults.default_priority_level = 2;
   const md_sched *sc = j->ver ? repo_ver_sched(j->ver) : &defaults;
-  /* the parameters the scheduler needs, read ahead of decoding (a
-   * compressed body is inflated by its worker: the defaults hold for it) */
+  /* the parameters the scheduler needs, read ahead of decoding on the loop
+   * thread; a compressed body, or a JSON text over SCHED_SCAN_MAX, is read
+   * by its worker instead (sched_requeue): it waits at the best level for
+   * that, then goes back to its place at its own level */
+  size_t text = j->json_len ? j->json_len : j->len;
+  int has_params = d->op != OP_NONE && j->body;
+  int deferred = has_params && j->ver && (j->req_coding != ZC_IDENTITY || text > SCHED_SCAN_MAX);
   oip_scanned p = {0};
-  if (d->op != OP_NONE && j->req_coding == ZC_IDENTITY && j->body)
-    oip_scan_params(j->body, j->json_len ? j->json_len : j->len, &p);
+  if (has_params && !deferred && j->req_coding == ZC_IDENTITY) oip_scan_params(j->body, text, &p);
   int64_t timeout_ms =
       sc->default_timeout_ms > 0 ? sc->default_timeout_ms : s->cfg->request_timeout_ms;
   if (p.timeout_s > 0)
     atomic_store(&j->deadline, j->t_submit + p.timeout_s);
   else if (timeout_ms > 0 && (d->flags & RF_DEADLINE))
     atomic_store(&j->deadline, j->t_submit + (double)timeout_ms / 1000.0);
+  /* a queue of its own for a model the repository serves (a name in a URL
+   * that names no model must not make one: the table would grow) */
   const char *name = j->ver ? repo_ver_model(j->ver) : j->rt.model;
-  pool_q *q = name[0] ? pool_queue(s->pool, name) : NULL;
+  int64_t any;
+  pool_q *q = NULL;
+  if (j->ver || (name[0] && repo_served_versions(s->repo, name, &any, 1) > 0))
+    q = pool_queue(s->pool, name);
   int rc;
+  j->place = 0;
   if (!q) {
     rc = pool_submit(s->pool, run, j);
   } else {
     if (j->ver) pool_queue_limits(s->pool, q, sc->max_concurrency, sc->max_queue_size);
-    if (d->op != OP_NONE && j->req_coding != ZC_IDENTITY && j->ver) {
-      /* a compressed body: its priority is read once a worker inflates it,
-       * so it waits at the best level and goes back to its place at its own
-       * level then (sched_requeue) */
-      j->place = 0;
+    if (deferred)
       rc = pool_submit_at(s->pool, q, lane_of(j->rt.id), 1, &j->place, run, j);
-    } else {
+    else
       rc = pool_submit_q(s->pool, q, lane_of(j->rt.id), level_of(&p, sc), run, j);
-    }
   }
   if (rc == POOL_QFULL)
     return ts_errf(err, TS_EBUSY,

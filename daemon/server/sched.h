@@ -25,8 +25,9 @@ void sched_init(server *s);
  * (the message says which), 503 while stopping. */
 int sched_submit(server *s, job *j, void (*run)(void *), ts_err *err);
 
-/* A compressed request waits at the best level until a worker inflates it
- * (its priority is in the compressed text); then this puts it back in its
+/* A compressed request, or one whose JSON text is too long to read on the
+ * loop thread, waits at the best level until a worker reads it (inflating
+ * it first); then this puts it back in its
  * model's queue, in its first place, at its own level (once; 1: the caller
  * returns without finishing j), or answers 0 when that level is the best
  * (run it now). Its own timeout applies from here either way. */

@@ -149,14 +149,14 @@ def test_mlp_split_back_exact(c):
         X = [[rng.uniform(-2, 2) for _ in range(D_IN)] for _ in range(rows)]
         version = rng.choice([1, 2])
         # running alone: the same request to the same model with nothing
-        # beside it (a group of one); the model without batching agrees to
-        # float rounding (its few-row kernels sum in another order)
+        # beside it (a group of one), and to the same weights without
+        # batching: the same answer
         alone = check_status(c.d.post("/v2/models/mlp_b/versions/%d/infer" % version,
                                       {"inputs": [tensor("features", X)]}), 200)
         want = output(alone, "output")["data"]
         ref = output(check_status(c.d.infer("mlp_ref%d" % version, [tensor("features", X)]),
                                   200), "output")["data"]
-        check(all(abs(a - b) <= 1e-4 * abs(b) + 1e-6 for a, b in zip(want, ref)), (want, ref))
+        same(want, ref, "request %d alone, batching model against plain model" % k)
         body = {"inputs": [tensor("features", X)]}
         if k % 3 == 1:  # another output request: the same answer
             body["outputs"] = [{"name": "output"}]

@@ -185,17 +185,27 @@ def test_priority_taken_first(c):
 
 
 def test_priority_of_compressed_requests(c):
-    """A gzip body's priority is read once a worker inflates it: it waits at
-    the best level for that, then goes back to its first place at its own
-    level, so the order is the same as for plain bodies."""
+    """A gzip body's priority is read once a worker inflates it (and a JSON
+    text over 256 KiB's by its worker, not the loop thread): it waits at the
+    best level for that, then goes back to its first place at its own level,
+    so the order is the same as for small plain bodies."""
+    priority_order_deferred(c, zipped=True, rows=192)
+
+
+def test_priority_of_long_requests(c):
+    priority_order_deferred(c, zipped=False, rows=1024)
+
+
+def priority_order_deferred(c, zipped, rows):
     import gzip
+    check(zipped or len(json.dumps(heavy_body(rows, priority=1))) > 256 << 10)
     for attempt in range(3):
         blocker = in_thread(c.d.post, "/v2/models/ordered/infer", heavy_body(4 * HEAVY_ROWS))
         wait_gauge(c.d, "tallyd_model_running_requests", "ordered", 1)
         order, lock = [], threading.Lock()
 
         def send(tag, prio, zipped):
-            body = json.dumps(heavy_body(192, priority=prio)).encode()
+            body = json.dumps(heavy_body(rows, priority=prio)).encode()
             h = {"Content-Type": "application/json"}
             if zipped:
                 body, h["Content-Encoding"] = gzip.compress(body), "gzip"
@@ -204,11 +214,11 @@ def test_priority_of_compressed_requests(c):
                 order.append(tag)
             return r
 
-        threads = [in_thread(send, "low%d" % i, 3, True) for i in range(3)]
+        threads = [in_thread(send, "low%d" % i, 3, zipped) for i in range(3)]
         wait_gauge(c.d, "tallyd_model_queued_requests", "ordered", 3)
         threads += [in_thread(send, "default%d" % i, 0, False) for i in range(2)]
         wait_gauge(c.d, "tallyd_model_queued_requests", "ordered", 5)
-        threads += [in_thread(send, "high%d" % i, 1, True) for i in range(2)]
+        threads += [in_thread(send, "high%d" % i, 1, zipped) for i in range(2)]
         queued = None
         while blocker[0].is_alive() and queued != 7:
             queued = gauge(c.d, "tallyd_model_queued_requests", "ordered")

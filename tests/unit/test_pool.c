@@ -157,6 +157,33 @@ static void test_levels(void **s) {
   pool_destroy(p);
 }
 
+/* A job given its earlier place back (pool_submit_at) runs before the jobs
+ * submitted after it at its level, whatever the order of submission. */
+static void test_place_kept(void **s) {
+  (void)s;
+  gate_reset();
+  pool_t *p;
+  assert_int_equal(pool_create(&p, 1, 64), 0);
+  pool_q *a = pool_queue(p, "a");
+  assert_int_equal(pool_submit_q(p, a, POOL_LANE_INFER, 1, wait_gate, NULL), 0);
+  for (int i = 0; i < 5000 && pool_running(p) < 1; i++)
+    nanosleep(&(struct timespec){0, 1000000}, NULL);
+  uint64_t place = 0;
+  assert_int_equal(pool_submit_at(p, a, POOL_LANE_INFER, 3, &place, record, (void *)1), 0);
+  assert_true(place > 0);
+  assert_int_equal(pool_submit_q(p, a, POOL_LANE_INFER, 2, record, (void *)2), 0);
+  assert_int_equal(pool_submit_q(p, a, POOL_LANE_INFER, 2, record, (void *)3), 0);
+  uint64_t again = place;
+  assert_int_equal(pool_submit_at(p, a, POOL_LANE_INFER, 2, &again, record, (void *)4), 0);
+  assert_true(again == place);
+  gate_open();
+  wait_idle(p);
+  int want[] = {4, 2, 3, 1};
+  assert_int_equal(G.n, 4);
+  for (int i = 0; i < 4; i++) assert_int_equal(G.order[i], want[i]);
+  pool_destroy(p);
+}
+
 /* A queue's max_running holds however many workers are idle; another
  * queue's jobs run beside it; max_queued refuses with POOL_QFULL and level
  * 0 (follow-up work) passes it. */
@@ -260,7 +287,7 @@ static void test_lane_cap(void **s) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_parallel_for), cmocka_unit_test(test_queue_bound),
-      cmocka_unit_test(test_levels), cmocka_unit_test(test_queue_limits),
-      cmocka_unit_test(test_lane_cap)};
+      cmocka_unit_test(test_levels),       cmocka_unit_test(test_place_kept),
+      cmocka_unit_test(test_queue_limits), cmocka_unit_test(test_lane_cap)};
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
