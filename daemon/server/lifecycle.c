@@ -360,6 +360,9 @@ void server_free(server *s) {
   batch_stop(s);
   pool_destroy(s->pool);
   s->pool = NULL;
+  /* after the workers: a rescan adds watches through this descriptor */
+  if (s->watch_fd >= 0) close(s->watch_fd);
+  s->watch_fd = -1;
   batch_free(s);
   /* after the pool: a rescan still running re-arms its watches */
   if (s->watch_fd >= 0) close(s->watch_fd);

@@ -18,7 +18,8 @@ tallyd processes serve the same repository.
   versions or 409s.
 - Every replica serves a version fitted on another within PROPAGATE seconds
   of the fit's answer (inotify, no polling), stops serving a removed one as
-  promptly, and loads a model copied into the repository; with
+  promptly, loads a model copied into the repository, and serves a learning
+  candidate once its version.json says promoted (never before); with
   --repository-watch poll it takes a poll period; with off, a SIGHUP.
 """
 import http.client
@@ -181,6 +182,35 @@ def test_new_version_reaches_every_replica_within_a_second(c):
     shutil.rmtree(os.path.join(c.repo, "demo_mlp_copy"))
     wait_for(lambda: all(d.get("/v2/models/demo_mlp_copy/ready").status != 200 for d in c.ds),
              PROPAGATE, "every replica to drop demo_mlp_copy")
+
+
+def test_candidate_promotion_reaches_every_replica(c):
+    """A candidate (a version whose version.json says "candidate": pending,
+    as the learning loop saves a refit) is served by no replica; once its
+    version.json is rewritten as promoted (by rename, as repo.c does), every
+    replica serves it within PROPAGATE seconds."""
+    mdir = os.path.join(c.repo, "aware_ensemble")
+    nums = sorted(int(n) for n in os.listdir(mdir) if n.isdigit())
+    src, n = os.path.join(mdir, str(nums[-1])), nums[-1] + 1
+    tmp = os.path.join(mdir, ".tmp-candidate")
+    shutil.copytree(src, tmp)
+
+    def write_info(d, state):
+        with open(os.path.join(d, "version.json")) as f:
+            info = json.load(f)
+        info.update(version=n, candidate={"state": state})
+        with open(os.path.join(d, ".version.json.new"), "w") as f:
+            json.dump(info, f)
+        os.replace(os.path.join(d, ".version.json.new"), os.path.join(d, "version.json"))
+    write_info(tmp, "pending")
+    os.rename(tmp, os.path.join(mdir, str(n)))
+    time.sleep(PROPAGATE)
+    check(not any(serves(d, "aware_ensemble", n) for d in c.ds), "a pending candidate is served")
+    t0 = time.time()
+    write_info(os.path.join(mdir, str(n)), "promoted")
+    wait_for(lambda: all(serves(d, "aware_ensemble", n) for d in c.ds), PROPAGATE,
+             "every replica to serve the promoted candidate %d" % n)
+    print("  promoted candidate %d on all 3 replicas after %.3f s" % (n, time.time() - t0))
 
 
 def test_poll_and_off_modes(c):
